@@ -1,0 +1,1 @@
+//! Integration tests for snapvisor live in `tests/`; this library is empty.
