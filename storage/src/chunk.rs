@@ -1,0 +1,297 @@
+//! Chunk codec: content hashing, zero detection, zstd compression into a stored value, and
+//! verified decompression straight into the caller's buffer.
+//!
+//! A stored chunk value (sled tree `chunks`, key = 32-byte blake3 hash of the uncompressed
+//! bytes) is:
+//!
+//! ```text
+//! byte 0      codec: 1 = zstd frame, 2 = raw (stored when zstd does not shrink it)
+//! bytes 1..5  uncompressed length, u32 little endian
+//! bytes 5..   payload
+//! ```
+//!
+//! All-zero chunks are never stored; the manifest records them as [`ChunkRef::Zero`].
+
+use std::cell::RefCell;
+
+/// Codec byte of a zstd-compressed chunk value.
+pub const CODEC_ZSTD: u8 = 1;
+/// Codec byte of a chunk value stored uncompressed.
+pub const CODEC_RAW: u8 = 2;
+/// Length of the value header (codec + length).
+pub const VALUE_HEADER: usize = 5;
+
+/// A 32-byte blake3 content hash.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// Hash of `data`.
+    pub fn of(data: &[u8]) -> Hash {
+        Hash(*blake3::hash(data).as_bytes())
+    }
+
+    /// Lower-case hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl std::fmt::Display for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex()[..16])
+    }
+}
+
+/// What a manifest records for one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkRef {
+    /// All bytes are zero; nothing is stored.
+    Zero,
+    /// Stored under this content hash.
+    Stored(Hash),
+}
+
+/// A stored chunk value that cannot be turned back into the bytes it was written from.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("stored value of chunk {hash} is {len} bytes, shorter than its header")]
+    Truncated { hash: Hash, len: usize },
+    #[error("stored value of chunk {hash} has unknown codec {codec}")]
+    Codec { hash: Hash, codec: u8 },
+    #[error("chunk {hash} records length {stored}, the manifest expects {expected}")]
+    Length {
+        hash: Hash,
+        stored: u32,
+        expected: usize,
+    },
+    #[error("chunk {hash} does not decompress: {reason}")]
+    Decompress { hash: Hash, reason: String },
+    #[error("chunk {hash} decompressed to {got} bytes, expected {expected}")]
+    Size {
+        hash: Hash,
+        got: usize,
+        expected: usize,
+    },
+    #[error("chunk content does not match its hash {hash} (got {actual})")]
+    HashMismatch { hash: Hash, actual: Hash },
+    #[error("zstd compression at level {level} failed: {reason}")]
+    Compress { level: i32, reason: String },
+    #[error("index entry of chunk {hash} is corrupt ({len} bytes)")]
+    BadIndex { hash: Hash, len: usize },
+    #[error("reading chunk {hash} from pack {pack} offset 0x{offset:x} length {len}: {source}")]
+    Read {
+        hash: Hash,
+        pack: u32,
+        offset: u64,
+        len: u32,
+        source: std::io::Error,
+    },
+    #[error("caller buffer of {got} bytes is too small for a {needed}-byte chunk")]
+    Buffer { got: usize, needed: usize },
+}
+
+/// True when every byte of `data` is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (prefix, words, suffix) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned
+        // middle part of an initialised byte slice.
+        unsafe { data.align_to::<u64>() }
+    };
+    prefix.iter().all(|b| *b == 0)
+        && words.iter().all(|w| *w == 0)
+        && suffix.iter().all(|b| *b == 0)
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// Compresses `data` at `level` into a complete stored value (header + payload).
+pub fn encode(data: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
+    let len = u32::try_from(data.len()).map_err(|_| ChunkError::Compress {
+        level,
+        reason: format!("chunk of {} bytes", data.len()),
+    })?;
+    let bound = zstd::zstd_safe::compress_bound(data.len());
+    let mut out = vec![0u8; VALUE_HEADER + bound];
+    out[1..VALUE_HEADER].copy_from_slice(&len.to_le_bytes());
+    let written = COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            let c = zstd::bulk::Compressor::new(level).map_err(|e| ChunkError::Compress {
+                level,
+                reason: e.to_string(),
+            })?;
+            *slot = Some((level, c));
+        }
+        let (_, c) = slot.as_mut().ok_or(ChunkError::Compress {
+            level,
+            reason: "no context".into(),
+        })?;
+        c.compress_to_buffer(data, &mut out[VALUE_HEADER..])
+            .map_err(|e| ChunkError::Compress {
+                level,
+                reason: e.to_string(),
+            })
+    })?;
+    if written >= data.len() {
+        out.truncate(VALUE_HEADER);
+        out.extend_from_slice(data);
+        out[0] = CODEC_RAW;
+    } else {
+        out.truncate(VALUE_HEADER + written);
+        out[0] = CODEC_ZSTD;
+    }
+    Ok(out)
+}
+
+/// Decodes stored `value` of chunk `hash` into `buf[..expected]` and checks its content hash.
+/// On any error the first `expected` bytes of `buf` are zeroed, so no wrong bytes leak out.
+pub fn decode_into(
+    hash: &Hash,
+    value: &[u8],
+    expected: usize,
+    buf: &mut [u8],
+) -> Result<(), ChunkError> {
+    if buf.len() < expected {
+        return Err(ChunkError::Buffer {
+            got: buf.len(),
+            needed: expected,
+        });
+    }
+    let out = &mut buf[..expected];
+    let result = decode_unchecked(hash, value, out).and_then(|()| {
+        let actual = Hash::of(out);
+        if actual == *hash {
+            Ok(())
+        } else {
+            Err(ChunkError::HashMismatch {
+                hash: *hash,
+                actual,
+            })
+        }
+    });
+    if result.is_err() {
+        out.fill(0);
+    }
+    result
+}
+
+fn decode_unchecked(hash: &Hash, value: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    let expected = out.len();
+    let (header, payload) = match value.split_at_checked(VALUE_HEADER) {
+        Some(parts) => parts,
+        None => {
+            return Err(ChunkError::Truncated {
+                hash: *hash,
+                len: value.len(),
+            })
+        }
+    };
+    let stored = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
+    if stored as usize != expected {
+        return Err(ChunkError::Length {
+            hash: *hash,
+            stored,
+            expected,
+        });
+    }
+    match header[0] {
+        CODEC_RAW => {
+            if payload.len() != expected {
+                return Err(ChunkError::Size {
+                    hash: *hash,
+                    got: payload.len(),
+                    expected,
+                });
+            }
+            out.copy_from_slice(payload);
+            Ok(())
+        }
+        CODEC_ZSTD => {
+            let got = DECOMPRESSOR.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    let d =
+                        zstd::bulk::Decompressor::new().map_err(|e| ChunkError::Decompress {
+                            hash: *hash,
+                            reason: e.to_string(),
+                        })?;
+                    *slot = Some(d);
+                }
+                let d = slot.as_mut().ok_or(ChunkError::Decompress {
+                    hash: *hash,
+                    reason: "no context".into(),
+                })?;
+                d.decompress_to_buffer(payload, out)
+                    .map_err(|e| ChunkError::Decompress {
+                        hash: *hash,
+                        reason: e.to_string(),
+                    })
+            })?;
+            if got != expected {
+                return Err(ChunkError::Size {
+                    hash: *hash,
+                    got,
+                    expected,
+                });
+            }
+            Ok(())
+        }
+        codec => Err(ChunkError::Codec { hash: *hash, codec }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_compressible_and_raw() {
+        let text: Vec<u8> = (0..65536u32)
+            .map(|i| b"hello world "[(i % 12) as usize])
+            .collect();
+        let noise: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for data in [&text, &noise] {
+            let hash = Hash::of(data);
+            let value = encode(data, 1).expect("encode");
+            let mut buf = vec![0xaa; data.len() + 7];
+            decode_into(&hash, &value, data.len(), &mut buf).expect("decode");
+            assert_eq!(&buf[..data.len()], &data[..]);
+        }
+        assert_eq!(encode(&text, 1).expect("encode")[0], CODEC_ZSTD);
+    }
+
+    #[test]
+    fn corruption_is_detected_and_buffer_zeroed() {
+        let data = vec![7u8; 8192];
+        let hash = Hash::of(&data);
+        let mut value = encode(&data, 3).expect("encode");
+        let last = value.len() - 1;
+        value[last] ^= 0xff;
+        let mut buf = vec![1u8; 8192];
+        assert!(decode_into(&hash, &value, 8192, &mut buf).is_err());
+        assert!(is_zero(&buf));
+        assert!(decode_into(&hash, &value[..3], 8192, &mut buf).is_err());
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v[1..]));
+        v[4098] = 1;
+        assert!(!is_zero(&v[1..]));
+    }
+}

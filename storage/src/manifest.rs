@@ -1,0 +1,279 @@
+//! Snapshot manifests and their on-disk encoding.
+//!
+//! A manifest value (sled tree `manifests`, key = snapshot name) is:
+//!
+//! ```text
+//! bytes 0..4    magic "SVMF"
+//! bytes 4..6    format version, u16 LE (currently 1)
+//! bytes 6..8    reserved, zero
+//! bytes 8..12   payload length, u32 LE
+//! bytes 12..16  crc32 (IEEE) of the payload, u32 LE
+//! bytes 16..    payload: CBOR of [`Manifest`] (serde defaults, so new optional fields can be
+//!               added without a version bump)
+//! ```
+//!
+//! A block's chunk table is one CBOR byte string: per chunk a tag byte, 0 = all zero,
+//! 1 = stored, followed by the 32-byte blake3 hash. Manifests are untrusted input: the header,
+//! the crc, and every count and size are checked on decode (see [`Manifest::validate`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkRef, Hash};
+
+/// Magic bytes at the start of an encoded manifest.
+pub const MAGIC: &[u8; 4] = b"SVMF";
+/// Current manifest format version.
+pub const VERSION: u16 = 1;
+const HEADER_LEN: usize = 16;
+/// Most RAM blocks a manifest may list.
+pub const MAX_BLOCKS: usize = 4096;
+/// Largest encoded manifest accepted (the chunk tables of 1 TiB of guest memory at 64 KiB).
+pub const MAX_MANIFEST_BYTES: usize = 1 << 30;
+/// Longest accepted block idstr, in bytes.
+pub const MAX_IDSTR: usize = 256;
+/// Smallest chunk size.
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Largest chunk size.
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+/// Why an encoded manifest was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{len} bytes is shorter than the 16-byte header")]
+    Short { len: usize },
+    #[error("bad magic {0:02x?}, expected \"SVMF\"")]
+    Magic([u8; 4]),
+    #[error("format version {0} is not supported (this build reads version 1)")]
+    Version(u16),
+    #[error("header says {header} payload bytes, {actual} present")]
+    Length { header: usize, actual: usize },
+    #[error("crc32 mismatch: header 0x{header:08x}, payload 0x{actual:08x}")]
+    Crc { header: u32, actual: u32 },
+    #[error("CBOR decode failed: {0}")]
+    Decode(String),
+    #[error("CBOR encode failed: {0}")]
+    Encode(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One RAM block as recorded in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockManifest {
+    pub idstr: String,
+    pub used_length: u64,
+    pub max_length: u64,
+    pub page_size: u64,
+    pub resizeable: bool,
+    /// One entry per chunk covering `0..used_length`; the last may be short.
+    #[serde(with = "chunk_table")]
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Everything a snapshot records besides chunk contents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    /// Chunk size used by every block of this snapshot.
+    pub chunk_size: u32,
+    /// Milliseconds since the Unix epoch at commit.
+    #[serde(default)]
+    pub created_unix_ms: u64,
+    /// Opaque device/vCPU state from the caller.
+    #[serde(with = "byte_string")]
+    pub state: Vec<u8>,
+    pub blocks: Vec<BlockManifest>,
+}
+
+/// Number of chunks needed to cover `len` bytes.
+pub fn chunk_count(len: u64, chunk_size: u32) -> u64 {
+    len.div_ceil(u64::from(chunk_size))
+}
+
+impl Manifest {
+    /// The block named `idstr`.
+    pub fn block(&self, idstr: &str) -> Option<&BlockManifest> {
+        self.blocks.iter().find(|b| b.idstr == idstr)
+    }
+
+    /// Checks every count and size; called on every decode.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |m: String| Err(ManifestError::Invalid(m));
+        let cs = self.chunk_size;
+        if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+            return bad(format!(
+                "chunk size {cs} is not a power of two in 4 KiB..=16 MiB"
+            ));
+        }
+        if self.blocks.len() > MAX_BLOCKS {
+            return bad(format!(
+                "{} blocks, at most {MAX_BLOCKS} allowed",
+                self.blocks.len()
+            ));
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            if b.idstr.is_empty() || b.idstr.len() > MAX_IDSTR {
+                return bad(format!(
+                    "block #{i} idstr {:?} is empty or too long",
+                    b.idstr
+                ));
+            }
+            if self.blocks[..i].iter().any(|o| o.idstr == b.idstr) {
+                return bad(format!("block '{}' is listed twice", b.idstr));
+            }
+            if !b.page_size.is_power_of_two() {
+                return bad(format!(
+                    "block '{}' page size {} is not a power of two",
+                    b.idstr, b.page_size
+                ));
+            }
+            if b.used_length > b.max_length {
+                return bad(format!(
+                    "block '{}' used_length 0x{:x} > max_length 0x{:x}",
+                    b.idstr, b.used_length, b.max_length
+                ));
+            }
+            let want = chunk_count(b.used_length, cs);
+            if b.chunks.len() as u64 != want {
+                return bad(format!(
+                    "block '{}' has {} chunks, used_length 0x{:x} needs {want}",
+                    b.idstr,
+                    b.chunks.len(),
+                    b.used_length
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes with header and crc.
+    pub fn encode(&self) -> Result<Vec<u8>, ManifestError> {
+        let mut payload = Vec::new();
+        ciborium::into_writer(self, &mut payload)
+            .map_err(|e| ManifestError::Encode(e.to_string()))?;
+        let len = u32::try_from(payload.len())
+            .map_err(|_| ManifestError::Encode(format!("{} bytes is too large", payload.len())))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// Decodes and validates untrusted bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        let (header, payload) = bytes
+            .split_at_checked(HEADER_LEN)
+            .ok_or(ManifestError::Short { len: bytes.len() })?;
+        let word = |i: usize| [header[i], header[i + 1], header[i + 2], header[i + 3]];
+        if &header[0..4] != MAGIC {
+            return Err(ManifestError::Magic(word(0)));
+        }
+        let version = u16::from_le_bytes([header[4], header[5]]);
+        if version != VERSION {
+            return Err(ManifestError::Version(version));
+        }
+        let len = u32::from_le_bytes(word(8)) as usize;
+        if len != payload.len() || len > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::Length {
+                header: len,
+                actual: payload.len(),
+            });
+        }
+        let crc = u32::from_le_bytes(word(12));
+        let actual = crc32fast::hash(payload);
+        if crc != actual {
+            return Err(ManifestError::Crc {
+                header: crc,
+                actual,
+            });
+        }
+        let m: Manifest =
+            ciborium::from_reader(payload).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+}
+
+/// Serde helper: `Vec<u8>` as one CBOR byte string (not an array of integers).
+pub(crate) mod byte_string {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a byte string")
+        }
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+}
+
+/// Serde helper: a chunk table as one tagged byte string.
+mod chunk_table {
+    use super::{byte_string, ChunkRef, Hash};
+    use serde::de::Error;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[ChunkRef], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = Vec::with_capacity(v.len() * 33);
+        for c in v {
+            match c {
+                ChunkRef::Zero => out.push(0),
+                ChunkRef::Stored(h) => {
+                    out.push(1);
+                    out.extend_from_slice(&h.0);
+                }
+            }
+        }
+        s.serialize_bytes(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ChunkRef>, D::Error> {
+        let raw = byte_string::deserialize(d)?;
+        let mut out = Vec::new();
+        let mut rest = &raw[..];
+        while let Some((&tag, tail)) = rest.split_first() {
+            match tag {
+                0 => {
+                    out.push(ChunkRef::Zero);
+                    rest = tail;
+                }
+                1 => {
+                    let (h, tail) = tail
+                        .split_first_chunk::<32>()
+                        .ok_or_else(|| D::Error::custom("chunk table ends inside a hash"))?;
+                    out.push(ChunkRef::Stored(Hash(*h)));
+                    rest = tail;
+                }
+                t => return Err(D::Error::custom(format!("chunk table has unknown tag {t}"))),
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,376 @@
+//! The [`Store`] handle: opening, listing, reading manifests, deleting, attachments.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use crate::error::{Result, StoreError};
+use crate::manifest::{Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::name::{validate_attachment_name, validate_snapshot_name};
+use crate::pack::Packs;
+use crate::reader::SnapshotReader;
+use crate::writer::WriterShared;
+
+/// Default chunk size (see the crate docs for the measurement behind it).
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+/// Default zstd level (see the crate docs).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Options for [`Store::open_with`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Chunk size for new snapshots: a power of two, 4 KiB ..= 16 MiB.
+    pub chunk_size: u32,
+    /// zstd level for new chunks (1..=22; negative levels are zstd's fast modes).
+    pub zstd_level: i32,
+    /// sled page cache size in bytes.
+    pub cache_capacity: u64,
+    /// Writes fail with [`StoreError::Full`] when the filesystem would have less free space
+    /// than this afterwards; sled itself must never see ENOSPC (it poisons the handle).
+    pub min_free_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            cache_capacity: 64 << 20,
+            min_free_bytes: 4 << 20,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) path: PathBuf,
+    pub(crate) db: sled::Db,
+    /// Chunk index: blake3 hash -> [`crate::pack::Location`].
+    pub(crate) index: sled::Tree,
+    pub(crate) packs: Packs,
+    pub(crate) manifests: sled::Tree,
+    pub(crate) attachments: sled::Tree,
+    pub(crate) opts: StoreOptions,
+    /// Writers hold it shared while they record chunk references; GC holds it exclusively.
+    /// Readers never touch it.
+    pub(crate) gc_lock: RwLock<()>,
+    pub(crate) writers: Mutex<HashMap<u64, Weak<WriterShared>>>,
+    pub(crate) next_writer: AtomicU64,
+}
+
+/// A cheap-to-clone handle on an open store; share it between threads and VMs.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in directory `dir` with default options.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
+        Store::open_with(dir, StoreOptions::default())
+    }
+
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open_with(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        let path = dir.as_ref().to_path_buf();
+        let cs = opts.chunk_size;
+        if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+            return Err(StoreError::Option(format!(
+                "chunk_size {cs} must be a power of two in 4096..=16777216"
+            )));
+        }
+        if !(-7..=22).contains(&opts.zstd_level) {
+            return Err(StoreError::Option(format!(
+                "zstd_level {} is outside -7..=22",
+                opts.zstd_level
+            )));
+        }
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(opts.cache_capacity)
+            .use_compression(false)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let tree = |name: &'static str| {
+            db.open_tree(name).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })
+        };
+        let inner = Inner {
+            index: tree("index")?,
+            packs: Packs::open(path.join("packs")).map_err(|source| StoreError::Io {
+                path: path.join("packs"),
+                op: "open packs",
+                source,
+            })?,
+            manifests: tree("manifests")?,
+            attachments: tree("attachments")?,
+            db,
+            path,
+            opts,
+            gc_lock: RwLock::new(()),
+            writers: Mutex::new(HashMap::new()),
+            next_writer: AtomicU64::new(1),
+        };
+        tracing::debug!(path = %inner.path.display(), "opened snapshot store");
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Directory of the store.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Options the store was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.opts
+    }
+
+    pub(crate) fn db_err(&self, op: &'static str) -> impl FnOnce(sled::Error) -> StoreError + '_ {
+        move |source| StoreError::Db {
+            path: self.inner.path.clone(),
+            op,
+            source,
+        }
+    }
+
+    /// Fails with [`StoreError::Full`] unless `needed` bytes plus the reserve are free.
+    pub(crate) fn ensure_space(&self, needed: u64) -> Result<()> {
+        let st = nix::sys::statvfs::statvfs(&self.inner.path).map_err(|e| StoreError::Statvfs {
+            path: self.inner.path.clone(),
+            source: std::io::Error::from(e),
+        })?;
+        #[allow(clippy::useless_conversion)]
+        let available = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
+        let needed = needed + self.inner.opts.min_free_bytes;
+        if available < needed {
+            tracing::warn!(path = %self.inner.path.display(), available, needed, "store full");
+            return Err(StoreError::Full {
+                path: self.inner.path.clone(),
+                available,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes every chunk value written so far durable (`fdatasync` of the packs).
+    pub(crate) fn sync_packs(&self) -> Result<()> {
+        self.inner.packs.sync().map_err(|source| StoreError::Io {
+            path: self.inner.packs.dir().to_path_buf(),
+            op: "sync packs",
+            source,
+        })
+    }
+
+    /// Flushes sled (index, manifests, attachments) to disk.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.db.flush().map_err(self.db_err("flush"))?;
+        Ok(())
+    }
+
+    /// Names of committed snapshots, sorted.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for item in self.inner.manifests.iter().keys() {
+            let key = item.map_err(self.db_err("list manifests"))?;
+            out.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// True when snapshot `name` is committed.
+    pub fn contains(&self, name: &str) -> Result<bool> {
+        validate_snapshot_name(name)?;
+        self.inner
+            .manifests
+            .contains_key(name)
+            .map_err(self.db_err("look up manifest"))
+    }
+
+    /// Reads and validates the manifest of snapshot `name`.
+    pub fn manifest(&self, name: &str) -> Result<Manifest> {
+        validate_snapshot_name(name)?;
+        let raw = self
+            .inner
+            .manifests
+            .get(name)
+            .map_err(self.db_err("read manifest"))?
+            .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
+        let m = Manifest::decode(&raw).map_err(|source| StoreError::Manifest {
+            snapshot: name.to_owned(),
+            source,
+        })?;
+        if m.name != name {
+            return Err(StoreError::Manifest {
+                snapshot: name.to_owned(),
+                source: crate::manifest::ManifestError::Invalid(format!(
+                    "manifest names snapshot '{}'",
+                    m.name
+                )),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Opens snapshot `name` for random-access chunk reads (decodes the manifest once).
+    pub fn reader(&self, name: &str) -> Result<SnapshotReader> {
+        let m = self.manifest(name)?;
+        Ok(SnapshotReader::new(self.clone(), Arc::new(m)))
+    }
+
+    /// Reads one chunk of `snapshot` into `buf`; returns its length. Decodes the manifest on
+    /// every call: hot paths use [`Store::reader`] once and [`SnapshotReader::read_chunk`].
+    pub fn read_chunk(
+        &self,
+        snapshot: &str,
+        block: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        self.reader(snapshot)?.read_chunk(block, offset, buf)
+    }
+
+    /// Deletes snapshot `name` and its attachments; its chunks are reclaimed by [`Store::gc`].
+    pub fn delete(&self, name: &str) -> Result<()> {
+        validate_snapshot_name(name)?;
+        if !self
+            .inner
+            .manifests
+            .contains_key(name)
+            .map_err(self.db_err("look up manifest"))?
+        {
+            return Err(StoreError::NotFound(name.to_owned()));
+        }
+        let mut keys = Vec::new();
+        for item in self
+            .inner
+            .attachments
+            .scan_prefix(attachment_prefix(name))
+            .keys()
+        {
+            keys.push(item.map_err(self.db_err("list attachments"))?);
+        }
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k);
+        }
+        // Manifest first: once it is gone the snapshot is invisible; leftover attachments
+        // (crash in between) are swept by gc.
+        self.inner
+            .manifests
+            .remove(name)
+            .map_err(self.db_err("delete manifest"))?;
+        self.inner
+            .attachments
+            .apply_batch(batch)
+            .map_err(self.db_err("delete attachments"))?;
+        self.flush()?;
+        tracing::info!(snapshot = name, "deleted snapshot");
+        Ok(())
+    }
+
+    /// Stores attachment `att` (e.g. "prefetch") of committed snapshot `snapshot`, replacing
+    /// an earlier one. Value on disk: crc32 (u32 LE) of the bytes, then the bytes.
+    pub fn put_attachment(&self, snapshot: &str, att: &str, bytes: &[u8]) -> Result<()> {
+        validate_attachment_name(att)?;
+        if !self.contains(snapshot)? {
+            return Err(StoreError::NotFound(snapshot.to_owned()));
+        }
+        self.ensure_space(bytes.len() as u64)?;
+        let mut value = Vec::with_capacity(bytes.len() + 4);
+        value.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+        value.extend_from_slice(bytes);
+        self.inner
+            .attachments
+            .insert(attachment_key(snapshot, att), value)
+            .map_err(self.db_err("write attachment"))?;
+        self.flush()
+    }
+
+    /// Reads attachment `att` of `snapshot`, `None` when it was never stored.
+    pub fn attachment(&self, snapshot: &str, att: &str) -> Result<Option<Vec<u8>>> {
+        validate_snapshot_name(snapshot)?;
+        validate_attachment_name(att)?;
+        let Some(raw) = self
+            .inner
+            .attachments
+            .get(attachment_key(snapshot, att))
+            .map_err(self.db_err("read attachment"))?
+        else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| StoreError::Attachment {
+            snapshot: snapshot.to_owned(),
+            name: att.to_owned(),
+            reason,
+        };
+        let (crc, body) = raw
+            .split_first_chunk::<4>()
+            .ok_or_else(|| corrupt(format!("only {} bytes", raw.len())))?;
+        let (want, got) = (u32::from_le_bytes(*crc), crc32fast::hash(body));
+        if want != got {
+            return Err(corrupt(format!("crc32 0x{got:08x} != stored 0x{want:08x}")));
+        }
+        Ok(Some(body.to_vec()))
+    }
+
+    /// Names of the attachments of `snapshot`.
+    pub fn attachments(&self, snapshot: &str) -> Result<Vec<String>> {
+        validate_snapshot_name(snapshot)?;
+        let prefix = attachment_prefix(snapshot);
+        let mut out = Vec::new();
+        for item in self.inner.attachments.scan_prefix(&prefix).keys() {
+            let key = item.map_err(self.db_err("list attachments"))?;
+            out.push(String::from_utf8_lossy(&key[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn register_writer(&self, name: &str, shared: &Arc<WriterShared>) -> Result<u64> {
+        let id = self.inner.next_writer.fetch_add(1, Ordering::Relaxed);
+        let mut writers = self.inner.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers.retain(|_, w| w.strong_count() > 0);
+        if writers
+            .values()
+            .filter_map(Weak::upgrade)
+            .any(|w| w.name == name)
+        {
+            return Err(StoreError::Busy(name.to_owned()));
+        }
+        writers.insert(id, Arc::downgrade(shared));
+        Ok(id)
+    }
+
+    pub(crate) fn unregister_writer(&self, id: u64) {
+        let mut writers = self.inner.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers.remove(&id);
+    }
+}
+
+pub(crate) fn attachment_prefix(snapshot: &str) -> Vec<u8> {
+    let mut k = snapshot.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn attachment_key(snapshot: &str, att: &str) -> Vec<u8> {
+    let mut k = attachment_prefix(snapshot);
+    k.extend_from_slice(att.as_bytes());
+    k
+}

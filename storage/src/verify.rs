@@ -1,0 +1,90 @@
+//! Verification: every chunk of a snapshot is read, decompressed and checked against its hash.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use crate::chunk::{ChunkRef, Hash};
+use crate::error::Result;
+use crate::store::Store;
+
+/// Outcome of verifying one snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub snapshot: String,
+    /// Chunks checked (zero chunks included).
+    pub chunks: u64,
+    /// Bytes of guest memory covered.
+    pub bytes: u64,
+    /// One message per problem, naming block and offset; empty when the snapshot is intact.
+    pub errors: Vec<String>,
+}
+
+impl VerifyReport {
+    /// True when no problem was found.
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+impl Store {
+    /// Verifies snapshot `name`. Fails only if the manifest itself cannot be read; chunk
+    /// problems are listed in the report.
+    pub fn verify(&self, name: &str) -> Result<VerifyReport> {
+        self.verify_inner(name, &mut HashSet::new())
+    }
+
+    /// Verifies every snapshot, checking each distinct chunk once. A snapshot whose manifest
+    /// is unreadable is reported with that error.
+    pub fn verify_all(&self) -> Result<Vec<VerifyReport>> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for name in self.list()? {
+            match self.verify_inner(&name, &mut seen) {
+                Ok(r) => out.push(r),
+                Err(e) => out.push(VerifyReport {
+                    snapshot: name,
+                    errors: vec![e.to_string()],
+                    ..Default::default()
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    fn verify_inner(&self, name: &str, seen: &mut HashSet<Hash>) -> Result<VerifyReport> {
+        let reader = self.reader(name)?;
+        let m = reader.manifest();
+        let cs = u64::from(m.chunk_size);
+        let mut buf = vec![0u8; m.chunk_size as usize];
+        let mut report = VerifyReport {
+            snapshot: name.to_owned(),
+            ..Default::default()
+        };
+        for b in &m.blocks {
+            report.bytes += b.used_length;
+            for (i, c) in b.chunks.iter().enumerate() {
+                report.chunks += 1;
+                if let ChunkRef::Stored(h) = c {
+                    if seen.contains(h) {
+                        continue;
+                    }
+                    match reader.read_chunk(&b.idstr, i as u64 * cs, &mut buf) {
+                        Ok(_) => {
+                            seen.insert(*h);
+                        }
+                        Err(e) => report.errors.push(e.to_string()),
+                    }
+                }
+            }
+        }
+        if !report.ok() {
+            tracing::warn!(
+                snapshot = name,
+                errors = report.errors.len(),
+                "verify found problems"
+            );
+        }
+        Ok(report)
+    }
+}

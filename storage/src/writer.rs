@@ -1,0 +1,336 @@
+//! [`SnapshotWriter`]: streams chunks into the store from any number of threads and commits
+//! the manifest atomically.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::chunk::{self, ChunkRef, Hash};
+use crate::error::{Result, StoreError};
+use crate::manifest::{chunk_count, BlockManifest, Manifest};
+use crate::name::validate_snapshot_name;
+use crate::store::Store;
+
+/// A RAM block as declared when a snapshot begins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockSpec {
+    pub idstr: String,
+    pub used_length: u64,
+    pub max_length: u64,
+    pub page_size: u64,
+    pub resizeable: bool,
+}
+
+/// Counters of one writer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WriteStats {
+    /// Bytes passed to `put_chunk`.
+    pub bytes_in: u64,
+    /// Chunks that were all zero (not stored).
+    pub zero_chunks: u64,
+    /// Chunks already present in the store (not stored again).
+    pub dedup_chunks: u64,
+    /// Chunks newly stored.
+    pub new_chunks: u64,
+    /// Bytes of newly stored chunk values (compressed, with header).
+    pub bytes_stored: u64,
+}
+
+struct WriterBlock {
+    spec: BlockSpec,
+    chunks: Mutex<Vec<Option<ChunkRef>>>,
+}
+
+pub(crate) struct WriterShared {
+    pub(crate) name: String,
+    chunk_size: u32,
+    blocks: Vec<WriterBlock>,
+    bytes_in: AtomicU64,
+    zero_chunks: AtomicU64,
+    dedup_chunks: AtomicU64,
+    new_chunks: AtomicU64,
+    bytes_stored: AtomicU64,
+}
+
+impl WriterShared {
+    /// Every stored hash this writer has recorded so far (GC marks them live).
+    pub(crate) fn referenced(&self, out: &mut std::collections::HashSet<Hash>) {
+        for b in &self.blocks {
+            let chunks = b.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(chunks.iter().filter_map(|c| match c {
+                Some(ChunkRef::Stored(h)) => Some(*h),
+                _ => None,
+            }));
+        }
+    }
+}
+
+/// Writes one snapshot. `put_chunk` takes `&self`: share the writer between threads.
+/// Dropping it without [`SnapshotWriter::commit`] abandons the snapshot; its chunks are
+/// reclaimed by the next [`Store::gc`].
+pub struct SnapshotWriter {
+    store: Store,
+    shared: Arc<WriterShared>,
+    id: u64,
+}
+
+impl std::fmt::Debug for SnapshotWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotWriter")
+            .field("name", &self.shared.name)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Begins snapshot `name` with the given RAM blocks, using the store's chunk size.
+    pub fn begin(&self, name: &str, blocks: Vec<BlockSpec>) -> Result<SnapshotWriter> {
+        validate_snapshot_name(name)?;
+        if self
+            .inner
+            .manifests
+            .contains_key(name)
+            .map_err(self.db_err("look up manifest"))?
+        {
+            return Err(StoreError::Exists(name.to_owned()));
+        }
+        let chunk_size = self.inner.opts.chunk_size;
+        let mut wblocks: Vec<WriterBlock> = Vec::with_capacity(blocks.len());
+        for spec in blocks {
+            if wblocks.iter().any(|b| b.spec.idstr == spec.idstr) {
+                return Err(StoreError::DuplicateBlock {
+                    snapshot: name.to_owned(),
+                    block: spec.idstr,
+                });
+            }
+            let n = usize::try_from(chunk_count(spec.used_length, chunk_size)).map_err(|_| {
+                StoreError::Option(format!("block '{}' used_length is too large", spec.idstr))
+            })?;
+            wblocks.push(WriterBlock {
+                spec,
+                chunks: Mutex::new(vec![None; n]),
+            });
+        }
+        let shared = Arc::new(WriterShared {
+            name: name.to_owned(),
+            chunk_size,
+            blocks: wblocks,
+            bytes_in: AtomicU64::new(0),
+            zero_chunks: AtomicU64::new(0),
+            dedup_chunks: AtomicU64::new(0),
+            new_chunks: AtomicU64::new(0),
+            bytes_stored: AtomicU64::new(0),
+        });
+        let id = self.register_writer(name, &shared)?;
+        tracing::debug!(snapshot = name, "snapshot begun");
+        Ok(SnapshotWriter {
+            store: self.clone(),
+            shared,
+            id,
+        })
+    }
+}
+
+impl SnapshotWriter {
+    /// Name of the snapshot being written.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Chunk size of this snapshot.
+    pub fn chunk_size(&self) -> u32 {
+        self.shared.chunk_size
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> WriteStats {
+        let s = &self.shared;
+        WriteStats {
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            zero_chunks: s.zero_chunks.load(Ordering::Relaxed),
+            dedup_chunks: s.dedup_chunks.load(Ordering::Relaxed),
+            new_chunks: s.new_chunks.load(Ordering::Relaxed),
+            bytes_stored: s.bytes_stored.load(Ordering::Relaxed),
+        }
+    }
+
+    fn block(&self, idstr: &str) -> Result<&WriterBlock> {
+        self.shared
+            .blocks
+            .iter()
+            .find(|b| b.spec.idstr == idstr)
+            .ok_or_else(|| StoreError::NoSuchBlock {
+                snapshot: self.shared.name.clone(),
+                block: idstr.to_owned(),
+            })
+    }
+
+    /// Stores the chunk of `block` starting at `offset` (a multiple of the chunk size). `data`
+    /// is a whole chunk, or the rest of the block for the last one. Writing the same offset
+    /// again replaces the earlier content.
+    pub fn put_chunk(&self, block: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let b = self.block(block)?;
+        let cs = u64::from(self.shared.chunk_size);
+        let used = b.spec.used_length;
+        if offset % cs != 0 || offset >= used {
+            return Err(StoreError::BadOffset {
+                snapshot: self.shared.name.clone(),
+                block: block.to_owned(),
+                offset,
+                chunk_size: self.shared.chunk_size,
+                used_length: used,
+            });
+        }
+        let expected = (used - offset).min(cs) as usize;
+        if data.len() != expected {
+            return Err(StoreError::BadLength {
+                snapshot: self.shared.name.clone(),
+                block: block.to_owned(),
+                offset,
+                got: data.len(),
+                expected,
+            });
+        }
+        let s = &self.shared;
+        s.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let slot = (offset / cs) as usize;
+        if chunk::is_zero(data) {
+            s.zero_chunks.fetch_add(1, Ordering::Relaxed);
+            b.chunks.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(ChunkRef::Zero);
+            return Ok(());
+        }
+        let inner = &self.store.inner;
+        let hash = Hash::of(data);
+        let encode = || {
+            chunk::encode(data, inner.opts.zstd_level).map_err(|source| StoreError::Chunk {
+                snapshot: s.name.clone(),
+                block: block.to_owned(),
+                offset,
+                source,
+            })
+        };
+        let lookup = || {
+            inner
+                .index
+                .contains_key(hash.0)
+                .map_err(self.store.db_err("look up chunk"))
+        };
+        // Compress before taking the GC lock, so GC never waits for compression.
+        let mut value = if lookup()? { None } else { Some(encode()?) };
+        let _gc = inner.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        if lookup()? {
+            s.dedup_chunks.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let value = match value.take() {
+                Some(v) => v,
+                None => encode()?, // removed by a GC since the first lookup
+            };
+            self.store.ensure_space(value.len() as u64)?;
+            s.bytes_stored
+                .fetch_add(value.len() as u64, Ordering::Relaxed);
+            s.new_chunks.fetch_add(1, Ordering::Relaxed);
+            let loc = inner
+                .packs
+                .append(&value)
+                .map_err(|source| StoreError::Io {
+                    path: inner.packs.dir().to_path_buf(),
+                    op: "append chunk",
+                    source,
+                })?;
+            inner
+                .index
+                .insert(hash.0, &loc.encode())
+                .map_err(self.store.db_err("index chunk"))?;
+        }
+        // Recorded while the GC lock is held: a GC either ran before the lookup above or
+        // marks this reference live.
+        b.chunks.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(ChunkRef::Stored(hash));
+        Ok(())
+    }
+
+    /// Convenience: stores `data` at chunk-aligned `offset` of `block`, cut into chunks.
+    /// `data` must end on a chunk boundary or at the end of the block.
+    pub fn put(&self, block: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let used = self.block(block)?.spec.used_length;
+        let cs = u64::from(self.shared.chunk_size);
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u64;
+            let want = cs.min(used.saturating_sub(off)).max(1) as usize;
+            let end = (pos + want).min(data.len());
+            self.put_chunk(block, off, &data[pos..end])?;
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// Makes the snapshot visible: checks every chunk was written, flushes all chunks, then
+    /// inserts the manifest (absent-only) and flushes again. Returns the committed manifest.
+    pub fn commit(self, state: Vec<u8>) -> Result<Manifest> {
+        let s = &self.shared;
+        let mut blocks = Vec::with_capacity(s.blocks.len());
+        for b in &s.blocks {
+            let table = b.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut chunks = Vec::with_capacity(table.len());
+            for (i, c) in table.iter().enumerate() {
+                chunks.push(c.ok_or_else(|| StoreError::MissingChunk {
+                    snapshot: s.name.clone(),
+                    block: b.spec.idstr.clone(),
+                    offset: i as u64 * u64::from(s.chunk_size),
+                })?);
+            }
+            blocks.push(BlockManifest {
+                idstr: b.spec.idstr.clone(),
+                used_length: b.spec.used_length,
+                max_length: b.spec.max_length,
+                page_size: b.spec.page_size,
+                resizeable: b.spec.resizeable,
+                chunks,
+            });
+        }
+        let created_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let manifest = Manifest {
+            name: s.name.clone(),
+            chunk_size: s.chunk_size,
+            created_unix_ms,
+            state,
+            blocks,
+        };
+        manifest.validate().map_err(|source| StoreError::Manifest {
+            snapshot: s.name.clone(),
+            source,
+        })?;
+        let value = manifest.encode().map_err(|source| StoreError::Manifest {
+            snapshot: s.name.clone(),
+            source,
+        })?;
+        self.store.ensure_space(value.len() as u64)?;
+        // 1. chunk values, then their index entries, durable before the manifest.
+        self.store.sync_packs()?;
+        self.store.flush()?;
+        // 2. manifest inserted only if absent: one atomic sled operation.
+        let inner = &self.store.inner;
+        let prev = inner
+            .manifests
+            .compare_and_swap(s.name.as_bytes(), None::<&[u8]>, Some(value))
+            .map_err(self.store.db_err("insert manifest"))?;
+        if prev.is_err() {
+            return Err(StoreError::Exists(s.name.clone()));
+        }
+        // 3. manifest durable before commit returns.
+        self.store.flush()?;
+        tracing::info!(snapshot = %s.name, stats = ?self.stats(), "snapshot committed");
+        Ok(manifest)
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        self.store.unregister_writer(self.id);
+    }
+}
