@@ -50,7 +50,7 @@ impl std::fmt::Display for Hash {
 }
 
 /// What a manifest records for one chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ChunkRef {
     /// All bytes are zero; nothing is stored.
     Zero,

@@ -2,6 +2,7 @@
 //! (Full format and protocol description: see the end of this file.)
 
 mod chunk;
+mod debug;
 mod error;
 mod gc;
 mod manifest;

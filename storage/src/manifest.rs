@@ -277,3 +277,84 @@ mod chunk_table {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            name: "s".into(),
+            chunk_size: 65536,
+            created_unix_ms: 1,
+            state: vec![1, 2, 3],
+            blocks: vec![BlockManifest {
+                idstr: "pc.ram".into(),
+                used_length: 65536 * 2 + 4096,
+                max_length: 1 << 20,
+                page_size: 4096,
+                resizeable: false,
+                chunks: vec![
+                    ChunkRef::Zero,
+                    ChunkRef::Stored(Hash([7; 32])),
+                    ChunkRef::Zero,
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_compact_chunk_table() {
+        let m = sample();
+        let enc = m.encode().expect("encode");
+        assert!(
+            enc.len() < 200,
+            "chunk table must be a byte string, got {} bytes",
+            enc.len()
+        );
+        assert_eq!(Manifest::decode(&enc).expect("decode"), m);
+    }
+
+    #[test]
+    fn rejects_inconsistent_counts_and_sizes() {
+        let mut m = sample();
+        m.blocks[0].chunks.pop();
+        let e = Manifest::decode(&m.encode().expect("encode"))
+            .expect_err("count")
+            .to_string();
+        assert!(e.contains("needs 3"), "{e}");
+        let mut m = sample();
+        m.blocks[0].max_length = 10;
+        assert!(Manifest::decode(&m.encode().expect("encode")).is_err());
+        let mut m = sample();
+        m.chunk_size = 3000;
+        assert!(Manifest::decode(&m.encode().expect("encode")).is_err());
+        let mut m = sample();
+        m.blocks.push(m.blocks[0].clone());
+        assert!(Manifest::decode(&m.encode().expect("encode"))
+            .expect_err("dup")
+            .to_string()
+            .contains("twice"));
+    }
+
+    #[test]
+    fn garbage_payload_with_valid_crc_is_an_error() {
+        let payload = vec![0xff; 64];
+        let mut raw = Vec::new();
+        raw.extend_from_slice(MAGIC);
+        raw.extend_from_slice(&VERSION.to_le_bytes());
+        raw.extend_from_slice(&[0, 0]);
+        raw.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        raw.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        raw.extend_from_slice(&payload);
+        assert!(matches!(
+            Manifest::decode(&raw),
+            Err(ManifestError::Decode(_))
+        ));
+        raw[0] = b'X';
+        assert!(matches!(
+            Manifest::decode(&raw),
+            Err(ManifestError::Magic(_))
+        ));
+    }
+}
