@@ -1,0 +1,142 @@
+//! Many readers with writers, deletes and GC alongside: every read is bit-exact.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use storage::{BlockSpec, Store, StoreOptions};
+
+const CS: u32 = 16 * 1024;
+
+fn data(seed: u64, chunks: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = vec![0u8; chunks * CS as usize];
+    for (i, c) in out.chunks_mut(CS as usize).enumerate() {
+        if i % 5 == 4 {
+            continue; // zero chunk
+        }
+        for b in c.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = if i % 2 == 0 { (x % 8) as u8 } else { x as u8 };
+        }
+    }
+    out
+}
+
+fn commit(store: &Store, name: &str, content: &[u8]) {
+    let spec = BlockSpec {
+        idstr: "ram".into(),
+        used_length: content.len() as u64,
+        max_length: content.len() as u64,
+        page_size: 4096,
+        resizeable: false,
+    };
+    let w = store.begin(name, vec![spec]).expect("begin");
+    w.put("ram", 0, content).expect("put");
+    w.commit(Vec::new()).expect("commit");
+}
+
+#[test]
+fn readers_writers_and_gc_in_parallel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_with(
+        dir.path(),
+        StoreOptions {
+            chunk_size: CS,
+            ..Default::default()
+        },
+    )
+    .expect("open");
+    let base = data(0, 64);
+    commit(&store, "base", &base);
+    // Snapshots readers may pick from: (name, seed). Deleted ones leave this list first.
+    let live: Mutex<Vec<(String, u64)>> = Mutex::new(vec![("base".into(), 0)]);
+    let stop = AtomicBool::new(false);
+    let reads = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for r in 0..4u64 {
+            let (store, live, stop, reads) = (store.clone(), &live, &stop, &reads);
+            s.spawn(move || {
+                let mut buf = vec![0u8; CS as usize];
+                let mut i = r;
+                while !stop.load(Ordering::Relaxed) {
+                    i = i
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let (name, seed) = {
+                        let l = live.lock().expect("lock");
+                        l[(i >> 33) as usize % l.len()].clone()
+                    };
+                    // The snapshot may be deleted (and its chunks collected) at any moment:
+                    // then a read may fail, but never return wrong bytes.
+                    let Ok(reader) = store.reader(&name) else {
+                        continue;
+                    };
+                    let want = data(seed, 64);
+                    let chunk = (i >> 40) as usize % 64;
+                    match reader.read_chunk("ram", (chunk * CS as usize) as u64, &mut buf) {
+                        Ok(n) => assert_eq!(
+                            &buf[..n],
+                            &want[chunk * CS as usize..(chunk + 1) * CS as usize],
+                            "{name} chunk {chunk}"
+                        ),
+                        Err(e) => assert!(
+                            !store.contains(&name).expect("contains"),
+                            "read of listed {name} failed: {e}"
+                        ),
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let (store, live) = (store.clone(), &live);
+                s.spawn(move || {
+                    for k in 0..8u64 {
+                        let seed = 100 * (w + 1) + k;
+                        let name = format!("w{w}-{k}");
+                        commit(&store, &name, &data(seed, 64));
+                        live.lock().expect("lock").push((name.clone(), seed));
+                        if k % 2 == 1 {
+                            let victim = format!("w{w}-{}", k - 1);
+                            live.lock().expect("lock").retain(|(n, _)| *n != victim);
+                            store.delete(&victim).expect("delete");
+                        }
+                    }
+                })
+            })
+            .collect();
+        let gc = {
+            let store = store.clone();
+            s.spawn(move || {
+                let mut removed = 0;
+                for _ in 0..20 {
+                    removed += store.gc().expect("gc").chunks_removed;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                removed
+            })
+        };
+        for w in writers {
+            w.join().expect("writer");
+        }
+        let removed = gc.join().expect("gc thread");
+        stop.store(true, Ordering::Relaxed);
+        eprintln!("gc removed {removed} chunks during the run");
+    });
+    assert!(reads.load(Ordering::Relaxed) > 100);
+    store.gc().expect("final gc");
+    for r in store.verify_all().expect("verify") {
+        assert!(r.ok(), "{}: {:?}", r.snapshot, r.errors);
+    }
+    assert_eq!(store.list().expect("list").len(), 1 + 8);
+    let mut buf = vec![0u8; base.len()];
+    store
+        .reader("base")
+        .expect("reader")
+        .read_at("ram", 0, &mut buf)
+        .expect("read");
+    assert_eq!(buf, base);
+}
