@@ -12,6 +12,8 @@ use crate::name::NameError;
 pub enum StoreError {
     #[error("cannot open snapshot store at '{path}': {source}")]
     Open { path: PathBuf, source: sled::Error },
+    #[error("no snapshot store at '{0}' (expected sled files and a packs/ directory)")]
+    NoStore(PathBuf),
     #[error("invalid store option: {0}")]
     Option(String),
     #[error(transparent)]
@@ -62,7 +64,7 @@ pub enum StoreError {
         snapshot: String,
         block: String,
         offset: u64,
-        source: ChunkError,
+        source: Box<ChunkError>,
     },
     #[error(
         "snapshot '{snapshot}' block '{block}' offset 0x{offset:x}: chunk {hash} is missing \

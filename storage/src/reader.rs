@@ -70,7 +70,7 @@ impl SnapshotReader {
     pub fn read_chunk(&self, block: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let b = self.block(block)?;
         let cs = u64::from(self.manifest.chunk_size);
-        if offset % cs != 0 || offset >= b.used_length {
+        if !offset.is_multiple_of(cs) || offset >= b.used_length {
             return Err(StoreError::BadOffset {
                 snapshot: self.manifest.name.clone(),
                 block: block.to_owned(),
@@ -84,7 +84,7 @@ impl SnapshotReader {
             snapshot: self.manifest.name.clone(),
             block: block.to_owned(),
             offset,
-            source,
+            source: Box::new(source),
         };
         if buf.len() < len {
             return Err(chunk_err(chunk::ChunkError::Buffer {

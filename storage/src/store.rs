@@ -78,6 +78,16 @@ impl Store {
         Store::open_with(dir, StoreOptions::default())
     }
 
+    /// Opens the store in `dir`, failing with [`StoreError::NoStore`] when there is none
+    /// (for tools that must not create a store by accident).
+    pub fn open_existing(dir: impl AsRef<Path>) -> Result<Store> {
+        let dir = dir.as_ref();
+        if !dir.join("conf").is_file() || !dir.join("packs").is_dir() {
+            return Err(StoreError::NoStore(dir.to_path_buf()));
+        }
+        Store::open(dir)
+    }
+
     /// Opens (creating if needed) the store in `dir`.
     pub fn open_with(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
         let path = dir.as_ref().to_path_buf();

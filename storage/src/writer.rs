@@ -174,7 +174,7 @@ impl SnapshotWriter {
         let b = self.block(block)?;
         let cs = u64::from(self.shared.chunk_size);
         let used = b.spec.used_length;
-        if offset % cs != 0 || offset >= used {
+        if !offset.is_multiple_of(cs) || offset >= used {
             return Err(StoreError::BadOffset {
                 snapshot: self.shared.name.clone(),
                 block: block.to_owned(),
@@ -208,7 +208,7 @@ impl SnapshotWriter {
                 snapshot: s.name.clone(),
                 block: block.to_owned(),
                 offset,
-                source,
+                source: Box::new(source),
             })
         };
         let lookup = || {
