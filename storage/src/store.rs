@@ -50,12 +50,33 @@ pub(crate) struct Inner {
     pub(crate) packs: Packs,
     pub(crate) manifests: sled::Tree,
     pub(crate) attachments: sled::Tree,
+    /// Holds the key `clean` only while no process has the store open.
+    meta: sled::Tree,
     pub(crate) opts: StoreOptions,
     /// Writers hold it shared while they record chunk references; GC holds it exclusively.
     /// Readers never touch it.
     pub(crate) gc_lock: RwLock<()>,
     pub(crate) writers: Mutex<HashMap<u64, Weak<WriterShared>>>,
     pub(crate) next_writer: AtomicU64,
+}
+
+const CLEAN: &[u8] = b"clean";
+
+impl Drop for Inner {
+    /// Clean close: every pack synced, then the `clean` marker flushed, so the next open can
+    /// skip recovery.
+    fn drop(&mut self) {
+        let synced = self.packs.sync().map_err(|e| e.to_string());
+        let marked = synced.and_then(|()| {
+            self.meta
+                .insert(CLEAN, &[1u8][..])
+                .map_err(|e| e.to_string())?;
+            self.db.flush().map_err(|e| e.to_string())
+        });
+        if let Err(e) = marked {
+            tracing::warn!(path = %self.path.display(), error = %e, "store not closed cleanly");
+        }
+    }
 }
 
 /// A cheap-to-clone handle on an open store; share it between threads and VMs.
@@ -128,6 +149,7 @@ impl Store {
             })?,
             manifests: tree("manifests")?,
             attachments: tree("attachments")?,
+            meta: tree("meta")?,
             db,
             path,
             opts,
@@ -135,10 +157,27 @@ impl Store {
             writers: Mutex::new(HashMap::new()),
             next_writer: AtomicU64::new(1),
         };
-        tracing::debug!(path = %inner.path.display(), "opened snapshot store");
-        Ok(Store {
+        let open_err = |source| StoreError::Open {
+            path: inner.path.clone(),
+            source,
+        };
+        let was_clean = inner.meta.remove(CLEAN).map_err(open_err)?.is_some();
+        inner.db.flush().map_err(open_err)?;
+        let store = Store {
             inner: Arc::new(inner),
-        })
+        };
+        let path = store.inner.path.display();
+        tracing::debug!(path = %path, was_clean, "opened snapshot store");
+        if !was_clean && !store.inner.index.is_empty() {
+            // After a crash the index may name chunks of snapshots that never committed,
+            // whose pack bytes may never have reached the disk (power loss). Dropping them
+            // before anyone can dedup against them keeps new snapshots off lost bytes.
+            tracing::info!(path = %path, "store was not closed cleanly, collecting leftovers");
+            if let Err(e) = store.gc() {
+                tracing::warn!(path = %path, error = %e, "recovery gc failed; run `snapvisor store gc`");
+            }
+        }
+        Ok(store)
     }
 
     /// Directory of the store.
