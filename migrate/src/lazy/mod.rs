@@ -1,0 +1,98 @@
+//! Lazy restore: guest RAM registered with userfaultfd and filled from a snapshot as the guest
+//! touches it.
+//!
+//! Protocol. Before any vCPU runs, every RAM block being restored is registered with one
+//! userfaultfd in MISSING mode, created with `user_mode_only(false)` so that faults KVM takes
+//! on the guest's behalf reach it too. Exactly the snapshot's `used_length` of each block is
+//! registered. Two threads then fill the blocks a chunk (the store's unit) at a time:
+//!
+//! - the *fault* thread reads fault events and serves the chunk holding each faulting
+//!   address: read it from the [`PageSource`] (which verifies and decompresses it), then
+//!   `UFFDIO_COPY` it (`UFFDIO_ZEROPAGE` for all-zero chunks), waking the faulting thread;
+//! - the *fill* thread first loads the prefetch list (chunks in the order a previous run
+//!   faulted them), then every chunk not yet resident, until the VM is fully resident.
+//!
+//! The two may race for a chunk; the loser's copy fails with `EEXIST`, which is normal and
+//! only means the chunk is there. A per-chunk bit records residency.
+//!
+//! Failure. A read error or hash mismatch from the source is reported through the server's
+//! error callback, which stops the VM; the chunk is never mapped, so the guest never sees
+//! wrong bytes, and the faulting vCPU leaves `KVM_RUN` when the VM kicks it. The
+//! userfaultfd stays open until the server is dropped, which the VM does only after its vCPU
+//! threads have ended: closing it earlier would let pending faults map zero pages.
+//! Should a server thread panic, the panic is caught and reported the same way.
+//!
+//! Resizes. While a block is not fully resident, a resize of it is refused (the server
+//! registers a RAM-block listener that vetoes it).
+
+mod server;
+mod stats;
+
+pub use server::{LazyBlock, PageServer, ServerOptions};
+pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
+
+use thiserror::Error;
+
+/// What a chunk read gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// `buf` holds the chunk's bytes; `stored` bytes were read from the store.
+    Data { stored: u64 },
+    /// The chunk is all zeros (nothing stored; `buf` untouched).
+    Zero,
+}
+
+/// Where lazily restored pages come from.
+pub trait PageSource: Send + Sync {
+    /// Chunk size in bytes: a power of two, a multiple of the page size.
+    fn chunk_size(&self) -> u64;
+    /// Reads the chunk of block `idstr` at `offset` (a multiple of the chunk size) into `buf`
+    /// (the chunk's length: the chunk size, or less for a block's last chunk).
+    fn read_chunk(&self, idstr: &str, offset: u64, buf: &mut [u8]) -> Result<Fill, String>;
+}
+
+/// Errors of the page server.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum LazyError {
+    #[error(
+        "creating userfaultfd: {0} (is /dev/userfaultfd or vm.unprivileged_userfaultfd available?)"
+    )]
+    Create(String),
+    #[error("registering RAM block '{idstr}' ({len:#x} bytes) with userfaultfd: {reason}")]
+    Register {
+        idstr: String,
+        len: u64,
+        reason: String,
+    },
+    #[error("chunk size {0:#x} is not a power of two multiple of 4 KiB")]
+    ChunkSize(u64),
+    #[error("lazy restore: reading chunk of RAM block '{idstr}' at offset {offset:#x}: {reason}")]
+    Source {
+        idstr: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("lazy restore: UFFDIO_COPY of RAM block '{idstr}' at offset {offset:#x}: {reason}")]
+    Copy {
+        idstr: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("lazy restore: reading userfaultfd events: {0}")]
+    Events(String),
+    #[error("lazy restore: fault at host address {addr:#x} outside every registered block")]
+    StrayFault { addr: u64 },
+    #[error("lazy restore: {thread} thread panicked: {message}")]
+    Panicked {
+        thread: &'static str,
+        message: String,
+    },
+    #[error("starting the page server's {thread} thread: {reason}")]
+    Thread {
+        thread: &'static str,
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! Page server tests on real userfaultfd: a mapping stands in for a RAM block, a thread's
+//! reads stand in for the guest.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+
+const CHUNK: u64 = 64 * 1024;
+
+/// Chunks of block "b" hold their offset in every word; chunk 3 is zero; `fail_at` fails.
+struct TestSource {
+    fail_at: Option<u64>,
+    reads: AtomicU64,
+}
+
+impl PageSource for TestSource {
+    fn chunk_size(&self) -> u64 {
+        CHUNK
+    }
+    fn read_chunk(&self, _idstr: &str, offset: u64, buf: &mut [u8]) -> Result<Fill, String> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        if Some(offset) == self.fail_at {
+            return Err(format!("hash mismatch at {offset:#x}"));
+        }
+        if offset == 3 * CHUNK {
+            return Ok(Fill::Zero);
+        }
+        for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(offset + 8 * i as u64).to_le_bytes());
+        }
+        Ok(Fill::Data {
+            stored: buf.len() as u64 / 4,
+        })
+    }
+}
+
+struct Mapping(*mut u8, usize);
+// SAFETY: the mapping is plain anonymous memory; the tests synchronise through userfaultfd.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(len: usize) -> Mapping {
+        // SAFETY: a fresh anonymous private mapping with no address hint.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Mapping(p.cast(), len)
+    }
+    fn word(&self, off: u64) -> u64 {
+        // SAFETY: off + 8 <= len, inside the mapping; reads may fault into the page server.
+        unsafe { std::ptr::read_volatile(self.0.add(off as usize).cast::<u64>()) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe { libc::munmap(self.0.cast(), self.1) };
+    }
+}
+
+fn block(m: &Mapping) -> LazyBlock {
+    LazyBlock {
+        idstr: "b".into(),
+        host: m.0 as usize,
+        len: m.1 as u64,
+    }
+}
+
+#[test]
+fn faults_are_served_from_the_source() {
+    let m = Mapping::new(16 * CHUNK as usize);
+    let src = Arc::new(TestSource {
+        fail_at: None,
+        reads: AtomicU64::new(0),
+    });
+    let opts = ServerOptions {
+        record_faults: true,
+        ..Default::default()
+    };
+    let server =
+        PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
+    assert_eq!(m.word(5 * CHUNK + 16), 5 * CHUNK + 16);
+    assert_eq!(m.word(3 * CHUNK + 8), 0, "zero chunk");
+    assert_eq!(m.word(0), 0);
+    assert_eq!(m.word(CHUNK - 8), CHUNK - 8, "same chunk: no new fault");
+    // The faulting thread is woken by the copy, a moment before the server counts it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.stats().snapshot().chunks_on_fault < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let s = server.stats().snapshot();
+    assert_eq!(s.chunks_on_fault, 3, "{s:?}");
+    assert_eq!(s.zero_chunks, 1);
+    assert_eq!(src.reads.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        server.fault_order(),
+        vec![
+            ("b".to_string(), 5 * CHUNK),
+            ("b".to_string(), 3 * CHUNK),
+            ("b".to_string(), 0)
+        ]
+    );
+    assert!(!server.is_resident());
+}
+
+#[test]
+fn background_fill_makes_everything_resident_and_prefetch_goes_first() {
+    let m = Mapping::new(32 * CHUNK as usize);
+    let src = Arc::new(TestSource {
+        fail_at: None,
+        reads: AtomicU64::new(0),
+    });
+    let opts = ServerOptions {
+        prefetch: vec![
+            ("b".into(), 20 * CHUNK),
+            ("b".into(), 7 * CHUNK),
+            ("nope".into(), 0),
+        ],
+        background_fill: true,
+        record_faults: false,
+    };
+    let server = PageServer::start(vec![block(&m)], src, opts, Box::new(|_| {})).expect("start");
+    assert!(server.wait_resident(Duration::from_secs(20)));
+    let s = server.stats().snapshot();
+    assert_eq!(s.chunks_prefetched, 2);
+    assert_eq!(
+        s.chunks_prefetched + s.chunks_background + s.chunks_on_fault,
+        32
+    );
+    assert!(s.resident_after_ms.is_some());
+    for c in 0..32 {
+        let want = if c == 3 { 0 } else { c * CHUNK + 8 };
+        assert_eq!(m.word(c * CHUNK + 8), want);
+    }
+}
+
+#[test]
+fn a_source_error_is_reported_and_no_bytes_are_mapped() {
+    let m = Arc::new(Mapping::new(8 * CHUNK as usize));
+    let src = Arc::new(TestSource {
+        fail_at: Some(2 * CHUNK),
+        reads: AtomicU64::new(0),
+    });
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e2 = errors.clone();
+    let mut server = PageServer::start(
+        vec![block(&m)],
+        src,
+        ServerOptions::default(),
+        Box::new(move |e| {
+            e2.lock().expect("lock").push(e.to_string());
+        }),
+    )
+    .expect("start");
+    // The toucher blocks in the fault forever: it must not get bytes. Detach it.
+    let m2 = m.clone();
+    let toucher = std::thread::spawn(move || m2.word(2 * CHUNK));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while errors.lock().expect("lock").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let errs = errors.lock().expect("lock").clone();
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].contains("offset 0x20000") && errs[0].contains("hash mismatch"),
+        "{errs:?}"
+    );
+    assert!(
+        matches!(server.error(), Some(LazyError::Source { offset, .. }) if offset == 2 * CHUNK)
+    );
+    assert!(
+        !toucher.is_finished(),
+        "the faulting thread must still be waiting, not reading zeros"
+    );
+    server.stop();
+    assert!(!toucher.is_finished());
+    // Leak the server and the mapping: the blocked thread keeps them alive until the process
+    // exits, as a VM's vCPU would until it is kicked.
+    std::mem::forget(server);
+    std::mem::forget(toucher);
+}
+
+#[test]
+fn bad_registrations_are_refused() {
+    let m = Mapping::new(4 * CHUNK as usize);
+    let src = Arc::new(TestSource {
+        fail_at: None,
+        reads: AtomicU64::new(0),
+    });
+    let mut b = block(&m);
+    b.len = 100;
+    let r = PageServer::start(vec![b], src, ServerOptions::default(), Box::new(|_| {}));
+    assert!(matches!(r, Err(LazyError::Register { .. })));
+}

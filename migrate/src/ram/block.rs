@@ -1,0 +1,261 @@
+//! One RAM block: a host mapping reserved at `max_length`, of which `used_length` is in use.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use super::error::RamError;
+
+/// How to create a block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamBlockConfig {
+    pub idstr: String,
+    /// The used size; it need not be page-aligned (the unaligned size is kept).
+    pub size: u64,
+    /// The most the block may grow to (resizeable blocks); rounded up to the page size.
+    pub max_size: u64,
+    /// 0 = the host's page size.
+    pub page_size: u64,
+    pub resizeable: bool,
+}
+
+/// Called after a resize with the block's idstr and new unaligned length.
+pub type ResizedHook = Box<dyn Fn(&str, u64) + Send + Sync>;
+
+/// A RAM block. Guest memory is written by vCPUs concurrently with the VMM, so contents are
+/// only ever copied with raw pointer copies (no `&[u8]` is formed over guest memory).
+pub struct RamBlock {
+    idstr: String,
+    host: *mut u8,
+    max_length: u64,
+    page_size: u64,
+    resizeable: bool,
+    used_length: AtomicU64,
+    unaligned_length: AtomicU64,
+    hook: Mutex<Option<ResizedHook>>,
+    /// One bit per page of `max_length`: written by the VMM since the last `take_dirty`.
+    dirty: Vec<AtomicU64>,
+    /// Serialises resizes of this block.
+    pub(super) resize_lock: Mutex<()>,
+}
+
+// SAFETY: `host` points at a private mapping owned by this block for its whole life; all
+// access goes through bounds-checked raw copies, and the mutable metadata is atomic or locked.
+unsafe impl Send for RamBlock {}
+// SAFETY: as above.
+unsafe impl Sync for RamBlock {}
+
+impl std::fmt::Debug for RamBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RamBlock")
+            .field("idstr", &self.idstr)
+            .field("used_length", &self.used_length())
+            .field("max_length", &self.max_length)
+            .field("resizeable", &self.resizeable)
+            .finish()
+    }
+}
+
+pub(super) fn host_page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+pub(super) fn align_up(v: u64, page: u64) -> Option<u64> {
+    v.checked_add(page - 1).map(|x| x & !(page - 1))
+}
+
+impl RamBlock {
+    pub(super) fn new(cfg: RamBlockConfig) -> Result<RamBlock, RamError> {
+        let err = |reason: String| RamError::Config {
+            idstr: cfg.idstr.clone(),
+            reason,
+        };
+        if cfg.idstr.is_empty() || cfg.idstr.len() > 256 {
+            return Err(err(format!(
+                "idstr of {} bytes (1 to 256 allowed)",
+                cfg.idstr.len()
+            )));
+        }
+        let page_size = if cfg.page_size == 0 {
+            host_page_size()
+        } else {
+            cfg.page_size
+        };
+        if !page_size.is_power_of_two() || page_size < host_page_size() {
+            return Err(err(format!(
+                "page size {page_size:#x} is not a power of two of at least the host's"
+            )));
+        }
+        if cfg.size == 0 {
+            return Err(err("size 0".into()));
+        }
+        let used = align_up(cfg.size, page_size)
+            .ok_or_else(|| err(format!("size {:#x} overflows", cfg.size)))?;
+        let max = align_up(cfg.max_size.max(cfg.size), page_size)
+            .ok_or_else(|| err(format!("max size {:#x} overflows", cfg.max_size)))?;
+        if !cfg.resizeable && max != used {
+            return Err(err(format!(
+                "a non-resizeable block has max size {max:#x} != size {used:#x}"
+            )));
+        }
+        let len = usize::try_from(max)
+            .map_err(|_| err(format!("max size {max:#x} does not fit this host")))?;
+        // SAFETY: a fresh anonymous private mapping with no address hint; the result is checked.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(RamError::Map {
+                idstr: cfg.idstr,
+                len: max,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        let pages = max / page_size;
+        Ok(RamBlock {
+            idstr: cfg.idstr,
+            host: host.cast(),
+            max_length: max,
+            page_size,
+            resizeable: cfg.resizeable,
+            used_length: AtomicU64::new(used),
+            unaligned_length: AtomicU64::new(cfg.size),
+            hook: Mutex::new(None),
+            dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            resize_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn idstr(&self) -> &str {
+        &self.idstr
+    }
+
+    /// The page-aligned used length.
+    pub fn used_length(&self) -> u64 {
+        self.used_length.load(Ordering::Acquire)
+    }
+
+    /// The size the owner last asked for.
+    pub fn unaligned_length(&self) -> u64 {
+        self.unaligned_length.load(Ordering::Acquire)
+    }
+
+    pub fn max_length(&self) -> u64 {
+        self.max_length
+    }
+
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    pub fn resizeable(&self) -> bool {
+        self.resizeable
+    }
+
+    /// Base of the host mapping (`max_length` bytes).
+    pub fn host_addr(&self) -> *mut u8 {
+        self.host
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<(), RamError> {
+        let used = self.used_length();
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= used => Ok(()),
+            _ => Err(RamError::OutOfRange {
+                idstr: self.idstr.clone(),
+                offset,
+                len: len as u64,
+                used,
+            }),
+        }
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the block.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), RamError> {
+        self.check(offset, buf.len())?;
+        // SAFETY: offset + len <= used_length <= max_length: inside the mapping. A raw copy is
+        // used because vCPUs may write the same memory concurrently.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.host.add(offset as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies `data` into the block at `offset` and marks the pages dirty.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), RamError> {
+        self.check(offset, data.len())?;
+        // SAFETY: as in `read`; `data` does not overlap guest memory (it is a Rust slice the
+        // caller owns).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(offset as usize), data.len())
+        };
+        self.mark_dirty(offset, data.len() as u64);
+        Ok(())
+    }
+
+    /// Sets the hook called after every resize (replacing any earlier one).
+    pub fn set_resized_hook(&self, hook: ResizedHook) {
+        *self.hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(hook);
+    }
+
+    pub(super) fn call_hook(&self, unaligned: u64) {
+        if let Some(h) = &*self.hook.lock().unwrap_or_else(PoisonError::into_inner) {
+            h(&self.idstr, unaligned);
+        }
+    }
+
+    pub(super) fn set_lengths(&self, used: u64, unaligned: u64) {
+        self.unaligned_length.store(unaligned, Ordering::Release);
+        self.used_length.store(used, Ordering::Release);
+    }
+
+    /// Marks the pages touching `offset..offset+len` dirty (clamped to the mapping).
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = offset.saturating_add(len).min(self.max_length);
+        let first = offset / self.page_size;
+        let last = end.div_ceil(self.page_size);
+        for p in first..last {
+            self.dirty[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
+        }
+    }
+
+    /// Page indexes dirtied since the last call, in order; clears them.
+    pub fn take_dirty(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.dirty.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RamBlock {
+    fn drop(&mut self) {
+        // SAFETY: `host` was mapped with `max_length` bytes in `new` and nothing refers to it
+        // once the block is dropped (the KVM slot map deletes its slots on removal).
+        unsafe { libc::munmap(self.host.cast(), self.max_length as usize) };
+    }
+}

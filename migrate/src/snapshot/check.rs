@@ -1,0 +1,173 @@
+//! Checking a snapshot's RAM-block table against a destination VM, before anything is
+//! written, and resizing the resizeable blocks to the snapshot's sizes.
+//!
+//! QEMU stops at the first block that does not fit and prints a bare size mismatch. Here every
+//! block is checked first and all problems are reported together, each naming the block, both
+//! sizes, and what to change; only when every block fits is anything resized. The resize then
+//! goes through [`RamRegistry::resize`], so the rules, listeners and `resized` hooks are QEMU's
+//! (fw_cfg's directory shows the snapshot's sizes afterwards).
+
+use std::fmt;
+
+use thiserror::Error;
+
+use super::format::RamBlockDesc;
+use crate::ram::{RamError, RamRegistry};
+
+/// One way a snapshot's RAM does not fit the destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RamProblem {
+    /// The snapshot has a block the destination lacks.
+    Unknown { idstr: String, used: u64 },
+    /// The destination has a block the snapshot lacks.
+    Missing { idstr: String, used: u64 },
+    PageSize {
+        idstr: String,
+        snapshot: u64,
+        destination: u64,
+    },
+    /// A non-resizeable block of another size.
+    SizeMismatch { idstr: String, new: u64, used: u64 },
+    /// A resizeable block that cannot grow that far.
+    TooLarge { idstr: String, new: u64, max: u64 },
+}
+
+/// What to do about a size mismatch of `idstr`.
+fn size_hint(idstr: &str, new: u64) -> String {
+    if idstr.ends_with(".rom") {
+        let dev = idstr.rsplit_once('/').map_or(idstr, |(d, _)| d);
+        format!("configure romsize={new:#x} for the device at {dev} so that its ROM block matches the snapshot")
+    } else if idstr == "pc.ram" {
+        format!("restore into a VM with --mem-mib {}", new >> 20)
+    } else {
+        "restore into a VM built with the same configuration as the one snapshotted".into()
+    }
+}
+
+impl fmt::Display for RamProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RamProblem::Unknown { idstr, used } => write!(
+                f,
+                "Unknown ramblock \"{idstr}\" (snapshot has {used:#x} bytes): the destination has no such RAM block; add the device that owns it"
+            ),
+            RamProblem::Missing { idstr, used } => write!(
+                f,
+                "RAM block \"{idstr}\" ({used:#x} bytes) is not in the snapshot: remove the device that owns it, or use a snapshot taken with it"
+            ),
+            RamProblem::PageSize { idstr, snapshot, destination } => write!(
+                f,
+                "Mismatched RAM page size {idstr} (local) {destination:#x} != {snapshot:#x}: back the block with the same page size as the source"
+            ),
+            RamProblem::SizeMismatch { idstr, new, used } => {
+                write!(f, "Size mismatch: {idstr}: {new:#x} != {used:#x}: {}", size_hint(idstr, *new))
+            }
+            RamProblem::TooLarge { idstr, new, max } => write!(
+                f,
+                "Size too large: {idstr}: {new:#x} > {max:#x}: the destination reserves less room for this resizeable block than the snapshot uses"
+            ),
+        }
+    }
+}
+
+/// Errors loading RAM-block state.
+#[derive(Debug, Error)]
+pub enum CheckError {
+    #[error("snapshot RAM does not fit this VM ({} problem{}):\n  {}", .0.len(), if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Mismatch(Vec<RamProblem>),
+    #[error("resizing RAM block to the snapshot's size: {0}")]
+    Resize(#[from] RamError),
+}
+
+/// The resizes a load will make: (idstr, new unaligned size).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResizePlan(pub Vec<(String, u64)>);
+
+/// Checks every block; returns the resizes to make, or every problem found. Changes nothing.
+pub fn check_ram(
+    snapshot: &[RamBlockDesc],
+    registry: &RamRegistry,
+) -> Result<ResizePlan, CheckError> {
+    let mut problems = Vec::new();
+    let mut plan = ResizePlan::default();
+    for s in snapshot {
+        let Some(d) = registry.get(&s.idstr) else {
+            problems.push(RamProblem::Unknown {
+                idstr: s.idstr.clone(),
+                used: s.used_length,
+            });
+            continue;
+        };
+        if d.page_size() != s.page_size {
+            problems.push(RamProblem::PageSize {
+                idstr: s.idstr.clone(),
+                snapshot: s.page_size,
+                destination: d.page_size(),
+            });
+            continue;
+        }
+        let want = if s.unaligned_length > 0 {
+            s.unaligned_length
+        } else {
+            s.used_length
+        };
+        if s.used_length == d.used_length() {
+            if d.resizeable() && want != d.unaligned_length() {
+                plan.0.push((s.idstr.clone(), want));
+            }
+            continue;
+        }
+        if !d.resizeable() {
+            problems.push(RamProblem::SizeMismatch {
+                idstr: s.idstr.clone(),
+                new: s.used_length,
+                used: d.used_length(),
+            });
+        } else if s.used_length > d.max_length() {
+            problems.push(RamProblem::TooLarge {
+                idstr: s.idstr.clone(),
+                new: s.used_length,
+                max: d.max_length(),
+            });
+        } else {
+            plan.0.push((s.idstr.clone(), want));
+        }
+    }
+    for d in registry.blocks() {
+        if !snapshot.iter().any(|s| s.idstr == d.idstr()) {
+            problems.push(RamProblem::Missing {
+                idstr: d.idstr().to_string(),
+                used: d.used_length(),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(plan)
+    } else {
+        Err(CheckError::Mismatch(problems))
+    }
+}
+
+/// Makes the planned resizes through the registry (listeners, then hooks, per QEMU's rules).
+pub fn apply_resizes(plan: &ResizePlan, registry: &RamRegistry) -> Result<(), CheckError> {
+    for (idstr, size) in &plan.0 {
+        registry.resize(idstr, *size)?;
+    }
+    Ok(())
+}
+
+/// The snapshot's description of each block in `registry`.
+pub fn describe(registry: &RamRegistry) -> Vec<RamBlockDesc> {
+    registry
+        .blocks()
+        .iter()
+        .map(|b| RamBlockDesc {
+            idstr: b.idstr().to_string(),
+            used_length: b.used_length(),
+            unaligned_length: b.unaligned_length(),
+            max_length: b.max_length(),
+            page_size: b.page_size(),
+            resizeable: b.resizeable(),
+        })
+        .collect()
+}
