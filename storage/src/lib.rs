@@ -1,6 +1,95 @@
-//! The snapshot store: content-addressed, zstd-compressed chunks in sled.
-//! (Full format and protocol description: see the end of this file.)
+//! The snapshot store: content-addressed, zstd-compressed chunks, indexed in sled.
+//!
+//! A snapshot is a [`Manifest`] (opaque caller state plus the RAM-block table) and the
+//! contents of each RAM block cut into fixed-size chunks. A chunk is stored once under the
+//! blake3 hash of its bytes, whatever snapshot or VM wrote it; all-zero chunks are recorded in
+//! the manifest and not stored. [`Store`] is a cheap-to-clone handle (an `Arc`) for many
+//! threads and VMs; [`SnapshotWriter`] takes chunks from several threads at once;
+//! [`SnapshotReader`] serves verified random reads straight into the caller's buffer.
+//!
+//! # On disk
+//!
+//! ```text
+//! <dir>/conf, db, snap.*     sled 0.34, trees:
+//!     index        blake3 hash (32 B) -> pack id u32, offset u64, length u32 (LE)
+//!     manifests    snapshot name -> "SVMF" header + CBOR manifest (see manifest.rs)
+//!     attachments  snapshot name, 0x00, attachment name -> crc32 u32 LE + bytes
+//!     meta         "clean" while no process has the store open
+//! <dir>/packs/00000000.pack  chunk values appended back to back (see pack.rs):
+//!     codec u8 (1 zstd, 2 raw), uncompressed length u32 LE, payload
+//! ```
+//!
+//! Chunk values live in pack files and not in sled because sled 0.34 measured 1.5x-2.6x the
+//! value bytes on disk (leaves holding values are rewritten on consolidation and segments are
+//! only cleaned below 50% live), even after tuning segment size and mode. With packs, disk
+//! usage is 1.01x the stored bytes on the benchmark image and stays there through deletes
+//! thanks to hole punching.
+//!
+//! # Commit protocol
+//!
+//! 1. `put_chunk`: zero check; hash; if the index lacks the hash, compress, append the value to
+//!    the active pack (`pwrite`), insert the index entry; record the reference in the writer.
+//! 2. `commit`: every chunk of every declared block must have been put; `fdatasync` every pack
+//!    written since the last sync; flush sled (index entries durable); insert the manifest with
+//!    one compare-and-swap (only if the name is absent); flush sled again.
+//!
+//! A snapshot is visible exactly when its manifest is in the `manifests` tree, and the
+//! manifest is written only after everything it references is durable. A crash at any moment
+//! leaves earlier snapshots intact and lists nothing partial; `tests/tests/store_crash.rs`
+//! kills a writing, deleting and collecting child with SIGKILL 30 times and checks this.
+//!
+//! # Garbage collection and recovery
+//!
+//! Mark-and-sweep, no refcounts ([`Store::gc`], gc.rs): mark every hash referenced by a
+//! committed manifest or by an open writer of this process; remove every other index entry
+//! and orphaned attachments; flush; then punch holes into the packs over every byte range no
+//! live entry covers (packs with nothing live are deleted). Writers hold a shared lock while
+//! they look up and record a hash; GC holds it exclusively, so a deduplicated reference is
+//! never swept under a writer. Readers never take it. A store that was not closed cleanly
+//! (no `clean` marker) is collected on open: the index may name chunks of writers that died,
+//! whose bytes may not have reached the disk on power loss; nothing may dedup against them.
+//!
+//! # Integrity
+//!
+//! Every chunk read is decompressed into the caller's buffer and checked against its hash; a
+//! mismatch, a missing chunk, a corrupt index entry or a short pack read is an error naming the
+//! snapshot, block and offset, and the buffer is zeroed: never wrong bytes. Manifests carry a
+//! magic, a format version and a crc32, and every count and size is validated on decode.
+//! Deleting a snapshot while a reader still uses it makes that reader's later reads fail
+//! (after the next GC) with such an error; callers keep snapshots they restore from.
+//!
+//! # Full disk
+//!
+//! Before each pack append and commit the store checks free space (`statvfs`) and fails with
+//! [`StoreError::Full`] if less than [`StoreOptions::min_free_bytes`] (4 MiB) would remain.
+//! The reserve matters: sled 0.34 poisons its handle on a write error, and measured with a
+//! zero reserve on a full tmpfs, `delete` and `gc` then fail with ENOSPC. With the reserve,
+//! deletes and GC run and the store keeps working (`tests/tests/store_full.rs`, 16 MiB tmpfs).
+//!
+//! # Chunk size and zstd level (measured, `cargo run --release -p storage --example store_sweep`)
+//!
+//! On the benchmark image (`bench` module: runs of 60% zero, 15% random, 25% text-like pages),
+//! 512 MiB, 2 writer threads, this 2-core machine:
+//!
+//! | chunk | write MB/s | ratio | random read p50 / p99 | 1-thread restore | 3 clones (+1% pages) |
+//! |------:|-----------:|------:|----------------------:|-----------------:|---------------------:|
+//! | 16 KiB |   504-632 | 4.7-4.8x |  30-37 / 49-55 us | 1.4-1.7 GB/s |  +27 MB |
+//! | 64 KiB |   707-756 | 4.8-4.9x |  70-79 / 124-142 us | 1.75-1.78 GB/s |  +62 MB |
+//! | 256 KiB |  524-544 | 4.8-4.9x | 184-212 / 357-512 us | 1.3-1.6 GB/s | +170 MB |
+//! | 1 MiB |    455-575 | 4.9-5.0x | 644-673 us / 4.5 ms | 1.5 GB/s | +317 MB |
+//!
+//! 64 KiB is the default: the fastest writes and restores, a lazy fault served in about
+//! 75 us, and a quarter of the index entries of 16 KiB. 16 KiB halves fault latency and
+//! clone growth; choose it (`StoreOptions::chunk_size`) for many near-identical clones.
+//! Larger chunks gain under 2% ratio and lose on latency and dedup.
+//!
+//! zstd alone, one thread, on the non-zero 64 KiB chunks: level 1 compresses 455-463 MB/s,
+//! decompresses 1250 MB/s, ratio 2.43; level 3 compresses 432-450 MB/s, decompresses
+//! 1465-1480 MB/s, ratio 2.50; level 5 drops to 170 MB/s. At 64 KiB inputs level 3 costs
+//! about 5% compression speed over level 1 and gives a 3% better ratio and 17% faster
+//! decompression, which lazy restore waits on: the default is level 3.
 
+mod attachment;
 mod chunk;
 mod debug;
 mod error;
