@@ -1,1 +1,15 @@
-//! hypervisor
+//! snapvisor's hypervisor: KVM VMs and vCPUs, machine assembly, boot, built-in guests, the
+//! command line and the benchmarks.
+
+pub mod bench;
+pub mod boot;
+pub mod cli;
+pub mod control;
+pub mod cpu;
+pub mod guests;
+pub mod layout;
+pub mod machine;
+pub mod memory;
+pub mod snapshot;
+pub mod vcpu;
+pub mod vm;

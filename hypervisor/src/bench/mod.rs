@@ -1,0 +1,23 @@
+//! `snapvisor bench ...`: benchmarks that print a table (or JSON with `--json`).
+//!
+//! Benchmarks measure; they never assert timings. Ratios are taken side by side in one run
+//! because the machines they run on are shared and noisy.
+
+pub mod boot;
+pub mod stats;
+
+use clap::Subcommand;
+
+use crate::cli::CliError;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// VM creation, time to first guest exit and to guest exit for `hello`; idle VM density.
+    Boot(boot::BootBenchArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
+    match cmd {
+        BenchCommand::Boot(args) => boot::run(args),
+    }
+}

@@ -1,0 +1,87 @@
+//! Command-line interface: argument parsing and dispatch to the subcommands.
+//!
+//! Exit status of commands that run a guest (`run`, `restore`):
+//!
+//! | status | meaning |
+//! |---|---|
+//! | 0..=255 | the status the guest wrote to the exit device (clamped to 255) |
+//! | 0 | the guest powered off |
+//! | 2 | bad input: arguments, files, sizes (one line on stderr names the problem) |
+//! | 124 | `--timeout` passed before the guest ended |
+//! | 125 | snapvisor itself failed (KVM, threads, the store) |
+//! | 126 | the guest crashed: triple fault, reset, or an instruction KVM could not run |
+
+pub mod restore;
+pub mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use thiserror::Error;
+
+/// snapvisor: a KVM hypervisor that snapshots VMs into a deduplicated store and restores them lazily.
+#[derive(Debug, Parser)]
+#[command(name = "snapvisor", version, about)]
+pub struct Cli {
+    /// More logging on stderr (-v info, -vv debug, -vvv trace); SNAPVISOR_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a built-in guest or a Linux kernel in the foreground; serial output on stdout.
+    Run(run::RunArgs),
+    /// Restore a snapshot into a new VM and run it in the foreground.
+    Restore(restore::RestoreArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+/// A failed command: the message and the process exit status.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// Bad input from the user: arguments, files, sizes.
+    #[error("{0}")]
+    Input(String),
+    /// snapvisor itself failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Input(_) => 2,
+            CliError::Internal(_) => 125,
+        }
+    }
+}
+
+/// Sets up `tracing` on stderr.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVISOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs a parsed command line.
+pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Restore(args) => restore::run(args),
+        Command::Bench(cmd) => crate::bench::run(cmd).map(|()| ExitCode::SUCCESS),
+    }
+}

@@ -1,0 +1,83 @@
+//! `snapvisor restore`: a snapshot back into a VM, in the foreground.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::run::{finish, fw_cfg_files, snapshot_error};
+use super::CliError;
+use crate::snapshot::{self, RestoreMode, RestoreOptions};
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot store directory.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The snapshot to restore.
+    pub name: String,
+    /// Serve memory lazily through userfaultfd as the guest touches it.
+    #[arg(long)]
+    pub lazy: bool,
+    /// With --lazy: load the working set a previous lazy restore recorded first.
+    #[arg(long, requires = "lazy")]
+    pub prefetch: bool,
+    /// With --lazy: after this many milliseconds, record the order in which the guest
+    /// faulted memory in as the snapshot's working set (for --prefetch).
+    #[arg(long, requires = "lazy")]
+    pub record_working_set_ms: Option<u64>,
+    /// Build the destination with this much memory instead of the snapshot's.
+    #[arg(long)]
+    pub mem_mib: Option<u64>,
+    /// Build the destination with these fw_cfg files (NAME=PATH) instead of the snapshot's.
+    #[arg(long = "fw-cfg-file", value_name = "NAME=PATH")]
+    pub fw_cfg_files: Vec<String>,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+}
+
+pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
+    let store = storage::Store::open(&args.store)
+        .map_err(|e| CliError::Input(format!("opening store {}: {e}", args.store.display())))?;
+    let mode = match (args.lazy, args.prefetch) {
+        (false, _) => RestoreMode::Eager,
+        (true, false) => RestoreMode::Lazy,
+        (true, true) => RestoreMode::LazyPrefetch,
+    };
+    let mut opts = RestoreOptions::new(mode, Box::new(std::io::stdout()));
+    opts.mem_mib = args.mem_mib;
+    if !args.fw_cfg_files.is_empty() {
+        opts.fw_cfg_files = Some(fw_cfg_files(&args.fw_cfg_files)?);
+    }
+    let timeout = args
+        .timeout
+        .map(|t| {
+            Duration::try_from_secs_f64(t)
+                .map_err(|_| CliError::Input(format!("--timeout {t}: not a number of seconds")))
+        })
+        .transpose()?;
+    let (mut vm, report) = snapshot::restore(&store, &args.name, opts).map_err(snapshot_error)?;
+    for (idstr, size) in &report.resized {
+        eprintln!("snapvisor: resized RAM block {idstr} to the snapshot's {size:#x} bytes");
+    }
+    tracing::info!(ready_ms = report.ready_ms, mode = ?report.mode, "restored");
+    vm.start().map_err(super::run::vm_error)?;
+    if let Some(ms) = args.record_working_set_ms {
+        if vm
+            .control()
+            .wait_exit(Some(Duration::from_millis(ms)))
+            .is_none()
+            || vm.page_server().is_some()
+        {
+            let n = snapshot::restore::record_working_set(&vm, &store, &args.name)
+                .map_err(snapshot_error)?;
+            eprintln!(
+                "snapvisor: recorded a working set of {n} chunks for '{}'",
+                args.name
+            );
+        }
+    }
+    Ok(finish(&mut vm, timeout))
+}

@@ -1,0 +1,254 @@
+//! `snapvisor run`: one VM in the foreground.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::CliError;
+use crate::control::ExitReason;
+use crate::guests::{Builtin, MemfillMode};
+use crate::snapshot::{self, SaveOptions, SnapshotError};
+use crate::vm::{BootSource, BuiltinParams, FwCfgFile, Vm, VmConfig, VmError};
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("guest").required(true).args(["builtin", "kernel"])))]
+pub struct RunArgs {
+    /// Built-in guest to run.
+    #[arg(long, value_enum)]
+    pub builtin: Option<Builtin>,
+    /// Linux kernel (bzImage or ELF vmlinux) to boot.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(
+        long,
+        requires = "kernel",
+        default_value = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 noapic"
+    )]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u64,
+    /// memfill: pattern seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// memfill: number of passes (0: until stopped).
+    #[arg(long, default_value_t = 1)]
+    pub passes: u64,
+    /// memfill: fill (default) or verify.
+    #[arg(long, value_enum, default_value_t = MemfillMode::Fill)]
+    pub mode: MemfillMode,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Offer a file to the guest through fw_cfg: NAME=PATH (NAME like opt/org/file). It lives
+    /// in a resizeable RAM block, so a later restore adopts the snapshot's size.
+    #[arg(long = "fw-cfg-file", value_name = "NAME=PATH")]
+    pub fw_cfg_files: Vec<String>,
+    #[command(flatten)]
+    pub snapshot: SnapshotArgs,
+}
+
+/// Taking a snapshot while `run` runs.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Snapshot the VM this many milliseconds after it starts (0: before its first instruction).
+    #[arg(long, requires_all = ["store", "name"])]
+    pub snapshot_after_ms: Option<u64>,
+    /// The snapshot store directory.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// The snapshot's name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Copy memory while the guest runs; pause only for what it dirtied meanwhile.
+    #[arg(long, requires = "snapshot_after_ms")]
+    pub live: bool,
+    /// Stop the VM once the snapshot is committed (exit status 0).
+    #[arg(long, requires = "snapshot_after_ms")]
+    pub exit_after_snapshot: bool,
+}
+
+/// Parses `NAME=PATH` fw_cfg file arguments and reads the files.
+pub fn fw_cfg_files(args: &[String]) -> Result<Vec<FwCfgFile>, CliError> {
+    args.iter()
+        .map(|a| {
+            let (name, path) = a.split_once('=').ok_or_else(|| {
+                CliError::Input(format!("--fw-cfg-file {a:?}: expected NAME=PATH"))
+            })?;
+            let data = std::fs::read(path).map_err(|e| {
+                CliError::Input(format!("--fw-cfg-file {name}: reading {path}: {e}"))
+            })?;
+            Ok(FwCfgFile {
+                name: name.to_string(),
+                data,
+            })
+        })
+        .collect()
+}
+
+impl RunArgs {
+    pub fn boot_source(&self) -> BootSource {
+        match (&self.builtin, &self.kernel) {
+            (Some(guest), _) => BootSource::Builtin {
+                guest: *guest,
+                params: BuiltinParams {
+                    seed: self.seed,
+                    passes: self.passes,
+                    mode: self.mode,
+                },
+            },
+            (None, kernel) => BootSource::Kernel {
+                kernel: kernel.clone().unwrap_or_default(),
+                initrd: self.initrd.clone(),
+                cmdline: self.cmdline.clone(),
+            },
+        }
+    }
+
+    pub fn timeout(&self) -> Result<Option<Duration>, CliError> {
+        self.timeout
+            .map(|t| {
+                Duration::try_from_secs_f64(t)
+                    .map_err(|_| CliError::Input(format!("--timeout {t}: not a number of seconds")))
+            })
+            .transpose()
+    }
+}
+
+/// Classifies a VM error: problems with what the user asked for, or snapvisor's own failure.
+pub fn vm_error(e: VmError) -> CliError {
+    match e {
+        VmError::Memory(crate::memory::MemoryError::TooSmall { .. })
+        | VmError::Memory(crate::memory::MemoryError::TooLarge { .. })
+        | VmError::VcpuCount { .. }
+        | VmError::Boot(_)
+        | VmError::Guest(_)
+        | VmError::Devices(crate::machine::MachineError::File { .. }) => {
+            CliError::Input(e.to_string())
+        }
+        _ => CliError::Internal(e.to_string()),
+    }
+}
+
+/// The process exit status for how a guest ended.
+pub fn exit_status(reason: &ExitReason) -> u8 {
+    match reason {
+        ExitReason::GuestExit { status } => u8::try_from(*status).unwrap_or(255),
+        ExitReason::PowerOff => 0,
+        ExitReason::Reset { .. } | ExitReason::Crash { .. } => 126,
+        ExitReason::Timeout { .. } => 124,
+        ExitReason::Stopped { .. } => 125,
+    }
+}
+
+/// Classifies a snapshot error.
+pub fn snapshot_error(e: SnapshotError) -> CliError {
+    match e {
+        SnapshotError::Vm(v) => vm_error(v),
+        SnapshotError::Check(_) | SnapshotError::Format(_) => CliError::Input(e.to_string()),
+        SnapshotError::Store(
+            storage::StoreError::Name(_)
+            | storage::StoreError::Exists(_)
+            | storage::StoreError::NotFound(_)
+            | storage::StoreError::Busy(_),
+        ) => CliError::Input(e.to_string()),
+        _ => CliError::Internal(e.to_string()),
+    }
+}
+
+/// Waits for the guest to end, reporting as `run` does: the exit status of the process.
+pub fn finish(vm: &mut Vm, timeout: Option<Duration>) -> ExitCode {
+    let reason = vm.wait(timeout);
+    let status = exit_status(&reason);
+    if !matches!(reason, ExitReason::GuestExit { .. } | ExitReason::PowerOff) {
+        eprintln!("snapvisor: {reason}");
+    }
+    tracing::info!(%reason, status, "guest ended");
+    ExitCode::from(status)
+}
+
+pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
+    let timeout = args.timeout()?;
+    let mut cfg = VmConfig::new(
+        args.mem_mib,
+        args.vcpus,
+        args.boot_source(),
+        Box::new(std::io::stdout()),
+    );
+    cfg.fw_cfg_files = fw_cfg_files(&args.fw_cfg_files)?;
+    let store = match &args.snapshot.store {
+        Some(dir) => Some(
+            storage::Store::open(dir)
+                .map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?,
+        ),
+        None => None,
+    };
+    let mut vm = Vm::new(cfg).map_err(vm_error)?;
+    let snap = args
+        .snapshot
+        .snapshot_after_ms
+        .zip(store)
+        .zip(args.snapshot.name.clone());
+    if let Some(((0, store), name)) = &snap {
+        take_snapshot(&vm, store, name, &args.snapshot)?;
+    }
+    vm.start().map_err(vm_error)?;
+    if let Some(((after, store), name)) = &snap {
+        if *after > 0 {
+            let deadline = Duration::from_millis(*after);
+            if vm.control().wait_exit(Some(deadline)).is_none() {
+                take_snapshot(&vm, store, name, &args.snapshot)?;
+            } else {
+                return Err(CliError::Input(format!(
+                    "the guest ended before the snapshot at {after} ms"
+                )));
+            }
+        }
+        if args.snapshot.exit_after_snapshot {
+            vm.stop("snapshot taken");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    Ok(finish(&mut vm, timeout))
+}
+
+fn take_snapshot(
+    vm: &Vm,
+    store: &storage::Store,
+    name: &str,
+    a: &SnapshotArgs,
+) -> Result<(), CliError> {
+    let opts = SaveOptions {
+        live: a.live,
+        ..Default::default()
+    };
+    let report = snapshot::save(vm, store, name, &opts, &|p| {
+        tracing::info!(
+            round = p.round,
+            bytes = p.bytes_copied,
+            dirty = p.dirty_chunks,
+            "snapshot progress"
+        );
+    })
+    .map_err(snapshot_error)?;
+    eprintln!(
+        "snapvisor: snapshot '{}' committed: {} MiB of RAM in {:.1} ms ({} pause {:.1} ms, {} rounds), {} bytes stored",
+        report.name,
+        report.ram_bytes >> 20,
+        report.total_ms,
+        if report.live { "live," } else { "stop-and-copy," },
+        report.pause_ms,
+        report.rounds,
+        report.store.bytes_stored
+    );
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! Run control shared by a VM and its vCPU threads: stop, pause, and why the VM ended.
+//!
+//! A vCPU thread blocked in `KVM_RUN` is kicked with a real-time signal whose handler sets
+//! `immediate_exit` in that thread's `kvm_run`; KVM then returns `EINTR` at once, even when
+//! the signal landed just before `KVM_RUN` was entered, so no kick is lost. The thread then
+//! looks at the shared [`RunState`].
+//!
+//! Lock order: `VmControl::inner` only; callers never hold a device lock while calling in.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+
+/// Why a VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest wrote its exit status to the exit device.
+    GuestExit { status: u32 },
+    /// The guest powered off (KVM system event).
+    PowerOff,
+    /// The guest asked for a reset, or triple-faulted.
+    Reset { detail: String },
+    /// The guest did something KVM could not run (emulation failure, bad state).
+    Crash { detail: String },
+    /// It ran for longer than it was allowed.
+    Timeout { after_ms: u64 },
+    /// The VMM stopped it (a request, or an error in the VMM).
+    Stopped { detail: String },
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::GuestExit { status } => write!(f, "guest exited with status {status}"),
+            ExitReason::PowerOff => write!(f, "guest powered off"),
+            ExitReason::Reset { detail } => write!(f, "guest reset: {detail}"),
+            ExitReason::Crash { detail } => write!(f, "guest crashed: {detail}"),
+            ExitReason::Timeout { after_ms } => write!(f, "guest timed out after {after_ms} ms"),
+            ExitReason::Stopped { detail } => write!(f, "VM stopped: {detail}"),
+        }
+    }
+}
+
+/// What the vCPUs should be doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+struct Inner {
+    state: RunState,
+    exit: Option<ExitReason>,
+    /// vCPU threads that have parked because of a pause.
+    parked: usize,
+    /// Threads of running vCPUs, to kick.
+    threads: Vec<libc::pthread_t>,
+}
+
+/// Shared between a VM and its vCPU threads.
+pub struct VmControl {
+    inner: Mutex<Inner>,
+    /// `RunState` as a number, for the vCPU loop's lock-free check after each exit.
+    fast_state: AtomicU8,
+    changed: Condvar,
+    vcpus: usize,
+    /// When a vCPU first exited to the VMM (guest I/O or MMIO): the guest is running.
+    first_exit: OnceLock<Instant>,
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by `register_vcpu_thread`
+        // and cleared before the mapping goes away; writing one byte is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), String> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| format!("installing the vCPU kick signal handler: {e}"));
+    });
+    result
+}
+
+/// Marks the calling thread as running the vCPU whose kvm_run is at `run`
+/// (null to unregister).
+pub fn set_thread_kvm_run(run: *mut kvm_run) {
+    KVM_RUN.with(|c| c.set(run));
+}
+
+impl VmControl {
+    pub fn new(vcpus: usize) -> Self {
+        VmControl {
+            inner: Mutex::new(Inner {
+                state: RunState::Running,
+                exit: None,
+                parked: 0,
+                threads: Vec::new(),
+            }),
+            first_exit: OnceLock::new(),
+            fast_state: AtomicU8::new(RunState::Running as u8),
+            changed: Condvar::new(),
+            vcpus,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn register_thread(&self, t: libc::pthread_t) {
+        self.lock().threads.push(t);
+    }
+
+    pub fn unregister_thread(&self, t: libc::pthread_t) {
+        let mut g = self.lock();
+        g.threads.retain(|x| *x != t);
+        self.changed.notify_all();
+    }
+
+    fn kick_all(&self, g: &Inner) {
+        for t in &g.threads {
+            // SAFETY: `t` is a live vCPU thread: threads unregister themselves (under this lock)
+            // before they exit, so the handle is valid while it is in the list.
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+    }
+
+    pub fn state(&self) -> RunState {
+        self.lock().state
+    }
+
+    /// Whether vCPUs should keep running the guest: one atomic load, for the vCPU loop.
+    pub fn running(&self) -> bool {
+        self.fast_state.load(Ordering::Acquire) == RunState::Running as u8
+    }
+
+    /// Records why the VM ends (the first reason wins) and stops every vCPU.
+    pub fn stop(&self, reason: ExitReason) {
+        let mut g = self.lock();
+        if g.exit.is_none() {
+            tracing::debug!(%reason, "VM stopping");
+            g.exit = Some(reason);
+        }
+        g.state = RunState::Stopping;
+        self.fast_state
+            .store(RunState::Stopping as u8, Ordering::Release);
+        self.kick_all(&g);
+        self.changed.notify_all();
+    }
+
+    /// The reason the VM ended, if it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.lock().exit.clone()
+    }
+
+    /// Waits until the VM has an exit reason, or `timeout` passes.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut g = self.lock();
+        while g.exit.is_none() {
+            match deadline {
+                None => g = self.changed.wait(g).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    g = self
+                        .changed
+                        .wait_timeout(g, d - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            }
+        }
+        g.exit.clone()
+    }
+
+    /// Waits until every vCPU thread has gone.
+    pub fn wait_threads_gone(&self) {
+        let mut g = self.lock();
+        while !g.threads.is_empty() {
+            g = self.changed.wait(g).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Pauses every vCPU and returns once all are parked outside KVM_RUN. Returns false if the
+    /// VM is stopping instead.
+    pub fn pause(&self) -> bool {
+        let mut g = self.lock();
+        if g.state == RunState::Stopping {
+            return false;
+        }
+        g.state = RunState::Paused;
+        self.fast_state
+            .store(RunState::Paused as u8, Ordering::Release);
+        self.kick_all(&g);
+        while g.parked < g.threads.len() && g.state == RunState::Paused {
+            g = self.changed.wait(g).unwrap_or_else(PoisonError::into_inner);
+        }
+        g.state == RunState::Paused
+    }
+
+    pub fn resume(&self) {
+        let mut g = self.lock();
+        if g.state == RunState::Paused {
+            g.state = RunState::Running;
+            self.fast_state
+                .store(RunState::Running as u8, Ordering::Release);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused; returns false when the vCPU
+    /// must stop.
+    pub fn vcpu_may_run(&self) -> bool {
+        let mut g = self.lock();
+        if g.state == RunState::Paused {
+            g.parked += 1;
+            self.changed.notify_all();
+            while g.state == RunState::Paused {
+                g = self.changed.wait(g).unwrap_or_else(PoisonError::into_inner);
+            }
+            g.parked -= 1;
+        }
+        g.state == RunState::Running
+    }
+
+    /// Notes the first exit of any vCPU to the VMM.
+    pub fn note_exit(&self) {
+        self.first_exit.get_or_init(Instant::now);
+    }
+
+    pub fn first_exit(&self) -> Option<Instant> {
+        self.first_exit.get().copied()
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus
+    }
+}

@@ -1,0 +1,58 @@
+//! The guest-physical memory map of a snapvisor x86 PC.
+//!
+//! ```text
+//! 0x0000_0500  boot GDT (null, code0, data0, code3, data3)
+//! 0x0000_6000  built-in guest boot info (see guests::BootInfo)
+//! 0x0000_7000  Linux zero page (boot_params)
+//! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000..0xf000 PDs identity-mapping the first 4 GiB (2 MiB pages)
+//! 0x0002_0000  Linux command line; for built-in guests: PDs for RAM above 4 GiB
+//! 0x0008_0000  built-in guests' stack top
+//! 0x0009_fc00  EBDA (reserved in e820) .. 0x10_0000 legacy hole (reserved)
+//! 0x0010_0000  kernel / built-in guest code (1 MiB)
+//! 0xc000_0000  end of low RAM: 3 GiB .. 4 GiB is the 32-bit PCI and platform hole
+//! 0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC (in-kernel)
+//! 0xfef0_0000  guest exit device (MMIO alias of port 0x501)
+//! 0xfef0_1000  serial MMIO alias of port 0x3f8 (CPL3 code cannot use port I/O)
+//! 0x1_0000_0000  RAM above 4 GiB (the rest of pc.ram)
+//! ```
+
+/// Boot GDT.
+pub const BOOT_GDT: u64 = 0x500;
+/// Boot information for built-in guests.
+pub const BUILTIN_INFO: u64 = 0x6000;
+/// Linux boot_params.
+pub const ZERO_PAGE: u64 = 0x7000;
+/// Top-level page table.
+pub const PML4: u64 = 0x9000;
+/// Page-directory-pointer table.
+pub const PDPT: u64 = 0xa000;
+/// Page directories for the first 4 GiB.
+pub const PD_LOW: u64 = 0xb000;
+/// Linux command line.
+pub const CMDLINE: u64 = 0x2_0000;
+/// Page directories for RAM above 4 GiB (built-in guests only).
+pub const PD_HIGH: u64 = 0x2_0000;
+/// Space for PD_HIGH page directories: each maps 1 GiB.
+pub const PD_HIGH_END: u64 = 0x7_0000;
+/// Stack top for built-in guests.
+pub const BUILTIN_STACK: u64 = 0x8_0000;
+/// Start of the EBDA, reserved in e820.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// 1 MiB: kernels and built-in guest code are loaded here.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the 32-bit hole; low RAM ends here at the latest.
+pub const PCI_HOLE_START: u64 = 0xc000_0000;
+/// RAM above the hole starts at 4 GiB.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+/// The exit device's MMIO alias.
+pub const EXIT_MMIO: u64 = 0xfef0_0000;
+/// The serial port's MMIO alias.
+pub const SERIAL_MMIO: u64 = 0xfef0_1000;
+/// Port of the exit device.
+pub const EXIT_PORT: u16 = 0x501;
+/// COM1.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const SERIAL_IRQ: u32 = 4;
+/// KVM's TSS (three pages) and identity-map page, out of the guest's way below 4 GiB.
+pub const KVM_TSS: u64 = 0xfffb_d000;

@@ -1,0 +1,54 @@
+//! Snapshots of running VMs into the store, and restores from it.
+//!
+//! A snapshot is the store's manifest (the RAM-block table and each block's chunks) plus a
+//! VM state file ([`migrate::snapshot::format`]) holding named fragments: `machine` (how to
+//! build the VM again), `vcpu/<n>`, `kvm/vm` (PIC, IOAPIC, PIT, kvmclock) and one per device.
+//!
+//! Saving pauses the vCPUs (stop-and-copy), or copies RAM while the guest runs and pauses only
+//! for the pages dirtied meanwhile (live). Restoring builds a VM of the same shape, checks
+//! every RAM block before writing anything, resizes the resizeable blocks, loads pages
+//! (eagerly, or lazily through userfaultfd), then device, VM and vCPU state.
+
+pub mod devices;
+pub mod restore;
+pub mod save;
+pub mod vcpu_state;
+
+use thiserror::Error;
+
+pub use restore::{restore, RestoreMode, RestoreOptions, RestoreReport};
+pub use save::{save, SaveOptions, SaveProgress, SaveReport};
+
+/// Errors taking or restoring a snapshot.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("store: {0}")]
+    Store(#[from] storage::StoreError),
+    #[error("VM state: {0}")]
+    Format(#[from] migrate::snapshot::format::FormatError),
+    #[error(transparent)]
+    Check(#[from] migrate::snapshot::check::CheckError),
+    #[error("copying RAM: {0}")]
+    RamIo(#[from] migrate::snapshot::ram_io::RamIoError),
+    #[error(transparent)]
+    Persist(#[from] migrate::persist::PersistError),
+    #[error(transparent)]
+    State(#[from] vcpu_state::StateError),
+    #[error(transparent)]
+    Cpu(#[from] crate::cpu::CpuError),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error("lazy restore: {0}")]
+    Lazy(#[from] migrate::lazy::LazyError),
+    #[error("RAM block '{0}' resized during snapshot")]
+    ResizedDuringSnapshot(String),
+    #[error("the VM has stopped; there is nothing to snapshot")]
+    NotRunning,
+    #[error("reading KVM's dirty log of slot {slot}: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
+}

@@ -1,0 +1,262 @@
+//! Restoring a snapshot into a new VM: eagerly (every page before the vCPUs start) or lazily
+//! (pages served by userfaultfd as the guest touches them, optionally prefetching the working
+//! set a previous restore recorded).
+//!
+//! Order: build a VM of the snapshot's shape; check every RAM block against it and refuse,
+//! listing every problem, before anything is written; resize the resizeable blocks (their
+//! hooks run, so fw_cfg reports the snapshot's sizes); load or register pages; then device,
+//! in-kernel device and vCPU state. The VM is returned ready to start.
+
+use std::io::Write;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use migrate::lazy::{LazyBlock, PageServer, ServerOptions, StatsSnapshot};
+use migrate::snapshot::check::{apply_resizes, check_ram};
+use migrate::snapshot::format::VmSnapshot;
+use migrate::snapshot::ram_io::{load_block, StorePageSource};
+use storage::Store;
+
+use super::devices::persistables;
+use super::vcpu_state::{restore_vcpu, restore_vm, VcpuState, VmKvmState};
+use super::SnapshotError;
+use crate::control::ExitReason;
+use crate::cpu;
+use crate::vm::{BootSource, FwCfgFile, MachineSpec, Vm, VmConfig};
+
+/// The store attachment holding a recorded working set: (block, offset) in fault order.
+pub const PREFETCH_ATTACHMENT: &str = "prefetch";
+
+/// How memory comes back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMode {
+    /// Every page is read before the vCPUs start.
+    #[default]
+    Eager,
+    /// Pages arrive on first touch, the rest in the background.
+    Lazy,
+    /// Lazy, loading the recorded working set first.
+    LazyPrefetch,
+}
+
+/// How to restore.
+pub struct RestoreOptions {
+    pub mode: RestoreMode,
+    /// Where the restored VM's serial output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// Build the destination with this much memory instead of the snapshot's.
+    pub mem_mib: Option<u64>,
+    /// Build the destination with these fw_cfg files instead of blank ones of the snapshot's
+    /// sizes (their contents are then replaced by the snapshot's).
+    pub fw_cfg_files: Option<Vec<FwCfgFile>>,
+    /// Lazy: stream in all memory in the background (otherwise only faults and prefetch).
+    pub background_fill: bool,
+}
+
+impl RestoreOptions {
+    pub fn new(mode: RestoreMode, serial_out: Box<dyn Write + Send>) -> Self {
+        RestoreOptions {
+            mode,
+            serial_out,
+            mem_mib: None,
+            fw_cfg_files: None,
+            background_fill: true,
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RestoreReport {
+    pub name: String,
+    pub mode: RestoreMode,
+    /// From the request to the VM being ready to start.
+    pub ready_ms: f64,
+    /// Bytes read into guest memory before the start (eager).
+    pub bytes_loaded: u64,
+    /// RAM blocks resized to the snapshot's sizes: (idstr, size).
+    pub resized: Vec<(String, u64)>,
+    /// Chunks in the prefetch list used.
+    pub prefetch_chunks: usize,
+}
+
+/// Decodes a prefetch attachment: lines of `<offset hex> <idstr>`.
+pub fn decode_prefetch(bytes: &[u8]) -> Vec<(String, u64)> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(|l| {
+            let (off, idstr) = l.split_once(' ')?;
+            Some((idstr.to_string(), u64::from_str_radix(off, 16).ok()?))
+        })
+        .collect()
+}
+
+/// Encodes a prefetch list for the store.
+pub fn encode_prefetch(list: &[(String, u64)]) -> Vec<u8> {
+    list.iter()
+        .map(|(idstr, off)| format!("{off:x} {idstr}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// Restores snapshot `name` from `store` into a new VM, not yet started.
+pub fn restore(
+    store: &Store,
+    name: &str,
+    opts: RestoreOptions,
+) -> Result<(Vm, RestoreReport), SnapshotError> {
+    let t0 = Instant::now();
+    let reader = store.reader(name)?;
+    let snap = VmSnapshot::decode(&reader.manifest().state)?;
+    let spec: MachineSpec = snap.get("machine")?;
+    let files = match opts.fw_cfg_files {
+        Some(f) => f,
+        None => spec
+            .fw_cfg_files
+            .iter()
+            .map(|(n, size)| FwCfgFile {
+                name: n.clone(),
+                data: vec![0; (*size).min(64 << 20) as usize],
+            })
+            .collect(),
+    };
+    let mut cfg = VmConfig::new(
+        opts.mem_mib.unwrap_or(spec.mem_mib),
+        spec.vcpus,
+        BootSource::Restore,
+        opts.serial_out,
+    );
+    cfg.fw_cfg_files = files;
+    let mut vm = Vm::new(cfg)?;
+
+    // Nothing is written before every block is known to fit.
+    let plan = check_ram(&snap.ram, vm.registry())?;
+    apply_resizes(&plan, vm.registry())?;
+
+    let blocks = vm.registry().blocks();
+    let mut bytes_loaded = 0;
+    let mut prefetch_chunks = 0;
+    match opts.mode {
+        RestoreMode::Eager => {
+            for b in &blocks {
+                bytes_loaded += load_block(&reader, b)?;
+            }
+        }
+        RestoreMode::Lazy | RestoreMode::LazyPrefetch => {
+            let prefetch = if opts.mode == RestoreMode::LazyPrefetch {
+                store
+                    .attachment(name, PREFETCH_ATTACHMENT)?
+                    .map(|b| decode_prefetch(&b))
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            prefetch_chunks = prefetch.len();
+            let lazy: Vec<LazyBlock> = blocks
+                .iter()
+                .map(|b| LazyBlock {
+                    idstr: b.idstr().to_string(),
+                    host: b.host_addr() as usize,
+                    len: b.used_length(),
+                })
+                .collect();
+            let control = vm.control().clone();
+            let server = PageServer::start(
+                lazy,
+                Arc::new(StorePageSource::new(reader.clone())),
+                ServerOptions {
+                    prefetch,
+                    background_fill: opts.background_fill,
+                    record_faults: true,
+                },
+                Box::new(move |e| {
+                    control.stop(ExitReason::Crash {
+                        detail: e.to_string(),
+                    })
+                }),
+            )?;
+            vm.registry().add_listener(server.resize_guard());
+            vm.set_page_server(server);
+        }
+    }
+
+    for mut p in persistables(vm.devices()) {
+        let name = p.persist_name();
+        let bytes =
+            snap.fragments
+                .get(&name)
+                .ok_or_else(|| migrate::persist::PersistError::Invalid {
+                    name: name.clone(),
+                    reason: "missing from the snapshot".into(),
+                })?;
+        p.restore_state(&bytes.0)?;
+    }
+    let kvm_state: VmKvmState = snap.get("kvm/vm")?;
+    restore_vm(vm.fd(), &kvm_state)?;
+    let msrs = cpu::msr::index_list(vm.kvm())?;
+    for (i, fd) in vm.vcpu_fds().iter().enumerate() {
+        let state: VcpuState = snap.get(&format!("vcpu/{i}"))?;
+        if usize::from(state.id) != i {
+            return Err(migrate::persist::PersistError::Invalid {
+                name: format!("vcpu/{i}"),
+                reason: format!("holds vCPU {}", state.id),
+            }
+            .into());
+        }
+        let fd = fd.lock().unwrap_or_else(PoisonError::into_inner);
+        restore_vcpu(&fd, &state, &msrs)?;
+    }
+    Ok((
+        vm,
+        RestoreReport {
+            name: name.to_string(),
+            mode: opts.mode,
+            ready_ms: t0.elapsed().as_secs_f64() * 1e3,
+            bytes_loaded,
+            resized: plan.0,
+            prefetch_chunks,
+        },
+    ))
+}
+
+/// After a lazy restore has run for a while: stores the order in which the guest faulted
+/// chunks in, as the snapshot's prefetch list. Returns the number of chunks recorded.
+pub fn record_working_set(vm: &Vm, store: &Store, name: &str) -> Result<usize, SnapshotError> {
+    let Some(server) = vm.page_server() else {
+        return Ok(0);
+    };
+    let order = server.fault_order();
+    store.put_attachment(name, PREFETCH_ATTACHMENT, &encode_prefetch(&order))?;
+    Ok(order.len())
+}
+
+/// Lazy restore statistics, if the VM was restored lazily.
+pub fn lazy_stats(vm: &Vm) -> Option<StatsSnapshot> {
+    vm.page_server().map(|s| s.stats().snapshot())
+}
+
+/// Waits until a lazily restored VM is fully resident.
+pub fn wait_resident(vm: &Vm, timeout: Duration) -> bool {
+    vm.page_server().is_none_or(|s| s.wait_resident(timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_round_trip() {
+        let list = vec![
+            ("pc.ram".to_string(), 0x10000),
+            ("/rom@opt/x".to_string(), 0),
+        ];
+        assert_eq!(decode_prefetch(&encode_prefetch(&list)), list);
+        assert!(decode_prefetch(b"zz pc.ram\nnot a line\n").is_empty());
+    }
+
+    #[test]
+    fn file_block_name() {
+        assert_eq!(crate::machine::fw_cfg_file_block("opt/x"), "/rom@opt/x");
+    }
+}

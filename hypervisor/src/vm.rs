@@ -1,0 +1,468 @@
+//! A KVM virtual machine: x86 PC with in-kernel irqchip and PIT, `pc.ram`, COM1, fw_cfg and
+//! the exit device, booted into a built-in guest or a Linux kernel.
+//!
+//! Field order matters: vCPU threads are joined and devices dropped before guest memory,
+//! which goes before the VM file descriptor.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::bus::Bus;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use migrate::lazy::PageServer;
+use migrate::ram::RamRegistry;
+use thiserror::Error;
+
+use crate::boot::linux::{self, LinuxBootConfig, LinuxBootError};
+use crate::control::{self, ExitReason, VmControl};
+use crate::cpu::{self, CpuError};
+use crate::guests::{self, BootInfo, Builtin, GuestError, MemfillMode};
+use crate::layout;
+use crate::machine::{self, Devices};
+use crate::memory::{self, GuestRam, MemoryError, SlotMap};
+use crate::vcpu::Vcpu;
+
+/// Errors creating or running a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("opening /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{requested} vCPUs requested: snapvisor runs 1 to {max}")]
+    VcpuCount { requested: u64, max: u64 },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error(transparent)]
+    Boot(#[from] LinuxBootError),
+    #[error("setting up devices: {0}")]
+    Devices(#[from] machine::MachineError),
+    #[error("starting vCPU {id}: {source}")]
+    Thread { id: u8, source: std::io::Error },
+    #[error("{0}")]
+    Signal(String),
+    #[error("the VM has already been started")]
+    AlreadyStarted,
+}
+
+/// Built-in guest parameters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BuiltinParams {
+    pub seed: u64,
+    pub passes: u64,
+    pub mode: MemfillMode,
+}
+
+/// What the VM boots.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    Builtin {
+        guest: Builtin,
+        params: BuiltinParams,
+    },
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+    /// Nothing: memory, devices and vCPUs get their state from a snapshot.
+    Restore,
+}
+
+impl BootSource {
+    fn describe(&self) -> String {
+        match self {
+            BootSource::Builtin { guest, .. } => format!("builtin:{}", guest.name()),
+            BootSource::Kernel { kernel, .. } => format!("kernel:{}", kernel.display()),
+            BootSource::Restore => "restore".into(),
+        }
+    }
+}
+
+/// A file offered to the guest through fw_cfg, held in a resizeable RAM block named
+/// `/rom@<name>` (as QEMU names its fw_cfg blobs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FwCfgFile {
+    pub name: String,
+    pub data: Vec<u8>,
+}
+
+/// The shape of a VM, saved with its snapshots so that a restore can build it again.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MachineSpec {
+    pub mem_mib: u64,
+    pub vcpus: u64,
+    /// What it booted, for people: `builtin:memfill`, `kernel:/path`.
+    pub guest: String,
+    /// fw_cfg files: name and size.
+    #[serde(default)]
+    pub fw_cfg_files: Vec<(String, u64)>,
+}
+
+/// How to build a VM.
+pub struct VmConfig {
+    pub mem_mib: u64,
+    pub vcpus: u64,
+    pub boot: BootSource,
+    /// Where COM1's output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// Files offered through fw_cfg.
+    pub fw_cfg_files: Vec<FwCfgFile>,
+}
+
+impl VmConfig {
+    /// A VM with no fw_cfg files of its own.
+    pub fn new(
+        mem_mib: u64,
+        vcpus: u64,
+        boot: BootSource,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Self {
+        VmConfig {
+            mem_mib,
+            vcpus,
+            boot,
+            serial_out,
+            fw_cfg_files: Vec::new(),
+        }
+    }
+}
+
+/// How long the phases of bringing a VM up took.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    /// From `Vm::new` being called to the VM being ready to start.
+    pub create: Duration,
+}
+
+/// A VM.
+pub struct Vm {
+    spec: MachineSpec,
+    /// Serves lazily restored memory; dropped only after the vCPU threads are joined.
+    page_server: Option<PageServer>,
+    control: Arc<VmControl>,
+    threads: Vec<JoinHandle<()>>,
+    /// vCPUs not started yet.
+    vcpus: Vec<Vcpu>,
+    /// Every vCPU's file descriptor, lockable while the VM is paused or stopped.
+    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    devices: Devices,
+    ram: GuestRam,
+    slots: Arc<SlotMap>,
+    registry: Arc<RamRegistry>,
+    fd: Arc<VmFd>,
+    kvm: Kvm,
+    timings: Timings,
+    started: Option<Instant>,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+impl Vm {
+    /// Creates the VM, loads its guest and sets up its vCPUs; nothing runs yet.
+    pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
+        let t0 = Instant::now();
+        let size = memory::check_size(cfg.mem_mib)?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let max = (kvm.get_max_vcpus() as u64).min(255);
+        if cfg.vcpus == 0 || cfg.vcpus > max {
+            return Err(VmError::VcpuCount {
+                requested: cfg.vcpus,
+                max,
+            });
+        }
+        let nr_vcpus = cfg.vcpus as u8;
+        control::install_kick_handler().map_err(VmError::Signal)?;
+
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        fd.set_tss_address(layout::KVM_TSS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(layout::KVM_TSS + 0x3000)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let registry = RamRegistry::new();
+        let slots = SlotMap::new(fd.clone());
+        registry.add_listener(slots.clone());
+        let ram = GuestRam::new(&registry, &slots, size)?;
+
+        let control = Arc::new(VmControl::new(usize::from(nr_vcpus)));
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let devices =
+            machine::attach_devices(&fd, &pio, &mmio, &ram, &control, nr_vcpus, cfg.serial_out)?;
+        machine::add_fw_cfg_files(&devices, &registry, &cfg.fw_cfg_files)?;
+        let spec = MachineSpec {
+            mem_mib: cfg.mem_mib,
+            vcpus: cfg.vcpus,
+            guest: cfg.boot.describe(),
+            fw_cfg_files: cfg
+                .fw_cfg_files
+                .iter()
+                .map(|f| (f.name.clone(), f.data.len() as u64))
+                .collect(),
+        };
+
+        // Load the guest and decide where vCPU 0 starts.
+        let e820 = ram.e820();
+        let (entry, rsi, user, top) = match &cfg.boot {
+            BootSource::Builtin { guest, params } => {
+                let code = guest.assemble()?;
+                let entry = guests::load(ram.memory(), &code)?;
+                BootInfo {
+                    seed: params.seed,
+                    passes: params.passes,
+                    mode: params.mode,
+                    ranges: BootInfo::fill_ranges(&e820),
+                }
+                .write(ram.memory())?;
+                (entry, 0, guest.user_mode(), ram.top())
+            }
+            BootSource::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let loaded = linux::load_linux(
+                    ram.memory(),
+                    &LinuxBootConfig {
+                        kernel,
+                        initrd: initrd.as_deref(),
+                        cmdline,
+                        e820: &e820,
+                    },
+                )?;
+                machine::add_kernel_items(&devices, kernel, initrd.as_deref(), cmdline)?;
+                (loaded.entry, loaded.boot_params, false, 0)
+            }
+            BootSource::Restore => (0, 0, false, 0),
+        };
+        let boots = !matches!(cfg.boot, BootSource::Restore);
+        if boots {
+            cpu::regs::write_boot_tables(ram.memory(), top, user)?;
+        }
+
+        let supported_cpuid = cpu::cpuid::supported(&kvm)?;
+        let msrs = cpu::msr::index_list(&kvm)?;
+        let run_size = fd.run_size();
+        let mut vcpus = Vec::with_capacity(usize::from(nr_vcpus));
+        for id in 0..nr_vcpus {
+            let vfd = fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vfd.set_cpuid2(&cpu::cpuid::for_vcpu(&supported_cpuid, id, nr_vcpus))
+                .map_err(|source| CpuError::SetCpuid { vcpu: id, source })?;
+            cpu::msr::set_boot_msrs(&vfd, id, &msrs)?;
+            if id == 0 && boots {
+                cpu::regs::set_long_mode(&vfd, id, entry, layout::BUILTIN_STACK, rsi, user)?;
+            }
+            vcpus.push(Vcpu {
+                id,
+                fd: Arc::new(Mutex::new(vfd)),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                control: control.clone(),
+                run_size,
+            });
+        }
+        let vcpu_fds = vcpus.iter().map(|v| v.fd.clone()).collect();
+        Ok(Vm {
+            spec,
+            page_server: None,
+            control,
+            threads: Vec::new(),
+            vcpus,
+            vcpu_fds,
+            devices,
+            ram,
+            slots,
+            registry,
+            fd,
+            kvm,
+            timings: Timings {
+                create: t0.elapsed(),
+            },
+            started: None,
+        })
+    }
+
+    /// Starts every vCPU.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        if self.started.is_some() {
+            return Err(VmError::AlreadyStarted);
+        }
+        self.started = Some(Instant::now());
+        for v in self.vcpus.drain(..) {
+            let id = v.id;
+            match v.spawn() {
+                Ok(t) => self.threads.push(t),
+                Err(source) => {
+                    self.control.stop(ExitReason::Stopped {
+                        detail: format!("could not start vCPU {id}"),
+                    });
+                    return Err(VmError::Thread { id, source });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the VM to end, at most `timeout`; on timeout stops it and says so.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> ExitReason {
+        let reason = match self.control.wait_exit(timeout) {
+            Some(r) => r,
+            None => {
+                let after_ms = timeout.map_or(0, |t| t.as_millis() as u64);
+                self.control.stop(ExitReason::Timeout { after_ms });
+                self.control
+                    .exit_reason()
+                    .unwrap_or(ExitReason::Timeout { after_ms })
+            }
+        };
+        self.join();
+        reason
+    }
+
+    /// Stops the VM (if still running) and joins its vCPU threads.
+    pub fn stop(&mut self, detail: &str) -> ExitReason {
+        self.control.stop(ExitReason::Stopped {
+            detail: detail.to_string(),
+        });
+        self.join();
+        self.control.exit_reason().unwrap_or(ExitReason::Stopped {
+            detail: detail.to_string(),
+        })
+    }
+
+    fn join(&mut self) {
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+    }
+
+    pub fn pause(&self) -> bool {
+        self.control.pause()
+    }
+
+    pub fn resume(&self) {
+        self.control.resume()
+    }
+
+    pub fn spec(&self) -> &MachineSpec {
+        &self.spec
+    }
+
+    /// Attaches the page server of a lazy restore; it lives as long as the VM.
+    pub fn set_page_server(&mut self, server: PageServer) {
+        self.page_server = Some(server);
+    }
+
+    pub fn page_server(&self) -> Option<&PageServer> {
+        self.page_server.as_ref()
+    }
+
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// Time from `start` to the guest's first exit to the VMM.
+    pub fn time_to_first_exit(&self) -> Option<Duration> {
+        Some(
+            self.control
+                .first_exit()?
+                .saturating_duration_since(self.started?),
+        )
+    }
+
+    pub fn registry(&self) -> &Arc<RamRegistry> {
+        &self.registry
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    pub fn slots(&self) -> &Arc<SlotMap> {
+        &self.slots
+    }
+
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The vCPUs' file descriptors, in vCPU order. Lock one only while the VM is paused,
+    /// stopped or not yet started: a running vCPU thread holds its lock.
+    pub fn vcpu_fds(&self) -> &[Arc<Mutex<VcpuFd>>] {
+        &self.vcpu_fds
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop("VM dropped");
+        }
+    }
+}
+
+/// Shared output buffer, for tests and benchmarks that read what the guest printed.
+#[derive(Clone, Default)]
+pub struct SharedOutput(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedOutput {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned()
+    }
+}

@@ -1,0 +1,536 @@
+//! Snapshots of running VMs and restores, on real KVM: the state comes back bit-exact (the
+//! memfill guest checks every word of the previous pass), the RAM-block size rules of QEMU
+//! apply on load with errors that say what to do, and a resize cancels a live snapshot.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{snapvisor, start_builtin};
+use hypervisor::control::ExitReason;
+use hypervisor::guests::{memfill, BootInfo, Builtin, MemfillMode};
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions, SnapshotError};
+use hypervisor::vm::{BuiltinParams, SharedOutput, Vm};
+
+fn store(dir: &tempfile::TempDir) -> storage::Store {
+    storage::Store::open(dir.path().join("store")).expect("open store")
+}
+
+/// Waits until `out` holds at least `n` lines.
+fn wait_lines(out: &SharedOutput, n: usize, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let t = out.text();
+        if t.lines().count() >= n || Instant::now() >= deadline {
+            return t;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `(pass, checksum, mismatches)` of each complete memfill line.
+fn passes(out: &str) -> Vec<(u64, u64, u64)> {
+    out.lines()
+        .filter(|l| l.starts_with("memfill pass "))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
+            (
+                f[2].parse().expect("pass"),
+                hex(f[6]),
+                f[8].parse().expect("mismatches"),
+            )
+        })
+        .collect()
+}
+
+fn check_continues(before: &str, after: &str, seed: u64, mem_mib: u64) {
+    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(mem_mib << 20));
+    let b = passes(before);
+    let a = passes(after);
+    assert!(!a.is_empty(), "restored guest printed nothing: {after}");
+    let last_before = b.last().map_or(0, |p| p.0);
+    assert!(
+        a[0].0 >= last_before,
+        "restored output starts from pass {} after pass {last_before}: {after}",
+        a[0].0
+    );
+    assert!(a[0].0 > 0, "restored guest started over: {after}");
+    for (p, sum, mis) in &a {
+        assert_eq!(
+            *mis, 0,
+            "pass {p} found the previous pattern damaged: {after}"
+        );
+        assert_eq!(
+            *sum,
+            memfill::checksum(&ranges, seed + p),
+            "pass {p} checksum"
+        );
+    }
+}
+
+#[test]
+fn stop_and_copy_snapshot_restores_eagerly_and_lazily_and_the_guest_carries_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(&dir);
+    let (mem, seed) = (64, 9);
+    let (mut vm, out) = start_builtin(
+        Builtin::Memfill,
+        mem,
+        BuiltinParams {
+            seed,
+            passes: 0,
+            mode: MemfillMode::Fill,
+        },
+    );
+    let before = wait_lines(&out, 3, Duration::from_secs(60));
+    let report = snapshot::save(
+        &vm,
+        &store,
+        "m",
+        &SaveOptions {
+            stay_paused: true,
+            ..Default::default()
+        },
+        &|_| {},
+    )
+    .expect("snapshot");
+    assert!(!report.live);
+    assert_eq!(report.ram_bytes, mem << 20);
+    let before = out.text().max(before);
+    vm.stop("snapshot taken");
+
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let out2 = SharedOutput::default();
+        let (mut vm2, rep) = snapshot::restore(
+            &store,
+            "m",
+            RestoreOptions::new(mode, Box::new(out2.clone())),
+        )
+        .expect("restore");
+        assert!(rep.resized.is_empty());
+        vm2.start().expect("start");
+        let after = wait_lines(&out2, 3, Duration::from_secs(60));
+        vm2.stop("test done");
+        check_continues(&before, &after, seed, mem);
+        if mode == RestoreMode::Lazy {
+            let s = snapshot::restore::lazy_stats(&vm2).expect("lazy stats");
+            assert!(s.faults > 0, "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn live_snapshot_pauses_briefly_and_restores() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(&dir);
+    let (mem, seed) = (128, 21);
+    let (mut vm, out) = start_builtin(
+        Builtin::Memfill,
+        mem,
+        BuiltinParams {
+            seed,
+            passes: 0,
+            mode: MemfillMode::Fill,
+        },
+    );
+    wait_lines(&out, 1, Duration::from_secs(60));
+    let rounds = std::sync::Mutex::new(Vec::new());
+    let report = snapshot::save(
+        &vm,
+        &store,
+        "live",
+        &SaveOptions {
+            live: true,
+            stay_paused: true,
+            ..Default::default()
+        },
+        &|p| {
+            rounds.lock().expect("lock").push(*p);
+        },
+    )
+    .expect("live snapshot");
+    assert!(report.live);
+    assert!(report.rounds >= 1);
+    assert!(report.pause_ms <= report.total_ms);
+    assert!(!rounds.lock().expect("lock").is_empty());
+    let before = out.text();
+    vm.stop("snapshot taken");
+    let out2 = SharedOutput::default();
+    let (mut vm2, _) = snapshot::restore(
+        &store,
+        "live",
+        RestoreOptions::new(RestoreMode::Eager, Box::new(out2.clone())),
+    )
+    .expect("restore");
+    vm2.start().expect("start");
+    let after = wait_lines(&out2, 2, Duration::from_secs(60));
+    vm2.stop("test done");
+    check_continues(&before, &after, seed, mem);
+}
+
+fn blob(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+#[test]
+fn a_resize_cancels_a_live_snapshot_and_the_vm_keeps_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(&dir);
+    let out = SharedOutput::default();
+    let mut cfg = hypervisor::vm::VmConfig::new(
+        64,
+        1,
+        hypervisor::vm::BootSource::Builtin {
+            guest: Builtin::Memfill,
+            params: BuiltinParams {
+                seed: 1,
+                passes: 0,
+                mode: MemfillMode::Fill,
+            },
+        },
+        Box::new(out.clone()),
+    );
+    cfg.fw_cfg_files = vec![hypervisor::vm::FwCfgFile {
+        name: "opt/snapvisor/blob".into(),
+        data: blob(5000),
+    }];
+    let mut vm = Vm::new(cfg).expect("vm");
+    vm.start().expect("start");
+    wait_lines(&out, 1, Duration::from_secs(60));
+    let registry = vm.registry().clone();
+    let err = snapshot::save(
+        &vm,
+        &store,
+        "cancelled",
+        &SaveOptions {
+            live: true,
+            ..Default::default()
+        },
+        &|p| {
+            if p.round == 0 {
+                registry
+                    .resize("/rom@opt/snapvisor/blob", 9000)
+                    .expect("resize");
+            }
+        },
+    )
+    .expect_err("the resize must cancel the snapshot");
+    assert!(matches!(err, SnapshotError::ResizedDuringSnapshot(_)));
+    assert_eq!(
+        err.to_string(),
+        "RAM block '/rom@opt/snapvisor/blob' resized during snapshot"
+    );
+    assert!(store.list().expect("list").is_empty(), "nothing committed");
+    // The VM runs on.
+    let n = out.text().lines().count();
+    wait_lines(&out, n + 1, Duration::from_secs(60));
+    assert!(out.text().lines().count() > n);
+    assert!(vm.control().exit_reason().is_none());
+    // And a snapshot without a resize then succeeds.
+    snapshot::save(
+        &vm,
+        &store,
+        "after",
+        &SaveOptions {
+            live: true,
+            ..Default::default()
+        },
+        &|_| {},
+    )
+    .expect("snapshot");
+    vm.stop("done");
+}
+
+#[test]
+fn pause_and_resume() {
+    let (mut vm, out) = start_builtin(
+        Builtin::Memfill,
+        64,
+        BuiltinParams {
+            seed: 2,
+            passes: 0,
+            mode: MemfillMode::Fill,
+        },
+    );
+    wait_lines(&out, 1, Duration::from_secs(60));
+    assert!(vm.pause());
+    let n = out.text().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(out.text().len(), n, "a paused guest prints nothing");
+    vm.resume();
+    let lines = out.text().lines().count();
+    wait_lines(&out, lines + 1, Duration::from_secs(60));
+    assert!(out.text().lines().count() > lines);
+    assert_eq!(
+        vm.stop("done"),
+        ExitReason::Stopped {
+            detail: "done".into()
+        }
+    );
+}
+
+fn write_file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, data).expect("write");
+    p.to_str().expect("utf-8").to_string()
+}
+
+/// The `pio`/`dma` line of the blob in fwcfg's output.
+fn blob_sizes(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.contains(" opt/snapvisor/blob "))
+        .map(|l| l.to_string())
+        .collect()
+}
+
+#[test]
+fn restore_resizes_a_fw_cfg_blob_that_grew_or_shrank() {
+    for (source, destination) in [(10_000usize, 3_000usize), (3_000, 10_000)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = dir.path().join("store");
+        let st = st.to_str().expect("utf-8");
+        let a = write_file(&dir, "a", &blob(source));
+        let b = write_file(
+            &dir,
+            "b",
+            &blob(destination).iter().map(|x| !x).collect::<Vec<u8>>(),
+        );
+        let o = snapvisor(&[
+            "run",
+            "--builtin",
+            "fwcfg",
+            "--mem-mib",
+            "32",
+            "--fw-cfg-file",
+            &format!("opt/snapvisor/blob={a}"),
+            "--snapshot-after-ms",
+            "0",
+            "--store",
+            st,
+            "--name",
+            "f",
+            "--exit-after-snapshot",
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "snapshot taken before the first instruction"
+        );
+        let o = snapvisor(&[
+            "restore",
+            "--store",
+            st,
+            "f",
+            "--fw-cfg-file",
+            &format!("opt/snapvisor/blob={b}"),
+        ]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "stdout {out}\nstderr {err}");
+        assert!(
+            err.contains(&format!(
+                "resized RAM block /rom@opt/snapvisor/blob to the snapshot's {source:#x} bytes"
+            )),
+            "{err}"
+        );
+        let lines = blob_sizes(&out);
+        assert_eq!(lines.len(), 2, "{out}");
+        for l in lines {
+            assert!(
+                l.contains(&format!(" size {source} ")),
+                "guest sees the snapshot's size: {l}"
+            );
+        }
+    }
+}
+
+#[test]
+fn restore_refuses_blocks_that_do_not_fit_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("store");
+    let st = st.to_str().expect("utf-8");
+    let big = write_file(&dir, "big", &blob(100_000));
+    let small = write_file(&dir, "small", &blob(3_000));
+    let o = snapvisor(&[
+        "run",
+        "--builtin",
+        "hello",
+        "--mem-mib",
+        "64",
+        "--fw-cfg-file",
+        &format!("opt/snapvisor/blob={big}"),
+        "--snapshot-after-ms",
+        "0",
+        "--store",
+        st,
+        "--name",
+        "h",
+        "--exit-after-snapshot",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let verify_before = snapvisor(&["store", "verify", "--store", st, "--json"]);
+    let o = snapvisor(&[
+        "restore",
+        "--store",
+        st,
+        "h",
+        "--mem-mib",
+        "128",
+        "--fw-cfg-file",
+        &format!("opt/snapvisor/blob={small}"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(o.stdout.is_empty(), "the guest never ran");
+    assert!(
+        err.contains("Size mismatch: pc.ram: 0x4000000 != 0x8000000"),
+        "{err}"
+    );
+    assert!(err.contains("--mem-mib 64"), "{err}");
+    assert!(
+        err.contains("Size too large: /rom@opt/snapvisor/blob: 0x19000 > 0x10000"),
+        "{err}"
+    );
+    assert!(err.contains("2 problems"), "{err}");
+    let verify_after = snapvisor(&["store", "verify", "--store", st, "--json"]);
+    assert_eq!(verify_after.status.code(), Some(0));
+    assert_eq!(
+        verify_before.stdout, verify_after.stdout,
+        "the store is as it was"
+    );
+    // The right destination restores.
+    let o = snapvisor(&["restore", "--store", st, "h"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        hypervisor::guests::hello::GREETING
+    );
+}
+
+#[test]
+fn restore_in_a_new_process_continues_the_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("store");
+    let st = st.to_str().expect("utf-8");
+    let (mem, seed, total) = (128u64, 4u64, 40u64);
+    let o = snapvisor(&[
+        "run",
+        "--builtin",
+        "memfill",
+        "--mem-mib",
+        &mem.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--passes",
+        &total.to_string(),
+        "--snapshot-after-ms",
+        "700",
+        "--store",
+        st,
+        "--name",
+        "r",
+        "--live",
+        "--exit-after-snapshot",
+    ]);
+    let before = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = snapvisor(&["restore", "--store", st, "r", "--lazy", "--timeout", "120"]);
+    let after = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stderr {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    check_continues(&before, &after, seed, mem);
+    assert_eq!(
+        passes(&after).last().map(|p| p.0),
+        Some(total - 1),
+        "runs to its last pass"
+    );
+}
+
+#[test]
+fn snapshot_names_and_missing_snapshots_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("store");
+    let st = st.to_str().expect("utf-8");
+    let o = snapvisor(&["restore", "--store", st, "nope"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("'nope' not found"));
+    let o = snapvisor(&[
+        "run",
+        "--builtin",
+        "hello",
+        "--mem-mib",
+        "16",
+        "--snapshot-after-ms",
+        "0",
+        "--store",
+        st,
+        "--name",
+        "../evil",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("../evil"));
+}
+
+#[test]
+fn restored_blob_contents_are_the_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(&dir);
+    let mut cfg = hypervisor::vm::VmConfig::new(
+        16,
+        1,
+        hypervisor::vm::BootSource::Builtin {
+            guest: Builtin::Hello,
+            params: BuiltinParams::default(),
+        },
+        Box::new(SharedOutput::default()),
+    );
+    cfg.fw_cfg_files = vec![hypervisor::vm::FwCfgFile {
+        name: "opt/snapvisor/blob".into(),
+        data: blob(6000),
+    }];
+    let vm = Vm::new(cfg).expect("vm");
+    snapshot::save(&vm, &store, "b", &SaveOptions::default(), &|_| {}).expect("snapshot");
+    let mut opts = RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default()));
+    opts.fw_cfg_files = Some(vec![hypervisor::vm::FwCfgFile {
+        name: "opt/snapvisor/blob".into(),
+        data: vec![0xee; 2000],
+    }]);
+    let (vm2, rep) = snapshot::restore(&store, "b", opts).expect("restore");
+    assert_eq!(
+        rep.resized,
+        vec![("/rom@opt/snapvisor/blob".to_string(), 6000)]
+    );
+    let block = vm2
+        .registry()
+        .get("/rom@opt/snapvisor/blob")
+        .expect("block");
+    assert_eq!(block.unaligned_length(), 6000);
+    let mut got = vec![0; 6000];
+    block.read(0, &mut got).expect("read");
+    assert_eq!(got, blob(6000));
+}
