@@ -60,7 +60,8 @@ pub struct BenchConfig {
     pub threads: usize,
     /// Random chunk reads to time.
     pub reads: usize,
-    /// Clones written after the base snapshot, each differing in 1% of pages.
+    /// Clones written after the base snapshot, each the base with its own 1% of pages
+    /// rewritten.
     pub clones: usize,
     pub seed: u64,
 }
@@ -105,8 +106,12 @@ pub struct BenchResult {
     pub clones: usize,
     pub clone_stored_growth_bytes: u64,
     pub clone_disk_growth_bytes: u64,
-    /// disk_bytes / stored_bytes at the end.
+    /// disk_bytes / stored_bytes after the clones.
     pub final_disk_overhead: f64,
+    /// Disk bytes freed by deleting the first half of the clones and running GC.
+    pub gc_freed_bytes: u64,
+    /// disk_bytes / stored_bytes after that GC (hole punching keeps it near 1).
+    pub after_gc_disk_overhead: f64,
 }
 
 /// Fills a guest-like memory image of `size` bytes (see the module docs for the mix).
@@ -271,16 +276,28 @@ fn run_in(cfg: &BenchConfig, dir: &std::path::Path) -> Result<BenchResult> {
     let mut img = img;
     let pages = size / PAGE;
     for c in 0..cfg.clones {
+        // Each clone is the base with its own 1% of pages rewritten (non-zero content).
+        let mut saved = Vec::with_capacity(pages / 100);
         for _ in 0..pages / 100 {
             let p = rng.gen_range(0..pages);
-            let kind = rng.gen_range(0..100);
-            fill_page(&mut img[p * PAGE..(p + 1) * PAGE], kind.max(60), &mut rng);
+            let page = &mut img[p * PAGE..(p + 1) * PAGE];
+            saved.push((p, page.to_vec()));
+            let kind = rng.gen_range(60..100);
+            fill_page(page, kind, &mut rng);
         }
         write_snapshot(&store, &format!("clone-{c}"), &img, cfg.threads)?;
+        for (p, old) in saved.into_iter().rev() {
+            img[p * PAGE..(p + 1) * PAGE].copy_from_slice(&old);
+        }
     }
     let end = store.usage()?;
     r.clone_stored_growth_bytes = end.stored_bytes - u.stored_bytes;
     r.clone_disk_growth_bytes = end.disk_bytes.saturating_sub(u.disk_bytes);
     r.final_disk_overhead = end.overhead();
+    for c in 0..cfg.clones / 2 {
+        store.delete(&format!("clone-{c}"))?;
+    }
+    r.gc_freed_bytes = store.gc()?.disk_bytes_freed;
+    r.after_gc_disk_overhead = store.usage()?.overhead();
     Ok(r)
 }
