@@ -313,12 +313,17 @@ impl SnapshotWriter {
         // 1. chunk values, then their index entries, durable before the manifest.
         self.store.sync_packs()?;
         self.store.flush()?;
-        // 2. manifest inserted only if absent: one atomic sled operation.
+        // 2. manifest inserted only if absent: one atomic sled operation. Under the shared GC
+        //    lock: a GC either sees the manifest or runs while this writer (and its
+        //    references) is still registered.
         let inner = &self.store.inner;
-        let prev = inner
-            .manifests
-            .compare_and_swap(s.name.as_bytes(), None::<&[u8]>, Some(value))
-            .map_err(self.store.db_err("insert manifest"))?;
+        let prev = {
+            let _gc = inner.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+            inner
+                .manifests
+                .compare_and_swap(s.name.as_bytes(), None::<&[u8]>, Some(value))
+                .map_err(self.store.db_err("insert manifest"))?
+        };
         if prev.is_err() {
             return Err(StoreError::Exists(s.name.clone()));
         }

@@ -53,6 +53,7 @@ fn readers_writers_and_gc_in_parallel() {
     // Snapshots readers may pick from: (name, seed). Deleted ones leave this list first.
     let live: Mutex<Vec<(String, u64)>> = Mutex::new(vec![("base".into(), 0)]);
     let stop = AtomicBool::new(false);
+    let writers_done = AtomicBool::new(false);
     let reads = AtomicU64::new(0);
     std::thread::scope(|s| {
         for r in 0..4u64 {
@@ -109,22 +110,25 @@ fn readers_writers_and_gc_in_parallel() {
             })
             .collect();
         let gc = {
-            let store = store.clone();
+            let (store, writers_done) = (store.clone(), &writers_done);
             s.spawn(move || {
-                let mut removed = 0;
-                for _ in 0..20 {
+                let (mut removed, mut runs) = (0, 0);
+                // GC back to back for as long as writers commit and delete.
+                while !writers_done.load(Ordering::Relaxed) {
                     removed += store.gc().expect("gc").chunks_removed;
-                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    runs += 1;
                 }
-                removed
+                (removed, runs)
             })
         };
         for w in writers {
             w.join().expect("writer");
         }
-        let removed = gc.join().expect("gc thread");
+        writers_done.store(true, Ordering::Relaxed);
+        let (removed, runs) = gc.join().expect("gc thread");
+        assert!(runs > 1, "gc ran only {runs} times alongside the writers");
         stop.store(true, Ordering::Relaxed);
-        eprintln!("gc removed {removed} chunks during the run");
+        eprintln!("{runs} gc runs removed {removed} chunks during the run");
     });
     assert!(reads.load(Ordering::Relaxed) > 100);
     store.gc().expect("final gc");
