@@ -137,7 +137,12 @@ fn reopen_keeps_snapshots_and_attachments() {
     let store = Store::open_with(dir.path(), opts()).expect("reopen");
     // One process-wide handle per store: a second open is refused, naming the directory.
     let second = Store::open_with(dir.path(), opts()).expect_err("second open");
-    assert!(second.to_string().contains(&dir.path().display().to_string()), "{second}");
+    assert!(
+        second
+            .to_string()
+            .contains(&dir.path().display().to_string()),
+        "{second}"
+    );
     assert_eq!(read_block(&store, "a", "ram"), ram);
     assert_eq!(
         store.attachment("a", "prefetch").expect("get").as_deref(),
