@@ -55,12 +55,15 @@ pub struct SerialDeviceState {
 /// The 8250 UART.
 pub struct SerialDevice {
     uart: Uart,
+    /// Whether an output error was already logged (the guest keeps writing; log it once).
+    output_failed: bool,
 }
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialDevice {
             uart: Serial::new(EventFdTrigger(irq), out),
+            output_failed: false,
         }
     }
 
@@ -142,7 +145,10 @@ impl BusDevice for SerialDevice {
         if let (Ok(off), Some(&v)) = (u8::try_from(offset), data.first()) {
             if off < 8 {
                 if let Err(e) = self.uart.write(off, v) {
-                    tracing::warn!("serial: write of {v:#x} to register {off}: {e:?}");
+                    if !self.output_failed {
+                        tracing::warn!("serial: write of {v:#x} to register {off}: {e:?} (further errors not logged)");
+                        self.output_failed = true;
+                    }
                 }
             }
         }

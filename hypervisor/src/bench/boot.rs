@@ -70,12 +70,9 @@ fn proc_status(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| {
-                v.trim()
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse().ok())
-            })
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
         })
         .unwrap_or(0)
 }

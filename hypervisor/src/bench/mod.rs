@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod stats;
+pub mod store;
 
 use clap::Subcommand;
 
@@ -14,10 +15,15 @@ use crate::cli::CliError;
 pub enum BenchCommand {
     /// VM creation, time to first guest exit and to guest exit for `hello`; idle VM density.
     Boot(boot::BootBenchArgs),
+    /// Snapshot store throughput, compression, random reads and dedup of clones.
+    Store(store::BenchStoreArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Store(args) => {
+            store::run(args).map_err(|e| CliError::Internal(e.to_string()))
+        }
     }
 }

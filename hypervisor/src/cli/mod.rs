@@ -13,6 +13,7 @@
 
 pub mod restore;
 pub mod run;
+pub mod store;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Restore a snapshot into a new VM and run it in the foreground.
     Restore(restore::RestoreArgs),
+    /// Inspect and maintain a snapshot store.
+    Store(store::StoreArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -50,6 +53,9 @@ pub enum CliError {
     /// snapvisor itself failed.
     #[error("{0}")]
     Internal(String),
+    /// A failure with its own exit status.
+    #[error("{message}")]
+    Status { message: String, code: u8 },
 }
 
 impl CliError {
@@ -57,6 +63,7 @@ impl CliError {
         match self {
             CliError::Input(_) => 2,
             CliError::Internal(_) => 125,
+            CliError::Status { code, .. } => *code,
         }
     }
 }
@@ -82,6 +89,14 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Store(args) => {
+            store::run(args)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| CliError::Status {
+                    message: e.to_string(),
+                    code: e.exit_code(),
+                })
+        }
         Command::Bench(cmd) => crate::bench::run(cmd).map(|()| ExitCode::SUCCESS),
     }
 }

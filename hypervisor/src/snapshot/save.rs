@@ -224,7 +224,8 @@ pub fn save(
     let mut rounds = 0;
     let mut bytes_copied = 0;
 
-    let writer = if opts.live && was_running {
+    // Live: the writer and the chunks still dirty when the copying rounds stopped.
+    let live = if opts.live && was_running {
         vm.slots().set_dirty_logging(true)?;
         cleanup.dirty_log = true;
         // Start both dirty records afresh: everything is copied in round 0 anyway.
@@ -248,7 +249,7 @@ pub fn save(
                 break;
             }
         }
-        Some(writer)
+        Some((writer, todo))
     } else {
         None
     };
@@ -259,9 +260,20 @@ pub fn save(
     }
     cleanup.resume = was_running && !opts.stay_paused;
     watch.check()?;
-    let writer = match writer {
-        Some(w) => {
-            let last = dirty_chunks(vm, &blocks, chunk)?;
+    let writer = match live {
+        Some((w, pending)) => {
+            // What the last round left dirty, and what the guest dirtied until it paused.
+            let last: Vec<Vec<u64>> = pending
+                .into_iter()
+                .zip(dirty_chunks(vm, &blocks, chunk)?)
+                .map(|(a, b)| {
+                    a.into_iter()
+                        .chain(b)
+                        .collect::<BTreeSet<u64>>()
+                        .into_iter()
+                        .collect()
+                })
+                .collect();
             bytes_copied += copy_round(&w, &blocks, &last, opts.threads)?;
             w
         }

@@ -1,13 +1,7 @@
-//! Compiles and exercises `snapvisor store ...` and `snapvisor bench store` from the
-//! hypervisor crate's source files, so they are tested while that crate is being assembled.
+//! `snapvisor store ...` and `snapvisor bench store`: argument parsing, output and exit codes.
 
-#[allow(dead_code)]
-#[path = "../../hypervisor/src/cli/store.rs"]
-mod cli_store;
-
-#[allow(dead_code)]
-#[path = "../../hypervisor/src/bench/store.rs"]
-mod bench_store;
+use hypervisor::bench::store as bench_store;
+use hypervisor::cli::store as cli_store;
 
 use clap::Parser;
 use storage::{BlockSpec, Store};

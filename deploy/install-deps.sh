@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages snapvisor's build and tests need. Idempotent and quiet when
+# everything is already there. Run as root.
+#   libclang-dev    bindgen (userfaultfd-sys) needs libclang at build time
+#   busybox-static, cpio   the test initramfs (deploy/fetch-guest.sh)
+#   seabios, ipxe-qemu     real firmware for the firmware tests
+#   acpica-tools    iasl, to disassemble ACPI tables in tests
+set -euo pipefail
+
+packages=(libclang-dev busybox-static cpio seabios ipxe-qemu acpica-tools)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
