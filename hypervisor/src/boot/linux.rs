@@ -508,14 +508,15 @@ mod tests {
         )
         .expect_err("missing");
         assert!(err.to_string().contains("nope"));
-        let many = vec![
+        let mut many = e.clone();
+        many.extend(vec![
             E820Entry {
-                addr: 0,
+                addr: 0xf000_0000,
                 size: 4096,
                 kind: 2
             };
-            129
-        ];
+            127
+        ]);
         let err = load_linux(
             &m,
             &LinuxBootConfig {
