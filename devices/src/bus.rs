@@ -23,12 +23,7 @@ pub trait BusDevice: Send {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BusError {
     #[error("range {base:#x}+{len:#x} overlaps the device at {other:#x}+{other_len:#x}")]
-    Overlap {
-        base: u64,
-        len: u64,
-        other: u64,
-        other_len: u64,
-    },
+    Overlap { base: u64, len: u64, other: u64, other_len: u64 },
     #[error("range {base:#x}+{len:#x} is empty or wraps")]
     BadRange { base: u64, len: u64 },
     #[error("no device at {addr:#x}")]
@@ -60,12 +55,7 @@ impl Bus {
         let after = r.range(base..).next().map(|(b, (l, _))| (*b, *l));
         for (other, other_len) in before.into_iter().chain(after) {
             if base < other + other_len && other < base + len {
-                return Err(BusError::Overlap {
-                    base,
-                    len,
-                    other,
-                    other_len,
-                });
+                return Err(BusError::Overlap { base, len, other, other_len });
             }
         }
         r.insert(base, (len, dev));
@@ -84,10 +74,7 @@ impl Bus {
 
     fn find(&self, addr: u64, len: usize) -> Result<(u64, Device), BusError> {
         let r = self.ranges.read().unwrap_or_else(PoisonError::into_inner);
-        let (base, (range_len, dev)) = r
-            .range(..=addr)
-            .next_back()
-            .ok_or(BusError::NoDevice { addr })?;
+        let (base, (range_len, dev)) = r.range(..=addr).next_back().ok_or(BusError::NoDevice { addr })?;
         if addr - base >= *range_len {
             return Err(BusError::NoDevice { addr });
         }
@@ -99,17 +86,13 @@ impl Bus {
 
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
         let (base, dev) = self.find(addr, data.len())?;
-        dev.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read(base, addr - base, data);
+        dev.lock().unwrap_or_else(PoisonError::into_inner).read(base, addr - base, data);
         Ok(())
     }
 
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), BusError> {
         let (base, dev) = self.find(addr, data.len())?;
-        dev.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write(base, addr - base, data);
+        dev.lock().unwrap_or_else(PoisonError::into_inner).write(base, addr - base, data);
         Ok(())
     }
 }
@@ -140,10 +123,7 @@ mod tests {
         let mut b = [0u8; 1];
         bus.read(0x3f9, &mut b).expect("read");
         assert_eq!(b[0], 0xf9);
-        assert_eq!(
-            d.lock().expect("lock").0,
-            vec![(0x3f8, 5, vec![1]), (0x1000, 2, vec![2, 3])]
-        );
+        assert_eq!(d.lock().expect("lock").0, vec![(0x3f8, 5, vec![1]), (0x1000, 2, vec![2, 3])]);
     }
 
     #[test]
@@ -151,35 +131,13 @@ mod tests {
         let bus = Bus::new();
         let d = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(d.clone(), 0x100, 0x10).expect("insert");
-        assert!(matches!(
-            bus.insert(d.clone(), 0x108, 0x10),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(d.clone(), 0xf8, 0x10),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(d.clone(), 0x0, 0),
-            Err(BusError::BadRange { .. })
-        ));
-        bus.insert(d.clone(), 0x110, 0x10)
-            .expect("adjacent is fine");
-        assert_eq!(
-            bus.write(0x120, &[0]),
-            Err(BusError::NoDevice { addr: 0x120 })
-        );
-        assert_eq!(
-            bus.write(0x50, &[0]),
-            Err(BusError::NoDevice { addr: 0x50 })
-        );
-        assert_eq!(
-            bus.write(0x11e, &[0; 4]),
-            Err(BusError::Straddle {
-                addr: 0x11e,
-                len: 4
-            })
-        );
+        assert!(matches!(bus.insert(d.clone(), 0x108, 0x10), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(d.clone(), 0xf8, 0x10), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(d.clone(), 0x0, 0), Err(BusError::BadRange { .. })));
+        bus.insert(d.clone(), 0x110, 0x10).expect("adjacent is fine");
+        assert_eq!(bus.write(0x120, &[0]), Err(BusError::NoDevice { addr: 0x120 }));
+        assert_eq!(bus.write(0x50, &[0]), Err(BusError::NoDevice { addr: 0x50 }));
+        assert_eq!(bus.write(0x11e, &[0; 4]), Err(BusError::Straddle { addr: 0x11e, len: 4 }));
         bus.remove(0x110).expect("remove");
         assert!(bus.write(0x110, &[0]).is_err());
     }

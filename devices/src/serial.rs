@@ -61,17 +61,12 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialDevice {
-            uart: Serial::new(EventFdTrigger(irq), out),
-            output_failed: false,
-        }
+        SerialDevice { uart: Serial::new(EventFdTrigger(irq), out), output_failed: false }
     }
 
     /// Queues input for the guest; returns how many bytes fit in the FIFO.
     pub fn enqueue_input(&mut self, input: &[u8]) -> Result<usize, SerialError> {
-        self.uart
-            .enqueue_raw_bytes(input)
-            .map_err(|e| SerialError::Device(format!("{e:?}")))
+        self.uart.enqueue_raw_bytes(input).map_err(|e| SerialError::Device(format!("{e:?}")))
     }
 
     pub fn state(&self) -> SerialDeviceState {
@@ -95,25 +90,12 @@ impl SerialDevice {
     pub fn restore(&mut self, state: &SerialDeviceState) -> Result<(), SerialError> {
         let max = self.uart.fifo_capacity() + self.uart.state().in_buffer.len();
         if state.in_buffer.len() > max.max(64) {
-            return Err(SerialError::FifoOverflow {
-                len: state.in_buffer.len(),
-                max: max.max(64),
-            });
+            return Err(SerialError::FifoOverflow { len: state.in_buffer.len(), max: max.max(64) });
         }
-        let trigger = self
-            .uart
-            .interrupt_evt()
-            .try_clone()
-            .map_err(|e| SerialError::Device(e.to_string()))?;
-        let placeholder_trigger = self
-            .uart
-            .interrupt_evt()
-            .try_clone()
-            .map_err(|e| SerialError::Device(e.to_string()))?;
-        let old = std::mem::replace(
-            &mut self.uart,
-            Serial::new(placeholder_trigger, Box::new(std::io::sink())),
-        );
+        let trigger = self.uart.interrupt_evt().try_clone().map_err(|e| SerialError::Device(e.to_string()))?;
+        let placeholder_trigger =
+            self.uart.interrupt_evt().try_clone().map_err(|e| SerialError::Device(e.to_string()))?;
+        let old = std::mem::replace(&mut self.uart, Serial::new(placeholder_trigger, Box::new(std::io::sink())));
         let st = SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -175,11 +157,7 @@ mod tests {
     fn device() -> (SerialDevice, Out, EventFd) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let out = Out::default();
-        (
-            SerialDevice::new(irq.try_clone().expect("clone"), Box::new(out.clone())),
-            out,
-            irq,
-        )
+        (SerialDevice::new(irq.try_clone().expect("clone"), Box::new(out.clone())), out, irq)
     }
 
     #[test]
@@ -208,10 +186,7 @@ mod tests {
         d2.write(0, 0, b"x");
         assert_eq!(out2.0.lock().expect("lock").as_slice(), b"x");
         assert!(out.0.lock().expect("lock").is_empty());
-        assert!(
-            irq.read().is_ok(),
-            "the interrupt fired for the queued input"
-        );
+        assert!(irq.read().is_ok(), "the interrupt fired for the queued input");
     }
 
     #[test]
@@ -219,10 +194,7 @@ mod tests {
         let (mut d, _, _) = device();
         let mut s = d.state();
         s.in_buffer = vec![0; 4096];
-        assert!(matches!(
-            d.restore(&s),
-            Err(SerialError::FifoOverflow { .. })
-        ));
+        assert!(matches!(d.restore(&s), Err(SerialError::FifoOverflow { .. })));
         d.write(0, 0, b"y");
     }
 }

@@ -71,6 +71,9 @@ pub struct VmControl {
     vcpus: usize,
     /// When a vCPU first exited to the VMM (guest I/O or MMIO): the guest is running.
     first_exit: OnceLock<Instant>,
+    /// Progress marks the guest reported through the exit device, with when.
+    marks: Mutex<Vec<(u32, Instant)>>,
+    marked: Condvar,
 }
 
 /// The signal that kicks a vCPU out of KVM_RUN.
@@ -111,13 +114,10 @@ pub fn set_thread_kvm_run(run: *mut kvm_run) {
 impl VmControl {
     pub fn new(vcpus: usize) -> Self {
         VmControl {
-            inner: Mutex::new(Inner {
-                state: RunState::Running,
-                exit: None,
-                parked: 0,
-                threads: Vec::new(),
-            }),
+            inner: Mutex::new(Inner { state: RunState::Running, exit: None, parked: 0, threads: Vec::new() }),
             first_exit: OnceLock::new(),
+            marks: Mutex::new(Vec::new()),
+            marked: Condvar::new(),
             fast_state: AtomicU8::new(RunState::Running as u8),
             changed: Condvar::new(),
             vcpus,
@@ -163,8 +163,7 @@ impl VmControl {
             g.exit = Some(reason);
         }
         g.state = RunState::Stopping;
-        self.fast_state
-            .store(RunState::Stopping as u8, Ordering::Release);
+        self.fast_state.store(RunState::Stopping as u8, Ordering::Release);
         self.kick_all(&g);
         self.changed.notify_all();
     }
@@ -186,11 +185,7 @@ impl VmControl {
                     if now >= d {
                         return None;
                     }
-                    g = self
-                        .changed
-                        .wait_timeout(g, d - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                    g = self.changed.wait_timeout(g, d - now).unwrap_or_else(PoisonError::into_inner).0;
                 }
             }
         }
@@ -213,8 +208,7 @@ impl VmControl {
             return false;
         }
         g.state = RunState::Paused;
-        self.fast_state
-            .store(RunState::Paused as u8, Ordering::Release);
+        self.fast_state.store(RunState::Paused as u8, Ordering::Release);
         self.kick_all(&g);
         while g.parked < g.threads.len() && g.state == RunState::Paused {
             g = self.changed.wait(g).unwrap_or_else(PoisonError::into_inner);
@@ -226,8 +220,7 @@ impl VmControl {
         let mut g = self.lock();
         if g.state == RunState::Paused {
             g.state = RunState::Running;
-            self.fast_state
-                .store(RunState::Running as u8, Ordering::Release);
+            self.fast_state.store(RunState::Running as u8, Ordering::Release);
             self.changed.notify_all();
         }
     }
@@ -250,6 +243,30 @@ impl VmControl {
     /// Notes the first exit of any vCPU to the VMM.
     pub fn note_exit(&self) {
         self.first_exit.get_or_init(Instant::now);
+    }
+
+    /// Records a progress mark from the guest.
+    pub fn mark(&self, value: u32) {
+        self.marks.lock().unwrap_or_else(PoisonError::into_inner).push((value, Instant::now()));
+        self.marked.notify_all();
+    }
+
+    /// When the guest first reported `value`, waiting at most `timeout` for it (or for the
+    /// VM to end).
+    pub fn wait_mark(&self, value: u32, timeout: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some((_, t)) = g.iter().find(|(v, _)| *v == value) {
+                return Some(*t);
+            }
+            let now = Instant::now();
+            if now >= deadline || self.exit_reason().is_some() {
+                return None;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(50));
+            g = self.marked.wait_timeout(g, wait).unwrap_or_else(PoisonError::into_inner).0;
+        }
     }
 
     pub fn first_exit(&self) -> Option<Instant> {

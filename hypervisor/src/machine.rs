@@ -24,29 +24,15 @@ use crate::memory::GuestRam;
 #[derive(Debug, Error)]
 pub enum MachineError {
     #[error("placing {device} at {addr:#x}: {reason}")]
-    Bus {
-        device: &'static str,
-        addr: u64,
-        reason: String,
-    },
+    Bus { device: &'static str, addr: u64, reason: String },
     #[error("creating the interrupt eventfd for {device}: {source}")]
-    EventFd {
-        device: &'static str,
-        source: std::io::Error,
-    },
+    EventFd { device: &'static str, source: std::io::Error },
     #[error("KVM_IRQFD for {device} on GSI {gsi}: {source}")]
-    Irqfd {
-        device: &'static str,
-        gsi: u32,
-        source: kvm_ioctls::Error,
-    },
+    Irqfd { device: &'static str, gsi: u32, source: kvm_ioctls::Error },
     #[error("fw_cfg item {item}: {reason}")]
     FwCfg { item: String, reason: String },
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("fw_cfg file {name}: {reason}")]
     File { name: String, reason: String },
 }
@@ -69,10 +55,7 @@ pub fn add_fw_cfg_files(
     files: &[crate::vm::FwCfgFile],
 ) -> Result<(), MachineError> {
     for f in files {
-        let err = |reason: String| MachineError::File {
-            name: f.name.clone(),
-            reason,
-        };
+        let err = |reason: String| MachineError::File { name: f.name.clone(), reason };
         if f.data.is_empty() {
             return Err(err("is empty".into()));
         }
@@ -104,6 +87,8 @@ pub struct Devices {
     pub exit: Arc<Mutex<ExitDevice>>,
     /// COM1's interrupt, registered as an irqfd on GSI 4.
     pub serial_irq: EventFd,
+    /// The exit device's go flag (see `devices::exit`).
+    pub go: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn insert(
@@ -113,11 +98,7 @@ fn insert(
     addr: u64,
     len: u64,
 ) -> Result<(), MachineError> {
-    bus.insert(dev, addr, len).map_err(|e| MachineError::Bus {
-        device,
-        addr,
-        reason: e.to_string(),
-    })
+    bus.insert(dev, addr, len).map_err(|e| MachineError::Bus { device, addr, reason: e.to_string() })
 }
 
 /// Creates the devices and puts them on the buses.
@@ -130,91 +111,42 @@ pub fn attach_devices(
     vcpus: u8,
     serial_out: Box<dyn Write + Send>,
 ) -> Result<Devices, MachineError> {
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| MachineError::EventFd {
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|source| MachineError::EventFd { device: "serial", source })?;
+    vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ).map_err(|source| MachineError::Irqfd {
         device: "serial",
+        gsi: layout::SERIAL_IRQ,
         source,
     })?;
-    vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
-        .map_err(|source| MachineError::Irqfd {
-            device: "serial",
-            gsi: layout::SERIAL_IRQ,
-            source,
-        })?;
-    let irq = serial_irq
-        .try_clone()
-        .map_err(|source| MachineError::EventFd {
-            device: "serial",
-            source,
-        })?;
+    let irq = serial_irq.try_clone().map_err(|source| MachineError::EventFd { device: "serial", source })?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(irq, serial_out)));
-    insert(
-        pio,
-        "serial",
-        serial.clone(),
-        u64::from(layout::SERIAL_PORT),
-        8,
-    )?;
+    insert(pio, "serial", serial.clone(), u64::from(layout::SERIAL_PORT), 8)?;
     insert(mmio, "serial", serial.clone(), layout::SERIAL_MMIO, 8)?;
 
     let ctl = control.clone();
-    let exit = Arc::new(Mutex::new(ExitDevice::new(Arc::new(move |status| {
-        ctl.stop(ExitReason::GuestExit { status })
-    }))));
-    insert(
-        pio,
-        "exit device",
-        exit.clone(),
-        u64::from(layout::EXIT_PORT),
-        4,
-    )?;
-    insert(mmio, "exit device", exit.clone(), layout::EXIT_MMIO, 4)?;
+    let mut exit_dev = ExitDevice::new(Arc::new(move |status| ctl.stop(ExitReason::GuestExit { status })));
+    let ctl = control.clone();
+    exit_dev.set_mark_callback(Arc::new(move |v| ctl.mark(v)));
+    let go = exit_dev.go_flag();
+    let exit = Arc::new(Mutex::new(exit_dev));
+    insert(pio, "exit device", exit.clone(), u64::from(layout::EXIT_PORT), devices::exit::LEN)?;
+    insert(mmio, "exit device", exit.clone(), layout::EXIT_MMIO, devices::exit::LEN)?;
 
     let mut fw = FwCfg::new(ram.memory().clone());
     let fw_err = |item: &str| {
         let item = item.to_string();
-        move |e: fw_cfg::FwCfgError| MachineError::FwCfg {
-            item,
-            reason: e.to_string(),
-        }
+        move |e: fw_cfg::FwCfgError| MachineError::FwCfg { item, reason: e.to_string() }
     };
-    fw.add_bytes(fw_cfg::FW_CFG_RAM_SIZE, ram.size().to_le_bytes().to_vec())
-        .map_err(fw_err("ram size"))?;
-    fw.add_bytes(
-        fw_cfg::FW_CFG_NB_CPUS,
-        u16::from(vcpus).to_le_bytes().to_vec(),
-    )
-    .map_err(fw_err("cpu count"))?;
-    fw.add_bytes(
-        fw_cfg::FW_CFG_MAX_CPUS,
-        u16::from(vcpus).to_le_bytes().to_vec(),
-    )
-    .map_err(fw_err("max cpus"))?;
-    let e820: Vec<fw_cfg::E820Entry> = ram
-        .e820()
-        .iter()
-        .map(|e| fw_cfg::E820Entry {
-            addr: e.addr,
-            size: e.size,
-            kind: e.kind,
-        })
-        .collect();
-    fw.add_file("etc/e820", fw_cfg::encode_e820(&e820))
-        .map_err(fw_err("etc/e820"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_RAM_SIZE, ram.size().to_le_bytes().to_vec()).map_err(fw_err("ram size"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_NB_CPUS, u16::from(vcpus).to_le_bytes().to_vec()).map_err(fw_err("cpu count"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_MAX_CPUS, u16::from(vcpus).to_le_bytes().to_vec()).map_err(fw_err("max cpus"))?;
+    let e820: Vec<fw_cfg::E820Entry> =
+        ram.e820().iter().map(|e| fw_cfg::E820Entry { addr: e.addr, size: e.size, kind: e.kind }).collect();
+    fw.add_file("etc/e820", fw_cfg::encode_e820(&e820)).map_err(fw_err("etc/e820"))?;
     let fw_cfg = Arc::new(Mutex::new(fw));
-    insert(
-        pio,
-        "fw_cfg",
-        fw_cfg.clone(),
-        fw_cfg::PORT_BASE,
-        fw_cfg::PORT_LEN,
-    )?;
+    insert(pio, "fw_cfg", fw_cfg.clone(), fw_cfg::PORT_BASE, fw_cfg::PORT_LEN)?;
 
-    Ok(Devices {
-        serial,
-        fw_cfg,
-        exit,
-        serial_irq,
-    })
+    Ok(Devices { serial, fw_cfg, exit, serial_irq, go })
 }
 
 /// Offers the kernel, initrd and command line through fw_cfg as QEMU does (for firmware that
@@ -226,65 +158,38 @@ pub fn add_kernel_items(
     initrd: Option<&Path>,
     cmdline: &str,
 ) -> Result<(), MachineError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| MachineError::Read {
-            path: p.display().to_string(),
-            source,
-        })
-    };
+    let read =
+        |p: &Path| std::fs::read(p).map_err(|source| MachineError::Read { path: p.display().to_string(), source });
     let image = read(kernel)?;
     // bzImage: setup_sects at 0x1f1 (0 means 4), "HdrS" at 0x202.
     let setup_len = if image.get(0x202..0x206) == Some(b"HdrS".as_slice()) {
-        let sects = image
-            .get(0x1f1)
-            .copied()
-            .map_or(4, |s| if s == 0 { 4 } else { usize::from(s) });
+        let sects = image.get(0x1f1).copied().map_or(4, |s| if s == 0 { 4 } else { usize::from(s) });
         ((sects + 1) * 512).min(image.len())
     } else {
         0
     };
     let (setup, body) = image.split_at(setup_len);
-    let mut fw = devices
-        .fw_cfg
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut fw = devices.fw_cfg.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let fw_err = |item: &str| {
         let item = item.to_string();
-        move |e: fw_cfg::FwCfgError| MachineError::FwCfg {
-            item,
-            reason: e.to_string(),
-        }
+        move |e: fw_cfg::FwCfgError| MachineError::FwCfg { item, reason: e.to_string() }
     };
     let len32 = |n: usize| (n as u32).to_le_bytes().to_vec();
-    fw.add_bytes(fw_cfg::FW_CFG_SETUP_ADDR, len32(0x1_0000))
-        .map_err(fw_err("setup addr"))?;
-    fw.add_bytes(fw_cfg::FW_CFG_SETUP_SIZE, len32(setup.len()))
-        .map_err(fw_err("setup size"))?;
-    fw.add_bytes(fw_cfg::FW_CFG_SETUP_DATA, setup.to_vec())
-        .map_err(fw_err("setup data"))?;
-    fw.add_bytes(
-        fw_cfg::FW_CFG_KERNEL_ADDR,
-        len32(layout::HIMEM_START as usize),
-    )
-    .map_err(fw_err("kernel addr"))?;
-    fw.add_bytes(fw_cfg::FW_CFG_KERNEL_SIZE, len32(body.len()))
-        .map_err(fw_err("kernel size"))?;
-    fw.add_bytes(fw_cfg::FW_CFG_KERNEL_DATA, body.to_vec())
-        .map_err(fw_err("kernel data"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_SETUP_ADDR, len32(0x1_0000)).map_err(fw_err("setup addr"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_SETUP_SIZE, len32(setup.len())).map_err(fw_err("setup size"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_SETUP_DATA, setup.to_vec()).map_err(fw_err("setup data"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_KERNEL_ADDR, len32(layout::HIMEM_START as usize)).map_err(fw_err("kernel addr"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_KERNEL_SIZE, len32(body.len())).map_err(fw_err("kernel size"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_KERNEL_DATA, body.to_vec()).map_err(fw_err("kernel data"))?;
     let mut cmd = cmdline.as_bytes().to_vec();
     cmd.push(0);
-    fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_ADDR, len32(0x2_0000))
-        .map_err(fw_err("cmdline addr"))?;
-    fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_SIZE, len32(cmd.len()))
-        .map_err(fw_err("cmdline size"))?;
-    fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_DATA, cmd)
-        .map_err(fw_err("cmdline data"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_ADDR, len32(0x2_0000)).map_err(fw_err("cmdline addr"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_SIZE, len32(cmd.len())).map_err(fw_err("cmdline size"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_DATA, cmd).map_err(fw_err("cmdline data"))?;
     if let Some(path) = initrd {
         let data = read(path)?;
-        fw.add_bytes(fw_cfg::FW_CFG_INITRD_SIZE, len32(data.len()))
-            .map_err(fw_err("initrd size"))?;
-        fw.add_bytes(fw_cfg::FW_CFG_INITRD_DATA, data)
-            .map_err(fw_err("initrd data"))?;
+        fw.add_bytes(fw_cfg::FW_CFG_INITRD_SIZE, len32(data.len())).map_err(fw_err("initrd size"))?;
+        fw.add_bytes(fw_cfg::FW_CFG_INITRD_DATA, data).map_err(fw_err("initrd data"))?;
     }
     Ok(())
 }

@@ -36,24 +36,11 @@ pub enum MemoryError {
     #[error("guest memory of {mib} MiB is more than this host can give ({host_mib} MiB of RAM)")]
     TooLarge { mib: u64, host_mib: u64 },
     #[error("creating RAM block {idstr}: {source}")]
-    Block {
-        idstr: String,
-        source: migrate::ram::RamError,
-    },
+    Block { idstr: String, source: migrate::ram::RamError },
     #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} ({idstr} at {gpa:#x}, {len:#x} bytes): {source}")]
-    Slot {
-        slot: u32,
-        idstr: String,
-        gpa: u64,
-        len: u64,
-        source: kvm_ioctls::Error,
-    },
+    Slot { slot: u32, idstr: String, gpa: u64, len: u64, source: kvm_ioctls::Error },
     #[error("mapping {idstr} into vm-memory at {gpa:#x}: {reason}")]
-    GuestMemory {
-        idstr: String,
-        gpa: u64,
-        reason: String,
-    },
+    GuestMemory { idstr: String, gpa: u64, reason: String },
     #[error("reading /proc/meminfo: {0}")]
     HostMemory(String),
 }
@@ -73,19 +60,9 @@ pub struct Placement {
 /// The placements of `pc.ram` for a guest of `size` bytes.
 pub fn pc_ram_layout(size: u64) -> Vec<Placement> {
     let low = size.min(layout::PCI_HOLE_START);
-    let mut v = vec![Placement {
-        block_offset: 0,
-        gpa: 0,
-        len: low,
-        readonly: false,
-    }];
+    let mut v = vec![Placement { block_offset: 0, gpa: 0, len: low, readonly: false }];
     if size > low {
-        v.push(Placement {
-            block_offset: low,
-            gpa: layout::HIGH_RAM_START,
-            len: size - low,
-            readonly: false,
-        });
+        v.push(Placement { block_offset: low, gpa: layout::HIGH_RAM_START, len: size - low, readonly: false });
     }
     v
 }
@@ -95,29 +72,17 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
     let mut v = Vec::new();
     for p in pc_ram_layout(size) {
         if p.gpa == 0 {
-            v.push(E820Entry {
-                addr: 0,
-                size: layout::EBDA_START,
-                kind: E820_RAM,
-            });
+            v.push(E820Entry { addr: 0, size: layout::EBDA_START, kind: E820_RAM });
             v.push(E820Entry {
                 addr: layout::EBDA_START,
                 size: layout::HIMEM_START - layout::EBDA_START,
                 kind: E820_RESERVED,
             });
             if p.len > layout::HIMEM_START {
-                v.push(E820Entry {
-                    addr: layout::HIMEM_START,
-                    size: p.len - layout::HIMEM_START,
-                    kind: E820_RAM,
-                });
+                v.push(E820Entry { addr: layout::HIMEM_START, size: p.len - layout::HIMEM_START, kind: E820_RAM });
             }
         } else {
-            v.push(E820Entry {
-                addr: p.gpa,
-                size: p.len,
-                kind: E820_RAM,
-            });
+            v.push(E820Entry { addr: p.gpa, size: p.len, kind: E820_RAM });
         }
     }
     v
@@ -125,8 +90,7 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
 
 /// This host's RAM in MiB, the ceiling for one guest.
 pub fn host_mem_mib() -> Result<u64, MemoryError> {
-    let info = std::fs::read_to_string("/proc/meminfo")
-        .map_err(|e| MemoryError::HostMemory(e.to_string()))?;
+    let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| MemoryError::HostMemory(e.to_string()))?;
     info.lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
@@ -137,10 +101,7 @@ pub fn host_mem_mib() -> Result<u64, MemoryError> {
 /// Checks a requested guest size against snapvisor's floor and the host's RAM.
 pub fn check_size(mib: u64) -> Result<u64, MemoryError> {
     if mib < MIN_MEM_MIB {
-        return Err(MemoryError::TooSmall {
-            mib,
-            min: MIN_MEM_MIB,
-        });
+        return Err(MemoryError::TooSmall { mib, min: MIN_MEM_MIB });
     }
     let host_mib = host_mem_mib()?;
     if mib > host_mib {
@@ -175,10 +136,7 @@ pub struct SlotMap {
 
 impl SlotMap {
     pub fn new(vm: Arc<VmFd>) -> Arc<Self> {
-        Arc::new(SlotMap {
-            vm,
-            state: Mutex::new(SlotState::default()),
-        })
+        Arc::new(SlotMap { vm, state: Mutex::new(SlotState::default()) })
     }
 
     /// Declares where `idstr` appears; takes effect when the block is added (or now, if it is
@@ -234,12 +192,7 @@ impl SlotMap {
 
     /// The slots of a block as (slot id, placement, mapped length), for dirty-log reads.
     pub fn slots_of(&self, idstr: &str) -> Vec<(u32, Placement, u64)> {
-        self.lock()
-            .slots
-            .iter()
-            .filter(|s| s.idstr == idstr)
-            .map(|s| (s.id, s.placement, s.mapped_len))
-            .collect()
+        self.lock().slots.iter().filter(|s| s.idstr == idstr).map(|s| (s.id, s.placement, s.mapped_len)).collect()
     }
 
     fn add_block(&self, b: &RamBlock) -> Result<(), MemoryError> {
@@ -281,9 +234,8 @@ impl RamBlockListener for SlotMap {
 
     fn block_removed(&self, b: &Arc<RamBlock>) {
         let mut st = self.lock();
-        let (gone, kept): (Vec<Slot>, Vec<Slot>) = std::mem::take(&mut st.slots)
-            .into_iter()
-            .partition(|s| s.idstr == b.idstr());
+        let (gone, kept): (Vec<Slot>, Vec<Slot>) =
+            std::mem::take(&mut st.slots).into_iter().partition(|s| s.idstr == b.idstr());
         st.slots = kept;
         for s in gone {
             if let Err(e) = self.set_slot(&s, 0, false) {
@@ -331,24 +283,11 @@ impl GuestRam {
         let placements = pc_ram_layout(size);
         slots.place(PC_RAM, placements.clone());
         let block = registry
-            .add(RamBlockConfig {
-                idstr: PC_RAM.into(),
-                size,
-                max_size: size,
-                page_size: 0,
-                resizeable: false,
-            })
-            .map_err(|source| MemoryError::Block {
-                idstr: PC_RAM.into(),
-                source,
-            })?;
+            .add(RamBlockConfig { idstr: PC_RAM.into(), size, max_size: size, page_size: 0, resizeable: false })
+            .map_err(|source| MemoryError::Block { idstr: PC_RAM.into(), source })?;
         let mut regions = Vec::new();
         for p in &placements {
-            let gm_err = |reason: String| MemoryError::GuestMemory {
-                idstr: PC_RAM.into(),
-                gpa: p.gpa,
-                reason,
-            };
+            let gm_err = |reason: String| MemoryError::GuestMemory { idstr: PC_RAM.into(), gpa: p.gpa, reason };
             let len = usize::try_from(p.len).map_err(|e| gm_err(e.to_string()))?;
             // SAFETY: the range lies inside pc.ram's mapping (offset + len <= size), which was
             // created with these protection bits and flags and lives as long as `block`, which
@@ -366,17 +305,12 @@ impl GuestRam {
                 .ok_or_else(|| gm_err("region wraps the address space".into()))?;
             regions.push(region);
         }
-        let memory =
-            GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::GuestMemory {
-                idstr: PC_RAM.into(),
-                gpa: 0,
-                reason: e.to_string(),
-            })?;
-        Ok(GuestRam {
-            block,
-            memory,
-            size,
-        })
+        let memory = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::GuestMemory {
+            idstr: PC_RAM.into(),
+            gpa: 0,
+            reason: e.to_string(),
+        })?;
+        Ok(GuestRam { block, memory, size })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -409,12 +343,7 @@ mod tests {
     fn small_guest_is_one_region() {
         assert_eq!(
             pc_ram_layout(256 << 20),
-            vec![Placement {
-                block_offset: 0,
-                gpa: 0,
-                len: 256 << 20,
-                readonly: false
-            }]
+            vec![Placement { block_offset: 0, gpa: 0, len: 256 << 20, readonly: false }]
         );
     }
 
@@ -423,34 +352,22 @@ mod tests {
         let l = pc_ram_layout(4 << 30);
         assert_eq!(l.len(), 2);
         assert_eq!((l[0].gpa, l[0].len), (0, 3 << 30));
-        assert_eq!(
-            (l[1].block_offset, l[1].gpa, l[1].len),
-            (3 << 30, 4 << 30, 1 << 30)
-        );
+        assert_eq!((l[1].block_offset, l[1].gpa, l[1].len), (3 << 30, 4 << 30, 1 << 30));
     }
 
     #[test]
     fn e820_reserves_legacy_hole_and_covers_ram() {
         let m = e820_map(6 << 30);
-        let ram: u64 = m
-            .iter()
-            .filter(|e| e.kind == E820_RAM)
-            .map(|e| e.size)
-            .sum();
+        let ram: u64 = m.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
         assert_eq!(ram, (6 << 30) - (layout::HIMEM_START - layout::EBDA_START));
-        assert!(m
-            .iter()
-            .any(|e| e.kind == E820_RESERVED && e.addr == layout::EBDA_START));
+        assert!(m.iter().any(|e| e.kind == E820_RESERVED && e.addr == layout::EBDA_START));
         assert_eq!(m.last().map(|e| e.addr), Some(layout::HIGH_RAM_START));
     }
 
     #[test]
     fn sizes_are_checked() {
         assert!(matches!(check_size(1), Err(MemoryError::TooSmall { .. })));
-        assert!(matches!(
-            check_size(u64::MAX >> 21),
-            Err(MemoryError::TooLarge { .. })
-        ));
+        assert!(matches!(check_size(u64::MAX >> 21), Err(MemoryError::TooLarge { .. })));
         assert_eq!(check_size(16).ok(), Some(16 << 20));
     }
 }

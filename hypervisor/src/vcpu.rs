@@ -10,8 +10,7 @@ use std::thread::JoinHandle;
 
 use devices::bus::Bus;
 use kvm_bindings::{
-    kvm_run, KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -38,9 +37,7 @@ impl Vcpu {
     /// Starts the vCPU on its own thread, which registers itself for kicks before it first
     /// enters the guest and unregisters when it ends.
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run())
+        std::thread::Builder::new().name(format!("vcpu{}", self.id)).spawn(move || self.run())
     }
 
     fn run(self) {
@@ -75,10 +72,7 @@ impl Vcpu {
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 self.control.note_exit();
                 if let Err(e) = self.mmio.read(addr, data) {
-                    tracing::debug!(
-                        "vCPU {id}: MMIO read of {} bytes at {addr:#x}: {e}",
-                        data.len()
-                    );
+                    tracing::debug!("vCPU {id}: MMIO read of {} bytes at {addr:#x}: {e}", data.len());
                     data.fill(0);
                 }
                 Next::Continue
@@ -90,26 +84,17 @@ impl Vcpu {
                 }
                 Next::Continue
             }
-            Ok(VcpuExit::Hlt) => Next::Stop(ExitReason::Stopped {
-                detail: format!("vCPU {id} halted with no way to wake"),
-            }),
+            Ok(VcpuExit::Hlt) => {
+                Next::Stop(ExitReason::Stopped { detail: format!("vCPU {id} halted with no way to wake") })
+            }
             Ok(VcpuExit::Shutdown) => Next::Stop(ExitReason::Reset {
-                detail: format!(
-                    "vCPU {id} triple fault (KVM_EXIT_SHUTDOWN) at {}",
-                    where_(fd)
-                ),
+                detail: format!("vCPU {id} triple fault (KVM_EXIT_SHUTDOWN) at {}", where_(fd)),
             }),
             Ok(VcpuExit::SystemEvent(kind, _)) => Next::Stop(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
-                KVM_SYSTEM_EVENT_RESET => ExitReason::Reset {
-                    detail: format!("vCPU {id} requested a reset"),
-                },
-                KVM_SYSTEM_EVENT_CRASH => ExitReason::Crash {
-                    detail: format!("vCPU {id} reported a crash"),
-                },
-                other => ExitReason::Crash {
-                    detail: format!("vCPU {id}: unknown system event {other}"),
-                },
+                KVM_SYSTEM_EVENT_RESET => ExitReason::Reset { detail: format!("vCPU {id} requested a reset") },
+                KVM_SYSTEM_EVENT_CRASH => ExitReason::Crash { detail: format!("vCPU {id} reported a crash") },
+                other => ExitReason::Crash { detail: format!("vCPU {id}: unknown system event {other}") },
             }),
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live
@@ -126,9 +111,7 @@ impl Vcpu {
                 })
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => Next::Stop(ExitReason::Crash {
-                detail: format!(
-                    "vCPU {id}: VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"
-                ),
+                detail: format!("vCPU {id}: VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"),
             }),
             Ok(VcpuExit::Intr) => Next::Continue,
             Ok(other) => {
@@ -141,9 +124,7 @@ impl Vcpu {
                 fd.set_kvm_immediate_exit(0);
                 Next::Continue
             }
-            Err(e) => Next::Stop(ExitReason::Stopped {
-                detail: format!("vCPU {id}: KVM_RUN failed: {e}"),
-            }),
+            Err(e) => Next::Stop(ExitReason::Stopped { detail: format!("vCPU {id}: KVM_RUN failed: {e}") }),
         }
     }
 
@@ -159,17 +140,12 @@ impl Vcpu {
         let len = size * io.count as usize;
         let offset = io.data_offset as usize;
         if size == 0 || offset.checked_add(len).is_none_or(|end| end > run_size) {
-            tracing::error!(
-                "vCPU {}: port I/O data out of the kvm_run page (offset {offset}, {len} bytes)",
-                self.id
-            );
+            tracing::error!("vCPU {}: port I/O data out of the kvm_run page (offset {offset}, {len} bytes)", self.id);
             return;
         }
         // SAFETY: `offset + len <= run_size`, the size of this vCPU's kvm_run mapping, and the
         // mapping is only touched by this thread while it is outside KVM_RUN.
-        let data = unsafe {
-            std::slice::from_raw_parts_mut((run as *mut kvm_run as *mut u8).add(offset), len)
-        };
+        let data = unsafe { std::slice::from_raw_parts_mut((run as *mut kvm_run as *mut u8).add(offset), len) };
         let port = u64::from(io.port);
         for access in data.chunks_mut(size) {
             let res = if u32::from(io.direction) == KVM_EXIT_IO_IN {
@@ -191,10 +167,7 @@ impl Vcpu {
 /// `rip 0x… (cs 0x…)`, for error messages.
 fn where_(fd: &VcpuFd) -> String {
     match (fd.get_regs(), fd.get_sregs()) {
-        (Ok(r), Ok(s)) => format!(
-            "rip {:#x} (cs {:#x}, cr0 {:#x})",
-            r.rip, s.cs.selector, s.cr0
-        ),
+        (Ok(r), Ok(s)) => format!("rip {:#x} (cs {:#x}, cr0 {:#x})", r.rip, s.cs.selector, s.cr0),
         _ => "an unknown rip".into(),
     }
 }

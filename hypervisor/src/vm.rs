@@ -32,10 +32,7 @@ pub enum VmError {
     #[error("opening /dev/kvm: {0}")]
     OpenKvm(kvm_ioctls::Error),
     #[error("{what} failed: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error("{requested} vCPUs requested: snapvisor runs 1 to {max}")]
     VcpuCount { requested: u64, max: u64 },
     #[error(transparent)]
@@ -57,11 +54,21 @@ pub enum VmError {
 }
 
 /// Built-in guest parameters.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct BuiltinParams {
     pub seed: u64,
     pub passes: u64,
     pub mode: MemfillMode,
+    /// touch: the working set is `span` bytes every `stride` bytes.
+    pub stride: u64,
+    pub span: u64,
+}
+
+impl Default for BuiltinParams {
+    /// 10% of memory in 64 KiB pieces, spread evenly.
+    fn default() -> Self {
+        BuiltinParams { seed: 1, passes: 1, mode: MemfillMode::Fill, stride: 640 * 1024, span: 64 * 1024 }
+    }
 }
 
 /// What the VM boots.
@@ -123,19 +130,8 @@ pub struct VmConfig {
 
 impl VmConfig {
     /// A VM with no fw_cfg files of its own.
-    pub fn new(
-        mem_mib: u64,
-        vcpus: u64,
-        boot: BootSource,
-        serial_out: Box<dyn Write + Send>,
-    ) -> Self {
-        VmConfig {
-            mem_mib,
-            vcpus,
-            boot,
-            serial_out,
-            fw_cfg_files: Vec::new(),
-        }
+    pub fn new(mem_mib: u64, vcpus: u64, boot: BootSource, serial_out: Box<dyn Write + Send>) -> Self {
+        VmConfig { mem_mib, vcpus, boot, serial_out, fw_cfg_files: Vec::new() }
     }
 }
 
@@ -179,26 +175,17 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let max = (kvm.get_max_vcpus() as u64).min(255);
         if cfg.vcpus == 0 || cfg.vcpus > max {
-            return Err(VmError::VcpuCount {
-                requested: cfg.vcpus,
-                max,
-            });
+            return Err(VmError::VcpuCount { requested: cfg.vcpus, max });
         }
         let nr_vcpus = cfg.vcpus as u8;
         control::install_kick_handler().map_err(VmError::Signal)?;
 
         let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        fd.set_tss_address(layout::KVM_TSS as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.set_identity_map_address(layout::KVM_TSS + 0x3000)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        fd.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        fd.set_tss_address(layout::KVM_TSS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(layout::KVM_TSS + 0x3000).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let registry = RamRegistry::new();
         let slots = SlotMap::new(fd.clone());
@@ -208,18 +195,13 @@ impl Vm {
         let control = Arc::new(VmControl::new(usize::from(nr_vcpus)));
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        let devices =
-            machine::attach_devices(&fd, &pio, &mmio, &ram, &control, nr_vcpus, cfg.serial_out)?;
+        let devices = machine::attach_devices(&fd, &pio, &mmio, &ram, &control, nr_vcpus, cfg.serial_out)?;
         machine::add_fw_cfg_files(&devices, &registry, &cfg.fw_cfg_files)?;
         let spec = MachineSpec {
             mem_mib: cfg.mem_mib,
             vcpus: cfg.vcpus,
             guest: cfg.boot.describe(),
-            fw_cfg_files: cfg
-                .fw_cfg_files
-                .iter()
-                .map(|f| (f.name.clone(), f.data.len() as u64))
-                .collect(),
+            fw_cfg_files: cfg.fw_cfg_files.iter().map(|f| (f.name.clone(), f.data.len() as u64)).collect(),
         };
 
         // Load the guest and decide where vCPU 0 starts.
@@ -232,24 +214,17 @@ impl Vm {
                     seed: params.seed,
                     passes: params.passes,
                     mode: params.mode,
+                    stride: params.stride,
+                    span: params.span,
                     ranges: BootInfo::fill_ranges(&e820),
                 }
                 .write(ram.memory())?;
                 (entry, 0, guest.user_mode(), ram.top())
             }
-            BootSource::Kernel {
-                kernel,
-                initrd,
-                cmdline,
-            } => {
+            BootSource::Kernel { kernel, initrd, cmdline } => {
                 let loaded = linux::load_linux(
                     ram.memory(),
-                    &LinuxBootConfig {
-                        kernel,
-                        initrd: initrd.as_deref(),
-                        cmdline,
-                        e820: &e820,
-                    },
+                    &LinuxBootConfig { kernel, initrd: initrd.as_deref(), cmdline, e820: &e820 },
                 )?;
                 machine::add_kernel_items(&devices, kernel, initrd.as_deref(), cmdline)?;
                 (loaded.entry, loaded.boot_params, false, 0)
@@ -266,9 +241,7 @@ impl Vm {
         let run_size = fd.run_size();
         let mut vcpus = Vec::with_capacity(usize::from(nr_vcpus));
         for id in 0..nr_vcpus {
-            let vfd = fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vfd = fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             vfd.set_cpuid2(&cpu::cpuid::for_vcpu(&supported_cpuid, id, nr_vcpus))
                 .map_err(|source| CpuError::SetCpuid { vcpu: id, source })?;
             cpu::msr::set_boot_msrs(&vfd, id, &msrs)?;
@@ -298,9 +271,7 @@ impl Vm {
             registry,
             fd,
             kvm,
-            timings: Timings {
-                create: t0.elapsed(),
-            },
+            timings: Timings { create: t0.elapsed() },
             started: None,
         })
     }
@@ -316,9 +287,7 @@ impl Vm {
             match v.spawn() {
                 Ok(t) => self.threads.push(t),
                 Err(source) => {
-                    self.control.stop(ExitReason::Stopped {
-                        detail: format!("could not start vCPU {id}"),
-                    });
+                    self.control.stop(ExitReason::Stopped { detail: format!("could not start vCPU {id}") });
                     return Err(VmError::Thread { id, source });
                 }
             }
@@ -333,9 +302,7 @@ impl Vm {
             None => {
                 let after_ms = timeout.map_or(0, |t| t.as_millis() as u64);
                 self.control.stop(ExitReason::Timeout { after_ms });
-                self.control
-                    .exit_reason()
-                    .unwrap_or(ExitReason::Timeout { after_ms })
+                self.control.exit_reason().unwrap_or(ExitReason::Timeout { after_ms })
             }
         };
         self.join();
@@ -344,13 +311,9 @@ impl Vm {
 
     /// Stops the VM (if still running) and joins its vCPU threads.
     pub fn stop(&mut self, detail: &str) -> ExitReason {
-        self.control.stop(ExitReason::Stopped {
-            detail: detail.to_string(),
-        });
+        self.control.stop(ExitReason::Stopped { detail: detail.to_string() });
         self.join();
-        self.control.exit_reason().unwrap_or(ExitReason::Stopped {
-            detail: detail.to_string(),
-        })
+        self.control.exit_reason().unwrap_or(ExitReason::Stopped { detail: detail.to_string() })
     }
 
     fn join(&mut self) {
@@ -392,11 +355,7 @@ impl Vm {
 
     /// Time from `start` to the guest's first exit to the VMM.
     pub fn time_to_first_exit(&self) -> Option<Duration> {
-        Some(
-            self.control
-                .first_exit()?
-                .saturating_duration_since(self.started?),
-        )
+        Some(self.control.first_exit()?.saturating_duration_since(self.started?))
     }
 
     pub fn registry(&self) -> &Arc<RamRegistry> {
@@ -444,10 +403,7 @@ pub struct SharedOutput(pub Arc<Mutex<Vec<u8>>>);
 
 impl Write for SharedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -457,12 +413,6 @@ impl Write for SharedOutput {
 
 impl SharedOutput {
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(
-            &self
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-        .into_owned()
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
     }
 }

@@ -32,33 +32,23 @@ pub trait Persist {
 
     /// Encodes the current state. Called with the VM paused.
     fn save_state(&self) -> Result<Vec<u8>, PersistError> {
-        Err(PersistError::NotSupported {
-            name: self.persist_name(),
-        })
+        Err(PersistError::NotSupported { name: self.persist_name() })
     }
 
     /// Replaces the current state with `bytes` (untrusted). Called before the VM runs.
     fn restore_state(&mut self, _bytes: &[u8]) -> Result<(), PersistError> {
-        Err(PersistError::NotSupported {
-            name: self.persist_name(),
-        })
+        Err(PersistError::NotSupported { name: self.persist_name() })
     }
 }
 
 /// Encodes a state value for [`Persist::save_state`].
 pub fn encode<T: Serialize>(name: &str, state: &T) -> Result<Vec<u8>, PersistError> {
-    to_cbor(state).map_err(|source| PersistError::Format {
-        name: name.to_string(),
-        source,
-    })
+    to_cbor(state).map_err(|source| PersistError::Format { name: name.to_string(), source })
 }
 
 /// Decodes a state value in [`Persist::restore_state`].
 pub fn decode<T: DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, PersistError> {
-    from_cbor(bytes, name).map_err(|source| PersistError::Format {
-        name: name.to_string(),
-        source,
-    })
+    from_cbor(bytes, name).map_err(|source| PersistError::Format { name: name.to_string(), source })
 }
 
 #[cfg(test)]
@@ -76,10 +66,7 @@ mod tests {
     fn a_device_without_state_fails_by_name() {
         let mut d = Forgotten;
         let e = d.save_state().expect_err("no state");
-        assert_eq!(
-            e.to_string(),
-            "dev/forgotten does not support snapshots: it has no saved state"
-        );
+        assert_eq!(e.to_string(), "dev/forgotten does not support snapshots: it has no saved state");
         assert!(d.restore_state(&[]).is_err());
     }
 
@@ -88,9 +75,6 @@ mod tests {
         let b = encode("x", &(1u8, "a".to_string())).expect("encode");
         let v: (u8, String) = decode("x", &b).expect("decode");
         assert_eq!(v, (1, "a".into()));
-        assert!(matches!(
-            decode::<u64>("x", &[0xff]),
-            Err(PersistError::Format { .. })
-        ));
+        assert!(matches!(decode::<u64>("x", &[0xff]), Err(PersistError::Format { .. })));
     }
 }

@@ -6,17 +6,11 @@
 use std::time::Instant;
 
 fn codec(img: &[u8], chunk: usize, level: i32) -> (f64, f64, f64) {
-    let chunks: Vec<&[u8]> = img
-        .chunks(chunk)
-        .filter(|c| c.iter().any(|b| *b != 0))
-        .collect();
+    let chunks: Vec<&[u8]> = img.chunks(chunk).filter(|c| c.iter().any(|b| *b != 0)).collect();
     let raw: usize = chunks.iter().map(|c| c.len()).sum();
     let mut c = zstd::bulk::Compressor::new(level).expect("compressor");
     let t = Instant::now();
-    let packed: Vec<Vec<u8>> = chunks
-        .iter()
-        .map(|x| c.compress(x).expect("compress"))
-        .collect();
+    let packed: Vec<Vec<u8>> = chunks.iter().map(|x| c.compress(x).expect("compress")).collect();
     let ct = t.elapsed().as_secs_f64();
     let stored: usize = packed.iter().map(|p| p.len()).sum();
     let mut d = zstd::bulk::Decompressor::new().expect("decompressor");
@@ -26,28 +20,18 @@ fn codec(img: &[u8], chunk: usize, level: i32) -> (f64, f64, f64) {
         d.decompress_to_buffer(p, &mut out).expect("decompress");
     }
     let dt = t.elapsed().as_secs_f64();
-    (
-        raw as f64 / ct / 1e6,
-        raw as f64 / dt / 1e6,
-        raw as f64 / stored as f64,
-    )
+    (raw as f64 / ct / 1e6, raw as f64 / dt / 1e6, raw as f64 / stored as f64)
 }
 
 fn main() -> Result<(), storage::StoreError> {
-    let size_mib: u64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(256);
+    let size_mib: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(256);
     let img = storage::bench::guest_image((size_mib << 20) as usize, 1);
     println!("codec only, 1 thread, non-zero chunks:");
     println!("chunk  level  compress MB/s  decompress MB/s  ratio");
     for chunk in [16usize << 10, 64 << 10] {
         for level in [1, 2, 3, 5] {
             let (c, d, r) = codec(&img, chunk, level);
-            println!(
-                "{:>4}K  {level:>5}  {c:>13.0}  {d:>15.0}  {r:>5.2}",
-                chunk >> 10
-            );
+            println!("{:>4}K  {level:>5}  {c:>13.0}  {d:>15.0}  {r:>5.2}", chunk >> 10);
         }
     }
     if std::env::var_os("CODEC_ONLY").is_some() {

@@ -19,10 +19,7 @@ impl Store {
         let mut value = Vec::with_capacity(bytes.len() + 4);
         value.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
         value.extend_from_slice(bytes);
-        self.inner
-            .attachments
-            .insert(attachment_key(snapshot, att), value)
-            .map_err(self.db_err("write attachment"))?;
+        self.inner.attachments.insert(attachment_key(snapshot, att), value).map_err(self.db_err("write attachment"))?;
         self.flush()
     }
 
@@ -30,22 +27,14 @@ impl Store {
     pub fn attachment(&self, snapshot: &str, att: &str) -> Result<Option<Vec<u8>>> {
         validate_snapshot_name(snapshot)?;
         validate_attachment_name(att)?;
-        let Some(raw) = self
-            .inner
-            .attachments
-            .get(attachment_key(snapshot, att))
-            .map_err(self.db_err("read attachment"))?
+        let Some(raw) =
+            self.inner.attachments.get(attachment_key(snapshot, att)).map_err(self.db_err("read attachment"))?
         else {
             return Ok(None);
         };
-        let corrupt = |reason: String| StoreError::Attachment {
-            snapshot: snapshot.to_owned(),
-            name: att.to_owned(),
-            reason,
-        };
-        let (crc, body) = raw
-            .split_first_chunk::<4>()
-            .ok_or_else(|| corrupt(format!("only {} bytes", raw.len())))?;
+        let corrupt =
+            |reason: String| StoreError::Attachment { snapshot: snapshot.to_owned(), name: att.to_owned(), reason };
+        let (crc, body) = raw.split_first_chunk::<4>().ok_or_else(|| corrupt(format!("only {} bytes", raw.len())))?;
         let (want, got) = (u32::from_le_bytes(*crc), crc32fast::hash(body));
         if want != got {
             return Err(corrupt(format!("crc32 0x{got:08x} != stored 0x{want:08x}")));

@@ -73,9 +73,7 @@ impl Default for BenchConfig {
             dir: None,
             chunk_size: crate::DEFAULT_CHUNK_SIZE,
             zstd_level: crate::DEFAULT_ZSTD_LEVEL,
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             reads: 20_000,
             clones: 10,
             seed: 1,
@@ -174,10 +172,7 @@ fn write_snapshot(store: &Store, name: &str, img: &[u8], threads: usize) -> Resu
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(StoreError::Option("writer thread panicked".into())))
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(StoreError::Option("writer thread panicked".into()))))
             .collect::<Result<Vec<()>>>()
     })?;
     w.commit(b"bench".to_vec())?;
@@ -203,22 +198,14 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
 
 fn tempdir() -> Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("snapvisor-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d).map_err(|source| StoreError::Io {
-        path: d.clone(),
-        op: "create bench dir",
-        source,
-    })?;
+    std::fs::create_dir_all(&d).map_err(|source| StoreError::Io { path: d.clone(), op: "create bench dir", source })?;
     Ok(d)
 }
 
 fn run_in(cfg: &BenchConfig, dir: &std::path::Path) -> Result<BenchResult> {
     let size = usize::try_from(cfg.size_mib << 20)
         .map_err(|_| StoreError::Option(format!("size {} MiB too large", cfg.size_mib)))?;
-    let opts = StoreOptions {
-        chunk_size: cfg.chunk_size,
-        zstd_level: cfg.zstd_level,
-        ..Default::default()
-    };
+    let opts = StoreOptions { chunk_size: cfg.chunk_size, zstd_level: cfg.zstd_level, ..Default::default() };
     let store = Store::open_with(dir, opts)?;
     let img = guest_image(size, cfg.seed);
     let mut r = BenchResult {
@@ -250,21 +237,15 @@ fn run_in(cfg: &BenchConfig, dir: &std::path::Path) -> Result<BenchResult> {
     let mut buf = vec![0u8; cfg.chunk_size as usize];
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5eed);
     let mut lat = Vec::with_capacity(cfg.reads);
-    for _ in 0..cfg
-        .reads
-        .min(if stored.is_empty() { 0 } else { usize::MAX })
-    {
+    for _ in 0..cfg.reads.min(if stored.is_empty() { 0 } else { usize::MAX }) {
         let off = stored[rng.gen_range(0..stored.len())];
         let t = Instant::now();
         reader.read_chunk("pc.ram", off, &mut buf)?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let pct =
+        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
     r.read_median_us = pct(0.5);
     r.read_p99_us = pct(0.99);
     let t = Instant::now();

@@ -66,19 +66,11 @@ pub enum ChunkError {
     #[error("stored value of chunk {hash} has unknown codec {codec}")]
     Codec { hash: Hash, codec: u8 },
     #[error("chunk {hash} records length {stored}, the manifest expects {expected}")]
-    Length {
-        hash: Hash,
-        stored: u32,
-        expected: usize,
-    },
+    Length { hash: Hash, stored: u32, expected: usize },
     #[error("chunk {hash} does not decompress: {reason}")]
     Decompress { hash: Hash, reason: String },
     #[error("chunk {hash} decompressed to {got} bytes, expected {expected}")]
-    Size {
-        hash: Hash,
-        got: usize,
-        expected: usize,
-    },
+    Size { hash: Hash, got: usize, expected: usize },
     #[error("chunk content does not match its hash {hash} (got {actual})")]
     HashMismatch { hash: Hash, actual: Hash },
     #[error("zstd compression at level {level} failed: {reason}")]
@@ -86,13 +78,7 @@ pub enum ChunkError {
     #[error("index entry of chunk {hash} is corrupt ({len} bytes)")]
     BadIndex { hash: Hash, len: usize },
     #[error("reading chunk {hash} from pack {pack} offset 0x{offset:x} length {len}: {source}")]
-    Read {
-        hash: Hash,
-        pack: u32,
-        offset: u64,
-        len: u32,
-        source: std::io::Error,
-    },
+    Read { hash: Hash, pack: u32, offset: u64, len: u32, source: std::io::Error },
     #[error("caller buffer of {got} bytes is too small for a {needed}-byte chunk")]
     Buffer { got: usize, needed: usize },
 }
@@ -104,9 +90,7 @@ pub fn is_zero(data: &[u8]) -> bool {
         // middle part of an initialised byte slice.
         unsafe { data.align_to::<u64>() }
     };
-    prefix.iter().all(|b| *b == 0)
-        && words.iter().all(|w| *w == 0)
-        && suffix.iter().all(|b| *b == 0)
+    prefix.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && suffix.iter().all(|b| *b == 0)
 }
 
 thread_local! {
@@ -118,31 +102,21 @@ thread_local! {
 
 /// Compresses `data` at `level` into a complete stored value (header + payload).
 pub fn encode(data: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
-    let len = u32::try_from(data.len()).map_err(|_| ChunkError::Compress {
-        level,
-        reason: format!("chunk of {} bytes", data.len()),
-    })?;
+    let len = u32::try_from(data.len())
+        .map_err(|_| ChunkError::Compress { level, reason: format!("chunk of {} bytes", data.len()) })?;
     let bound = zstd::zstd_safe::compress_bound(data.len());
     let mut out = vec![0u8; VALUE_HEADER + bound];
     out[1..VALUE_HEADER].copy_from_slice(&len.to_le_bytes());
     let written = COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            let c = zstd::bulk::Compressor::new(level).map_err(|e| ChunkError::Compress {
-                level,
-                reason: e.to_string(),
-            })?;
+            let c = zstd::bulk::Compressor::new(level)
+                .map_err(|e| ChunkError::Compress { level, reason: e.to_string() })?;
             *slot = Some((level, c));
         }
-        let (_, c) = slot.as_mut().ok_or(ChunkError::Compress {
-            level,
-            reason: "no context".into(),
-        })?;
+        let (_, c) = slot.as_mut().ok_or(ChunkError::Compress { level, reason: "no context".into() })?;
         c.compress_to_buffer(data, &mut out[VALUE_HEADER..])
-            .map_err(|e| ChunkError::Compress {
-                level,
-                reason: e.to_string(),
-            })
+            .map_err(|e| ChunkError::Compress { level, reason: e.to_string() })
     })?;
     if written >= data.len() {
         out.truncate(VALUE_HEADER);
@@ -157,17 +131,9 @@ pub fn encode(data: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
 
 /// Decodes stored `value` of chunk `hash` into `buf[..expected]` and checks its content hash.
 /// On any error the first `expected` bytes of `buf` are zeroed, so no wrong bytes leak out.
-pub fn decode_into(
-    hash: &Hash,
-    value: &[u8],
-    expected: usize,
-    buf: &mut [u8],
-) -> Result<(), ChunkError> {
+pub fn decode_into(hash: &Hash, value: &[u8], expected: usize, buf: &mut [u8]) -> Result<(), ChunkError> {
     if buf.len() < expected {
-        return Err(ChunkError::Buffer {
-            got: buf.len(),
-            needed: expected,
-        });
+        return Err(ChunkError::Buffer { got: buf.len(), needed: expected });
     }
     let out = &mut buf[..expected];
     let result = decode_unchecked(hash, value, out).and_then(|()| {
@@ -175,10 +141,7 @@ pub fn decode_into(
         if actual == *hash {
             Ok(())
         } else {
-            Err(ChunkError::HashMismatch {
-                hash: *hash,
-                actual,
-            })
+            Err(ChunkError::HashMismatch { hash: *hash, actual })
         }
     });
     if result.is_err() {
@@ -191,29 +154,16 @@ fn decode_unchecked(hash: &Hash, value: &[u8], out: &mut [u8]) -> Result<(), Chu
     let expected = out.len();
     let (header, payload) = match value.split_at_checked(VALUE_HEADER) {
         Some(parts) => parts,
-        None => {
-            return Err(ChunkError::Truncated {
-                hash: *hash,
-                len: value.len(),
-            })
-        }
+        None => return Err(ChunkError::Truncated { hash: *hash, len: value.len() }),
     };
     let stored = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
     if stored as usize != expected {
-        return Err(ChunkError::Length {
-            hash: *hash,
-            stored,
-            expected,
-        });
+        return Err(ChunkError::Length { hash: *hash, stored, expected });
     }
     match header[0] {
         CODEC_RAW => {
             if payload.len() != expected {
-                return Err(ChunkError::Size {
-                    hash: *hash,
-                    got: payload.len(),
-                    expected,
-                });
+                return Err(ChunkError::Size { hash: *hash, got: payload.len(), expected });
             }
             out.copy_from_slice(payload);
             Ok(())
@@ -222,29 +172,16 @@ fn decode_unchecked(hash: &Hash, value: &[u8], out: &mut [u8]) -> Result<(), Chu
             let got = DECOMPRESSOR.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 if slot.is_none() {
-                    let d =
-                        zstd::bulk::Decompressor::new().map_err(|e| ChunkError::Decompress {
-                            hash: *hash,
-                            reason: e.to_string(),
-                        })?;
+                    let d = zstd::bulk::Decompressor::new()
+                        .map_err(|e| ChunkError::Decompress { hash: *hash, reason: e.to_string() })?;
                     *slot = Some(d);
                 }
-                let d = slot.as_mut().ok_or(ChunkError::Decompress {
-                    hash: *hash,
-                    reason: "no context".into(),
-                })?;
+                let d = slot.as_mut().ok_or(ChunkError::Decompress { hash: *hash, reason: "no context".into() })?;
                 d.decompress_to_buffer(payload, out)
-                    .map_err(|e| ChunkError::Decompress {
-                        hash: *hash,
-                        reason: e.to_string(),
-                    })
+                    .map_err(|e| ChunkError::Decompress { hash: *hash, reason: e.to_string() })
             })?;
             if got != expected {
-                return Err(ChunkError::Size {
-                    hash: *hash,
-                    got,
-                    expected,
-                });
+                return Err(ChunkError::Size { hash: *hash, got, expected });
             }
             Ok(())
         }
@@ -258,12 +195,8 @@ mod tests {
 
     #[test]
     fn roundtrip_compressible_and_raw() {
-        let text: Vec<u8> = (0..65536u32)
-            .map(|i| b"hello world "[(i % 12) as usize])
-            .collect();
-        let noise: Vec<u8> = (0..65536u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let text: Vec<u8> = (0..65536u32).map(|i| b"hello world "[(i % 12) as usize]).collect();
+        let noise: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         for data in [&text, &noise] {
             let hash = Hash::of(data);
             let value = encode(data, 1).expect("encode");

@@ -32,87 +32,39 @@ pub enum StoreError {
         "snapshot '{snapshot}' block '{block}': offset 0x{offset:x} is not a chunk boundary \
          (chunk size 0x{chunk_size:x}) or lies beyond used_length 0x{used_length:x}"
     )]
-    BadOffset {
-        snapshot: String,
-        block: String,
-        offset: u64,
-        chunk_size: u32,
-        used_length: u64,
-    },
+    BadOffset { snapshot: String, block: String, offset: u64, chunk_size: u32, used_length: u64 },
     #[error(
         "snapshot '{snapshot}' block '{block}' offset 0x{offset:x}: got {got} bytes, \
          the chunk there is {expected} bytes"
     )]
-    BadLength {
-        snapshot: String,
-        block: String,
-        offset: u64,
-        got: usize,
-        expected: usize,
-    },
+    BadLength { snapshot: String, block: String, offset: u64, got: usize, expected: usize },
     #[error(
         "snapshot '{snapshot}' block '{block}': chunk at offset 0x{offset:x} was never written; \
          commit needs every chunk of every block"
     )]
-    MissingChunk {
-        snapshot: String,
-        block: String,
-        offset: u64,
-    },
+    MissingChunk { snapshot: String, block: String, offset: u64 },
     #[error("snapshot '{snapshot}' block '{block}' offset 0x{offset:x}: {source}")]
-    Chunk {
-        snapshot: String,
-        block: String,
-        offset: u64,
-        source: Box<ChunkError>,
-    },
+    Chunk { snapshot: String, block: String, offset: u64, source: Box<ChunkError> },
     #[error(
         "snapshot '{snapshot}' block '{block}' offset 0x{offset:x}: chunk {hash} is missing \
          from the store"
     )]
-    ChunkMissing {
-        snapshot: String,
-        block: String,
-        offset: u64,
-        hash: String,
-    },
+    ChunkMissing { snapshot: String, block: String, offset: u64, hash: String },
     #[error("snapshot '{snapshot}': manifest is corrupt: {source}")]
-    Manifest {
-        snapshot: String,
-        source: ManifestError,
-    },
+    Manifest { snapshot: String, source: ManifestError },
     #[error("snapshot '{snapshot}' attachment '{name}' is corrupt: {reason}")]
-    Attachment {
-        snapshot: String,
-        name: String,
-        reason: String,
-    },
+    Attachment { snapshot: String, name: String, reason: String },
     #[error(
         "store '{path}' is full: {available} bytes free, a write needs at least {needed}; \
          delete snapshots and run gc"
     )]
-    Full {
-        path: PathBuf,
-        available: u64,
-        needed: u64,
-    },
+    Full { path: PathBuf, available: u64, needed: u64 },
     #[error("store '{path}': cannot query free space: {source}")]
-    Statvfs {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Statvfs { path: PathBuf, source: std::io::Error },
     #[error("store '{path}': {op}: {source}")]
-    Db {
-        path: PathBuf,
-        op: &'static str,
-        source: sled::Error,
-    },
+    Db { path: PathBuf, op: &'static str, source: sled::Error },
     #[error("store '{path}': {op}: {source}")]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, op: &'static str, source: std::io::Error },
 }
 
 /// Result type of this crate.

@@ -46,8 +46,7 @@ impl Store {
         for item in inner.manifests.iter() {
             let (key, value) = item.map_err(self.db_err("gc: scan manifests"))?;
             let snapshot = String::from_utf8_lossy(&key).into_owned();
-            let m = Manifest::decode(&value)
-                .map_err(|source| StoreError::Manifest { snapshot, source })?;
+            let m = Manifest::decode(&value).map_err(|source| StoreError::Manifest { snapshot, source })?;
             for b in &m.blocks {
                 live.extend(b.chunks.iter().filter_map(|c| match c {
                     ChunkRef::Stored(h) => Some(*h),
@@ -86,26 +85,17 @@ impl Store {
             } else {
                 report.chunks_kept += 1;
                 match loc {
-                    Some(l) => extents
-                        .entry(l.pack)
-                        .or_default()
-                        .push((l.offset, u64::from(l.len))),
+                    Some(l) => extents.entry(l.pack).or_default().push((l.offset, u64::from(l.len))),
                     None => undecodable += 1,
                 }
             }
         }
-        inner
-            .index
-            .apply_batch(batch)
-            .map_err(self.db_err("gc: remove chunks"))?;
+        inner.index.apply_batch(batch).map_err(self.db_err("gc: remove chunks"))?;
         // The index must be durable without the dead entries before their bytes are freed.
         self.flush()?;
         if undecodable > 0 {
             // Some live chunk's location is unknown: punching gaps could free its bytes.
-            tracing::warn!(
-                undecodable,
-                "gc: corrupt index entries, pack space not reclaimed"
-            );
+            tracing::warn!(undecodable, "gc: corrupt index entries, pack space not reclaimed");
         } else {
             for id in list_ids(&packs_dir).map_err(io_err("gc: list packs"))? {
                 let mut live = extents.remove(&id).unwrap_or_default();
@@ -113,10 +103,7 @@ impl Store {
                 match inner.packs.reclaim(id, &live) {
                     Ok(_) => {}
                     Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => {
-                        tracing::warn!(
-                            pack = id,
-                            "gc: filesystem cannot punch holes, space not reclaimed"
-                        );
+                        tracing::warn!(pack = id, "gc: filesystem cannot punch holes, space not reclaimed");
                         break;
                     }
                     Err(e) => return Err(io_err("gc: reclaim pack space")(e)),
@@ -134,10 +121,7 @@ impl Store {
                 batch.remove(key);
             }
         }
-        inner
-            .attachments
-            .apply_batch(batch)
-            .map_err(self.db_err("gc: remove attachments"))?;
+        inner.attachments.apply_batch(batch).map_err(self.db_err("gc: remove attachments"))?;
         self.flush()?;
         tracing::info!(?report, "gc done");
         Ok(report)

@@ -101,31 +101,20 @@ impl Manifest {
         let bad = |m: String| Err(ManifestError::Invalid(m));
         let cs = self.chunk_size;
         if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-            return bad(format!(
-                "chunk size {cs} is not a power of two in 4 KiB..=16 MiB"
-            ));
+            return bad(format!("chunk size {cs} is not a power of two in 4 KiB..=16 MiB"));
         }
         if self.blocks.len() > MAX_BLOCKS {
-            return bad(format!(
-                "{} blocks, at most {MAX_BLOCKS} allowed",
-                self.blocks.len()
-            ));
+            return bad(format!("{} blocks, at most {MAX_BLOCKS} allowed", self.blocks.len()));
         }
         for (i, b) in self.blocks.iter().enumerate() {
             if b.idstr.is_empty() || b.idstr.len() > MAX_IDSTR {
-                return bad(format!(
-                    "block #{i} idstr {:?} is empty or too long",
-                    b.idstr
-                ));
+                return bad(format!("block #{i} idstr {:?} is empty or too long", b.idstr));
             }
             if self.blocks[..i].iter().any(|o| o.idstr == b.idstr) {
                 return bad(format!("block '{}' is listed twice", b.idstr));
             }
             if !b.page_size.is_power_of_two() {
-                return bad(format!(
-                    "block '{}' page size {} is not a power of two",
-                    b.idstr, b.page_size
-                ));
+                return bad(format!("block '{}' page size {} is not a power of two", b.idstr, b.page_size));
             }
             if b.used_length > b.max_length {
                 return bad(format!(
@@ -149,8 +138,7 @@ impl Manifest {
     /// Encodes with header and crc.
     pub fn encode(&self) -> Result<Vec<u8>, ManifestError> {
         let mut payload = Vec::new();
-        ciborium::into_writer(self, &mut payload)
-            .map_err(|e| ManifestError::Encode(e.to_string()))?;
+        ciborium::into_writer(self, &mut payload).map_err(|e| ManifestError::Encode(e.to_string()))?;
         let len = u32::try_from(payload.len())
             .map_err(|_| ManifestError::Encode(format!("{} bytes is too large", payload.len())))?;
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -165,9 +153,7 @@ impl Manifest {
 
     /// Decodes and validates untrusted bytes.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        let (header, payload) = bytes
-            .split_at_checked(HEADER_LEN)
-            .ok_or(ManifestError::Short { len: bytes.len() })?;
+        let (header, payload) = bytes.split_at_checked(HEADER_LEN).ok_or(ManifestError::Short { len: bytes.len() })?;
         let word = |i: usize| [header[i], header[i + 1], header[i + 2], header[i + 3]];
         if &header[0..4] != MAGIC {
             return Err(ManifestError::Magic(word(0)));
@@ -178,21 +164,14 @@ impl Manifest {
         }
         let len = u32::from_le_bytes(word(8)) as usize;
         if len != payload.len() || len > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::Length {
-                header: len,
-                actual: payload.len(),
-            });
+            return Err(ManifestError::Length { header: len, actual: payload.len() });
         }
         let crc = u32::from_le_bytes(word(12));
         let actual = crc32fast::hash(payload);
         if crc != actual {
-            return Err(ManifestError::Crc {
-                header: crc,
-                actual,
-            });
+            return Err(ManifestError::Crc { header: crc, actual });
         }
-        let m: Manifest =
-            ciborium::from_reader(payload).map_err(|e| ManifestError::Decode(e.to_string()))?;
+        let m: Manifest = ciborium::from_reader(payload).map_err(|e| ManifestError::Decode(e.to_string()))?;
         m.validate()?;
         Ok(m)
     }
@@ -294,11 +273,7 @@ mod tests {
                 max_length: 1 << 20,
                 page_size: 4096,
                 resizeable: false,
-                chunks: vec![
-                    ChunkRef::Zero,
-                    ChunkRef::Stored(Hash([7; 32])),
-                    ChunkRef::Zero,
-                ],
+                chunks: vec![ChunkRef::Zero, ChunkRef::Stored(Hash([7; 32])), ChunkRef::Zero],
             }],
         }
     }
@@ -307,11 +282,7 @@ mod tests {
     fn roundtrip_and_compact_chunk_table() {
         let m = sample();
         let enc = m.encode().expect("encode");
-        assert!(
-            enc.len() < 200,
-            "chunk table must be a byte string, got {} bytes",
-            enc.len()
-        );
+        assert!(enc.len() < 200, "chunk table must be a byte string, got {} bytes", enc.len());
         assert_eq!(Manifest::decode(&enc).expect("decode"), m);
     }
 
@@ -319,9 +290,7 @@ mod tests {
     fn rejects_inconsistent_counts_and_sizes() {
         let mut m = sample();
         m.blocks[0].chunks.pop();
-        let e = Manifest::decode(&m.encode().expect("encode"))
-            .expect_err("count")
-            .to_string();
+        let e = Manifest::decode(&m.encode().expect("encode")).expect_err("count").to_string();
         assert!(e.contains("needs 3"), "{e}");
         let mut m = sample();
         m.blocks[0].max_length = 10;
@@ -331,10 +300,7 @@ mod tests {
         assert!(Manifest::decode(&m.encode().expect("encode")).is_err());
         let mut m = sample();
         m.blocks.push(m.blocks[0].clone());
-        assert!(Manifest::decode(&m.encode().expect("encode"))
-            .expect_err("dup")
-            .to_string()
-            .contains("twice"));
+        assert!(Manifest::decode(&m.encode().expect("encode")).expect_err("dup").to_string().contains("twice"));
     }
 
     #[test]
@@ -347,14 +313,8 @@ mod tests {
         raw.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         raw.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         raw.extend_from_slice(&payload);
-        assert!(matches!(
-            Manifest::decode(&raw),
-            Err(ManifestError::Decode(_))
-        ));
+        assert!(matches!(Manifest::decode(&raw), Err(ManifestError::Decode(_))));
         raw[0] = b'X';
-        assert!(matches!(
-            Manifest::decode(&raw),
-            Err(ManifestError::Magic(_))
-        ));
+        assert!(matches!(Manifest::decode(&raw), Err(ManifestError::Magic(_))));
     }
 }

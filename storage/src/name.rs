@@ -4,11 +4,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum NameError {
     #[error("invalid {what} name {value:?}: {reason}")]
-    Invalid {
-        what: &'static str,
-        value: String,
-        reason: &'static str,
-    },
+    Invalid { what: &'static str, value: String, reason: &'static str },
 }
 
 /// Longest accepted name, in bytes.
@@ -21,20 +17,13 @@ fn check(what: &'static str, value: &str) -> Result<(), NameError> {
         Some("longer than 64 characters")
     } else if value.starts_with('.') {
         Some("must not start with '.'")
-    } else if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
+    } else if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
         Some("only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")
     } else {
         None
     };
     match reason {
-        Some(reason) => Err(NameError::Invalid {
-            what,
-            value: value.to_owned(),
-            reason,
-        }),
+        Some(reason) => Err(NameError::Invalid { what, value: value.to_owned(), reason }),
         None => Ok(()),
     }
 }

@@ -54,11 +54,7 @@ impl Location {
         let (p, rest) = raw.split_first_chunk::<4>()?;
         let (o, l) = rest.split_first_chunk::<8>()?;
         let l: &[u8; 4] = l.try_into().ok()?;
-        Some(Location {
-            pack: u32::from_le_bytes(*p),
-            offset: u64::from_le_bytes(*o),
-            len: u32::from_le_bytes(*l),
-        })
+        Some(Location { pack: u32::from_le_bytes(*p), offset: u64::from_le_bytes(*o), len: u32::from_le_bytes(*l) })
     }
 }
 
@@ -84,10 +80,7 @@ pub(crate) fn list_ids(dir: &Path) -> std::io::Result<Vec<u32>> {
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if let Some(id) = name
-            .strip_suffix(".pack")
-            .and_then(|s| s.parse::<u32>().ok())
-        {
+        if let Some(id) = name.strip_suffix(".pack").and_then(|s| s.parse::<u32>().ok()) {
             ids.push(id);
         }
     }
@@ -100,12 +93,7 @@ impl Packs {
         std::fs::create_dir_all(&dir)?;
         let next = list_ids(&dir)?.last().map_or(0, |m| m + 1);
         let files = (0..MAX_PACKS).map(|_| OnceLock::new()).collect();
-        Ok(Packs {
-            dir,
-            files,
-            active: Mutex::new(Active { id: next, len: 0 }),
-            unsynced: Mutex::new(BTreeSet::new()),
-        })
+        Ok(Packs { dir, files, active: Mutex::new(Active { id: next, len: 0 }), unsynced: Mutex::new(BTreeSet::new()) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -118,10 +106,7 @@ impl Packs {
 
     fn slot(&self, id: u32) -> std::io::Result<&OnceLock<File>> {
         self.files.get(id as usize).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("pack id {id} exceeds {MAX_PACKS}"),
-            )
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("pack id {id} exceeds {MAX_PACKS}"))
         })
     }
 
@@ -131,19 +116,14 @@ impl Packs {
         if let Some(f) = slot.get() {
             return Ok(f);
         }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.path(id))?;
+        let f = OpenOptions::new().read(true).write(true).open(self.path(id))?;
         let _ = slot.set(f);
-        slot.get()
-            .ok_or_else(|| std::io::Error::other("pack slot empty after set"))
+        slot.get().ok_or_else(|| std::io::Error::other("pack slot empty after set"))
     }
 
     /// Reserves `len` bytes in the active pack and writes `data` there.
     pub fn append(&self, data: &[u8]) -> std::io::Result<Location> {
-        let len = u32::try_from(data.len())
-            .map_err(|_| std::io::Error::other("chunk value over 4 GiB"))?;
+        let len = u32::try_from(data.len()).map_err(|_| std::io::Error::other("chunk value over 4 GiB"))?;
         let (id, offset) = {
             let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
             if a.len > 0 && a.len + u64::from(len) > PACK_MAX {
@@ -152,11 +132,7 @@ impl Packs {
             }
             if a.len == 0 {
                 let slot = self.slot(a.id)?;
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(self.path(a.id))?;
+                let f = OpenOptions::new().read(true).write(true).create_new(true).open(self.path(a.id))?;
                 let _ = slot.set(f);
             }
             let off = a.len;
@@ -164,15 +140,8 @@ impl Packs {
             (a.id, off)
         };
         self.file(id)?.write_all_at(data, offset)?;
-        self.unsynced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
-        Ok(Location {
-            pack: id,
-            offset,
-            len,
-        })
+        self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        Ok(Location { pack: id, offset, len })
     }
 
     /// Reads the value at `loc` into `buf` (resized to fit).

@@ -34,9 +34,7 @@ pub struct SnapshotReader {
 
 impl std::fmt::Debug for SnapshotReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotReader")
-            .field("name", &self.manifest.name)
-            .finish()
+        f.debug_struct("SnapshotReader").field("name", &self.manifest.name).finish()
     }
 }
 
@@ -58,10 +56,7 @@ impl SnapshotReader {
     fn block(&self, idstr: &str) -> Result<&BlockManifest> {
         self.manifest
             .block(idstr)
-            .ok_or_else(|| StoreError::NoSuchBlock {
-                snapshot: self.manifest.name.clone(),
-                block: idstr.to_owned(),
-            })
+            .ok_or_else(|| StoreError::NoSuchBlock { snapshot: self.manifest.name.clone(), block: idstr.to_owned() })
     }
 
     /// Reads the chunk of `block` at chunk-aligned `offset` into the front of `buf` and
@@ -87,10 +82,7 @@ impl SnapshotReader {
             source: Box::new(source),
         };
         if buf.len() < len {
-            return Err(chunk_err(chunk::ChunkError::Buffer {
-                got: buf.len(),
-                needed: len,
-            }));
+            return Err(chunk_err(chunk::ChunkError::Buffer { got: buf.len(), needed: len }));
         }
         match b.chunks[(offset / cs) as usize] {
             ChunkRef::Zero => buf[..len].fill(0),
@@ -116,31 +108,15 @@ impl SnapshotReader {
     /// Looks `hash` up, reads its value from its pack and decodes it into `buf[..len]`.
     fn fetch(&self, hash: &Hash, len: usize, buf: &mut [u8]) -> Result<(), Fetch> {
         let inner = &self.store.inner;
-        let raw = inner
-            .index
-            .get(hash.0)
-            .map_err(Fetch::Db)?
-            .ok_or(Fetch::Missing)?;
-        let loc = Location::decode(&raw).ok_or(Fetch::Chunk(ChunkError::BadIndex {
-            hash: *hash,
-            len: raw.len(),
-        }))?;
+        let raw = inner.index.get(hash.0).map_err(Fetch::Db)?.ok_or(Fetch::Missing)?;
+        let loc = Location::decode(&raw).ok_or(Fetch::Chunk(ChunkError::BadIndex { hash: *hash, len: raw.len() }))?;
         if loc.len as usize > MAX_VALUE {
-            return Err(Fetch::Chunk(ChunkError::BadIndex {
-                hash: *hash,
-                len: loc.len as usize,
-            }));
+            return Err(Fetch::Chunk(ChunkError::BadIndex { hash: *hash, len: loc.len as usize }));
         }
         READ_BUF.with(|cell| {
             let mut value = cell.borrow_mut();
             inner.packs.read(loc, &mut value).map_err(|source| {
-                Fetch::Chunk(ChunkError::Read {
-                    hash: *hash,
-                    pack: loc.pack,
-                    offset: loc.offset,
-                    len: loc.len,
-                    source,
-                })
+                Fetch::Chunk(ChunkError::Read { hash: *hash, pack: loc.pack, offset: loc.offset, len: loc.len, source })
             })?;
             chunk::decode_into(hash, &value, len, buf).map_err(Fetch::Chunk)
         })
@@ -152,9 +128,7 @@ impl SnapshotReader {
     pub fn read_at(&self, block: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let b = self.block(block)?;
         let cs = u64::from(self.manifest.chunk_size);
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|e| *e <= b.used_length);
+        let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= b.used_length);
         if end.is_none() {
             return Err(StoreError::BadOffset {
                 snapshot: self.manifest.name.clone(),

@@ -68,9 +68,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let synced = self.packs.sync().map_err(|e| e.to_string());
         let marked = synced.and_then(|()| {
-            self.meta
-                .insert(CLEAN, &[1u8][..])
-                .map_err(|e| e.to_string())?;
+            self.meta.insert(CLEAN, &[1u8][..]).map_err(|e| e.to_string())?;
             self.db.flush().map_err(|e| e.to_string())
         });
         if let Err(e) = marked {
@@ -87,9 +85,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("path", &self.inner.path)
-            .finish()
+        f.debug_struct("Store").field("path", &self.inner.path).finish()
     }
 }
 
@@ -114,15 +110,10 @@ impl Store {
         let path = dir.as_ref().to_path_buf();
         let cs = opts.chunk_size;
         if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-            return Err(StoreError::Option(format!(
-                "chunk_size {cs} must be a power of two in 4096..=16777216"
-            )));
+            return Err(StoreError::Option(format!("chunk_size {cs} must be a power of two in 4096..=16777216")));
         }
         if !(-7..=22).contains(&opts.zstd_level) {
-            return Err(StoreError::Option(format!(
-                "zstd_level {} is outside -7..=22",
-                opts.zstd_level
-            )));
+            return Err(StoreError::Option(format!("zstd_level {} is outside -7..=22", opts.zstd_level)));
         }
         let db = sled::Config::new()
             .path(&path)
@@ -130,16 +121,9 @@ impl Store {
             .use_compression(false)
             .mode(sled::Mode::LowSpace)
             .open()
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        let tree = |name: &'static str| {
-            db.open_tree(name).map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })
-        };
+            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        let tree =
+            |name: &'static str| db.open_tree(name).map_err(|source| StoreError::Open { path: path.clone(), source });
         let inner = Inner {
             index: tree("index")?,
             packs: Packs::open(path.join("packs")).map_err(|source| StoreError::Io {
@@ -157,15 +141,10 @@ impl Store {
             writers: Mutex::new(HashMap::new()),
             next_writer: AtomicU64::new(1),
         };
-        let open_err = |source| StoreError::Open {
-            path: inner.path.clone(),
-            source,
-        };
+        let open_err = |source| StoreError::Open { path: inner.path.clone(), source };
         let was_clean = inner.meta.remove(CLEAN).map_err(open_err)?.is_some();
         inner.db.flush().map_err(open_err)?;
-        let store = Store {
-            inner: Arc::new(inner),
-        };
+        let store = Store { inner: Arc::new(inner) };
         let path = store.inner.path.display();
         tracing::debug!(path = %path, was_clean, "opened snapshot store");
         if !was_clean && !store.inner.index.is_empty() {
@@ -191,29 +170,19 @@ impl Store {
     }
 
     pub(crate) fn db_err(&self, op: &'static str) -> impl FnOnce(sled::Error) -> StoreError + '_ {
-        move |source| StoreError::Db {
-            path: self.inner.path.clone(),
-            op,
-            source,
-        }
+        move |source| StoreError::Db { path: self.inner.path.clone(), op, source }
     }
 
     /// Fails with [`StoreError::Full`] unless `needed` bytes plus the reserve are free.
     pub(crate) fn ensure_space(&self, needed: u64) -> Result<()> {
-        let st = nix::sys::statvfs::statvfs(&self.inner.path).map_err(|e| StoreError::Statvfs {
-            path: self.inner.path.clone(),
-            source: std::io::Error::from(e),
-        })?;
+        let st = nix::sys::statvfs::statvfs(&self.inner.path)
+            .map_err(|e| StoreError::Statvfs { path: self.inner.path.clone(), source: std::io::Error::from(e) })?;
         #[allow(clippy::useless_conversion)]
         let available = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
         let needed = needed + self.inner.opts.min_free_bytes;
         if available < needed {
             tracing::warn!(path = %self.inner.path.display(), available, needed, "store full");
-            return Err(StoreError::Full {
-                path: self.inner.path.clone(),
-                available,
-                needed,
-            });
+            return Err(StoreError::Full { path: self.inner.path.clone(), available, needed });
         }
         Ok(())
     }
@@ -246,10 +215,7 @@ impl Store {
     /// True when snapshot `name` is committed.
     pub fn contains(&self, name: &str) -> Result<bool> {
         validate_snapshot_name(name)?;
-        self.inner
-            .manifests
-            .contains_key(name)
-            .map_err(self.db_err("look up manifest"))
+        self.inner.manifests.contains_key(name).map_err(self.db_err("look up manifest"))
     }
 
     /// Reads and validates the manifest of snapshot `name`.
@@ -261,17 +227,11 @@ impl Store {
             .get(name)
             .map_err(self.db_err("read manifest"))?
             .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
-        let m = Manifest::decode(&raw).map_err(|source| StoreError::Manifest {
-            snapshot: name.to_owned(),
-            source,
-        })?;
+        let m = Manifest::decode(&raw).map_err(|source| StoreError::Manifest { snapshot: name.to_owned(), source })?;
         if m.name != name {
             return Err(StoreError::Manifest {
                 snapshot: name.to_owned(),
-                source: crate::manifest::ManifestError::Invalid(format!(
-                    "manifest names snapshot '{}'",
-                    m.name
-                )),
+                source: crate::manifest::ManifestError::Invalid(format!("manifest names snapshot '{}'", m.name)),
             });
         }
         Ok(m)
@@ -285,34 +245,18 @@ impl Store {
 
     /// Reads one chunk of `snapshot` into `buf`; returns its length. Decodes the manifest on
     /// every call: hot paths use [`Store::reader`] once and [`SnapshotReader::read_chunk`].
-    pub fn read_chunk(
-        &self,
-        snapshot: &str,
-        block: &str,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<usize> {
+    pub fn read_chunk(&self, snapshot: &str, block: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
         self.reader(snapshot)?.read_chunk(block, offset, buf)
     }
 
     /// Deletes snapshot `name` and its attachments; its chunks are reclaimed by [`Store::gc`].
     pub fn delete(&self, name: &str) -> Result<()> {
         validate_snapshot_name(name)?;
-        if !self
-            .inner
-            .manifests
-            .contains_key(name)
-            .map_err(self.db_err("look up manifest"))?
-        {
+        if !self.inner.manifests.contains_key(name).map_err(self.db_err("look up manifest"))? {
             return Err(StoreError::NotFound(name.to_owned()));
         }
         let mut keys = Vec::new();
-        for item in self
-            .inner
-            .attachments
-            .scan_prefix(crate::attachment::attachment_prefix(name))
-            .keys()
-        {
+        for item in self.inner.attachments.scan_prefix(crate::attachment::attachment_prefix(name)).keys() {
             keys.push(item.map_err(self.db_err("list attachments"))?);
         }
         let mut batch = sled::Batch::default();
@@ -321,14 +265,8 @@ impl Store {
         }
         // Manifest first: once it is gone the snapshot is invisible; leftover attachments
         // (crash in between) are swept by gc.
-        self.inner
-            .manifests
-            .remove(name)
-            .map_err(self.db_err("delete manifest"))?;
-        self.inner
-            .attachments
-            .apply_batch(batch)
-            .map_err(self.db_err("delete attachments"))?;
+        self.inner.manifests.remove(name).map_err(self.db_err("delete manifest"))?;
+        self.inner.attachments.apply_batch(batch).map_err(self.db_err("delete attachments"))?;
         self.flush()?;
         tracing::info!(snapshot = name, "deleted snapshot");
         Ok(())
@@ -338,11 +276,7 @@ impl Store {
         let id = self.inner.next_writer.fetch_add(1, Ordering::Relaxed);
         let mut writers = self.inner.writers.lock().unwrap_or_else(|p| p.into_inner());
         writers.retain(|_, w| w.strong_count() > 0);
-        if writers
-            .values()
-            .filter_map(Weak::upgrade)
-            .any(|w| w.name == name)
-        {
+        if writers.values().filter_map(Weak::upgrade).any(|w| w.name == name) {
             return Err(StoreError::Busy(name.to_owned()));
         }
         writers.insert(id, Arc::downgrade(shared));

@@ -42,11 +42,7 @@ impl Store {
         for name in self.list()? {
             match self.verify_inner(&name, &mut seen) {
                 Ok(r) => out.push(r),
-                Err(e) => out.push(VerifyReport {
-                    snapshot: name,
-                    errors: vec![e.to_string()],
-                    ..Default::default()
-                }),
+                Err(e) => out.push(VerifyReport { snapshot: name, errors: vec![e.to_string()], ..Default::default() }),
             }
         }
         Ok(out)
@@ -57,10 +53,7 @@ impl Store {
         let m = reader.manifest();
         let cs = u64::from(m.chunk_size);
         let mut buf = vec![0u8; m.chunk_size as usize];
-        let mut report = VerifyReport {
-            snapshot: name.to_owned(),
-            ..Default::default()
-        };
+        let mut report = VerifyReport { snapshot: name.to_owned(), ..Default::default() };
         for b in &m.blocks {
             report.bytes += b.used_length;
             for (i, c) in b.chunks.iter().enumerate() {
@@ -79,11 +72,7 @@ impl Store {
             }
         }
         if !report.ok() {
-            tracing::warn!(
-                snapshot = name,
-                errors = report.errors.len(),
-                "verify found problems"
-            );
+            tracing::warn!(snapshot = name, errors = report.errors.len(), "verify found problems");
         }
         Ok(report)
     }

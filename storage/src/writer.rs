@@ -78,9 +78,7 @@ pub struct SnapshotWriter {
 
 impl std::fmt::Debug for SnapshotWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotWriter")
-            .field("name", &self.shared.name)
-            .finish()
+        f.debug_struct("SnapshotWriter").field("name", &self.shared.name).finish()
     }
 }
 
@@ -88,30 +86,18 @@ impl Store {
     /// Begins snapshot `name` with the given RAM blocks, using the store's chunk size.
     pub fn begin(&self, name: &str, blocks: Vec<BlockSpec>) -> Result<SnapshotWriter> {
         validate_snapshot_name(name)?;
-        if self
-            .inner
-            .manifests
-            .contains_key(name)
-            .map_err(self.db_err("look up manifest"))?
-        {
+        if self.inner.manifests.contains_key(name).map_err(self.db_err("look up manifest"))? {
             return Err(StoreError::Exists(name.to_owned()));
         }
         let chunk_size = self.inner.opts.chunk_size;
         let mut wblocks: Vec<WriterBlock> = Vec::with_capacity(blocks.len());
         for spec in blocks {
             if wblocks.iter().any(|b| b.spec.idstr == spec.idstr) {
-                return Err(StoreError::DuplicateBlock {
-                    snapshot: name.to_owned(),
-                    block: spec.idstr,
-                });
+                return Err(StoreError::DuplicateBlock { snapshot: name.to_owned(), block: spec.idstr });
             }
-            let n = usize::try_from(chunk_count(spec.used_length, chunk_size)).map_err(|_| {
-                StoreError::Option(format!("block '{}' used_length is too large", spec.idstr))
-            })?;
-            wblocks.push(WriterBlock {
-                spec,
-                chunks: Mutex::new(vec![None; n]),
-            });
+            let n = usize::try_from(chunk_count(spec.used_length, chunk_size))
+                .map_err(|_| StoreError::Option(format!("block '{}' used_length is too large", spec.idstr)))?;
+            wblocks.push(WriterBlock { spec, chunks: Mutex::new(vec![None; n]) });
         }
         let shared = Arc::new(WriterShared {
             name: name.to_owned(),
@@ -125,11 +111,7 @@ impl Store {
         });
         let id = self.register_writer(name, &shared)?;
         tracing::debug!(snapshot = name, "snapshot begun");
-        Ok(SnapshotWriter {
-            store: self.clone(),
-            shared,
-            id,
-        })
+        Ok(SnapshotWriter { store: self.clone(), shared, id })
     }
 }
 
@@ -161,10 +143,7 @@ impl SnapshotWriter {
             .blocks
             .iter()
             .find(|b| b.spec.idstr == idstr)
-            .ok_or_else(|| StoreError::NoSuchBlock {
-                snapshot: self.shared.name.clone(),
-                block: idstr.to_owned(),
-            })
+            .ok_or_else(|| StoreError::NoSuchBlock { snapshot: self.shared.name.clone(), block: idstr.to_owned() })
     }
 
     /// Stores the chunk of `block` starting at `offset` (a multiple of the chunk size). `data`
@@ -211,12 +190,7 @@ impl SnapshotWriter {
                 source: Box::new(source),
             })
         };
-        let lookup = || {
-            inner
-                .index
-                .contains_key(hash.0)
-                .map_err(self.store.db_err("look up chunk"))
-        };
+        let lookup = || inner.index.contains_key(hash.0).map_err(self.store.db_err("look up chunk"));
         // Compress before taking the GC lock, so GC never waits for compression.
         let mut value = if lookup()? { None } else { Some(encode()?) };
         let _gc = inner.gc_lock.read().unwrap_or_else(|p| p.into_inner());
@@ -228,21 +202,14 @@ impl SnapshotWriter {
                 None => encode()?, // removed by a GC since the first lookup
             };
             self.store.ensure_space(value.len() as u64)?;
-            s.bytes_stored
-                .fetch_add(value.len() as u64, Ordering::Relaxed);
+            s.bytes_stored.fetch_add(value.len() as u64, Ordering::Relaxed);
             s.new_chunks.fetch_add(1, Ordering::Relaxed);
-            let loc = inner
-                .packs
-                .append(&value)
-                .map_err(|source| StoreError::Io {
-                    path: inner.packs.dir().to_path_buf(),
-                    op: "append chunk",
-                    source,
-                })?;
-            inner
-                .index
-                .insert(hash.0, &loc.encode())
-                .map_err(self.store.db_err("index chunk"))?;
+            let loc = inner.packs.append(&value).map_err(|source| StoreError::Io {
+                path: inner.packs.dir().to_path_buf(),
+                op: "append chunk",
+                source,
+            })?;
+            inner.index.insert(hash.0, &loc.encode()).map_err(self.store.db_err("index chunk"))?;
         }
         // Recorded while the GC lock is held: a GC either ran before the lookup above or
         // marks this reference live.
@@ -290,25 +257,10 @@ impl SnapshotWriter {
                 chunks,
             });
         }
-        let created_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let manifest = Manifest {
-            name: s.name.clone(),
-            chunk_size: s.chunk_size,
-            created_unix_ms,
-            state,
-            blocks,
-        };
-        manifest.validate().map_err(|source| StoreError::Manifest {
-            snapshot: s.name.clone(),
-            source,
-        })?;
-        let value = manifest.encode().map_err(|source| StoreError::Manifest {
-            snapshot: s.name.clone(),
-            source,
-        })?;
+        let created_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let manifest = Manifest { name: s.name.clone(), chunk_size: s.chunk_size, created_unix_ms, state, blocks };
+        manifest.validate().map_err(|source| StoreError::Manifest { snapshot: s.name.clone(), source })?;
+        let value = manifest.encode().map_err(|source| StoreError::Manifest { snapshot: s.name.clone(), source })?;
         self.store.ensure_space(value.len() as u64)?;
         // 1. chunk values, then their index entries, durable before the manifest.
         self.store.sync_packs()?;

@@ -11,11 +11,7 @@ fn debian_kernel_prints_its_banner() {
     let guest = common::repo_root().join("deploy/cache/guest");
     let kernel = guest.join("vmlinuz");
     let initrd = guest.join("initramfs.cpio.gz");
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "{} missing: run deploy/fetch-guest.sh",
-        guest.display()
-    );
+    assert!(kernel.exists() && initrd.exists(), "{} missing: run deploy/fetch-guest.sh", guest.display());
     let o = Command::new(common::snapvisor_bin())
         .args(["run", "--kernel"])
         .arg(&kernel)
@@ -33,9 +29,5 @@ fn debian_kernel_prints_its_banner() {
         .expect("spawn snapvisor");
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        out.contains("Linux version "),
-        "no banner; status {:?}\nstdout: {out}\nstderr: {err}",
-        o.status
-    );
+    assert!(out.contains("Linux version "), "no banner; status {:?}\nstdout: {out}\nstderr: {err}", o.status);
 }

@@ -41,11 +41,7 @@ fn passes(out: &str) -> Vec<(u64, u64, u64)> {
             let f: Vec<&str> = l.split(' ').collect();
             assert_eq!(f.len(), 9, "malformed line {l:?}");
             let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
-            (
-                f[2].parse().expect("pass"),
-                hex(f[6]),
-                f[8].parse().expect("mismatches"),
-            )
+            (f[2].parse().expect("pass"), hex(f[6]), f[8].parse().expect("mismatches"))
         })
         .collect()
 }
@@ -57,25 +53,12 @@ fn check_continues(before: &str, after: &str, seed: u64, mem_mib: u64) {
     let all = format!("{before}{after}");
     let p = passes(&all);
     let done_before = passes(before).len();
-    assert!(
-        p.len() > done_before,
-        "the restored guest completed no pass:\nbefore {before:?}\nafter {after:?}"
-    );
-    assert!(
-        done_before > 0 || !before.is_empty(),
-        "snapshot taken before any output"
-    );
+    assert!(p.len() > done_before, "the restored guest completed no pass:\nbefore {before:?}\nafter {after:?}");
+    assert!(done_before > 0 || !before.is_empty(), "snapshot taken before any output");
     for (i, (pass, sum, mis)) in p.iter().enumerate() {
         assert_eq!(*pass, i as u64, "passes run in order: {all}");
-        assert_eq!(
-            *mis, 0,
-            "pass {pass} found the previous pattern damaged: {all}"
-        );
-        assert_eq!(
-            *sum,
-            memfill::checksum(&ranges, seed + pass),
-            "pass {pass} checksum"
-        );
+        assert_eq!(*mis, 0, "pass {pass} found the previous pattern damaged: {all}");
+        assert_eq!(*sum, memfill::checksum(&ranges, seed + pass), "pass {pass} checksum");
     }
 }
 
@@ -87,24 +70,11 @@ fn stop_and_copy_snapshot_restores_eagerly_and_lazily_and_the_guest_carries_on()
     let (mut vm, out) = start_builtin(
         Builtin::Memfill,
         mem,
-        BuiltinParams {
-            seed,
-            passes: 0,
-            mode: MemfillMode::Fill,
-        },
+        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
     );
     let before = wait_lines(&out, 3, Duration::from_secs(60));
-    let report = snapshot::save(
-        &vm,
-        &store,
-        "m",
-        &SaveOptions {
-            stay_paused: true,
-            ..Default::default()
-        },
-        &|_| {},
-    )
-    .expect("snapshot");
+    let report = snapshot::save(&vm, &store, "m", &SaveOptions { stay_paused: true, ..Default::default() }, &|_| {})
+        .expect("snapshot");
     assert!(!report.live);
     assert_eq!(report.ram_bytes, mem << 20);
     let before = out.text().max(before);
@@ -112,12 +82,8 @@ fn stop_and_copy_snapshot_restores_eagerly_and_lazily_and_the_guest_carries_on()
 
     for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
         let out2 = SharedOutput::default();
-        let (mut vm2, rep) = snapshot::restore(
-            &store,
-            "m",
-            RestoreOptions::new(mode, Box::new(out2.clone())),
-        )
-        .expect("restore");
+        let (mut vm2, rep) =
+            snapshot::restore(&store, "m", RestoreOptions::new(mode, Box::new(out2.clone()))).expect("restore");
         assert!(rep.resized.is_empty());
         vm2.start().expect("start");
         let after = wait_lines(&out2, 3, Duration::from_secs(60));
@@ -138,11 +104,7 @@ fn live_snapshot_pauses_briefly_and_restores() {
     let (mut vm, out) = start_builtin(
         Builtin::Memfill,
         mem,
-        BuiltinParams {
-            seed,
-            passes: 0,
-            mode: MemfillMode::Fill,
-        },
+        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
     );
     wait_lines(&out, 1, Duration::from_secs(60));
     let rounds = std::sync::Mutex::new(Vec::new());
@@ -150,11 +112,7 @@ fn live_snapshot_pauses_briefly_and_restores() {
         &vm,
         &store,
         "live",
-        &SaveOptions {
-            live: true,
-            stay_paused: true,
-            ..Default::default()
-        },
+        &SaveOptions { live: true, stay_paused: true, ..Default::default() },
         &|p| {
             rounds.lock().expect("lock").push(*p);
         },
@@ -167,12 +125,9 @@ fn live_snapshot_pauses_briefly_and_restores() {
     let before = out.text();
     vm.stop("snapshot taken");
     let out2 = SharedOutput::default();
-    let (mut vm2, _) = snapshot::restore(
-        &store,
-        "live",
-        RestoreOptions::new(RestoreMode::Eager, Box::new(out2.clone())),
-    )
-    .expect("restore");
+    let (mut vm2, _) =
+        snapshot::restore(&store, "live", RestoreOptions::new(RestoreMode::Eager, Box::new(out2.clone())))
+            .expect("restore");
     vm2.start().expect("start");
     let after = wait_lines(&out2, 2, Duration::from_secs(60));
     vm2.stop("test done");
@@ -193,44 +148,23 @@ fn a_resize_cancels_a_live_snapshot_and_the_vm_keeps_running() {
         1,
         hypervisor::vm::BootSource::Builtin {
             guest: Builtin::Memfill,
-            params: BuiltinParams {
-                seed: 1,
-                passes: 0,
-                mode: MemfillMode::Fill,
-            },
+            params: BuiltinParams { seed: 1, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
         },
         Box::new(out.clone()),
     );
-    cfg.fw_cfg_files = vec![hypervisor::vm::FwCfgFile {
-        name: "opt/snapvisor/blob".into(),
-        data: blob(5000),
-    }];
+    cfg.fw_cfg_files = vec![hypervisor::vm::FwCfgFile { name: "opt/snapvisor/blob".into(), data: blob(5000) }];
     let mut vm = Vm::new(cfg).expect("vm");
     vm.start().expect("start");
     wait_lines(&out, 1, Duration::from_secs(60));
     let registry = vm.registry().clone();
-    let err = snapshot::save(
-        &vm,
-        &store,
-        "cancelled",
-        &SaveOptions {
-            live: true,
-            ..Default::default()
-        },
-        &|p| {
-            if p.round == 0 {
-                registry
-                    .resize("/rom@opt/snapvisor/blob", 9000)
-                    .expect("resize");
-            }
-        },
-    )
+    let err = snapshot::save(&vm, &store, "cancelled", &SaveOptions { live: true, ..Default::default() }, &|p| {
+        if p.round == 0 {
+            registry.resize("/rom@opt/snapvisor/blob", 9000).expect("resize");
+        }
+    })
     .expect_err("the resize must cancel the snapshot");
     assert!(matches!(err, SnapshotError::ResizedDuringSnapshot(_)));
-    assert_eq!(
-        err.to_string(),
-        "RAM block '/rom@opt/snapvisor/blob' resized during snapshot"
-    );
+    assert_eq!(err.to_string(), "RAM block '/rom@opt/snapvisor/blob' resized during snapshot");
     assert!(store.list().expect("list").is_empty(), "nothing committed");
     // The VM runs on.
     let n = out.text().lines().count();
@@ -238,17 +172,7 @@ fn a_resize_cancels_a_live_snapshot_and_the_vm_keeps_running() {
     assert!(out.text().lines().count() > n);
     assert!(vm.control().exit_reason().is_none());
     // And a snapshot without a resize then succeeds.
-    snapshot::save(
-        &vm,
-        &store,
-        "after",
-        &SaveOptions {
-            live: true,
-            ..Default::default()
-        },
-        &|_| {},
-    )
-    .expect("snapshot");
+    snapshot::save(&vm, &store, "after", &SaveOptions { live: true, ..Default::default() }, &|_| {}).expect("snapshot");
     vm.stop("done");
 }
 
@@ -257,11 +181,7 @@ fn pause_and_resume() {
     let (mut vm, out) = start_builtin(
         Builtin::Memfill,
         64,
-        BuiltinParams {
-            seed: 2,
-            passes: 0,
-            mode: MemfillMode::Fill,
-        },
+        BuiltinParams { seed: 2, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
     );
     wait_lines(&out, 1, Duration::from_secs(60));
     assert!(vm.pause());
@@ -272,12 +192,7 @@ fn pause_and_resume() {
     let lines = out.text().lines().count();
     wait_lines(&out, lines + 1, Duration::from_secs(60));
     assert!(out.text().lines().count() > lines);
-    assert_eq!(
-        vm.stop("done"),
-        ExitReason::Stopped {
-            detail: "done".into()
-        }
-    );
+    assert_eq!(vm.stop("done"), ExitReason::Stopped { detail: "done".into() });
 }
 
 fn write_file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> String {
@@ -288,10 +203,7 @@ fn write_file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> String {
 
 /// The `pio`/`dma` line of the blob in fwcfg's output.
 fn blob_sizes(out: &str) -> Vec<String> {
-    out.lines()
-        .filter(|l| l.contains(" opt/snapvisor/blob "))
-        .map(|l| l.to_string())
-        .collect()
+    out.lines().filter(|l| l.contains(" opt/snapvisor/blob ")).map(|l| l.to_string()).collect()
 }
 
 #[test]
@@ -301,11 +213,7 @@ fn restore_resizes_a_fw_cfg_blob_that_grew_or_shrank() {
         let st = dir.path().join("store");
         let st = st.to_str().expect("utf-8");
         let a = write_file(&dir, "a", &blob(source));
-        let b = write_file(
-            &dir,
-            "b",
-            &blob(destination).iter().map(|x| !x).collect::<Vec<u8>>(),
-        );
+        let b = write_file(&dir, "b", &blob(destination).iter().map(|x| !x).collect::<Vec<u8>>());
         let o = snapvisor(&[
             "run",
             "--builtin",
@@ -322,40 +230,20 @@ fn restore_resizes_a_fw_cfg_blob_that_grew_or_shrank() {
             "f",
             "--exit-after-snapshot",
         ]);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert!(
-            o.stdout.is_empty(),
-            "snapshot taken before the first instruction"
-        );
-        let o = snapvisor(&[
-            "restore",
-            "--store",
-            st,
-            "f",
-            "--fw-cfg-file",
-            &format!("opt/snapvisor/blob={b}"),
-        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.stdout.is_empty(), "snapshot taken before the first instruction");
+        let o = snapvisor(&["restore", "--store", st, "f", "--fw-cfg-file", &format!("opt/snapvisor/blob={b}")]);
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(0), "stdout {out}\nstderr {err}");
         assert!(
-            err.contains(&format!(
-                "resized RAM block /rom@opt/snapvisor/blob to the snapshot's {source:#x} bytes"
-            )),
+            err.contains(&format!("resized RAM block /rom@opt/snapvisor/blob to the snapshot's {source:#x} bytes")),
             "{err}"
         );
         let lines = blob_sizes(&out);
         assert_eq!(lines.len(), 2, "{out}");
         for l in lines {
-            assert!(
-                l.contains(&format!(" size {source} ")),
-                "guest sees the snapshot's size: {l}"
-            );
+            assert!(l.contains(&format!(" size {source} ")), "guest sees the snapshot's size: {l}");
         }
     }
 }
@@ -383,12 +271,7 @@ fn restore_refuses_blocks_that_do_not_fit_and_changes_nothing() {
         "h",
         "--exit-after-snapshot",
     ]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let verify_before = snapvisor(&["store", "verify", "--store", st, "--json"]);
     let o = snapvisor(&[
         "restore",
@@ -403,34 +286,17 @@ fn restore_refuses_blocks_that_do_not_fit_and_changes_nothing() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(o.stdout.is_empty(), "the guest never ran");
-    assert!(
-        err.contains("Size mismatch: pc.ram: 0x4000000 != 0x8000000"),
-        "{err}"
-    );
+    assert!(err.contains("Size mismatch: pc.ram: 0x4000000 != 0x8000000"), "{err}");
     assert!(err.contains("--mem-mib 64"), "{err}");
-    assert!(
-        err.contains("Size too large: /rom@opt/snapvisor/blob: 0x19000 > 0x10000"),
-        "{err}"
-    );
+    assert!(err.contains("Size too large: /rom@opt/snapvisor/blob: 0x19000 > 0x10000"), "{err}");
     assert!(err.contains("2 problems"), "{err}");
     let verify_after = snapvisor(&["store", "verify", "--store", st, "--json"]);
     assert_eq!(verify_after.status.code(), Some(0));
-    assert_eq!(
-        verify_before.stdout, verify_after.stdout,
-        "the store is as it was"
-    );
+    assert_eq!(verify_before.stdout, verify_after.stdout, "the store is as it was");
     // The right destination restores.
     let o = snapvisor(&["restore", "--store", st, "h"]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout),
-        hypervisor::guests::hello::GREETING
-    );
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), hypervisor::guests::hello::GREETING);
 }
 
 #[test]
@@ -459,26 +325,12 @@ fn restore_in_a_new_process_continues_the_run() {
         "--exit-after-snapshot",
     ]);
     let before = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let o = snapvisor(&["restore", "--store", st, "r", "--lazy", "--timeout", "120"]);
     let after = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "stderr {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_eq!(o.status.code(), Some(0), "stderr {}", String::from_utf8_lossy(&o.stderr));
     check_continues(&before, &after, seed, mem);
-    assert_eq!(
-        passes(&after).last().map(|p| p.0),
-        Some(total - 1),
-        "runs to its last pass"
-    );
+    assert_eq!(passes(&after).last().map(|p| p.0), Some(total - 1), "runs to its last pass");
 }
 
 #[test]
@@ -513,32 +365,18 @@ fn restored_blob_contents_are_the_snapshots() {
     let mut cfg = hypervisor::vm::VmConfig::new(
         16,
         1,
-        hypervisor::vm::BootSource::Builtin {
-            guest: Builtin::Hello,
-            params: BuiltinParams::default(),
-        },
+        hypervisor::vm::BootSource::Builtin { guest: Builtin::Hello, params: BuiltinParams::default() },
         Box::new(SharedOutput::default()),
     );
-    cfg.fw_cfg_files = vec![hypervisor::vm::FwCfgFile {
-        name: "opt/snapvisor/blob".into(),
-        data: blob(6000),
-    }];
+    cfg.fw_cfg_files = vec![hypervisor::vm::FwCfgFile { name: "opt/snapvisor/blob".into(), data: blob(6000) }];
     let vm = Vm::new(cfg).expect("vm");
     snapshot::save(&vm, &store, "b", &SaveOptions::default(), &|_| {}).expect("snapshot");
     let mut opts = RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default()));
-    opts.fw_cfg_files = Some(vec![hypervisor::vm::FwCfgFile {
-        name: "opt/snapvisor/blob".into(),
-        data: vec![0xee; 2000],
-    }]);
+    opts.fw_cfg_files =
+        Some(vec![hypervisor::vm::FwCfgFile { name: "opt/snapvisor/blob".into(), data: vec![0xee; 2000] }]);
     let (vm2, rep) = snapshot::restore(&store, "b", opts).expect("restore");
-    assert_eq!(
-        rep.resized,
-        vec![("/rom@opt/snapvisor/blob".to_string(), 6000)]
-    );
-    let block = vm2
-        .registry()
-        .get("/rom@opt/snapvisor/blob")
-        .expect("block");
+    assert_eq!(rep.resized, vec![("/rom@opt/snapvisor/blob".to_string(), 6000)]);
+    let block = vm2.registry().get("/rom@opt/snapvisor/blob").expect("block");
     assert_eq!(block.unaligned_length(), 6000);
     let mut got = vec![0; 6000];
     block.read(0, &mut got).expect("read");

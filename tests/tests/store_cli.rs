@@ -49,15 +49,10 @@ fn store_subcommands_print_tables_and_json() {
         ram[..4096].fill(7);
         w.put("pc.ram", 0, &ram).expect("put");
         w.commit(vec![1, 2, 3]).expect("commit");
-        store
-            .put_attachment("vm-a", "prefetch", b"0,1")
-            .expect("attach");
+        store.put_attachment("vm-a", "prefetch", b"0,1").expect("attach");
     }
     let (out, r) = render(&["list", "--store", d]);
-    assert!(
-        r.is_ok() && out.contains("vm-a") && out.contains("prefetch") && out.contains("1.00 MiB"),
-        "{out}"
-    );
+    assert!(r.is_ok() && out.contains("vm-a") && out.contains("prefetch") && out.contains("1.00 MiB"), "{out}");
     let (out, _) = render(&["--store", d, "--json", "list"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v[0]["name"], "vm-a");
@@ -76,12 +71,10 @@ fn store_subcommands_print_tables_and_json() {
     let (out, r) = render(&["gc", "--store", d]);
     assert!(r.is_ok() && out.contains("removed 0 chunks"), "{out}");
 
-    let e =
-        cli_store::render(&store_args(&["inspect", "nope", "--store", d])).expect_err("missing");
+    let e = cli_store::render(&store_args(&["inspect", "nope", "--store", d])).expect_err("missing");
     assert_eq!(e.exit_code(), 2);
     assert!(e.to_string().contains("'nope'"));
-    let e = cli_store::render(&store_args(&["list", "--store", "/nonexistent/store"]))
-        .expect_err("no store");
+    let e = cli_store::render(&store_args(&["list", "--store", "/nonexistent/store"])).expect_err("no store");
     assert!(e.to_string().contains("/nonexistent/store"), "{e}");
     let e = cli_store::render(&store_args(&["list"])).expect_err("no --store");
     assert!(e.to_string().contains("--store"));
@@ -92,23 +85,13 @@ fn verify_reports_corruption_with_exit_status() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_str().expect("utf-8 path");
     let store = Store::open(dir.path()).expect("open");
-    let spec = BlockSpec {
-        idstr: "ram".into(),
-        used_length: 65536,
-        max_length: 65536,
-        page_size: 4096,
-        resizeable: false,
-    };
+    let spec =
+        BlockSpec { idstr: "ram".into(), used_length: 65536, max_length: 65536, page_size: 4096, resizeable: false };
     let w = store.begin("x", vec![spec]).expect("begin");
     w.put("ram", 0, &[5u8; 65536]).expect("put");
     let m = w.commit(Vec::new()).expect("commit");
-    let storage::ChunkRef::Stored(h) = m.blocks[0].chunks[0] else {
-        panic!("stored")
-    };
-    let loc = store
-        .debug_chunk_location(&h)
-        .expect("loc")
-        .expect("indexed");
+    let storage::ChunkRef::Stored(h) = m.blocks[0].chunks[0] else { panic!("stored") };
+    let loc = store.debug_chunk_location(&h).expect("loc").expect("indexed");
     let path = store.debug_pack_path(loc.pack);
     let mut pack = std::fs::read(&path).expect("read");
     pack[loc.offset as usize + 6] ^= 0xff;
@@ -122,35 +105,18 @@ fn verify_reports_corruption_with_exit_status() {
 
 #[test]
 fn bench_store_runs_small() {
-    let args = match Cli::try_parse_from([
-        "snapvisor",
-        "bench-store",
-        "--size-mib",
-        "8",
-        "--clones",
-        "2",
-    ])
-    .expect("parse")
-    {
-        Cli {
-            cmd: Top::BenchStore(a),
-        } => a,
-        other => panic!("parsed as {other:?}"),
-    };
+    let args =
+        match Cli::try_parse_from(["snapvisor", "bench-store", "--size-mib", "8", "--clones", "2"]).expect("parse") {
+            Cli { cmd: Top::BenchStore(a) } => a,
+            other => panic!("parsed as {other:?}"),
+        };
     assert_eq!(args.chunk_size, storage::DEFAULT_CHUNK_SIZE);
-    let cfg = storage::bench::BenchConfig {
-        size_mib: args.size_mib,
-        clones: args.clones,
-        reads: 200,
-        ..Default::default()
-    };
+    let cfg =
+        storage::bench::BenchConfig { size_mib: args.size_mib, clones: args.clones, reads: 200, ..Default::default() };
     let r = storage::bench::run(&cfg).expect("bench");
     assert!(r.compression_ratio > 1.5, "{r:?}");
     assert!(r.zero_fraction > 0.3 && r.zero_fraction < 0.9, "{r:?}");
-    assert!(
-        r.clone_stored_growth_bytes > 0 && r.clone_stored_growth_bytes < r.stored_bytes,
-        "{r:?}"
-    );
+    assert!(r.clone_stored_growth_bytes > 0 && r.clone_stored_growth_bytes < r.stored_bytes, "{r:?}");
     let t = bench_store::table(&r);
     assert!(t.contains("MB/s") && t.contains("p99"), "{t}");
 }

@@ -40,14 +40,7 @@ fn commit(store: &Store, name: &str, content: &[u8]) {
 #[test]
 fn readers_writers_and_gc_in_parallel() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open_with(
-        dir.path(),
-        StoreOptions {
-            chunk_size: CS,
-            ..Default::default()
-        },
-    )
-    .expect("open");
+    let store = Store::open_with(dir.path(), StoreOptions { chunk_size: CS, ..Default::default() }).expect("open");
     let base = data(0, 64);
     commit(&store, "base", &base);
     // Snapshots readers may pick from: (name, seed). Deleted ones leave this list first.
@@ -62,9 +55,7 @@ fn readers_writers_and_gc_in_parallel() {
                 let mut buf = vec![0u8; CS as usize];
                 let mut i = r;
                 while !stop.load(Ordering::Relaxed) {
-                    i = i
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     let (name, seed) = {
                         let l = live.lock().expect("lock");
                         l[(i >> 33) as usize % l.len()].clone()
@@ -82,10 +73,9 @@ fn readers_writers_and_gc_in_parallel() {
                             &want[chunk * CS as usize..(chunk + 1) * CS as usize],
                             "{name} chunk {chunk}"
                         ),
-                        Err(e) => assert!(
-                            !store.contains(&name).expect("contains"),
-                            "read of listed {name} failed: {e}"
-                        ),
+                        Err(e) => {
+                            assert!(!store.contains(&name).expect("contains"), "read of listed {name} failed: {e}")
+                        }
                     }
                     reads.fetch_add(1, Ordering::Relaxed);
                 }
@@ -137,10 +127,6 @@ fn readers_writers_and_gc_in_parallel() {
     }
     assert_eq!(store.list().expect("list").len(), 1 + 8);
     let mut buf = vec![0u8; base.len()];
-    store
-        .reader("base")
-        .expect("reader")
-        .read_at("ram", 0, &mut buf)
-        .expect("read");
+    store.reader("base").expect("reader").read_at("ram", 0, &mut buf).expect("read");
     assert_eq!(buf, base);
 }

@@ -17,10 +17,7 @@ const CHILD_ENV: &str = "STORE_CRASH_CHILD";
 const ROUND_ENV: &str = "STORE_CRASH_ROUND";
 
 fn opts() -> StoreOptions {
-    StoreOptions {
-        chunk_size: CS,
-        ..Default::default()
-    }
+    StoreOptions { chunk_size: CS, ..Default::default() }
 }
 
 struct Rng(u64);
@@ -38,9 +35,7 @@ impl Rng {
 }
 
 fn name_seed(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// The blocks and their contents that snapshot `name` holds: a pure function of the name.
@@ -84,30 +79,23 @@ fn child(dir: &str, round: u64) -> ! {
     for k in 0.. {
         let name = format!("r{round}-s{k}");
         let blocks = expected(&name);
-        let w = store
-            .begin(&name, blocks.iter().map(|(s, _)| s.clone()).collect())
-            .expect("begin");
+        let w = store.begin(&name, blocks.iter().map(|(s, _)| s.clone()).collect()).expect("begin");
         std::thread::scope(|s| {
             for t in 0..2usize {
                 let (w, blocks) = (&w, &blocks);
                 s.spawn(move || {
                     for (spec, data) in blocks {
                         for (i, c) in data.chunks(CS as usize).enumerate().skip(t).step_by(2) {
-                            w.put_chunk(&spec.idstr, (i * CS as usize) as u64, c)
-                                .expect("put");
+                            w.put_chunk(&spec.idstr, (i * CS as usize) as u64, c).expect("put");
                         }
                     }
                 });
             }
         });
         w.commit(name.clone().into_bytes()).expect("commit");
-        store
-            .put_attachment(&name, "prefetch", name.as_bytes())
-            .expect("attach");
+        store.put_attachment(&name, "prefetch", name.as_bytes()).expect("attach");
         if k % 3 == 2 {
-            store
-                .delete(&format!("r{round}-s{}", k - 1))
-                .expect("delete");
+            store.delete(&format!("r{round}-s{}", k - 1)).expect("delete");
         }
         if k % 4 == 3 {
             store.gc().expect("gc");
@@ -121,9 +109,7 @@ fn check(store: &Store) -> usize {
     let names = store.list().expect("list");
     let mut buf = vec![0u8; CS as usize];
     for name in &names {
-        let m = store
-            .manifest(name)
-            .unwrap_or_else(|e| panic!("manifest of listed '{name}': {e}"));
+        let m = store.manifest(name).unwrap_or_else(|e| panic!("manifest of listed '{name}': {e}"));
         assert_eq!(m.state, name.as_bytes(), "state of {name}");
         let want = expected(name);
         assert_eq!(m.blocks.len(), want.len(), "{name}");
@@ -162,10 +148,7 @@ fn live_chunks(store: &Store) -> u64 {
 #[test]
 fn sigkill_at_random_moments_leaves_store_consistent() {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
-        let round = std::env::var(ROUND_ENV)
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(0);
+        let round = std::env::var(ROUND_ENV).ok().and_then(|r| r.parse().ok()).unwrap_or(0);
         child(&dir, round);
     }
     let start = Instant::now();
@@ -175,11 +158,7 @@ fn sigkill_at_random_moments_leaves_store_consistent() {
     let mut max_listed = 0;
     for round in 0..KILLS {
         let mut c = Command::new(&exe)
-            .args([
-                "sigkill_at_random_moments_leaves_store_consistent",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["sigkill_at_random_moments_leaves_store_consistent", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .env(ROUND_ENV, round.to_string())
             .stdout(Stdio::null())
@@ -201,10 +180,7 @@ fn sigkill_at_random_moments_leaves_store_consistent() {
             check(&store);
         }
     }
-    assert!(
-        max_listed >= 5,
-        "children committed too little to test anything: {max_listed}"
-    );
+    assert!(max_listed >= 5, "children committed too little to test anything: {max_listed}");
     // Everything half-written is reclaimed: after GC the index holds exactly the chunks
     // the listed snapshots reference.
     let store = Store::open_with(dir.path(), opts()).expect("open");
@@ -212,9 +188,5 @@ fn sigkill_at_random_moments_leaves_store_consistent() {
     let usage = store.usage().expect("usage");
     assert_eq!(usage.chunks, live_chunks(&store));
     assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()));
-    eprintln!(
-        "{KILLS} kills in {:?}, {} snapshots listed at the end, {usage:?}",
-        start.elapsed(),
-        usage.snapshots
-    );
+    eprintln!("{KILLS} kills in {:?}, {} snapshots listed at the end, {usage:?}", start.elapsed(), usage.snapshots);
 }

@@ -65,10 +65,7 @@ fn full_disk_is_a_clear_error_and_store_stays_usable() {
     let outer = tempfile::tempdir().expect("tempdir");
     let _mount = Mount::tmpfs(outer.path());
     let dir = outer.path().join("store");
-    let opts = StoreOptions {
-        chunk_size: CS,
-        ..Default::default()
-    };
+    let opts = StoreOptions { chunk_size: CS, ..Default::default() };
     let store = Store::open_with(&dir, opts.clone()).expect("open");
     let size = 1 << 20;
     let mut committed = Vec::new();
@@ -81,24 +78,11 @@ fn full_disk_is_a_clear_error_and_store_stays_usable() {
         }
     };
     let msg = full.to_string();
-    assert!(
-        matches!(full, StoreError::Full { .. }),
-        "expected Full, got {full:?}"
-    );
-    assert!(
-        msg.contains("is full") && msg.contains(&dir.display().to_string()),
-        "{msg}"
-    );
+    assert!(matches!(full, StoreError::Full { .. }), "expected Full, got {full:?}");
+    assert!(msg.contains("is full") && msg.contains(&dir.display().to_string()), "{msg}");
     eprintln!("{} snapshots of 1 MiB fit before: {msg}", committed.len());
-    assert!(
-        committed.len() >= 5,
-        "only {} snapshots fit",
-        committed.len()
-    );
-    assert!(!store
-        .list()
-        .expect("list")
-        .contains(&format!("s{}", committed.len())));
+    assert!(committed.len() >= 5, "only {} snapshots fit", committed.len());
+    assert!(!store.list().expect("list").contains(&format!("s{}", committed.len())));
 
     // Earlier snapshots are intact and the store keeps working after making room.
     for k in &committed {
@@ -110,17 +94,11 @@ fn full_disk_is_a_clear_error_and_store_stays_usable() {
     let gc = store.gc().expect("gc");
     assert!(gc.disk_bytes_freed >= 3 * size as u64, "{gc:?}");
     try_commit(&store, "after", &noise(1000, size)).expect("commit after gc");
-    store
-        .put_attachment("after", "prefetch", b"ok")
-        .expect("attachment");
+    store.put_attachment("after", "prefetch", b"ok").expect("attachment");
     drop(store);
     let store = Store::open_with(&dir, opts).expect("reopen");
     let mut buf = vec![0u8; size];
-    store
-        .reader("after")
-        .expect("reader")
-        .read_at("ram", 0, &mut buf)
-        .expect("read");
+    store.reader("after").expect("reader").read_at("ram", 0, &mut buf).expect("read");
     assert_eq!(buf, noise(1000, size));
     for k in &committed {
         assert!(store.verify(&format!("s{k}")).expect("verify").ok());

@@ -30,9 +30,7 @@ impl FwCfg {
         let be32 = |i: usize| u32::from_be_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
         let control = be32(0);
         let length = be32(4);
-        let addr = u64::from_be_bytes([
-            raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
-        ]);
+        let addr = u64::from_be_bytes([raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15]]);
         if control & DMA_CTL_SELECT != 0 {
             self.select((control >> 16) as u16);
         }
@@ -50,10 +48,7 @@ impl FwCfg {
         if let Err(why) = result {
             tracing::debug!("fw_cfg: DMA {control:#x} of {length:#x} bytes at {addr:#x}: {why}");
         }
-        if mem
-            .write_slice(&status.to_be_bytes(), GuestAddress(desc))
-            .is_err()
-        {
+        if mem.write_slice(&status.to_be_bytes(), GuestAddress(desc)).is_err() {
             tracing::debug!("fw_cfg: cannot write DMA status back at {desc:#x}");
         }
     }
@@ -71,8 +66,7 @@ impl FwCfg {
             let piece = &mut buf[..n];
             self.read_data(piece);
             let at = addr.checked_add(done).ok_or("address wraps")?;
-            mem.write_slice(piece, GuestAddress(at))
-                .map_err(|e| format!("guest memory at {at:#x}: {e}"))?;
+            mem.write_slice(piece, GuestAddress(at)).map_err(|e| format!("guest memory at {at:#x}: {e}"))?;
             done += n as u64;
         }
         Ok(())
@@ -85,15 +79,11 @@ impl FwCfg {
             return Err("item is not writable".into());
         }
         let off = self.offset;
-        if off
-            .checked_add(u64::from(length))
-            .is_none_or(|end| end > size)
-        {
+        if off.checked_add(u64::from(length)).is_none_or(|end| end > size) {
             return Err(format!("write of {length:#x} bytes at offset {off:#x} runs past the item's {size:#x} bytes"));
         }
         let mut data = vec![0u8; length as usize];
-        mem.read_slice(&mut data, GuestAddress(addr))
-            .map_err(|e| format!("guest memory at {addr:#x}: {e}"))?;
+        mem.read_slice(&mut data, GuestAddress(addr)).map_err(|e| format!("guest memory at {addr:#x}: {e}"))?;
         let item = self.current_item_mut().ok_or("no item selected")?;
         item.data.write(off, &data)?;
         if let Some(cb) = item.write_cb.as_mut() {

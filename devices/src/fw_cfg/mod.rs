@@ -61,10 +61,7 @@ pub type WriteCallback = Box<dyn FnMut(u64, &[u8]) + Send>;
 
 enum ItemData {
     Bytes(Vec<u8>),
-    Block {
-        block: Arc<RamBlock>,
-        size: Arc<AtomicU64>,
-    },
+    Block { block: Arc<RamBlock>, size: Arc<AtomicU64> },
 }
 
 impl ItemData {
@@ -97,9 +94,7 @@ impl ItemData {
         match self {
             ItemData::Bytes(b) => {
                 let end = off as usize + data.len();
-                b.get_mut(off as usize..end)
-                    .ok_or("beyond the item")?
-                    .copy_from_slice(data);
+                b.get_mut(off as usize..end).ok_or("beyond the item")?.copy_from_slice(data);
                 Ok(())
             }
             ItemData::Block { block, .. } => block.write(off, data).map_err(|e| e.to_string()),
@@ -116,12 +111,7 @@ struct Item {
 
 impl Item {
     fn bytes(data: Vec<u8>) -> Item {
-        Item {
-            data: ItemData::Bytes(data),
-            writable: false,
-            select_cb: None,
-            write_cb: None,
-        }
+        Item { data: ItemData::Bytes(data), writable: false, select_cb: None, write_cb: None }
     }
 }
 
@@ -163,29 +153,17 @@ impl FwCfg {
         items.insert(FW_CFG_SIGNATURE, Item::bytes(b"QEMU".to_vec()));
         items.insert(FW_CFG_ID, Item::bytes(features.to_le_bytes().to_vec()));
         items.insert(FW_CFG_FILE_DIR, Item::bytes(0u32.to_be_bytes().to_vec()));
-        FwCfg {
-            mem,
-            items,
-            files: BTreeMap::new(),
-            selected: None,
-            offset: 0,
-            dma_high: 0,
-        }
+        FwCfg { mem, items, files: BTreeMap::new(), selected: None, offset: 0, dma_high: 0 }
     }
 
     /// Adds a fixed-key item (keys below 0x20, or architecture-local ones).
     pub fn add_bytes(&mut self, key: u16, data: Vec<u8>) -> Result<(), FwCfgError> {
         let reserved = matches!(key, FW_CFG_SIGNATURE | FW_CFG_ID | FW_CFG_FILE_DIR);
-        if reserved
-            || (key >= FW_CFG_FILE_FIRST && key & FW_CFG_ARCH_LOCAL == 0)
-            || key & FW_CFG_WRITE_CHANNEL != 0
-        {
+        if reserved || (key >= FW_CFG_FILE_FIRST && key & FW_CFG_ARCH_LOCAL == 0) || key & FW_CFG_WRITE_CHANNEL != 0 {
             return Err(FwCfgError::BadKey { key });
         }
         if data.len() as u64 > u64::from(u32::MAX) {
-            return Err(FwCfgError::TooLarge {
-                len: data.len() as u64,
-            });
+            return Err(FwCfgError::TooLarge { len: data.len() as u64 });
         }
         if self.items.contains_key(&key) {
             return Err(FwCfgError::DuplicateKey { key });
@@ -199,24 +177,16 @@ impl FwCfg {
             return Err(FwCfgError::BadName);
         }
         if name.len() >= FILE_NAME_LEN {
-            return Err(FwCfgError::NameTooLong {
-                name: name.into(),
-                len: name.len(),
-            });
+            return Err(FwCfgError::NameTooLong { name: name.into(), len: name.len() });
         }
         if self.files.contains_key(name) {
             return Err(FwCfgError::DuplicateFile { name: name.into() });
         }
         if self.files.len() >= usize::from(FW_CFG_FILE_SLOTS) {
-            return Err(FwCfgError::TooManyFiles {
-                name: name.into(),
-                max: usize::from(FW_CFG_FILE_SLOTS),
-            });
+            return Err(FwCfgError::TooManyFiles { name: name.into(), max: usize::from(FW_CFG_FILE_SLOTS) });
         }
         if item.data.len() > u64::from(u32::MAX) {
-            return Err(FwCfgError::TooLarge {
-                len: item.data.len(),
-            });
+            return Err(FwCfgError::TooLarge { len: item.data.len() });
         }
         self.files.insert(name.to_string(), item);
         Ok(())
@@ -236,44 +206,23 @@ impl FwCfg {
         write_cb: Option<WriteCallback>,
     ) -> Result<(), FwCfgError> {
         let writable = write_cb.is_some();
-        self.insert_file(
-            name,
-            Item {
-                data: ItemData::Bytes(data),
-                writable,
-                select_cb,
-                write_cb,
-            },
-        )
+        self.insert_file(name, Item { data: ItemData::Bytes(data), writable, select_cb, write_cb })
     }
 
     /// Adds a file whose contents are `block`'s memory up to its unaligned length. The block's
     /// resized hook keeps the file's size in the directory current.
-    pub fn add_ram_block_file(
-        &mut self,
-        name: &str,
-        block: Arc<RamBlock>,
-    ) -> Result<(), FwCfgError> {
+    pub fn add_ram_block_file(&mut self, name: &str, block: Arc<RamBlock>) -> Result<(), FwCfgError> {
         let size = Arc::new(AtomicU64::new(block.unaligned_length()));
         let hooked = size.clone();
         block.set_resized_hook(Box::new(move |_, len| hooked.store(len, Ordering::Release)));
         self.insert_file(
             name,
-            Item {
-                data: ItemData::Block { block, size },
-                writable: false,
-                select_cb: None,
-                write_cb: None,
-            },
+            Item { data: ItemData::Block { block, size }, writable: false, select_cb: None, write_cb: None },
         )
     }
 
     /// Sets the callback run when file `name` is selected.
-    pub fn set_select_callback(
-        &mut self,
-        name: &str,
-        cb: SelectCallback,
-    ) -> Result<(), FwCfgError> {
+    pub fn set_select_callback(&mut self, name: &str, cb: SelectCallback) -> Result<(), FwCfgError> {
         let item = self.files.get_mut(name).ok_or(FwCfgError::BadName)?;
         item.select_cb = Some(cb);
         Ok(())
@@ -282,10 +231,7 @@ impl FwCfg {
     /// File `name`'s key and size, as the directory shows them.
     pub fn file(&self, name: &str) -> Option<(u16, u64)> {
         let idx = self.files.keys().position(|n| n == name)?;
-        Some((
-            FW_CFG_FILE_FIRST + idx as u16,
-            self.files.get(name)?.data.len(),
-        ))
+        Some((FW_CFG_FILE_FIRST + idx as u16, self.files.get(name)?.data.len()))
     }
 
     /// The directory's bytes.
@@ -305,9 +251,7 @@ impl FwCfg {
 
     fn item_mut(&mut self, key: u16) -> Option<&mut Item> {
         if (FW_CFG_FILE_FIRST..FW_CFG_FILE_FIRST + FW_CFG_FILE_SLOTS).contains(&key) {
-            self.files
-                .values_mut()
-                .nth(usize::from(key - FW_CFG_FILE_FIRST))
+            self.files.values_mut().nth(usize::from(key - FW_CFG_FILE_FIRST))
         } else {
             self.items.get_mut(&key)
         }
@@ -315,9 +259,7 @@ impl FwCfg {
 
     fn item(&self, key: u16) -> Option<&Item> {
         if (FW_CFG_FILE_FIRST..FW_CFG_FILE_FIRST + FW_CFG_FILE_SLOTS).contains(&key) {
-            self.files
-                .values()
-                .nth(usize::from(key - FW_CFG_FILE_FIRST))
+            self.files.values().nth(usize::from(key - FW_CFG_FILE_FIRST))
         } else {
             self.items.get(&key)
         }
@@ -329,9 +271,7 @@ impl FwCfg {
     }
 
     fn current_size(&self) -> u64 {
-        self.selected
-            .and_then(|k| self.item(k))
-            .map_or(0, |i| i.data.len())
+        self.selected.and_then(|k| self.item(k)).map_or(0, |i| i.data.len())
     }
 
     /// Selects `key`: resets the offset and runs the item's select callback. An unknown key
@@ -359,37 +299,22 @@ impl FwCfg {
     /// Reads from the current offset; past the end the rest of `buf` is zero.
     fn read_data(&mut self, buf: &mut [u8]) {
         let off = self.offset;
-        let n = self
-            .selected
-            .and_then(|k| self.item(k))
-            .map_or(0, |i| i.data.read(off, buf));
+        let n = self.selected.and_then(|k| self.item(k)).map_or(0, |i| i.data.read(off, buf));
         buf[n..].fill(0);
         self.offset += n as u64;
     }
 
     pub fn state(&self) -> FwCfgState {
-        FwCfgState {
-            selector: self.selected,
-            offset: self.offset,
-            dma_high: self.dma_high,
-        }
+        FwCfgState { selector: self.selected, offset: self.offset, dma_high: self.dma_high }
     }
 
     /// Restores a saved state (untrusted): the key must exist and the offset lie within it.
     pub fn restore(&mut self, s: &FwCfgState) -> Result<(), FwCfgError> {
         if let Some(key) = s.selector {
             let item = self.item(key).ok_or(FwCfgError::NoSuchItem { key })?;
-            let size = if key == FW_CFG_FILE_DIR {
-                self.directory().len() as u64
-            } else {
-                item.data.len()
-            };
+            let size = if key == FW_CFG_FILE_DIR { self.directory().len() as u64 } else { item.data.len() };
             if s.offset > size {
-                return Err(FwCfgError::BadOffset {
-                    key,
-                    offset: s.offset,
-                    size,
-                });
+                return Err(FwCfgError::BadOffset { key, offset: s.offset, size });
             }
             if key == FW_CFG_FILE_DIR {
                 let dir = self.directory();
@@ -439,10 +364,7 @@ impl BusDevice for FwCfg {
                 self.dma_transfer(u64::from_be_bytes(b));
             }
             // Writes to the data port have been ignored since QEMU 2.4; so are odd sizes.
-            _ => tracing::trace!(
-                "fw_cfg: ignoring a {}-byte write at offset {offset}",
-                data.len()
-            ),
+            _ => tracing::trace!("fw_cfg: ignoring a {}-byte write at offset {offset}", data.len()),
         }
     }
 }

@@ -43,11 +43,7 @@ fn dma(f: &mut FwCfg, m: &GuestMemoryMmap, control: u32, len: u32, addr: u64) ->
 fn signature_and_features_over_ports() {
     let mut f = FwCfg::new(mem());
     select(&mut f, FW_CFG_SIGNATURE);
-    assert_eq!(
-        read(&mut f, 6),
-        b"QEMU\0\0",
-        "reads past the end give zeros"
-    );
+    assert_eq!(read(&mut f, 6), b"QEMU\0\0", "reads past the end give zeros");
     select(&mut f, FW_CFG_ID);
     assert_eq!(read(&mut f, 4), 3u32.to_le_bytes());
     let mut sig = [0u8; 8];
@@ -72,11 +68,7 @@ fn directory_is_sorted_by_name_with_current_sizes() {
         let e = read(&mut f, DIR_ENTRY_LEN);
         let size = u32::from_be_bytes(e[0..4].try_into().expect("4"));
         let key = u16::from_be_bytes([e[4], e[5]]);
-        let name: String = e[8..]
-            .iter()
-            .take_while(|b| **b != 0)
-            .map(|b| *b as char)
-            .collect();
+        let name: String = e[8..].iter().take_while(|b| **b != 0).map(|b| *b as char).collect();
         assert_eq!(key, FW_CFG_FILE_FIRST + i);
         select(&mut f, key);
         assert_eq!(read(&mut f, size as usize).len(), size as usize);
@@ -84,14 +76,7 @@ fn directory_is_sorted_by_name_with_current_sizes() {
         read(&mut f, 4 + DIR_ENTRY_LEN * (i as usize + 1));
         names.push((name, size));
     }
-    assert_eq!(
-        names,
-        vec![
-            ("bootorder".into(), 3),
-            ("etc/e820".into(), 40),
-            ("opt/z".into(), 10)
-        ]
-    );
+    assert_eq!(names, vec![("bootorder".into(), 3), ("etc/e820".into(), 40), ("opt/z".into(), 10)]);
     assert_eq!(f.file("etc/e820"), Some((0x21, 40)));
 }
 
@@ -101,39 +86,20 @@ fn dma_read_skip_select_and_zero_fill() {
     let mut f = FwCfg::new(m.clone());
     f.add_file("a", (0..100u8).collect()).expect("add");
     let key = u32::from(f.file("a").expect("file").0);
-    assert_eq!(
-        dma(
-            &mut f,
-            &m,
-            (key << 16) | DMA_CTL_SELECT | DMA_CTL_SKIP,
-            10,
-            0
-        ),
-        0
-    );
+    assert_eq!(dma(&mut f, &m, (key << 16) | DMA_CTL_SELECT | DMA_CTL_SKIP, 10, 0), 0);
     assert_eq!(dma(&mut f, &m, DMA_CTL_READ, 5, 0x2000), 0);
     let mut got = [0u8; 5];
     m.read_slice(&mut got, GuestAddress(0x2000)).expect("read");
     assert_eq!(got, [10, 11, 12, 13, 14]);
     // Reading past the end zero-fills the rest.
-    m.write_slice(&[0xff; 100], GuestAddress(0x3000))
-        .expect("fill");
+    m.write_slice(&[0xff; 100], GuestAddress(0x3000)).expect("fill");
     assert_eq!(dma(&mut f, &m, DMA_CTL_READ, 100, 0x3000), 0);
     let mut tail = [0u8; 100];
     m.read_slice(&mut tail, GuestAddress(0x3000)).expect("read");
     assert_eq!(tail[..85].to_vec(), (15..100u8).collect::<Vec<_>>());
     assert!(tail[85..].iter().all(|b| *b == 0));
     // The same directory by DMA as by port.
-    assert_eq!(
-        dma(
-            &mut f,
-            &m,
-            (u32::from(FW_CFG_FILE_DIR) << 16) | DMA_CTL_SELECT | DMA_CTL_READ,
-            68,
-            0x4000
-        ),
-        0
-    );
+    assert_eq!(dma(&mut f, &m, (u32::from(FW_CFG_FILE_DIR) << 16) | DMA_CTL_SELECT | DMA_CTL_READ, 68, 0x4000), 0);
     let mut dir = vec![0u8; 68];
     m.read_slice(&mut dir, GuestAddress(0x4000)).expect("read");
     assert_eq!(dir, f.directory());
@@ -146,37 +112,10 @@ fn dma_errors() {
     f.add_file("ro", vec![0; 16]).expect("add");
     let key = u32::from(f.file("ro").expect("file").0);
     // A write to a read-only file.
-    assert_eq!(
-        dma(
-            &mut f,
-            &m,
-            (key << 16) | DMA_CTL_SELECT | DMA_CTL_WRITE,
-            4,
-            0x2000
-        ),
-        DMA_CTL_ERROR
-    );
+    assert_eq!(dma(&mut f, &m, (key << 16) | DMA_CTL_SELECT | DMA_CTL_WRITE, 4, 0x2000), DMA_CTL_ERROR);
     // A read into memory the guest does not have.
-    assert_eq!(
-        dma(
-            &mut f,
-            &m,
-            (key << 16) | DMA_CTL_SELECT | DMA_CTL_READ,
-            16,
-            0x10_0000 - 8
-        ),
-        DMA_CTL_ERROR
-    );
-    assert_eq!(
-        dma(
-            &mut f,
-            &m,
-            (key << 16) | DMA_CTL_SELECT | DMA_CTL_READ,
-            16,
-            u64::MAX - 4
-        ),
-        DMA_CTL_ERROR
-    );
+    assert_eq!(dma(&mut f, &m, (key << 16) | DMA_CTL_SELECT | DMA_CTL_READ, 16, 0x10_0000 - 8), DMA_CTL_ERROR);
+    assert_eq!(dma(&mut f, &m, (key << 16) | DMA_CTL_SELECT | DMA_CTL_READ, 16, u64::MAX - 4), DMA_CTL_ERROR);
     // A descriptor outside guest memory is ignored, not a crash.
     f.write(PORT_BASE, PORT_DMA, &0xffff_ffffu32.to_be_bytes());
     f.write(PORT_BASE, PORT_DMA + 4, &0u32.to_be_bytes());
@@ -192,38 +131,17 @@ fn dma_write_to_a_writable_file_calls_back_but_never_grows_it() {
         "w",
         vec![0; 8],
         None,
-        Some(Box::new(move |off, d| {
-            s.lock().expect("lock").push((off, d.to_vec()))
-        })),
+        Some(Box::new(move |off, d| s.lock().expect("lock").push((off, d.to_vec())))),
     )
     .expect("add");
     let key = u32::from(f.file("w").expect("file").0);
-    m.write_slice(&[1, 2, 3, 4], GuestAddress(0x2000))
-        .expect("data");
-    assert_eq!(
-        dma(
-            &mut f,
-            &m,
-            (key << 16) | DMA_CTL_SELECT | DMA_CTL_SKIP,
-            2,
-            0
-        ),
-        0
-    );
+    m.write_slice(&[1, 2, 3, 4], GuestAddress(0x2000)).expect("data");
+    assert_eq!(dma(&mut f, &m, (key << 16) | DMA_CTL_SELECT | DMA_CTL_SKIP, 2, 0), 0);
     assert_eq!(dma(&mut f, &m, DMA_CTL_WRITE, 4, 0x2000), 0);
     assert_eq!(*seen.lock().expect("lock"), vec![(2, vec![1, 2, 3, 4])]);
     select(&mut f, key as u16);
     assert_eq!(read(&mut f, 8), vec![0, 0, 1, 2, 3, 4, 0, 0]);
-    assert_eq!(
-        dma(
-            &mut f,
-            &m,
-            (key << 16) | DMA_CTL_SELECT | DMA_CTL_WRITE,
-            9,
-            0x2000
-        ),
-        DMA_CTL_ERROR
-    );
+    assert_eq!(dma(&mut f, &m, (key << 16) | DMA_CTL_SELECT | DMA_CTL_WRITE, 9, 0x2000), DMA_CTL_ERROR);
     assert_eq!(f.file("w").map(|x| x.1), Some(8));
 }
 
@@ -232,13 +150,7 @@ fn select_callbacks_run_on_every_select() {
     let mut f = FwCfg::new(mem());
     let n = Arc::new(Mutex::new(0));
     let c = n.clone();
-    f.add_file_with_callbacks(
-        "cb",
-        vec![1],
-        Some(Box::new(move || *c.lock().expect("lock") += 1)),
-        None,
-    )
-    .expect("add");
+    f.add_file_with_callbacks("cb", vec![1], Some(Box::new(move || *c.lock().expect("lock") += 1)), None).expect("add");
     let key = f.file("cb").expect("file").0;
     select(&mut f, key);
     select(&mut f, key);
@@ -274,28 +186,13 @@ fn ram_block_files_follow_resizes() {
 #[test]
 fn bad_configuration_is_refused() {
     let mut f = FwCfg::new(mem());
-    assert_eq!(
-        f.add_bytes(FW_CFG_SIGNATURE, vec![]),
-        Err(FwCfgError::BadKey { key: 0 })
-    );
-    assert_eq!(
-        f.add_bytes(0x25, vec![]),
-        Err(FwCfgError::BadKey { key: 0x25 })
-    );
+    assert_eq!(f.add_bytes(FW_CFG_SIGNATURE, vec![]), Err(FwCfgError::BadKey { key: 0 }));
+    assert_eq!(f.add_bytes(0x25, vec![]), Err(FwCfgError::BadKey { key: 0x25 }));
     f.add_bytes(FW_CFG_RAM_SIZE, vec![0; 8]).expect("add");
-    assert_eq!(
-        f.add_bytes(FW_CFG_RAM_SIZE, vec![]),
-        Err(FwCfgError::DuplicateKey { key: 3 })
-    );
+    assert_eq!(f.add_bytes(FW_CFG_RAM_SIZE, vec![]), Err(FwCfgError::DuplicateKey { key: 3 }));
     f.add_file("x", vec![]).expect("add");
-    assert!(matches!(
-        f.add_file("x", vec![]),
-        Err(FwCfgError::DuplicateFile { .. })
-    ));
-    assert!(matches!(
-        f.add_file(&"n".repeat(56), vec![]),
-        Err(FwCfgError::NameTooLong { .. })
-    ));
+    assert!(matches!(f.add_file("x", vec![]), Err(FwCfgError::DuplicateFile { .. })));
+    assert!(matches!(f.add_file(&"n".repeat(56), vec![]), Err(FwCfgError::NameTooLong { .. })));
     assert_eq!(f.add_file("", vec![]), Err(FwCfgError::BadName));
 }
 
@@ -308,44 +205,19 @@ fn state_round_trip_and_validation() {
     read(&mut f, 5);
     f.write(PORT_BASE, PORT_DMA, &0x1234u32.to_be_bytes());
     let s = f.state();
-    assert_eq!(
-        s,
-        FwCfgState {
-            selector: Some(key),
-            offset: 5,
-            dma_high: 0x1234
-        }
-    );
+    assert_eq!(s, FwCfgState { selector: Some(key), offset: 5, dma_high: 0x1234 });
     let mut g = FwCfg::new(mem());
     g.add_file("a", vec![7; 20]).expect("add");
     g.restore(&s).expect("restore");
     assert_eq!(g.state(), s);
-    assert_eq!(
-        g.restore(&FwCfgState {
-            selector: Some(0x99),
-            ..s
-        }),
-        Err(FwCfgError::NoSuchItem { key: 0x99 })
-    );
-    assert!(matches!(
-        g.restore(&FwCfgState { offset: 21, ..s }),
-        Err(FwCfgError::BadOffset { .. })
-    ));
-    g.restore(&FwCfgState {
-        selector: None,
-        offset: 0,
-        dma_high: 0,
-    })
-    .expect("nothing selected");
+    assert_eq!(g.restore(&FwCfgState { selector: Some(0x99), ..s }), Err(FwCfgError::NoSuchItem { key: 0x99 }));
+    assert!(matches!(g.restore(&FwCfgState { offset: 21, ..s }), Err(FwCfgError::BadOffset { .. })));
+    g.restore(&FwCfgState { selector: None, offset: 0, dma_high: 0 }).expect("nothing selected");
 }
 
 #[test]
 fn e820_encoding() {
-    let e = encode_e820(&[E820Entry {
-        addr: 0x1000,
-        size: 0x2000,
-        kind: 1,
-    }]);
+    let e = encode_e820(&[E820Entry { addr: 0x1000, size: 0x2000, kind: 1 }]);
     assert_eq!(e.len(), 20);
     assert_eq!(&e[0..8], &0x1000u64.to_le_bytes());
     assert_eq!(&e[16..20], &1u32.to_le_bytes());

@@ -57,10 +57,7 @@ fn builtin(guest: Builtin, mem_mib: u64) -> VmConfig {
     VmConfig::new(
         mem_mib,
         1,
-        BootSource::Builtin {
-            guest,
-            params: BuiltinParams::default(),
-        },
+        BootSource::Builtin { guest, params: BuiltinParams::default() },
         Box::new(SharedOutput::default()),
     )
 }
@@ -121,16 +118,12 @@ pub fn measure(args: &BootBenchArgs) -> Result<BootReport, CliError> {
         let reason = vm.wait(Some(Duration::from_secs(30)));
         let done = t1.elapsed();
         if reason != (ExitReason::GuestExit { status: 0 }) {
-            return Err(CliError::Internal(format!(
-                "boot {i}: hello did not exit cleanly: {reason}"
-            )));
+            return Err(CliError::Internal(format!("boot {i}: hello did not exit cleanly: {reason}")));
         }
         first.push(vm.time_to_first_exit().unwrap_or(done));
         exit.push(done);
     }
-    let idle = (args.idle_vms > 0)
-        .then(|| idle_density(args.idle_vms, args.mem_mib))
-        .transpose()?;
+    let idle = (args.idle_vms > 0).then(|| idle_density(args.idle_vms, args.mem_mib)).transpose()?;
     Ok(BootReport {
         iterations: args.iterations,
         mem_mib: args.mem_mib,
@@ -144,29 +137,17 @@ pub fn measure(args: &BootBenchArgs) -> Result<BootReport, CliError> {
 pub fn run(args: BootBenchArgs) -> Result<(), CliError> {
     let r = measure(&args)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| CliError::Internal(e.to_string()))?
-        );
+        println!("{}", serde_json::to_string_pretty(&r).map_err(|e| CliError::Internal(e.to_string()))?);
         return Ok(());
     }
-    println!(
-        "snapvisor bench boot: {} boots of `hello`, {} MiB each",
-        r.iterations, r.mem_mib
-    );
-    println!(
-        "{:<28} {:>12} {:>12} {:>12}",
-        "phase", "median", "p90", "max"
-    );
+    println!("snapvisor bench boot: {} boots of `hello`, {} MiB each", r.iterations, r.mem_mib);
+    println!("{:<28} {:>12} {:>12} {:>12}", "phase", "median", "p90", "max");
     for (name, s) in [
         ("VM creation", &r.create),
         ("start -> first guest exit", &r.first_exit),
         ("start -> guest exit", &r.guest_exit),
     ] {
-        println!(
-            "{:<28} {:>9.0} us {:>9.0} us {:>9.0} us",
-            name, s.median_us, s.p90_us, s.max_us
-        );
+        println!("{:<28} {:>9.0} us {:>9.0} us {:>9.0} us", name, s.median_us, s.p90_us, s.max_us);
     }
     if let Some(i) = &r.idle {
         println!(

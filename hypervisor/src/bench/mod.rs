@@ -4,6 +4,8 @@
 //! because the machines they run on are shared and noisy.
 
 pub mod boot;
+pub mod plot;
+pub mod restore;
 pub mod stats;
 pub mod store;
 
@@ -15,6 +17,8 @@ use crate::cli::CliError;
 pub enum BenchCommand {
     /// VM creation, time to first guest exit and to guest exit for `hello`; idle VM density.
     Boot(boot::BootBenchArgs),
+    /// Restore by mode (resident, eager, lazy, lazy with prefetch), side by side.
+    Restore(restore::RestoreBenchArgs),
     /// Snapshot store throughput, compression, random reads and dedup of clones.
     Store(store::BenchStoreArgs),
 }
@@ -22,8 +26,7 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::Boot(args) => boot::run(args),
-        BenchCommand::Store(args) => {
-            store::run(args).map_err(|e| CliError::Internal(e.to_string()))
-        }
+        BenchCommand::Restore(args) => restore::run(args),
+        BenchCommand::Store(args) => store::run(args).map_err(|e| CliError::Internal(e.to_string())),
     }
 }

@@ -47,10 +47,7 @@ pub fn run(args: BenchStoreArgs) -> Result<(), storage::StoreError> {
     };
     let r = storage::bench::run(&cfg)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-        );
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")));
     } else {
         print!("{}", table(&r));
     }
@@ -70,33 +67,11 @@ pub fn table(r: &BenchResult) -> String {
         r.zstd_level,
         r.threads
     );
-    let _ = writeln!(
-        t,
-        "write              {:>10.0} MB/s (zero fraction {:.2})",
-        r.write_mb_s, r.zero_fraction
-    );
-    let _ = writeln!(
-        t,
-        "stored             {:>10.1} MB   (ratio {:.2}x)",
-        mb(r.stored_bytes),
-        r.compression_ratio
-    );
-    let _ = writeln!(
-        t,
-        "on disk            {:>10.1} MB   ({:.3}x stored)",
-        mb(r.disk_bytes),
-        r.disk_overhead
-    );
-    let _ = writeln!(
-        t,
-        "random chunk read  {:>10.1} us median, {:.1} us p99",
-        r.read_median_us, r.read_p99_us
-    );
-    let _ = writeln!(
-        t,
-        "full restore read  {:>10.0} MB/s (one thread)",
-        r.restore_mb_s
-    );
+    let _ = writeln!(t, "write              {:>10.0} MB/s (zero fraction {:.2})", r.write_mb_s, r.zero_fraction);
+    let _ = writeln!(t, "stored             {:>10.1} MB   (ratio {:.2}x)", mb(r.stored_bytes), r.compression_ratio);
+    let _ = writeln!(t, "on disk            {:>10.1} MB   ({:.3}x stored)", mb(r.disk_bytes), r.disk_overhead);
+    let _ = writeln!(t, "random chunk read  {:>10.1} us median, {:.1} us p99", r.read_median_us, r.read_p99_us);
+    let _ = writeln!(t, "full restore read  {:>10.0} MB/s (one thread)", r.restore_mb_s);
     let _ = writeln!(
         t,
         "{} clones (1% pages changed): +{:.1} MB stored, +{:.1} MB on disk; final {:.3}x stored",

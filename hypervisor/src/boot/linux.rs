@@ -50,42 +50,27 @@ pub struct LoadedKernel {
 #[derive(Debug, Error)]
 pub enum LinuxBootError {
     #[error("kernel {path}: {source}")]
-    KernelFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("kernel {path} is not a kernel: no bzImage header (\"HdrS\" at 0x202) and no ELF magic; it starts with {found}")]
-    NotAKernel { path: PathBuf, found: String },
+    KernelFile { path: PathBuf, source: std::io::Error },
     #[error(
-        "kernel {path} speaks boot protocol {major}.{minor:02}; snapvisor needs 2.06 or later"
+        "kernel {path} is not a kernel: no bzImage header (\"HdrS\" at 0x202) and no ELF magic; it starts with {found}"
     )]
-    ProtocolTooOld {
-        path: PathBuf,
-        major: u16,
-        minor: u16,
-    },
-    #[error("kernel {path} cannot be loaded high (loadflags {flags:#x}) or has no 64-bit entry (xloadflags {xflags:#x})")]
-    Not64Bit {
-        path: PathBuf,
-        flags: u8,
-        xflags: u16,
-    },
-    #[error("kernel {path} ({size} bytes) does not fit in guest memory ({room} bytes from 1 MiB): give the VM more memory")]
+    NotAKernel { path: PathBuf, found: String },
+    #[error("kernel {path} speaks boot protocol {major}.{minor:02}; snapvisor needs 2.06 or later")]
+    ProtocolTooOld { path: PathBuf, major: u16, minor: u16 },
+    #[error(
+        "kernel {path} cannot be loaded high (loadflags {flags:#x}) or has no 64-bit entry (xloadflags {xflags:#x})"
+    )]
+    Not64Bit { path: PathBuf, flags: u8, xflags: u16 },
+    #[error(
+        "kernel {path} ({size} bytes) does not fit in guest memory ({room} bytes from 1 MiB): give the VM more memory"
+    )]
     KernelTooLarge { path: PathBuf, size: u64, room: u64 },
     #[error("loading kernel {path}: {reason}")]
     Load { path: PathBuf, reason: String },
     #[error("initrd {path}: {source}")]
-    InitrdFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    InitrdFile { path: PathBuf, source: std::io::Error },
     #[error("initrd {path} ({size} bytes) does not fit between the kernel's end ({kernel_end:#x}) and {limit:#x}: give the VM more memory")]
-    InitrdTooLarge {
-        path: PathBuf,
-        size: u64,
-        kernel_end: u64,
-        limit: u64,
-    },
+    InitrdTooLarge { path: PathBuf, size: u64, kernel_end: u64, limit: u64 },
     #[error("kernel command line of {len} bytes is longer than the kernel accepts ({max} bytes with its NUL)")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("kernel command line: {0}")]
@@ -93,11 +78,7 @@ pub enum LinuxBootError {
     #[error("{count} e820 entries; the zero page holds at most 128")]
     TooManyE820 { count: usize },
     #[error("writing {what} into guest memory at {addr:#x}: {reason}")]
-    GuestMemory {
-        what: &'static str,
-        addr: u64,
-        reason: String,
-    },
+    GuestMemory { what: &'static str, addr: u64, reason: String },
 }
 
 /// boot_params as plain bytes for vm-memory.
@@ -121,24 +102,16 @@ const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
 fn low_ram_end(e820: &[E820Entry]) -> u64 {
     e820.iter()
-        .filter(|e| {
-            e.kind == 1 && e.addr <= layout::HIMEM_START && e.addr + e.size > layout::HIMEM_START
-        })
+        .filter(|e| e.kind == 1 && e.addr <= layout::HIMEM_START && e.addr + e.size > layout::HIMEM_START)
         .map(|e| e.addr + e.size)
         .max()
         .unwrap_or(layout::HIMEM_START)
 }
 
 /// Loads the kernel, command line and initrd and writes the zero page.
-pub fn load_linux(
-    mem: &GuestMemoryMmap,
-    cfg: &LinuxBootConfig,
-) -> Result<LoadedKernel, LinuxBootError> {
+pub fn load_linux(mem: &GuestMemoryMmap, cfg: &LinuxBootConfig) -> Result<LoadedKernel, LinuxBootError> {
     let kpath = cfg.kernel.to_path_buf();
-    let kerr = |source| LinuxBootError::KernelFile {
-        path: kpath.clone(),
-        source,
-    };
+    let kerr = |source| LinuxBootError::KernelFile { path: kpath.clone(), source };
     let mut file = File::open(cfg.kernel).map_err(kerr)?;
     let size = file.metadata().map_err(kerr)?.len();
     let mut head = vec![0u8; 0x300];
@@ -150,54 +123,29 @@ pub fn load_linux(
     let is_bzimage = head.get(0x202..0x206) == Some(HDRS.as_slice());
     let is_elf = head.get(0..4) == Some(ELF_MAGIC.as_slice());
     if !is_bzimage && !is_elf {
-        let found = head
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let found = head.iter().take(8).map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
         return Err(LinuxBootError::NotAKernel {
             path: kpath,
-            found: if found.is_empty() {
-                "nothing (empty file)".into()
-            } else {
-                found
-            },
+            found: if found.is_empty() { "nothing (empty file)".into() } else { found },
         });
     }
     if size > room {
-        return Err(LinuxBootError::KernelTooLarge {
-            path: kpath,
-            size,
-            room,
-        });
+        return Err(LinuxBootError::KernelTooLarge { path: kpath, size, room });
     }
-    let load_err = |e: linux_loader::loader::Error| LinuxBootError::Load {
-        path: kpath.clone(),
-        reason: e.to_string(),
-    };
+    let load_err = |e: linux_loader::loader::Error| LinuxBootError::Load { path: kpath.clone(), reason: e.to_string() };
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let (entry, kernel_end, header) = if is_bzimage {
         let version = u16::from_le_bytes([head[0x206], head[0x207]]);
         if version < 0x206 {
-            return Err(LinuxBootError::ProtocolTooOld {
-                path: kpath,
-                major: version >> 8,
-                minor: version & 0xff,
-            });
+            return Err(LinuxBootError::ProtocolTooOld { path: kpath, major: version >> 8, minor: version & 0xff });
         }
         let r = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
-        let hdr = r.setup_header.ok_or_else(|| LinuxBootError::Load {
-            path: kpath.clone(),
-            reason: "no setup header".into(),
-        })?;
+        let hdr = r
+            .setup_header
+            .ok_or_else(|| LinuxBootError::Load { path: kpath.clone(), reason: "no setup header".into() })?;
         let (flags, xflags) = (hdr.loadflags, hdr.xloadflags);
         if flags & LOADED_HIGH == 0 || xflags & XLF_KERNEL_64 == 0 {
-            return Err(LinuxBootError::Not64Bit {
-                path: kpath,
-                flags,
-                xflags,
-            });
+            return Err(LinuxBootError::Not64Bit { path: kpath, flags, xflags });
         }
         (r.kernel_load.0 + 0x200, r.kernel_end, Some(hdr))
     } else {
@@ -223,33 +171,23 @@ pub fn load_linux(
         _ => DEFAULT_CMDLINE_MAX,
     };
     if cfg.cmdline.len() + 1 > max {
-        return Err(LinuxBootError::CmdlineTooLong {
-            len: cfg.cmdline.len(),
-            max,
-        });
+        return Err(LinuxBootError::CmdlineTooLong { len: cfg.cmdline.len(), max });
     }
     let mut cmdline = Cmdline::new(max).map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
     if !cfg.cmdline.is_empty() {
-        cmdline
-            .insert_str(cfg.cmdline)
-            .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+        cmdline.insert_str(cfg.cmdline).map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
     }
-    load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline).map_err(|e| {
-        LinuxBootError::GuestMemory {
-            what: "the command line",
-            addr: layout::CMDLINE,
-            reason: e.to_string(),
-        }
+    load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline).map_err(|e| LinuxBootError::GuestMemory {
+        what: "the command line",
+        addr: layout::CMDLINE,
+        reason: e.to_string(),
     })?;
     p.hdr.cmd_line_ptr = layout::CMDLINE as u32;
     p.hdr.cmdline_size = (cfg.cmdline.len() + 1) as u32;
 
     // Initrd: page-aligned, as high as the kernel allows in low RAM.
     if let Some(ipath) = cfg.initrd {
-        let ierr = |source| LinuxBootError::InitrdFile {
-            path: ipath.to_path_buf(),
-            source,
-        };
+        let ierr = |source| LinuxBootError::InitrdFile { path: ipath.to_path_buf(), source };
         let data = std::fs::read(ipath).map_err(ierr)?;
         let addr_max = header.map_or(DEFAULT_INITRD_ADDR_MAX, |h| u64::from(h.initrd_addr_max));
         let limit = low_end.min(addr_max + 1);
@@ -266,42 +204,30 @@ pub fn load_linux(
                 });
             }
         };
-        mem.write_slice(&data, GuestAddress(addr))
-            .map_err(|e| LinuxBootError::GuestMemory {
-                what: "the initrd",
-                addr,
-                reason: e.to_string(),
-            })?;
+        mem.write_slice(&data, GuestAddress(addr)).map_err(|e| LinuxBootError::GuestMemory {
+            what: "the initrd",
+            addr,
+            reason: e.to_string(),
+        })?;
         p.hdr.ramdisk_image = addr as u32;
         p.hdr.ramdisk_size = isize as u32;
     }
 
     // e820.
     if cfg.e820.len() > p.e820_table.len() {
-        return Err(LinuxBootError::TooManyE820 {
-            count: cfg.e820.len(),
-        });
+        return Err(LinuxBootError::TooManyE820 { count: cfg.e820.len() });
     }
     for (slot, e) in p.e820_table.iter_mut().zip(cfg.e820) {
-        *slot = boot_e820_entry {
-            addr: e.addr,
-            size: e.size,
-            r#type: e.kind,
-        };
+        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind };
     }
     p.e820_entries = cfg.e820.len() as u8;
 
-    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE))
-        .map_err(|e| LinuxBootError::GuestMemory {
-            what: "the zero page",
-            addr: layout::ZERO_PAGE,
-            reason: e.to_string(),
-        })?;
-    Ok(LoadedKernel {
-        entry,
-        boot_params: layout::ZERO_PAGE,
-        kernel_end,
-    })
+    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE)).map_err(|e| LinuxBootError::GuestMemory {
+        what: "the zero page",
+        addr: layout::ZERO_PAGE,
+        reason: e.to_string(),
+    })?;
+    Ok(LoadedKernel { entry, boot_params: layout::ZERO_PAGE, kernel_end })
 }
 
 #[cfg(test)]
@@ -314,16 +240,8 @@ mod tests {
 
     fn e820(mib: u64) -> Vec<E820Entry> {
         vec![
-            E820Entry {
-                addr: 0,
-                size: 0x9fc00,
-                kind: 1,
-            },
-            E820Entry {
-                addr: 0x10_0000,
-                size: (mib << 20) - 0x10_0000,
-                kind: 1,
-            },
+            E820Entry { addr: 0, size: 0x9fc00, kind: 1 },
+            E820Entry { addr: 0x10_0000, size: (mib << 20) - 0x10_0000, kind: 1 },
         ]
     }
 
@@ -356,36 +274,21 @@ mod tests {
         let i = file(&dir, "i", &[0x5a; 10_000]);
         let m = mem(64);
         let e = e820(64);
-        let l = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &k,
-                initrd: Some(&i),
-                cmdline: "console=ttyS0",
-                e820: &e,
-            },
-        )
-        .expect("load");
+        let l = load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: Some(&i), cmdline: "console=ttyS0", e820: &e })
+            .expect("load");
         assert_eq!(l.entry, 0x10_0200);
         let zp: ZeroPage = m.read_obj(GuestAddress(l.boot_params)).expect("zero page");
         let p = zp.0;
-        let (ptr, img, isz, n, tl) = (
-            p.hdr.cmd_line_ptr,
-            p.hdr.ramdisk_image,
-            p.hdr.ramdisk_size,
-            p.e820_entries,
-            p.hdr.type_of_loader,
-        );
+        let (ptr, img, isz, n, tl) =
+            (p.hdr.cmd_line_ptr, p.hdr.ramdisk_image, p.hdr.ramdisk_size, p.e820_entries, p.hdr.type_of_loader);
         let mut cl = [0u8; 14];
-        m.read_slice(&mut cl, GuestAddress(u64::from(ptr)))
-            .expect("cmdline");
+        m.read_slice(&mut cl, GuestAddress(u64::from(ptr))).expect("cmdline");
         assert_eq!(&cl, b"console=ttyS0\0");
         assert_eq!(isz, 10_000);
         assert_eq!(u64::from(img) % 4096, 0);
         assert!(u64::from(img) + 10_000 <= 64 << 20);
         let mut first = [0u8; 1];
-        m.read_slice(&mut first, GuestAddress(u64::from(img)))
-            .expect("initrd");
+        m.read_slice(&mut first, GuestAddress(u64::from(img))).expect("initrd");
         assert_eq!(first[0], 0x5a);
         assert_eq!(n, 2);
         assert_eq!(tl, 0xff);
@@ -398,66 +301,20 @@ mod tests {
         let e = e820(16);
         let cfg = |k: &'static str| (dir.path().join(k), e.clone());
         let (missing, e1) = cfg("missing");
-        let r = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &missing,
-                initrd: None,
-                cmdline: "",
-                e820: &e1,
-            },
-        );
+        let r = load_linux(&m, &LinuxBootConfig { kernel: &missing, initrd: None, cmdline: "", e820: &e1 });
         assert!(matches!(r, Err(LinuxBootError::KernelFile { .. })));
         let junk = file(&dir, "junk", &[1, 2, 3, 4, 5]);
-        let err = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &junk,
-                initrd: None,
-                cmdline: "",
-                e820: &e,
-            },
-        )
-        .expect_err("junk");
-        assert!(
-            err.to_string().contains("is not a kernel")
-                && err.to_string().contains("01 02 03 04 05"),
-            "{err}"
-        );
+        let err =
+            load_linux(&m, &LinuxBootConfig { kernel: &junk, initrd: None, cmdline: "", e820: &e }).expect_err("junk");
+        assert!(err.to_string().contains("is not a kernel") && err.to_string().contains("01 02 03 04 05"), "{err}");
         let old = file(&dir, "old", &bzimage(0x204, 1024));
-        let err = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &old,
-                initrd: None,
-                cmdline: "",
-                e820: &e,
-            },
-        )
-        .expect_err("old");
-        assert!(matches!(
-            err,
-            LinuxBootError::ProtocolTooOld {
-                major: 2,
-                minor: 4,
-                ..
-            }
-        ));
+        let err =
+            load_linux(&m, &LinuxBootConfig { kernel: &old, initrd: None, cmdline: "", e820: &e }).expect_err("old");
+        assert!(matches!(err, LinuxBootError::ProtocolTooOld { major: 2, minor: 4, .. }));
         let big = file(&dir, "big", &bzimage(0x20f, 20 << 20));
-        let err = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &big,
-                initrd: None,
-                cmdline: "",
-                e820: &e,
-            },
-        )
-        .expect_err("big");
-        assert!(
-            matches!(err, LinuxBootError::KernelTooLarge { .. }),
-            "{err}"
-        );
+        let err =
+            load_linux(&m, &LinuxBootConfig { kernel: &big, initrd: None, cmdline: "", e820: &e }).expect_err("big");
+        assert!(matches!(err, LinuxBootError::KernelTooLarge { .. }), "{err}");
     }
 
     #[test]
@@ -467,66 +324,21 @@ mod tests {
         let m = mem(16);
         let e = e820(16);
         let long = "x".repeat(4000);
-        let err = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &k,
-                initrd: None,
-                cmdline: &long,
-                e820: &e,
-            },
-        )
-        .expect_err("long");
-        assert!(matches!(
-            err,
-            LinuxBootError::CmdlineTooLong {
-                len: 4000,
-                max: 2048
-            }
-        ));
+        let err =
+            load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: None, cmdline: &long, e820: &e }).expect_err("long");
+        assert!(matches!(err, LinuxBootError::CmdlineTooLong { len: 4000, max: 2048 }));
         let huge = file(&dir, "huge", &vec![0u8; 15 << 20]);
-        let err = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &k,
-                initrd: Some(&huge),
-                cmdline: "",
-                e820: &e,
-            },
-        )
-        .expect_err("initrd");
+        let err = load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: Some(&huge), cmdline: "", e820: &e })
+            .expect_err("initrd");
         assert!(matches!(err, LinuxBootError::InitrdTooLarge { .. }));
         let missing = dir.path().join("nope");
-        let err = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &k,
-                initrd: Some(&missing),
-                cmdline: "",
-                e820: &e,
-            },
-        )
-        .expect_err("missing");
+        let err = load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: Some(&missing), cmdline: "", e820: &e })
+            .expect_err("missing");
         assert!(err.to_string().contains("nope"));
         let mut many = e.clone();
-        many.extend(vec![
-            E820Entry {
-                addr: 0xf000_0000,
-                size: 4096,
-                kind: 2
-            };
-            127
-        ]);
-        let err = load_linux(
-            &m,
-            &LinuxBootConfig {
-                kernel: &k,
-                initrd: None,
-                cmdline: "",
-                e820: &many,
-            },
-        )
-        .expect_err("e820");
+        many.extend(vec![E820Entry { addr: 0xf000_0000, size: 4096, kind: 2 }; 127]);
+        let err =
+            load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: None, cmdline: "", e820: &many }).expect_err("e820");
         assert!(matches!(err, LinuxBootError::TooManyE820 { count: 129 }));
     }
 }

@@ -78,10 +78,7 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVISOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Runs a parsed command line.
@@ -89,14 +86,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::run(args),
-        Command::Store(args) => {
-            store::run(args)
-                .map(|()| ExitCode::SUCCESS)
-                .map_err(|e| CliError::Status {
-                    message: e.to_string(),
-                    code: e.exit_code(),
-                })
-        }
+        Command::Store(args) => store::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| CliError::Status { message: e.to_string(), code: e.exit_code() }),
         Command::Bench(cmd) => crate::bench::run(cmd).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -65,18 +65,9 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
     tracing::info!(ready_ms = report.ready_ms, mode = ?report.mode, "restored");
     vm.start().map_err(super::run::vm_error)?;
     if let Some(ms) = args.record_working_set_ms {
-        if vm
-            .control()
-            .wait_exit(Some(Duration::from_millis(ms)))
-            .is_none()
-            || vm.page_server().is_some()
-        {
-            let n = snapshot::restore::record_working_set(&vm, &store, &args.name)
-                .map_err(snapshot_error)?;
-            eprintln!(
-                "snapvisor: recorded a working set of {n} chunks for '{}'",
-                args.name
-            );
+        if vm.control().wait_exit(Some(Duration::from_millis(ms))).is_none() || vm.page_server().is_some() {
+            let n = snapshot::restore::record_working_set(&vm, &store, &args.name).map_err(snapshot_error)?;
+            eprintln!("snapvisor: recorded a working set of {n} chunks for '{}'", args.name);
         }
     }
     Ok(finish(&mut vm, timeout))

@@ -25,11 +25,7 @@ pub struct RunArgs {
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(
-        long,
-        requires = "kernel",
-        default_value = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 noapic"
-    )]
+    #[arg(long, requires = "kernel", default_value = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 noapic")]
     pub cmdline: String,
     /// Guest memory in MiB.
     #[arg(long)]
@@ -81,16 +77,11 @@ pub struct SnapshotArgs {
 pub fn fw_cfg_files(args: &[String]) -> Result<Vec<FwCfgFile>, CliError> {
     args.iter()
         .map(|a| {
-            let (name, path) = a.split_once('=').ok_or_else(|| {
-                CliError::Input(format!("--fw-cfg-file {a:?}: expected NAME=PATH"))
-            })?;
-            let data = std::fs::read(path).map_err(|e| {
-                CliError::Input(format!("--fw-cfg-file {name}: reading {path}: {e}"))
-            })?;
-            Ok(FwCfgFile {
-                name: name.to_string(),
-                data,
-            })
+            let (name, path) =
+                a.split_once('=').ok_or_else(|| CliError::Input(format!("--fw-cfg-file {a:?}: expected NAME=PATH")))?;
+            let data = std::fs::read(path)
+                .map_err(|e| CliError::Input(format!("--fw-cfg-file {name}: reading {path}: {e}")))?;
+            Ok(FwCfgFile { name: name.to_string(), data })
         })
         .collect()
 }
@@ -100,11 +91,7 @@ impl RunArgs {
         match (&self.builtin, &self.kernel) {
             (Some(guest), _) => BootSource::Builtin {
                 guest: *guest,
-                params: BuiltinParams {
-                    seed: self.seed,
-                    passes: self.passes,
-                    mode: self.mode,
-                },
+                params: BuiltinParams { seed: self.seed, passes: self.passes, mode: self.mode, ..Default::default() },
             },
             (None, kernel) => BootSource::Kernel {
                 kernel: kernel.clone().unwrap_or_default(),
@@ -132,9 +119,7 @@ pub fn vm_error(e: VmError) -> CliError {
         | VmError::VcpuCount { .. }
         | VmError::Boot(_)
         | VmError::Guest(_)
-        | VmError::Devices(crate::machine::MachineError::File { .. }) => {
-            CliError::Input(e.to_string())
-        }
+        | VmError::Devices(crate::machine::MachineError::File { .. }) => CliError::Input(e.to_string()),
         _ => CliError::Internal(e.to_string()),
     }
 }
@@ -178,26 +163,16 @@ pub fn finish(vm: &mut Vm, timeout: Option<Duration>) -> ExitCode {
 
 pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let timeout = args.timeout()?;
-    let mut cfg = VmConfig::new(
-        args.mem_mib,
-        args.vcpus,
-        args.boot_source(),
-        Box::new(std::io::stdout()),
-    );
+    let mut cfg = VmConfig::new(args.mem_mib, args.vcpus, args.boot_source(), Box::new(std::io::stdout()));
     cfg.fw_cfg_files = fw_cfg_files(&args.fw_cfg_files)?;
     let store = match &args.snapshot.store {
         Some(dir) => Some(
-            storage::Store::open(dir)
-                .map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?,
+            storage::Store::open(dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?,
         ),
         None => None,
     };
     let mut vm = Vm::new(cfg).map_err(vm_error)?;
-    let snap = args
-        .snapshot
-        .snapshot_after_ms
-        .zip(store)
-        .zip(args.snapshot.name.clone());
+    let snap = args.snapshot.snapshot_after_ms.zip(store).zip(args.snapshot.name.clone());
     if let Some(((0, store), name)) = &snap {
         take_snapshot(&vm, store, name, &args.snapshot)?;
     }
@@ -208,9 +183,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
             if vm.control().wait_exit(Some(deadline)).is_none() {
                 take_snapshot(&vm, store, name, &args.snapshot)?;
             } else {
-                return Err(CliError::Input(format!(
-                    "the guest ended before the snapshot at {after} ms"
-                )));
+                return Err(CliError::Input(format!("the guest ended before the snapshot at {after} ms")));
             }
         }
         if args.snapshot.exit_after_snapshot {
@@ -221,23 +194,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     Ok(finish(&mut vm, timeout))
 }
 
-fn take_snapshot(
-    vm: &Vm,
-    store: &storage::Store,
-    name: &str,
-    a: &SnapshotArgs,
-) -> Result<(), CliError> {
-    let opts = SaveOptions {
-        live: a.live,
-        ..Default::default()
-    };
+fn take_snapshot(vm: &Vm, store: &storage::Store, name: &str, a: &SnapshotArgs) -> Result<(), CliError> {
+    let opts = SaveOptions { live: a.live, ..Default::default() };
     let report = snapshot::save(vm, store, name, &opts, &|p| {
-        tracing::info!(
-            round = p.round,
-            bytes = p.bytes_copied,
-            dirty = p.dirty_chunks,
-            "snapshot progress"
-        );
+        tracing::info!(round = p.round, bytes = p.bytes_copied, dirty = p.dirty_chunks, "snapshot progress");
     })
     .map_err(snapshot_error)?;
     eprintln!(

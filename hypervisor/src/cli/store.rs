@@ -51,9 +51,7 @@ impl StoreCliError {
         match self {
             StoreCliError::Input(_) => 2,
             StoreCliError::Corrupt(_) => 1,
-            StoreCliError::Store(
-                storage::StoreError::NoStore(_) | storage::StoreError::Name(_),
-            ) => 2,
+            StoreCliError::Store(storage::StoreError::NoStore(_) | storage::StoreError::Name(_)) => 2,
             StoreCliError::Store(storage::StoreError::NotFound(_)) => 2,
             StoreCliError::Store(_) => 125,
         }
@@ -84,16 +82,12 @@ pub fn human(bytes: u64) -> String {
 }
 
 fn json(v: Result<serde_json::Value, serde_json::Error>) -> String {
-    v.and_then(|v| serde_json::to_string_pretty(&v))
-        .map_or_else(|e| format!("{{\"error\": \"{e}\"}}\n"), |s| s + "\n")
+    v.and_then(|v| serde_json::to_string_pretty(&v)).map_or_else(|e| format!("{{\"error\": \"{e}\"}}\n"), |s| s + "\n")
 }
 
 /// Produces the output text, and the command's result (a failed verify still has output).
 pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), StoreCliError> {
-    let dir = args
-        .store
-        .as_ref()
-        .ok_or_else(|| StoreCliError::Input("--store DIR is required".into()))?;
+    let dir = args.store.as_ref().ok_or_else(|| StoreCliError::Input("--store DIR is required".into()))?;
     let store = Store::open_existing(dir)?;
     let mut out = String::new();
     let mut result = Ok(());
@@ -128,11 +122,7 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
                         human(r["state_bytes"].as_u64().unwrap_or(0)),
                         r["attachments"]
                             .as_array()
-                            .map(|a| a
-                                .iter()
-                                .filter_map(|v| v.as_str())
-                                .collect::<Vec<_>>()
-                                .join(","))
+                            .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(","))
                             .unwrap_or_default(),
                     );
                 }
@@ -188,12 +178,7 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
                     );
                 }
                 for a in &atts {
-                    let _ = writeln!(
-                        out,
-                        "attachment {} ({} bytes)",
-                        a["name"].as_str().unwrap_or(""),
-                        a["bytes"]
-                    );
+                    let _ = writeln!(out, "attachment {} ({} bytes)", a["name"].as_str().unwrap_or(""), a["bytes"]);
                 }
             }
         }
@@ -208,14 +193,8 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
             } else {
                 for r in &reports {
                     let status = if r.ok() { "ok" } else { "CORRUPT" };
-                    let _ = writeln!(
-                        out,
-                        "{:<32} {:<8} {:>8} chunks {:>12}",
-                        r.snapshot,
-                        status,
-                        r.chunks,
-                        human(r.bytes)
-                    );
+                    let _ =
+                        writeln!(out, "{:<32} {:<8} {:>8} chunks {:>12}", r.snapshot, status, r.chunks, human(r.bytes));
                     for e in &r.errors {
                         let _ = writeln!(out, "  {e}");
                     }
@@ -230,7 +209,15 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
             if args.json {
                 out = json(serde_json::to_value(r));
             } else {
-                let _ = writeln!(out, "removed {} chunks ({} stored), kept {}, removed {} orphaned attachments, freed {} on disk", r.chunks_removed, human(r.bytes_removed), r.chunks_kept, r.attachments_removed, human(r.disk_bytes_freed));
+                let _ = writeln!(
+                    out,
+                    "removed {} chunks ({} stored), kept {}, removed {} orphaned attachments, freed {} on disk",
+                    r.chunks_removed,
+                    human(r.bytes_removed),
+                    r.chunks_kept,
+                    r.attachments_removed,
+                    human(r.disk_bytes_freed)
+                );
             }
         }
         StoreCommand::Du => {
@@ -243,12 +230,7 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
             } else {
                 let ratio = (u.logical_bytes - u.zero_bytes) as f64 / u.stored_bytes.max(1) as f64;
                 let _ = writeln!(out, "snapshots        {}", u.snapshots);
-                let _ = writeln!(
-                    out,
-                    "guest memory     {} ({} zero)",
-                    human(u.logical_bytes),
-                    human(u.zero_bytes)
-                );
+                let _ = writeln!(out, "guest memory     {} ({} zero)", human(u.logical_bytes), human(u.zero_bytes));
                 let _ = writeln!(
                     out,
                     "stored chunks    {} in {} (non-zero memory / stored = {ratio:.2}x)",
@@ -256,12 +238,7 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
                     human(u.stored_bytes)
                 );
                 let _ = writeln!(out, "metadata         {}", human(u.metadata_bytes));
-                let _ = writeln!(
-                    out,
-                    "on disk          {} ({:.3}x stored)",
-                    human(u.disk_bytes),
-                    u.overhead()
-                );
+                let _ = writeln!(out, "on disk          {} ({:.3}x stored)", human(u.disk_bytes), u.overhead());
             }
         }
     }

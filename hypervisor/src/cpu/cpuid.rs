@@ -12,8 +12,7 @@ const LEAF1_EDX_HTT: u32 = 1 << 28;
 
 /// Reads the CPUID table KVM supports on this host, once per VM.
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuError::SupportedCpuid)
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuError::SupportedCpuid)
 }
 
 /// Returns the CPUID table for vCPU `id` of `count`: one socket of `count` cores, one thread
@@ -69,21 +68,9 @@ mod tests {
 
     fn table() -> CpuId {
         let entries = [
-            kvm_cpuid_entry2 {
-                function: 1,
-                ebx: 0xdead_0800,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xb,
-                index: 0,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xb,
-                index: 1,
-                ..Default::default()
-            },
+            kvm_cpuid_entry2 { function: 1, ebx: 0xdead_0800, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
         ];
         CpuId::from_entries(&entries).expect("three entries fit")
     }
@@ -94,11 +81,7 @@ mod tests {
         let l1 = c.as_slice()[0];
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
-        assert_eq!(
-            l1.ebx & 0xffff,
-            0x0800,
-            "CLFLUSH size and brand index are kept"
-        );
+        assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size and brand index are kept");
         assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
     }

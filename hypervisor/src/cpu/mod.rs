@@ -24,18 +24,9 @@ pub enum CpuError {
     #[error("building the MSR list for vCPU {vcpu}: {reason}")]
     MsrList { vcpu: u8, reason: String },
     #[error("KVM_SET_MSRS on vCPU {vcpu} wrote {written} of {wanted} MSRs (first refused: {refused:#x})")]
-    SetMsrs {
-        vcpu: u8,
-        written: usize,
-        wanted: usize,
-        refused: u32,
-    },
+    SetMsrs { vcpu: u8, written: usize, wanted: usize, refused: u32 },
     #[error("{what} on vCPU {vcpu} failed: {source}")]
-    Ioctl {
-        vcpu: u8,
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Ioctl { vcpu: u8, what: &'static str, source: kvm_ioctls::Error },
     #[error("writing boot structures into guest memory at {addr:#x}: {reason}")]
     GuestMemory { addr: u64, reason: String },
 }

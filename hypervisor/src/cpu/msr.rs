@@ -24,9 +24,7 @@ const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
 
 /// The MSRs KVM can save and restore on this host.
 pub fn index_list(kvm: &Kvm) -> Result<Vec<u32>, CpuError> {
-    kvm.get_msr_index_list()
-        .map(|l| l.as_slice().to_vec())
-        .map_err(CpuError::MsrIndexList)
+    kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).map_err(CpuError::MsrIndexList)
 }
 
 /// The boot values snapvisor sets, filtered to the MSRs in `supported`.
@@ -46,26 +44,15 @@ pub fn boot_entries(supported: &[u32]) -> Vec<kvm_msr_entry> {
     ]
     .into_iter()
     .filter(|(index, _)| supported.contains(index))
-    .map(|(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
+    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
     .collect()
 }
 
 /// Writes the boot MSRs to `vcpu`; every one must be accepted.
 pub fn set_boot_msrs(vcpu: &VcpuFd, id: u8, supported: &[u32]) -> Result<(), CpuError> {
     let entries = boot_entries(supported);
-    let msrs = Msrs::from_entries(&entries).map_err(|e| CpuError::MsrList {
-        vcpu: id,
-        reason: format!("{e:?}"),
-    })?;
-    let written = vcpu.set_msrs(&msrs).map_err(|source| CpuError::Ioctl {
-        vcpu: id,
-        what: "KVM_SET_MSRS",
-        source,
-    })?;
+    let msrs = Msrs::from_entries(&entries).map_err(|e| CpuError::MsrList { vcpu: id, reason: format!("{e:?}") })?;
+    let written = vcpu.set_msrs(&msrs).map_err(|source| CpuError::Ioctl { vcpu: id, what: "KVM_SET_MSRS", source })?;
     if written != entries.len() {
         return Err(CpuError::SetMsrs {
             vcpu: id,

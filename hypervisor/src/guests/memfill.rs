@@ -16,7 +16,7 @@
 use iced_x86::code_asm::*;
 
 use super::asm::{begin, print, Io, Runtime, Strings};
-use super::BOOT_INFO_MAGIC;
+use super::{BOOT_INFO_MAGIC, INFO_MODE, INFO_NRANGES, INFO_PASSES, INFO_RANGES, INFO_SEED};
 use crate::layout;
 
 /// The pattern's multiplier (2^64 / golden ratio).
@@ -30,14 +30,11 @@ pub fn pattern(addr: u64, seed: u64) -> u64 {
 
 /// The checksum a pass with `seed` prints over `ranges`.
 pub fn checksum(ranges: &[(u64, u64)], seed: u64) -> u64 {
-    ranges
-        .iter()
-        .flat_map(|&(s, e)| (s..e).step_by(8))
-        .fold(0u64, |sum, a| sum.wrapping_add(pattern(a, seed)))
+    ranges.iter().flat_map(|&(s, e)| (s..e).step_by(8)).fold(0u64, |sum, a| sum.wrapping_add(pattern(a, seed)))
 }
 
 /// rax = pattern(rdi, seed_reg); clobbers rdx.
-fn emit_pattern(a: &mut CodeAssembler, seed: AsmRegister64) -> Result<(), IcedError> {
+pub(super) fn emit_pattern(a: &mut CodeAssembler, seed: AsmRegister64) -> Result<(), IcedError> {
     a.mov(rax, rdi)?;
     a.xor(rax, seed)?;
     a.imul_2(rax, r15)?;
@@ -75,12 +72,12 @@ fn emit_sweep(a: &mut CodeAssembler, sweep: Sweep) -> Result<(), IcedError> {
     let mut done = a.create_label();
     a.xor(r9d, r9d)?;
     a.set_label(&mut range)?;
-    a.cmp(r9, qword_ptr(rbp + 32))?;
+    a.cmp(r9, qword_ptr(rbp + INFO_NRANGES))?;
     a.jae(done)?;
     a.mov(rcx, r9)?;
     a.shl(rcx, 4)?;
-    a.mov(rdi, qword_ptr(rbp + rcx + 40))?;
-    a.mov(rsi, qword_ptr(rbp + rcx + 48))?;
+    a.mov(rdi, qword_ptr(rbp + rcx + INFO_RANGES))?;
+    a.mov(rsi, qword_ptr(rbp + rcx + INFO_RANGES + 8))?;
     a.cmp(rdi, rsi)?;
     a.jae(next_range)?;
     a.set_label(&mut word)?;
@@ -157,11 +154,11 @@ pub fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jne(bad_info)?;
     a.mov(r15, MULTIPLIER)?;
     a.xor(r12d, r12d)?;
-    a.cmp(qword_ptr(rbp + 24), 1)?;
+    a.cmp(qword_ptr(rbp + INFO_MODE), 1)?;
     a.je(verify)?;
 
     a.set_label(&mut pass)?;
-    a.mov(r14, qword_ptr(rbp + 8))?;
+    a.mov(r14, qword_ptr(rbp + INFO_SEED))?;
     a.add(r14, r12)?;
     a.lea(r8, qword_ptr(r14 - 1))?;
     a.xor(r13d, r13d)?;
@@ -181,7 +178,7 @@ pub fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.test(r10, r10)?;
     a.jnz(fail)?;
     a.inc(r12)?;
-    a.mov(rax, qword_ptr(rbp + 16))?;
+    a.mov(rax, qword_ptr(rbp + INFO_PASSES))?;
     a.test(rax, rax)?;
     a.jz(pass)?;
     a.cmp(r12, rax)?;
@@ -190,7 +187,7 @@ pub fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jmp(rt.exit)?;
 
     a.set_label(&mut verify)?;
-    a.mov(r14, qword_ptr(rbp + 8))?;
+    a.mov(r14, qword_ptr(rbp + INFO_SEED))?;
     a.xor(r13d, r13d)?;
     a.xor(r10d, r10d)?;
     a.xor(r11d, r11d)?;
@@ -220,9 +217,6 @@ mod tests {
     fn pattern_depends_on_address_and_seed() {
         assert_ne!(pattern(0x20_0000, 1), pattern(0x20_0008, 1));
         assert_ne!(pattern(0x20_0000, 1), pattern(0x20_0000, 2));
-        assert_eq!(
-            checksum(&[(0, 16)], 3),
-            pattern(0, 3).wrapping_add(pattern(8, 3))
-        );
+        assert_eq!(checksum(&[(0, 16)], 3), pattern(0, 3).wrapping_add(pattern(8, 3)));
     }
 }

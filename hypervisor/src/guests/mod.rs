@@ -8,6 +8,9 @@
 //! - `idle` (CPL0) prints a line and halts with interrupts off: a VM that costs no CPU, for
 //!   density measurements and the daemon's tests.
 //! - `memfill` (CPL3, MMIO) fills RAM with a seeded pattern; see [`memfill`].
+//! - `touch` (CPL3, MMIO) fills RAM, waits for the VMM's go, then touches a spread-out
+//!   working set, reporting each step as a progress mark: the lazy-restore benchmark's guest;
+//!   see [`touch`].
 //!
 //! Parameters reach a guest in a [`BootInfo`] block at [`layout::BUILTIN_INFO`], as boot
 //! parameters reach a kernel in its zero page.
@@ -17,6 +20,7 @@ pub mod fwcfg;
 pub mod hello;
 pub mod idle;
 pub mod memfill;
+pub mod touch;
 
 use iced_x86::code_asm::CodeAssembler;
 use thiserror::Error;
@@ -27,7 +31,7 @@ use crate::layout;
 /// Errors building or loading a built-in guest.
 #[derive(Debug, Error)]
 pub enum GuestError {
-    #[error("unknown built-in guest '{0}' (known: hello, fwcfg, memfill, idle)")]
+    #[error("unknown built-in guest '{0}' (known: hello, fwcfg, memfill, idle, touch)")]
     Unknown(String),
     #[error("assembling built-in guest '{name}': {reason}")]
     Assemble { name: &'static str, reason: String },
@@ -38,15 +42,14 @@ pub enum GuestError {
 }
 
 /// The built-in guests.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Builtin {
     Hello,
     Fwcfg,
     Memfill,
     Idle,
+    Touch,
 }
 
 impl Builtin {
@@ -56,27 +59,26 @@ impl Builtin {
             Builtin::Fwcfg => "fwcfg",
             Builtin::Memfill => "memfill",
             Builtin::Idle => "idle",
+            Builtin::Touch => "touch",
         }
     }
 
     /// Whether the guest starts at CPL3 (and so uses MMIO for its devices).
     pub fn user_mode(self) -> bool {
-        matches!(self, Builtin::Memfill)
+        matches!(self, Builtin::Memfill | Builtin::Touch)
     }
 
     /// Assembles the guest for loading at [`layout::HIMEM_START`].
     pub fn assemble(self) -> Result<Vec<u8>, GuestError> {
         let name = self.name();
-        let err = |e: iced_x86::IcedError| GuestError::Assemble {
-            name,
-            reason: e.to_string(),
-        };
+        let err = |e: iced_x86::IcedError| GuestError::Assemble { name, reason: e.to_string() };
         let mut a = CodeAssembler::new(64).map_err(err)?;
         match self {
             Builtin::Hello => hello::emit(&mut a),
             Builtin::Fwcfg => fwcfg::emit(&mut a),
             Builtin::Memfill => memfill::emit(&mut a),
             Builtin::Idle => idle::emit(&mut a),
+            Builtin::Touch => touch::emit(&mut a),
         }
         .map_err(err)?;
         a.assemble(layout::HIMEM_START).map_err(err)
@@ -91,23 +93,14 @@ impl std::str::FromStr for Builtin {
             "fwcfg" => Ok(Builtin::Fwcfg),
             "memfill" => Ok(Builtin::Memfill),
             "idle" => Ok(Builtin::Idle),
+            "touch" => Ok(Builtin::Touch),
             _ => Err(GuestError::Unknown(s.to_string())),
         }
     }
 }
 
 /// What a memfill run does.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemfillMode {
     /// Fill with the pattern of each pass, checking the previous pass's pattern on the way.
@@ -124,16 +117,29 @@ pub enum MemfillMode {
 /// +8   u64 seed
 /// +16  u64 passes (0 = run until stopped)
 /// +24  u64 mode (0 fill, 1 verify)
-/// +32  u64 number of RAM ranges (at most MAX_RANGES)
-/// +40  (u64 start, u64 end) per range: RAM the guest may fill
+/// +32  u64 touch: working-set stride in bytes
+/// +40  u64 touch: bytes touched at each stride
+/// +48  u64 number of RAM ranges (at most MAX_RANGES)
+/// +56  (u64 start, u64 end) per range: RAM the guest may fill
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootInfo {
     pub seed: u64,
     pub passes: u64,
     pub mode: MemfillMode,
+    pub stride: u64,
+    pub span: u64,
     pub ranges: Vec<(u64, u64)>,
 }
+
+/// Offsets in the boot info the guests read.
+pub const INFO_SEED: u64 = 8;
+pub const INFO_PASSES: u64 = 16;
+pub const INFO_MODE: u64 = 24;
+pub const INFO_STRIDE: u64 = 32;
+pub const INFO_SPAN: u64 = 40;
+pub const INFO_NRANGES: u64 = 48;
+pub const INFO_RANGES: u64 = 56;
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SNVBOOT1");
 pub const MAX_RANGES: usize = 4;
@@ -154,6 +160,15 @@ impl BootInfo {
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, GuestError> {
+        if self.stride < 4096 || self.span == 0 || self.span > self.stride {
+            return Err(GuestError::Param {
+                what: "working set",
+                reason: format!(
+                    "stride {:#x} must be at least 4 KiB and span {:#x} in 1..=stride",
+                    self.stride, self.span
+                ),
+            });
+        }
         if self.ranges.len() > MAX_RANGES {
             return Err(GuestError::Param {
                 what: "ranges",
@@ -165,6 +180,8 @@ impl BootInfo {
             self.seed,
             self.passes,
             self.mode as u64,
+            self.stride,
+            self.span,
             self.ranges.len() as u64,
         ];
         for (s, e) in &self.ranges {
@@ -177,20 +194,14 @@ impl BootInfo {
     pub fn write(&self, mem: &GuestMemoryMmap) -> Result<(), GuestError> {
         let bytes = self.encode()?;
         mem.write_slice(&bytes, GuestAddress(layout::BUILTIN_INFO))
-            .map_err(|e| GuestError::Load {
-                addr: layout::BUILTIN_INFO,
-                reason: e.to_string(),
-            })
+            .map_err(|e| GuestError::Load { addr: layout::BUILTIN_INFO, reason: e.to_string() })
     }
 }
 
 /// Loads `code` at 1 MiB.
 pub fn load(mem: &GuestMemoryMmap, code: &[u8]) -> Result<u64, GuestError> {
     mem.write_slice(code, GuestAddress(layout::HIMEM_START))
-        .map_err(|e| GuestError::Load {
-            addr: layout::HIMEM_START,
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| GuestError::Load { addr: layout::HIMEM_START, reason: e.to_string() })?;
     Ok(layout::HIMEM_START)
 }
 
@@ -200,19 +211,9 @@ mod tests {
 
     #[test]
     fn every_guest_assembles() {
-        for g in [
-            Builtin::Hello,
-            Builtin::Fwcfg,
-            Builtin::Memfill,
-            Builtin::Idle,
-        ] {
+        for g in [Builtin::Hello, Builtin::Fwcfg, Builtin::Memfill, Builtin::Idle, Builtin::Touch] {
             let code = g.assemble().expect("assembles");
-            assert!(
-                !code.is_empty() && code.len() < 8192,
-                "{}: {} bytes",
-                g.name(),
-                code.len()
-            );
+            assert!(!code.is_empty() && code.len() < 8192, "{}: {} bytes", g.name(), code.len());
         }
     }
 
@@ -222,19 +223,17 @@ mod tests {
             seed: 7,
             passes: 2,
             mode: MemfillMode::Verify,
+            stride: 8192,
+            span: 4096,
             ranges: vec![(0x20_0000, 0x400_0000)],
         };
         let bytes = b.encode().expect("encodes");
         assert_eq!(&bytes[0..8], b"SNVBOOT1");
-        assert_eq!(bytes.len(), 40 + 16);
-        assert_eq!(
-            u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")),
-            1
-        );
-        let too_many = BootInfo {
-            ranges: vec![(0, 1); 5],
-            ..b
-        };
+        assert_eq!(bytes.len() as u64, INFO_RANGES + 16);
+        assert_eq!(u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")), 1);
+        let too_many = BootInfo { ranges: vec![(0, 1); 5], ..b.clone() };
         assert!(too_many.encode().is_err());
+        assert!(BootInfo { stride: 0, ..b.clone() }.encode().is_err());
+        assert!(BootInfo { span: 16384, ..b }.encode().is_err());
     }
 }

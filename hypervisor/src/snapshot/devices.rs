@@ -29,12 +29,7 @@ impl Persist for SerialPersist {
     fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
         let name = self.persist_name();
         let state = decode(&name, bytes)?;
-        lock(&self.0)
-            .restore(&state)
-            .map_err(|e| PersistError::Invalid {
-                name,
-                reason: e.to_string(),
-            })
+        lock(&self.0).restore(&state).map_err(|e| PersistError::Invalid { name, reason: e.to_string() })
     }
 }
 
@@ -48,12 +43,7 @@ impl Persist for FwCfgPersist {
     fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
         let name = self.persist_name();
         let state = decode(&name, bytes)?;
-        lock(&self.0)
-            .restore(&state)
-            .map_err(|e| PersistError::Invalid {
-                name,
-                reason: e.to_string(),
-            })
+        lock(&self.0).restore(&state).map_err(|e| PersistError::Invalid { name, reason: e.to_string() })
     }
 }
 
@@ -67,12 +57,7 @@ impl Persist for ExitPersist {
     fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
         let name = self.persist_name();
         let state = decode(&name, bytes)?;
-        lock(&self.0)
-            .restore(&state)
-            .map_err(|e| PersistError::Invalid {
-                name,
-                reason: e.to_string(),
-            })
+        lock(&self.0).restore(&state).map_err(|e| PersistError::Invalid { name, reason: e.to_string() })
     }
 }
 

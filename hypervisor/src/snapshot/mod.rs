@@ -47,8 +47,5 @@ pub enum SnapshotError {
     #[error("the VM has stopped; there is nothing to snapshot")]
     NotRunning,
     #[error("reading KVM's dirty log of slot {slot}: {source}")]
-    DirtyLog {
-        slot: u32,
-        source: kvm_ioctls::Error,
-    },
+    DirtyLog { slot: u32, source: kvm_ioctls::Error },
 }

@@ -56,13 +56,7 @@ pub struct RestoreOptions {
 
 impl RestoreOptions {
     pub fn new(mode: RestoreMode, serial_out: Box<dyn Write + Send>) -> Self {
-        RestoreOptions {
-            mode,
-            serial_out,
-            mem_mib: None,
-            fw_cfg_files: None,
-            background_fill: true,
-        }
+        RestoreOptions { mode, serial_out, mem_mib: None, fw_cfg_files: None, background_fill: true }
     }
 }
 
@@ -94,18 +88,11 @@ pub fn decode_prefetch(bytes: &[u8]) -> Vec<(String, u64)> {
 
 /// Encodes a prefetch list for the store.
 pub fn encode_prefetch(list: &[(String, u64)]) -> Vec<u8> {
-    list.iter()
-        .map(|(idstr, off)| format!("{off:x} {idstr}\n"))
-        .collect::<String>()
-        .into_bytes()
+    list.iter().map(|(idstr, off)| format!("{off:x} {idstr}\n")).collect::<String>().into_bytes()
 }
 
 /// Restores snapshot `name` from `store` into a new VM, not yet started.
-pub fn restore(
-    store: &Store,
-    name: &str,
-    opts: RestoreOptions,
-) -> Result<(Vm, RestoreReport), SnapshotError> {
+pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, RestoreReport), SnapshotError> {
     let t0 = Instant::now();
     let reader = store.reader(name)?;
     let snap = VmSnapshot::decode(&reader.manifest().state)?;
@@ -115,18 +102,10 @@ pub fn restore(
         None => spec
             .fw_cfg_files
             .iter()
-            .map(|(n, size)| FwCfgFile {
-                name: n.clone(),
-                data: vec![0; (*size).min(64 << 20) as usize],
-            })
+            .map(|(n, size)| FwCfgFile { name: n.clone(), data: vec![0; (*size).min(64 << 20) as usize] })
             .collect(),
     };
-    let mut cfg = VmConfig::new(
-        opts.mem_mib.unwrap_or(spec.mem_mib),
-        spec.vcpus,
-        BootSource::Restore,
-        opts.serial_out,
-    );
+    let mut cfg = VmConfig::new(opts.mem_mib.unwrap_or(spec.mem_mib), spec.vcpus, BootSource::Restore, opts.serial_out);
     cfg.fw_cfg_files = files;
     let mut vm = Vm::new(cfg)?;
 
@@ -145,36 +124,21 @@ pub fn restore(
         }
         RestoreMode::Lazy | RestoreMode::LazyPrefetch => {
             let prefetch = if opts.mode == RestoreMode::LazyPrefetch {
-                store
-                    .attachment(name, PREFETCH_ATTACHMENT)?
-                    .map(|b| decode_prefetch(&b))
-                    .unwrap_or_default()
+                store.attachment(name, PREFETCH_ATTACHMENT)?.map(|b| decode_prefetch(&b)).unwrap_or_default()
             } else {
                 Vec::new()
             };
             prefetch_chunks = prefetch.len();
             let lazy: Vec<LazyBlock> = blocks
                 .iter()
-                .map(|b| LazyBlock {
-                    idstr: b.idstr().to_string(),
-                    host: b.host_addr() as usize,
-                    len: b.used_length(),
-                })
+                .map(|b| LazyBlock { idstr: b.idstr().to_string(), host: b.host_addr() as usize, len: b.used_length() })
                 .collect();
             let control = vm.control().clone();
             let server = PageServer::start(
                 lazy,
                 Arc::new(StorePageSource::new(reader.clone())),
-                ServerOptions {
-                    prefetch,
-                    background_fill: opts.background_fill,
-                    record_faults: true,
-                },
-                Box::new(move |e| {
-                    control.stop(ExitReason::Crash {
-                        detail: e.to_string(),
-                    })
-                }),
+                ServerOptions { prefetch, background_fill: opts.background_fill, record_faults: true },
+                Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() })),
             )?;
             vm.registry().add_listener(server.resize_guard());
             vm.set_page_server(server);
@@ -183,13 +147,10 @@ pub fn restore(
 
     for mut p in persistables(vm.devices()) {
         let name = p.persist_name();
-        let bytes =
-            snap.fragments
-                .get(&name)
-                .ok_or_else(|| migrate::persist::PersistError::Invalid {
-                    name: name.clone(),
-                    reason: "missing from the snapshot".into(),
-                })?;
+        let bytes = snap.fragments.get(&name).ok_or_else(|| migrate::persist::PersistError::Invalid {
+            name: name.clone(),
+            reason: "missing from the snapshot".into(),
+        })?;
         p.restore_state(&bytes.0)?;
     }
     let kvm_state: VmKvmState = snap.get("kvm/vm")?;
@@ -247,10 +208,7 @@ mod tests {
 
     #[test]
     fn prefetch_round_trip() {
-        let list = vec![
-            ("pc.ram".to_string(), 0x10000),
-            ("/rom@opt/x".to_string(), 0),
-        ];
+        let list = vec![("pc.ram".to_string(), 0x10000), ("/rom@opt/x".to_string(), 0)];
         assert_eq!(decode_prefetch(&encode_prefetch(&list)), list);
         assert!(decode_prefetch(b"zz pc.ram\nnot a line\n").is_empty());
     }

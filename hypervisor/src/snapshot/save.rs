@@ -45,13 +45,7 @@ pub struct SaveOptions {
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions {
-            live: false,
-            max_rounds: 8,
-            final_chunks: 64,
-            threads: 2,
-            stay_paused: false,
-        }
+        SaveOptions { live: false, max_rounds: 8, final_chunks: 64, threads: 2, stay_paused: false }
     }
 }
 
@@ -85,10 +79,7 @@ struct ResizeWatch(Mutex<Option<String>>);
 
 impl RamBlockListener for ResizeWatch {
     fn block_resized(&self, b: &RamBlock, _old: u64, _new: u64) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert_with(|| b.idstr().to_string());
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(|| b.idstr().to_string());
     }
 }
 
@@ -128,10 +119,7 @@ impl Drop for Cleanup<'_> {
 
 /// The VM's state file: machine shape, RAM table, KVM and device state. The VM is paused.
 pub fn capture_state(vm: &Vm) -> Result<VmSnapshot, SnapshotError> {
-    let mut snap = VmSnapshot {
-        ram: describe(vm.registry()),
-        ..Default::default()
-    };
+    let mut snap = VmSnapshot { ram: describe(vm.registry()), ..Default::default() };
     snap.put("machine", vm.spec())?;
     let msrs = cpu::msr::index_list(vm.kvm())?;
     for (i, fd) in vm.vcpu_fds().iter().enumerate() {
@@ -140,19 +128,14 @@ pub fn capture_state(vm: &Vm) -> Result<VmSnapshot, SnapshotError> {
     }
     snap.put("kvm/vm", &save_vm(vm.fd())?)?;
     for p in persistables(vm.devices()) {
-        snap.fragments
-            .insert(p.persist_name(), Bytes(p.save_state()?));
+        snap.fragments.insert(p.persist_name(), Bytes(p.save_state()?));
     }
     Ok(snap)
 }
 
 /// Chunks of each block dirtied since the last call: KVM's dirty log for guest writes, the
 /// block's own bitmap for writes by the VMM.
-fn dirty_chunks(
-    vm: &Vm,
-    blocks: &[Arc<RamBlock>],
-    chunk: u64,
-) -> Result<Vec<Vec<u64>>, SnapshotError> {
+fn dirty_chunks(vm: &Vm, blocks: &[Arc<RamBlock>], chunk: u64) -> Result<Vec<Vec<u64>>, SnapshotError> {
     let mut out = Vec::with_capacity(blocks.len());
     for b in blocks {
         let mut set = BTreeSet::new();
@@ -160,10 +143,8 @@ fn dirty_chunks(
             if len == 0 {
                 continue;
             }
-            let bitmap = vm
-                .fd()
-                .get_dirty_log(slot, len as usize)
-                .map_err(|source| SnapshotError::DirtyLog { slot, source })?;
+            let bitmap =
+                vm.fd().get_dirty_log(slot, len as usize).map_err(|source| SnapshotError::DirtyLog { slot, source })?;
             for (w, word) in bitmap.iter().enumerate() {
                 let mut bits = *word;
                 while bits != 0 {
@@ -208,18 +189,11 @@ pub fn save(
         return Err(SnapshotError::NotRunning);
     }
     let watch = Arc::new(ResizeWatch::default());
-    let mut cleanup = Cleanup {
-        vm,
-        resume: false,
-        watch: Some(vm.registry().add_listener(watch.clone())),
-        dirty_log: false,
-    };
+    let mut cleanup =
+        Cleanup { vm, resume: false, watch: Some(vm.registry().add_listener(watch.clone())), dirty_log: false };
     let blocks = vm.registry().blocks();
     let chunk = u64::from(store.options().chunk_size);
-    let all: Vec<Vec<u64>> = blocks
-        .iter()
-        .map(|b| (0..b.used_length().div_ceil(chunk)).collect())
-        .collect();
+    let all: Vec<Vec<u64>> = blocks.iter().map(|b| (0..b.used_length().div_ceil(chunk)).collect()).collect();
     let ram_bytes: u64 = blocks.iter().map(|b| b.used_length()).sum();
     let mut rounds = 0;
     let mut bytes_copied = 0;
@@ -237,12 +211,7 @@ pub fn save(
             let copied: u64 = todo.iter().map(|c| c.len() as u64).sum();
             todo = dirty_chunks(vm, &blocks, chunk)?;
             let dirty: u64 = todo.iter().map(|c| c.len() as u64).sum();
-            progress(&SaveProgress {
-                round: rounds,
-                chunks_copied: copied,
-                bytes_copied,
-                dirty_chunks: dirty,
-            });
+            progress(&SaveProgress { round: rounds, chunks_copied: copied, bytes_copied, dirty_chunks: dirty });
             rounds += 1;
             watch.check()?;
             if dirty as usize <= opts.final_chunks || rounds >= opts.max_rounds {
@@ -266,13 +235,7 @@ pub fn save(
             let last: Vec<Vec<u64>> = pending
                 .into_iter()
                 .zip(dirty_chunks(vm, &blocks, chunk)?)
-                .map(|(a, b)| {
-                    a.into_iter()
-                        .chain(b)
-                        .collect::<BTreeSet<u64>>()
-                        .into_iter()
-                        .collect()
-                })
+                .map(|(a, b)| a.into_iter().chain(b).collect::<BTreeSet<u64>>().into_iter().collect())
                 .collect();
             bytes_copied += copy_round(&w, &blocks, &last, opts.threads)?;
             w
@@ -289,12 +252,7 @@ pub fn save(
     writer.commit(state.encode()?)?;
     let pause = paused_at.elapsed();
     drop(cleanup);
-    progress(&SaveProgress {
-        round: rounds,
-        chunks_copied: 0,
-        bytes_copied,
-        dirty_chunks: 0,
-    });
+    progress(&SaveProgress { round: rounds, chunks_copied: 0, bytes_copied, dirty_chunks: 0 });
     Ok(SaveReport {
         name: name.to_string(),
         live: opts.live && was_running,

@@ -54,44 +54,24 @@ pub trait PageSource: Send + Sync {
 /// Errors of the page server.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum LazyError {
-    #[error(
-        "creating userfaultfd: {0} (is /dev/userfaultfd or vm.unprivileged_userfaultfd available?)"
-    )]
+    #[error("creating userfaultfd: {0} (is /dev/userfaultfd or vm.unprivileged_userfaultfd available?)")]
     Create(String),
     #[error("registering RAM block '{idstr}' ({len:#x} bytes) with userfaultfd: {reason}")]
-    Register {
-        idstr: String,
-        len: u64,
-        reason: String,
-    },
+    Register { idstr: String, len: u64, reason: String },
     #[error("chunk size {0:#x} is not a power of two multiple of 4 KiB")]
     ChunkSize(u64),
     #[error("lazy restore: reading chunk of RAM block '{idstr}' at offset {offset:#x}: {reason}")]
-    Source {
-        idstr: String,
-        offset: u64,
-        reason: String,
-    },
+    Source { idstr: String, offset: u64, reason: String },
     #[error("lazy restore: UFFDIO_COPY of RAM block '{idstr}' at offset {offset:#x}: {reason}")]
-    Copy {
-        idstr: String,
-        offset: u64,
-        reason: String,
-    },
+    Copy { idstr: String, offset: u64, reason: String },
     #[error("lazy restore: reading userfaultfd events: {0}")]
     Events(String),
     #[error("lazy restore: fault at host address {addr:#x} outside every registered block")]
     StrayFault { addr: u64 },
     #[error("lazy restore: {thread} thread panicked: {message}")]
-    Panicked {
-        thread: &'static str,
-        message: String,
-    },
+    Panicked { thread: &'static str, message: String },
     #[error("starting the page server's {thread} thread: {reason}")]
-    Thread {
-        thread: &'static str,
-        reason: String,
-    },
+    Thread { thread: &'static str, reason: String },
 }
 
 #[cfg(test)]

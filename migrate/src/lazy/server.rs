@@ -55,10 +55,7 @@ impl Block {
     }
 
     fn resident_count(&self) -> u64 {
-        self.resident
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
+        self.resident.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
     }
 }
 
@@ -101,18 +98,11 @@ impl Shared {
     /// got there first, and the rest of the chunk is then done page by page.
     fn place(&self, b: &Block, off: u64, len: u64, data: Option<&[u8]>) -> Result<bool, LazyError> {
         let dst = b.desc.host + off as usize;
-        let copy_err = |reason: String| LazyError::Copy {
-            idstr: b.desc.idstr.clone(),
-            offset: off,
-            reason,
-        };
+        let copy_err = |reason: String| LazyError::Copy { idstr: b.desc.idstr.clone(), offset: off, reason };
         let whole = match data {
             // SAFETY: dst..dst+len lies inside the block's registered range (off + len <= len of
             // the block); `d` holds `len` bytes.
-            Some(d) => unsafe {
-                self.uffd
-                    .copy(d.as_ptr().cast(), dst as *mut _, len as usize, true)
-            },
+            Some(d) => unsafe { self.uffd.copy(d.as_ptr().cast(), dst as *mut _, len as usize, true) },
             // SAFETY: as above; zeropage writes nothing of ours.
             None => unsafe { self.uffd.zeropage(dst as *mut _, len as usize, true) },
         };
@@ -133,17 +123,13 @@ impl Shared {
             for attempt in 0.. {
                 let r = match data {
                     // SAFETY: one page inside the registered range; `d` has it.
-                    Some(d) => unsafe {
-                        self.uffd
-                            .copy(d[p as usize..].as_ptr().cast(), pdst, PAGE as usize, true)
-                    },
+                    Some(d) => unsafe { self.uffd.copy(d[p as usize..].as_ptr().cast(), pdst, PAGE as usize, true) },
                     // SAFETY: one page inside the registered range.
                     None => unsafe { self.uffd.zeropage(pdst, PAGE as usize, true) },
                 };
                 match r {
                     Ok(_) => break,
-                    Err(userfaultfd::Error::CopyFailed(e))
-                    | Err(userfaultfd::Error::ZeropageFailed(e))
+                    Err(userfaultfd::Error::CopyFailed(e)) | Err(userfaultfd::Error::ZeropageFailed(e))
                         if e as i32 == libc::EEXIST =>
                     {
                         raced = true;
@@ -168,16 +154,10 @@ impl Shared {
         let fill = self
             .source
             .read_chunk(&b.desc.idstr, off, &mut buf[..len as usize])
-            .map_err(|reason| LazyError::Source {
-                idstr: b.desc.idstr.clone(),
-                offset: off,
-                reason,
-            })?;
+            .map_err(|reason| LazyError::Source { idstr: b.desc.idstr.clone(), offset: off, reason })?;
         let raced = match fill {
             Fill::Data { stored } => {
-                self.stats
-                    .bytes_stored_read
-                    .fetch_add(stored, Ordering::Relaxed);
+                self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
                 self.place(b, off, len, Some(&buf[..len as usize]))?
             }
             Fill::Zero => {
@@ -206,8 +186,7 @@ impl Shared {
     fn locate(&self, addr: usize) -> Option<(usize, u64)> {
         self.blocks.iter().enumerate().find_map(|(i, b)| {
             let start = b.desc.host;
-            (addr >= start && ((addr - start) as u64) < b.desc.len)
-                .then(|| (i, (addr - start) as u64 / self.chunk))
+            (addr >= start && ((addr - start) as u64) < b.desc.len).then(|| (i, (addr - start) as u64 / self.chunk))
         })
     }
 
@@ -215,16 +194,8 @@ impl Shared {
         let mut buf = vec![0u8; self.chunk as usize];
         let mut events = userfaultfd::EventBuffer::new(64);
         let mut fds = [
-            libc::pollfd {
-                fd: self.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.stop_fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.stop_fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         while !self.stop.load(Ordering::Acquire) {
             // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
@@ -254,9 +225,7 @@ impl Shared {
                 .collect::<Result<_, _>>()?;
             for addr in faults {
                 let t0 = Instant::now();
-                let (bi, ci) = self
-                    .locate(addr)
-                    .ok_or(LazyError::StrayFault { addr: addr as u64 })?;
+                let (bi, ci) = self.locate(addr).ok_or(LazyError::StrayFault { addr: addr as u64 })?;
                 let was_resident = self.blocks[bi].is_resident(ci);
                 if was_resident {
                     // Filled by the other thread while this fault was queued: just wake it.
@@ -265,10 +234,7 @@ impl Shared {
                 } else {
                     self.serve(bi, ci, Why::Fault, &mut buf)?;
                     if self.record {
-                        self.fault_order
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push((bi as u32, ci));
+                        self.fault_order.lock().unwrap_or_else(PoisonError::into_inner).push((bi as u32, ci));
                     }
                 }
                 self.stats.record_fault(t0.elapsed());
@@ -300,11 +266,7 @@ impl Shared {
     }
 }
 
-fn run_guarded(
-    shared: &Arc<Shared>,
-    thread: &'static str,
-    f: impl FnOnce(&Shared) -> Result<(), LazyError>,
-) {
+fn run_guarded(shared: &Arc<Shared>, thread: &'static str, f: impl FnOnce(&Shared) -> Result<(), LazyError>) {
     match catch_unwind(AssertUnwindSafe(|| f(shared))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => shared.fail(e),
@@ -347,17 +309,11 @@ impl PageServer {
         let mut state = Vec::with_capacity(blocks.len());
         let mut total = 0;
         for b in blocks {
-            let reg = |reason: String| LazyError::Register {
-                idstr: b.idstr.clone(),
-                len: b.len,
-                reason,
-            };
+            let reg = |reason: String| LazyError::Register { idstr: b.idstr.clone(), len: b.len, reason };
             if b.len == 0 || b.len % PAGE != 0 || b.host % PAGE as usize != 0 {
                 return Err(reg("address or length not page-aligned".into()));
             }
-            let ioctls = uffd
-                .register(b.host as *mut _, b.len as usize)
-                .map_err(|e| reg(e.to_string()))?;
+            let ioctls = uffd.register(b.host as *mut _, b.len as usize).map_err(|e| reg(e.to_string()))?;
             if !ioctls.contains(IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE) {
                 return Err(reg(format!("missing userfaultfd ioctls, have {ioctls:?}")));
             }
@@ -366,9 +322,7 @@ impl PageServer {
             state.push(Block {
                 desc: b,
                 chunks,
-                resident: (0..chunks.div_ceil(64))
-                    .map(|_| AtomicU64::new(0))
-                    .collect(),
+                resident: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             });
         }
         let prefetch: Vec<(usize, u64)> = opts
@@ -404,10 +358,7 @@ impl PageServer {
             std::thread::Builder::new()
                 .name("uffd-fault".into())
                 .spawn(move || run_guarded(&s, "fault", |sh| sh.fault_loop()))
-                .map_err(|e| LazyError::Thread {
-                    thread: "fault",
-                    reason: e.to_string(),
-                })?,
+                .map_err(|e| LazyError::Thread { thread: "fault", reason: e.to_string() })?,
         );
         if opts.background_fill || !prefetch.is_empty() {
             let s = shared.clone();
@@ -415,13 +366,8 @@ impl PageServer {
             threads.push(
                 std::thread::Builder::new()
                     .name("uffd-fill".into())
-                    .spawn(move || {
-                        run_guarded(&s, "fill", |sh| sh.fill_loop(&prefetch, background))
-                    })
-                    .map_err(|e| LazyError::Thread {
-                        thread: "fill",
-                        reason: e.to_string(),
-                    })?,
+                    .spawn(move || run_guarded(&s, "fill", |sh| sh.fill_loop(&prefetch, background)))
+                    .map_err(|e| LazyError::Thread { thread: "fill", reason: e.to_string() })?,
             );
         }
         Ok(PageServer { shared, threads })
@@ -459,12 +405,7 @@ impl PageServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|&(bi, ci)| {
-                (
-                    self.shared.blocks[bi as usize].desc.idstr.clone(),
-                    ci * self.shared.chunk,
-                )
-            })
+            .map(|&(bi, ci)| (self.shared.blocks[bi as usize].desc.idstr.clone(), ci * self.shared.chunk))
             .collect()
     }
 

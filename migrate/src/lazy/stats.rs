@@ -5,9 +5,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Upper bounds (µs) of the fault service time histogram buckets; the last bucket is open.
-pub const FAULT_BUCKETS_US: [u64; 12] = [
-    10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000,
-];
+pub const FAULT_BUCKETS_US: [u64; 12] = [10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000, 100_000];
 
 /// Live counters.
 #[derive(Debug)]
@@ -64,13 +62,9 @@ impl LazyStats {
 
     pub fn record_fault(&self, took: Duration) {
         self.faults.fetch_add(1, Relaxed);
-        self.fault_time_ns
-            .fetch_add(took.as_nanos() as u64, Relaxed);
+        self.fault_time_ns.fetch_add(took.as_nanos() as u64, Relaxed);
         let us = took.as_micros() as u64;
-        let bucket = FAULT_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(FAULT_BUCKETS_US.len());
+        let bucket = FAULT_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(FAULT_BUCKETS_US.len());
         self.hist[bucket].fetch_add(1, Relaxed);
     }
 

@@ -30,9 +30,7 @@ impl PageSource for TestSource {
         for (i, w) in buf.chunks_exact_mut(8).enumerate() {
             w.copy_from_slice(&(offset + 8 * i as u64).to_le_bytes());
         }
-        Ok(Fill::Data {
-            stored: buf.len() as u64 / 4,
-        })
+        Ok(Fill::Data { stored: buf.len() as u64 / 4 })
     }
 }
 
@@ -72,26 +70,15 @@ impl Drop for Mapping {
 }
 
 fn block(m: &Mapping) -> LazyBlock {
-    LazyBlock {
-        idstr: "b".into(),
-        host: m.0 as usize,
-        len: m.1 as u64,
-    }
+    LazyBlock { idstr: "b".into(), host: m.0 as usize, len: m.1 as u64 }
 }
 
 #[test]
 fn faults_are_served_from_the_source() {
     let m = Mapping::new(16 * CHUNK as usize);
-    let src = Arc::new(TestSource {
-        fail_at: None,
-        reads: AtomicU64::new(0),
-    });
-    let opts = ServerOptions {
-        record_faults: true,
-        ..Default::default()
-    };
-    let server =
-        PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let opts = ServerOptions { record_faults: true, ..Default::default() };
+    let server = PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
     assert_eq!(m.word(5 * CHUNK + 16), 5 * CHUNK + 16);
     assert_eq!(m.word(3 * CHUNK + 8), 0, "zero chunk");
     assert_eq!(m.word(0), 0);
@@ -108,11 +95,7 @@ fn faults_are_served_from_the_source() {
     assert_eq!(src.reads.load(Ordering::Relaxed), 3);
     assert_eq!(
         server.fault_order(),
-        vec![
-            ("b".to_string(), 5 * CHUNK),
-            ("b".to_string(), 3 * CHUNK),
-            ("b".to_string(), 0)
-        ]
+        vec![("b".to_string(), 5 * CHUNK), ("b".to_string(), 3 * CHUNK), ("b".to_string(), 0)]
     );
     assert!(!server.is_resident());
 }
@@ -120,16 +103,9 @@ fn faults_are_served_from_the_source() {
 #[test]
 fn background_fill_makes_everything_resident_and_prefetch_goes_first() {
     let m = Mapping::new(32 * CHUNK as usize);
-    let src = Arc::new(TestSource {
-        fail_at: None,
-        reads: AtomicU64::new(0),
-    });
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
     let opts = ServerOptions {
-        prefetch: vec![
-            ("b".into(), 20 * CHUNK),
-            ("b".into(), 7 * CHUNK),
-            ("nope".into(), 0),
-        ],
+        prefetch: vec![("b".into(), 20 * CHUNK), ("b".into(), 7 * CHUNK), ("nope".into(), 0)],
         background_fill: true,
         record_faults: false,
     };
@@ -137,10 +113,7 @@ fn background_fill_makes_everything_resident_and_prefetch_goes_first() {
     assert!(server.wait_resident(Duration::from_secs(20)));
     let s = server.stats().snapshot();
     assert_eq!(s.chunks_prefetched, 2);
-    assert_eq!(
-        s.chunks_prefetched + s.chunks_background + s.chunks_on_fault,
-        32
-    );
+    assert_eq!(s.chunks_prefetched + s.chunks_background + s.chunks_on_fault, 32);
     assert!(s.resident_after_ms.is_some());
     for c in 0..32 {
         let want = if c == 3 { 0 } else { c * CHUNK + 8 };
@@ -151,10 +124,7 @@ fn background_fill_makes_everything_resident_and_prefetch_goes_first() {
 #[test]
 fn a_source_error_is_reported_and_no_bytes_are_mapped() {
     let m = Arc::new(Mapping::new(8 * CHUNK as usize));
-    let src = Arc::new(TestSource {
-        fail_at: Some(2 * CHUNK),
-        reads: AtomicU64::new(0),
-    });
+    let src = Arc::new(TestSource { fail_at: Some(2 * CHUNK), reads: AtomicU64::new(0) });
     let errors = Arc::new(Mutex::new(Vec::new()));
     let e2 = errors.clone();
     let mut server = PageServer::start(
@@ -175,17 +145,9 @@ fn a_source_error_is_reported_and_no_bytes_are_mapped() {
     }
     let errs = errors.lock().expect("lock").clone();
     assert_eq!(errs.len(), 1);
-    assert!(
-        errs[0].contains("offset 0x20000") && errs[0].contains("hash mismatch"),
-        "{errs:?}"
-    );
-    assert!(
-        matches!(server.error(), Some(LazyError::Source { offset, .. }) if offset == 2 * CHUNK)
-    );
-    assert!(
-        !toucher.is_finished(),
-        "the faulting thread must still be waiting, not reading zeros"
-    );
+    assert!(errs[0].contains("offset 0x20000") && errs[0].contains("hash mismatch"), "{errs:?}");
+    assert!(matches!(server.error(), Some(LazyError::Source { offset, .. }) if offset == 2 * CHUNK));
+    assert!(!toucher.is_finished(), "the faulting thread must still be waiting, not reading zeros");
     server.stop();
     assert!(!toucher.is_finished());
     // Leak the server and the mapping: the blocked thread keeps them alive until the process
@@ -197,10 +159,7 @@ fn a_source_error_is_reported_and_no_bytes_are_mapped() {
 #[test]
 fn bad_registrations_are_refused() {
     let m = Mapping::new(4 * CHUNK as usize);
-    let src = Arc::new(TestSource {
-        fail_at: None,
-        reads: AtomicU64::new(0),
-    });
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
     let mut b = block(&m);
     b.len = 100;
     let r = PageServer::start(vec![b], src, ServerOptions::default(), Box::new(|_| {}));

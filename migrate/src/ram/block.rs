@@ -71,40 +71,24 @@ pub(super) fn align_up(v: u64, page: u64) -> Option<u64> {
 
 impl RamBlock {
     pub(super) fn new(cfg: RamBlockConfig) -> Result<RamBlock, RamError> {
-        let err = |reason: String| RamError::Config {
-            idstr: cfg.idstr.clone(),
-            reason,
-        };
+        let err = |reason: String| RamError::Config { idstr: cfg.idstr.clone(), reason };
         if cfg.idstr.is_empty() || cfg.idstr.len() > 256 {
-            return Err(err(format!(
-                "idstr of {} bytes (1 to 256 allowed)",
-                cfg.idstr.len()
-            )));
+            return Err(err(format!("idstr of {} bytes (1 to 256 allowed)", cfg.idstr.len())));
         }
-        let page_size = if cfg.page_size == 0 {
-            host_page_size()
-        } else {
-            cfg.page_size
-        };
+        let page_size = if cfg.page_size == 0 { host_page_size() } else { cfg.page_size };
         if !page_size.is_power_of_two() || page_size < host_page_size() {
-            return Err(err(format!(
-                "page size {page_size:#x} is not a power of two of at least the host's"
-            )));
+            return Err(err(format!("page size {page_size:#x} is not a power of two of at least the host's")));
         }
         if cfg.size == 0 {
             return Err(err("size 0".into()));
         }
-        let used = align_up(cfg.size, page_size)
-            .ok_or_else(|| err(format!("size {:#x} overflows", cfg.size)))?;
+        let used = align_up(cfg.size, page_size).ok_or_else(|| err(format!("size {:#x} overflows", cfg.size)))?;
         let max = align_up(cfg.max_size.max(cfg.size), page_size)
             .ok_or_else(|| err(format!("max size {:#x} overflows", cfg.max_size)))?;
         if !cfg.resizeable && max != used {
-            return Err(err(format!(
-                "a non-resizeable block has max size {max:#x} != size {used:#x}"
-            )));
+            return Err(err(format!("a non-resizeable block has max size {max:#x} != size {used:#x}")));
         }
-        let len = usize::try_from(max)
-            .map_err(|_| err(format!("max size {max:#x} does not fit this host")))?;
+        let len = usize::try_from(max).map_err(|_| err(format!("max size {max:#x} does not fit this host")))?;
         // SAFETY: a fresh anonymous private mapping with no address hint; the result is checked.
         let host = unsafe {
             libc::mmap(
@@ -173,12 +157,7 @@ impl RamBlock {
         let used = self.used_length();
         match offset.checked_add(len as u64) {
             Some(end) if end <= used => Ok(()),
-            _ => Err(RamError::OutOfRange {
-                idstr: self.idstr.clone(),
-                offset,
-                len: len as u64,
-                used,
-            }),
+            _ => Err(RamError::OutOfRange { idstr: self.idstr.clone(), offset, len: len as u64, used }),
         }
     }
 
@@ -187,13 +166,7 @@ impl RamBlock {
         self.check(offset, buf.len())?;
         // SAFETY: offset + len <= used_length <= max_length: inside the mapping. A raw copy is
         // used because vCPUs may write the same memory concurrently.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.host.add(offset as usize),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.host.add(offset as usize), buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 
@@ -202,9 +175,7 @@ impl RamBlock {
         self.check(offset, data.len())?;
         // SAFETY: as in `read`; `data` does not overlap guest memory (it is a Rust slice the
         // caller owns).
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(offset as usize), data.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(offset as usize), data.len()) };
         self.mark_dirty(offset, data.len() as u64);
         Ok(())
     }

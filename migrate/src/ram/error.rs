@@ -18,16 +18,7 @@ pub enum RamError {
     #[error("RAM block '{idstr}': {reason}")]
     Config { idstr: String, reason: String },
     #[error("RAM block '{idstr}': access of {len:#x} bytes at offset {offset:#x} is beyond its used length {used:#x}")]
-    OutOfRange {
-        idstr: String,
-        offset: u64,
-        len: u64,
-        used: u64,
-    },
+    OutOfRange { idstr: String, offset: u64, len: u64, used: u64 },
     #[error("reserving {len:#x} bytes of host memory for RAM block '{idstr}': {reason}")]
-    Map {
-        idstr: String,
-        len: u64,
-        reason: String,
-    },
+    Map { idstr: String, len: u64, reason: String },
 }

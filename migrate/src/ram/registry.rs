@@ -45,11 +45,7 @@ impl RamRegistry {
     }
 
     fn listeners(&self) -> Vec<Arc<dyn RamBlockListener>> {
-        self.lock()
-            .listeners
-            .iter()
-            .map(|(_, l)| l.clone())
-            .collect()
+        self.lock().listeners.iter().map(|(_, l)| l.clone()).collect()
     }
 
     /// Creates a block and tells the listeners.
@@ -73,11 +69,7 @@ impl RamRegistry {
 
     /// Removes a block and tells the listeners.
     pub fn remove(&self, idstr: &str) -> Result<Arc<RamBlock>, RamError> {
-        let block = self
-            .lock()
-            .blocks
-            .remove(idstr)
-            .ok_or_else(|| RamError::Unknown(idstr.to_string()))?;
+        let block = self.lock().blocks.remove(idstr).ok_or_else(|| RamError::Unknown(idstr.to_string()))?;
         for l in self.listeners() {
             l.block_removed(&block);
         }
@@ -123,13 +115,8 @@ impl RamRegistry {
     /// Listeners and the hook run without the registry's lock held, so they may call back in;
     /// resizes of one block are serialised by the block's own lock.
     pub fn resize(&self, idstr: &str, new_size: u64) -> Result<(), RamError> {
-        let block = self
-            .get(idstr)
-            .ok_or_else(|| RamError::Unknown(idstr.to_string()))?;
-        let _serial = block
-            .resize_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let block = self.get(idstr).ok_or_else(|| RamError::Unknown(idstr.to_string()))?;
+        let _serial = block.resize_lock.lock().unwrap_or_else(PoisonError::into_inner);
         let new = align_up(new_size, block.page_size()).ok_or_else(|| RamError::SizeTooLarge {
             idstr: idstr.to_string(),
             new: new_size,
@@ -144,26 +131,15 @@ impl RamRegistry {
             return Ok(());
         }
         if !block.resizeable() {
-            return Err(RamError::SizeMismatch {
-                idstr: idstr.to_string(),
-                new,
-                used,
-            });
+            return Err(RamError::SizeMismatch { idstr: idstr.to_string(), new, used });
         }
         if new > block.max_length() {
-            return Err(RamError::SizeTooLarge {
-                idstr: idstr.to_string(),
-                new,
-                max: block.max_length(),
-            });
+            return Err(RamError::SizeTooLarge { idstr: idstr.to_string(), new, max: block.max_length() });
         }
         let listeners = self.listeners();
         for l in &listeners {
             l.check_resize(&block, used, new)
-                .map_err(|reason| RamError::ResizeRefused {
-                    idstr: idstr.to_string(),
-                    reason,
-                })?;
+                .map_err(|reason| RamError::ResizeRefused { idstr: idstr.to_string(), reason })?;
         }
         for l in &listeners {
             l.block_resized(&block, used, new);

@@ -7,13 +7,7 @@ use super::*;
 const PAGE: u64 = 4096;
 
 fn cfg(idstr: &str, size: u64, max: u64, resizeable: bool) -> RamBlockConfig {
-    RamBlockConfig {
-        idstr: idstr.into(),
-        size,
-        max_size: max,
-        page_size: PAGE,
-        resizeable,
-    }
+    RamBlockConfig { idstr: idstr.into(), size, max_size: max, page_size: PAGE, resizeable }
 }
 
 /// Records every call, in order.
@@ -25,31 +19,19 @@ struct Recorder {
 
 impl RamBlockListener for Recorder {
     fn block_added(&self, b: &Arc<RamBlock>) {
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(format!("added {}", b.idstr()));
+        self.calls.lock().expect("lock").push(format!("added {}", b.idstr()));
     }
     fn block_removed(&self, b: &Arc<RamBlock>) {
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(format!("removed {}", b.idstr()));
+        self.calls.lock().expect("lock").push(format!("removed {}", b.idstr()));
     }
     fn check_resize(&self, b: &RamBlock, old: u64, new: u64) -> Result<(), String> {
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(format!("check {} {old:#x}->{new:#x}", b.idstr()));
+        self.calls.lock().expect("lock").push(format!("check {} {old:#x}->{new:#x}", b.idstr()));
         self.veto.clone().map_or(Ok(()), Err)
     }
     fn block_resized(&self, b: &RamBlock, old: u64, new: u64) {
         // The block still has its old length while listeners hear of the change.
         assert_eq!(b.used_length(), old);
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(format!("resized {} {old:#x}->{new:#x}", b.idstr()));
+        self.calls.lock().expect("lock").push(format!("resized {} {old:#x}->{new:#x}", b.idstr()));
     }
 }
 
@@ -60,18 +42,13 @@ fn setup(resizeable: bool) -> (Arc<RamRegistry>, Arc<RamBlock>, Arc<Recorder>, H
     let rec = Arc::new(Recorder::default());
     reg.add_listener(rec.clone());
     let max = if resizeable { 0x20_0000 } else { 0x1800 };
-    let b = reg
-        .add(cfg("/rom@etc/acpi/tables", 0x1800, max, resizeable))
-        .expect("add");
+    let b = reg.add(cfg("/rom@etc/acpi/tables", 0x1800, max, resizeable)).expect("add");
     let log = rec.clone();
     let hooks = Arc::new(Mutex::new(Vec::new()));
     let h = hooks.clone();
     b.set_resized_hook(Box::new(move |idstr, len| {
         // The hook runs after every listener and sees the new length.
-        log.calls
-            .lock()
-            .expect("lock")
-            .push(format!("hook {idstr} {len:#x}"));
+        log.calls.lock().expect("lock").push(format!("hook {idstr} {len:#x}"));
         h.lock().expect("lock").push(format!("{idstr} {len:#x}"));
     }));
     (reg, b, rec, hooks)
@@ -96,18 +73,9 @@ fn rule2_only_the_unaligned_size_changes() {
     reg.resize(b.idstr(), 0x1c00).expect("resize");
     assert_eq!(b.used_length(), 0x2000);
     assert_eq!(b.unaligned_length(), 0x1c00);
-    assert_eq!(
-        *hooks.lock().expect("lock"),
-        vec!["/rom@etc/acpi/tables 0x1c00"]
-    );
+    assert_eq!(*hooks.lock().expect("lock"), vec!["/rom@etc/acpi/tables 0x1c00"]);
     // No listener hears of it: the aligned size did not change.
-    assert_eq!(
-        calls(&rec),
-        vec![
-            "added /rom@etc/acpi/tables",
-            "hook /rom@etc/acpi/tables 0x1c00"
-        ]
-    );
+    assert_eq!(calls(&rec), vec!["added /rom@etc/acpi/tables", "hook /rom@etc/acpi/tables 0x1c00"]);
     // The same size again: nothing at all.
     reg.resize(b.idstr(), 0x1c00).expect("resize");
     assert_eq!(hooks.lock().expect("lock").len(), 1);
@@ -125,18 +93,8 @@ fn rule2_applies_to_non_resizeable_blocks_too() {
 fn rule3_non_resizeable_size_mismatch() {
     let (reg, b, rec, hooks) = setup(false);
     let e = reg.resize(b.idstr(), 0x8000).expect_err("mismatch");
-    assert_eq!(
-        e.to_string(),
-        "Size mismatch: /rom@etc/acpi/tables: 0x8000 != 0x2000"
-    );
-    assert_eq!(
-        e,
-        RamError::SizeMismatch {
-            idstr: b.idstr().into(),
-            new: 0x8000,
-            used: 0x2000
-        }
-    );
+    assert_eq!(e.to_string(), "Size mismatch: /rom@etc/acpi/tables: 0x8000 != 0x2000");
+    assert_eq!(e, RamError::SizeMismatch { idstr: b.idstr().into(), new: 0x8000, used: 0x2000 });
     assert_eq!(b.used_length(), 0x2000);
     assert!(hooks.lock().expect("lock").is_empty());
     assert_eq!(calls(&rec).len(), 1);
@@ -146,20 +104,14 @@ fn rule3_non_resizeable_size_mismatch() {
 fn rule3_reports_the_aligned_new_size() {
     let (reg, b, _, _) = setup(false);
     let e = reg.resize(b.idstr(), 0x2001).expect_err("mismatch");
-    assert_eq!(
-        e.to_string(),
-        "Size mismatch: /rom@etc/acpi/tables: 0x3000 != 0x2000"
-    );
+    assert_eq!(e.to_string(), "Size mismatch: /rom@etc/acpi/tables: 0x3000 != 0x2000");
 }
 
 #[test]
 fn rule4_beyond_max_length() {
     let (reg, b, _, hooks) = setup(true);
     let e = reg.resize(b.idstr(), 0x20_0001).expect_err("too large");
-    assert_eq!(
-        e.to_string(),
-        "Size too large: /rom@etc/acpi/tables: 0x201000 > 0x200000"
-    );
+    assert_eq!(e.to_string(), "Size too large: /rom@etc/acpi/tables: 0x201000 > 0x200000");
     assert_eq!(b.used_length(), 0x2000);
     assert!(hooks.lock().expect("lock").is_empty());
 }
@@ -180,15 +132,8 @@ fn rule5_listeners_then_length_then_dirty_then_hook() {
             "hook /rom@etc/acpi/tables 0x5123",
         ]
     );
-    assert_eq!(
-        b.take_dirty(),
-        vec![0, 1, 2, 3, 4, 5],
-        "the whole new block is dirty"
-    );
-    assert_eq!(
-        *hooks.lock().expect("lock"),
-        vec!["/rom@etc/acpi/tables 0x5123"]
-    );
+    assert_eq!(b.take_dirty(), vec![0, 1, 2, 3, 4, 5], "the whole new block is dirty");
+    assert_eq!(*hooks.lock().expect("lock"), vec!["/rom@etc/acpi/tables 0x5123"]);
     // Shrinking follows the same path.
     reg.resize(b.idstr(), 0x1000).expect("shrink");
     assert_eq!(b.used_length(), 0x1000);
@@ -198,16 +143,10 @@ fn rule5_listeners_then_length_then_dirty_then_hook() {
 fn a_veto_changes_nothing() {
     let reg = RamRegistry::new();
     let b = reg.add(cfg("blob", PAGE, 16 * PAGE, true)).expect("add");
-    let rec = Arc::new(Recorder {
-        veto: Some("still filling".into()),
-        ..Default::default()
-    });
+    let rec = Arc::new(Recorder { veto: Some("still filling".into()), ..Default::default() });
     reg.add_listener(rec.clone());
     let e = reg.resize("blob", 4 * PAGE).expect_err("veto");
-    assert_eq!(
-        e.to_string(),
-        "resize of RAM block 'blob' refused: still filling"
-    );
+    assert_eq!(e.to_string(), "resize of RAM block 'blob' refused: still filling");
     assert_eq!(b.used_length(), PAGE);
     assert!(!calls(&rec).iter().any(|c| c.starts_with("resized")));
 }
@@ -224,42 +163,21 @@ fn listeners_hear_of_existing_blocks_and_removals() {
     reg.remove_listener(id);
     reg.add(cfg("c", PAGE, PAGE, false)).expect("add");
     assert_eq!(calls(&rec).len(), 3);
-    assert_eq!(
-        reg.blocks()
-            .iter()
-            .map(|b| b.idstr().to_string())
-            .collect::<Vec<_>>(),
-        vec!["b", "c"]
-    );
+    assert_eq!(reg.blocks().iter().map(|b| b.idstr().to_string()).collect::<Vec<_>>(), vec!["b", "c"]);
 }
 
 #[test]
 fn bad_configurations_and_names() {
     let reg = RamRegistry::new();
     reg.add(cfg("a", PAGE, PAGE, false)).expect("add");
-    assert_eq!(
-        reg.add(cfg("a", PAGE, PAGE, false)).expect_err("dup"),
-        RamError::Duplicate("a".into())
-    );
+    assert_eq!(reg.add(cfg("a", PAGE, PAGE, false)).expect_err("dup"), RamError::Duplicate("a".into()));
+    assert!(matches!(reg.add(cfg("z", 0, PAGE, false)), Err(RamError::Config { .. })));
+    assert!(matches!(reg.add(cfg("z", PAGE, 4 * PAGE, false)), Err(RamError::Config { .. })));
     assert!(matches!(
-        reg.add(cfg("z", 0, PAGE, false)),
+        reg.add(RamBlockConfig { page_size: 3000, ..cfg("z", PAGE, PAGE, false) }),
         Err(RamError::Config { .. })
     ));
-    assert!(matches!(
-        reg.add(cfg("z", PAGE, 4 * PAGE, false)),
-        Err(RamError::Config { .. })
-    ));
-    assert!(matches!(
-        reg.add(RamBlockConfig {
-            page_size: 3000,
-            ..cfg("z", PAGE, PAGE, false)
-        }),
-        Err(RamError::Config { .. })
-    ));
-    assert_eq!(
-        reg.resize("nope", 1).expect_err("unknown"),
-        RamError::Unknown("nope".into())
-    );
+    assert_eq!(reg.resize("nope", 1).expect_err("unknown"), RamError::Unknown("nope".into()));
     assert!(reg.remove("nope").is_err());
 }
 

@@ -18,18 +18,32 @@ use crate::ram::{RamError, RamRegistry};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RamProblem {
     /// The snapshot has a block the destination lacks.
-    Unknown { idstr: String, used: u64 },
+    Unknown {
+        idstr: String,
+        used: u64,
+    },
     /// The destination has a block the snapshot lacks.
-    Missing { idstr: String, used: u64 },
+    Missing {
+        idstr: String,
+        used: u64,
+    },
     PageSize {
         idstr: String,
         snapshot: u64,
         destination: u64,
     },
     /// A non-resizeable block of another size.
-    SizeMismatch { idstr: String, new: u64, used: u64 },
+    SizeMismatch {
+        idstr: String,
+        new: u64,
+        used: u64,
+    },
     /// A resizeable block that cannot grow that far.
-    TooLarge { idstr: String, new: u64, max: u64 },
+    TooLarge {
+        idstr: String,
+        new: u64,
+        max: u64,
+    },
 }
 
 /// What to do about a size mismatch of `idstr`.
@@ -84,18 +98,12 @@ pub enum CheckError {
 pub struct ResizePlan(pub Vec<(String, u64)>);
 
 /// Checks every block; returns the resizes to make, or every problem found. Changes nothing.
-pub fn check_ram(
-    snapshot: &[RamBlockDesc],
-    registry: &RamRegistry,
-) -> Result<ResizePlan, CheckError> {
+pub fn check_ram(snapshot: &[RamBlockDesc], registry: &RamRegistry) -> Result<ResizePlan, CheckError> {
     let mut problems = Vec::new();
     let mut plan = ResizePlan::default();
     for s in snapshot {
         let Some(d) = registry.get(&s.idstr) else {
-            problems.push(RamProblem::Unknown {
-                idstr: s.idstr.clone(),
-                used: s.used_length,
-            });
+            problems.push(RamProblem::Unknown { idstr: s.idstr.clone(), used: s.used_length });
             continue;
         };
         if d.page_size() != s.page_size {
@@ -106,11 +114,7 @@ pub fn check_ram(
             });
             continue;
         }
-        let want = if s.unaligned_length > 0 {
-            s.unaligned_length
-        } else {
-            s.used_length
-        };
+        let want = if s.unaligned_length > 0 { s.unaligned_length } else { s.used_length };
         if s.used_length == d.used_length() {
             if d.resizeable() && want != d.unaligned_length() {
                 plan.0.push((s.idstr.clone(), want));
@@ -124,21 +128,14 @@ pub fn check_ram(
                 used: d.used_length(),
             });
         } else if s.used_length > d.max_length() {
-            problems.push(RamProblem::TooLarge {
-                idstr: s.idstr.clone(),
-                new: s.used_length,
-                max: d.max_length(),
-            });
+            problems.push(RamProblem::TooLarge { idstr: s.idstr.clone(), new: s.used_length, max: d.max_length() });
         } else {
             plan.0.push((s.idstr.clone(), want));
         }
     }
     for d in registry.blocks() {
         if !snapshot.iter().any(|s| s.idstr == d.idstr()) {
-            problems.push(RamProblem::Missing {
-                idstr: d.idstr().to_string(),
-                used: d.used_length(),
-            });
+            problems.push(RamProblem::Missing { idstr: d.idstr().to_string(), used: d.used_length() });
         }
     }
     if problems.is_empty() {

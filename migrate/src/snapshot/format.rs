@@ -37,9 +37,7 @@ pub const MAX_IDSTR: usize = 256;
 pub enum FormatError {
     #[error("VM state is truncated: {len} bytes, the header alone needs {HEADER_LEN}")]
     TooShort { len: usize },
-    #[error(
-        "VM state has bad magic {found:02x?} (expected \"SNVSTATE\"): not a snapvisor snapshot"
-    )]
+    #[error("VM state has bad magic {found:02x?} (expected \"SNVSTATE\"): not a snapvisor snapshot")]
     BadMagic { found: Vec<u8> },
     #[error("VM state format version {found} is newer than this snapvisor understands ({FORMAT_VERSION}); upgrade snapvisor to load it")]
     TooNew { found: u32 },
@@ -49,9 +47,7 @@ pub enum FormatError {
     TooLarge { len: u64 },
     #[error("VM state is truncated: header says {expected} body bytes, {found} present")]
     Truncated { expected: u64, found: u64 },
-    #[error(
-        "VM state checksum mismatch: stored {stored:#010x}, computed {computed:#010x} (corrupted)"
-    )]
+    #[error("VM state checksum mismatch: stored {stored:#010x}, computed {computed:#010x} (corrupted)")]
     Checksum { stored: u32, computed: u32 },
     #[error("VM state body does not decode: {0}")]
     Decode(String),
@@ -124,36 +120,30 @@ pub fn to_cbor<T: Serialize>(v: &T) -> Result<Vec<u8>, FormatError> {
 }
 
 /// Decodes a CBOR value (for fragments); `what` names it in errors.
-pub fn from_cbor<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-    what: &str,
-) -> Result<T, FormatError> {
+pub fn from_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, FormatError> {
     ciborium::from_reader(bytes).map_err(|e| FormatError::Decode(format!("{what}: {e}")))
 }
 
 impl VmSnapshot {
     /// Adds a fragment encoded from `state`.
     pub fn put<T: Serialize>(&mut self, name: &str, state: &T) -> Result<(), FormatError> {
-        self.fragments
-            .insert(name.to_string(), serde_bytes_compat::Bytes(to_cbor(state)?));
+        self.fragments.insert(name.to_string(), serde_bytes_compat::Bytes(to_cbor(state)?));
         Ok(())
     }
 
     /// Decodes fragment `name`; a missing fragment is an error naming it.
     pub fn get<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, FormatError> {
-        let b = self.fragments.get(name).ok_or_else(|| {
-            FormatError::Invalid(format!("no state for '{name}' in the snapshot"))
-        })?;
+        let b = self
+            .fragments
+            .get(name)
+            .ok_or_else(|| FormatError::Invalid(format!("no state for '{name}' in the snapshot")))?;
         from_cbor(&b.0, name)
     }
 
     /// Checks what the type system cannot: counts, names, sizes.
     pub fn validate(&self) -> Result<(), FormatError> {
         if self.ram.len() > MAX_BLOCKS {
-            return Err(FormatError::Invalid(format!(
-                "{} RAM blocks (at most {MAX_BLOCKS})",
-                self.ram.len()
-            )));
+            return Err(FormatError::Invalid(format!("{} RAM blocks (at most {MAX_BLOCKS})", self.ram.len())));
         }
         if self.fragments.len() > MAX_FRAGMENTS {
             return Err(FormatError::Invalid(format!(
@@ -163,29 +153,15 @@ impl VmSnapshot {
         }
         let mut seen = std::collections::BTreeSet::new();
         for b in &self.ram {
-            let bad = |why: String| {
-                Err(FormatError::Invalid(format!(
-                    "RAM block '{}': {why}",
-                    b.idstr.escape_debug()
-                )))
-            };
-            if b.idstr.is_empty()
-                || b.idstr.len() > MAX_IDSTR
-                || b.idstr.chars().any(char::is_control)
-            {
-                return bad(format!(
-                    "name of {} bytes is not a valid idstr",
-                    b.idstr.len()
-                ));
+            let bad = |why: String| Err(FormatError::Invalid(format!("RAM block '{}': {why}", b.idstr.escape_debug())));
+            if b.idstr.is_empty() || b.idstr.len() > MAX_IDSTR || b.idstr.chars().any(char::is_control) {
+                return bad(format!("name of {} bytes is not a valid idstr", b.idstr.len()));
             }
             if !seen.insert(&b.idstr) {
                 return bad("listed twice".into());
             }
             if !b.page_size.is_power_of_two() || b.page_size < 4096 {
-                return bad(format!(
-                    "page size {:#x} is not a power of two of at least 4 KiB",
-                    b.page_size
-                ));
+                return bad(format!("page size {:#x} is not a power of two of at least 4 KiB", b.page_size));
             }
             if b.used_length % b.page_size != 0 || b.max_length % b.page_size != 0 {
                 return bad(format!(
@@ -194,10 +170,7 @@ impl VmSnapshot {
                 ));
             }
             if b.used_length == 0 || b.used_length > b.max_length {
-                return bad(format!(
-                    "used length {:#x} outside 1..=max length {:#x}",
-                    b.used_length, b.max_length
-                ));
+                return bad(format!("used length {:#x} outside 1..=max length {:#x}", b.used_length, b.max_length));
             }
             if b.unaligned_length > b.used_length {
                 return bad(format!(
@@ -229,16 +202,9 @@ impl VmSnapshot {
         }
         let (header, body) = bytes.split_at(HEADER_LEN);
         if header[0..8] != MAGIC {
-            return Err(FormatError::BadMagic {
-                found: header[0..8].to_vec(),
-            });
+            return Err(FormatError::BadMagic { found: header[0..8].to_vec() });
         }
-        let word = |r: std::ops::Range<usize>| {
-            header[r]
-                .iter()
-                .rev()
-                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
-        };
+        let word = |r: std::ops::Range<usize>| header[r].iter().rev().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
         let version = word(8..12) as u32;
         if version == 0 {
             return Err(FormatError::BadVersion);
@@ -251,10 +217,7 @@ impl VmSnapshot {
             return Err(FormatError::TooLarge { len });
         }
         if (body.len() as u64) != len {
-            return Err(FormatError::Truncated {
-                expected: len,
-                found: body.len() as u64,
-            });
+            return Err(FormatError::Truncated { expected: len, found: body.len() as u64 });
         }
         let stored = word(24..28) as u32;
         let computed = crc32fast::hash(body);
@@ -291,51 +254,31 @@ mod tests {
         let back = VmSnapshot::decode(&s.encode().expect("encode")).expect("decode");
         assert_eq!(back, s);
         assert_eq!(back.get::<u32>("dev/exit"), Ok(7));
-        assert!(
-            matches!(back.get::<u32>("dev/serial"), Err(FormatError::Invalid(m)) if m.contains("dev/serial"))
-        );
+        assert!(matches!(back.get::<u32>("dev/serial"), Err(FormatError::Invalid(m)) if m.contains("dev/serial")));
     }
 
     #[test]
     fn truncated_corrupted_and_newer_are_refused() {
         let bytes = sample().encode().expect("encode");
-        assert_eq!(
-            VmSnapshot::decode(&bytes[..10]),
-            Err(FormatError::TooShort { len: 10 })
-        );
-        assert!(matches!(
-            VmSnapshot::decode(&bytes[..bytes.len() - 1]),
-            Err(FormatError::Truncated { .. })
-        ));
+        assert_eq!(VmSnapshot::decode(&bytes[..10]), Err(FormatError::TooShort { len: 10 }));
+        assert!(matches!(VmSnapshot::decode(&bytes[..bytes.len() - 1]), Err(FormatError::Truncated { .. })));
         let mut bad = bytes.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0x40;
-        assert!(matches!(
-            VmSnapshot::decode(&bad),
-            Err(FormatError::Checksum { .. })
-        ));
+        assert!(matches!(VmSnapshot::decode(&bad), Err(FormatError::Checksum { .. })));
         let mut newer = bytes.clone();
         newer[8] = 2;
-        assert_eq!(
-            VmSnapshot::decode(&newer),
-            Err(FormatError::TooNew { found: 2 })
-        );
+        assert_eq!(VmSnapshot::decode(&newer), Err(FormatError::TooNew { found: 2 }));
         let mut magic = bytes;
         magic[0] = b'X';
-        assert!(matches!(
-            VmSnapshot::decode(&magic),
-            Err(FormatError::BadMagic { .. })
-        ));
+        assert!(matches!(VmSnapshot::decode(&magic), Err(FormatError::BadMagic { .. })));
     }
 
     #[test]
     fn huge_length_is_refused_before_allocation() {
         let mut bytes = sample().encode().expect("encode");
         bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert_eq!(
-            VmSnapshot::decode(&bytes),
-            Err(FormatError::TooLarge { len: u64::MAX })
-        );
+        assert_eq!(VmSnapshot::decode(&bytes), Err(FormatError::TooLarge { len: u64::MAX }));
     }
 
     #[test]
@@ -350,11 +293,7 @@ mod tests {
             let mut s = sample();
             mutate(&mut s.ram[0]);
             let bytes = s.encode().expect("encode");
-            assert!(
-                matches!(VmSnapshot::decode(&bytes), Err(FormatError::Invalid(_))),
-                "{:?}",
-                s.ram[0]
-            );
+            assert!(matches!(VmSnapshot::decode(&bytes), Err(FormatError::Invalid(_))), "{:?}", s.ram[0]);
         }
         let mut dup = sample();
         dup.ram.push(dup.ram[0].clone());

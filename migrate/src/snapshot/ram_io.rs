@@ -83,11 +83,7 @@ pub fn save_chunks(
 }
 
 /// Writes every chunk of `block`.
-pub fn save_block(
-    writer: &SnapshotWriter,
-    block: &RamBlock,
-    threads: usize,
-) -> Result<u64, RamIoError> {
+pub fn save_block(writer: &SnapshotWriter, block: &RamBlock, threads: usize) -> Result<u64, RamIoError> {
     let n = block.used_length().div_ceil(u64::from(writer.chunk_size()));
     let all: Vec<u64> = (0..n).collect();
     save_chunks(writer, block, &all, threads)
@@ -96,10 +92,7 @@ pub fn save_block(
 /// Reads every chunk of the snapshot's copy of `block` into it (eager restore). The block must
 /// already have the snapshot's used length.
 pub fn load_block(reader: &SnapshotReader, block: &RamBlock) -> Result<u64, RamIoError> {
-    let m = reader
-        .manifest()
-        .block(block.idstr())
-        .ok_or_else(|| RamIoError::NoBlock(block.idstr().to_string()))?;
+    let m = reader.manifest().block(block.idstr()).ok_or_else(|| RamIoError::NoBlock(block.idstr().to_string()))?;
     let cs = u64::from(reader.chunk_size());
     let mut buf = vec![0u8; cs as usize];
     let mut bytes = 0;
@@ -133,24 +126,15 @@ impl PageSource for StorePageSource {
     }
 
     fn read_chunk(&self, idstr: &str, offset: u64, buf: &mut [u8]) -> Result<Fill, String> {
-        let m = self
-            .reader
-            .manifest()
-            .block(idstr)
-            .ok_or_else(|| format!("snapshot has no RAM block '{idstr}'"))?;
+        let m = self.reader.manifest().block(idstr).ok_or_else(|| format!("snapshot has no RAM block '{idstr}'"))?;
         let index = (offset / self.chunk_size()) as usize;
         match m.chunks.get(index) {
             Some(ChunkRef::Zero) => Ok(Fill::Zero),
             Some(ChunkRef::Stored(_)) => {
-                let n = self
-                    .reader
-                    .read_chunk(idstr, offset, buf)
-                    .map_err(|e| e.to_string())?;
+                let n = self.reader.read_chunk(idstr, offset, buf).map_err(|e| e.to_string())?;
                 Ok(Fill::Data { stored: n as u64 })
             }
-            None => Err(format!(
-                "offset {offset:#x} is beyond the snapshot's copy of '{idstr}'"
-            )),
+            None => Err(format!("offset {offset:#x} is beyond the snapshot's copy of '{idstr}'")),
         }
     }
 }

@@ -1,0 +1,270 @@
+//! `snapvisor bench restore`: how fast a snapshot comes back, by mode, side by side.
+//!
+//! For each memory size, a `touch` guest fills its memory and waits for *go*; it is
+//! snapshotted there (stop-and-copy) and then restored four ways, one after another in the
+//! same run so that the ratios hold on a noisy machine:
+//!
+//! - `resident`: an eager restore whose clock starts once memory is loaded — the floor;
+//! - `eager`: every page read before the vCPUs start;
+//! - `lazy`: pages served by userfaultfd on touch, the rest streamed in the background;
+//! - `lazy+prefetch`: lazy, loading the working set recorded by an earlier lazy run first.
+//!
+//! Each restored guest is told *go* and touches its working set (`span` bytes every `stride`
+//! bytes: 10% of memory by default). Reported per run: request to first guest instruction
+//! (its first exit, the go poll), request to working set done, request to fully resident,
+//! faults served and bytes read from the store. The guest's checksum is checked every time.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::cli::run::{snapshot_error, vm_error};
+use crate::cli::CliError;
+use crate::guests::{touch, BootInfo, Builtin};
+use crate::snapshot::{self, restore::record_working_set, RestoreMode, RestoreOptions, SaveOptions};
+use crate::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
+
+#[derive(Debug, Args)]
+pub struct RestoreBenchArgs {
+    /// Guest memory sizes to measure, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+    pub mem_mib: Vec<u64>,
+    /// Working set: bytes touched at each stride.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub span: u64,
+    /// Working set: distance between touched spans (span/stride = the fraction touched).
+    #[arg(long, default_value_t = 640 * 1024)]
+    pub stride: u64,
+    /// Store directory (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw the results as an SVG bar chart into this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// One restore.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Run {
+    pub mem_mib: u64,
+    pub mode: &'static str,
+    pub first_instruction_ms: f64,
+    pub working_set_ms: f64,
+    pub resident_ms: f64,
+    pub faults: u64,
+    pub bytes_read: u64,
+    pub prefetch_chunks: usize,
+}
+
+/// One size's snapshot.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Snap {
+    pub mem_mib: u64,
+    pub snapshot_ms: f64,
+    pub bytes_stored: u64,
+    pub working_set_pages: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RestoreBenchReport {
+    pub snapshots: Vec<Snap>,
+    pub runs: Vec<Run>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn internal(what: &str) -> CliError {
+    CliError::Internal(format!("bench restore: {what}"))
+}
+
+/// Restores `name` in `mode`, lets it touch its working set, and measures.
+fn measure(
+    store: &storage::Store,
+    name: &str,
+    mem_mib: u64,
+    mode: RestoreMode,
+    resident: bool,
+    expect: &str,
+) -> Result<Run, CliError> {
+    let out = SharedOutput::default();
+    let t0 = Instant::now();
+    let (mut vm, report) =
+        snapshot::restore(store, name, RestoreOptions::new(mode, Box::new(out.clone()))).map_err(snapshot_error)?;
+    let t0 = if resident { Instant::now() } else { t0 };
+    let loaded_at = Instant::now();
+    vm.devices().go.store(true, Ordering::Release);
+    vm.start().map_err(vm_error)?;
+    let touched = vm
+        .control()
+        .wait_mark(touch::MARK_TOUCHED, TIMEOUT)
+        .ok_or_else(|| internal("the working set was never touched"))?;
+    let first = vm.control().first_exit().ok_or_else(|| internal("the guest never ran"))?;
+    let stats = snapshot::restore::lazy_stats(&vm);
+    let resident_at = if snapshot::restore::wait_resident(&vm, TIMEOUT) {
+        stats.as_ref().map_or(loaded_at, |_| Instant::now())
+    } else {
+        return Err(internal("memory never became resident"));
+    };
+    let reason = vm.wait(Some(Duration::from_secs(30)));
+    if out.text() != expect {
+        return Err(internal(&format!(
+            "{mode:?} restore: guest printed {:?}, expected {expect:?} ({reason})",
+            out.text()
+        )));
+    }
+    let stats = snapshot::restore::lazy_stats(&vm).or(stats);
+    Ok(Run {
+        mem_mib,
+        mode: match (mode, resident) {
+            (_, true) => "resident",
+            (RestoreMode::Eager, _) => "eager",
+            (RestoreMode::Lazy, _) => "lazy",
+            (RestoreMode::LazyPrefetch, _) => "lazy+prefetch",
+        },
+        first_instruction_ms: ms(first.saturating_duration_since(t0)),
+        working_set_ms: ms(touched.saturating_duration_since(t0)),
+        resident_ms: ms(resident_at.saturating_duration_since(t0)),
+        faults: stats.as_ref().map_or(0, |s| s.faults),
+        bytes_read: stats.as_ref().map_or(report.bytes_loaded, |s| s.bytes_stored_read),
+        prefetch_chunks: report.prefetch_chunks,
+    })
+}
+
+fn bench_size(store: &storage::Store, mem_mib: u64, args: &RestoreBenchArgs) -> Result<(Snap, Vec<Run>), CliError> {
+    let seed = 0x5eed + mem_mib;
+    let params = BuiltinParams { seed, stride: args.stride, span: args.span, ..Default::default() };
+    let mut vm = Vm::new(VmConfig::new(
+        mem_mib,
+        1,
+        BootSource::Builtin { guest: Builtin::Touch, params },
+        Box::new(SharedOutput::default()),
+    ))
+    .map_err(vm_error)?;
+    vm.start().map_err(vm_error)?;
+    vm.control().wait_mark(touch::MARK_FILLED, TIMEOUT).ok_or_else(|| internal("the guest never filled its memory"))?;
+    let name = format!("touch-{mem_mib}");
+    let save = snapshot::save(&vm, store, &name, &SaveOptions::default(), &|_| {}).map_err(snapshot_error)?;
+    vm.stop("snapshot taken");
+    let ranges = BootInfo::fill_ranges(&crate::memory::e820_map(mem_mib << 20));
+    let (sum, pages) = touch::checksum(&ranges, seed, args.stride, args.span);
+    let expect = format!("touch: working set of {pages} pages done, checksum {sum:#x}\n");
+
+    let mut runs = vec![
+        measure(store, &name, mem_mib, RestoreMode::Eager, true, &expect)?,
+        measure(store, &name, mem_mib, RestoreMode::Eager, false, &expect)?,
+        measure(store, &name, mem_mib, RestoreMode::Lazy, false, &expect)?,
+    ];
+    // Record the working set with a lazy run, then measure with it.
+    let (mut rec, _) = snapshot::restore(
+        store,
+        &name,
+        RestoreOptions {
+            background_fill: false,
+            ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default()))
+        },
+    )
+    .map_err(snapshot_error)?;
+    rec.devices().go.store(true, Ordering::Release);
+    rec.start().map_err(vm_error)?;
+    rec.control()
+        .wait_mark(touch::MARK_TOUCHED, TIMEOUT)
+        .ok_or_else(|| internal("recording run never touched its working set"))?;
+    record_working_set(&rec, store, &name).map_err(snapshot_error)?;
+    rec.stop("working set recorded");
+    runs.push(measure(store, &name, mem_mib, RestoreMode::LazyPrefetch, false, &expect)?);
+    Ok((
+        Snap { mem_mib, snapshot_ms: save.total_ms, bytes_stored: save.store.bytes_stored, working_set_pages: pages },
+        runs,
+    ))
+}
+
+pub fn measure_all(args: &RestoreBenchArgs) -> Result<RestoreBenchReport, CliError> {
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile_dir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let store =
+        storage::Store::open(&dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
+    let mut report = RestoreBenchReport { snapshots: Vec::new(), runs: Vec::new() };
+    for &mem in &args.mem_mib {
+        let (snap, runs) = bench_size(&store, mem, args)?;
+        report.snapshots.push(snap);
+        report.runs.extend(runs);
+        let _ = store.delete(&format!("touch-{mem}"));
+        let _ = store.gc();
+    }
+    Ok(report)
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn tempfile_dir() -> Result<TempDir, CliError> {
+    let p = std::env::temp_dir().join(format!("snapvisor-bench-restore-{}", std::process::id()));
+    std::fs::create_dir_all(&p).map_err(|e| internal(&format!("creating {}: {e}", p.display())))?;
+    Ok(TempDir(p))
+}
+
+pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
+    let r = measure_all(&args)?;
+    if let Some(path) = &args.plot {
+        std::fs::write(path, super::plot::svg(&r))
+            .map_err(|e| CliError::Input(format!("writing {}: {e}", path.display())))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r).map_err(|e| internal(&e.to_string()))?);
+        return Ok(());
+    }
+    for s in &r.snapshots {
+        println!(
+            "{} MiB: snapshot {:.0} ms, {:.1} MiB stored, working set {} pages ({:.0}%)",
+            s.mem_mib,
+            s.snapshot_ms,
+            s.bytes_stored as f64 / (1 << 20) as f64,
+            s.working_set_pages,
+            100.0 * args.span as f64 / args.stride as f64
+        );
+    }
+    println!(
+        "{:>8} {:<14} {:>12} {:>12} {:>12} {:>9} {:>10} {:>8}",
+        "mem MiB", "mode", "first ins ms", "ws done ms", "resident ms", "faults", "read MiB", "ws/floor"
+    );
+    for run in &r.runs {
+        let floor =
+            r.runs.iter().find(|x| x.mem_mib == run.mem_mib && x.mode == "resident").map_or(1.0, |f| f.working_set_ms);
+        println!(
+            "{:>8} {:<14} {:>12.2} {:>12.2} {:>12.2} {:>9} {:>10.1} {:>7.2}x",
+            run.mem_mib,
+            run.mode,
+            run.first_instruction_ms,
+            run.working_set_ms,
+            run.resident_ms,
+            run.faults,
+            run.bytes_read as f64 / (1 << 20) as f64,
+            run.working_set_ms / floor
+        );
+    }
+    Ok(())
+}
