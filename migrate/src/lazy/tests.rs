@@ -165,3 +165,44 @@ fn bad_registrations_are_refused() {
     let r = PageServer::start(vec![b], src, ServerOptions::default(), Box::new(|_| {}));
     assert!(matches!(r, Err(LazyError::Register { .. })));
 }
+
+/// A source whose reads panic: the page server thread dies mid-fault.
+struct PanickingSource;
+
+impl PageSource for PanickingSource {
+    fn chunk_size(&self) -> u64 {
+        CHUNK
+    }
+    fn read_chunk(&self, _idstr: &str, _offset: u64, _buf: &mut [u8]) -> Result<Fill, String> {
+        panic!("store backend exploded");
+    }
+}
+
+#[test]
+fn a_dying_server_thread_is_reported_not_hung() {
+    let m = Arc::new(Mapping::new(4 * CHUNK as usize));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e2 = errors.clone();
+    let server = PageServer::start(
+        vec![block(&m)],
+        Arc::new(PanickingSource),
+        ServerOptions::default(),
+        Box::new(move |e| e2.lock().expect("lock").push(e.clone())),
+    )
+    .expect("start");
+    let m2 = m.clone();
+    let toucher = std::thread::spawn(move || m2.word(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while errors.lock().expect("lock").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let errs = errors.lock().expect("lock").clone();
+    assert_eq!(errs.len(), 1, "the owner hears of the dead thread once");
+    assert!(
+        matches!(&errs[0], LazyError::Panicked { thread: "fault", message } if message.contains("exploded")),
+        "{errs:?}"
+    );
+    assert!(!toucher.is_finished(), "the faulting thread waits (its VM is stopped by the owner), it is not fed zeros");
+    std::mem::forget(server);
+    std::mem::forget(toucher);
+}

@@ -1,0 +1,155 @@
+//! Lazy restore on real KVM: faults served from the store, the working set recorded and
+//! prefetched, resizes refused while memory is still arriving, and a corrupted chunk stopping
+//! the VM with an error that names it instead of handing the guest wrong bytes.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hypervisor::control::ExitReason;
+use hypervisor::guests::{touch, BootInfo, Builtin};
+use hypervisor::snapshot::{self, restore::record_working_set, RestoreMode, RestoreOptions, SaveOptions};
+use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, SharedOutput, Vm, VmConfig};
+use storage::ChunkRef;
+
+const MEM: u64 = 64;
+
+/// Snapshots a `touch` guest that has filled its memory and waits for go.
+fn touch_snapshot(store: &storage::Store, name: &str) -> String {
+    let params = BuiltinParams { seed: 77, ..Default::default() };
+    let mut vm = Vm::new(VmConfig::new(
+        MEM,
+        1,
+        BootSource::Builtin { guest: Builtin::Touch, params },
+        Box::new(SharedOutput::default()),
+    ))
+    .expect("vm");
+    vm.start().expect("start");
+    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("filled");
+    snapshot::save(&vm, store, name, &SaveOptions::default(), &|_| {}).expect("snapshot");
+    vm.stop("snapshot taken");
+    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(MEM << 20));
+    let (sum, pages) = touch::checksum(&ranges, 77, params.stride, params.span);
+    format!("touch: working set of {pages} pages done, checksum {sum:#x}\n")
+}
+
+fn lazy(background_fill: bool, out: &SharedOutput) -> RestoreOptions {
+    RestoreOptions { background_fill, ..RestoreOptions::new(RestoreMode::Lazy, Box::new(out.clone())) }
+}
+
+#[test]
+fn working_set_is_recorded_then_prefetched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    let expect = touch_snapshot(&store, "t");
+
+    let out = SharedOutput::default();
+    let (mut vm, _) = snapshot::restore(&store, "t", lazy(false, &out)).expect("restore");
+    vm.devices().go.store(true, Ordering::Release);
+    vm.start().expect("start");
+    assert_eq!(vm.wait(Some(Duration::from_secs(60))), ExitReason::GuestExit { status: 0 });
+    assert_eq!(out.text(), expect);
+    let stats = snapshot::restore::lazy_stats(&vm).expect("lazy");
+    assert!(stats.faults > 0 && stats.chunks_on_fault > 0, "{stats:?}");
+    assert_eq!(stats.chunks_background, 0, "no background fill was asked for");
+    let recorded = record_working_set(&vm, &store, "t").expect("record");
+    assert!(recorded as u64 >= stats.chunks_on_fault / 2, "{recorded} chunks recorded");
+    drop(vm);
+
+    let out = SharedOutput::default();
+    let opts = RestoreOptions {
+        background_fill: false,
+        ..RestoreOptions::new(RestoreMode::LazyPrefetch, Box::new(out.clone()))
+    };
+    let (mut vm, report) = snapshot::restore(&store, "t", opts).expect("restore with prefetch");
+    assert_eq!(report.prefetch_chunks, recorded);
+    vm.devices().go.store(true, Ordering::Release);
+    vm.start().expect("start");
+    assert_eq!(vm.wait(Some(Duration::from_secs(60))), ExitReason::GuestExit { status: 0 });
+    assert_eq!(out.text(), expect);
+    let s = snapshot::restore::lazy_stats(&vm).expect("lazy");
+    assert!(s.chunks_prefetched > 0, "{s:?}");
+}
+
+#[test]
+fn a_corrupt_chunk_stops_the_vm_with_its_name_and_never_maps_wrong_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    touch_snapshot(&store, "c");
+    // The first span of the working set starts at 2 MiB: corrupt the chunk there.
+    let m = store.manifest("c").expect("manifest");
+    let cs = u64::from(m.chunk_size);
+    let offset = 0x20_0000;
+    let ChunkRef::Stored(hash) = m.block("pc.ram").expect("pc.ram").chunks[(offset / cs) as usize] else {
+        panic!("the chunk at 2 MiB holds data");
+    };
+    let loc = store.debug_chunk_location(&hash).expect("location").expect("indexed");
+    let path = store.debug_pack_path(loc.pack);
+    let mut pack = std::fs::read(&path).expect("pack");
+    pack[(loc.offset + u64::from(loc.len) / 2) as usize] ^= 0xff;
+    std::fs::write(&path, &pack).expect("write pack");
+
+    let out = SharedOutput::default();
+    let (mut vm, _) = snapshot::restore(&store, "c", lazy(false, &out)).expect("restore");
+    vm.devices().go.store(true, Ordering::Release);
+    vm.start().expect("start");
+    let reason = vm.wait(Some(Duration::from_secs(60)));
+    let ExitReason::Crash { detail } = &reason else {
+        panic!("expected the VM to stop on the bad chunk, got {reason:?}")
+    };
+    assert!(detail.contains("pc.ram") && detail.contains("0x200000"), "{detail}");
+    assert!(!out.text().contains("working set"), "the guest must not finish on wrong bytes");
+    assert!(vm.page_server().and_then(|s| s.error()).is_some());
+
+    // Eager restore refuses the snapshot outright, naming the chunk.
+    let err =
+        snapshot::restore(&store, "c", RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
+            .err()
+            .expect("eager restore of a corrupt snapshot fails");
+    assert!(err.to_string().contains("pc.ram") && err.to_string().contains("0x200000"), "{err}");
+}
+
+#[test]
+fn a_resize_is_refused_while_the_lazy_restore_is_filling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    let mut cfg = VmConfig::new(
+        16,
+        1,
+        BootSource::Builtin { guest: Builtin::Idle, params: BuiltinParams::default() },
+        Box::new(SharedOutput::default()),
+    );
+    cfg.fw_cfg_files = vec![FwCfgFile { name: "opt/snapvisor/blob".into(), data: vec![7; 20_000] }];
+    let vm = Vm::new(cfg).expect("vm");
+    snapshot::save(&vm, &store, "r", &SaveOptions::default(), &|_| {}).expect("snapshot");
+    drop(vm);
+
+    let (vm, _) = snapshot::restore(&store, "r", lazy(false, &SharedOutput::default())).expect("restore");
+    let err = vm.registry().resize("/rom@opt/snapvisor/blob", 40_000).expect_err("refused");
+    assert!(err.to_string().contains("still filling"), "{err}");
+    assert_eq!(vm.registry().get("/rom@opt/snapvisor/blob").expect("block").unaligned_length(), 20_000);
+    drop(vm);
+
+    // Once resident, the same resize goes through.
+    let (vm, _) = snapshot::restore(&store, "r", lazy(true, &SharedOutput::default())).expect("restore");
+    assert!(snapshot::restore::wait_resident(&vm, Duration::from_secs(30)));
+    vm.registry().resize("/rom@opt/snapvisor/blob", 40_000).expect("resize after fill");
+}
+
+#[test]
+fn bench_restore_reports_every_mode() {
+    let o = common::snapvisor(&["bench", "restore", "--mem-mib", "32", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let runs = v["runs"].as_array().expect("runs");
+    let modes: Vec<&str> = runs.iter().filter_map(|r| r["mode"].as_str()).collect();
+    assert_eq!(modes, vec!["resident", "eager", "lazy", "lazy+prefetch"]);
+    for r in runs {
+        let first = r["first_instruction_ms"].as_f64().expect("number");
+        let ws = r["working_set_ms"].as_f64().expect("number");
+        assert!(first <= ws, "{r}");
+    }
+    assert!(runs[2]["faults"].as_u64().expect("faults") > 0);
+    assert!(runs[3]["prefetch_chunks"].as_u64().expect("prefetch") > 0);
+}
