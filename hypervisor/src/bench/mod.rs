@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod plot;
 pub mod restore;
+pub mod snapshot;
 pub mod stats;
 pub mod store;
 
@@ -17,6 +18,8 @@ use crate::cli::CliError;
 pub enum BenchCommand {
     /// VM creation, time to first guest exit and to guest exit for `hello`; idle VM density.
     Boot(boot::BootBenchArgs),
+    /// Snapshot creation (stop-and-copy, live) and restore to first instruction.
+    Snapshot(snapshot::SnapshotBenchArgs),
     /// Restore by mode (resident, eager, lazy, lazy with prefetch), side by side.
     Restore(restore::RestoreBenchArgs),
     /// Snapshot store throughput, compression, random reads and dedup of clones.
@@ -27,6 +30,7 @@ pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Restore(args) => restore::run(args),
+        BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::Store(args) => store::run(args).map_err(|e| CliError::Internal(e.to_string())),
     }
 }

@@ -1,8 +1,9 @@
 //! Taking a snapshot: stop-and-copy, or live with KVM's dirty log.
 //!
 //! Live: dirty logging is switched on, every chunk is copied while the guest runs (round 0),
-//! then the chunks dirtied meanwhile are copied again, round after round, until few remain or
-//! the round limit is reached; the vCPUs are then paused, the last dirty chunks and all device
+//! then the chunks dirtied meanwhile are copied again, round after round, until few remain,
+//! a round fails to shrink the dirty set (the guest dirties memory as fast as it is copied)
+//! or the round limit is reached; the vCPUs are then paused, the last dirty chunks and all device
 //! and vCPU state are copied, the snapshot is committed and the vCPUs resume. The pause is
 //! what the guest notices and is reported.
 //!
@@ -214,7 +215,11 @@ pub fn save(
             progress(&SaveProgress { round: rounds, chunks_copied: copied, bytes_copied, dirty_chunks: dirty });
             rounds += 1;
             watch.check()?;
-            if dirty as usize <= opts.final_chunks || rounds >= opts.max_rounds {
+            // Stop when few chunks remain, when out of rounds, or when a round did not shrink
+            // the dirty set by a tenth: the guest dirties memory as fast as it is copied, and
+            // more rounds would only copy it again.
+            let converging = rounds == 1 || dirty * 10 < copied * 9;
+            if dirty as usize <= opts.final_chunks || rounds >= opts.max_rounds || !converging {
                 break;
             }
         }
