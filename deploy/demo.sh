@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
-# The main job: build snapvisor and show it working on this machine's KVM.
-# Usage: deploy/demo.sh
+# The main job: build snapvisor and show it working on this machine's KVM: the built-in
+# guests, a live snapshot of a running guest restored eagerly and lazily, the store, and the
+# benchmarks. Usage: deploy/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 deploy/install-deps.sh
 cargo build --release --locked --bin snapvisor
 sv=target/release/snapvisor
+store="$(mktemp -d)/store"
+trap 'rm -rf "$(dirname "$store")"' EXIT
 
-echo "== snapvisor run --builtin hello"
+step() { printf '\n== %s\n' "$*"; }
+
+step "snapvisor run --builtin hello"
 $sv run --builtin hello --mem-mib 16
-echo "== snapvisor run --builtin fwcfg"
+step "snapvisor run --builtin fwcfg"
 $sv run --builtin fwcfg --mem-mib 16
-echo "== snapvisor run --builtin memfill (256 MiB, 2 passes)"
+step "snapvisor run --builtin memfill (256 MiB, 2 passes)"
 $sv run --builtin memfill --mem-mib 256 --passes 2 --seed 7
-echo "== snapvisor bench boot"
+
+step "live snapshot of a running memfill guest after 500 ms"
+$sv run --builtin memfill --mem-mib 256 --seed 9 --passes 8 \
+    --snapshot-after-ms 500 --store "$store" --name demo --live --exit-after-snapshot
+step "eager restore: the guest carries on from the next pass"
+$sv restore --store "$store" demo
+step "lazy restore through userfaultfd"
+$sv restore --store "$store" demo --lazy
+step "the store"
+$sv store list --store "$store"
+$sv store du --store "$store"
+$sv store verify --store "$store"
+
+step "snapvisor bench boot"
 $sv bench boot --iterations 20 --idle-vms 50
+step "snapvisor bench restore"
+$sv bench restore --mem-mib 256,1024
