@@ -199,3 +199,27 @@ pub fn print(a: &mut CodeAssembler, rt: &Runtime, s: CodeLabel) -> Result<(), Ic
     a.lea(rsi, ptr(s))?;
     a.call(rt.puts)
 }
+
+/// Loops over the boot info's RAM ranges (RBP = the boot info): for each, RDI = start and
+/// RSI = end, then `body`. Clobbers RCX and R9; `body` must keep R9 and RBP.
+pub fn for_each_range(
+    a: &mut CodeAssembler,
+    body: &mut dyn FnMut(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    let mut range = a.create_label();
+    let mut done = a.create_label();
+    a.xor(r9d, r9d)?;
+    a.set_label(&mut range)?;
+    a.cmp(r9, qword_ptr(rbp + super::INFO_NRANGES))?;
+    a.jae(done)?;
+    a.mov(rcx, r9)?;
+    a.shl(rcx, 4)?;
+    a.mov(rdi, qword_ptr(rbp + rcx + super::INFO_RANGES))?;
+    a.mov(rsi, qword_ptr(rbp + rcx + super::INFO_RANGES + 8))?;
+    body(a)?;
+    a.inc(r9)?;
+    a.jmp(range)?;
+    a.set_label(&mut done)?;
+    // A label needs an instruction of its own: the caller may place another one next.
+    a.nop()
+}

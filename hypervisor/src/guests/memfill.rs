@@ -15,8 +15,8 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{begin, print, Io, Runtime, Strings};
-use super::{BOOT_INFO_MAGIC, INFO_MODE, INFO_NRANGES, INFO_PASSES, INFO_RANGES, INFO_SEED};
+use super::asm::{begin, for_each_range, print, Io, Runtime, Strings};
+use super::{BOOT_INFO_MAGIC, INFO_MODE, INFO_PASSES, INFO_SEED};
 use crate::layout;
 
 /// The pattern's multiplier (2^64 / golden ratio).
@@ -66,47 +66,35 @@ enum Sweep {
 
 /// One sweep over every range: r14 = seed to write/check, r8 = previous seed; r13 = checksum.
 fn emit_sweep(a: &mut CodeAssembler, sweep: Sweep) -> Result<(), IcedError> {
-    let mut range = a.create_label();
-    let mut word = a.create_label();
-    let mut next_range = a.create_label();
-    let mut done = a.create_label();
-    a.xor(r9d, r9d)?;
-    a.set_label(&mut range)?;
-    a.cmp(r9, qword_ptr(rbp + INFO_NRANGES))?;
-    a.jae(done)?;
-    a.mov(rcx, r9)?;
-    a.shl(rcx, 4)?;
-    a.mov(rdi, qword_ptr(rbp + rcx + INFO_RANGES))?;
-    a.mov(rsi, qword_ptr(rbp + rcx + INFO_RANGES + 8))?;
-    a.cmp(rdi, rsi)?;
-    a.jae(next_range)?;
-    a.set_label(&mut word)?;
-    match sweep {
-        Sweep::Fill => {}
-        Sweep::CheckAndFill => {
-            emit_pattern(a, r8)?;
-            emit_check(a)?;
+    for_each_range(a, &mut |a| {
+        let mut word = a.create_label();
+        let mut end = a.create_label();
+        a.cmp(rdi, rsi)?;
+        a.jae(end)?;
+        a.set_label(&mut word)?;
+        match sweep {
+            Sweep::Fill => {}
+            Sweep::CheckAndFill => {
+                emit_pattern(a, r8)?;
+                emit_check(a)?;
+            }
+            Sweep::Check => {
+                emit_pattern(a, r14)?;
+                emit_check(a)?;
+                a.add(r13, rax)?;
+            }
         }
-        Sweep::Check => {
+        if !matches!(sweep, Sweep::Check) {
             emit_pattern(a, r14)?;
-            emit_check(a)?;
+            a.mov(qword_ptr(rdi), rax)?;
             a.add(r13, rax)?;
         }
-    }
-    if !matches!(sweep, Sweep::Check) {
-        emit_pattern(a, r14)?;
-        a.mov(qword_ptr(rdi), rax)?;
-        a.add(r13, rax)?;
-    }
-    a.add(rdi, 8)?;
-    a.cmp(rdi, rsi)?;
-    a.jb(word)?;
-    a.set_label(&mut next_range)?;
-    a.inc(r9)?;
-    a.jmp(range)?;
-    a.set_label(&mut done)?;
-    // A label needs an instruction of its own: the caller may place another one next.
-    a.nop()
+        a.add(rdi, 8)?;
+        a.cmp(rdi, rsi)?;
+        a.jb(word)?;
+        a.set_label(&mut end)?;
+        a.nop()
+    })
 }
 
 /// Prints ` seed 0x.. checksum 0x.. mismatches n[ first 0x..]\n`.

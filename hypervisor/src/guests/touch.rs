@@ -13,9 +13,9 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{begin, print, Io, Strings};
+use super::asm::{begin, for_each_range, print, Io, Strings};
 use super::memfill::{emit_pattern, MULTIPLIER};
-use super::{BOOT_INFO_MAGIC, INFO_NRANGES, INFO_RANGES, INFO_SEED, INFO_SPAN, INFO_STRIDE};
+use super::{BOOT_INFO_MAGIC, INFO_SEED, INFO_SPAN, INFO_STRIDE};
 use crate::layout;
 
 pub const MARK_FILLED: u32 = 1;
@@ -45,31 +45,6 @@ pub fn checksum(ranges: &[(u64, u64)], seed: u64, stride: u64, span: u64) -> (u6
 fn mark(a: &mut CodeAssembler, value: u32) -> Result<(), IcedError> {
     a.mov(rbx, layout::EXIT_MMIO)?;
     a.mov(dword_ptr(rbx + devices::exit::REG_MARK as i32), value)
-}
-
-/// Loops over the ranges: for each, rdi = start, rsi = end, then `body`, which must advance
-/// rdi; clobbers rcx, r9.
-fn for_each_range(
-    a: &mut CodeAssembler,
-    body: &mut dyn FnMut(&mut CodeAssembler) -> Result<(), IcedError>,
-) -> Result<(), IcedError> {
-    let mut range = a.create_label();
-    let mut done = a.create_label();
-    let mut next = a.create_label();
-    a.xor(r9d, r9d)?;
-    a.set_label(&mut range)?;
-    a.cmp(r9, qword_ptr(rbp + INFO_NRANGES))?;
-    a.jae(done)?;
-    a.mov(rcx, r9)?;
-    a.shl(rcx, 4)?;
-    a.mov(rdi, qword_ptr(rbp + rcx + INFO_RANGES))?;
-    a.mov(rsi, qword_ptr(rbp + rcx + INFO_RANGES + 8))?;
-    body(a)?;
-    a.set_label(&mut next)?;
-    a.inc(r9)?;
-    a.jmp(range)?;
-    a.set_label(&mut done)?;
-    a.nop()
 }
 
 pub fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {

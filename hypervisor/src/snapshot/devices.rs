@@ -11,55 +11,34 @@ use migrate::persist::{decode, encode, Persist, PersistError};
 
 use crate::machine::Devices;
 
-pub struct SerialPersist(pub Arc<Mutex<SerialDevice>>);
-pub struct FwCfgPersist(pub Arc<Mutex<FwCfg>>);
-pub struct ExitPersist(pub Arc<Mutex<ExitDevice>>);
+/// A device whose state has `state()` and `restore(&state)`, as a named fragment owner.
+macro_rules! persist_adapter {
+    ($adapter:ident, $device:ty, $fragment:literal) => {
+        pub struct $adapter(pub Arc<Mutex<$device>>);
+
+        impl Persist for $adapter {
+            fn persist_name(&self) -> String {
+                $fragment.into()
+            }
+            fn save_state(&self) -> Result<Vec<u8>, PersistError> {
+                encode(&self.persist_name(), &lock(&self.0).state())
+            }
+            fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
+                let name = self.persist_name();
+                let state = decode(&name, bytes)?;
+                lock(&self.0).restore(&state).map_err(|e| PersistError::Invalid { name, reason: e.to_string() })
+            }
+        }
+    };
+}
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Persist for SerialPersist {
-    fn persist_name(&self) -> String {
-        "dev/serial0".into()
-    }
-    fn save_state(&self) -> Result<Vec<u8>, PersistError> {
-        encode(&self.persist_name(), &lock(&self.0).state())
-    }
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
-        let name = self.persist_name();
-        let state = decode(&name, bytes)?;
-        lock(&self.0).restore(&state).map_err(|e| PersistError::Invalid { name, reason: e.to_string() })
-    }
-}
-
-impl Persist for FwCfgPersist {
-    fn persist_name(&self) -> String {
-        "dev/fw_cfg".into()
-    }
-    fn save_state(&self) -> Result<Vec<u8>, PersistError> {
-        encode(&self.persist_name(), &lock(&self.0).state())
-    }
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
-        let name = self.persist_name();
-        let state = decode(&name, bytes)?;
-        lock(&self.0).restore(&state).map_err(|e| PersistError::Invalid { name, reason: e.to_string() })
-    }
-}
-
-impl Persist for ExitPersist {
-    fn persist_name(&self) -> String {
-        "dev/exit".into()
-    }
-    fn save_state(&self) -> Result<Vec<u8>, PersistError> {
-        encode(&self.persist_name(), &lock(&self.0).state())
-    }
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), PersistError> {
-        let name = self.persist_name();
-        let state = decode(&name, bytes)?;
-        lock(&self.0).restore(&state).map_err(|e| PersistError::Invalid { name, reason: e.to_string() })
-    }
-}
+persist_adapter!(SerialPersist, SerialDevice, "dev/serial0");
+persist_adapter!(FwCfgPersist, FwCfg, "dev/fw_cfg");
+persist_adapter!(ExitPersist, ExitDevice, "dev/exit");
 
 /// Every device of the machine as a fragment owner.
 pub fn persistables(d: &Devices) -> Vec<Box<dyn Persist>> {
