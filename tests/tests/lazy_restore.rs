@@ -153,3 +153,16 @@ fn bench_restore_reports_every_mode() {
     assert!(runs[2]["faults"].as_u64().expect("faults") > 0);
     assert!(runs[3]["prefetch_chunks"].as_u64().expect("prefetch") > 0);
 }
+
+#[test]
+fn clones_restored_together_share_decompressed_chunks() {
+    let o = common::snapvisor(&["bench", "clones", "--count", "3", "--mem-mib", "32", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let (without, with) = (&v[0], &v[1]);
+    assert_eq!(without["cache"], false);
+    assert_eq!(with["cache"], true);
+    let read = |r: &serde_json::Value| r["bytes_read"].as_u64().expect("bytes");
+    assert!(with["cache_hits"].as_u64().expect("hits") > 0, "{v}");
+    assert!(read(with) * 2 < read(without), "the cache must save most store reads: {v}");
+}

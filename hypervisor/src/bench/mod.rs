@@ -4,6 +4,7 @@
 //! because the machines they run on are shared and noisy.
 
 pub mod boot;
+pub mod clones;
 pub mod plot;
 pub mod restore;
 pub mod snapshot;
@@ -20,6 +21,8 @@ pub enum BenchCommand {
     Boot(boot::BootBenchArgs),
     /// Snapshot creation (stop-and-copy, live) and restore to first instruction.
     Snapshot(snapshot::SnapshotBenchArgs),
+    /// Many lazy clones of one snapshot at once, with and without a shared chunk cache.
+    Clones(clones::ClonesBenchArgs),
     /// Restore by mode (resident, eager, lazy, lazy with prefetch), side by side.
     Restore(restore::RestoreBenchArgs),
     /// Snapshot store throughput, compression, random reads and dedup of clones.
@@ -30,6 +33,7 @@ pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Restore(args) => restore::run(args),
+        BenchCommand::Clones(args) => clones::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::Store(args) => store::run(args).map_err(|e| CliError::Internal(e.to_string())),
     }

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use migrate::lazy::{LazyBlock, PageServer, ServerOptions, StatsSnapshot};
+use migrate::lazy::{ChunkCache, LazyBlock, PageServer, ServerOptions, StatsSnapshot};
 use migrate::snapshot::check::{apply_resizes, check_ram};
 use migrate::snapshot::format::VmSnapshot;
 use migrate::snapshot::ram_io::{load_block, StorePageSource};
@@ -52,11 +52,20 @@ pub struct RestoreOptions {
     pub fw_cfg_files: Option<Vec<FwCfgFile>>,
     /// Lazy: stream in all memory in the background (otherwise only faults and prefetch).
     pub background_fill: bool,
+    /// Lazy: a cache of decompressed chunks shared with other restores (clones).
+    pub cache: Option<Arc<ChunkCache>>,
 }
 
 impl RestoreOptions {
     pub fn new(mode: RestoreMode, serial_out: Box<dyn Write + Send>) -> Self {
-        RestoreOptions { mode, serial_out, mem_mib: None, fw_cfg_files: None, background_fill: true }
+        RestoreOptions {
+            mode,
+            serial_out,
+            mem_mib: None,
+            fw_cfg_files: None,
+            background_fill: true,
+            cache: Some(shared_cache()),
+        }
     }
 }
 
@@ -73,6 +82,17 @@ pub struct RestoreReport {
     pub resized: Vec<(String, u64)>,
     /// Chunks in the prefetch list used.
     pub prefetch_chunks: usize,
+}
+
+/// Bytes of decompressed chunks the process-wide cache keeps.
+pub const SHARED_CACHE_BYTES: usize = 256 << 20;
+
+/// The cache of decompressed chunks every lazy restore in this process shares by default:
+/// clones of one snapshot restored together read and decompress each chunk once
+/// (`snapvisor bench clones` measures it).
+pub fn shared_cache() -> Arc<ChunkCache> {
+    static CACHE: std::sync::OnceLock<Arc<ChunkCache>> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| ChunkCache::new(SHARED_CACHE_BYTES)).clone()
 }
 
 /// Decodes a prefetch attachment: lines of `<offset hex> <idstr>`.
@@ -136,7 +156,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             let control = vm.control().clone();
             let server = PageServer::start(
                 lazy,
-                Arc::new(StorePageSource::new(reader.clone())),
+                Arc::new(StorePageSource::new(reader.clone(), opts.cache.clone())),
                 ServerOptions { prefetch, background_fill: opts.background_fill, record_faults: true },
                 Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() })),
             )?;

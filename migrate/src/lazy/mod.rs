@@ -25,9 +25,11 @@
 //! Resizes. While a block is not fully resident, a resize of it is refused (the server
 //! registers a RAM-block listener that vetoes it).
 
+mod cache;
 mod server;
 mod stats;
 
+pub use cache::ChunkCache;
 pub use server::{LazyBlock, PageServer, ServerOptions};
 pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
 
@@ -36,7 +38,8 @@ use thiserror::Error;
 /// What a chunk read gave.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fill {
-    /// `buf` holds the chunk's bytes; `stored` bytes were read from the store.
+    /// `buf` holds the chunk's bytes; `stored` bytes were read from the store (0 when the
+    /// chunk came from a cache shared with other restores).
     Data { stored: u64 },
     /// The chunk is all zeros (nothing stored; `buf` untouched).
     Zero,

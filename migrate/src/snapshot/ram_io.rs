@@ -11,7 +11,7 @@ use std::sync::Arc;
 use storage::{BlockSpec, ChunkRef, SnapshotReader, SnapshotWriter, StoreError};
 use thiserror::Error;
 
-use crate::lazy::{Fill, PageSource};
+use crate::lazy::{ChunkCache, Fill, PageSource};
 use crate::ram::{RamBlock, RamError};
 
 /// Errors copying RAM.
@@ -109,14 +109,16 @@ pub fn load_block(reader: &SnapshotReader, block: &RamBlock) -> Result<u64, RamI
     Ok(bytes)
 }
 
-/// Serves lazy restores from a committed snapshot.
+/// Serves lazy restores from a committed snapshot, through a cache of decompressed chunks
+/// shared with other restores when given one.
 pub struct StorePageSource {
     reader: SnapshotReader,
+    cache: Option<Arc<ChunkCache>>,
 }
 
 impl StorePageSource {
-    pub fn new(reader: SnapshotReader) -> Self {
-        StorePageSource { reader }
+    pub fn new(reader: SnapshotReader, cache: Option<Arc<ChunkCache>>) -> Self {
+        StorePageSource { reader, cache }
     }
 }
 
@@ -130,8 +132,16 @@ impl PageSource for StorePageSource {
         let index = (offset / self.chunk_size()) as usize;
         match m.chunks.get(index) {
             Some(ChunkRef::Zero) => Ok(Fill::Zero),
-            Some(ChunkRef::Stored(_)) => {
+            Some(ChunkRef::Stored(hash)) => {
+                if let Some(cache) = &self.cache {
+                    if cache.get(&hash.0, buf).is_some() {
+                        return Ok(Fill::Data { stored: 0 });
+                    }
+                }
                 let n = self.reader.read_chunk(idstr, offset, buf).map_err(|e| e.to_string())?;
+                if let Some(cache) = &self.cache {
+                    cache.insert(&hash.0, &buf[..n]);
+                }
                 Ok(Fill::Data { stored: n as u64 })
             }
             None => Err(format!("offset {offset:#x} is beyond the snapshot's copy of '{idstr}'")),

@@ -1,0 +1,138 @@
+//! A cache of decompressed chunks shared by every lazy restore in a process, keyed by content
+//! hash: when many clones of one snapshot restore at once, each chunk is read and
+//! decompressed once and copied into every clone from memory afterwards.
+//!
+//! Sharded by the hash's first byte so that clones faulting at once rarely meet on a lock;
+//! each shard evicts its least recently used chunks beyond its share of the capacity. Entries
+//! are verified chunks (the store checks the hash before decompressed bytes leave it), so a
+//! hit is as trustworthy as a read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+const SHARDS: usize = 16;
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<[u8; 32], (Arc<[u8]>, u64)>,
+    lru: BTreeMap<u64, [u8; 32]>,
+    bytes: usize,
+    tick: u64,
+}
+
+/// Decompressed chunks by content hash, bounded in bytes.
+pub struct ChunkCache {
+    shards: Vec<Mutex<Shard>>,
+    shard_capacity: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl ChunkCache {
+    /// A cache holding about `capacity` bytes of chunks.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(ChunkCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shard_capacity: capacity / SHARDS,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        })
+    }
+
+    fn shard(&self, hash: &[u8; 32]) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[usize::from(hash[0]) % SHARDS].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Copies the chunk into `buf` if cached; returns its length.
+    pub fn get(&self, hash: &[u8; 32], buf: &mut [u8]) -> Option<usize> {
+        let data = {
+            let mut s = self.shard(hash);
+            s.tick += 1;
+            let tick = s.tick;
+            let (data, old) = match s.map.get_mut(hash) {
+                Some(e) => {
+                    let old = e.1;
+                    e.1 = tick;
+                    (e.0.clone(), old)
+                }
+                None => {
+                    drop(s);
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            };
+            s.lru.remove(&old);
+            s.lru.insert(tick, *hash);
+            data
+        };
+        if data.len() > buf.len() {
+            return None;
+        }
+        buf[..data.len()].copy_from_slice(&data);
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(data.len())
+    }
+
+    /// Keeps a copy of a verified chunk.
+    pub fn insert(&self, hash: &[u8; 32], data: &[u8]) {
+        if data.len() > self.shard_capacity {
+            return;
+        }
+        let mut s = self.shard(hash);
+        if s.map.contains_key(hash) {
+            return;
+        }
+        s.tick += 1;
+        let tick = s.tick;
+        s.bytes += data.len();
+        s.map.insert(*hash, (Arc::from(data), tick));
+        s.lru.insert(tick, *hash);
+        while s.bytes > self.shard_capacity {
+            let Some((_, victim)) = s.lru.pop_first() else { break };
+            if let Some((d, _)) = s.map.remove(&victim) {
+                s.bytes -= d.len();
+            }
+        }
+    }
+
+    /// (hits, misses) so far.
+    pub fn counters(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(i: u8) -> [u8; 32] {
+        let mut x = [0u8; 32];
+        x[0] = i;
+        x[1] = i.wrapping_mul(7);
+        x
+    }
+
+    #[test]
+    fn hits_misses_and_eviction() {
+        let c = ChunkCache::new(SHARDS * 100);
+        let mut buf = [0u8; 64];
+        assert_eq!(c.get(&h(1), &mut buf), None);
+        c.insert(&h(1), &[1; 60]);
+        assert_eq!(c.get(&h(1), &mut buf), Some(60));
+        assert_eq!(buf[..60], [1; 60]);
+        // Same shard (first byte 1 + 16): over its 100-byte share, the older entry goes.
+        c.insert(&h(17), &[2; 60]);
+        assert_eq!(c.get(&h(1), &mut buf), None);
+        assert_eq!(c.get(&h(17), &mut buf), Some(60));
+        assert_eq!(c.counters(), (2, 2));
+        assert!(c.bytes() <= SHARDS * 100);
+        c.insert(&h(3), &[0; 1000]);
+        assert_eq!(c.get(&h(3), &mut buf), None, "larger than a shard: not kept");
+    }
+}
