@@ -294,6 +294,53 @@ mod tests {
         assert_eq!(tl, 0xff);
     }
 
+    /// A minimal ELF64 vmlinux: one PT_LOAD of `code` at physical 1 MiB, entry at 1 MiB + 0x10.
+    fn elf(code: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000];
+        f[0..4].copy_from_slice(ELF_MAGIC);
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little-endian
+        f[6] = 1; // version
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&0x10_0010u64.to_le_bytes()); // entry
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        let ph = 64;
+        f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+        f[ph + 16..ph + 24].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes()); // vaddr
+        f[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // paddr
+        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // filesz
+        f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // memsz
+        f[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes()); // align
+        f.extend_from_slice(code);
+        f
+    }
+
+    #[test]
+    fn elf_vmlinux_is_loaded_at_its_physical_address() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let code: Vec<u8> = (0..64u8).collect();
+        let k = file(&dir, "vmlinux", &elf(&code));
+        let m = mem(16);
+        let e = e820(16);
+        let l =
+            load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: None, cmdline: "quiet", e820: &e }).expect("load");
+        assert_eq!(l.entry, 0x10_0010);
+        let mut got = vec![0u8; 64];
+        m.read_slice(&mut got, GuestAddress(0x10_0000)).expect("kernel bytes");
+        assert_eq!(got, code);
+        let zp: ZeroPage = m.read_obj(GuestAddress(l.boot_params)).expect("zero page");
+        let (flag, header) = (zp.0.hdr.boot_flag, zp.0.hdr.header);
+        assert_eq!(flag, 0xaa55);
+        assert_eq!(header, u32::from_le_bytes(*HDRS));
+    }
+
     #[test]
     fn bad_kernels_are_named() {
         let dir = tempfile::tempdir().expect("tempdir");
