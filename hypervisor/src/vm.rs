@@ -181,16 +181,17 @@ impl Vm {
         control::install_kick_handler().map_err(VmError::Signal)?;
 
         let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        // Guest RAM first: on some hosts (nested, paravirtual KVM) the first memory slot added
+        // after the TSS and irqchip costs ~10 ms, before them ~50 µs.
+        let registry = RamRegistry::new();
+        let slots = SlotMap::new(fd.clone());
+        registry.add_listener(slots.clone());
+        let ram = GuestRam::new(&registry, &slots, size)?;
         fd.set_tss_address(layout::KVM_TSS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(layout::KVM_TSS + 0x3000).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let registry = RamRegistry::new();
-        let slots = SlotMap::new(fd.clone());
-        registry.add_listener(slots.clone());
-        let ram = GuestRam::new(&registry, &slots, size)?;
 
         let control = Arc::new(VmControl::new(usize::from(nr_vcpus)));
         let pio = Arc::new(Bus::new());

@@ -97,8 +97,9 @@ fn measure(
 ) -> Result<Run, CliError> {
     let out = SharedOutput::default();
     let t0 = Instant::now();
-    let (mut vm, report) =
-        snapshot::restore(store, name, RestoreOptions::new(mode, Box::new(out.clone()))).map_err(snapshot_error)?;
+    // Each mode is measured cold: no chunk cache shared with the runs before it.
+    let opts = RestoreOptions { cache: None, ..RestoreOptions::new(mode, Box::new(out.clone())) };
+    let (mut vm, report) = snapshot::restore(store, name, opts).map_err(snapshot_error)?;
     let t0 = if resident { Instant::now() } else { t0 };
     let loaded_at = Instant::now();
     vm.devices().go.store(true, Ordering::Release);
@@ -169,6 +170,7 @@ fn bench_size(store: &storage::Store, mem_mib: u64, args: &RestoreBenchArgs) -> 
         &name,
         RestoreOptions {
             background_fill: false,
+            cache: None,
             ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default()))
         },
     )

@@ -52,8 +52,8 @@ fn internal(what: String) -> CliError {
 
 fn first_instruction(store: &storage::Store, name: &str, mode: RestoreMode) -> Result<f64, CliError> {
     let t0 = Instant::now();
-    let (mut vm, _) = snapshot::restore(store, name, RestoreOptions::new(mode, Box::new(SharedOutput::default())))
-        .map_err(snapshot_error)?;
+    let opts = RestoreOptions { cache: None, ..RestoreOptions::new(mode, Box::new(SharedOutput::default())) };
+    let (mut vm, _) = snapshot::restore(store, name, opts).map_err(snapshot_error)?;
     vm.devices().go.store(true, Ordering::Release);
     vm.start().map_err(vm_error)?;
     vm.control().wait_mark(touch::MARK_GO, TIMEOUT).ok_or_else(|| internal(format!("{mode:?} restore never ran")))?;
