@@ -157,7 +157,12 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             let server = PageServer::start(
                 lazy,
                 Arc::new(StorePageSource::new(reader.clone(), opts.cache.clone())),
-                ServerOptions { prefetch, background_fill: opts.background_fill, record_faults: true },
+                ServerOptions {
+                    prefetch,
+                    background_fill: opts.background_fill,
+                    record_faults: true,
+                    ..Default::default()
+                },
                 Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() })),
             )?;
             vm.registry().add_listener(server.resize_guard());

@@ -15,6 +15,8 @@ use crate::ram::{RamBlock, RamBlockListener};
 
 /// Host page size the copy fallback works in.
 const PAGE: u64 = 4096;
+/// Nice value of fill threads once they stream in memory nobody asked for yet.
+const BACKGROUND_NICE: libc::c_int = 10;
 
 /// A RAM block to restore lazily: its host mapping and the snapshot's used length.
 #[derive(Clone, Debug)]
@@ -27,7 +29,7 @@ pub struct LazyBlock {
 }
 
 /// How the server fills memory.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ServerOptions {
     /// Chunks to load first, in order: (block idstr, offset).
     pub prefetch: Vec<(String, u64)>,
@@ -35,15 +37,35 @@ pub struct ServerOptions {
     pub background_fill: bool,
     /// Record the order of chunks served on faults (for a later prefetch list).
     pub record_faults: bool,
+    /// Threads loading the prefetch list and the background fill (0 is taken as 1).
+    pub fill_threads: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions { prefetch: Vec::new(), background_fill: false, record_faults: false, fill_threads: 2 }
+    }
 }
 
 struct Block {
     desc: LazyBlock,
     chunks: u64,
     resident: Vec<AtomicU64>,
+    /// A thread is reading and copying the chunk: others wait for it rather than repeat it.
+    claimed: Vec<AtomicU64>,
 }
 
 impl Block {
+    /// Claims `chunk`; false if another thread holds it.
+    fn claim(&self, chunk: u64) -> bool {
+        let bit = 1 << (chunk % 64);
+        self.claimed[(chunk / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    fn release(&self, chunk: u64) {
+        self.claimed[(chunk / 64) as usize].fetch_and(!(1 << (chunk % 64)), Ordering::AcqRel);
+    }
+
     fn is_resident(&self, chunk: u64) -> bool {
         self.resident[(chunk / 64) as usize].load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
     }
@@ -52,6 +74,10 @@ impl Block {
     fn set_resident(&self, chunk: u64) -> bool {
         let bit = 1 << (chunk % 64);
         self.resident[(chunk / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    fn claimed_now(&self, chunk: u64) -> bool {
+        self.claimed[(chunk / 64) as usize].load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
     }
 
     fn resident_count(&self) -> u64 {
@@ -149,6 +175,29 @@ impl Shared {
         if b.is_resident(ci) {
             return Ok(());
         }
+        if !b.claim(ci) {
+            // Another thread is loading it: a fault waits for that (the copy wakes the guest
+            // anyway); a fill thread moves on.
+            if matches!(why, Why::Fault) {
+                while !b.is_resident(ci) && self.failed.get().is_none() && b.claimed_now(ci) {
+                    std::thread::yield_now();
+                }
+                if !b.is_resident(ci) && self.failed.get().is_none() {
+                    return self.serve(bi, ci, why, buf);
+                }
+            }
+            return Ok(());
+        }
+        let result = self.load(b, ci, why, buf);
+        b.release(ci);
+        result
+    }
+
+    /// Reads chunk `ci` and copies it in; the caller holds its claim.
+    fn load(&self, b: &Block, ci: u64, why: Why, buf: &mut [u8]) -> Result<(), LazyError> {
+        if b.is_resident(ci) {
+            return Ok(());
+        }
         let off = ci * self.chunk;
         let len = self.chunk_len(b, ci);
         let fill = self
@@ -243,9 +292,10 @@ impl Shared {
         Ok(())
     }
 
-    fn fill_loop(&self, prefetch: &[(usize, u64)], background: bool) -> Result<(), LazyError> {
+    /// Fill worker `k` of `n`: every n-th chunk of the prefetch list, then of the blocks.
+    fn fill_loop(&self, prefetch: &[(usize, u64)], background: bool, k: usize, n: usize) -> Result<(), LazyError> {
         let mut buf = vec![0u8; self.chunk as usize];
-        for &(bi, ci) in prefetch {
+        for &(bi, ci) in prefetch.iter().skip(k).step_by(n) {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
@@ -254,8 +304,12 @@ impl Shared {
         if !background {
             return Ok(());
         }
+        // The rest of memory is background work: let the fault path and the vCPUs go first.
+        // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes
+        // this thread's nice value (an error just leaves it as it was).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, BACKGROUND_NICE) };
         for (bi, b) in self.blocks.iter().enumerate() {
-            for ci in 0..b.chunks {
+            for ci in (k as u64..b.chunks).step_by(n) {
                 if self.stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
@@ -319,10 +373,12 @@ impl PageServer {
             }
             let chunks = b.len.div_ceil(chunk);
             total += chunks;
+            let words = chunks.div_ceil(64);
             state.push(Block {
                 desc: b,
                 chunks,
-                resident: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+                resident: (0..words).map(|_| AtomicU64::new(0)).collect(),
+                claimed: (0..words).map(|_| AtomicU64::new(0)).collect(),
             });
         }
         let prefetch: Vec<(usize, u64)> = opts
@@ -361,14 +417,19 @@ impl PageServer {
                 .map_err(|e| LazyError::Thread { thread: "fault", reason: e.to_string() })?,
         );
         if opts.background_fill || !prefetch.is_empty() {
-            let s = shared.clone();
-            let background = opts.background_fill;
-            threads.push(
-                std::thread::Builder::new()
-                    .name("uffd-fill".into())
-                    .spawn(move || run_guarded(&s, "fill", |sh| sh.fill_loop(&prefetch, background)))
-                    .map_err(|e| LazyError::Thread { thread: "fill", reason: e.to_string() })?,
-            );
+            let prefetch = Arc::new(prefetch);
+            let n = opts.fill_threads.max(1);
+            for k in 0..n {
+                let s = shared.clone();
+                let list = prefetch.clone();
+                let background = opts.background_fill;
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("uffd-fill{k}"))
+                        .spawn(move || run_guarded(&s, "fill", |sh| sh.fill_loop(&list, background, k, n)))
+                        .map_err(|e| LazyError::Thread { thread: "fill", reason: e.to_string() })?,
+                );
+            }
         }
         Ok(PageServer { shared, threads })
     }

@@ -108,6 +108,7 @@ fn background_fill_makes_everything_resident_and_prefetch_goes_first() {
         prefetch: vec![("b".into(), 20 * CHUNK), ("b".into(), 7 * CHUNK), ("nope".into(), 0)],
         background_fill: true,
         record_faults: false,
+        fill_threads: 2,
     };
     let server = PageServer::start(vec![block(&m)], src, opts, Box::new(|_| {})).expect("start");
     assert!(server.wait_resident(Duration::from_secs(20)));
