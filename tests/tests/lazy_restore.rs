@@ -166,3 +166,21 @@ fn clones_restored_together_share_decompressed_chunks() {
     assert!(with["cache_hits"].as_u64().expect("hits") > 0, "{v}");
     assert!(read(with) * 2 < read(without), "the cache must save most store reads: {v}");
 }
+
+#[test]
+fn a_vm_stopped_before_it_is_resident_tears_down_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    touch_snapshot(&store, "s");
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        let out = SharedOutput::default();
+        let (mut vm, _) = snapshot::restore(&store, "s", lazy(true, &out)).expect("restore");
+        vm.devices().go.store(true, Ordering::Release);
+        vm.start().expect("start");
+        assert!(!vm.page_server().expect("lazy").is_resident(), "stopped while memory is still arriving");
+        assert!(matches!(vm.stop("test"), ExitReason::Stopped { .. } | ExitReason::GuestExit { .. }));
+        drop(vm);
+        assert!(t0.elapsed() < Duration::from_secs(10), "teardown took {:?}", t0.elapsed());
+    }
+}
