@@ -27,6 +27,7 @@
 
 mod cache;
 mod server;
+mod serving;
 mod stats;
 
 pub use cache::ChunkCache;

@@ -1,0 +1,297 @@
+//! Serving chunks: per-chunk residency and claims, copying into the registered ranges, and
+//! the fault and fill loops the page server's threads run.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
+
+use userfaultfd::{Event, Uffd};
+
+use super::server::LazyBlock;
+use super::stats::LazyStats;
+use super::{Fill, LazyError, PageSource};
+
+/// Host page size the copy fallback works in.
+pub(super) const PAGE: u64 = 4096;
+/// Nice value of fill threads once they stream in memory nobody asked for yet.
+const BACKGROUND_NICE: libc::c_int = 10;
+
+pub(super) struct Block {
+    pub(super) desc: LazyBlock,
+    pub(super) chunks: u64,
+    pub(super) resident: Vec<AtomicU64>,
+    /// A thread is reading and copying the chunk: others wait for it rather than repeat it.
+    pub(super) claimed: Vec<AtomicU64>,
+}
+
+impl Block {
+    /// Claims `chunk`; false if another thread holds it.
+    fn claim(&self, chunk: u64) -> bool {
+        let bit = 1 << (chunk % 64);
+        self.claimed[(chunk / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    fn release(&self, chunk: u64) {
+        self.claimed[(chunk / 64) as usize].fetch_and(!(1 << (chunk % 64)), Ordering::AcqRel);
+    }
+
+    fn is_resident(&self, chunk: u64) -> bool {
+        self.resident[(chunk / 64) as usize].load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
+    }
+
+    /// Marks `chunk` resident; true if it was not before.
+    fn set_resident(&self, chunk: u64) -> bool {
+        let bit = 1 << (chunk % 64);
+        self.resident[(chunk / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    fn claimed_now(&self, chunk: u64) -> bool {
+        self.claimed[(chunk / 64) as usize].load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
+    }
+
+    pub(super) fn resident_count(&self) -> u64 {
+        self.resident.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
+    }
+}
+
+pub(super) struct Shared {
+    pub(super) uffd: Uffd,
+    pub(super) blocks: Vec<Block>,
+    pub(super) source: Arc<dyn PageSource>,
+    pub(super) chunk: u64,
+    pub(super) remaining: AtomicU64,
+    pub(super) stop: AtomicBool,
+    pub(super) stop_fd: vmm_sys_util::eventfd::EventFd,
+    pub(super) stats: LazyStats,
+    pub(super) failed: OnceLock<LazyError>,
+    pub(super) on_error: Box<dyn Fn(&LazyError) + Send + Sync>,
+    pub(super) fault_order: Mutex<Vec<(u32, u64)>>,
+    pub(super) record: bool,
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Why {
+    Fault,
+    Prefetch,
+    Background,
+}
+
+impl Shared {
+    pub(super) fn fail(&self, e: LazyError) {
+        if self.failed.set(e.clone()).is_ok() {
+            tracing::error!("{e}");
+            (self.on_error)(&e);
+        }
+        self.stop.store(true, Ordering::Release);
+    }
+
+    fn chunk_len(&self, b: &Block, chunk: u64) -> u64 {
+        self.chunk.min(b.desc.len - chunk * self.chunk)
+    }
+
+    /// Copies (or zero-fills) `len` bytes at block offset `off`; `EEXIST` means another thread
+    /// got there first, and the rest of the chunk is then done page by page.
+    fn place(&self, b: &Block, off: u64, len: u64, data: Option<&[u8]>) -> Result<bool, LazyError> {
+        let dst = b.desc.host + off as usize;
+        let copy_err = |reason: String| LazyError::Copy { idstr: b.desc.idstr.clone(), offset: off, reason };
+        let whole = match data {
+            // SAFETY: dst..dst+len lies inside the block's registered range (off + len <= len of
+            // the block); `d` holds `len` bytes.
+            Some(d) => unsafe { self.uffd.copy(d.as_ptr().cast(), dst as *mut _, len as usize, true) },
+            // SAFETY: as above; zeropage writes nothing of ours.
+            None => unsafe { self.uffd.zeropage(dst as *mut _, len as usize, true) },
+        };
+        let mut raced = false;
+        match whole {
+            Ok(_) => return Ok(false),
+            Err(userfaultfd::Error::CopyFailed(e)) | Err(userfaultfd::Error::ZeropageFailed(e))
+                if e as i32 == libc::EEXIST =>
+            {
+                raced = true
+            }
+            Err(userfaultfd::Error::PartiallyCopied(_)) => {}
+            Err(e) => return Err(copy_err(e.to_string())),
+        }
+        // Page by page: some pages are already there (EEXIST) or the mm changed (EAGAIN).
+        for p in (0..len).step_by(PAGE as usize) {
+            let pdst = (dst + p as usize) as *mut libc::c_void;
+            for attempt in 0.. {
+                let r = match data {
+                    // SAFETY: one page inside the registered range; `d` has it.
+                    Some(d) => unsafe { self.uffd.copy(d[p as usize..].as_ptr().cast(), pdst, PAGE as usize, true) },
+                    // SAFETY: one page inside the registered range.
+                    None => unsafe { self.uffd.zeropage(pdst, PAGE as usize, true) },
+                };
+                match r {
+                    Ok(_) => break,
+                    Err(userfaultfd::Error::CopyFailed(e)) | Err(userfaultfd::Error::ZeropageFailed(e))
+                        if e as i32 == libc::EEXIST =>
+                    {
+                        raced = true;
+                        break;
+                    }
+                    Err(userfaultfd::Error::PartiallyCopied(_)) if attempt < 100 => continue,
+                    Err(e) => return Err(copy_err(e.to_string())),
+                }
+            }
+        }
+        Ok(raced)
+    }
+
+    /// Makes chunk `ci` of block `bi` resident.
+    fn serve(&self, bi: usize, ci: u64, why: Why, buf: &mut [u8]) -> Result<(), LazyError> {
+        let b = &self.blocks[bi];
+        if b.is_resident(ci) {
+            return Ok(());
+        }
+        if !b.claim(ci) {
+            // Another thread is loading it: a fault waits for that (the copy wakes the guest
+            // anyway); a fill thread moves on.
+            if matches!(why, Why::Fault) {
+                while !b.is_resident(ci) && self.failed.get().is_none() && b.claimed_now(ci) {
+                    std::thread::yield_now();
+                }
+                if !b.is_resident(ci) && self.failed.get().is_none() {
+                    return self.serve(bi, ci, why, buf);
+                }
+            }
+            return Ok(());
+        }
+        let result = self.load(b, ci, why, buf);
+        b.release(ci);
+        result
+    }
+
+    /// Reads chunk `ci` and copies it in; the caller holds its claim.
+    fn load(&self, b: &Block, ci: u64, why: Why, buf: &mut [u8]) -> Result<(), LazyError> {
+        if b.is_resident(ci) {
+            return Ok(());
+        }
+        let off = ci * self.chunk;
+        let len = self.chunk_len(b, ci);
+        let fill = self
+            .source
+            .read_chunk(&b.desc.idstr, off, &mut buf[..len as usize])
+            .map_err(|reason| LazyError::Source { idstr: b.desc.idstr.clone(), offset: off, reason })?;
+        let raced = match fill {
+            Fill::Data { stored } => {
+                self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
+                self.place(b, off, len, Some(&buf[..len as usize]))?
+            }
+            Fill::Zero => {
+                self.stats.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                self.place(b, off, len, None)?
+            }
+        };
+        if raced {
+            self.stats.races.fetch_add(1, Ordering::Relaxed);
+        }
+        if b.set_resident(ci) {
+            self.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
+            let counter = match why {
+                Why::Fault => &self.stats.chunks_on_fault,
+                Why::Prefetch => &self.stats.chunks_prefetched,
+                Why::Background => &self.stats.chunks_background,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.stats.mark_resident();
+            }
+        }
+        Ok(())
+    }
+
+    fn locate(&self, addr: usize) -> Option<(usize, u64)> {
+        self.blocks.iter().enumerate().find_map(|(i, b)| {
+            let start = b.desc.host;
+            (addr >= start && ((addr - start) as u64) < b.desc.len).then(|| (i, (addr - start) as u64 / self.chunk))
+        })
+    }
+
+    pub(super) fn fault_loop(&self) -> Result<(), LazyError> {
+        let mut buf = vec![0u8; self.chunk as usize];
+        let mut events = userfaultfd::EventBuffer::new(64);
+        let mut fds = [
+            libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: self.stop_fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        while !self.stop.load(Ordering::Acquire) {
+            // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(LazyError::Events(e.to_string()));
+            }
+            if fds[1].revents != 0 {
+                break;
+            }
+            if fds[0].revents == 0 {
+                continue;
+            }
+            let faults: Vec<usize> = self
+                .uffd
+                .read_events(&mut events)
+                .map_err(|e| LazyError::Events(e.to_string()))?
+                .filter_map(|ev| match ev {
+                    Ok(Event::Pagefault { addr, .. }) => Some(Ok(addr as usize)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(LazyError::Events(e.to_string()))),
+                })
+                .collect::<Result<_, _>>()?;
+            for addr in faults {
+                let t0 = Instant::now();
+                let (bi, ci) = self.locate(addr).ok_or(LazyError::StrayFault { addr: addr as u64 })?;
+                let was_resident = self.blocks[bi].is_resident(ci);
+                if was_resident {
+                    // Filled by the other thread while this fault was queued: just wake it.
+                    let page = addr & !(PAGE as usize - 1);
+                    let _ = self.uffd.wake(page as *mut _, PAGE as usize);
+                } else {
+                    self.serve(bi, ci, Why::Fault, &mut buf)?;
+                    if self.record {
+                        self.fault_order.lock().unwrap_or_else(PoisonError::into_inner).push((bi as u32, ci));
+                    }
+                }
+                self.stats.record_fault(t0.elapsed());
+            }
+        }
+        Ok(())
+    }
+
+    /// Fill worker `k` of `n`: every n-th chunk of the prefetch list, then of the blocks.
+    pub(super) fn fill_loop(
+        &self,
+        prefetch: &[(usize, u64)],
+        background: bool,
+        k: usize,
+        n: usize,
+    ) -> Result<(), LazyError> {
+        let mut buf = vec![0u8; self.chunk as usize];
+        for &(bi, ci) in prefetch.iter().skip(k).step_by(n) {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            self.serve(bi, ci, Why::Prefetch, &mut buf)?;
+        }
+        if !background {
+            return Ok(());
+        }
+        // The rest of memory is background work: let the fault path and the vCPUs go first.
+        // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes
+        // this thread's nice value (an error just leaves it as it was).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, BACKGROUND_NICE) };
+        for (bi, b) in self.blocks.iter().enumerate() {
+            for ci in (k as u64..b.chunks).step_by(n) {
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                self.serve(bi, ci, Why::Background, &mut buf)?;
+            }
+        }
+        Ok(())
+    }
+}
