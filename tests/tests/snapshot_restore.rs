@@ -340,6 +340,11 @@ fn snapshot_names_and_missing_snapshots_are_clear_errors() {
     let st = st.to_str().expect("utf-8");
     let o = snapvisor(&["restore", "--store", st, "nope"]);
     assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no snapshot store at"), "a missing store is not created");
+    assert!(!dir.path().join("store").exists());
+    drop(storage::Store::open(dir.path().join("store")).expect("create store"));
+    let o = snapvisor(&["restore", "--store", st, "nope"]);
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("'nope' not found"));
     let o = snapvisor(&[
         "run",

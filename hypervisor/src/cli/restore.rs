@@ -39,7 +39,7 @@ pub struct RestoreArgs {
 }
 
 pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
-    let store = storage::Store::open(&args.store)
+    let store = storage::Store::open_existing(&args.store)
         .map_err(|e| CliError::Input(format!("opening store {}: {e}", args.store.display())))?;
     let mode = match (args.lazy, args.prefetch) {
         (false, _) => RestoreMode::Eager,
