@@ -223,3 +223,11 @@ pub fn for_each_range(
     // A label needs an instruction of its own: the caller may place another one next.
     a.nop()
 }
+
+/// Points RBP at the boot info and jumps to `bad` unless it carries the magic. Clobbers RAX.
+pub fn load_boot_info(a: &mut CodeAssembler, bad: CodeLabel) -> Result<(), IcedError> {
+    a.mov(ebp, layout::BUILTIN_INFO as u32)?;
+    a.mov(rax, super::BOOT_INFO_MAGIC)?;
+    a.cmp(qword_ptr(rbp), rax)?;
+    a.jne(bad)
+}

@@ -15,9 +15,8 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{begin, for_each_range, print, Io, Runtime, Strings};
-use super::{BOOT_INFO_MAGIC, INFO_MODE, INFO_PASSES, INFO_SEED};
-use crate::layout;
+use super::asm::{begin, for_each_range, load_boot_info, print, Io, Runtime, Strings};
+use super::{INFO_MODE, INFO_PASSES, INFO_SEED};
 
 /// The pattern's multiplier (2^64 / golden ratio).
 pub const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -136,10 +135,7 @@ pub fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut swept = a.create_label();
     let mut fail = a.create_label();
 
-    a.mov(ebp, layout::BUILTIN_INFO as u32)?;
-    a.mov(rax, BOOT_INFO_MAGIC)?;
-    a.cmp(qword_ptr(rbp), rax)?;
-    a.jne(bad_info)?;
+    load_boot_info(a, bad_info)?;
     a.mov(r15, MULTIPLIER)?;
     a.xor(r12d, r12d)?;
     a.cmp(qword_ptr(rbp + INFO_MODE), 1)?;

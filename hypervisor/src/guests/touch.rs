@@ -13,9 +13,9 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{begin, for_each_range, print, Io, Strings};
+use super::asm::{begin, for_each_range, load_boot_info, print, Io, Strings};
 use super::memfill::{emit_pattern, MULTIPLIER};
-use super::{BOOT_INFO_MAGIC, INFO_SEED, INFO_SPAN, INFO_STRIDE};
+use super::{INFO_SEED, INFO_SPAN, INFO_STRIDE};
 use crate::layout;
 
 pub const MARK_FILLED: u32 = 1;
@@ -56,10 +56,7 @@ pub fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let s_nl = s.add(a, "\n");
     let mut bad_info = a.create_label();
 
-    a.mov(ebp, layout::BUILTIN_INFO as u32)?;
-    a.mov(rax, BOOT_INFO_MAGIC)?;
-    a.cmp(qword_ptr(rbp), rax)?;
-    a.jne(bad_info)?;
+    load_boot_info(a, bad_info)?;
     a.mov(r15, MULTIPLIER)?;
     a.mov(r14, qword_ptr(rbp + INFO_SEED))?;
 
