@@ -10,6 +10,7 @@ pub mod guests;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod service;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -325,6 +325,11 @@ impl Vm {
         }
     }
 
+    /// Whether `start` has run.
+    pub fn is_started(&self) -> bool {
+        self.started.is_some()
+    }
+
     pub fn pause(&self) -> bool {
         self.control.pause()
     }
@@ -335,6 +340,11 @@ impl Vm {
 
     pub fn spec(&self) -> &MachineSpec {
         &self.spec
+    }
+
+    /// A restored VM describes the guest it was restored from.
+    pub fn set_guest_description(&mut self, guest: String) {
+        self.spec.guest = guest;
     }
 
     /// Attaches the page server of a lazy restore; it lives as long as the VM.

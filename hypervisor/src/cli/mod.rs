@@ -39,6 +39,22 @@ pub enum Command {
     Restore(restore::RestoreArgs),
     /// Inspect and maintain a snapshot store.
     Store(store::StoreArgs),
+    /// Run the daemon: many VMs behind a REST API on a unix socket.
+    Serve(crate::service::ServeArgs),
+    /// Manage the daemon's VMs.
+    Vm {
+        #[command(flatten)]
+        client: crate::service::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::service::client::VmCommand,
+    },
+    /// Manage the daemon's snapshots.
+    Snapshot {
+        #[command(flatten)]
+        client: crate::service::client::ClientArgs,
+        #[command(subcommand)]
+        cmd: crate::service::client::SnapshotCommand,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -86,6 +102,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Serve(args) => crate::service::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Vm { client, cmd } => crate::service::client::vm(client, cmd).map(|()| ExitCode::SUCCESS),
+        Command::Snapshot { client, cmd } => crate::service::client::snapshot(client, cmd).map(|()| ExitCode::SUCCESS),
         Command::Store(args) => store::run(args)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| CliError::Status { message: e.to_string(), code: e.exit_code() }),

@@ -111,16 +111,25 @@ impl RunArgs {
     }
 }
 
+/// Whether a VM error is about what the user asked for (rather than snapvisor failing).
+pub fn vm_error_is_input(e: &VmError) -> bool {
+    matches!(
+        e,
+        VmError::Memory(crate::memory::MemoryError::TooSmall { .. })
+            | VmError::Memory(crate::memory::MemoryError::TooLarge { .. })
+            | VmError::VcpuCount { .. }
+            | VmError::Boot(_)
+            | VmError::Guest(_)
+            | VmError::Devices(crate::machine::MachineError::File { .. })
+    )
+}
+
 /// Classifies a VM error: problems with what the user asked for, or snapvisor's own failure.
 pub fn vm_error(e: VmError) -> CliError {
-    match e {
-        VmError::Memory(crate::memory::MemoryError::TooSmall { .. })
-        | VmError::Memory(crate::memory::MemoryError::TooLarge { .. })
-        | VmError::VcpuCount { .. }
-        | VmError::Boot(_)
-        | VmError::Guest(_)
-        | VmError::Devices(crate::machine::MachineError::File { .. }) => CliError::Input(e.to_string()),
-        _ => CliError::Internal(e.to_string()),
+    if vm_error_is_input(&e) {
+        CliError::Input(e.to_string())
+    } else {
+        CliError::Internal(e.to_string())
     }
 }
 

@@ -28,7 +28,7 @@ use crate::vm::{BootSource, FwCfgFile, MachineSpec, Vm, VmConfig};
 pub const PREFETCH_ATTACHMENT: &str = "prefetch";
 
 /// How memory comes back.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestoreMode {
     /// Every page is read before the vCPUs start.
@@ -128,6 +128,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     let mut cfg = VmConfig::new(opts.mem_mib.unwrap_or(spec.mem_mib), spec.vcpus, BootSource::Restore, opts.serial_out);
     cfg.fw_cfg_files = files;
     let mut vm = Vm::new(cfg)?;
+    vm.set_guest_description(spec.guest.clone());
 
     // Nothing is written before every block is known to fit.
     let plan = check_ram(&snap.ram, vm.registry())?;

@@ -1,0 +1,219 @@
+//! One VM's actor: a thread that owns the VM and runs the requests sent to it, one at a time.
+//!
+//! Everything that touches the VM happens on this thread, so requests to one VM are ordered
+//! and never race; blocking work (creating, snapshotting, restoring) never runs on the async
+//! runtime. A panic while handling a request is caught: that VM is marked failed and stopped,
+//! the request gets an error, and the daemon and every other VM carry on.
+
+use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use crate::control::ExitReason;
+use crate::guests::Builtin;
+use crate::snapshot::{self, SaveOptions};
+use crate::vm::{BootSource, BuiltinParams, Vm, VmConfig};
+
+/// A VM as the daemon defines and persists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDef {
+    pub name: String,
+    pub guest: Builtin,
+    pub mem_mib: u64,
+    #[serde(default = "one")]
+    pub vcpus: u64,
+    #[serde(default)]
+    pub seed: u64,
+    /// memfill passes (0: run until stopped).
+    #[serde(default)]
+    pub passes: u64,
+    /// The snapshot it was restored from, if any.
+    #[serde(default)]
+    pub restored_from: Option<String>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// What a VM is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+    Failed,
+}
+
+/// A VM's status for the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmInfo {
+    #[serde(flatten)]
+    pub def: VmDef,
+    pub state: VmState,
+    /// How it ended, once it has.
+    pub exit: Option<ExitReason>,
+}
+
+/// Requests an actor handles.
+pub enum Cmd {
+    Start,
+    Pause,
+    Resume,
+    Stop,
+    Info,
+    Serial,
+    Snapshot { name: String, live: bool },
+}
+
+/// Replies.
+pub enum Reply {
+    Info(VmInfo),
+    Serial(String),
+    Snapshot(snapshot::SaveReport),
+}
+
+pub type Request = (Cmd, oneshot::Sender<Result<Reply, ApiError>>);
+
+/// The serial log: the last `cap` bytes the guest wrote.
+#[derive(Clone)]
+pub struct SerialLog {
+    buf: Arc<Mutex<Vec<u8>>>,
+    cap: usize,
+}
+
+impl SerialLog {
+    pub fn new(cap: usize) -> Self {
+        SerialLog { buf: Arc::new(Mutex::new(Vec::new())), cap }
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}
+
+impl Write for SerialLog {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut b = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        b.extend_from_slice(data);
+        if b.len() > self.cap {
+            let cut = b.len() - self.cap;
+            b.drain(..cut);
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The state an actor thread keeps.
+pub struct Actor {
+    pub def: VmDef,
+    pub vm: Option<Vm>,
+    pub serial: SerialLog,
+    pub failed: bool,
+    pub store: storage::Store,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Actor {
+    fn state(&self) -> VmState {
+        if self.failed {
+            return VmState::Failed;
+        }
+        match &self.vm {
+            None => VmState::Created,
+            Some(vm) if vm.control().exit_reason().is_some() => VmState::Stopped,
+            Some(vm) if !vm.is_started() => VmState::Created,
+            Some(vm) if vm.control().state() == crate::control::RunState::Paused => VmState::Paused,
+            Some(_) => VmState::Running,
+        }
+    }
+
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            def: self.def.clone(),
+            state: self.state(),
+            exit: self.vm.as_ref().and_then(|v| v.control().exit_reason()),
+        }
+    }
+
+    fn vm(&mut self) -> Result<&mut Vm, ApiError> {
+        let name = self.def.name.clone();
+        self.vm.as_mut().ok_or_else(|| ApiError::Conflict(format!("VM '{name}' is not running")))
+    }
+
+    fn handle(&mut self, cmd: Cmd) -> Result<Reply, ApiError> {
+        match cmd {
+            Cmd::Info => {}
+            Cmd::Serial => return Ok(Reply::Serial(self.serial.text())),
+            Cmd::Start => match self.state() {
+                VmState::Running | VmState::Paused => {
+                    return Err(ApiError::Conflict(format!("VM '{}' is already running", self.def.name)))
+                }
+                _ => {
+                    if !matches!(&self.vm, Some(vm) if !vm.is_started()) {
+                        let params =
+                            BuiltinParams { seed: self.def.seed, passes: self.def.passes, ..Default::default() };
+                        let boot = BootSource::Builtin { guest: self.def.guest, params };
+                        let cfg = VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
+                        self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
+                    }
+                    self.failed = false;
+                    self.vm()?.start().map_err(|e| ApiError::Internal(e.to_string()))?;
+                }
+            },
+            Cmd::Pause => {
+                if !self.vm()?.pause() {
+                    return Err(ApiError::Conflict(format!("VM '{}' has stopped", self.def.name)));
+                }
+            }
+            Cmd::Resume => self.vm()?.resume(),
+            Cmd::Stop => {
+                self.vm()?.stop("stopped by request");
+            }
+            Cmd::Snapshot { name, live } => {
+                let t0 = Instant::now();
+                let store = self.store.clone();
+                let vm = self.vm()?;
+                let report = snapshot::save(vm, &store, &name, &SaveOptions { live, ..Default::default() }, &|_| {})
+                    .map_err(|e| ApiError::from_snapshot(&e))?;
+                self.metrics.snapshot_done(t0.elapsed());
+                return Ok(Reply::Snapshot(report));
+            }
+        }
+        Ok(Reply::Info(self.info()))
+    }
+
+    /// Runs requests until every sender is gone; then stops the VM.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        while let Some((cmd, reply)) = rx.blocking_recv() {
+            let result = match catch_unwind(AssertUnwindSafe(|| self.handle(cmd))) {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::error!(vm = %self.def.name, "a request panicked; the VM is stopped");
+                    self.failed = true;
+                    if let Some(vm) = self.vm.as_mut() {
+                        vm.stop("failed");
+                    }
+                    Err(ApiError::Internal(format!(
+                        "VM '{}' failed while handling the request; it was stopped",
+                        self.def.name
+                    )))
+                }
+            };
+            let _ = reply.send(result);
+        }
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop("daemon dropped the VM");
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The REST API on the daemon's unix socket. Every body is JSON; every error is
+//! `{"error": "..."}` with a 4xx status for bad requests (400 bad input, 404 unknown VM or
+//! snapshot, 409 a name in use or a VM in the wrong state) and 5xx for the daemon's own
+//! failures. `docs/openapi.json` describes the same routes and is served at `/openapi.json`.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::actor::{Cmd, Reply, VmDef};
+use super::daemon::Daemon;
+use super::error::ApiError;
+use crate::guests::Builtin;
+use crate::snapshot::RestoreMode;
+
+/// The OpenAPI document, kept in the repository.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+type Api = State<Arc<Daemon>>;
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v).map_err(|e| ApiError::BadRequest(format!("request body: {}", e.body_text())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVm {
+    name: String,
+    guest: Builtin,
+    mem_mib: u64,
+    #[serde(default = "one")]
+    vcpus: u64,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    passes: u64,
+    #[serde(default)]
+    start: bool,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotReq {
+    name: String,
+    #[serde(default)]
+    live: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreReq {
+    vm: String,
+    #[serde(default)]
+    mode: RestoreMode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneReq {
+    prefix: String,
+    count: usize,
+    #[serde(default)]
+    mode: RestoreMode,
+}
+
+/// The most clones one request may ask for.
+const MAX_CLONES: usize = 256;
+
+async fn list_vms(State(d): Api) -> Response {
+    Json(d.list().await).into_response()
+}
+
+async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> Result<Response, ApiError> {
+    let c = body(b)?;
+    let def = VmDef {
+        name: c.name,
+        guest: c.guest,
+        mem_mib: c.mem_mib,
+        vcpus: c.vcpus,
+        seed: c.seed,
+        passes: c.passes,
+        restored_from: None,
+    };
+    Ok((StatusCode::CREATED, Json(d.create(def, c.start).await?)).into_response())
+}
+
+async fn vm_info(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(d.info(&name).await?).into_response())
+}
+
+async fn delete_vm(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
+    d.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn vm_action(State(d): Api, Path((name, action)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let cmd = match action.as_str() {
+        "start" => Cmd::Start,
+        "pause" => Cmd::Pause,
+        "resume" => Cmd::Resume,
+        "stop" => Cmd::Stop,
+        other => return Err(ApiError::NotFound(format!("no action '{other}' (start, pause, resume, stop)"))),
+    };
+    d.call(&name, cmd).await?;
+    Ok(Json(d.info(&name).await?).into_response())
+}
+
+async fn vm_serial(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
+    match d.call(&name, Cmd::Serial).await? {
+        Reply::Serial(s) => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], s).into_response()),
+        _ => Err(ApiError::Internal("unexpected reply".into())),
+    }
+}
+
+async fn vm_snapshot(
+    State(d): Api,
+    Path(name): Path<String>,
+    b: Result<Json<SnapshotReq>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let s = body(b)?;
+    storage::validate_snapshot_name(&s.name)
+        .map_err(|e| ApiError::BadRequest(format!("snapshot name {:?}: {e}", s.name)))?;
+    match d.call(&name, Cmd::Snapshot { name: s.name, live: s.live }).await? {
+        Reply::Snapshot(r) => Ok((StatusCode::CREATED, Json(r)).into_response()),
+        _ => Err(ApiError::Internal("unexpected reply".into())),
+    }
+}
+
+async fn list_snapshots(State(d): Api) -> Result<Response, ApiError> {
+    let store = d.store.clone();
+    let names =
+        tokio::task::spawn_blocking(move || store.list()).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(names.map_err(|e| ApiError::Internal(e.to_string()))?).into_response())
+}
+
+async fn delete_snapshot(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
+    storage::validate_snapshot_name(&name).map_err(|e| ApiError::BadRequest(format!("snapshot name {name:?}: {e}")))?;
+    let store = d.store.clone();
+    tokio::task::spawn_blocking(move || store.delete(&name))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            storage::StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn restore_snapshot(
+    State(d): Api,
+    Path(name): Path<String>,
+    b: Result<Json<RestoreReq>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let r = body(b)?;
+    Ok((StatusCode::CREATED, Json(d.restore(&name, &r.vm, r.mode).await?)).into_response())
+}
+
+async fn clone_snapshot(
+    State(d): Api,
+    Path(name): Path<String>,
+    b: Result<Json<CloneReq>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let c = body(b)?;
+    if c.count == 0 || c.count > MAX_CLONES {
+        return Err(ApiError::BadRequest(format!("clone count {}: 1 to {MAX_CLONES} allowed", c.count)));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..c.count {
+        let (d, name, vm) = (d.clone(), name.clone(), format!("{}{i}", c.prefix));
+        tasks.push(tokio::spawn(async move { d.restore(&name, &vm, c.mode).await }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.map_err(|e| ApiError::Internal(e.to_string()))??);
+    }
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+async fn metrics(State(d): Api) -> Response {
+    let store = d.store.clone();
+    let stored =
+        tokio::task::spawn_blocking(move || store.usage().map(|u| u.stored_bytes).unwrap_or(0)).await.unwrap_or(0);
+    let counts = d.counts().await;
+    let text = d.metrics.render(&counts, stored);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route (see GET /openapi.json)".into())
+}
+
+/// Counts requests and errors.
+async fn count(State(d): Api, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    d.metrics.requests.fetch_add(1, Relaxed);
+    let res = next.run(req).await;
+    if res.status().is_client_error() || res.status().is_server_error() {
+        d.metrics.request_errors.fetch_add(1, Relaxed);
+    }
+    res
+}
+
+/// Every route, as `(method, path)`: the OpenAPI test checks the document against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/vms"),
+    ("post", "/vms"),
+    ("get", "/vms/{name}"),
+    ("delete", "/vms/{name}"),
+    ("post", "/vms/{name}/{action}"),
+    ("get", "/vms/{name}/serial"),
+    ("post", "/vms/{name}/snapshot"),
+    ("get", "/snapshots"),
+    ("delete", "/snapshots/{name}"),
+    ("post", "/snapshots/{name}/restore"),
+    ("post", "/snapshots/{name}/clone"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/vms", get(list_vms).post(create_vm))
+        .route("/vms/{name}", get(vm_info).delete(delete_vm))
+        .route("/vms/{name}/serial", get(vm_serial))
+        .route("/vms/{name}/snapshot", post(vm_snapshot))
+        .route("/vms/{name}/{action}", post(vm_action))
+        .route("/snapshots", get(list_snapshots))
+        .route("/snapshots/{name}", axum::routing::delete(delete_snapshot))
+        .route("/snapshots/{name}/restore", post(restore_snapshot))
+        .route("/snapshots/{name}/clone", post(clone_snapshot))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(d.clone(), count))
+        .with_state(d)
+}

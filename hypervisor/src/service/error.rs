@@ -1,0 +1,58 @@
+//! API errors: each maps to one HTTP status and a JSON body `{"error": "..."}` naming the
+//! problem and the value.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::snapshot::SnapshotError;
+use crate::vm::VmError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn from_vm(e: &VmError) -> ApiError {
+        match crate::cli::run::vm_error_is_input(e) {
+            true => ApiError::BadRequest(e.to_string()),
+            false => ApiError::Internal(e.to_string()),
+        }
+    }
+
+    pub fn from_snapshot(e: &SnapshotError) -> ApiError {
+        use storage::StoreError as S;
+        match e {
+            SnapshotError::Store(S::NotFound(_)) => ApiError::NotFound(e.to_string()),
+            SnapshotError::Store(S::Exists(_) | S::Busy(_)) => ApiError::Conflict(e.to_string()),
+            SnapshotError::Store(S::Name(_)) | SnapshotError::Check(_) | SnapshotError::Format(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            SnapshotError::Vm(v) => ApiError::from_vm(v),
+            _ => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+    }
+}

@@ -1,0 +1,87 @@
+//! Prometheus metrics of the daemon, rendered in the text exposition format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the duration histograms.
+const BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+/// A histogram of durations.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.counts[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i].load(Relaxed));
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Counters the daemon keeps.
+#[derive(Default)]
+pub struct Metrics {
+    pub snapshots: Histogram,
+    pub restores: Histogram,
+    pub requests: AtomicU64,
+    pub request_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn snapshot_done(&self, d: Duration) {
+        self.snapshots.observe(d);
+    }
+
+    pub fn restore_done(&self, d: Duration) {
+        self.restores.observe(d);
+    }
+
+    /// The exposition text; `vms` counts VMs by state, `bytes_stored` is the store's size.
+    pub fn render(&self, vms: &[(&str, usize)], bytes_stored: u64) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP snapvisor_vms VMs by state.\n# TYPE snapvisor_vms gauge");
+        for (state, n) in vms {
+            let _ = writeln!(out, "snapvisor_vms{{state=\"{state}\"}} {n}");
+        }
+        self.snapshots.render(&mut out, "snapvisor_snapshot_duration_seconds", "Time to take a snapshot.");
+        self.restores.render(
+            &mut out,
+            "snapvisor_restore_duration_seconds",
+            "Time from a restore request to a running VM.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP snapvisor_store_bytes Bytes the snapshot store holds.\n# TYPE snapvisor_store_bytes gauge"
+        );
+        let _ = writeln!(out, "snapvisor_store_bytes {bytes_stored}");
+        let _ = writeln!(
+            out,
+            "# HELP snapvisor_api_requests_total API requests served.\n# TYPE snapvisor_api_requests_total counter"
+        );
+        let _ = writeln!(out, "snapvisor_api_requests_total {}", self.requests.load(Relaxed));
+        let _ = writeln!(out, "# HELP snapvisor_api_errors_total API requests answered with an error.\n# TYPE snapvisor_api_errors_total counter");
+        let _ = writeln!(out, "snapvisor_api_errors_total {}", self.request_errors.load(Relaxed));
+        out
+    }
+}

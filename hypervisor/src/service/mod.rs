@@ -1,0 +1,106 @@
+//! `snapvisor serve`: the daemon. One tokio runtime serves the REST API ([`api`]) on a unix
+//! socket; every VM is an actor ([`actor`]): a thread that owns the VM and takes requests
+//! from a channel, so a VM's failure stops only that VM. VM definitions persist as JSON in
+//! the state directory and snapshots in its store, so a restarted daemon knows both (VMs come
+//! back defined, not running).
+//!
+//! Under systemd (`Type=notify`) the daemon reports READY once the socket accepts requests,
+//! STATUS lines, and WATCHDOG pings when a watchdog is configured. SIGTERM or SIGINT stops
+//! new requests, stops every VM within `--shutdown-timeout`, removes the socket and exits.
+
+pub mod actor;
+pub mod api;
+pub mod client;
+pub mod daemon;
+pub mod error;
+pub mod metrics;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use sd_notify::NotifyState;
+
+use crate::cli::CliError;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The API socket.
+    #[arg(long, default_value = client::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where VM definitions and the snapshot store live.
+    #[arg(long, default_value = "/var/lib/snapvisor")]
+    pub state_dir: PathBuf,
+    /// Seconds to stop the VMs in on SIGTERM before exiting anyway.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!("sd_notify: {e}");
+    }
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        // Threads for blocking work (snapshots, restores) retire soon after a burst.
+        .thread_keep_alive(Duration::from_secs(1))
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Internal(format!("starting the runtime: {e}")))?;
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let daemon = daemon::Daemon::open(&args.state_dir)
+        .map_err(|e| CliError::Input(format!("state directory {}: {e}", args.state_dir.display())))?;
+    if let Some(dir) = args.socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| CliError::Input(format!("creating {}: {e}", dir.display())))?;
+    }
+    match std::fs::remove_file(&args.socket) {
+        Ok(()) => tracing::info!("removed a stale socket at {}", args.socket.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(CliError::Input(format!("socket {}: {e}", args.socket.display()))),
+    }
+    let listener = tokio::net::UnixListener::bind(&args.socket)
+        .map_err(|e| CliError::Input(format!("binding {}: {e}", args.socket.display())))?;
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| CliError::Internal(format!("chmod {}: {e}", args.socket.display())))?;
+    tracing::info!(socket = %args.socket.display(), "snapvisor daemon ready");
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+            loop {
+                tick.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+    let served = axum::serve(listener, api::router(daemon.clone())).with_graceful_shutdown(terminated()).await;
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping VMs")]);
+    let d = daemon.clone();
+    let stop = tokio::task::spawn_blocking(move || d.shutdown());
+    if tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), stop).await.is_err() {
+        tracing::warn!("VMs did not stop within {} s; exiting anyway", args.shutdown_timeout);
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    served.map_err(|e| CliError::Internal(format!("serving the API: {e}")))
+}

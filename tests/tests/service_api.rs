@@ -1,0 +1,351 @@
+//! The daemon through its socket: VM lifecycle, snapshots, restores and clones, bad input,
+//! persistence across a restart, the OpenAPI document, systemd, and a bounded load test.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hypervisor::service::client::request;
+use serde_json::{json, Value};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    state: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let socket = dir.join("api.sock");
+        let state = dir.join("state");
+        let mut cmd = Command::new(common::snapvisor_bin());
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--shutdown-timeout")
+            .arg("20");
+        cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().expect("spawn daemon");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(socket.exists(), "the daemon never created its socket");
+        Daemon { child, socket, state }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, text) = request(&self.socket, method, path, body.as_ref()).expect("request");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method, path, body);
+        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
+        v
+    }
+
+    /// SIGTERM, then wait for the exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not stop within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_serial(d: &Daemon, vm: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = d.call("GET", &format!("/vms/{vm}/serial"), None);
+        let text = v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn vms_snapshots_restores_and_clones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path());
+    let v = d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "start": true})));
+    assert_eq!(v["state"], "running");
+    assert!(wait_serial(&d, "m", "memfill pass 1 ").contains("mismatches 0"));
+    let r = d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s1", "live": true})));
+    assert_eq!(r["live"], true);
+    assert_eq!(d.ok("GET", "/snapshots", None), json!(["s1"]));
+    let restored = d.ok("POST", "/snapshots/s1/restore", Some(json!({"vm": "r", "mode": "lazy"})));
+    assert_eq!(restored["restored_from"], "s1");
+    assert_eq!(restored["guest"], "memfill");
+    let clones = d.ok("POST", "/snapshots/s1/clone", Some(json!({"prefix": "c", "count": 2})));
+    assert_eq!(clones.as_array().map(Vec::len), Some(2));
+    // Clones carry on from the snapshot: their next pass finds the previous pattern intact.
+    let out = wait_serial(&d, "c1", "\n");
+    assert!(out.contains("mismatches 0") && !out.contains("memfill pass 0 "), "{out}");
+    assert_eq!(d.ok("POST", "/vms/m/pause", None)["state"], "paused");
+    assert_eq!(d.ok("POST", "/vms/m/resume", None)["state"], "running");
+    assert_eq!(d.ok("POST", "/vms/m/stop", None)["state"], "stopped");
+    let names: Vec<String> = d
+        .ok("GET", "/vms", None)
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(String::from))
+        .collect();
+    assert_eq!(names, vec!["c0", "c1", "m", "r"]);
+    let (status, _) = d.call("DELETE", "/vms/r", None);
+    assert_eq!(status, 204);
+    let (_, metrics) = d.call("GET", "/metrics", None);
+    let metrics = metrics.as_str().expect("text").to_string();
+    assert!(metrics.contains("snapvisor_vms{state=\"running\"} 2"), "{metrics}");
+    assert!(metrics.contains("snapvisor_snapshot_duration_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains("snapvisor_restore_duration_seconds_count 3"), "{metrics}");
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path());
+    d.ok("POST", "/vms", Some(json!({"name": "a", "guest": "idle", "mem_mib": 16, "start": true})));
+    let cases: Vec<(&str, &str, Option<Value>, u16, &str)> = vec![
+        ("POST", "/vms", Some(Value::String("{not json".into())), 400, "request body"),
+        ("POST", "/vms", Some(json!({"name": "b", "guest": "idle"})), 400, "mem_mib"),
+        ("POST", "/vms", Some(json!({"name": "b", "guest": "nope", "mem_mib": 16})), 400, "nope"),
+        ("POST", "/vms", Some(json!({"name": "b", "guest": "idle", "mem_mib": 16, "extra": 1})), 400, "extra"),
+        ("POST", "/vms", Some(json!({"name": "a", "guest": "idle", "mem_mib": 16})), 409, "already exists"),
+        (
+            "POST",
+            "/vms",
+            Some(json!({"name": "b", "guest": "idle", "mem_mib": 1_000_000_000})),
+            400,
+            "more than this host",
+        ),
+        ("POST", "/vms", Some(json!({"name": "b", "guest": "idle", "mem_mib": 16, "vcpus": 0})), 400, "vCPUs"),
+        ("POST", "/vms", Some(json!({"name": "../etc", "guest": "idle", "mem_mib": 16})), 400, "invalid"),
+        ("GET", "/vms/nope", None, 404, "no VM 'nope'"),
+        ("POST", "/vms/a/start", None, 409, "already running"),
+        ("POST", "/vms/a/explode", None, 404, "explode"),
+        ("POST", "/vms/a/snapshot", Some(json!({"name": "../x"})), 400, "../x"),
+        ("POST", "/snapshots/none/restore", Some(json!({"vm": "z"})), 404, "not found"),
+        ("POST", "/snapshots/none/clone", Some(json!({"prefix": "z", "count": 0})), 400, "count"),
+        ("DELETE", "/snapshots/none", None, 404, "not found"),
+        ("GET", "/no/such/route", None, 404, "no such route"),
+    ];
+    for (method, path, body, want, needle) in cases {
+        let (status, text) = match &body {
+            Some(Value::String(raw)) => {
+                // Send the malformed body as it is.
+                let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+                use std::io::{Read, Write};
+                let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{raw}", raw.len());
+                s.write_all(req.as_bytes()).expect("write");
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).expect("read");
+                hypervisor::service::client::parse_response(&out).expect("response")
+            }
+            _ => request(&d.socket, method, path, body.as_ref()).expect("request"),
+        };
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text}"));
+        let msg = v["error"].as_str().unwrap_or_else(|| panic!("{method} {path}: no error field: {text}"));
+        assert!(msg.contains(needle), "{method} {path}: {msg:?} should mention {needle:?}");
+    }
+    // Unharmed: the VM runs and the daemon answers.
+    assert_eq!(d.ok("GET", "/vms/a", None)["state"], "running");
+    assert!(!dir.path().join("etc.json").exists());
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn a_restarted_daemon_knows_its_vms_and_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path());
+    d.ok("POST", "/vms", Some(json!({"name": "keep", "guest": "idle", "mem_mib": 16, "start": true})));
+    d.ok("POST", "/vms", Some(json!({"name": "defined", "guest": "hello", "mem_mib": 16})));
+    d.ok("POST", "/vms/keep/snapshot", Some(json!({"name": "snap"})));
+    let socket = d.socket.clone();
+    let t0 = Instant::now();
+    assert!(d.terminate().success(), "clean exit on SIGTERM");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert!(!socket.exists(), "the socket is removed");
+
+    let d = Daemon::start(dir.path());
+    let vms = d.ok("GET", "/vms", None);
+    let names: Vec<&str> = vms.as_array().expect("list").iter().filter_map(|v| v["name"].as_str()).collect();
+    assert_eq!(names, vec!["defined", "keep"]);
+    assert_eq!(d.ok("GET", "/vms/keep", None)["state"], "created");
+    assert_eq!(d.ok("GET", "/snapshots", None), json!(["snap"]));
+    d.ok("POST", "/vms/defined/start", None);
+    assert!(wait_serial(&d, "defined", "Hello").contains("Hello from the snapvisor hello guest"));
+    // The idle guest printed its line before the snapshot; restored, it runs on silently.
+    let back = d.ok("POST", "/snapshots/snap/restore", Some(json!({"vm": "back"})));
+    assert_eq!(back["state"], "running");
+    assert_eq!(back["restored_from"], "snap");
+    assert!(d.state.join("vms").join("back.json").exists());
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn the_openapi_document_matches_the_routes() {
+    let doc: Value = serde_json::from_str(hypervisor::service::api::OPENAPI).expect("openapi.json");
+    let mut documented: Vec<(String, String)> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(p, ops)| {
+            ops.as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(m, _)| *m != "parameters")
+                .map(move |(m, _)| (m.clone(), p.clone()))
+        })
+        .collect();
+    let mut routed: Vec<(String, String)> =
+        hypervisor::service::api::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    documented.sort();
+    routed.sort();
+    assert_eq!(documented, routed);
+    // And the daemon serves it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path());
+    assert_eq!(d.ok("GET", "/openapi.json", None), doc);
+    for (m, p) in &routed {
+        let path = p.replace("{name}", "nope").replace("{action}", "start");
+        let (status, _) = d.call(&m.to_uppercase(), &path, Some(json!({})));
+        assert_ne!(status, 405, "{m} {p} is routed");
+        assert!(status != 404 || path.contains("nope"), "{m} {p} is routed");
+    }
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(common::repo_root().join("deploy/snapvisor.service")).expect("unit");
+    let bin = common::snapvisor_bin();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("snapvisor.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/snapvisor", bin.to_str().expect("utf-8"))).expect("write unit");
+    let o =
+        Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("systemd-analyze (package systemd)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stderr.is_empty(), "warnings: {}", String::from_utf8_lossy(&o.stderr));
+    for needed in [
+        "Type=notify",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/kvm rw",
+        "DeviceAllow=/dev/userfaultfd rw",
+        "StateDirectory=snapvisor",
+        "RuntimeDirectory=snapvisor",
+    ] {
+        assert!(unit.contains(needed), "unit lacks {needed}");
+    }
+}
+
+#[test]
+fn ready_reaches_the_notify_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let d = Daemon::start_with(dir.path(), &[("NOTIFY_SOCKET", notify.to_str().expect("utf-8"))]);
+    let mut buf = [0u8; 512];
+    let mut got = String::new();
+    while !got.contains("READY=1") {
+        let n = sock.recv(&mut buf).expect("a notify datagram");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.contains("STATUS="), "{got}");
+    assert!(d.terminate().success());
+    let n = sock.recv(&mut buf).expect("STOPPING");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+}
+
+fn count_dir(p: &str) -> usize {
+    std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn concurrent_clients_leak_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path());
+    let pid = d.child.id();
+    let (fd_dir, task_dir) = (format!("/proc/{pid}/fd"), format!("/proc/{pid}/task"));
+    d.ok("GET", "/vms", None);
+    let (fds0, threads0) = (count_dir(&fd_dir), count_dir(&task_dir));
+    std::thread::scope(|s| {
+        for c in 0..3 {
+            let d = &d;
+            s.spawn(move || {
+                for i in 0..4 {
+                    let vm = format!("l{c}-{i}");
+                    d.ok("POST", "/vms", Some(json!({"name": vm, "guest": "idle", "mem_mib": 16, "start": true})));
+                    d.ok("POST", &format!("/vms/{vm}/snapshot"), Some(json!({"name": format!("s{c}-{i}")})));
+                    d.ok(
+                        "POST",
+                        &format!("/snapshots/s{c}-{i}/restore"),
+                        Some(json!({"vm": format!("{vm}r"), "mode": "lazy"})),
+                    );
+                    for name in [vm.clone(), format!("{vm}r")] {
+                        assert_eq!(d.call("DELETE", &format!("/vms/{name}"), None).0, 204);
+                    }
+                    assert_eq!(d.call("DELETE", &format!("/snapshots/s{c}-{i}"), None).0, 204);
+                }
+            });
+        }
+    });
+    assert_eq!(d.ok("GET", "/vms", None), json!([]));
+    // The runtime's blocking threads retire a second after the burst; VM threads at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_dir(&task_dir) > threads0 + 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (fds1, threads1) = (count_dir(&fd_dir), count_dir(&task_dir));
+    assert!(fds1 <= fds0 + 2, "file descriptors grew from {fds0} to {fds1}");
+    assert!(threads1 <= threads0 + 2, "threads grew from {threads0} to {threads1}");
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn the_cli_talks_to_the_daemon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path());
+    let sock = d.socket.to_str().expect("utf-8").to_string();
+    let o =
+        common::snapvisor(&["vm", "create", "x", "--builtin", "idle", "--mem-mib", "16", "--start", "--socket", &sock]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("running"));
+    let o = common::snapvisor(&["vm", "list", "--json", "--socket", &sock]);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v[0]["name"], "x");
+    let o = common::snapvisor(&["vm", "info", "ghost", "--socket", &sock]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&o.stderr).trim(), "snapvisor: daemon: no VM 'ghost'");
+    let o = common::snapvisor(&["vm", "list", "--socket", "/nonexistent.sock"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the daemon"));
+    assert!(d.terminate().success());
+}
