@@ -36,3 +36,21 @@ step "snapvisor bench boot"
 $sv bench boot --iterations 20 --idle-vms 50
 step "snapvisor bench restore"
 $sv bench restore --mem-mib 256,1024
+
+step "the daemon: a VM, a live snapshot, five lazy clones"
+sock="$(dirname "$store")/api.sock"
+$sv serve --socket "$sock" --state-dir "$(dirname "$store")/state" &
+daemon=$!
+trap 'kill $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true; rm -rf "$(dirname "$store")"' EXIT
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+$sv vm create source --builtin memfill --mem-mib 256 --start --socket "$sock"
+sleep 1
+$sv snapshot create source golden --live --socket "$sock"
+start=$(date +%s%N)
+$sv snapshot clone golden --prefix clone --count 5 --mode lazy --socket "$sock"
+echo "5 lazy clones running after $(( ($(date +%s%N) - start) / 1000000 )) ms"
+sleep 1
+$sv vm serial clone0 --socket "$sock" | tail -2
+$sv vm list --socket "$sock"
+kill -TERM $daemon
+wait $daemon

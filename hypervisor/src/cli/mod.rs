@@ -84,7 +84,7 @@ impl CliError {
     }
 }
 
-/// Sets up `tracing` on stderr.
+/// Sets up `tracing`: journald under systemd, stderr otherwise.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -92,8 +92,16 @@ pub fn init_logging(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SNAPVISOR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Under systemd (stderr connected to the journal) log to journald with structured fields.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            let _ = tracing_subscriber::registry().with(filter).with(journald).try_init();
+            return;
+        }
+    }
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
