@@ -349,3 +349,46 @@ fn the_cli_talks_to_the_daemon() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the daemon"));
     assert!(d.terminate().success());
 }
+
+#[test]
+fn running_vms_are_snapshotted_at_shutdown_and_resumed_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = |d: &Path| {
+        vec![
+            "serve".to_string(),
+            "--socket".into(),
+            d.join("api.sock").to_str().expect("utf-8").into(),
+            "--state-dir".into(),
+            d.join("state").to_str().expect("utf-8").into(),
+            "--on-shutdown".into(),
+            "snapshot".into(),
+        ]
+    };
+    let spawn = |d: &Path| {
+        let child = Command::new(common::snapvisor_bin())
+            .args(args(d))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let socket = d.join("api.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child, socket, state: d.join("state") }
+    };
+    let d = spawn(dir.path());
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "seed": 5, "start": true})));
+    let before = wait_serial(&d, "m", "memfill pass 1 ");
+    assert!(d.terminate().success());
+    let d = spawn(dir.path());
+    let info = d.ok("GET", "/vms/m", None);
+    assert_eq!(info["state"], "running", "{info}");
+    assert!(info["resume_from"].is_null(), "resumed once, then forgotten: {info}");
+    // The resumed guest carries on: its next pass finds the previous pattern intact.
+    let after = wait_serial(&d, "m", "\n");
+    assert!(after.contains("mismatches 0") && !after.contains("memfill pass 0 "), "before {before:?} after {after:?}");
+    assert!(d.ok("GET", "/snapshots", None).as_array().expect("list").iter().any(|s| s == "shutdown-m"));
+    assert!(d.terminate().success());
+}

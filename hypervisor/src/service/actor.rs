@@ -36,6 +36,9 @@ pub struct VmDef {
     /// The snapshot it was restored from, if any.
     #[serde(default)]
     pub restored_from: Option<String>,
+    /// The snapshot the daemon took of it when it shut down; restored when it starts again.
+    #[serde(default)]
+    pub resume_from: Option<String>,
 }
 
 fn one() -> u64 {

@@ -91,6 +91,7 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
         seed: c.seed,
         passes: c.passes,
         restored_from: None,
+        resume_from: None,
     };
     Ok((StatusCode::CREATED, Json(d.create(def, c.start).await?)).into_response())
 }

@@ -74,7 +74,13 @@ impl Daemon {
             {
                 Ok(def) if validate_name("VM", &def.name).is_ok() => {
                     tracing::info!(vm = %def.name, "VM definition loaded");
-                    let h = d.spawn_actor(def.clone(), None);
+                    let vm = def.resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap));
+                    // Resumed once: a later start must not go back to that snapshot.
+                    let def = VmDef { resume_from: None, ..def };
+                    if let Err(e) = d.persist(&def) {
+                        tracing::error!(vm = %def.name, "{e}");
+                    }
+                    let h = d.spawn_actor(def.clone(), vm);
                     d.lock().insert(def.name, h);
                 }
                 Ok(def) => tracing::warn!("ignoring {}: bad VM name {:?}", path.display(), def.name),
@@ -82,6 +88,25 @@ impl Daemon {
             }
         }
         Ok(d)
+    }
+
+    /// Restores a VM the daemon snapshotted at its last shutdown, lazily, and starts it.
+    fn resume(&self, name: &str, snap: &str) -> Option<(crate::vm::Vm, SerialLog)> {
+        let serial = SerialLog::new(SERIAL_LOG);
+        let restored =
+            snapshot::restore(&self.store, snap, RestoreOptions::new(RestoreMode::Lazy, Box::new(serial.clone())))
+                .map_err(|e| e.to_string())
+                .and_then(|(mut vm, _)| vm.start().map(|()| vm).map_err(|e| e.to_string()));
+        match restored {
+            Ok(vm) => {
+                tracing::info!(vm = name, snapshot = snap, "VM resumed from its shutdown snapshot");
+                Some((vm, serial))
+            }
+            Err(e) => {
+                tracing::error!(vm = name, snapshot = snap, "cannot resume VM: {e}; it stays stopped");
+                None
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VmHandle>> {
@@ -227,6 +252,7 @@ impl Daemon {
             seed: 0,
             passes: 0,
             restored_from: Some(snapshot_name.to_string()),
+            resume_from: None,
         };
         {
             let mut vms = self.lock();
@@ -240,12 +266,41 @@ impl Daemon {
         self.info(&vm_name).await
     }
 
-    /// Stops every VM and waits for the actors to end.
-    pub fn shutdown(&self) {
-        let handles: Vec<VmHandle> = std::mem::take(&mut *self.lock()).into_values().collect();
-        for h in handles {
+    /// Stops every VM and waits for the actors to end. With `snapshot`, running VMs are
+    /// snapshotted first (as `shutdown-<name>`) and resumed from it when the daemon starts.
+    pub fn shutdown(&self, snapshot: bool) {
+        let handles: Vec<(String, VmHandle)> = std::mem::take(&mut *self.lock()).into_iter().collect();
+        for (name, h) in handles {
+            if snapshot {
+                self.snapshot_for_restart(&name, &h);
+            }
             drop(h.tx);
             let _ = h.thread.join();
+        }
+    }
+
+    fn snapshot_for_restart(&self, name: &str, h: &VmHandle) {
+        let ask = |cmd| {
+            let (tx, rx) = oneshot::channel();
+            h.tx.blocking_send((cmd, tx)).ok()?;
+            rx.blocking_recv().ok()
+        };
+        let Some(Ok(Reply::Info(info))) = ask(Cmd::Info) else { return };
+        if !matches!(info.state, super::actor::VmState::Running | super::actor::VmState::Paused) {
+            return;
+        }
+        let snap = format!("shutdown-{name}");
+        let _ = self.store.delete(&snap);
+        match ask(Cmd::Snapshot { name: snap.clone(), live: false }) {
+            Some(Ok(_)) => {
+                let def = VmDef { resume_from: Some(snap.clone()), ..info.def };
+                match self.persist(&def) {
+                    Ok(()) => tracing::info!(vm = name, snapshot = %snap, "VM snapshotted for the restart"),
+                    Err(e) => tracing::error!(vm = name, "{e}"),
+                }
+            }
+            Some(Err(e)) => tracing::error!(vm = name, "snapshot at shutdown failed: {e}"),
+            None => tracing::error!(vm = name, "the VM did not answer at shutdown"),
         }
     }
 

@@ -6,7 +6,9 @@
 //!
 //! Under systemd (`Type=notify`) the daemon reports READY once the socket accepts requests,
 //! STATUS lines, and WATCHDOG pings when a watchdog is configured. SIGTERM or SIGINT stops
-//! new requests, stops every VM within `--shutdown-timeout`, removes the socket and exits.
+//! new requests, stops every VM within `--shutdown-timeout` (with `--on-shutdown snapshot`,
+//! snapshots the running ones first and resumes them lazily at the next start), removes the
+//! socket and exits.
 
 pub mod actor;
 pub mod api;
@@ -35,6 +37,16 @@ pub struct ServeArgs {
     /// Seconds to stop the VMs in on SIGTERM before exiting anyway.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// On SIGTERM, stop running VMs, or snapshot them and resume them (lazily) at the next start.
+    #[arg(long, value_enum, default_value_t = OnShutdown::Stop)]
+    pub on_shutdown: OnShutdown,
+}
+
+/// What happens to running VMs when the daemon stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnShutdown {
+    Stop,
+    Snapshot,
 }
 
 fn notify(states: &[NotifyState]) {
@@ -97,7 +109,8 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let served = axum::serve(listener, api::router(daemon.clone())).with_graceful_shutdown(terminated()).await;
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping VMs")]);
     let d = daemon.clone();
-    let stop = tokio::task::spawn_blocking(move || d.shutdown());
+    let snapshot = args.on_shutdown == OnShutdown::Snapshot;
+    let stop = tokio::task::spawn_blocking(move || d.shutdown(snapshot));
     if tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), stop).await.is_err() {
         tracing::warn!("VMs did not stop within {} s; exiting anyway", args.shutdown_timeout);
     }
