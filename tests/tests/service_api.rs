@@ -392,3 +392,16 @@ fn running_vms_are_snapshotted_at_shutdown_and_resumed_at_start() {
     assert!(d.ok("GET", "/snapshots", None).as_array().expect("list").iter().any(|s| s == "shutdown-m"));
     assert!(d.terminate().success());
 }
+
+#[test]
+fn bench_fleet_runs_small() {
+    let o = common::snapvisor(&["bench", "fleet", "--counts", "2", "--mem-mib", "16", "--idle", "2", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let r = &v["rounds"][0];
+    assert_eq!(r["clones"], 2);
+    let (run, first, ws) =
+        (r["all_running_ms"].as_f64(), r["all_first_instruction_ms"].as_f64(), r["all_working_set_ms"].as_f64());
+    assert!(run <= first && first <= ws, "{v}");
+    assert!(v["idle_kib_per_vm"].as_f64().is_some());
+}

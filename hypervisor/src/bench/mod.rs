@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod clones;
+pub mod fleet;
 pub mod plot;
 pub mod restore;
 pub mod snapshot;
@@ -23,6 +24,8 @@ pub enum BenchCommand {
     Snapshot(snapshot::SnapshotBenchArgs),
     /// Many lazy clones of one snapshot at once, with and without a shared chunk cache.
     Clones(clones::ClonesBenchArgs),
+    /// Lazy clones through the daemon, 10, 50 and 100 at once; idle density.
+    Fleet(fleet::FleetBenchArgs),
     /// Restore by mode (resident, eager, lazy, lazy with prefetch), side by side.
     Restore(restore::RestoreBenchArgs),
     /// Snapshot store throughput, compression, random reads and dedup of clones.
@@ -34,6 +37,7 @@ pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Restore(args) => restore::run(args),
         BenchCommand::Clones(args) => clones::run(args),
+        BenchCommand::Fleet(args) => fleet::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::Store(args) => store::run(args).map_err(|e| CliError::Internal(e.to_string())),
     }

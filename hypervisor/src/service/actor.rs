@@ -64,6 +64,10 @@ pub struct VmInfo {
     pub state: VmState,
     /// How it ended, once it has.
     pub exit: Option<ExitReason>,
+    /// From start to the guest's first exit to the VMM (its first I/O), once it has run.
+    pub first_exit_ms: Option<f64>,
+    /// Lazy restores: page faults served so far (the guest runs once there is one).
+    pub lazy_faults: Option<u64>,
 }
 
 /// Requests an actor handles.
@@ -146,6 +150,8 @@ impl Actor {
             def: self.def.clone(),
             state: self.state(),
             exit: self.vm.as_ref().and_then(|v| v.control().exit_reason()),
+            first_exit_ms: self.vm.as_ref().and_then(|v| v.time_to_first_exit()).map(|d| d.as_secs_f64() * 1e3),
+            lazy_faults: self.vm.as_ref().and_then(snapshot::restore::lazy_stats).map(|s| s.faults),
         }
     }
 
