@@ -71,6 +71,8 @@ pub struct VmControl {
     vcpus: usize,
     /// When a vCPU first exited to the VMM (guest I/O or MMIO): the guest is running.
     first_exit: OnceLock<Instant>,
+    /// Exits to the VMM (port I/O and MMIO) so far.
+    exits: std::sync::atomic::AtomicU64,
     /// Progress marks the guest reported through the exit device, with when.
     marks: Mutex<Vec<(u32, Instant)>>,
     marked: Condvar,
@@ -116,6 +118,7 @@ impl VmControl {
         VmControl {
             inner: Mutex::new(Inner { state: RunState::Running, exit: None, parked: 0, threads: Vec::new() }),
             first_exit: OnceLock::new(),
+            exits: std::sync::atomic::AtomicU64::new(0),
             marks: Mutex::new(Vec::new()),
             marked: Condvar::new(),
             fast_state: AtomicU8::new(RunState::Running as u8),
@@ -242,7 +245,13 @@ impl VmControl {
 
     /// Notes the first exit of any vCPU to the VMM.
     pub fn note_exit(&self) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
         self.first_exit.get_or_init(Instant::now);
+    }
+
+    /// Exits to the VMM so far.
+    pub fn exits(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed)
     }
 
     /// Records a progress mark from the guest.

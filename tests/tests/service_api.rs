@@ -35,11 +35,12 @@ impl Daemon {
             .arg("20");
         cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().expect("spawn daemon");
+        // Ready when it accepts connections (a socket file alone could be a stale one).
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() && Instant::now() < deadline {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(socket.exists(), "the daemon never created its socket");
+        assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok(), "the daemon never accepted connections");
         Daemon { child, socket, state }
     }
 
@@ -124,6 +125,14 @@ fn vms_snapshots_restores_and_clones() {
     assert!(metrics.contains("snapvisor_vms{state=\"running\"} 2"), "{metrics}");
     assert!(metrics.contains("snapvisor_snapshot_duration_seconds_count 1"), "{metrics}");
     assert!(metrics.contains("snapvisor_restore_duration_seconds_count 3"), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("snapvisor_vm_exits_total{vm=\"m\"} ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l.starts_with("snapvisor_lazy_faults_total{vm=\"c1\"} ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
     assert!(d.terminate().success());
 }
 
@@ -200,8 +209,13 @@ fn a_restarted_daemon_knows_its_vms_and_snapshots() {
     assert_eq!(names, vec!["defined", "keep"]);
     assert_eq!(d.ok("GET", "/vms/keep", None)["state"], "created");
     assert_eq!(d.ok("GET", "/snapshots", None), json!(["snap"]));
-    d.ok("POST", "/vms/defined/start", None);
-    assert!(wait_serial(&d, "defined", "Hello").contains("Hello from the snapvisor hello guest"));
+    let started = d.ok("POST", "/vms/defined/start", None);
+    let out = wait_serial(&d, "defined", "Hello from the snapvisor hello guest\n");
+    assert!(
+        out.contains("Hello from the snapvisor hello guest"),
+        "serial {out:?}, start answered {started}, now {}",
+        d.ok("GET", "/vms/defined", None)
+    );
     // The idle guest printed its line before the snapshot; restored, it runs on silently.
     let back = d.ok("POST", "/snapshots/snap/restore", Some(json!({"vm": "back"})));
     assert_eq!(back["state"], "running");

@@ -68,6 +68,8 @@ pub struct VmInfo {
     pub first_exit_ms: Option<f64>,
     /// Lazy restores: page faults served so far (the guest runs once there is one).
     pub lazy_faults: Option<u64>,
+    /// Exits to the VMM (port I/O and MMIO) so far.
+    pub exits: u64,
 }
 
 /// Requests an actor handles.
@@ -152,6 +154,7 @@ impl Actor {
             exit: self.vm.as_ref().and_then(|v| v.control().exit_reason()),
             first_exit_ms: self.vm.as_ref().and_then(|v| v.time_to_first_exit()).map(|d| d.as_secs_f64() * 1e3),
             lazy_faults: self.vm.as_ref().and_then(snapshot::restore::lazy_stats).map(|s| s.faults),
+            exits: self.vm.as_ref().map_or(0, |v| v.control().exits()),
         }
     }
 

@@ -61,8 +61,13 @@ struct SnapshotReq {
 #[serde(deny_unknown_fields)]
 struct RestoreReq {
     vm: String,
-    #[serde(default)]
+    #[serde(default = "lazy")]
     mode: RestoreMode,
+}
+
+/// The daemon restores lazily unless asked otherwise.
+fn lazy() -> RestoreMode {
+    RestoreMode::Lazy
 }
 
 #[derive(Deserialize)]
@@ -70,7 +75,7 @@ struct RestoreReq {
 struct CloneReq {
     prefix: String,
     count: usize,
-    #[serde(default)]
+    #[serde(default = "lazy")]
     mode: RestoreMode,
 }
 
@@ -192,8 +197,11 @@ async fn metrics(State(d): Api) -> Response {
     let store = d.store.clone();
     let stored =
         tokio::task::spawn_blocking(move || store.usage().map(|u| u.stored_bytes).unwrap_or(0)).await.unwrap_or(0);
-    let counts = d.counts().await;
-    let text = d.metrics.render(&counts, stored);
+    let vms = d.list().await;
+    let per_vm: Vec<(String, u64, u64)> =
+        vms.iter().map(|i| (i.def.name.clone(), i.exits, i.lazy_faults.unwrap_or(0))).collect();
+    let counts = super::daemon::count_states(&vms);
+    let text = d.metrics.render(&counts, &per_vm, stored);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

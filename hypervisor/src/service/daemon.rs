@@ -303,21 +303,22 @@ impl Daemon {
             None => tracing::error!(vm = name, "the VM did not answer at shutdown"),
         }
     }
+}
 
-    /// VMs by state, for metrics.
-    pub async fn counts(&self) -> Vec<(&'static str, usize)> {
-        let mut c: BTreeMap<&'static str, usize> =
-            ["created", "running", "paused", "stopped", "failed"].into_iter().map(|s| (s, 0)).collect();
-        for i in self.list().await {
-            let k = match i.state {
-                super::actor::VmState::Created => "created",
-                super::actor::VmState::Running => "running",
-                super::actor::VmState::Paused => "paused",
-                super::actor::VmState::Stopped => "stopped",
-                super::actor::VmState::Failed => "failed",
-            };
-            *c.entry(k).or_default() += 1;
-        }
-        c.into_iter().collect()
+/// VMs by state, for metrics.
+pub fn count_states(vms: &[VmInfo]) -> Vec<(&'static str, usize)> {
+    use super::actor::VmState;
+    let mut c: BTreeMap<&'static str, usize> =
+        ["created", "running", "paused", "stopped", "failed"].into_iter().map(|s| (s, 0)).collect();
+    for i in vms {
+        let k = match i.state {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        };
+        *c.entry(k).or_default() += 1;
     }
+    c.into_iter().collect()
 }

@@ -57,12 +57,21 @@ impl Metrics {
         self.restores.observe(d);
     }
 
-    /// The exposition text; `vms` counts VMs by state, `bytes_stored` is the store's size.
-    pub fn render(&self, vms: &[(&str, usize)], bytes_stored: u64) -> String {
+    /// The exposition text; `vms` counts VMs by state, `per_vm` is (name, exits, lazy faults)
+    /// of each VM, `bytes_stored` is the store's size.
+    pub fn render(&self, vms: &[(&str, usize)], per_vm: &[(String, u64, u64)], bytes_stored: u64) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP snapvisor_vms VMs by state.\n# TYPE snapvisor_vms gauge");
         for (state, n) in vms {
             let _ = writeln!(out, "snapvisor_vms{{state=\"{state}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP snapvisor_vm_exits_total Exits of a VM's vCPUs to the VMM.\n# TYPE snapvisor_vm_exits_total counter");
+        for (vm, exits, _) in per_vm {
+            let _ = writeln!(out, "snapvisor_vm_exits_total{{vm=\"{vm}\"}} {exits}");
+        }
+        let _ = writeln!(out, "# HELP snapvisor_lazy_faults_total Page faults served to a lazily restored VM.\n# TYPE snapvisor_lazy_faults_total counter");
+        for (vm, _, faults) in per_vm {
+            let _ = writeln!(out, "snapvisor_lazy_faults_total{{vm=\"{vm}\"}} {faults}");
         }
         self.snapshots.render(&mut out, "snapvisor_snapshot_duration_seconds", "Time to take a snapshot.");
         self.restores.render(

@@ -55,17 +55,19 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-async fn terminated() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, so call it
+/// before announcing readiness: a signal that arrives early must not kill the daemon uncleanly.
+fn terminated() -> Result<impl std::future::Future<Output = ()>, CliError> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let err = |e: std::io::Error| CliError::Internal(format!("installing signal handlers: {e}"));
+    let mut term = signal(SignalKind::terminate()).map_err(err)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(err)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => std::future::pending::<()>().await,
-    }
+    })
 }
 
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
@@ -80,6 +82,7 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let shutdown = terminated()?;
     let daemon = daemon::Daemon::open(&args.state_dir)
         .map_err(|e| CliError::Input(format!("state directory {}: {e}", args.state_dir.display())))?;
     if let Some(dir) = args.socket.parent() {
@@ -106,7 +109,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             }
         });
     }
-    let served = axum::serve(listener, api::router(daemon.clone())).with_graceful_shutdown(terminated()).await;
+    let served = axum::serve(listener, api::router(daemon.clone())).with_graceful_shutdown(shutdown).await;
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping VMs")]);
     let d = daemon.clone();
     let snapshot = args.on_shutdown == OnShutdown::Snapshot;
