@@ -249,7 +249,7 @@ fn the_openapi_document_matches_the_routes() {
     let d = Daemon::start(dir.path());
     assert_eq!(d.ok("GET", "/openapi.json", None), doc);
     for (m, p) in &routed {
-        let path = p.replace("{name}", "nope").replace("{action}", "start");
+        let path = p.replace("{name}", "nope").replace("{action}", "start").replace("{id}", "nope");
         let (status, _) = d.call(&m.to_uppercase(), &path, Some(json!({})));
         assert_ne!(status, 405, "{m} {p} is routed");
         assert!(status != 404 || path.contains("nope"), "{m} {p} is routed");
@@ -418,4 +418,37 @@ fn bench_fleet_runs_small() {
         (r["all_running_ms"].as_f64(), r["all_first_instruction_ms"].as_f64(), r["all_working_set_ms"].as_f64());
     assert!(run <= first && first <= ws, "{v}");
     assert!(v["idle_kib_per_vm"].as_f64().is_some());
+}
+
+#[test]
+fn long_operations_run_in_the_background_with_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path());
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "start": true})));
+    wait_serial(&d, "m", "memfill pass 1 ");
+    let (status, accepted) =
+        d.call("POST", "/vms/m/snapshot", Some(json!({"name": "bg", "live": true, "async": true})));
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["operation"].as_u64().expect("operation id");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let op = loop {
+        let op = d.ok("GET", &format!("/operations/{id}"), None);
+        if op["state"] != "running" || Instant::now() > deadline {
+            break op;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(op["state"], "done", "{op}");
+    assert_eq!(op["kind"], "snapshot");
+    assert_eq!(op["result"]["name"], "bg");
+    assert!(op["progress"]["round"].is_u64(), "live rounds report progress: {op}");
+    assert_eq!(d.call("GET", "/operations/999999", None).0, 404);
+    // The CLI waits for a background clone and reports its progress.
+    let sock = d.socket.to_str().expect("utf-8").to_string();
+    let o = common::snapvisor(&["snapshot", "clone", "bg", "--prefix", "k", "--count", "2", "--socket", &sock]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("2 of 2 clones running"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("k1"));
+    assert!(d.terminate().success());
 }

@@ -80,7 +80,7 @@ pub enum Cmd {
     Stop,
     Info,
     Serial,
-    Snapshot { name: String, live: bool },
+    Snapshot { name: String, live: bool, progress: Option<super::ops::OpHandle> },
 }
 
 /// Replies.
@@ -192,12 +192,16 @@ impl Actor {
             Cmd::Stop => {
                 self.vm()?.stop("stopped by request");
             }
-            Cmd::Snapshot { name, live } => {
+            Cmd::Snapshot { name, live, progress } => {
                 let t0 = Instant::now();
                 let store = self.store.clone();
                 let vm = self.vm()?;
-                let report = snapshot::save(vm, &store, &name, &SaveOptions { live, ..Default::default() }, &|_| {})
-                    .map_err(|e| ApiError::from_snapshot(&e))?;
+                let report = snapshot::save(vm, &store, &name, &SaveOptions { live, ..Default::default() }, &|p| {
+                    if let Some(op) = &progress {
+                        op.progress(serde_json::json!(p));
+                    }
+                })
+                .map_err(|e| ApiError::from_snapshot(&e))?;
                 self.metrics.snapshot_done(t0.elapsed());
                 return Ok(Reply::Snapshot(report));
             }

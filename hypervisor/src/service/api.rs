@@ -55,6 +55,9 @@ struct SnapshotReq {
     name: String,
     #[serde(default)]
     live: bool,
+    /// Return 202 with an operation id at once instead of waiting.
+    #[serde(default, rename = "async")]
+    background: bool,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +80,9 @@ struct CloneReq {
     count: usize,
     #[serde(default = "lazy")]
     mode: RestoreMode,
+    /// Return 202 with an operation id at once instead of waiting.
+    #[serde(default, rename = "async")]
+    background: bool,
 }
 
 /// The most clones one request may ask for.
@@ -137,10 +143,36 @@ async fn vm_snapshot(
     let s = body(b)?;
     storage::validate_snapshot_name(&s.name)
         .map_err(|e| ApiError::BadRequest(format!("snapshot name {:?}: {e}", s.name)))?;
-    match d.call(&name, Cmd::Snapshot { name: s.name, live: s.live }).await? {
-        Reply::Snapshot(r) => Ok((StatusCode::CREATED, Json(r)).into_response()),
-        _ => Err(ApiError::Internal("unexpected reply".into())),
-    }
+    d.info(&name).await?;
+    let op = s.background.then(|| d.ops.start("snapshot"));
+    let cmd = Cmd::Snapshot { name: s.name, live: s.live, progress: op.clone() };
+    let Some(op) = op else {
+        return match d.call(&name, cmd).await? {
+            Reply::Snapshot(r) => Ok((StatusCode::CREATED, Json(r)).into_response()),
+            _ => Err(ApiError::Internal("unexpected reply".into())),
+        };
+    };
+    let id = op.id();
+    tokio::spawn(async move {
+        op.finish(match d.call(&name, cmd).await {
+            Ok(Reply::Snapshot(r)) => serde_json::to_value(r).map_err(|e| e.to_string()),
+            Ok(_) => Err("unexpected reply".into()),
+            Err(e) => Err(e.to_string()),
+        })
+    });
+    Ok(accepted(id))
+}
+
+/// `202 Accepted` with the operation to poll.
+fn accepted(id: u64) -> Response {
+    (StatusCode::ACCEPTED, Json(serde_json::json!({ "operation": id, "status": format!("/operations/{id}") })))
+        .into_response()
+}
+
+async fn operation(State(d): Api, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let n: u64 = id.parse().map_err(|_| ApiError::BadRequest(format!("operation id {id:?} is not a number")))?;
+    let op = d.ops.get(n).ok_or_else(|| ApiError::NotFound(format!("no operation {n}")))?;
+    Ok(Json(op).into_response())
 }
 
 async fn list_snapshots(State(d): Api) -> Result<Response, ApiError> {
@@ -181,16 +213,42 @@ async fn clone_snapshot(
     if c.count == 0 || c.count > MAX_CLONES {
         return Err(ApiError::BadRequest(format!("clone count {}: 1 to {MAX_CLONES} allowed", c.count)));
     }
-    let mut tasks = Vec::new();
-    for i in 0..c.count {
-        let (d, name, vm) = (d.clone(), name.clone(), format!("{}{i}", c.prefix));
-        tasks.push(tokio::spawn(async move { d.restore(&name, &vm, c.mode).await }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.map_err(|e| ApiError::Internal(e.to_string()))??);
-    }
-    Ok((StatusCode::CREATED, Json(out)).into_response())
+    let op = c.background.then(|| d.ops.start("clone"));
+    let run = {
+        let op = op.clone();
+        async move {
+            let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for i in 0..c.count {
+                let (d, name, vm, done, op) =
+                    (d.clone(), name.clone(), format!("{}{i}", c.prefix), done.clone(), op.clone());
+                tasks.push(tokio::spawn(async move {
+                    let r = d.restore(&name, &vm, c.mode).await;
+                    let n = done.fetch_add(1, Relaxed) + 1;
+                    if let Some(op) = &op {
+                        op.progress(serde_json::json!({ "restored": n, "of": c.count }));
+                    }
+                    r
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.map_err(|e| ApiError::Internal(e.to_string()))??);
+            }
+            Ok::<_, ApiError>(out)
+        }
+    };
+    let Some(op) = op else {
+        return Ok((StatusCode::CREATED, Json(run.await?)).into_response());
+    };
+    let id = op.id();
+    tokio::spawn(async move {
+        op.finish(match run.await {
+            Ok(vms) => serde_json::to_value(vms).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        })
+    });
+    Ok(accepted(id))
 }
 
 async fn metrics(State(d): Api) -> Response {
@@ -236,6 +294,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/snapshots/{name}"),
     ("post", "/snapshots/{name}/restore"),
     ("post", "/snapshots/{name}/clone"),
+    ("get", "/operations/{id}"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
 ];
@@ -251,6 +310,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/snapshots/{name}", axum::routing::delete(delete_snapshot))
         .route("/snapshots/{name}/restore", post(restore_snapshot))
         .route("/snapshots/{name}/clone", post(clone_snapshot))
+        .route("/operations/{id}", get(operation))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)

@@ -154,6 +154,47 @@ fn call(a: &ClientArgs, method: &str, path: &str, body: Option<Value>) -> Result
     Ok(text)
 }
 
+/// Polls a background operation until it ends, showing its progress on stderr (one updating
+/// line on a terminal); returns its result as JSON text.
+fn wait_operation(a: &ClientArgs, accepted: &str, show: impl Fn(&Value) -> String) -> Result<String, CliError> {
+    use std::io::IsTerminal;
+    let v: Value = serde_json::from_str(accepted).map_err(|e| CliError::Internal(format!("daemon answer: {e}")))?;
+    let id = v["operation"]
+        .as_u64()
+        .ok_or_else(|| CliError::Internal(format!("daemon answer without an operation: {accepted}")))?;
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = String::new();
+    loop {
+        let op: Value = serde_json::from_str(&call(a, "GET", &format!("/operations/{id}"), None)?)
+            .map_err(|e| CliError::Internal(format!("daemon answer: {e}")))?;
+        if !op["progress"].is_null() {
+            let line = show(&op["progress"]);
+            if line != shown {
+                if tty {
+                    eprint!("\r\x1b[K{line}");
+                } else if !a.json {
+                    eprintln!("{line}");
+                }
+                shown = line;
+            }
+        }
+        let finished = match op["state"].as_str() {
+            Some("done") => Ok(op["result"].to_string()),
+            Some("failed") => {
+                Err(CliError::Input(format!("daemon: {}", op["error"].as_str().unwrap_or("operation failed"))))
+            }
+            _ => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if tty && !shown.is_empty() {
+            eprintln!();
+        }
+        return finished;
+    }
+}
+
 fn print_vms(a: &ClientArgs, text: &str) -> Result<(), CliError> {
     if a.json {
         println!("{text}");
@@ -213,8 +254,16 @@ pub fn vm(a: ClientArgs, cmd: VmCommand) -> Result<(), CliError> {
 pub fn snapshot(a: ClientArgs, cmd: SnapshotCommand) -> Result<(), CliError> {
     match cmd {
         SnapshotCommand::Create { vm, snapshot, live } => {
-            let text =
-                call(&a, "POST", &format!("/vms/{vm}/snapshot"), Some(json!({ "name": snapshot, "live": live })))?;
+            let body = json!({ "name": snapshot, "live": live, "async": true });
+            let op = call(&a, "POST", &format!("/vms/{vm}/snapshot"), Some(body))?;
+            let text = wait_operation(&a, &op, |p| {
+                format!(
+                    "round {}, {} MiB copied, {} chunks dirty",
+                    p["round"],
+                    p["bytes_copied"].as_u64().unwrap_or(0) >> 20,
+                    p["dirty_chunks"]
+                )
+            })?;
             if a.json {
                 println!("{text}");
             } else {
@@ -233,12 +282,9 @@ pub fn snapshot(a: ClientArgs, cmd: SnapshotCommand) -> Result<(), CliError> {
             print_vms(&a, &text)?;
         }
         SnapshotCommand::Clone { snapshot, prefix, count, mode } => {
-            let text = call(
-                &a,
-                "POST",
-                &format!("/snapshots/{snapshot}/clone"),
-                Some(json!({ "prefix": prefix, "count": count, "mode": mode })),
-            )?;
+            let body = json!({ "prefix": prefix, "count": count, "mode": mode, "async": true });
+            let op = call(&a, "POST", &format!("/snapshots/{snapshot}/clone"), Some(body))?;
+            let text = wait_operation(&a, &op, |p| format!("{} of {} clones running", p["restored"], p["of"]))?;
             print_vms(&a, &text)?;
         }
         SnapshotCommand::List => {

@@ -32,6 +32,7 @@ pub struct Daemon {
     pub store: storage::Store,
     state_dir: PathBuf,
     pub metrics: Arc<Metrics>,
+    pub ops: Arc<super::ops::Ops>,
 }
 
 /// VM and snapshot names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot (they become
@@ -61,6 +62,7 @@ impl Daemon {
             store,
             state_dir: state_dir.to_path_buf(),
             metrics: Arc::new(Metrics::default()),
+            ops: Arc::new(super::ops::Ops::default()),
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
         for entry in entries.flatten() {
@@ -291,7 +293,7 @@ impl Daemon {
         }
         let snap = format!("shutdown-{name}");
         let _ = self.store.delete(&snap);
-        match ask(Cmd::Snapshot { name: snap.clone(), live: false }) {
+        match ask(Cmd::Snapshot { name: snap.clone(), live: false, progress: None }) {
             Some(Ok(_)) => {
                 let def = VmDef { resume_from: Some(snap.clone()), ..info.def };
                 match self.persist(&def) {

@@ -16,6 +16,7 @@ pub mod client;
 pub mod daemon;
 pub mod error;
 pub mod metrics;
+pub mod ops;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
