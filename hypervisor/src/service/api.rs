@@ -104,7 +104,9 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
         restored_from: None,
         resume_from: None,
     };
-    Ok((StatusCode::CREATED, Json(d.create(def, c.start).await?)).into_response())
+    let info = d.create(def, c.start).await?;
+    d.event(&info.def.name, "created", serde_json::json!({ "state": info.state }));
+    Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
 async fn vm_info(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
@@ -113,6 +115,7 @@ async fn vm_info(State(d): Api, Path(name): Path<String>) -> Result<Response, Ap
 
 async fn delete_vm(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
     d.delete(&name).await?;
+    d.event(&name, "deleted", serde_json::Value::Null);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -125,7 +128,9 @@ async fn vm_action(State(d): Api, Path((name, action)): Path<(String, String)>) 
         other => return Err(ApiError::NotFound(format!("no action '{other}' (start, pause, resume, stop)"))),
     };
     d.call(&name, cmd).await?;
-    Ok(Json(d.info(&name).await?).into_response())
+    let info = d.info(&name).await?;
+    d.event(&name, &action, serde_json::json!({ "state": info.state }));
+    Ok(Json(info).into_response())
 }
 
 async fn vm_serial(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
@@ -148,14 +153,20 @@ async fn vm_snapshot(
     let cmd = Cmd::Snapshot { name: s.name, live: s.live, progress: op.clone() };
     let Some(op) = op else {
         return match d.call(&name, cmd).await? {
-            Reply::Snapshot(r) => Ok((StatusCode::CREATED, Json(r)).into_response()),
+            Reply::Snapshot(r) => {
+                d.event(&name, "snapshot", serde_json::json!({ "snapshot": r.name, "live": r.live }));
+                Ok((StatusCode::CREATED, Json(r)).into_response())
+            }
             _ => Err(ApiError::Internal("unexpected reply".into())),
         };
     };
     let id = op.id();
     tokio::spawn(async move {
         op.finish(match d.call(&name, cmd).await {
-            Ok(Reply::Snapshot(r)) => serde_json::to_value(r).map_err(|e| e.to_string()),
+            Ok(Reply::Snapshot(r)) => {
+                d.event(&name, "snapshot", serde_json::json!({ "snapshot": r.name, "live": r.live }));
+                serde_json::to_value(r).map_err(|e| e.to_string())
+            }
             Ok(_) => Err("unexpected reply".into()),
             Err(e) => Err(e.to_string()),
         })
@@ -263,6 +274,26 @@ async fn metrics(State(d): Api) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
+/// Newline-delimited JSON events, one per line, for as long as the client stays connected.
+async fn events(State(d): Api) -> Response {
+    let state = (d.events.subscribe(), d.stopping.subscribe());
+    let stream = futures_util::stream::unfold(state, |(mut rx, mut stop)| async move {
+        let line = tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(ev) => format!("{ev}\n"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    format!("{}\n", serde_json::json!({ "event": "lagged", "detail": { "lost": n } }))
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            },
+            // The daemon is stopping: end the stream so the connection can close.
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(line), (rx, stop)))
+    });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(stream)).into_response()
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
@@ -295,6 +326,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/snapshots/{name}/restore"),
     ("post", "/snapshots/{name}/clone"),
     ("get", "/operations/{id}"),
+    ("get", "/events"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
 ];
@@ -311,6 +343,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/snapshots/{name}/restore", post(restore_snapshot))
         .route("/snapshots/{name}/clone", post(clone_snapshot))
         .route("/operations/{id}", get(operation))
+        .route("/events", get(events))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)

@@ -33,6 +33,10 @@ pub struct Daemon {
     state_dir: PathBuf,
     pub metrics: Arc<Metrics>,
     pub ops: Arc<super::ops::Ops>,
+    /// Events for `GET /events` subscribers.
+    pub events: tokio::sync::broadcast::Sender<serde_json::Value>,
+    /// Set when the daemon is stopping: event streams end so connections can close.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// VM and snapshot names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot (they become
@@ -63,6 +67,8 @@ impl Daemon {
             state_dir: state_dir.to_path_buf(),
             metrics: Arc::new(Metrics::default()),
             ops: Arc::new(super::ops::Ops::default()),
+            events: tokio::sync::broadcast::channel(1024).0,
+            stopping: tokio::sync::watch::channel(false).0,
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
         for entry in entries.flatten() {
@@ -109,6 +115,13 @@ impl Daemon {
                 None
             }
         }
+    }
+
+    /// Tells event subscribers that `what` happened to VM `vm` (no subscribers: nothing).
+    pub fn event(&self, vm: &str, what: &str, detail: serde_json::Value) {
+        let unix_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let _ = self.events.send(serde_json::json!({ "vm": vm, "event": what, "detail": detail, "unix_ms": unix_ms }));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VmHandle>> {
@@ -265,6 +278,7 @@ impl Daemon {
             vms.insert(vm_name.clone(), h);
         }
         self.persist(&def)?;
+        self.event(&vm_name, "restored", serde_json::json!({ "snapshot": snapshot_name, "mode": mode }));
         self.info(&vm_name).await
     }
 

@@ -110,7 +110,15 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
             }
         });
     }
-    let served = axum::serve(listener, api::router(daemon.clone())).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, api::router(daemon.clone()))
+        .with_graceful_shutdown({
+            let d = daemon.clone();
+            async move {
+                shutdown.await;
+                let _ = d.stopping.send(true);
+            }
+        })
+        .await;
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping VMs")]);
     let d = daemon.clone();
     let snapshot = args.on_shutdown == OnShutdown::Snapshot;
