@@ -311,6 +311,15 @@ fn concurrent_clients_leak_nothing() {
     let (fd_dir, task_dir) = (format!("/proc/{pid}/fd"), format!("/proc/{pid}/task"));
     d.ok("GET", "/vms", None);
     let (fds0, threads0) = (count_dir(&fd_dir), count_dir(&task_dir));
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let rss0 = rss();
     std::thread::scope(|s| {
         for c in 0..3 {
             let d = &d;
@@ -341,6 +350,9 @@ fn concurrent_clients_leak_nothing() {
     let (fds1, threads1) = (count_dir(&fd_dir), count_dir(&task_dir));
     assert!(fds1 <= fds0 + 2, "file descriptors grew from {fds0} to {fds1}");
     assert!(threads1 <= threads0 + 2, "threads grew from {threads0} to {threads1}");
+    // Twelve 16 MiB VMs and their restores came and went; their memory went with them.
+    let rss1 = rss();
+    assert!(rss1 < rss0 + 64 * 1024, "resident memory grew from {rss0} KiB to {rss1} KiB");
     assert!(d.terminate().success());
 }
 
@@ -488,4 +500,55 @@ fn events_stream_what_happens() {
     // An open event stream does not hold up a shutdown.
     assert!(d.terminate().success());
     drop(r);
+}
+
+#[test]
+fn metrics_are_also_served_on_loopback_tcp() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A free loopback port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(common::snapvisor_bin())
+        .args(["serve", "--metrics-addr", &addr, "--socket"])
+        .arg(dir.path().join("api.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut conn = loop {
+        if let Ok(c) = std::net::TcpStream::connect(&addr) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no metrics listener on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+    let mut out = String::new();
+    conn.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("snapvisor_vms{state=\"running\"} 0"), "{out}");
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.write_all(b"GET /vms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+    let mut out = String::new();
+    conn.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 404"), "only metrics over TCP: {out}");
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().expect("wait").success());
+    let o = common::snapvisor(&[
+        "serve",
+        "--metrics-addr",
+        "10.1.2.3:9101",
+        "--socket",
+        "/tmp/x.sock",
+        "--state-dir",
+        "/tmp/xstate-unused",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("only loopback"));
+    assert!(!Path::new("/tmp/xstate-unused").exists(), "refused before anything was created");
 }

@@ -331,6 +331,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/openapi.json"),
 ];
 
+/// Only `GET /metrics`, for a loopback TCP listener.
+pub fn metrics_router(d: Arc<Daemon>) -> Router {
+    Router::new().route("/metrics", get(metrics)).fallback(not_found).with_state(d)
+}
+
 pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/vms", get(list_vms).post(create_vm))

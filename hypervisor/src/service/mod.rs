@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// Seconds to stop the VMs in on SIGTERM before exiting anyway.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Also serve `GET /metrics` (only) on this loopback TCP address, e.g. 127.0.0.1:9101.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// On SIGTERM, stop running VMs, or snapshot them and resume them (lazily) at the next start.
     #[arg(long, value_enum, default_value_t = OnShutdown::Stop)]
     pub on_shutdown: OnShutdown,
@@ -83,6 +86,9 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    if let Some(addr) = args.metrics_addr.filter(|a| !a.ip().is_loopback()) {
+        return Err(CliError::Input(format!("--metrics-addr {addr}: only loopback addresses are served")));
+    }
     let shutdown = terminated()?;
     let daemon = daemon::Daemon::open(&args.state_dir)
         .map_err(|e| CliError::Input(format!("state directory {}: {e}", args.state_dir.display())))?;
@@ -98,6 +104,20 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::Input(format!("binding {}: {e}", args.socket.display())))?;
     std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| CliError::Internal(format!("chmod {}: {e}", args.socket.display())))?;
+    if let Some(addr) = args.metrics_addr {
+        let tcp =
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| CliError::Input(format!("binding {addr}: {e}")))?;
+        let app = api::metrics_router(daemon.clone());
+        let mut stop = daemon.stopping.subscribe();
+        tokio::spawn(async move {
+            let served = axum::serve(tcp, app).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!("metrics endpoint: {e}");
+            }
+        });
+    }
     tracing::info!(socket = %args.socket.display(), "snapvisor daemon ready");
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let mut usec = 0;
