@@ -7,6 +7,7 @@
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -24,7 +25,16 @@ use crate::vm::{BootSource, BuiltinParams, Vm, VmConfig};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDef {
     pub name: String,
-    pub guest: Builtin,
+    /// A built-in guest to boot (or a kernel: exactly one of the two).
+    #[serde(default)]
+    pub guest: Option<Builtin>,
+    /// A Linux kernel (bzImage or ELF) to boot, with an optional initrd and command line.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
     pub mem_mib: u64,
     #[serde(default = "one")]
     pub vcpus: u64,
@@ -43,6 +53,30 @@ pub struct VmDef {
 
 fn one() -> u64 {
     1
+}
+
+/// The kernel command line a daemon VM gets unless it names one.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1";
+
+impl VmDef {
+    /// Exactly one of a built-in guest and a kernel.
+    pub fn check_boot(&self) -> Result<(), String> {
+        match (&self.guest, &self.kernel) {
+            (Some(_), None) | (None, Some(_)) => Ok(()),
+            _ => Err("give exactly one of \"guest\" (a built-in guest) and \"kernel\" (a kernel file)".into()),
+        }
+    }
+
+    fn boot(&self, params: BuiltinParams) -> BootSource {
+        match (&self.kernel, self.guest) {
+            (Some(kernel), _) => BootSource::Kernel {
+                kernel: kernel.clone(),
+                initrd: self.initrd.clone(),
+                cmdline: self.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            },
+            (None, guest) => BootSource::Builtin { guest: guest.unwrap_or(Builtin::Idle), params },
+        }
+    }
 }
 
 /// What a VM is doing.
@@ -175,7 +209,7 @@ impl Actor {
                     if !matches!(&self.vm, Some(vm) if !vm.is_started()) {
                         let params =
                             BuiltinParams { seed: self.def.seed, passes: self.def.passes, ..Default::default() };
-                        let boot = BootSource::Builtin { guest: self.def.guest, params };
+                        let boot = self.def.boot(params);
                         let cfg = VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
                         self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
                     }

@@ -33,7 +33,14 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 #[serde(deny_unknown_fields)]
 struct CreateVm {
     name: String,
-    guest: Builtin,
+    #[serde(default)]
+    guest: Option<Builtin>,
+    #[serde(default)]
+    kernel: Option<std::path::PathBuf>,
+    #[serde(default)]
+    initrd: Option<std::path::PathBuf>,
+    #[serde(default)]
+    cmdline: Option<String>,
     mem_mib: u64,
     #[serde(default = "one")]
     vcpus: u64,
@@ -97,6 +104,9 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
     let def = VmDef {
         name: c.name,
         guest: c.guest,
+        kernel: c.kernel,
+        initrd: c.initrd,
+        cmdline: c.cmdline,
         mem_mib: c.mem_mib,
         vcpus: c.vcpus,
         seed: c.seed,

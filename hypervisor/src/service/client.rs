@@ -32,8 +32,16 @@ pub enum VmCommand {
     /// Define a VM (and start it with --start).
     Create {
         name: String,
-        #[arg(long, value_enum)]
-        builtin: Builtin,
+        /// A built-in guest to boot.
+        #[arg(long, value_enum, required_unless_present = "kernel")]
+        builtin: Option<Builtin>,
+        /// A Linux kernel to boot instead.
+        #[arg(long, conflicts_with = "builtin")]
+        kernel: Option<PathBuf>,
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        #[arg(long, requires = "kernel")]
+        cmdline: Option<String>,
         #[arg(long)]
         mem_mib: u64,
         #[arg(long, default_value_t = 1)]
@@ -210,7 +218,7 @@ fn print_vms(a: &ClientArgs, text: &str) -> Result<(), CliError> {
         println!(
             "{:<24} {:<8} {:>8} {:>6} {:<10} {}",
             r["name"].as_str().unwrap_or("?"),
-            r["guest"].as_str().unwrap_or("?"),
+            r["guest"].as_str().unwrap_or(if r["kernel"].is_string() { "kernel" } else { "?" }),
             r["mem_mib"].as_u64().unwrap_or(0),
             r["vcpus"].as_u64().unwrap_or(0),
             r["state"].as_str().unwrap_or("?"),
@@ -222,12 +230,13 @@ fn print_vms(a: &ClientArgs, text: &str) -> Result<(), CliError> {
 
 pub fn vm(a: ClientArgs, cmd: VmCommand) -> Result<(), CliError> {
     let (method, path, body) = match &cmd {
-        VmCommand::Create { name, builtin, mem_mib, vcpus, passes, start } => (
+        VmCommand::Create { name, builtin, kernel, initrd, cmdline, mem_mib, vcpus, passes, start } => (
             "POST",
             "/vms".to_string(),
-            Some(
-                json!({ "name": name, "guest": builtin, "mem_mib": mem_mib, "vcpus": vcpus, "passes": passes, "start": start }),
-            ),
+            Some(json!({
+                "name": name, "guest": builtin, "kernel": kernel, "initrd": initrd, "cmdline": cmdline,
+                "mem_mib": mem_mib, "vcpus": vcpus, "passes": passes, "start": start,
+            })),
         ),
         VmCommand::List => ("GET", "/vms".into(), None),
         VmCommand::Info { name } => ("GET", format!("/vms/{name}"), None),

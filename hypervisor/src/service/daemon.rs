@@ -195,6 +195,7 @@ impl Daemon {
     /// Defines a VM (and starts it if asked).
     pub async fn create(&self, def: VmDef, start: bool) -> Result<VmInfo, ApiError> {
         validate_name("VM", &def.name)?;
+        def.check_boot().map_err(ApiError::BadRequest)?;
         crate::memory::check_size(def.mem_mib).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         if def.vcpus == 0 || def.vcpus > 255 {
             return Err(ApiError::BadRequest(format!("{} vCPUs requested: 1 to 255 allowed", def.vcpus)));
@@ -257,11 +258,17 @@ impl Daemon {
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
         self.metrics.restore_done(t0.elapsed());
-        let guest =
-            spec.guest.strip_prefix("builtin:").and_then(|g| g.parse().ok()).unwrap_or(crate::guests::Builtin::Idle);
+        let (guest, kernel) = match spec.guest.split_once(':') {
+            Some(("builtin", g)) => (g.parse().ok(), None),
+            Some(("kernel", path)) => (None, Some(std::path::PathBuf::from(path))),
+            _ => (None, None),
+        };
         let def = VmDef {
             name: vm_name.clone(),
             guest,
+            kernel,
+            initrd: None,
+            cmdline: None,
             mem_mib: spec.mem_mib,
             vcpus: spec.vcpus,
             seed: 0,
