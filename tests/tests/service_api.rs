@@ -124,6 +124,9 @@ fn vms_snapshots_restores_and_clones() {
     assert_eq!(names, vec!["c0", "c1", "m", "r"]);
     let (status, _) = d.call("DELETE", "/vms/r", None);
     assert_eq!(status, 204);
+    let usage = d.ok("GET", "/store", None);
+    assert_eq!(usage["snapshots"], 1, "{usage}");
+    assert!(d.ok("POST", "/store/gc", None).is_object());
     let (_, metrics) = d.call("GET", "/metrics", None);
     let metrics = metrics.as_str().expect("text").to_string();
     assert!(metrics.contains("snapvisor_vms{state=\"running\"} 2"), "{metrics}");

@@ -272,6 +272,24 @@ async fn clone_snapshot(
     Ok(accepted(id))
 }
 
+async fn store_usage(State(d): Api) -> Result<Response, ApiError> {
+    let store = d.store.clone();
+    let usage = tokio::task::spawn_blocking(move || store.usage())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(usage).into_response())
+}
+
+async fn store_gc(State(d): Api) -> Result<Response, ApiError> {
+    let store = d.store.clone();
+    let report = tokio::task::spawn_blocking(move || store.gc())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(report).into_response())
+}
+
 async fn metrics(State(d): Api) -> Response {
     let store = d.store.clone();
     let stored =
@@ -336,6 +354,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/snapshots/{name}/restore"),
     ("post", "/snapshots/{name}/clone"),
     ("get", "/operations/{id}"),
+    ("get", "/store"),
+    ("post", "/store/gc"),
     ("get", "/events"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
@@ -358,6 +378,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/snapshots/{name}/restore", post(restore_snapshot))
         .route("/snapshots/{name}/clone", post(clone_snapshot))
         .route("/operations/{id}", get(operation))
+        .route("/store", get(store_usage))
+        .route("/store/gc", post(store_gc))
         .route("/events", get(events))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
