@@ -69,7 +69,7 @@ pub enum LinuxBootError {
     Load { path: PathBuf, reason: String },
     #[error("initrd {path}: {source}")]
     InitrdFile { path: PathBuf, source: std::io::Error },
-    #[error("initrd {path} ({size} bytes) does not fit between the kernel's end ({kernel_end:#x}) and {limit:#x}: give the VM more memory")]
+    #[error("initrd {path} ({size} bytes) does not fit between the end of the decompressed kernel ({kernel_end:#x}) and {limit:#x}: give the VM more memory")]
     InitrdTooLarge { path: PathBuf, size: u64, kernel_end: u64, limit: u64 },
     #[error("kernel command line of {len} bytes is longer than the kernel accepts ({max} bytes with its NUL)")]
     CmdlineTooLong { len: usize, max: usize },
@@ -147,7 +147,11 @@ pub fn load_linux(mem: &GuestMemoryMmap, cfg: &LinuxBootConfig) -> Result<Loaded
         if flags & LOADED_HIGH == 0 || xflags & XLF_KERNEL_64 == 0 {
             return Err(LinuxBootError::Not64Bit { path: kpath, flags, xflags });
         }
-        (r.kernel_load.0 + 0x200, r.kernel_end, Some(hdr))
+        // The kernel decompresses itself to pref_address (at least where it was loaded) and
+        // needs init_size bytes there (protocol 2.10+): nothing may be placed below that end.
+        let (init_size, pref) = (u64::from(hdr.init_size), hdr.pref_address);
+        let runtime_end = if version >= 0x20a { pref.max(r.kernel_load.0).saturating_add(init_size) } else { 0 };
+        (r.kernel_load.0 + 0x200, r.kernel_end.max(runtime_end), Some(hdr))
     } else {
         let r = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
         (r.kernel_load.0, r.kernel_end, None)
@@ -258,7 +262,25 @@ mod tests {
         img[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes());
         img[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
         img[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+        // Decompresses to 16 MiB and needs 8 MiB there.
+        img[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        img[0x260..0x264].copy_from_slice(&0x80_0000u32.to_le_bytes());
         img
+    }
+
+    #[test]
+    fn the_initrd_stays_clear_of_the_decompressed_kernel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = file(&dir, "k", &bzimage(0x20f, 4096));
+        let i = file(&dir, "i", &[1; 4096]);
+        // 20 MiB: the decompressed kernel needs up to 24 MiB, the initrd has nowhere to go.
+        let (m, e) = (mem(20), e820(20));
+        let err = load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: Some(&i), cmdline: "", e820: &e })
+            .expect_err("overlap");
+        assert!(matches!(err, LinuxBootError::InitrdTooLarge { kernel_end: 0x180_0000, .. }), "{err}");
+        let (m, e) = (mem(64), e820(64));
+        let l = load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: Some(&i), cmdline: "", e820: &e }).expect("fits");
+        assert_eq!(l.kernel_end, 0x180_0000);
     }
 
     fn file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> PathBuf {
