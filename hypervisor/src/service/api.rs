@@ -272,22 +272,25 @@ async fn clone_snapshot(
     Ok(accepted(id))
 }
 
-async fn store_usage(State(d): Api) -> Result<Response, ApiError> {
+/// Runs a blocking store operation off the async threads and answers with its JSON result.
+async fn store_call<T: serde::Serialize + Send + 'static>(
+    d: &Daemon,
+    f: impl FnOnce(storage::Store) -> Result<T, storage::StoreError> + Send + 'static,
+) -> Result<Response, ApiError> {
     let store = d.store.clone();
-    let usage = tokio::task::spawn_blocking(move || store.usage())
+    let v = tokio::task::spawn_blocking(move || f(store))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(usage).into_response())
+    Ok(Json(v).into_response())
+}
+
+async fn store_usage(State(d): Api) -> Result<Response, ApiError> {
+    store_call(&d, |s| s.usage()).await
 }
 
 async fn store_gc(State(d): Api) -> Result<Response, ApiError> {
-    let store = d.store.clone();
-    let report = tokio::task::spawn_blocking(move || store.gc())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(report).into_response())
+    store_call(&d, |s| s.gc()).await
 }
 
 async fn metrics(State(d): Api) -> Response {
