@@ -20,7 +20,7 @@ use thiserror::Error;
 use crate::boot::linux::{self, LinuxBootConfig, LinuxBootError};
 use crate::control::{self, ExitReason, VmControl};
 use crate::cpu::{self, CpuError};
-use crate::guests::{self, BootInfo, Builtin, GuestError, MemfillMode};
+use crate::guests::{self, BootInfo, Builtin, GuestError, MemfillMode, TimerMode};
 use crate::layout;
 use crate::machine::{self, Devices};
 use crate::memory::{self, GuestRam, MemoryError, SlotMap};
@@ -62,12 +62,21 @@ pub struct BuiltinParams {
     /// touch: the working set is `span` bytes every `stride` bytes.
     pub stride: u64,
     pub span: u64,
+    /// timer: how the LAPIC timer is armed.
+    pub timer: TimerMode,
 }
 
 impl Default for BuiltinParams {
-    /// 10% of memory in 64 KiB pieces, spread evenly.
+    /// 10% of memory in 64 KiB pieces, spread evenly; the TSC-deadline timer.
     fn default() -> Self {
-        BuiltinParams { seed: 1, passes: 1, mode: MemfillMode::Fill, stride: 640 * 1024, span: 64 * 1024 }
+        BuiltinParams {
+            seed: 1,
+            passes: 1,
+            mode: MemfillMode::Fill,
+            stride: 640 * 1024,
+            span: 64 * 1024,
+            timer: TimerMode::TscDeadline,
+        }
     }
 }
 
@@ -217,6 +226,7 @@ impl Vm {
                     mode: params.mode,
                     stride: params.stride,
                     span: params.span,
+                    timer: params.timer,
                     ranges: BootInfo::fill_ranges(&e820),
                 }
                 .write(ram.memory())?;

@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::CliError;
 use crate::control::ExitReason;
-use crate::guests::{Builtin, MemfillMode};
+use crate::guests::{Builtin, MemfillMode, TimerMode};
 use crate::snapshot::{self, SaveOptions, SnapshotError};
 use crate::vm::{BootSource, BuiltinParams, FwCfgFile, Vm, VmConfig, VmError};
 
@@ -42,6 +42,9 @@ pub struct RunArgs {
     /// memfill: fill (default) or verify.
     #[arg(long, value_enum, default_value_t = MemfillMode::Fill)]
     pub mode: MemfillMode,
+    /// timer: arm the LAPIC timer in TSC-deadline (default) or one-shot mode.
+    #[arg(long, value_enum, default_value_t = TimerMode::TscDeadline)]
+    pub timer_mode: TimerMode,
     /// Stop the guest after this many seconds (exit status 124).
     #[arg(long)]
     pub timeout: Option<f64>,
@@ -91,7 +94,13 @@ impl RunArgs {
         match (&self.builtin, &self.kernel) {
             (Some(guest), _) => BootSource::Builtin {
                 guest: *guest,
-                params: BuiltinParams { seed: self.seed, passes: self.passes, mode: self.mode, ..Default::default() },
+                params: BuiltinParams {
+                    seed: self.seed,
+                    passes: self.passes,
+                    mode: self.mode,
+                    timer: self.timer_mode,
+                    ..Default::default()
+                },
             },
             (None, kernel) => BootSource::Kernel {
                 kernel: kernel.clone().unwrap_or_default(),

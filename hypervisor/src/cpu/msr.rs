@@ -11,6 +11,7 @@ pub const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 pub const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 pub const MSR_STAR: u32 = 0xc000_0081;
 pub const MSR_LSTAR: u32 = 0xc000_0082;
 pub const MSR_CSTAR: u32 = 0xc000_0083;

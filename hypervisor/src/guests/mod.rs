@@ -11,6 +11,9 @@
 //! - `touch` (CPL3, MMIO) fills RAM, waits for the VMM's go, then touches a spread-out
 //!   working set, reporting each step as a progress mark: the lazy-restore benchmark's guest;
 //!   see [`touch`].
+//! - `timer` (CPL0, port I/O) arms the LAPIC timer (TSC-deadline or one-shot) tick after tick
+//!   and checks that each tick arrives: the guest for testing restored LAPIC timers; see
+//!   [`timer`].
 //!
 //! Parameters reach a guest in a [`BootInfo`] block at [`layout::BUILTIN_INFO`], as boot
 //! parameters reach a kernel in its zero page.
@@ -20,6 +23,7 @@ pub mod fwcfg;
 pub mod hello;
 pub mod idle;
 pub mod memfill;
+pub mod timer;
 pub mod touch;
 
 use iced_x86::code_asm::CodeAssembler;
@@ -27,11 +31,12 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
+pub use timer::TimerMode;
 
 /// Errors building or loading a built-in guest.
 #[derive(Debug, Error)]
 pub enum GuestError {
-    #[error("unknown built-in guest '{0}' (known: hello, fwcfg, memfill, idle, touch)")]
+    #[error("unknown built-in guest '{0}' (known: hello, fwcfg, memfill, idle, touch, timer)")]
     Unknown(String),
     #[error("assembling built-in guest '{name}': {reason}")]
     Assemble { name: &'static str, reason: String },
@@ -50,6 +55,7 @@ pub enum Builtin {
     Memfill,
     Idle,
     Touch,
+    Timer,
 }
 
 impl Builtin {
@@ -60,6 +66,7 @@ impl Builtin {
             Builtin::Memfill => "memfill",
             Builtin::Idle => "idle",
             Builtin::Touch => "touch",
+            Builtin::Timer => "timer",
         }
     }
 
@@ -79,6 +86,7 @@ impl Builtin {
             Builtin::Memfill => memfill::emit(&mut a),
             Builtin::Idle => idle::emit(&mut a),
             Builtin::Touch => touch::emit(&mut a),
+            Builtin::Timer => timer::emit(&mut a),
         }
         .map_err(err)?;
         a.assemble(layout::HIMEM_START).map_err(err)
@@ -94,6 +102,7 @@ impl std::str::FromStr for Builtin {
             "memfill" => Ok(Builtin::Memfill),
             "idle" => Ok(Builtin::Idle),
             "touch" => Ok(Builtin::Touch),
+            "timer" => Ok(Builtin::Timer),
             _ => Err(GuestError::Unknown(s.to_string())),
         }
     }
@@ -119,8 +128,9 @@ pub enum MemfillMode {
 /// +24  u64 mode (0 fill, 1 verify)
 /// +32  u64 touch: working-set stride in bytes
 /// +40  u64 touch: bytes touched at each stride
-/// +48  u64 number of RAM ranges (at most MAX_RANGES)
-/// +56  (u64 start, u64 end) per range: RAM the guest may fill
+/// +48  u64 timer: mode (0 TSC-deadline, 1 one-shot)
+/// +56  u64 number of RAM ranges (at most MAX_RANGES)
+/// +64  (u64 start, u64 end) per range: RAM the guest may fill
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootInfo {
@@ -129,6 +139,7 @@ pub struct BootInfo {
     pub mode: MemfillMode,
     pub stride: u64,
     pub span: u64,
+    pub timer: TimerMode,
     pub ranges: Vec<(u64, u64)>,
 }
 
@@ -138,8 +149,9 @@ pub const INFO_PASSES: u64 = 16;
 pub const INFO_MODE: u64 = 24;
 pub const INFO_STRIDE: u64 = 32;
 pub const INFO_SPAN: u64 = 40;
-pub const INFO_NRANGES: u64 = 48;
-pub const INFO_RANGES: u64 = 56;
+pub const INFO_TIMER: u64 = 48;
+pub const INFO_NRANGES: u64 = 56;
+pub const INFO_RANGES: u64 = 64;
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SNVBOOT1");
 pub const MAX_RANGES: usize = 4;
@@ -182,6 +194,7 @@ impl BootInfo {
             self.mode as u64,
             self.stride,
             self.span,
+            self.timer.word(),
             self.ranges.len() as u64,
         ];
         for (s, e) in &self.ranges {
@@ -211,7 +224,7 @@ mod tests {
 
     #[test]
     fn every_guest_assembles() {
-        for g in [Builtin::Hello, Builtin::Fwcfg, Builtin::Memfill, Builtin::Idle, Builtin::Touch] {
+        for g in [Builtin::Hello, Builtin::Fwcfg, Builtin::Memfill, Builtin::Idle, Builtin::Touch, Builtin::Timer] {
             let code = g.assemble().expect("assembles");
             assert!(!code.is_empty() && code.len() < 8192, "{}: {} bytes", g.name(), code.len());
         }
@@ -225,12 +238,14 @@ mod tests {
             mode: MemfillMode::Verify,
             stride: 8192,
             span: 4096,
+            timer: TimerMode::Oneshot,
             ranges: vec![(0x20_0000, 0x400_0000)],
         };
         let bytes = b.encode().expect("encodes");
         assert_eq!(&bytes[0..8], b"SNVBOOT1");
         assert_eq!(bytes.len() as u64, INFO_RANGES + 16);
         assert_eq!(u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")), 1);
+        assert_eq!(u64::from_le_bytes(bytes[48..56].try_into().expect("8 bytes")), 1, "one-shot timer");
         let too_many = BootInfo { ranges: vec![(0, 1); 5], ..b.clone() };
         assert!(too_many.encode().is_err());
         assert!(BootInfo { stride: 0, ..b.clone() }.encode().is_err());

@@ -18,10 +18,9 @@ use migrate::snapshot::ram_io::{load_block, StorePageSource};
 use storage::Store;
 
 use super::devices::persistables;
-use super::vcpu_state::{restore_vcpu, restore_vm, VcpuState, VmKvmState};
+use super::vcpu_state::{restore_vcpu, restore_vm, HostVcpuCaps, VcpuState, VmKvmState};
 use super::SnapshotError;
 use crate::control::ExitReason;
-use crate::cpu;
 use crate::vm::{BootSource, FwCfgFile, MachineSpec, Vm, VmConfig};
 
 /// The store attachment holding a recorded working set: (block, offset) in fault order.
@@ -181,7 +180,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     }
     let kvm_state: VmKvmState = snap.get("kvm/vm")?;
     restore_vm(vm.fd(), &kvm_state)?;
-    let msrs = cpu::msr::index_list(vm.kvm())?;
+    let caps = HostVcpuCaps::query(vm.kvm(), vm.fd())?;
     for (i, fd) in vm.vcpu_fds().iter().enumerate() {
         let state: VcpuState = snap.get(&format!("vcpu/{i}"))?;
         if usize::from(state.id) != i {
@@ -192,7 +191,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             .into());
         }
         let fd = fd.lock().unwrap_or_else(PoisonError::into_inner);
-        restore_vcpu(&fd, &state, &msrs)?;
+        restore_vcpu(&fd, &state, &caps)?;
     }
     Ok((
         vm,

@@ -23,10 +23,9 @@ use migrate::snapshot::ram_io::{block_specs, save_chunks};
 use storage::{SnapshotWriter, Store, WriteStats};
 
 use super::devices::persistables;
-use super::vcpu_state::{save_vcpu, save_vm};
+use super::vcpu_state::{save_vcpu, save_vm, HostVcpuCaps};
 use super::SnapshotError;
 use crate::control::RunState;
-use crate::cpu;
 use crate::vm::Vm;
 
 /// How to take a snapshot.
@@ -122,10 +121,10 @@ impl Drop for Cleanup<'_> {
 pub fn capture_state(vm: &Vm) -> Result<VmSnapshot, SnapshotError> {
     let mut snap = VmSnapshot { ram: describe(vm.registry()), ..Default::default() };
     snap.put("machine", vm.spec())?;
-    let msrs = cpu::msr::index_list(vm.kvm())?;
+    let caps = HostVcpuCaps::query(vm.kvm(), vm.fd())?;
     for (i, fd) in vm.vcpu_fds().iter().enumerate() {
         let fd = fd.lock().unwrap_or_else(PoisonError::into_inner);
-        snap.put(&format!("vcpu/{i}"), &save_vcpu(&fd, i as u8, &msrs)?)?;
+        snap.put(&format!("vcpu/{i}"), &save_vcpu(&fd, i as u8, &caps)?)?;
     }
     snap.put("kvm/vm", &save_vm(vm.fd())?)?;
     for p in persistables(vm.devices()) {

@@ -2,21 +2,38 @@
 //!
 //! Saved with the vCPU out of `KVM_RUN` (paused). The kvm-bindings structures carry their own
 //! serde encoding (their bytes); the kernel validates register contents when they are set, and
-//! this module validates what the kernel cannot: the MSR list against the host's, and the
-//! number of entries.
+//! this module validates what the kernel cannot: the MSR list against the host's, the number
+//! of entries, and the size of the XSAVE area against what this host's KVM takes.
 //!
-//! Order on save: MP state first (reading other state can change it), events last. Order on
-//! restore: CPUID, MP state, registers, special registers, FPU/XSAVE, XCRs, MSRs, debug
-//! registers, LAPIC, events — the order in which KVM expects dependent state.
+//! Order on save: MP state first (reading other state can change it), events last.
+//!
+//! Order on restore, each step for a reason KVM has:
+//! 1. CPUID (set when the vCPU is created, before this module runs);
+//! 2. the TSC frequency (`KVM_SET_TSC_KHZ`), before anything KVM converts between TSC cycles
+//!    and time: the TSC MSR and the LAPIC timer;
+//! 3. special registers, registers, XSAVE (`KVM_SET_XSAVE` with KVM_CAP_XSAVE2's size when
+//!    it exceeds 4096 bytes), XCRs, debug registers;
+//! 4. the LAPIC: KVM ignores a write of `IA32_TSC_DEADLINE` unless LVT Timer is already in
+//!    TSC-deadline mode, and a freshly created LAPIC is in one-shot mode, masked;
+//! 5. the MSRs, `IA32_TSC_DEADLINE` last (it is a TSC value, so after `IA32_TSC`);
+//! 6. pending events (exceptions, interrupts, NMI, SIPI vector);
+//! 7. the MP state, last: setting the LAPIC or events must not leave it changed.
+//!
+//! The vCPU fragment's format: fields added since the first version (`tsc_khz`,
+//! `xsave_extra`) have serde defaults, so older snapshots load (their TSC frequency is then
+//! not set, and their XSAVE area is the 4096-byte one).
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE,
 };
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::cpu;
+use crate::cpu::msr::MSR_IA32_TSC_DEADLINE;
 
 /// Errors saving or restoring KVM state.
 #[derive(Debug, Error)]
@@ -27,6 +44,48 @@ pub enum StateError {
     Vm { what: &'static str, source: kvm_ioctls::Error },
     #[error("vCPU {vcpu}: {reason}")]
     Invalid { vcpu: u8, reason: String },
+    #[error(
+        "vCPU {vcpu}: the snapshot's TSC runs at {saved_khz} kHz and this host's KVM cannot set it \
+         (this host's: {host}): {source}"
+    )]
+    TscKhz { vcpu: u8, saved_khz: u32, host: String, source: kvm_ioctls::Error },
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+}
+
+/// Size of the legacy `struct kvm_xsave`, what KVM_GET_XSAVE and KVM_SET_XSAVE move unless
+/// KVM_CAP_XSAVE2 reports more.
+pub const XSAVE_LEGACY_SIZE: usize = std::mem::size_of::<kvm_xsave>();
+/// Largest XSAVE area accepted from a snapshot or a host (AMX tiles need about 11 KiB).
+pub const XSAVE_MAX_SIZE: usize = 64 << 10;
+
+/// What this host's KVM offers that decides how vCPU state is saved and restored.
+#[derive(Clone, Debug)]
+pub struct HostVcpuCaps {
+    /// KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores.
+    pub msr_indices: Vec<u32>,
+    /// KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM: bytes of XSAVE state KVM_GET_XSAVE2
+    /// returns and KVM_SET_XSAVE reads (0 when the capability is absent).
+    pub xsave_size: usize,
+}
+
+impl HostVcpuCaps {
+    pub fn query(kvm: &Kvm, vm: &VmFd) -> Result<HostVcpuCaps, StateError> {
+        let msr_indices = cpu::msr::index_list(kvm)?;
+        let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        if xsave_size > XSAVE_MAX_SIZE {
+            return Err(StateError::Invalid {
+                vcpu: 0,
+                reason: format!("KVM reports an XSAVE area of {xsave_size} bytes, more than the {XSAVE_MAX_SIZE} supported"),
+            });
+        }
+        Ok(HostVcpuCaps { msr_indices, xsave_size })
+    }
+
+    /// u32 words of XSAVE state past the legacy 4096 bytes on this host.
+    pub fn xsave_extra_words(&self) -> usize {
+        self.xsave_size.saturating_sub(XSAVE_LEGACY_SIZE).div_ceil(4)
+    }
 }
 
 /// Everything KVM holds for one vCPU.
@@ -36,12 +95,21 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    /// The first 4096 bytes of the XSAVE area.
     pub xsave: kvm_xsave,
+    /// The XSAVE area past its first 4096 bytes, in u32 words (KVM_GET_XSAVE2); empty when
+    /// the host's KVM_CAP_XSAVE2 size is 4096 or less.
+    #[serde(default)]
+    pub xsave_extra: Vec<u32>,
     pub xcrs: kvm_xcrs,
     pub msrs: Vec<kvm_msr_entry>,
     pub debug_regs: kvm_debugregs,
     pub lapic: kvm_lapic_state,
     pub events: kvm_vcpu_events,
+    /// The guest TSC frequency (KVM_GET_TSC_KHZ); None in older snapshots, or when the host
+    /// could not tell (an unstable TSC).
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
 }
 
 /// The VM-wide in-kernel device state.
@@ -82,25 +150,103 @@ fn read_msrs(vcpu: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry
     Ok(out)
 }
 
-/// Saves a paused vCPU. `msr_indices` is the host's KVM_GET_MSR_INDEX_LIST.
-pub fn save_vcpu(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
+/// Writes `entries`, every one of which KVM must accept.
+fn write_msrs(vcpu: &VcpuFd, id: u8, entries: &[kvm_msr_entry]) -> Result<(), StateError> {
+    for batch in entries.chunks(MSR_BATCH) {
+        let msrs = Msrs::from_entries(batch)
+            .map_err(|err| StateError::Invalid { vcpu: id, reason: format!("MSR list: {err:?}") })?;
+        let n = vcpu.set_msrs(&msrs).map_err(|source| StateError::Vcpu { vcpu: id, what: "KVM_SET_MSRS", source })?;
+        if n != batch.len() {
+            return Err(StateError::Invalid {
+                vcpu: id,
+                reason: format!("KVM refused MSR {:#x} (value {:#x})", batch[n].index, batch[n].data),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads the whole XSAVE area: KVM_GET_XSAVE2 when KVM's size exceeds the legacy 4096 bytes.
+fn read_xsave(vcpu: &VcpuFd, id: u8, caps: &HostVcpuCaps) -> Result<(kvm_xsave, Vec<u32>), StateError> {
+    let words = caps.xsave_extra_words();
+    if words == 0 {
+        let xsave = vcpu.get_xsave().map_err(|source| StateError::Vcpu { vcpu: id, what: "KVM_GET_XSAVE", source })?;
+        return Ok((xsave, Vec::new()));
+    }
+    let mut area =
+        Xsave::new(words).map_err(|e| StateError::Invalid { vcpu: id, reason: format!("XSAVE area: {e:?}") })?;
+    // SAFETY: `area` holds 4096 bytes plus `words` u32s, at least the KVM_CAP_XSAVE2 size
+    // KVM_GET_XSAVE2 writes.
+    unsafe { vcpu.get_xsave2(&mut area) }
+        .map_err(|source| StateError::Vcpu { vcpu: id, what: "KVM_GET_XSAVE2", source })?;
+    let legacy = kvm_xsave { region: area.as_fam_struct_ref().xsave.region, ..Default::default() };
+    Ok((legacy, area.as_slice().to_vec()))
+}
+
+/// Checks a snapshot's XSAVE area against this host: the words past 4096 bytes must fit in
+/// what this host's KVM takes. Returns how many words to hand KVM_SET_XSAVE past 4096 bytes.
+pub fn xsave_restore_words(saved_extra: usize, caps: &HostVcpuCaps) -> Result<usize, String> {
+    let host = caps.xsave_extra_words();
+    if saved_extra > host {
+        return Err(format!(
+            "the snapshot's XSAVE area is {} bytes, this host's KVM takes {} (KVM_CAP_XSAVE2)",
+            XSAVE_LEGACY_SIZE + 4 * saved_extra,
+            XSAVE_LEGACY_SIZE.max(caps.xsave_size)
+        ));
+    }
+    Ok(host)
+}
+
+/// Writes the XSAVE area, padded with zeros to this host's KVM_CAP_XSAVE2 size: KVM_SET_XSAVE
+/// reads that many bytes whatever the buffer holds.
+fn write_xsave(vcpu: &VcpuFd, state: &VcpuState, words: usize) -> Result<(), StateError> {
+    let id = state.id;
+    let e = |what| move |source| StateError::Vcpu { vcpu: id, what, source };
+    if words == 0 {
+        // SAFETY: `state.xsave` is a whole `kvm_xsave` (4096 bytes plus its zero-length tail),
+        // and this host's KVM reads no more than that (its KVM_CAP_XSAVE2 size is at most
+        // 4096, checked by `xsave_restore_words`).
+        return unsafe { vcpu.set_xsave(&state.xsave) }.map_err(e("KVM_SET_XSAVE"));
+    }
+    let mut area =
+        Xsave::new(words).map_err(|err| StateError::Invalid { vcpu: id, reason: format!("XSAVE area: {err:?}") })?;
+    // SAFETY: only the fixed-size region is written; the FAM length stays as allocated.
+    unsafe { area.as_mut_fam_struct() }.xsave.region = state.xsave.region;
+    area.as_mut_slice()[..state.xsave_extra.len()].copy_from_slice(&state.xsave_extra);
+    // SAFETY: `area` holds 4096 bytes plus `words` u32s, this host's KVM_CAP_XSAVE2 size,
+    // which is what KVM_SET_XSAVE reads.
+    unsafe { vcpu.set_xsave2(&area) }.map_err(e("KVM_SET_XSAVE"))
+}
+
+/// Saves a paused vCPU.
+pub fn save_vcpu(vcpu: &VcpuFd, id: u8, caps: &HostVcpuCaps) -> Result<VcpuState, StateError> {
     let e = |what| move |source| StateError::Vcpu { vcpu: id, what, source };
     let mp_state = vcpu.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
+    let tsc_khz = match vcpu.get_tsc_khz() {
+        Ok(khz) if khz > 0 => Some(khz),
+        Ok(_) => None,
+        Err(err) => {
+            tracing::warn!("vCPU {id}: KVM_GET_TSC_KHZ: {err}; the snapshot records no TSC frequency");
+            None
+        }
+    };
     let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
-    let xsave = vcpu.get_xsave().map_err(e("KVM_GET_XSAVE"))?;
+    let (xsave, xsave_extra) = read_xsave(vcpu, id, caps)?;
     let xcrs = vcpu.get_xcrs().map_err(e("KVM_GET_XCRS"))?;
-    let msrs = read_msrs(vcpu, id, msr_indices)?;
+    let msrs = read_msrs(vcpu, id, &caps.msr_indices)?;
     let debug_regs = vcpu.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?;
     let lapic = vcpu.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
     let events = vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
-    Ok(VcpuState { id, mp_state, regs, sregs, xsave, xcrs, msrs, debug_regs, lapic, events })
+    Ok(VcpuState { id, mp_state, regs, sregs, xsave, xsave_extra, xcrs, msrs, debug_regs, lapic, events, tsc_khz })
 }
 
-/// Restores a vCPU that has not run yet (its CPUID already set). MSRs not in this host's
-/// `msr_indices` are refused by name rather than silently dropped.
-pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, msr_indices: &[u32]) -> Result<(), StateError> {
+/// Restores a vCPU that has not run yet (its CPUID already set), in the order the module
+/// documentation gives. MSRs not in this host's list are refused by name rather than silently
+/// dropped, and everything is checked before the first ioctl.
+pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, caps: &HostVcpuCaps) -> Result<(), StateError> {
     let id = state.id;
+    let msr_indices = &caps.msr_indices;
     if state.msrs.len() > msr_indices.len() {
         return Err(StateError::Invalid {
             vcpu: id,
@@ -113,29 +259,30 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, msr_indices: &[u32]) -> Re
             reason: format!("MSR {:#x} is not supported by this host's KVM", m.index),
         });
     }
+    let xsave_words =
+        xsave_restore_words(state.xsave_extra.len(), caps).map_err(|reason| StateError::Invalid { vcpu: id, reason })?;
     let e = |what| move |source| StateError::Vcpu { vcpu: id, what, source };
-    vcpu.set_mp_state(state.mp_state).map_err(e("KVM_SET_MP_STATE"))?;
-    vcpu.set_regs(&state.regs).map_err(e("KVM_SET_REGS"))?;
-    vcpu.set_sregs(&state.sregs).map_err(e("KVM_SET_SREGS"))?;
-    // SAFETY: `state.xsave` is a whole `kvm_xsave` (4096 bytes plus its zero-length tail);
-    // KVM_SET_XSAVE reads only that much unless the VM enabled a larger XSAVE size
-    // (KVM_CAP_XSAVE2), which snapvisor never does.
-    unsafe { vcpu.set_xsave(&state.xsave) }.map_err(e("KVM_SET_XSAVE"))?;
-    vcpu.set_xcrs(&state.xcrs).map_err(e("KVM_SET_XCRS"))?;
-    for batch in state.msrs.chunks(MSR_BATCH) {
-        let msrs = Msrs::from_entries(batch)
-            .map_err(|err| StateError::Invalid { vcpu: id, reason: format!("MSR list: {err:?}") })?;
-        let n = vcpu.set_msrs(&msrs).map_err(e("KVM_SET_MSRS"))?;
-        if n != batch.len() {
-            return Err(StateError::Invalid {
-                vcpu: id,
-                reason: format!("KVM refused MSR {:#x} (value {:#x})", batch[n].index, batch[n].data),
-            });
-        }
+
+    if let Some(saved_khz) = state.tsc_khz {
+        vcpu.set_tsc_khz(saved_khz).map_err(|source| StateError::TscKhz {
+            vcpu: id,
+            saved_khz,
+            host: vcpu.get_tsc_khz().map_or_else(|e| format!("unknown, {e}"), |k| format!("{k} kHz")),
+            source,
+        })?;
     }
+    vcpu.set_sregs(&state.sregs).map_err(e("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&state.regs).map_err(e("KVM_SET_REGS"))?;
+    write_xsave(vcpu, state, xsave_words)?;
+    vcpu.set_xcrs(&state.xcrs).map_err(e("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&state.debug_regs).map_err(e("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&state.lapic).map_err(e("KVM_SET_LAPIC"))?;
+    let (deadline, msrs): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) =
+        state.msrs.iter().partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+    write_msrs(vcpu, id, &msrs)?;
+    write_msrs(vcpu, id, &deadline)?;
     vcpu.set_vcpu_events(&state.events).map_err(e("KVM_SET_VCPU_EVENTS"))?;
+    vcpu.set_mp_state(state.mp_state).map_err(e("KVM_SET_MP_STATE"))?;
     Ok(())
 }
 
