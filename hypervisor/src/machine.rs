@@ -1,10 +1,15 @@
 //! The PC's devices and their wiring: COM1 on port 0x3f8 (and its MMIO alias) raising IRQ 4
 //! through an irqfd, the exit device on port 0x501 (and its MMIO alias), and fw_cfg with the
 //! items firmware and built-in guests read.
+//!
+//! Every device put on a bus is recorded as [`Placed`] (name, bus, address, the device
+//! itself), whether at machine assembly or later through [`Devices::place`]: a snapshot checks
+//! that each of them has a state fragment (`snapshot::devices`), so a device added without
+//! one fails the snapshot by name instead of silently losing its state.
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::bus::{Bus, BusDevice};
 use devices::exit::ExitDevice;
@@ -73,11 +78,48 @@ pub fn add_fw_cfg_files(
         devices
             .fw_cfg
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .add_ram_block_file(&f.name, block)
             .map_err(|e| err(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Which of the machine's buses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusKind {
+    Pio,
+    Mmio,
+}
+
+impl std::fmt::Display for BusKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BusKind::Pio => "port",
+            BusKind::Mmio => "MMIO",
+        })
+    }
+}
+
+/// A device as placed on a bus.
+#[derive(Clone)]
+pub struct Placed {
+    pub name: &'static str,
+    pub bus: BusKind,
+    pub addr: u64,
+    pub device: Arc<Mutex<dyn BusDevice>>,
+}
+
+impl Placed {
+    /// The device's identity: the address of its shared state, the same for every `Arc` of it.
+    pub fn identity(&self) -> usize {
+        device_identity(&self.device)
+    }
+}
+
+/// The identity of a shared device (see [`Placed::identity`]).
+pub fn device_identity<T: ?Sized>(device: &Arc<Mutex<T>>) -> usize {
+    Arc::as_ptr(device) as *const () as usize
 }
 
 /// The devices of a VM.
@@ -89,16 +131,47 @@ pub struct Devices {
     pub serial_irq: EventFd,
     /// The exit device's go flag (see `devices::exit`).
     pub go: Arc<std::sync::atomic::AtomicBool>,
+    /// Every device on the buses, in the order placed.
+    placed: Mutex<Vec<Placed>>,
+}
+
+impl Devices {
+    /// Puts `device` on `bus` at `addr..addr+len` and records it.
+    pub fn place(
+        &self,
+        bus: &Bus,
+        kind: BusKind,
+        name: &'static str,
+        device: Arc<Mutex<dyn BusDevice>>,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), MachineError> {
+        let mut placed = self.placed.lock().unwrap_or_else(PoisonError::into_inner);
+        insert(&mut placed, bus, kind, name, device, addr, len)
+    }
+
+    /// Every device on the buses.
+    pub fn placed(&self) -> Vec<Placed> {
+        self.placed.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 fn insert(
+    placed: &mut Vec<Placed>,
     bus: &Bus,
-    device: &'static str,
-    dev: Arc<Mutex<dyn BusDevice>>,
+    kind: BusKind,
+    name: &'static str,
+    device: Arc<Mutex<dyn BusDevice>>,
     addr: u64,
     len: u64,
 ) -> Result<(), MachineError> {
-    bus.insert(dev, addr, len).map_err(|e| MachineError::Bus { device, addr, reason: e.to_string() })
+    bus.insert(device.clone(), addr, len).map_err(|e| MachineError::Bus {
+        device: name,
+        addr,
+        reason: e.to_string(),
+    })?;
+    placed.push(Placed { name, bus: kind, addr, device });
+    Ok(())
 }
 
 /// Creates the devices and puts them on the buses.
@@ -119,9 +192,10 @@ pub fn attach_devices(
         source,
     })?;
     let irq = serial_irq.try_clone().map_err(|source| MachineError::EventFd { device: "serial", source })?;
+    let mut placed = Vec::new();
     let serial = Arc::new(Mutex::new(SerialDevice::new(irq, serial_out)));
-    insert(pio, "serial", serial.clone(), u64::from(layout::SERIAL_PORT), 8)?;
-    insert(mmio, "serial", serial.clone(), layout::SERIAL_MMIO, 8)?;
+    insert(&mut placed, pio, BusKind::Pio, "serial", serial.clone(), u64::from(layout::SERIAL_PORT), 8)?;
+    insert(&mut placed, mmio, BusKind::Mmio, "serial", serial.clone(), layout::SERIAL_MMIO, 8)?;
 
     let ctl = control.clone();
     let mut exit_dev = ExitDevice::new(Arc::new(move |status| ctl.stop(ExitReason::GuestExit { status })));
@@ -129,8 +203,9 @@ pub fn attach_devices(
     exit_dev.set_mark_callback(Arc::new(move |v| ctl.mark(v)));
     let go = exit_dev.go_flag();
     let exit = Arc::new(Mutex::new(exit_dev));
-    insert(pio, "exit device", exit.clone(), u64::from(layout::EXIT_PORT), devices::exit::LEN)?;
-    insert(mmio, "exit device", exit.clone(), layout::EXIT_MMIO, devices::exit::LEN)?;
+    let exit_len = devices::exit::LEN;
+    insert(&mut placed, pio, BusKind::Pio, "exit device", exit.clone(), u64::from(layout::EXIT_PORT), exit_len)?;
+    insert(&mut placed, mmio, BusKind::Mmio, "exit device", exit.clone(), layout::EXIT_MMIO, exit_len)?;
 
     let mut fw = FwCfg::new(ram.memory().clone());
     let fw_err = |item: &str| {
@@ -144,9 +219,9 @@ pub fn attach_devices(
         ram.e820().iter().map(|e| fw_cfg::E820Entry { addr: e.addr, size: e.size, kind: e.kind }).collect();
     fw.add_file("etc/e820", fw_cfg::encode_e820(&e820)).map_err(fw_err("etc/e820"))?;
     let fw_cfg = Arc::new(Mutex::new(fw));
-    insert(pio, "fw_cfg", fw_cfg.clone(), fw_cfg::PORT_BASE, fw_cfg::PORT_LEN)?;
+    insert(&mut placed, pio, BusKind::Pio, "fw_cfg", fw_cfg.clone(), fw_cfg::PORT_BASE, fw_cfg::PORT_LEN)?;
 
-    Ok(Devices { serial, fw_cfg, exit, serial_irq, go })
+    Ok(Devices { serial, fw_cfg, exit, serial_irq, go, placed: Mutex::new(placed) })
 }
 
 /// Offers the kernel, initrd and command line through fw_cfg as QEMU does (for firmware that
@@ -169,7 +244,7 @@ pub fn add_kernel_items(
         0
     };
     let (setup, body) = image.split_at(setup_len);
-    let mut fw = devices.fw_cfg.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut fw = devices.fw_cfg.lock().unwrap_or_else(PoisonError::into_inner);
     let fw_err = |item: &str| {
         let item = item.to_string();
         move |e: fw_cfg::FwCfgError| MachineError::FwCfg { item, reason: e.to_string() }

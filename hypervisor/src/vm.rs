@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::bus::Bus;
+use devices::bus::{Bus, BusDevice};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migrate::lazy::PageServer;
@@ -22,7 +22,7 @@ use crate::control::{self, ExitReason, VmControl};
 use crate::cpu::{self, CpuError};
 use crate::guests::{self, BootInfo, Builtin, GuestError, MemfillMode, TimerMode};
 use crate::layout;
-use crate::machine::{self, Devices};
+use crate::machine::{self, BusKind, Devices};
 use crate::memory::{self, GuestRam, MemoryError, SlotMap};
 use crate::vcpu::Vcpu;
 
@@ -162,6 +162,8 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     /// Every vCPU's file descriptor, lockable while the VM is paused or stopped.
     vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
     devices: Devices,
     ram: GuestRam,
     slots: Arc<SlotMap>,
@@ -276,6 +278,8 @@ impl Vm {
             threads: Vec::new(),
             vcpus,
             vcpu_fds,
+            pio,
+            mmio,
             devices,
             ram,
             slots,
@@ -385,6 +389,23 @@ impl Vm {
 
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Puts another device on one of the machine's buses. Its state must be saved by a fragment
+    /// (`snapshot::devices`), or snapshots of this VM fail naming it.
+    pub fn add_device(
+        &self,
+        name: &'static str,
+        device: Arc<Mutex<dyn BusDevice>>,
+        bus: BusKind,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), VmError> {
+        let target = match bus {
+            BusKind::Pio => &self.pio,
+            BusKind::Mmio => &self.mmio,
+        };
+        Ok(self.devices.place(target, bus, name, device, addr, len)?)
     }
 
     pub fn devices(&self) -> &Devices {

@@ -14,10 +14,7 @@ use hypervisor::vm::BuiltinParams;
 /// The tick numbers of the `timer: <mode> tick <n>` lines in `out`.
 fn ticks(out: &str, mode: TimerMode) -> Vec<u64> {
     let prefix = format!("timer: {} tick ", mode.name());
-    out.lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .map(|n| n.trim().parse().expect("tick number"))
-        .collect()
+    out.lines().filter_map(|l| l.strip_prefix(&prefix)).map(|n| n.trim().parse().expect("tick number")).collect()
 }
 
 #[test]

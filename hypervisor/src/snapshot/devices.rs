@@ -1,6 +1,10 @@
 //! The VM's devices as [`Persist`] fragments: one adapter per device, naming its fragment.
-//! Adding a device to the machine without listing it here makes `persistables` miss it, and
-//! the machine's own check (`Devices::all_names`) then fails the snapshot by name.
+//!
+//! The safety net: the machine records every device it puts on a bus
+//! ([`crate::machine::Placed`]), and [`check_all_saved`] — run by every snapshot before its
+//! state is written — fails the snapshot, naming the device and where it sits, when one of
+//! them has no fragment in [`fragments`]. A device added to the machine without an adapter here
+//! thus stops snapshots loudly instead of being restored in its power-on state.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -9,7 +13,9 @@ use devices::fw_cfg::FwCfg;
 use devices::serial::SerialDevice;
 use migrate::persist::{decode, encode, Persist, PersistError};
 
-use crate::machine::Devices;
+use crate::machine::{device_identity, Devices};
+
+use super::SnapshotError;
 
 /// A device whose state has `state()` and `restore(&state)`, as a named fragment owner.
 macro_rules! persist_adapter {
@@ -40,11 +46,28 @@ persist_adapter!(SerialPersist, SerialDevice, "dev/serial0");
 persist_adapter!(FwCfgPersist, FwCfg, "dev/fw_cfg");
 persist_adapter!(ExitPersist, ExitDevice, "dev/exit");
 
+/// Every device of the machine as a fragment owner, with the identity of the device it saves
+/// ([`crate::machine::Placed::identity`]).
+pub fn fragments(d: &Devices) -> Vec<(Box<dyn Persist>, usize)> {
+    vec![
+        (Box::new(SerialPersist(d.serial.clone())), device_identity(&d.serial)),
+        (Box::new(FwCfgPersist(d.fw_cfg.clone())), device_identity(&d.fw_cfg)),
+        (Box::new(ExitPersist(d.exit.clone())), device_identity(&d.exit)),
+    ]
+}
+
 /// Every device of the machine as a fragment owner.
 pub fn persistables(d: &Devices) -> Vec<Box<dyn Persist>> {
-    vec![
-        Box::new(SerialPersist(d.serial.clone())),
-        Box::new(FwCfgPersist(d.fw_cfg.clone())),
-        Box::new(ExitPersist(d.exit.clone())),
-    ]
+    fragments(d).into_iter().map(|(p, _)| p).collect()
+}
+
+/// Fails, naming the device, unless every device on the machine's buses has a fragment.
+pub fn check_all_saved(d: &Devices) -> Result<(), SnapshotError> {
+    let saved: Vec<usize> = fragments(d).into_iter().map(|(_, id)| id).collect();
+    match d.placed().into_iter().find(|p| !saved.contains(&p.identity())) {
+        Some(p) => {
+            Err(SnapshotError::DeviceNotSaved { device: p.name.to_string(), bus: p.bus.to_string(), addr: p.addr })
+        }
+        None => Ok(()),
+    }
 }

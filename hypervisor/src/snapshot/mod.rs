@@ -13,6 +13,7 @@ pub mod devices;
 pub mod restore;
 pub mod save;
 pub mod vcpu_state;
+pub mod xsave;
 
 use thiserror::Error;
 
@@ -44,6 +45,11 @@ pub enum SnapshotError {
     Lazy(#[from] migrate::lazy::LazyError),
     #[error("RAM block '{0}' resized during snapshot")]
     ResizedDuringSnapshot(String),
+    #[error(
+        "device '{device}' ({bus} {addr:#x}) has no snapshot fragment, so its state would be lost: \
+         give it an adapter in snapshot::devices::fragments"
+    )]
+    DeviceNotSaved { device: String, bus: String, addr: u64 },
     #[error("the VM has stopped; there is nothing to snapshot")]
     NotRunning,
     #[error("reading KVM's dirty log of slot {slot}: {source}")]

@@ -22,7 +22,7 @@ use migrate::snapshot::format::{serde_bytes_compat::Bytes, VmSnapshot};
 use migrate::snapshot::ram_io::{block_specs, save_chunks};
 use storage::{SnapshotWriter, Store, WriteStats};
 
-use super::devices::persistables;
+use super::devices::{check_all_saved, persistables};
 use super::vcpu_state::{save_vcpu, save_vm, HostVcpuCaps};
 use super::SnapshotError;
 use crate::control::RunState;
@@ -119,6 +119,7 @@ impl Drop for Cleanup<'_> {
 
 /// The VM's state file: machine shape, RAM table, KVM and device state. The VM is paused.
 pub fn capture_state(vm: &Vm) -> Result<VmSnapshot, SnapshotError> {
+    check_all_saved(vm.devices())?;
     let mut snap = VmSnapshot { ram: describe(vm.registry()), ..Default::default() };
     snap.put("machine", vm.spec())?;
     let caps = HostVcpuCaps::query(vm.kvm(), vm.fd())?;

@@ -25,13 +25,14 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::xsave::{read_xsave, write_xsave, xsave_restore_words, XSAVE_LEGACY_SIZE, XSAVE_MAX_SIZE};
 use crate::cpu;
 use crate::cpu::msr::MSR_IA32_TSC_DEADLINE;
 
@@ -53,12 +54,6 @@ pub enum StateError {
     Cpu(#[from] cpu::CpuError),
 }
 
-/// Size of the legacy `struct kvm_xsave`, what KVM_GET_XSAVE and KVM_SET_XSAVE move unless
-/// KVM_CAP_XSAVE2 reports more.
-pub const XSAVE_LEGACY_SIZE: usize = std::mem::size_of::<kvm_xsave>();
-/// Largest XSAVE area accepted from a snapshot or a host (AMX tiles need about 11 KiB).
-pub const XSAVE_MAX_SIZE: usize = 64 << 10;
-
 /// What this host's KVM offers that decides how vCPU state is saved and restored.
 #[derive(Clone, Debug)]
 pub struct HostVcpuCaps {
@@ -76,7 +71,9 @@ impl HostVcpuCaps {
         if xsave_size > XSAVE_MAX_SIZE {
             return Err(StateError::Invalid {
                 vcpu: 0,
-                reason: format!("KVM reports an XSAVE area of {xsave_size} bytes, more than the {XSAVE_MAX_SIZE} supported"),
+                reason: format!(
+                    "KVM reports an XSAVE area of {xsave_size} bytes, more than the {XSAVE_MAX_SIZE} supported"
+                ),
             });
         }
         Ok(HostVcpuCaps { msr_indices, xsave_size })
@@ -166,58 +163,6 @@ fn write_msrs(vcpu: &VcpuFd, id: u8, entries: &[kvm_msr_entry]) -> Result<(), St
     Ok(())
 }
 
-/// Reads the whole XSAVE area: KVM_GET_XSAVE2 when KVM's size exceeds the legacy 4096 bytes.
-fn read_xsave(vcpu: &VcpuFd, id: u8, caps: &HostVcpuCaps) -> Result<(kvm_xsave, Vec<u32>), StateError> {
-    let words = caps.xsave_extra_words();
-    if words == 0 {
-        let xsave = vcpu.get_xsave().map_err(|source| StateError::Vcpu { vcpu: id, what: "KVM_GET_XSAVE", source })?;
-        return Ok((xsave, Vec::new()));
-    }
-    let mut area =
-        Xsave::new(words).map_err(|e| StateError::Invalid { vcpu: id, reason: format!("XSAVE area: {e:?}") })?;
-    // SAFETY: `area` holds 4096 bytes plus `words` u32s, at least the KVM_CAP_XSAVE2 size
-    // KVM_GET_XSAVE2 writes.
-    unsafe { vcpu.get_xsave2(&mut area) }
-        .map_err(|source| StateError::Vcpu { vcpu: id, what: "KVM_GET_XSAVE2", source })?;
-    let legacy = kvm_xsave { region: area.as_fam_struct_ref().xsave.region, ..Default::default() };
-    Ok((legacy, area.as_slice().to_vec()))
-}
-
-/// Checks a snapshot's XSAVE area against this host: the words past 4096 bytes must fit in
-/// what this host's KVM takes. Returns how many words to hand KVM_SET_XSAVE past 4096 bytes.
-pub fn xsave_restore_words(saved_extra: usize, caps: &HostVcpuCaps) -> Result<usize, String> {
-    let host = caps.xsave_extra_words();
-    if saved_extra > host {
-        return Err(format!(
-            "the snapshot's XSAVE area is {} bytes, this host's KVM takes {} (KVM_CAP_XSAVE2)",
-            XSAVE_LEGACY_SIZE + 4 * saved_extra,
-            XSAVE_LEGACY_SIZE.max(caps.xsave_size)
-        ));
-    }
-    Ok(host)
-}
-
-/// Writes the XSAVE area, padded with zeros to this host's KVM_CAP_XSAVE2 size: KVM_SET_XSAVE
-/// reads that many bytes whatever the buffer holds.
-fn write_xsave(vcpu: &VcpuFd, state: &VcpuState, words: usize) -> Result<(), StateError> {
-    let id = state.id;
-    let e = |what| move |source| StateError::Vcpu { vcpu: id, what, source };
-    if words == 0 {
-        // SAFETY: `state.xsave` is a whole `kvm_xsave` (4096 bytes plus its zero-length tail),
-        // and this host's KVM reads no more than that (its KVM_CAP_XSAVE2 size is at most
-        // 4096, checked by `xsave_restore_words`).
-        return unsafe { vcpu.set_xsave(&state.xsave) }.map_err(e("KVM_SET_XSAVE"));
-    }
-    let mut area =
-        Xsave::new(words).map_err(|err| StateError::Invalid { vcpu: id, reason: format!("XSAVE area: {err:?}") })?;
-    // SAFETY: only the fixed-size region is written; the FAM length stays as allocated.
-    unsafe { area.as_mut_fam_struct() }.xsave.region = state.xsave.region;
-    area.as_mut_slice()[..state.xsave_extra.len()].copy_from_slice(&state.xsave_extra);
-    // SAFETY: `area` holds 4096 bytes plus `words` u32s, this host's KVM_CAP_XSAVE2 size,
-    // which is what KVM_SET_XSAVE reads.
-    unsafe { vcpu.set_xsave2(&area) }.map_err(e("KVM_SET_XSAVE"))
-}
-
 /// Saves a paused vCPU.
 pub fn save_vcpu(vcpu: &VcpuFd, id: u8, caps: &HostVcpuCaps) -> Result<VcpuState, StateError> {
     let e = |what| move |source| StateError::Vcpu { vcpu: id, what, source };
@@ -259,8 +204,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, caps: &HostVcpuCaps) -> Re
             reason: format!("MSR {:#x} is not supported by this host's KVM", m.index),
         });
     }
-    let xsave_words =
-        xsave_restore_words(state.xsave_extra.len(), caps).map_err(|reason| StateError::Invalid { vcpu: id, reason })?;
+    let xsave_words = xsave_restore_words(state.xsave_extra.len(), caps)
+        .map_err(|reason| StateError::Invalid { vcpu: id, reason })?;
     let e = |what| move |source| StateError::Vcpu { vcpu: id, what, source };
 
     if let Some(saved_khz) = state.tsc_khz {
@@ -323,4 +268,46 @@ pub fn restore_vm(vm: &VmFd, s: &VmKvmState) -> Result<(), StateError> {
     let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
     vm.set_clock(&clock).map_err(|source| StateError::Vm { what: "KVM_SET_CLOCK", source })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrate::snapshot::format::{from_cbor, to_cbor};
+
+    /// The vCPU fragment as snapvisor wrote it before `tsc_khz` and `xsave_extra` existed.
+    #[derive(Serialize)]
+    struct VcpuStateV1 {
+        id: u8,
+        mp_state: kvm_mp_state,
+        regs: kvm_regs,
+        sregs: kvm_sregs,
+        xsave: kvm_xsave,
+        xcrs: kvm_xcrs,
+        msrs: Vec<kvm_msr_entry>,
+        debug_regs: kvm_debugregs,
+        lapic: kvm_lapic_state,
+        events: kvm_vcpu_events,
+    }
+
+    #[test]
+    fn vcpu_fragments_without_tsc_khz_or_xsave2_still_load() {
+        let old = VcpuStateV1 {
+            id: 3,
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs { rip: 0x10_0000, ..Default::default() },
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            msrs: vec![kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: 42, ..Default::default() }],
+            debug_regs: kvm_debugregs::default(),
+            lapic: kvm_lapic_state::default(),
+            events: kvm_vcpu_events::default(),
+        };
+        let bytes = to_cbor(&old).expect("encode");
+        let state: VcpuState = from_cbor(&bytes, "vcpu/3").expect("an older fragment decodes");
+        assert_eq!((state.id, state.regs.rip, state.msrs[0].data), (3, 0x10_0000, 42));
+        assert_eq!(state.tsc_khz, None, "no TSC frequency to set");
+        assert!(state.xsave_extra.is_empty(), "the legacy XSAVE area");
+    }
 }
