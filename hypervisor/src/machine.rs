@@ -132,7 +132,7 @@ pub fn attach_devices(
     insert(pio, "exit device", exit.clone(), u64::from(layout::EXIT_PORT), devices::exit::LEN)?;
     insert(mmio, "exit device", exit.clone(), layout::EXIT_MMIO, devices::exit::LEN)?;
 
-    let mut fw = FwCfg::new(ram.memory().clone());
+    let mut fw = FwCfg::new(ram.device_memory().clone());
     let fw_err = |item: &str| {
         let item = item.to_string();
         move |e: fw_cfg::FwCfgError| MachineError::FwCfg { item, reason: e.to_string() }
