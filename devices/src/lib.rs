@@ -1,5 +1,6 @@
 //! Device models, free of KVM: the bus, COM1, the guest exit device and fw_cfg. They reach
-//! guest memory through vm-memory and RAM blocks through `migrate::ram`, and raise interrupts
+//! guest memory and RAM blocks through `migrate::ram` (guest memory only through
+//! `GuestMemory`, whose writes mark pages dirty for live snapshots), and raise interrupts
 //! through eventfds, so their unit tests need no /dev/kvm.
 
 pub mod bus;

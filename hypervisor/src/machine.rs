@@ -207,7 +207,7 @@ pub fn attach_devices(
     insert(&mut placed, pio, BusKind::Pio, "exit device", exit.clone(), u64::from(layout::EXIT_PORT), exit_len)?;
     insert(&mut placed, mmio, BusKind::Mmio, "exit device", exit.clone(), layout::EXIT_MMIO, exit_len)?;
 
-    let mut fw = FwCfg::new(ram.memory().clone());
+    let mut fw = FwCfg::new(ram.device_memory().clone());
     let fw_err = |item: &str| {
         let item = item.to_string();
         move |e: fw_cfg::FwCfgError| MachineError::FwCfg { item, reason: e.to_string() }

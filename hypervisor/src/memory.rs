@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
-use migrate::ram::{RamBlock, RamBlockConfig, RamBlockListener, RamRegistry};
+use migrate::ram::{GuestMemory, GuestRegion, RamBlock, RamBlockConfig, RamBlockListener, RamRegistry};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -269,10 +269,12 @@ impl RamBlockListener for SlotMap {
     }
 }
 
-/// Guest RAM: the `pc.ram` block and a vm-memory view of it for loaders and device DMA.
+/// Guest RAM: the `pc.ram` block, a vm-memory view of it for the loaders that fill it before
+/// the VM runs, and the [`GuestMemory`] devices write through (which marks dirty pages).
 pub struct GuestRam {
     block: Arc<RamBlock>,
     memory: GuestMemoryMmap,
+    devices: GuestMemory,
     size: u64,
 }
 
@@ -310,11 +312,23 @@ impl GuestRam {
             gpa: 0,
             reason: e.to_string(),
         })?;
-        Ok(GuestRam { block, memory, size })
+        let devices = GuestMemory::new(
+            placements
+                .iter()
+                .map(|p| GuestRegion { gpa: p.gpa, len: p.len, block: block.clone(), block_offset: p.block_offset })
+                .collect(),
+        )
+        .map_err(|e| MemoryError::GuestMemory { idstr: PC_RAM.into(), gpa: 0, reason: e.to_string() })?;
+        Ok(GuestRam { block, memory, devices, size })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Guest memory for devices: every write marks the pages dirty in `pc.ram`.
+    pub fn device_memory(&self) -> &GuestMemory {
+        &self.devices
     }
 
     pub fn block(&self) -> &Arc<RamBlock> {

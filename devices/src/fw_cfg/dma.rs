@@ -6,8 +6,11 @@
 //! offset; write is allowed only to writable items and only within their current size (it
 //! never grows them). Every guest address and length is checked against guest memory, and
 //! work is done in bounded pieces however large the guest's length is.
+//!
+//! Guest memory is reached only through [`GuestMemory`], so every byte DMA writes is marked
+//! in its RAM block's dirty bitmap and a live snapshot copies it again.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use migrate::ram::GuestMemory;
 
 use super::keys::*;
 use super::FwCfg;
@@ -23,7 +26,7 @@ impl FwCfg {
             return;
         };
         let mut raw = [0u8; 16];
-        if mem.read_slice(&mut raw, GuestAddress(desc)).is_err() {
+        if mem.read(desc, &mut raw).is_err() {
             tracing::debug!("fw_cfg: DMA descriptor at {desc:#x} is outside guest memory");
             return;
         }
@@ -48,7 +51,7 @@ impl FwCfg {
         if let Err(why) = result {
             tracing::debug!("fw_cfg: DMA {control:#x} of {length:#x} bytes at {addr:#x}: {why}");
         }
-        if mem.write_slice(&status.to_be_bytes(), GuestAddress(desc)).is_err() {
+        if mem.write(desc, &status.to_be_bytes()).is_err() {
             tracing::debug!("fw_cfg: cannot write DMA status back at {desc:#x}");
         }
     }
@@ -58,7 +61,7 @@ impl FwCfg {
         self.offset = (self.offset + u64::from(length)).min(size.max(self.offset));
     }
 
-    fn dma_read(&mut self, mem: &GuestMemoryMmap, addr: u64, length: u32) -> Result<(), String> {
+    fn dma_read(&mut self, mem: &GuestMemory, addr: u64, length: u32) -> Result<(), String> {
         let mut done = 0u64;
         let mut buf = vec![0u8; PIECE.min(length as usize)];
         while done < u64::from(length) {
@@ -66,13 +69,13 @@ impl FwCfg {
             let piece = &mut buf[..n];
             self.read_data(piece);
             let at = addr.checked_add(done).ok_or("address wraps")?;
-            mem.write_slice(piece, GuestAddress(at)).map_err(|e| format!("guest memory at {at:#x}: {e}"))?;
+            mem.write(at, piece).map_err(|e| format!("guest memory at {at:#x}: {e}"))?;
             done += n as u64;
         }
         Ok(())
     }
 
-    fn dma_write(&mut self, mem: &GuestMemoryMmap, addr: u64, length: u32) -> Result<(), String> {
+    fn dma_write(&mut self, mem: &GuestMemory, addr: u64, length: u32) -> Result<(), String> {
         let size = self.current_size();
         let item = self.current_item_mut().ok_or("no item selected")?;
         if !item.writable {
@@ -83,7 +86,7 @@ impl FwCfg {
             return Err(format!("write of {length:#x} bytes at offset {off:#x} runs past the item's {size:#x} bytes"));
         }
         let mut data = vec![0u8; length as usize];
-        mem.read_slice(&mut data, GuestAddress(addr)).map_err(|e| format!("guest memory at {addr:#x}: {e}"))?;
+        mem.read(addr, &mut data).map_err(|e| format!("guest memory at {addr:#x}: {e}"))?;
         let item = self.current_item_mut().ok_or("no item selected")?;
         item.data.write(off, &data)?;
         if let Some(cb) = item.write_cb.as_mut() {

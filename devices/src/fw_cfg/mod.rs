@@ -22,10 +22,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use migrate::ram::RamBlock;
+use migrate::ram::{GuestMemory, RamBlock};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
 
 pub use keys::*;
 
@@ -128,7 +127,7 @@ pub struct FwCfgState {
 
 /// The fw_cfg device.
 pub struct FwCfg {
-    mem: Option<GuestMemoryMmap>,
+    mem: Option<GuestMemory>,
     items: BTreeMap<u16, Item>,
     files: BTreeMap<String, Item>,
     selected: Option<u16>,
@@ -138,7 +137,7 @@ pub struct FwCfg {
 
 impl FwCfg {
     /// fw_cfg with DMA into `mem`.
-    pub fn new(mem: GuestMemoryMmap) -> FwCfg {
+    pub fn new(mem: GuestMemory) -> FwCfg {
         Self::build(Some(mem))
     }
 
@@ -147,7 +146,7 @@ impl FwCfg {
         Self::build(None)
     }
 
-    fn build(mem: Option<GuestMemoryMmap>) -> FwCfg {
+    fn build(mem: Option<GuestMemory>) -> FwCfg {
         let features = FW_CFG_VERSION | if mem.is_some() { FW_CFG_VERSION_DMA } else { 0 };
         let mut items = BTreeMap::new();
         items.insert(FW_CFG_SIGNATURE, Item::bytes(b"QEMU".to_vec()));

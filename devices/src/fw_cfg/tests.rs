@@ -2,13 +2,27 @@
 
 use std::sync::{Arc, Mutex};
 
-use migrate::ram::{RamBlockConfig, RamRegistry};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use migrate::ram::{GuestMemory, RamBlock, RamBlockConfig, RamRegistry};
 
 use super::*;
 
-fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory")
+/// 1 MiB of guest RAM in one block at guest address 0.
+fn mem_block() -> (GuestMemory, Arc<RamBlock>) {
+    let reg = RamRegistry::new();
+    let b = reg
+        .add(RamBlockConfig {
+            idstr: "pc.ram".into(),
+            size: 1 << 20,
+            max_size: 1 << 20,
+            page_size: 0,
+            resizeable: false,
+        })
+        .expect("guest memory");
+    (GuestMemory::flat(b.clone()), b)
+}
+
+fn mem() -> GuestMemory {
+    mem_block().0
 }
 
 fn select(f: &mut FwCfg, key: u16) {
@@ -26,16 +40,16 @@ fn read(f: &mut FwCfg, n: usize) -> Vec<u8> {
 }
 
 /// Runs a DMA request: descriptor at 0x1000, buffer at `addr`. Returns the status word.
-fn dma(f: &mut FwCfg, m: &GuestMemoryMmap, control: u32, len: u32, addr: u64) -> u32 {
+fn dma(f: &mut FwCfg, m: &GuestMemory, control: u32, len: u32, addr: u64) -> u32 {
     let mut d = Vec::new();
     d.extend_from_slice(&control.to_be_bytes());
     d.extend_from_slice(&len.to_be_bytes());
     d.extend_from_slice(&addr.to_be_bytes());
-    m.write_slice(&d, GuestAddress(0x1000)).expect("descriptor");
+    m.write(0x1000, &d).expect("descriptor");
     f.write(PORT_BASE, PORT_DMA, &0u32.to_be_bytes());
     f.write(PORT_BASE, PORT_DMA + 4, &0x1000u32.to_be_bytes());
     let mut s = [0u8; 4];
-    m.read_slice(&mut s, GuestAddress(0x1000)).expect("status");
+    m.read(0x1000, &mut s).expect("status");
     u32::from_be_bytes(s)
 }
 
@@ -89,19 +103,19 @@ fn dma_read_skip_select_and_zero_fill() {
     assert_eq!(dma(&mut f, &m, (key << 16) | DMA_CTL_SELECT | DMA_CTL_SKIP, 10, 0), 0);
     assert_eq!(dma(&mut f, &m, DMA_CTL_READ, 5, 0x2000), 0);
     let mut got = [0u8; 5];
-    m.read_slice(&mut got, GuestAddress(0x2000)).expect("read");
+    m.read(0x2000, &mut got).expect("read");
     assert_eq!(got, [10, 11, 12, 13, 14]);
     // Reading past the end zero-fills the rest.
-    m.write_slice(&[0xff; 100], GuestAddress(0x3000)).expect("fill");
+    m.write(0x3000, &[0xff; 100]).expect("fill");
     assert_eq!(dma(&mut f, &m, DMA_CTL_READ, 100, 0x3000), 0);
     let mut tail = [0u8; 100];
-    m.read_slice(&mut tail, GuestAddress(0x3000)).expect("read");
+    m.read(0x3000, &mut tail).expect("read");
     assert_eq!(tail[..85].to_vec(), (15..100u8).collect::<Vec<_>>());
     assert!(tail[85..].iter().all(|b| *b == 0));
     // The same directory by DMA as by port.
     assert_eq!(dma(&mut f, &m, (u32::from(FW_CFG_FILE_DIR) << 16) | DMA_CTL_SELECT | DMA_CTL_READ, 68, 0x4000), 0);
     let mut dir = vec![0u8; 68];
-    m.read_slice(&mut dir, GuestAddress(0x4000)).expect("read");
+    m.read(0x4000, &mut dir).expect("read");
     assert_eq!(dir, f.directory());
 }
 
@@ -135,7 +149,7 @@ fn dma_write_to_a_writable_file_calls_back_but_never_grows_it() {
     )
     .expect("add");
     let key = u32::from(f.file("w").expect("file").0);
-    m.write_slice(&[1, 2, 3, 4], GuestAddress(0x2000)).expect("data");
+    m.write(0x2000, &[1, 2, 3, 4]).expect("data");
     assert_eq!(dma(&mut f, &m, (key << 16) | DMA_CTL_SELECT | DMA_CTL_SKIP, 2, 0), 0);
     assert_eq!(dma(&mut f, &m, DMA_CTL_WRITE, 4, 0x2000), 0);
     assert_eq!(*seen.lock().expect("lock"), vec![(2, vec![1, 2, 3, 4])]);
@@ -221,4 +235,19 @@ fn e820_encoding() {
     assert_eq!(e.len(), 20);
     assert_eq!(&e[0..8], &0x1000u64.to_le_bytes());
     assert_eq!(&e[16..20], &1u32.to_le_bytes());
+}
+
+#[test]
+fn dma_writes_to_guest_memory_mark_the_block_dirty() {
+    let (m, block) = mem_block();
+    let mut f = FwCfg::new(m.clone());
+    f.add_file("opt/blob", vec![0x5a; 3 * 4096]).expect("add");
+    let key = f.file("opt/blob").expect("listed").0;
+    block.take_dirty();
+    // The descriptor is written through the same path as the device's writes; forget it.
+    let status = dma(&mut f, &m, (u32::from(key) << 16) | DMA_CTL_SELECT | DMA_CTL_READ, 3 * 4096, 0x8_0000);
+    assert_eq!(status, 0);
+    let dirty = block.take_dirty();
+    // Pages 0x80..0x83 hold the file, page 1 the descriptor and its status word.
+    assert_eq!(dirty, vec![1, 0x80, 0x81, 0x82], "every page DMA wrote is dirty");
 }

@@ -6,6 +6,10 @@
 //! listing every problem, before anything is written; resize the resizeable blocks (their
 //! hooks run, so fw_cfg reports the snapshot's sizes); load or register pages; then device,
 //! in-kernel device and vCPU state. The VM is returned ready to start.
+//!
+//! The destination's blocks are not blank (its fw_cfg files are written into theirs), so a
+//! restore replaces every byte: eager zeroes the snapshot's all-zero chunks, lazy drops every
+//! page of a block before registering it, since userfaultfd serves only missing pages.
 
 use std::io::Write;
 use std::sync::{Arc, PoisonError};
@@ -149,6 +153,11 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
                 Vec::new()
             };
             prefetch_chunks = prefetch.len();
+            // Whatever the destination put in its blocks (its fw_cfg files) goes: a present
+            // page would never be served, and the guest would see it instead of the snapshot.
+            for b in &blocks {
+                b.discard(0, b.max_length()).map_err(migrate::snapshot::ram_io::RamIoError::from)?;
+            }
             let lazy: Vec<LazyBlock> = blocks
                 .iter()
                 .map(|b| LazyBlock { idstr: b.idstr().to_string(), host: b.host_addr() as usize, len: b.used_length() })

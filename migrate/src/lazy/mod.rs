@@ -12,8 +12,16 @@
 //! - the *fill* thread first loads the prefetch list (chunks in the order a previous run
 //!   faulted them), then every chunk not yet resident, until the VM is fully resident.
 //!
-//! The two may race for a chunk; the loser's copy fails with `EEXIST`, which is normal and
-//! only means the chunk is there. A per-chunk bit records residency.
+//! The two may want the same chunk; a per-chunk claim lets one thread load it while the other
+//! waits (a fault) or moves on (a fill), and a per-chunk bit records residency. Since only the
+//! claim holder places a chunk's pages, a copy that fails with `EEXIST` means a page was
+//! there that the server did not put there, holding bytes that are not the snapshot's: that
+//! is an error that stops the VM, never taken as "resident".
+//!
+//! Registration. A block must have no page present when it is registered, or the guest would
+//! see whatever was there (the destination's own fw_cfg file, say) instead of the snapshot's
+//! bytes. The owner drops the pages first (`RamBlock::discard`); the server checks with
+//! `mincore` and refuses a block that still has any.
 //!
 //! Failure. A read error or hash mismatch from the source is reported through the server's
 //! error callback, which stops the VM; the chunk is never mapped, so the guest never sees
@@ -68,6 +76,8 @@ pub enum LazyError {
     Source { idstr: String, offset: u64, reason: String },
     #[error("lazy restore: UFFDIO_COPY of RAM block '{idstr}' at offset {offset:#x}: {reason}")]
     Copy { idstr: String, offset: u64, reason: String },
+    #[error("lazy restore: RAM block '{idstr}' already had a page at offset {offset:#x} that the page server did not place: its bytes are not the snapshot's")]
+    Present { idstr: String, offset: u64 },
     #[error("lazy restore: reading userfaultfd events: {0}")]
     Events(String),
     #[error("lazy restore: fault at host address {addr:#x} outside every registered block")]

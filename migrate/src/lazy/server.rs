@@ -42,6 +42,30 @@ impl Default for ServerOptions {
     }
 }
 
+/// The offset of the first page of `host..host+len` that is present (mapped), if any.
+fn first_present_page(host: usize, len: u64) -> Result<Option<u64>, String> {
+    /// Pages asked about per `mincore` call.
+    const BATCH: u64 = 16 * 1024;
+    let pages = len / PAGE;
+    let mut vec = vec![0u8; BATCH.min(pages) as usize];
+    let mut first = 0;
+    while first < pages {
+        let n = BATCH.min(pages - first);
+        let at = host + (first * PAGE) as usize;
+        // SAFETY: `at..at + n pages` lies inside the caller's page-aligned mapping; mincore
+        // only writes one byte per page into `vec`, which holds at least `n` bytes.
+        let r = unsafe { libc::mincore(at as *mut libc::c_void, (n * PAGE) as usize, vec.as_mut_ptr()) };
+        if r != 0 {
+            return Err(format!("mincore: {}", std::io::Error::last_os_error()));
+        }
+        if let Some(i) = vec[..n as usize].iter().position(|v| v & 1 != 0) {
+            return Ok(Some((first + i as u64) * PAGE));
+        }
+        first += n;
+    }
+    Ok(None)
+}
+
 fn run_guarded(shared: &Arc<Shared>, thread: &'static str, f: impl FnOnce(&Shared) -> Result<(), LazyError>) {
     match catch_unwind(AssertUnwindSafe(|| f(shared))) {
         Ok(Ok(())) => {}
@@ -66,11 +90,24 @@ pub struct PageServer {
 impl PageServer {
     /// Registers `blocks` with a new userfaultfd and starts serving from `source`.
     /// `on_error` is called once, from a server thread, if serving fails.
+    /// Refuses a block with any page already present (see the module doc).
     pub fn start(
         blocks: Vec<LazyBlock>,
         source: Arc<dyn PageSource>,
         opts: ServerOptions,
         on_error: Box<dyn Fn(&LazyError) + Send + Sync>,
+    ) -> Result<PageServer, LazyError> {
+        Self::start_checked(blocks, source, opts, on_error, true)
+    }
+
+    /// `start`, with the check for present pages optional: tests turn it off to see that the
+    /// serving threads catch such a page too.
+    pub(super) fn start_checked(
+        blocks: Vec<LazyBlock>,
+        source: Arc<dyn PageSource>,
+        opts: ServerOptions,
+        on_error: Box<dyn Fn(&LazyError) + Send + Sync>,
+        check_present: bool,
     ) -> Result<PageServer, LazyError> {
         let chunk = source.chunk_size();
         if !chunk.is_power_of_two() || chunk < PAGE {
@@ -92,6 +129,13 @@ impl PageServer {
             let ioctls = uffd.register(b.host as *mut _, b.len as usize).map_err(|e| reg(e.to_string()))?;
             if !ioctls.contains(IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE) {
                 return Err(reg(format!("missing userfaultfd ioctls, have {ioctls:?}")));
+            }
+            // Checked after registering: from now on only the server can make a page present.
+            if let Some(off) = first_present_page(b.host, b.len).map_err(reg)?.filter(|_| check_present) {
+                return Err(reg(format!(
+                    "a page at offset {off:#x} is already present; a block served lazily must have \
+                     none (drop them first), or the guest would see bytes that are not the snapshot's"
+                )));
             }
             let chunks = b.len.div_ceil(chunk);
             total += chunks;

@@ -55,6 +55,58 @@ impl Block {
     }
 }
 
+/// `struct uffdio_zeropage` of the kernel's userfaultfd ABI.
+#[repr(C)]
+struct UffdioZeropage {
+    start: u64,
+    len: u64,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `UFFDIO_ZEROPAGE`: `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+
+/// How one `UFFDIO_COPY` or `UFFDIO_ZEROPAGE` went.
+enum Placed {
+    /// The whole range.
+    All,
+    /// `EAGAIN`: this many bytes were placed (0 when the mm changed before any).
+    Part(usize),
+    /// `EEXIST`: a page in the range was already present.
+    Exists,
+    Failed(String),
+}
+
+fn copy_result(r: Result<usize, userfaultfd::Error>, len: usize) -> Placed {
+    match r {
+        Ok(_) => Placed::All,
+        Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => Placed::Exists,
+        // A negative count (nothing placed) arrives as a huge one.
+        Err(userfaultfd::Error::PartiallyCopied(n)) => Placed::Part(if n <= len { n } else { 0 }),
+        Err(e) => Placed::Failed(e.to_string()),
+    }
+}
+
+/// `UFFDIO_ZEROPAGE`, keeping the count the kernel reports on a partial zero-fill (`EAGAIN`),
+/// which the userfaultfd crate drops.
+fn zeropage(uffd: &Uffd, dst: *mut libc::c_void, len: usize) -> Placed {
+    let mut z = UffdioZeropage { start: dst as u64, len: len as u64, mode: 0, zeropage: 0 };
+    // SAFETY: UFFDIO_ZEROPAGE reads and writes exactly one `struct uffdio_zeropage`, which `z`
+    // is (same layout); the range is inside a registered block (the caller checked), where
+    // the kernel maps zero pages and touches nothing else.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z as *mut UffdioZeropage) };
+    if r == 0 {
+        return Placed::All;
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EEXIST) => Placed::Exists,
+        Some(libc::EAGAIN) => Placed::Part(usize::try_from(z.zeropage).ok().filter(|&n| n <= len).unwrap_or(0)),
+        _ => Placed::Failed(format!("UFFDIO_ZEROPAGE: {err}")),
+    }
+}
+
 pub(super) struct Shared {
     pub(super) uffd: Uffd,
     pub(super) blocks: Vec<Block>,
@@ -90,53 +142,44 @@ impl Shared {
         self.chunk.min(b.desc.len - chunk * self.chunk)
     }
 
-    /// Copies (or zero-fills) `len` bytes at block offset `off`; `EEXIST` means another thread
-    /// got there first, and the rest of the chunk is then done page by page.
-    fn place(&self, b: &Block, off: u64, len: u64, data: Option<&[u8]>) -> Result<bool, LazyError> {
-        let dst = b.desc.host + off as usize;
-        let copy_err = |reason: String| LazyError::Copy { idstr: b.desc.idstr.clone(), offset: off, reason };
-        let whole = match data {
-            // SAFETY: dst..dst+len lies inside the block's registered range (off + len <= len of
-            // the block); `d` holds `len` bytes.
-            Some(d) => unsafe { self.uffd.copy(d.as_ptr().cast(), dst as *mut _, len as usize, true) },
-            // SAFETY: as above; zeropage writes nothing of ours.
-            None => unsafe { self.uffd.zeropage(dst as *mut _, len as usize, true) },
-        };
-        let mut raced = false;
-        match whole {
-            Ok(_) => return Ok(false),
-            Err(userfaultfd::Error::CopyFailed(e)) | Err(userfaultfd::Error::ZeropageFailed(e))
-                if e as i32 == libc::EEXIST =>
-            {
-                raced = true
-            }
-            Err(userfaultfd::Error::PartiallyCopied(_)) => {}
-            Err(e) => return Err(copy_err(e.to_string())),
-        }
-        // Page by page: some pages are already there (EEXIST) or the mm changed (EAGAIN).
-        for p in (0..len).step_by(PAGE as usize) {
-            let pdst = (dst + p as usize) as *mut libc::c_void;
-            for attempt in 0.. {
-                let r = match data {
-                    // SAFETY: one page inside the registered range; `d` has it.
-                    Some(d) => unsafe { self.uffd.copy(d[p as usize..].as_ptr().cast(), pdst, PAGE as usize, true) },
-                    // SAFETY: one page inside the registered range.
-                    None => unsafe { self.uffd.zeropage(pdst, PAGE as usize, true) },
-                };
-                match r {
-                    Ok(_) => break,
-                    Err(userfaultfd::Error::CopyFailed(e)) | Err(userfaultfd::Error::ZeropageFailed(e))
-                        if e as i32 == libc::EEXIST =>
-                    {
-                        raced = true;
-                        break;
-                    }
-                    Err(userfaultfd::Error::PartiallyCopied(_)) if attempt < 100 => continue,
-                    Err(e) => return Err(copy_err(e.to_string())),
+    /// Copies (or zero-fills) `len` bytes at block offset `off`. The caller holds the chunk's
+    /// claim, so no other server thread places these pages: a page already present (`EEXIST`)
+    /// was put there by someone else, and its bytes are not the snapshot's. That is an error,
+    /// never "resident". `EAGAIN` (the copy stopped part way, or the mm changed under it)
+    /// continues after the bytes that were placed.
+    fn place(&self, b: &Block, off: u64, len: u64, data: Option<&[u8]>) -> Result<(), LazyError> {
+        let mut done = 0u64;
+        let mut retries = 0;
+        while done < len {
+            let at = off + done;
+            let dst = (b.desc.host + at as usize) as *mut libc::c_void;
+            let n = (len - done) as usize;
+            let r = match data {
+                // SAFETY: dst..dst+n lies inside the block's registered range (off + len <= the
+                // block's length); `d` holds `len` bytes, of which `done..` are copied.
+                Some(d) => copy_result(unsafe { self.uffd.copy(d[done as usize..].as_ptr().cast(), dst, n, true) }, n),
+                None => zeropage(&self.uffd, dst, n),
+            };
+            match r {
+                Placed::All => done = len,
+                Placed::Exists => return Err(LazyError::Present { idstr: b.desc.idstr.clone(), offset: at }),
+                Placed::Part(placed) if retries < 100 => {
+                    retries += 1;
+                    done += placed as u64;
+                }
+                Placed::Part(_) => {
+                    return Err(LazyError::Copy {
+                        idstr: b.desc.idstr.clone(),
+                        offset: at,
+                        reason: "the copy kept stopping part way (EAGAIN)".into(),
+                    })
+                }
+                Placed::Failed(reason) => {
+                    return Err(LazyError::Copy { idstr: b.desc.idstr.clone(), offset: at, reason })
                 }
             }
         }
-        Ok(raced)
+        Ok(())
     }
 
     /// Makes chunk `ci` of block `bi` resident.
@@ -148,6 +191,7 @@ impl Shared {
         if !b.claim(ci) {
             // Another thread is loading it: a fault waits for that (the copy wakes the guest
             // anyway); a fill thread moves on.
+            self.stats.races.fetch_add(1, Ordering::Relaxed);
             if matches!(why, Why::Fault) {
                 while !b.is_resident(ci) && self.failed.get().is_none() && b.claimed_now(ci) {
                     std::thread::yield_now();
@@ -174,7 +218,7 @@ impl Shared {
             .source
             .read_chunk(&b.desc.idstr, off, &mut buf[..len as usize])
             .map_err(|reason| LazyError::Source { idstr: b.desc.idstr.clone(), offset: off, reason })?;
-        let raced = match fill {
+        match fill {
             Fill::Data { stored } => {
                 self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
                 self.place(b, off, len, Some(&buf[..len as usize]))?
@@ -183,9 +227,6 @@ impl Shared {
                 self.stats.zero_chunks.fetch_add(1, Ordering::Relaxed);
                 self.place(b, off, len, None)?
             }
-        };
-        if raced {
-            self.stats.races.fetch_add(1, Ordering::Relaxed);
         }
         if b.set_resident(ci) {
             self.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);

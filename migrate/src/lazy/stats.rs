@@ -16,6 +16,7 @@ pub struct LazyStats {
     pub chunks_prefetched: AtomicU64,
     pub chunks_background: AtomicU64,
     pub zero_chunks: AtomicU64,
+    /// Times a thread found the chunk it wanted claimed by another (a fault then waits for it).
     pub races: AtomicU64,
     pub bytes_stored_read: AtomicU64,
     pub bytes_copied: AtomicU64,

@@ -207,3 +207,52 @@ fn a_dying_server_thread_is_reported_not_hung() {
     std::mem::forget(server);
     std::mem::forget(toucher);
 }
+
+impl Mapping {
+    /// Writes a word without userfaultfd in the way (before registration).
+    fn poke(&self, off: u64, v: u64) {
+        // SAFETY: off + 8 <= len, inside the mapping, which is not registered yet.
+        unsafe { std::ptr::write_volatile(self.0.add(off as usize).cast::<u64>(), v) }
+    }
+}
+
+#[test]
+fn a_block_with_a_present_page_is_refused_at_registration() {
+    let m = Mapping::new(8 * CHUNK as usize);
+    m.poke(2 * CHUNK + 8, 0xdead);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let r = PageServer::start(vec![block(&m)], src, ServerOptions::default(), Box::new(|_| {}));
+    let Err(LazyError::Register { idstr, reason, .. }) = r else {
+        panic!("a block with a present page must be refused, got {:?}", r.err());
+    };
+    assert_eq!(idstr, "b");
+    assert!(reason.contains("offset 0x20000 is already present"), "{reason}");
+}
+
+#[test]
+fn eexist_on_an_unclaimed_chunk_is_an_error_not_residency() {
+    let m = Mapping::new(8 * CHUNK as usize);
+    // A page the server did not place, in chunk 2 (the registration check is off so that the
+    // serving path meets it).
+    m.poke(2 * CHUNK + PAGE_OFF, 0xdead);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e2 = errors.clone();
+    let opts = ServerOptions { background_fill: true, fill_threads: 1, ..Default::default() };
+    let server = PageServer::start_checked(
+        vec![block(&m)],
+        src,
+        opts,
+        Box::new(move |e| e2.lock().expect("lock").push(e.clone())),
+        false,
+    )
+    .expect("start");
+    assert!(!server.wait_resident(Duration::from_secs(10)), "a chunk holding foreign bytes never counts as resident");
+    let errs = errors.lock().expect("lock").clone();
+    assert_eq!(errs, vec![LazyError::Present { idstr: "b".into(), offset: 2 * CHUNK + PAGE_OFF }]);
+    assert!(errs[0].to_string().contains("'b'") && errs[0].to_string().contains("0x21000"), "{}", errs[0]);
+}
+
+/// Offset of the foreign page inside its chunk: not the chunk's first page, so the copy of the
+/// chunk places a page before it meets it.
+const PAGE_OFF: u64 = 4096;

@@ -180,6 +180,40 @@ impl RamBlock {
         Ok(())
     }
 
+    /// Drops the pages of `offset..offset+len` (page-aligned, inside the mapping): they read as
+    /// zero afterwards and no longer hold host memory, and they are *missing*, so userfaultfd
+    /// can serve them (a present page makes `UFFDIO_COPY` fail with `EEXIST`). The range is
+    /// marked dirty, since its contents changed.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), RamError> {
+        let host_page = host_page_size();
+        let inside = offset.checked_add(len).is_some_and(|end| end <= self.max_length);
+        if !inside || offset % host_page != 0 || len % host_page != 0 {
+            return Err(RamError::Discard {
+                idstr: self.idstr.clone(),
+                offset,
+                len,
+                reason: format!("not page-aligned inside the {:#x}-byte mapping", self.max_length),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range is page-aligned and inside this block's private anonymous mapping,
+        // which only this block owns; MADV_DONTNEED replaces its pages with zero-fill-on-demand
+        // memory and touches nothing outside the range. Concurrent readers see old or zero bytes.
+        let r = unsafe { libc::madvise(self.host.add(offset as usize).cast(), len as usize, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(RamError::Discard {
+                idstr: self.idstr.clone(),
+                offset,
+                len,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        self.mark_dirty(offset, len);
+        Ok(())
+    }
+
     /// Sets the hook called after every resize (replacing any earlier one).
     pub fn set_resized_hook(&self, hook: ResizedHook) {
         *self.hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(hook);

@@ -19,6 +19,8 @@ pub enum RamError {
     Config { idstr: String, reason: String },
     #[error("RAM block '{idstr}': access of {len:#x} bytes at offset {offset:#x} is beyond its used length {used:#x}")]
     OutOfRange { idstr: String, offset: u64, len: u64, used: u64 },
+    #[error("RAM block '{idstr}': discarding {len:#x} bytes at offset {offset:#x}: {reason}")]
+    Discard { idstr: String, offset: u64, len: u64, reason: String },
     #[error("reserving {len:#x} bytes of host memory for RAM block '{idstr}': {reason}")]
     Map { idstr: String, len: u64, reason: String },
 }

@@ -7,16 +7,21 @@
 //! blocks and the [`RamBlockListener`]s that follow them (the KVM slot map, a snapshot in
 //! progress, a lazy restore).
 //!
+//! Devices reach guest RAM only through [`GuestMemory`], whose writes mark the blocks' dirty
+//! bitmaps (see its module).
+//!
 //! Lock order: the registry's mutex is never held while listeners or hooks run; a resize
 //! holds only the block's own resize lock across them. Hooks may therefore call into devices
 //! that themselves call the registry, as long as they do not resize the same block again.
 
 mod block;
 mod error;
+mod guest;
 mod registry;
 #[cfg(test)]
 mod tests;
 
 pub use block::{RamBlock, RamBlockConfig, ResizedHook};
 pub use error::RamError;
+pub use guest::{GuestMemory, GuestMemoryError, GuestRegion};
 pub use registry::{ListenerId, RamBlockListener, RamRegistry};

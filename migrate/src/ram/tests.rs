@@ -197,3 +197,52 @@ fn reads_and_writes_are_bounded_by_used_length_and_mark_dirty() {
     reg.resize("r", 4 * PAGE).expect("grow");
     b.read(2 * PAGE - 2, &mut buf).expect("now inside");
 }
+
+#[test]
+fn device_writes_through_guest_memory_mark_the_block_dirty() {
+    let reg = RamRegistry::new();
+    let b = reg.add(cfg("pc.ram", 8 * PAGE, 8 * PAGE, false)).expect("add");
+    let c = reg.add(cfg("high", 4 * PAGE, 4 * PAGE, false)).expect("add");
+    let mem = GuestMemory::new(vec![
+        GuestRegion { gpa: 0, len: 8 * PAGE, block: b.clone(), block_offset: 0 },
+        GuestRegion { gpa: 8 * PAGE, len: 4 * PAGE, block: c.clone(), block_offset: 0 },
+    ])
+    .expect("guest memory");
+    assert!(b.take_dirty().is_empty() && c.take_dirty().is_empty());
+    // A write across the two regions lands in both blocks and dirties the pages it touched.
+    let data: Vec<u8> = (0..2 * PAGE).map(|i| i as u8).collect();
+    mem.write(7 * PAGE + 16, &data).expect("write");
+    assert_eq!(b.take_dirty(), vec![7]);
+    assert_eq!(c.take_dirty(), vec![0, 1]);
+    let mut back = vec![0u8; data.len()];
+    mem.read(7 * PAGE + 16, &mut back).expect("read");
+    assert_eq!(back, data);
+    assert!(b.take_dirty().is_empty(), "reads dirty nothing");
+    // Outside guest RAM: an error naming the address, and nothing written.
+    let err = mem.write(12 * PAGE - 4, &[1; 8]).expect_err("runs off the end");
+    assert_eq!(err, GuestMemoryError::Outside { gpa: 12 * PAGE - 4, len: 8 });
+    assert!(c.take_dirty().is_empty());
+    // Overlapping regions are refused.
+    let overlap = GuestMemory::new(vec![
+        GuestRegion { gpa: 0, len: 8 * PAGE, block: b.clone(), block_offset: 0 },
+        GuestRegion { gpa: 4 * PAGE, len: 4 * PAGE, block: c, block_offset: 0 },
+    ]);
+    assert!(matches!(overlap, Err(GuestMemoryError::Region { .. })));
+}
+
+#[test]
+fn discard_zeroes_pages_and_checks_its_range() {
+    let reg = RamRegistry::new();
+    let b = reg.add(cfg("pc.ram", 4 * PAGE, 4 * PAGE, false)).expect("add");
+    b.write(0, &vec![0xab; 4 * PAGE as usize]).expect("write");
+    b.take_dirty();
+    b.discard(PAGE, 2 * PAGE).expect("discard");
+    let mut got = vec![0u8; 4 * PAGE as usize];
+    b.read(0, &mut got).expect("read");
+    assert!(got[..PAGE as usize].iter().all(|&x| x == 0xab));
+    assert!(got[PAGE as usize..3 * PAGE as usize].iter().all(|&x| x == 0));
+    assert!(got[3 * PAGE as usize..].iter().all(|&x| x == 0xab));
+    assert_eq!(b.take_dirty(), vec![1, 2]);
+    assert!(matches!(b.discard(100, PAGE), Err(RamError::Discard { .. })));
+    assert!(matches!(b.discard(0, 5 * PAGE), Err(RamError::Discard { .. })));
+}

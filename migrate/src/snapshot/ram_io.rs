@@ -91,15 +91,20 @@ pub fn save_block(writer: &SnapshotWriter, block: &RamBlock, threads: usize) -> 
 
 /// Reads every chunk of the snapshot's copy of `block` into it (eager restore). The block must
 /// already have the snapshot's used length.
+///
+/// All-zero chunks (not stored) are zeroed by dropping their pages: the destination block
+/// need not be blank (a fw_cfg file of the destination's own is written into its block), and
+/// on pages never touched the drop costs next to nothing.
 pub fn load_block(reader: &SnapshotReader, block: &RamBlock) -> Result<u64, RamIoError> {
     let m = reader.manifest().block(block.idstr()).ok_or_else(|| RamIoError::NoBlock(block.idstr().to_string()))?;
     let cs = u64::from(reader.chunk_size());
+    let used = block.used_length();
     let mut buf = vec![0u8; cs as usize];
     let mut bytes = 0;
     for (i, c) in m.chunks.iter().enumerate() {
         let off = i as u64 * cs;
         if matches!(c, ChunkRef::Zero) {
-            // A fresh block is zero already; only an earlier write needs clearing.
+            block.discard(off, cs.min(used.saturating_sub(off)))?;
             continue;
         }
         let len = reader.read_chunk(block.idstr(), off, &mut buf)?;
