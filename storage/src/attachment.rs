@@ -12,6 +12,7 @@ impl Store {
     /// an earlier one. Value on disk: crc32 (u32 LE) of the bytes, then the bytes.
     pub fn put_attachment(&self, snapshot: &str, att: &str, bytes: &[u8]) -> Result<()> {
         validate_attachment_name(att)?;
+        self.writable()?;
         if !self.contains(snapshot)? {
             return Err(StoreError::NotFound(snapshot.to_owned()));
         }

@@ -10,8 +10,32 @@ use crate::name::NameError;
 /// Errors returned by [`crate::Store`] and its writers and readers.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open snapshot store at '{path}': {source}")]
+    #[error(
+        "cannot open snapshot store at '{path}': its index does not open: {source}; run \
+         `snapvisor store repair --store {path}` to rebuild it from the pack files and manifests"
+    )]
     Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "snapshot store '{dir}': its index '{db}' is missing; a new empty index is not created over \
+         existing data: run `snapvisor store repair --store {dir}` to rebuild it from the pack files \
+         and manifests"
+    )]
+    IndexMissing { dir: PathBuf, db: PathBuf },
+    #[error("snapshot store index '{path}' {reason}")]
+    IndexFile { path: PathBuf, reason: String },
+    #[error(
+        "snapshot store '{path}': the index does not match the store's data: {reason}; nothing was \
+         removed: run `snapvisor store repair --store {path}` to rebuild the index"
+    )]
+    IndexDamaged { path: PathBuf, reason: String },
+    #[error("'{path}': {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("manifest file '{path}' {reason}")]
+    ManifestFile { path: PathBuf, reason: String },
+    #[error("snapshot store '{0}' is open read-only")]
+    ReadOnly(PathBuf),
+    #[error("snapshot store '{0}' is in use by another process (the daemon?); stop it first")]
+    InUse(PathBuf),
     #[error("no snapshot store at '{0}' (expected sled files and a packs/ directory)")]
     NoStore(PathBuf),
     #[error("invalid store option: {0}")]

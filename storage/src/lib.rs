@@ -95,19 +95,28 @@
 //! and gives a 3% better ratio and 15-35% faster decompression, which lazy restore waits on.
 
 mod attachment;
+mod check;
 mod chunk;
+mod consistency;
 mod debug;
 mod error;
+mod fsfile;
 mod gc;
+mod layout;
 mod manifest;
+mod mfiles;
 mod name;
+mod open;
 mod pack;
 mod reader;
+mod repair;
+mod scan;
 mod store;
 mod usage;
 mod verify;
 mod writer;
 
+pub use check::IndexCheck;
 pub use chunk::{ChunkError, ChunkRef, Hash};
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
@@ -115,6 +124,7 @@ pub use manifest::{BlockManifest, Manifest, ManifestError};
 pub use name::{validate_attachment_name, validate_snapshot_name, NameError};
 pub use pack::{Location, PACK_MAX};
 pub use reader::SnapshotReader;
+pub use repair::RepairReport;
 pub use store::{Store, StoreOptions, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
 pub use usage::{disk_bytes, Usage};
 pub use verify::VerifyReport;

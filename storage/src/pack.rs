@@ -3,33 +3,70 @@
 //! sled (a log-structured store) kept 1.5-2.6x the bytes of chunk values on disk in
 //! measurement: leaf nodes holding values are rewritten on consolidation and segments are only
 //! cleaned below 50% live. So sled holds only the small index `hash -> location` and the
-//! manifests, and chunk values are appended to pack files:
+//! manifests, and chunk values are appended to pack files.
 //!
-//! * a writer reserves `len` bytes at the end of the active pack (a short mutex), then writes
-//!   with `pwrite` outside any lock; packs rotate at [`PACK_MAX`] bytes. A process never
-//!   appends to a pack it did not create: after opening, the first write starts pack
-//!   `max existing id + 1`, so torn tails from a crash are never extended.
-//! * a pack is marked unsynced after each write; commit `fdatasync`s every unsynced pack
-//!   (under one mutex, so a concurrent commit cannot skip a sync still in flight) before the
-//!   manifest is inserted.
+//! # Format (version 2)
+//!
+//! Packs are self-describing, so `store repair` can rebuild the index from them alone:
+//!
+//! ```text
+//! pack header, 16 bytes at offset 0:
+//!     magic "SVPK", format version u16 LE (2), reserved u16 (0), pack id u32 LE,
+//!     crc32 of bytes 0..12 u32 LE
+//! then entries back to back, each:
+//!     entry header, 48 bytes: magic "SVCE", value length u32 LE, blake3 hash of the
+//!         uncompressed chunk (32 B), crc32 of the value u32 LE, crc32 of bytes 0..44 u32 LE
+//!     value: codec u8 (1 zstd, 2 raw), uncompressed length u32 LE, payload (chunk.rs)
+//! ```
+//!
+//! The index (sled tree `index`, key = 32-byte hash) holds pack id u32 LE, offset u64 LE,
+//! length u32 LE of the *value*; its entry header sits just before it. Every read checks
+//! that header against the hash and length the index gave, so an index that disagrees with
+//! its packs is an error, never wrong bytes. Format 1 packs (no headers, before this change)
+//! are refused when opened, naming the pack and the version; such stores must be re-created.
+//!
+//! # Writing
+//!
+//! * a writer reserves its bytes at the end of the active pack (a short mutex), then writes
+//!   entry header and value with one `pwrite` outside any lock; packs rotate at [`PACK_MAX`]
+//!   bytes. A process never appends to a pack it did not create: after opening, the first
+//!   write starts pack `max existing id + 1`, so torn tails from a crash are never extended.
+//!   Creating a pack `fsync`s the `packs/` directory, so the file survives power loss.
+//! * a pack is marked unsynced (its generation bumped) *before* a write into it and again
+//!   after. [`Packs::sync`] notes each pack's generation, `fdatasync`s it without holding the
+//!   mark lock, and clears the mark only if the generation did not move meanwhile: a write
+//!   that was in flight during the sync keeps its pack marked, so the next commit syncs it.
+//!   Writers therefore never wait for a sync, and a commit never returns with bytes it may
+//!   reference (through dedup) still unsynced.
 //! * GC frees dead chunk values by punching holes (`FALLOC_FL_PUNCH_HOLE`) into every gap
-//!   between live extents; a pack with no live extent is deleted. Punching is idempotent, so
-//!   space leaked by a crash is recovered by the next GC.
-//!
-//! Index value (sled tree `index`, key = 32-byte hash): pack id u32 LE, offset u64 LE,
-//! length u32 LE.
+//!   between live entries (header and value); a pack with no live entry is deleted and its
+//!   file closed at once, so the space returns to the filesystem in the same process.
+//!   Punching is idempotent, so space leaked by a crash is recovered by the next GC.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::chunk::Hash;
+use crate::fsfile::{open_regular, sync_dir};
 
 /// Size at which the active pack is closed and a new one started.
 pub const PACK_MAX: u64 = 1 << 30;
-/// Most pack ids one store can ever use (lifetime writes up to this many GiB).
-pub const MAX_PACKS: usize = 1 << 18;
+/// Highest pack id a store may use (lifetime writes up to this many GiB).
+pub const MAX_PACKS: u32 = 1 << 18;
+/// Magic bytes of a pack header.
+pub const PACK_MAGIC: &[u8; 4] = b"SVPK";
+/// Pack format version written and read by this build.
+pub const PACK_VERSION: u16 = 2;
+/// Length of the pack header.
+pub const PACK_HEADER: u64 = 16;
+/// Magic bytes of an entry header.
+pub const ENTRY_MAGIC: &[u8; 4] = b"SVCE";
+/// Length of an entry header.
+pub const ENTRY_HEADER: u64 = 48;
 
 /// Where a chunk value is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,19 +95,97 @@ impl Location {
     }
 }
 
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The header of pack `id`.
+pub(crate) fn pack_header(id: u32) -> [u8; PACK_HEADER as usize] {
+    let mut h = [0u8; PACK_HEADER as usize];
+    h[0..4].copy_from_slice(PACK_MAGIC);
+    h[4..6].copy_from_slice(&PACK_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&id.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..12]);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Checks the header of pack `id`; the error says what is wrong with it.
+pub(crate) fn check_pack_header(id: u32, h: &[u8]) -> Result<(), String> {
+    if h.len() < PACK_HEADER as usize {
+        return Err(format!("{} bytes is shorter than the {PACK_HEADER}-byte pack header", h.len()));
+    }
+    if &h[0..4] != PACK_MAGIC {
+        return Err(format!(
+            "bad magic {:02x?}, expected \"SVPK\" (a format 1 pack from an older build has no header; \
+             re-create the store)",
+            &h[0..4]
+        ));
+    }
+    let (crc, actual) = (le32(h, 12), crc32fast::hash(&h[0..12]));
+    if crc != actual {
+        return Err(format!("header crc32 0x{actual:08x} != stored 0x{crc:08x}"));
+    }
+    let version = u16::from_le_bytes([h[4], h[5]]);
+    if version != PACK_VERSION {
+        return Err(format!("pack format version {version} is not supported (this build reads {PACK_VERSION})"));
+    }
+    let stored = le32(h, 8);
+    if stored != id {
+        return Err(format!("header names pack {stored}"));
+    }
+    Ok(())
+}
+
+/// A decoded entry header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct EntryHeader {
+    pub len: u32,
+    pub hash: Hash,
+    pub value_crc: u32,
+}
+
+/// The entry header written before `value` of chunk `hash`.
+pub(crate) fn entry_header(hash: &Hash, value: &[u8], len: u32) -> [u8; ENTRY_HEADER as usize] {
+    let mut h = [0u8; ENTRY_HEADER as usize];
+    h[0..4].copy_from_slice(ENTRY_MAGIC);
+    h[4..8].copy_from_slice(&len.to_le_bytes());
+    h[8..40].copy_from_slice(&hash.0);
+    h[40..44].copy_from_slice(&crc32fast::hash(value).to_le_bytes());
+    let crc = crc32fast::hash(&h[0..44]);
+    h[44..48].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Decodes an entry header; `None` unless magic and header crc are right.
+pub(crate) fn parse_entry_header(h: &[u8]) -> Option<EntryHeader> {
+    let h = h.get(..ENTRY_HEADER as usize)?;
+    if &h[0..4] != ENTRY_MAGIC || le32(h, 44) != crc32fast::hash(&h[0..44]) {
+        return None;
+    }
+    let hash: [u8; 32] = h[8..40].try_into().ok()?;
+    Some(EntryHeader { len: le32(h, 4), hash: Hash(hash), value_crc: le32(h, 40) })
+}
+
 struct Active {
     id: u32,
+    /// Bytes used in pack `id`; 0 until this process created it.
     len: u64,
 }
 
 pub(crate) struct Packs {
     dir: PathBuf,
-    files: Box<[OnceLock<File>]>,
+    read_only: bool,
+    first_new: u32,
+    /// Open pack files. Readers clone the `Arc` under a short read lock; a deleted pack is
+    /// removed here so its file closes once the last in-flight read drops it.
+    files: RwLock<HashMap<u32, Arc<File>>>,
     active: Mutex<Active>,
-    unsynced: Mutex<BTreeSet<u32>>,
+    /// Pack id -> write generation, for every pack written since its last sync.
+    unsynced: Mutex<BTreeMap<u32, u64>>,
 }
 
-fn pack_name(id: u32) -> String {
+pub(crate) fn pack_name(id: u32) -> String {
     format!("{id:08}.pack")
 }
 
@@ -88,95 +203,169 @@ pub(crate) fn list_ids(dir: &Path) -> std::io::Result<Vec<u32>> {
     Ok(ids)
 }
 
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+}
+
 impl Packs {
-    pub fn open(dir: PathBuf) -> std::io::Result<Packs> {
-        std::fs::create_dir_all(&dir)?;
+    /// Opens the pack directory `dir` (created unless `read_only`).
+    pub fn open(dir: PathBuf, read_only: bool) -> std::io::Result<Packs> {
+        if !read_only {
+            std::fs::create_dir_all(&dir)?;
+        }
         let next = list_ids(&dir)?.last().map_or(0, |m| m + 1);
-        let files = (0..MAX_PACKS).map(|_| OnceLock::new()).collect();
-        Ok(Packs { dir, files, active: Mutex::new(Active { id: next, len: 0 }), unsynced: Mutex::new(BTreeSet::new()) })
+        Ok(Packs {
+            dir,
+            read_only,
+            first_new: next,
+            files: RwLock::new(HashMap::new()),
+            active: Mutex::new(Active { id: next, len: 0 }),
+            unsynced: Mutex::new(BTreeMap::new()),
+        })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn path(&self, id: u32) -> PathBuf {
+    /// The first pack id this handle writes (all lower ids existed when it opened).
+    pub fn first_new_id(&self) -> u32 {
+        self.first_new
+    }
+
+    pub fn path(&self, id: u32) -> PathBuf {
         self.dir.join(pack_name(id))
     }
 
-    fn slot(&self, id: u32) -> std::io::Result<&OnceLock<File>> {
-        self.files.get(id as usize).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("pack id {id} exceeds {MAX_PACKS}"))
-        })
-    }
-
-    /// The open file of pack `id`, opening it on first use (no lock once open).
-    pub fn file(&self, id: u32) -> std::io::Result<&File> {
-        let slot = self.slot(id)?;
-        if let Some(f) = slot.get() {
-            return Ok(f);
+    /// The open file of pack `id`, opening it (and checking its header) on first use.
+    pub fn file(&self, id: u32) -> std::io::Result<Arc<File>> {
+        if let Some(f) = self.files.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            return Ok(f.clone());
         }
-        let f = OpenOptions::new().read(true).write(true).open(self.path(id))?;
-        let _ = slot.set(f);
-        slot.get().ok_or_else(|| std::io::Error::other("pack slot empty after set"))
+        if id >= MAX_PACKS {
+            return Err(invalid(format!("pack id {id} exceeds {MAX_PACKS}")));
+        }
+        let path = self.path(id);
+        let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let f = open_regular(&path, !self.read_only).map_err(named)?;
+        let mut h = [0u8; PACK_HEADER as usize];
+        f.read_exact_at(&mut h, 0).map_err(named)?;
+        check_pack_header(id, &h).map_err(|m| invalid(format!("{}: {m}", path.display())))?;
+        let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+        Ok(files.entry(id).or_insert_with(|| Arc::new(f)).clone())
     }
 
-    /// Reserves `len` bytes in the active pack and writes `data` there.
-    pub fn append(&self, data: &[u8]) -> std::io::Result<Location> {
-        let len = u32::try_from(data.len()).map_err(|_| std::io::Error::other("chunk value over 4 GiB"))?;
+    fn mark(&self, id: u32) {
+        *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_insert(0) += 1;
+    }
+
+    /// Appends chunk `hash`'s `value` (with its entry header) to the active pack.
+    pub fn append(&self, hash: &Hash, value: &[u8]) -> std::io::Result<Location> {
+        if self.read_only {
+            return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "store is open read-only"));
+        }
+        let len = u32::try_from(value.len()).map_err(|_| std::io::Error::other("chunk value over 4 GiB"))?;
+        let total = ENTRY_HEADER + u64::from(len);
         let (id, offset) = {
             let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            if a.len > 0 && a.len + u64::from(len) > PACK_MAX {
+            if a.len > 0 && a.len + total > PACK_MAX {
                 a.id += 1;
                 a.len = 0;
             }
             if a.len == 0 {
-                let slot = self.slot(a.id)?;
-                let f = OpenOptions::new().read(true).write(true).create_new(true).open(self.path(a.id))?;
-                let _ = slot.set(f);
+                self.create(a.id)?;
+                a.len = PACK_HEADER;
             }
             let off = a.len;
-            a.len += u64::from(len);
+            a.len += total;
             (a.id, off)
         };
-        self.file(id)?.write_all_at(data, offset)?;
-        self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
-        Ok(Location { pack: id, offset, len })
+        let mut buf = Vec::with_capacity(total as usize);
+        buf.extend_from_slice(&entry_header(hash, value, len));
+        buf.extend_from_slice(value);
+        // Marked before the write (and again after): see the module doc.
+        self.mark(id);
+        self.file(id)?.write_all_at(&buf, offset)?;
+        self.mark(id);
+        Ok(Location { pack: id, offset: offset + ENTRY_HEADER, len })
     }
 
-    /// Reads the value at `loc` into `buf` (resized to fit).
-    pub fn read(&self, loc: Location, buf: &mut Vec<u8>) -> std::io::Result<()> {
-        buf.resize(loc.len as usize, 0);
-        self.file(loc.pack)?.read_exact_at(buf, loc.offset)
+    /// Creates pack `id` with its header and makes its directory entry durable.
+    fn create(&self, id: u32) -> std::io::Result<()> {
+        if id >= MAX_PACKS {
+            return Err(invalid(format!("pack id {id} exceeds {MAX_PACKS}")));
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(self.path(id))?;
+        f.write_all_at(&pack_header(id), 0)?;
+        self.mark(id);
+        sync_dir(&self.dir)?;
+        self.files.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(f));
+        Ok(())
     }
 
-    /// `fdatasync`s every pack written since the last sync.
+    /// Reads the value at `loc` into `buf` (resized to fit), checking that the entry header
+    /// before it names `hash` and the same length.
+    pub fn read(&self, hash: &Hash, loc: Location, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let start = loc
+            .offset
+            .checked_sub(ENTRY_HEADER)
+            .filter(|s| *s >= PACK_HEADER)
+            .ok_or_else(|| invalid(format!("offset 0x{:x} lies inside the pack header", loc.offset)))?;
+        buf.resize(ENTRY_HEADER as usize + loc.len as usize, 0);
+        self.file(loc.pack)?.read_exact_at(buf, start)?;
+        let h = parse_entry_header(buf).ok_or_else(|| invalid("no valid entry header before the value".into()))?;
+        if h.hash != *hash || h.len != loc.len {
+            return Err(invalid(format!(
+                "the entry there holds chunk {} of {} bytes: the index disagrees with the pack",
+                h.hash, h.len
+            )));
+        }
+        buf.drain(..ENTRY_HEADER as usize);
+        Ok(())
+    }
+
+    /// `fdatasync`s every pack written since its last sync.
     pub fn sync(&self) -> std::io::Result<()> {
-        let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(&id) = unsynced.iter().next() {
+        let pending: Vec<(u32, u64)> =
+            self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, *v)).collect();
+        for (id, generation) in pending {
             self.file(id)?.sync_data()?;
-            unsynced.remove(&id);
+            let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+            if unsynced.get(&id) == Some(&generation) {
+                unsynced.remove(&id);
+            }
         }
         Ok(())
     }
 
-    /// Frees everything in pack `id` outside the sorted `live` extents. Returns the bytes
-    /// handed to the hole punch, or deletes the pack when nothing in it is live and it is
-    /// not the active pack. Caller holds the GC lock exclusively (no write in flight).
+    /// Frees everything in pack `id` outside the sorted `live` value extents (their entry
+    /// headers and the pack header stay). Returns the bytes handed to the hole punch, or
+    /// deletes (and closes) the pack when nothing in it is live and it is not the active
+    /// pack. Caller holds the GC lock exclusively (no write in flight).
     pub fn reclaim(&self, id: u32, live: &[(u64, u64)]) -> std::io::Result<u64> {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner()).id;
         if live.is_empty() && id != active {
-            let len = std::fs::metadata(self.path(id))?.len();
-            std::fs::remove_file(self.path(id))?;
+            let path = self.path(id);
+            let len = std::fs::symlink_metadata(&path)?.len();
+            std::fs::remove_file(&path)?;
+            self.files.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            sync_dir(&self.dir)?;
             return Ok(len);
         }
         let file = self.file(id)?;
         let end = file.metadata()?.len();
         let mut freed = 0;
-        let mut pos = 0;
-        for &(off, len) in live.iter().chain(std::iter::once(&(end, 0))) {
+        let mut pos = PACK_HEADER;
+        let extents = live.iter().map(|&(off, len)| (off.saturating_sub(ENTRY_HEADER), len + ENTRY_HEADER));
+        for (off, len) in extents.chain(std::iter::once((end, 0))) {
             if off > pos {
-                punch(file, pos, off - pos)?;
+                punch(&file, pos, off - pos)?;
                 freed += off - pos;
             }
             pos = pos.max(off + len);

@@ -115,7 +115,7 @@ impl SnapshotReader {
         }
         READ_BUF.with(|cell| {
             let mut value = cell.borrow_mut();
-            inner.packs.read(loc, &mut value).map_err(|source| {
+            inner.packs.read(hash, loc, &mut value).map_err(|source| {
                 Fetch::Chunk(ChunkError::Read { hash: *hash, pack: loc.pack, offset: loc.offset, len: loc.len, source })
             })?;
             chunk::decode_into(hash, &value, len, buf).map_err(Fetch::Chunk)

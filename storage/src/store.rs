@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::error::{Result, StoreError};
-use crate::manifest::{Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::manifest::Manifest;
 use crate::name::validate_snapshot_name;
 use crate::pack::Packs;
 use crate::reader::SnapshotReader;
@@ -50,8 +50,12 @@ pub(crate) struct Inner {
     pub(crate) packs: Packs,
     pub(crate) manifests: sled::Tree,
     pub(crate) attachments: sled::Tree,
-    /// Holds the key `clean` only while no process has the store open.
-    meta: sled::Tree,
+    /// `clean` while no process has the store open; `first-new-pack`; tombstones
+    /// (`deleted/NAME`: manifests deleted since the last GC).
+    pub(crate) meta: sled::Tree,
+    pub(crate) read_only: bool,
+    /// Set once opening succeeded: only then does closing mark the store clean.
+    pub(crate) opened: std::sync::atomic::AtomicBool,
     pub(crate) opts: StoreOptions,
     /// Writers hold it shared while they record chunk references; GC holds it exclusively.
     /// Readers never touch it.
@@ -60,12 +64,15 @@ pub(crate) struct Inner {
     pub(crate) next_writer: AtomicU64,
 }
 
-const CLEAN: &[u8] = b"clean";
+pub(crate) const CLEAN: &[u8] = b"clean";
 
 impl Drop for Inner {
     /// Clean close: every pack synced, then the `clean` marker flushed, so the next open can
-    /// skip recovery.
+    /// skip recovery. A read-only handle, or one whose open failed, leaves the marker alone.
     fn drop(&mut self) {
+        if self.read_only || !self.opened.load(Ordering::Acquire) {
+            return;
+        }
         let synced = self.packs.sync().map_err(|e| e.to_string());
         let marked = synced.and_then(|()| {
             self.meta.insert(CLEAN, &[1u8][..]).map_err(|e| e.to_string())?;
@@ -98,65 +105,29 @@ impl Store {
     /// Opens the store in `dir`, failing with [`StoreError::NoStore`] when there is none
     /// (for tools that must not create a store by accident).
     pub fn open_existing(dir: impl AsRef<Path>) -> Result<Store> {
-        let dir = dir.as_ref();
-        if !dir.join("conf").is_file() || !dir.join("packs").is_dir() {
-            return Err(StoreError::NoStore(dir.to_path_buf()));
-        }
-        Store::open(dir)
+        crate::open::open(dir.as_ref(), StoreOptions::default(), crate::open::Mode::Existing)
     }
 
-    /// Opens (creating if needed) the store in `dir`.
+    /// Opens the existing store in `dir` for reading only: no recovery, no collection, no
+    /// write of this crate's data (sled may still tidy its own files). Writes fail with
+    /// [`StoreError::ReadOnly`]; closing it leaves an unclean store unclean.
+    pub fn open_read_only(dir: impl AsRef<Path>) -> Result<Store> {
+        crate::open::open(dir.as_ref(), StoreOptions::default(), crate::open::Mode::ReadOnly)
+    }
+
+    /// Opens (creating if needed) the store in `dir`. An existing store is checked and, if it
+    /// was not closed cleanly, recovered (see the crate docs); a store whose index is missing
+    /// or damaged is an error that says how to repair it.
     pub fn open_with(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
-        let path = dir.as_ref().to_path_buf();
-        let cs = opts.chunk_size;
-        if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-            return Err(StoreError::Option(format!("chunk_size {cs} must be a power of two in 4096..=16777216")));
+        crate::open::open(dir.as_ref(), opts, crate::open::Mode::Create)
+    }
+
+    /// Fails with [`StoreError::ReadOnly`] on a read-only handle.
+    pub(crate) fn writable(&self) -> Result<()> {
+        if self.inner.read_only {
+            return Err(StoreError::ReadOnly(self.inner.path.clone()));
         }
-        if !(-7..=22).contains(&opts.zstd_level) {
-            return Err(StoreError::Option(format!("zstd_level {} is outside -7..=22", opts.zstd_level)));
-        }
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(opts.cache_capacity)
-            .use_compression(false)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
-        let tree =
-            |name: &'static str| db.open_tree(name).map_err(|source| StoreError::Open { path: path.clone(), source });
-        let inner = Inner {
-            index: tree("index")?,
-            packs: Packs::open(path.join("packs")).map_err(|source| StoreError::Io {
-                path: path.join("packs"),
-                op: "open packs",
-                source,
-            })?,
-            manifests: tree("manifests")?,
-            attachments: tree("attachments")?,
-            meta: tree("meta")?,
-            db,
-            path,
-            opts,
-            gc_lock: RwLock::new(()),
-            writers: Mutex::new(HashMap::new()),
-            next_writer: AtomicU64::new(1),
-        };
-        let open_err = |source| StoreError::Open { path: inner.path.clone(), source };
-        let was_clean = inner.meta.remove(CLEAN).map_err(open_err)?.is_some();
-        inner.db.flush().map_err(open_err)?;
-        let store = Store { inner: Arc::new(inner) };
-        let path = store.inner.path.display();
-        tracing::debug!(path = %path, was_clean, "opened snapshot store");
-        if !was_clean && !store.inner.index.is_empty() {
-            // After a crash the index may name chunks of snapshots that never committed,
-            // whose pack bytes may never have reached the disk (power loss). Dropping them
-            // before anyone can dedup against them keeps new snapshots off lost bytes.
-            tracing::info!(path = %path, "store was not closed cleanly, collecting leftovers");
-            if let Err(e) = store.gc() {
-                tracing::warn!(path = %path, error = %e, "recovery gc failed; run `snapvisor store gc`");
-            }
-        }
-        Ok(store)
+        Ok(())
     }
 
     /// Directory of the store.
@@ -263,6 +234,8 @@ impl Store {
         for k in keys {
             batch.remove(k);
         }
+        self.writable()?;
+        self.tombstone_and_unlink(name)?;
         // Manifest first: once it is gone the snapshot is invisible; leftover attachments
         // (crash in between) are swept by gc.
         self.inner.manifests.remove(name).map_err(self.db_err("delete manifest"))?;

@@ -86,6 +86,7 @@ impl Store {
     /// Begins snapshot `name` with the given RAM blocks, using the store's chunk size.
     pub fn begin(&self, name: &str, blocks: Vec<BlockSpec>) -> Result<SnapshotWriter> {
         validate_snapshot_name(name)?;
+        self.writable()?;
         if self.inner.manifests.contains_key(name).map_err(self.db_err("look up manifest"))? {
             return Err(StoreError::Exists(name.to_owned()));
         }
@@ -202,14 +203,12 @@ impl SnapshotWriter {
                 None => encode()?, // removed by a GC since the first lookup
             };
             self.store.ensure_space(value.len() as u64)?;
-            s.bytes_stored.fetch_add(value.len() as u64, Ordering::Relaxed);
-            s.new_chunks.fetch_add(1, Ordering::Relaxed);
-            let loc = inner.packs.append(&value).map_err(|source| StoreError::Io {
-                path: inner.packs.dir().to_path_buf(),
-                op: "append chunk",
-                source,
-            })?;
-            inner.index.insert(hash.0, &loc.encode()).map_err(self.store.db_err("index chunk"))?;
+            if self.store.store_new_chunk(&hash, &value)? {
+                s.bytes_stored.fetch_add(value.len() as u64, Ordering::Relaxed);
+                s.new_chunks.fetch_add(1, Ordering::Relaxed);
+            } else {
+                s.dedup_chunks.fetch_add(1, Ordering::Relaxed);
+            }
         }
         // Recorded while the GC lock is held: a GC either ran before the lookup above or
         // marks this reference live.
@@ -265,24 +264,54 @@ impl SnapshotWriter {
         // 1. chunk values, then their index entries, durable before the manifest.
         self.store.sync_packs()?;
         self.store.flush()?;
-        // 2. manifest inserted only if absent: one atomic sled operation. Under the shared GC
-        //    lock: a GC either sees the manifest or runs while this writer (and its
+        // 2. the manifest file (fsynced, exclusive create), then the manifest in sled, inserted
+        //    only if absent: one atomic sled operation makes the snapshot visible. Under the
+        //    shared GC lock: a GC either sees the manifest or runs while this writer (and its
         //    references) is still registered.
         let inner = &self.store.inner;
+        let files = crate::mfiles::dir_of(&inner.path);
+        crate::mfiles::write(&files, &s.name, &value)?;
         let prev = {
             let _gc = inner.gc_lock.read().unwrap_or_else(|p| p.into_inner());
-            inner
-                .manifests
-                .compare_and_swap(s.name.as_bytes(), None::<&[u8]>, Some(value))
-                .map_err(self.store.db_err("insert manifest"))?
+            inner.manifests.compare_and_swap(s.name.as_bytes(), None::<&[u8]>, Some(value))
+        };
+        let prev = match prev {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = crate::mfiles::remove(&files, &s.name);
+                return Err(self.store.db_err("insert manifest")(e));
+            }
         };
         if prev.is_err() {
+            let _ = crate::mfiles::remove(&files, &s.name);
             return Err(StoreError::Exists(s.name.clone()));
         }
         // 3. manifest durable before commit returns.
         self.store.flush()?;
         tracing::info!(snapshot = %s.name, stats = ?self.stats(), "snapshot committed");
         Ok(manifest)
+    }
+}
+
+impl Store {
+    /// Appends a new chunk value and indexes it, unless another writer indexed the same hash
+    /// meanwhile: the first index entry wins (compare-and-swap) and is never replaced, so a
+    /// commit that deduplicated against it keeps pointing at bytes that its own sync covered.
+    /// Returns whether this call's bytes became the indexed copy (the loser's bytes are dead
+    /// and reclaimed by GC). Caller holds the GC lock shared.
+    pub(crate) fn store_new_chunk(&self, hash: &Hash, value: &[u8]) -> Result<bool> {
+        let inner = &self.inner;
+        let loc = inner.packs.append(hash, value).map_err(|source| StoreError::Io {
+            path: inner.packs.dir().to_path_buf(),
+            op: "append chunk",
+            source,
+        })?;
+        let won = inner
+            .index
+            .compare_and_swap(hash.0, None::<&[u8]>, Some(&loc.encode()[..]))
+            .map_err(self.db_err("index chunk"))?
+            .is_ok();
+        Ok(won)
     }
 }
 

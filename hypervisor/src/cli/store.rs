@@ -1,6 +1,7 @@
 //! `snapvisor store ...`: inspect and maintain a snapshot store (list, inspect, verify, gc,
-//! du). Human tables by default, JSON with `--json`. All logic lives in the `storage` crate;
-//! this module parses arguments and formats.
+//! du, repair). Human tables by default, JSON with `--json`. All logic lives in the `storage`
+//! crate; this module parses arguments and formats. `list`, `inspect`, `verify` and `du`
+//! open the store read-only: they never recover, collect or write.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -26,12 +27,15 @@ pub enum StoreCommand {
     List,
     /// Show a snapshot's manifest: blocks, chunks, state size, attachments.
     Inspect { name: String },
-    /// Check that every chunk decompresses and matches its hash (all snapshots by default).
+    /// Check that every chunk decompresses and matches its hash (all snapshots by default),
+    /// and that the index agrees with the pack files and manifest files.
     Verify { name: Option<String> },
     /// Remove chunks no snapshot references and free their disk space.
     Gc,
     /// Logical, stored and on-disk bytes.
     Du,
+    /// Rebuild a missing or damaged index from the pack files and manifest files.
+    Repair,
 }
 
 /// A failed `snapvisor store` command.
@@ -46,11 +50,22 @@ pub enum StoreCliError {
 }
 
 impl StoreCliError {
-    /// Process exit status: 2 bad input, 1 verification failed, 125 store failure.
+    /// Process exit status: 2 bad input, 1 the store is damaged (verify found problems, or
+    /// the index or a manifest does not match the store's data), 125 other store failures.
     pub fn exit_code(&self) -> u8 {
+        use storage::StoreError as E;
         match self {
             StoreCliError::Input(_) => 2,
             StoreCliError::Corrupt(_) => 1,
+            StoreCliError::Store(
+                E::IndexMissing { .. }
+                | E::IndexDamaged { .. }
+                | E::IndexFile { .. }
+                | E::Open { .. }
+                | E::Format { .. }
+                | E::ManifestFile { .. }
+                | E::Manifest { .. },
+            ) => 1,
             StoreCliError::Store(storage::StoreError::NoStore(_) | storage::StoreError::Name(_)) => 2,
             StoreCliError::Store(storage::StoreError::NotFound(_)) => 2,
             StoreCliError::Store(_) => 125,
@@ -88,10 +103,17 @@ fn json(v: Result<serde_json::Value, serde_json::Error>) -> String {
 /// Produces the output text, and the command's result (a failed verify still has output).
 pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), StoreCliError> {
     let dir = args.store.as_ref().ok_or_else(|| StoreCliError::Input("--store DIR is required".into()))?;
-    let store = Store::open_existing(dir)?;
+    if let StoreCommand::Repair = args.cmd {
+        return Ok((repair(dir, args.json)?, Ok(())));
+    }
+    let store = match args.cmd {
+        StoreCommand::Gc => Store::open_existing(dir)?,
+        _ => Store::open_read_only(dir)?,
+    };
     let mut out = String::new();
     let mut result = Ok(());
     match &args.cmd {
+        StoreCommand::Repair => {}
         StoreCommand::List => {
             let mut rows = Vec::new();
             for name in store.list()? {
@@ -187,9 +209,12 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
                 Some(n) => vec![store.verify(n)?],
                 None => store.verify_all()?,
             };
-            let problems: usize = reports.iter().map(|r| r.errors.len()).sum();
+            let index = store.check_index()?;
+            let problems: usize = reports.iter().map(|r| r.errors.len()).sum::<usize>() + index.problems as usize;
             if args.json {
-                out = json(serde_json::to_value(&reports));
+                out = json(serde_json::to_value(&reports).and_then(|snapshots| {
+                    Ok(serde_json::json!({ "snapshots": snapshots, "index": serde_json::to_value(&index)? }))
+                }));
             } else {
                 for r in &reports {
                     let status = if r.ok() { "ok" } else { "CORRUPT" };
@@ -198,6 +223,18 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
                     for e in &r.errors {
                         let _ = writeln!(out, "  {e}");
                     }
+                }
+                let status = if index.ok() { "ok" } else { "CORRUPT" };
+                let _ = writeln!(
+                    out,
+                    "{:<32} {:<8} {:>8} entries in {} packs, {} manifest files",
+                    "(index)", status, index.entries, index.packs, index.manifest_files
+                );
+                for e in &index.errors {
+                    let _ = writeln!(out, "  {e}");
+                }
+                if index.problems > index.errors.len() as u64 {
+                    let _ = writeln!(out, "  ... {} more", index.problems - index.errors.len() as u64);
                 }
             }
             if problems > 0 {
@@ -243,4 +280,40 @@ pub fn render(args: &StoreArgs) -> Result<(String, Result<(), StoreCliError>), S
         }
     }
     Ok((out, result))
+}
+
+fn repair(dir: &std::path::Path, as_json: bool) -> Result<String, StoreCliError> {
+    let r = Store::repair(dir)?;
+    if as_json {
+        return Ok(json(serde_json::to_value(&r)));
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "repaired store {}", dir.display());
+    if let Some(old) = &r.old_index {
+        let _ = writeln!(out, "  old index moved to {}", old.display());
+    }
+    if let Some(e) = &r.old_index_error {
+        let _ = writeln!(out, "  old index could not be read: {e}");
+    }
+    let _ = writeln!(
+        out,
+        "  scanned {} packs: {} intact entries, {} damaged, {} skipped; indexed {} chunks",
+        r.packs_scanned,
+        r.entries_found,
+        r.bad_entries,
+        human(r.skipped_bytes),
+        r.chunks_indexed
+    );
+    for p in &r.packs_unreadable {
+        let _ = writeln!(out, "  unreadable pack: {p}");
+    }
+    let _ = writeln!(out, "  {} snapshots: {}", r.snapshots.len(), r.snapshots.join(", "));
+    if !r.manifests_from_old_index.is_empty() {
+        let _ = writeln!(out, "  manifests taken from the old index: {}", r.manifests_from_old_index.join(", "));
+    }
+    for s in &r.set_aside {
+        let _ = writeln!(out, "  set aside (not listed): {s}");
+    }
+    let _ = writeln!(out, "  {} attachments kept", r.attachments_kept);
+    Ok(out)
 }
