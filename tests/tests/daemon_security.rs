@@ -235,8 +235,6 @@ fn images_are_uploaded_within_a_size_limit() {
 fn a_second_daemon_on_the_socket_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
-    let mode = std::fs::metadata(&d.socket).expect("socket").permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "only the daemon's user may use the socket");
     d.ok("POST", "/vms", Some(json!({"name": "a", "guest": "idle", "mem_mib": 16, "start": true})));
     // Same socket, another state directory.
     let other = tempfile::tempdir().expect("tempdir");
@@ -253,6 +251,8 @@ fn a_second_daemon_on_the_socket_refuses_to_start() {
     assert!(stderr.contains("another snapvisor daemon"), "{stderr}");
     // The first one is untouched and still answers.
     assert_eq!(d.ok("GET", "/vms/a", None)["state"], "running");
+    let mode = std::fs::metadata(&d.socket).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the daemon's user may use the socket");
 }
 
 #[test]
