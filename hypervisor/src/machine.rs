@@ -8,7 +8,6 @@
 //! one fails the snapshot by name instead of silently losing its state.
 
 use std::io::Write;
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::bus::{Bus, BusDevice};
@@ -229,13 +228,11 @@ pub fn attach_devices(
 /// the setup item, the rest as the kernel item.
 pub fn add_kernel_items(
     devices: &Devices,
-    kernel: &Path,
-    initrd: Option<&Path>,
+    kernel: &crate::boot::files::BootFile,
+    initrd: Option<&crate::boot::files::BootFile>,
     cmdline: &str,
 ) -> Result<(), MachineError> {
-    let read =
-        |p: &Path| std::fs::read(p).map_err(|source| MachineError::Read { path: p.display().to_string(), source });
-    let image = read(kernel)?;
+    let image = &kernel.data;
     // bzImage: setup_sects at 0x1f1 (0 means 4), "HdrS" at 0x202.
     let setup_len = if image.get(0x202..0x206) == Some(b"HdrS".as_slice()) {
         let sects = image.get(0x1f1).copied().map_or(4, |s| if s == 0 { 4 } else { usize::from(s) });
@@ -261,8 +258,8 @@ pub fn add_kernel_items(
     fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_ADDR, len32(0x2_0000)).map_err(fw_err("cmdline addr"))?;
     fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_SIZE, len32(cmd.len())).map_err(fw_err("cmdline size"))?;
     fw.add_bytes(fw_cfg::FW_CFG_CMDLINE_DATA, cmd).map_err(fw_err("cmdline data"))?;
-    if let Some(path) = initrd {
-        let data = read(path)?;
+    if let Some(initrd) = initrd {
+        let data = initrd.data.clone();
         fw.add_bytes(fw_cfg::FW_CFG_INITRD_SIZE, len32(data.len())).map_err(fw_err("initrd size"))?;
         fw.add_bytes(fw_cfg::FW_CFG_INITRD_DATA, data).map_err(fw_err("initrd data"))?;
     }

@@ -5,7 +5,6 @@
 //! which goes before the VM file descriptor.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use migrate::lazy::PageServer;
 use migrate::ram::RamRegistry;
 use thiserror::Error;
 
+use crate::boot::files::BootFile;
 use crate::boot::linux::{self, LinuxBootConfig, LinuxBootError};
 use crate::control::{self, ExitReason, VmControl};
 use crate::cpu::{self, CpuError};
@@ -87,9 +87,10 @@ pub enum BootSource {
         guest: Builtin,
         params: BuiltinParams,
     },
+    /// A Linux kernel and initrd, already read (see [`crate::boot::files`]).
     Kernel {
-        kernel: PathBuf,
-        initrd: Option<PathBuf>,
+        kernel: BootFile,
+        initrd: Option<BootFile>,
         cmdline: String,
     },
     /// Nothing: memory, devices and vCPUs get their state from a snapshot.
@@ -100,7 +101,7 @@ impl BootSource {
     fn describe(&self) -> String {
         match self {
             BootSource::Builtin { guest, .. } => format!("builtin:{}", guest.name()),
-            BootSource::Kernel { kernel, .. } => format!("kernel:{}", kernel.display()),
+            BootSource::Kernel { kernel, .. } => format!("kernel:{}", kernel.name),
             BootSource::Restore => "restore".into(),
         }
     }
@@ -237,9 +238,9 @@ impl Vm {
             BootSource::Kernel { kernel, initrd, cmdline } => {
                 let loaded = linux::load_linux(
                     ram.memory(),
-                    &LinuxBootConfig { kernel, initrd: initrd.as_deref(), cmdline, e820: &e820 },
+                    &LinuxBootConfig { kernel, initrd: initrd.as_ref(), cmdline, e820: &e820 },
                 )?;
-                machine::add_kernel_items(&devices, kernel, initrd.as_deref(), cmdline)?;
+                machine::add_kernel_items(&devices, kernel, initrd.as_ref(), cmdline)?;
                 (loaded.entry, loaded.boot_params, false, 0)
             }
             BootSource::Restore => (0, 0, false, 0),

@@ -6,9 +6,7 @@
 //! [`crate::layout`]), page tables and GDT below 0x10000, kernel from 1 MiB, initrd at the top
 //! of RAM below the kernel's `initrd_addr_max`.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::io::Cursor;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -16,6 +14,7 @@ use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use thiserror::Error;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::files::BootFile;
 use crate::layout;
 
 /// One e820 range.
@@ -30,8 +29,8 @@ pub struct E820Entry {
 /// What to boot.
 #[derive(Clone, Copy, Debug)]
 pub struct LinuxBootConfig<'a> {
-    pub kernel: &'a Path,
-    pub initrd: Option<&'a Path>,
+    pub kernel: &'a BootFile,
+    pub initrd: Option<&'a BootFile>,
     pub cmdline: &'a str,
     pub e820: &'a [E820Entry],
 }
@@ -49,28 +48,24 @@ pub struct LoadedKernel {
 /// Errors loading a kernel; each names the file and the value.
 #[derive(Debug, Error)]
 pub enum LinuxBootError {
-    #[error("kernel {path}: {source}")]
-    KernelFile { path: PathBuf, source: std::io::Error },
     #[error(
-        "kernel {path} is not a kernel: no bzImage header (\"HdrS\" at 0x202) and no ELF magic; it starts with {found}"
+        "kernel {path} is not a kernel: no bzImage header (\"HdrS\" at 0x202) and no ELF magic; it looks like {found}"
     )]
-    NotAKernel { path: PathBuf, found: String },
+    NotAKernel { path: String, found: String },
     #[error("kernel {path} speaks boot protocol {major}.{minor:02}; snapvisor needs 2.06 or later")]
-    ProtocolTooOld { path: PathBuf, major: u16, minor: u16 },
+    ProtocolTooOld { path: String, major: u16, minor: u16 },
     #[error(
         "kernel {path} cannot be loaded high (loadflags {flags:#x}) or has no 64-bit entry (xloadflags {xflags:#x})"
     )]
-    Not64Bit { path: PathBuf, flags: u8, xflags: u16 },
+    Not64Bit { path: String, flags: u8, xflags: u16 },
     #[error(
         "kernel {path} ({size} bytes) does not fit in guest memory ({room} bytes from 1 MiB): give the VM more memory"
     )]
-    KernelTooLarge { path: PathBuf, size: u64, room: u64 },
+    KernelTooLarge { path: String, size: u64, room: u64 },
     #[error("loading kernel {path}: {reason}")]
-    Load { path: PathBuf, reason: String },
-    #[error("initrd {path}: {source}")]
-    InitrdFile { path: PathBuf, source: std::io::Error },
+    Load { path: String, reason: String },
     #[error("initrd {path} ({size} bytes) does not fit between the end of the decompressed kernel ({kernel_end:#x}) and {limit:#x}: give the VM more memory")]
-    InitrdTooLarge { path: PathBuf, size: u64, kernel_end: u64, limit: u64 },
+    InitrdTooLarge { path: String, size: u64, kernel_end: u64, limit: u64 },
     #[error("kernel command line of {len} bytes is longer than the kernel accepts ({max} bytes with its NUL)")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("kernel command line: {0}")]
@@ -108,26 +103,32 @@ fn low_ram_end(e820: &[E820Entry]) -> u64 {
         .unwrap_or(layout::HIMEM_START)
 }
 
+/// What a file that is no kernel looks like, without quoting a byte of it: the file may be
+/// something its owner can read and the requester cannot.
+fn describe(head: &[u8]) -> &'static str {
+    match head {
+        [] => "nothing (an empty file)",
+        [0x1f, 0x8b, ..] => "gzip data",
+        [0xfd, b'7', b'z', b'X', b'Z', ..] => "xz data",
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => "zstd data",
+        [b'0', b'7', b'0', b'7', b'0', ..] => "a cpio archive (an initrd?)",
+        _ if head.iter().take(64).all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()) => "text",
+        _ => "unrecognised binary data",
+    }
+}
+
 /// Loads the kernel, command line and initrd and writes the zero page.
 pub fn load_linux(mem: &GuestMemoryMmap, cfg: &LinuxBootConfig) -> Result<LoadedKernel, LinuxBootError> {
-    let kpath = cfg.kernel.to_path_buf();
-    let kerr = |source| LinuxBootError::KernelFile { path: kpath.clone(), source };
-    let mut file = File::open(cfg.kernel).map_err(kerr)?;
-    let size = file.metadata().map_err(kerr)?.len();
-    let mut head = vec![0u8; 0x300];
-    let n = file.read(&mut head).map_err(kerr)?;
-    head.truncate(n);
-    file.seek(SeekFrom::Start(0)).map_err(kerr)?;
+    let kpath = cfg.kernel.name.clone();
+    let size = cfg.kernel.data.len() as u64;
+    let head = &cfg.kernel.data[..cfg.kernel.data.len().min(0x300)];
+    let mut file = Cursor::new(cfg.kernel.data.as_slice());
     let low_end = low_ram_end(cfg.e820);
     let room = low_end.saturating_sub(layout::HIMEM_START);
     let is_bzimage = head.get(0x202..0x206) == Some(HDRS.as_slice());
     let is_elf = head.get(0..4) == Some(ELF_MAGIC.as_slice());
     if !is_bzimage && !is_elf {
-        let found = head.iter().take(8).map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
-        return Err(LinuxBootError::NotAKernel {
-            path: kpath,
-            found: if found.is_empty() { "nothing (empty file)".into() } else { found },
-        });
+        return Err(LinuxBootError::NotAKernel { path: kpath, found: describe(head).into() });
     }
     if size > room {
         return Err(LinuxBootError::KernelTooLarge { path: kpath, size, room });
@@ -190,9 +191,8 @@ pub fn load_linux(mem: &GuestMemoryMmap, cfg: &LinuxBootConfig) -> Result<Loaded
     p.hdr.cmdline_size = (cfg.cmdline.len() + 1) as u32;
 
     // Initrd: page-aligned, as high as the kernel allows in low RAM.
-    if let Some(ipath) = cfg.initrd {
-        let ierr = |source| LinuxBootError::InitrdFile { path: ipath.to_path_buf(), source };
-        let data = std::fs::read(ipath).map_err(ierr)?;
+    if let Some(initrd) = cfg.initrd {
+        let data = &initrd.data;
         let addr_max = header.map_or(DEFAULT_INITRD_ADDR_MAX, |h| u64::from(h.initrd_addr_max));
         let limit = low_end.min(addr_max + 1);
         let isize = data.len() as u64;
@@ -201,14 +201,14 @@ pub fn load_linux(mem: &GuestMemoryMmap, cfg: &LinuxBootConfig) -> Result<Loaded
             Some(a) if a >= kernel_end && isize > 0 => a,
             _ => {
                 return Err(LinuxBootError::InitrdTooLarge {
-                    path: ipath.to_path_buf(),
+                    path: initrd.name.clone(),
                     size: isize,
                     kernel_end,
                     limit,
                 });
             }
         };
-        mem.write_slice(&data, GuestAddress(addr)).map_err(|e| LinuxBootError::GuestMemory {
+        mem.write_slice(data, GuestAddress(addr)).map_err(|e| LinuxBootError::GuestMemory {
             what: "the initrd",
             addr,
             reason: e.to_string(),
@@ -283,10 +283,11 @@ mod tests {
         assert_eq!(l.kernel_end, 0x180_0000);
     }
 
-    fn file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> PathBuf {
+    /// A file written to `dir` and read back the way `snapvisor run` reads one.
+    fn file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> BootFile {
         let p = dir.path().join(name);
         std::fs::write(&p, data).expect("write");
-        p
+        BootFile::read_path("kernel", &p, 1 << 30).expect("read back")
     }
 
     #[test]
@@ -368,14 +369,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let m = mem(16);
         let e = e820(16);
-        let cfg = |k: &'static str| (dir.path().join(k), e.clone());
-        let (missing, e1) = cfg("missing");
-        let r = load_linux(&m, &LinuxBootConfig { kernel: &missing, initrd: None, cmdline: "", e820: &e1 });
-        assert!(matches!(r, Err(LinuxBootError::KernelFile { .. })));
+        let r = BootFile::read_path("kernel", &dir.path().join("missing"), 1 << 30);
+        assert!(matches!(r, Err(crate::boot::files::BootFileError::Missing { .. })));
         let junk = file(&dir, "junk", &[1, 2, 3, 4, 5]);
         let err =
             load_linux(&m, &LinuxBootConfig { kernel: &junk, initrd: None, cmdline: "", e820: &e }).expect_err("junk");
-        assert!(err.to_string().contains("is not a kernel") && err.to_string().contains("01 02 03 04 05"), "{err}");
+        assert!(err.to_string().contains("is not a kernel") && err.to_string().contains("unrecognised"), "{err}");
+        // Never a byte of the file: it may be one the requester cannot read (/etc/shadow).
+        assert!(!err.to_string().contains("01 02"), "{err}");
+        let text = file(&dir, "shadow", b"root:*:19000:0:99999:7:::\n");
+        let err =
+            load_linux(&m, &LinuxBootConfig { kernel: &text, initrd: None, cmdline: "", e820: &e }).expect_err("text");
+        assert!(err.to_string().ends_with("it looks like text") && !err.to_string().contains("root"), "{err}");
         let old = file(&dir, "old", &bzimage(0x204, 1024));
         let err =
             load_linux(&m, &LinuxBootConfig { kernel: &old, initrd: None, cmdline: "", e820: &e }).expect_err("old");
@@ -400,9 +405,7 @@ mod tests {
         let err = load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: Some(&huge), cmdline: "", e820: &e })
             .expect_err("initrd");
         assert!(matches!(err, LinuxBootError::InitrdTooLarge { .. }));
-        let missing = dir.path().join("nope");
-        let err = load_linux(&m, &LinuxBootConfig { kernel: &k, initrd: Some(&missing), cmdline: "", e820: &e })
-            .expect_err("missing");
+        let err = BootFile::read_path("initrd", &dir.path().join("nope"), 1 << 30).expect_err("missing");
         assert!(err.to_string().contains("nope"));
         let mut many = e.clone();
         many.extend(vec![E820Entry { addr: 0xf000_0000, size: 4096, kind: 2 }; 127]);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::CliError;
+use crate::boot::files::BootFile;
 use crate::control::ExitReason;
 use crate::guests::{Builtin, MemfillMode, TimerMode};
 use crate::snapshot::{self, SaveOptions, SnapshotError};
@@ -90,8 +91,13 @@ pub fn fw_cfg_files(args: &[String]) -> Result<Vec<FwCfgFile>, CliError> {
 }
 
 impl RunArgs {
-    pub fn boot_source(&self) -> BootSource {
-        match (&self.builtin, &self.kernel) {
+    /// What to boot; a kernel and initrd are read here, any file this user can read, at
+    /// most as large as guest memory.
+    pub fn boot_source(&self) -> Result<BootSource, CliError> {
+        let limit = self.mem_mib.saturating_mul(1 << 20);
+        let read =
+            |what, p: &std::path::Path| BootFile::read_path(what, p, limit).map_err(|e| CliError::Input(e.to_string()));
+        Ok(match (&self.builtin, &self.kernel) {
             (Some(guest), _) => BootSource::Builtin {
                 guest: *guest,
                 params: BuiltinParams {
@@ -103,11 +109,11 @@ impl RunArgs {
                 },
             },
             (None, kernel) => BootSource::Kernel {
-                kernel: kernel.clone().unwrap_or_default(),
-                initrd: self.initrd.clone(),
+                kernel: read("kernel", kernel.as_deref().unwrap_or(std::path::Path::new("")))?,
+                initrd: self.initrd.as_deref().map(|p| read("initrd", p)).transpose()?,
                 cmdline: self.cmdline.clone(),
             },
-        }
+        })
     }
 
     pub fn timeout(&self) -> Result<Option<Duration>, CliError> {
@@ -181,7 +187,7 @@ pub fn finish(vm: &mut Vm, timeout: Option<Duration>) -> ExitCode {
 
 pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let timeout = args.timeout()?;
-    let mut cfg = VmConfig::new(args.mem_mib, args.vcpus, args.boot_source(), Box::new(std::io::stdout()));
+    let mut cfg = VmConfig::new(args.mem_mib, args.vcpus, args.boot_source()?, Box::new(std::io::stdout()));
     cfg.fw_cfg_files = fw_cfg_files(&args.fw_cfg_files)?;
     let store = match &args.snapshot.store {
         Some(dir) => Some(

@@ -7,7 +7,6 @@
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -15,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::ApiError;
+use super::images::ImageDir;
 use super::metrics::Metrics;
 use crate::control::ExitReason;
 use crate::guests::Builtin;
@@ -28,11 +28,12 @@ pub struct VmDef {
     /// A built-in guest to boot (or a kernel: exactly one of the two).
     #[serde(default)]
     pub guest: Option<Builtin>,
-    /// A Linux kernel (bzImage or ELF) to boot, with an optional initrd and command line.
+    /// A Linux kernel (bzImage or ELF) to boot, with an optional initrd and command line:
+    /// names of images in the image directory ([`super::images`]), never paths.
     #[serde(default)]
-    pub kernel: Option<PathBuf>,
+    pub kernel: Option<String>,
     #[serde(default)]
-    pub initrd: Option<PathBuf>,
+    pub initrd: Option<String>,
     #[serde(default)]
     pub cmdline: Option<String>,
     pub mem_mib: u64,
@@ -67,15 +68,31 @@ impl VmDef {
         }
     }
 
-    fn boot(&self, params: BuiltinParams) -> BootSource {
-        match (&self.kernel, self.guest) {
+    /// What to boot: a kernel and initrd are read from the image directory, at most as large
+    /// as guest memory.
+    fn boot(&self, params: BuiltinParams, images: &ImageDir) -> Result<BootSource, ApiError> {
+        let limit = self.mem_mib.saturating_mul(1 << 20);
+        Ok(match (&self.kernel, self.guest) {
             (Some(kernel), _) => BootSource::Kernel {
-                kernel: kernel.clone(),
-                initrd: self.initrd.clone(),
+                kernel: images.read("kernel", kernel, limit).map_err(ApiError::from_image)?,
+                initrd: match &self.initrd {
+                    Some(i) => Some(images.read("initrd", i, limit).map_err(ApiError::from_image)?),
+                    None => None,
+                },
                 cmdline: self.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.into()),
             },
             (None, guest) => BootSource::Builtin { guest: guest.unwrap_or(Builtin::Idle), params },
+        })
+    }
+
+    /// Checks that the kernel and initrd images exist and are regular files (without reading).
+    pub fn check_images(&self, images: &ImageDir) -> Result<(), ApiError> {
+        for (what, name) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            if let Some(name) = name {
+                images.check(what, name).map_err(ApiError::from_image)?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -165,6 +182,7 @@ pub struct Actor {
     pub failed: bool,
     pub store: storage::Store,
     pub metrics: Arc<Metrics>,
+    pub images: Arc<ImageDir>,
 }
 
 impl Actor {
@@ -209,7 +227,7 @@ impl Actor {
                     if !matches!(&self.vm, Some(vm) if !vm.is_started()) {
                         let params =
                             BuiltinParams { seed: self.def.seed, passes: self.def.passes, ..Default::default() };
-                        let boot = self.def.boot(params);
+                        let boot = self.def.boot(params, &self.images)?;
                         let cfg = VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
                         self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
                     }

@@ -26,7 +26,12 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 type Api = State<Arc<Daemon>>;
 
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|e| ApiError::BadRequest(format!("request body: {}", e.body_text())))
+    b.map(|Json(v)| v).map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(format!("request body: larger than the {} bytes allowed", super::limits::MAX_JSON_BODY))
+        }
+        _ => ApiError::BadRequest(format!("request body: {}", e.body_text())),
+    })
 }
 
 #[derive(Deserialize)]
@@ -35,10 +40,11 @@ struct CreateVm {
     name: String,
     #[serde(default)]
     guest: Option<Builtin>,
+    /// Image names in the image directory, not paths.
     #[serde(default)]
-    kernel: Option<std::path::PathBuf>,
+    kernel: Option<String>,
     #[serde(default)]
-    initrd: Option<std::path::PathBuf>,
+    initrd: Option<String>,
     #[serde(default)]
     cmdline: Option<String>,
     mem_mib: u64,
@@ -90,6 +96,36 @@ struct CloneReq {
     /// Return 202 with an operation id at once instead of waiting.
     #[serde(default, rename = "async")]
     background: bool,
+}
+
+/// Decodes `bytes` as the JSON body of every route that takes one, with the types those
+/// routes use, and checks what is checked before anything is done (names, the boot choice).
+/// For the fuzz tests (tests/tests/fuzz_parsers.rs): it must return, never panic. Returns how
+/// many routes would accept the body.
+pub fn decode_bodies(bytes: &[u8]) -> usize {
+    let create = serde_json::from_slice::<CreateVm>(bytes).ok().filter(|c| {
+        let def = VmDef {
+            name: c.name.clone(),
+            guest: c.guest,
+            kernel: c.kernel.clone(),
+            initrd: c.initrd.clone(),
+            cmdline: c.cmdline.clone(),
+            mem_mib: c.mem_mib,
+            vcpus: c.vcpus,
+            seed: c.seed,
+            passes: c.passes,
+            restored_from: None,
+            resume_from: None,
+        };
+        let images_ok =
+            [&def.kernel, &def.initrd].into_iter().flatten().all(|n| super::images::validate_name(n).is_ok());
+        def.check_boot().is_ok() && images_ok
+    });
+    let snapshot =
+        serde_json::from_slice::<SnapshotReq>(bytes).ok().filter(|s| storage::validate_snapshot_name(&s.name).is_ok());
+    let restore = serde_json::from_slice::<RestoreReq>(bytes).ok();
+    let clone = serde_json::from_slice::<CloneReq>(bytes).ok().filter(|c| (1..=MAX_CLONES).contains(&c.count));
+    [create.is_some(), snapshot.is_some(), restore.is_some(), clone.is_some()].into_iter().filter(|&b| b).count()
 }
 
 /// The most clones one request may ask for.
@@ -362,6 +398,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/events"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("get", "/images"),
+    ("put", "/images/{name}"),
+    ("delete", "/images/{name}"),
 ];
 
 /// Only `GET /metrics`, for a loopback TCP listener.
@@ -386,6 +425,15 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/events", get(events))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .route("/images", get(super::images_api::list))
+        .route(
+            "/images/{name}",
+            axum::routing::put(super::images_api::upload)
+                .delete(super::images_api::delete)
+                // Uploads stream to disk under their own limit (--max-image-size).
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(super::limits::MAX_JSON_BODY))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(d.clone(), count))
         .with_state(d)

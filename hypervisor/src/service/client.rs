@@ -35,11 +35,13 @@ pub enum VmCommand {
         /// A built-in guest to boot.
         #[arg(long, value_enum, required_unless_present = "kernel")]
         builtin: Option<Builtin>,
-        /// A Linux kernel to boot instead.
+        /// A Linux kernel to boot instead: the name of an image in the daemon's image
+        /// directory (not a path; `PUT /images/NAME` uploads one).
         #[arg(long, conflicts_with = "builtin")]
-        kernel: Option<PathBuf>,
+        kernel: Option<String>,
+        /// An initrd image in the daemon's image directory.
         #[arg(long, requires = "kernel")]
-        initrd: Option<PathBuf>,
+        initrd: Option<String>,
         #[arg(long, requires = "kernel")]
         cmdline: Option<String>,
         #[arg(long)]

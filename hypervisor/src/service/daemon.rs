@@ -14,6 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Actor, Cmd, Reply, Request, SerialLog, VmDef, VmInfo};
 use super::error::ApiError;
+use super::images::ImageDir;
+use super::limits::MemoryBudget;
 use super::metrics::Metrics;
 use crate::snapshot::{self, RestoreMode, RestoreOptions};
 
@@ -37,6 +39,18 @@ pub struct Daemon {
     pub events: tokio::sync::broadcast::Sender<serde_json::Value>,
     /// Set when the daemon is stopping: event streams end so connections can close.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Kernels and initrds VMs may boot.
+    pub images: Arc<ImageDir>,
+    /// The guest memory every VM together may hold.
+    pub budget: Arc<MemoryBudget>,
+}
+
+/// What the operator configures about a daemon beyond its state directory.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    pub images: ImageDir,
+    /// Guest memory budget in MiB.
+    pub max_guest_mib: u64,
 }
 
 /// VM and snapshot names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot (they become
@@ -57,7 +71,7 @@ fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
 
 impl Daemon {
     /// Opens (or creates) the state directory: the store in `store/`, VM definitions in `vms/`.
-    pub fn open(state_dir: &Path) -> Result<Arc<Daemon>, String> {
+    pub fn open(state_dir: &Path, config: DaemonConfig) -> Result<Arc<Daemon>, String> {
         let vms_dir = state_dir.join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(|e| format!("creating {}: {e}", vms_dir.display()))?;
         let store = storage::Store::open(state_dir.join("store")).map_err(|e| e.to_string())?;
@@ -69,6 +83,8 @@ impl Daemon {
             ops: Arc::new(super::ops::Ops::default()),
             events: tokio::sync::broadcast::channel(1024).0,
             stopping: tokio::sync::watch::channel(false).0,
+            images: Arc::new(config.images),
+            budget: Arc::new(MemoryBudget::new(config.max_guest_mib)),
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
         for entry in entries.flatten() {
@@ -82,6 +98,7 @@ impl Daemon {
             {
                 Ok(def) if validate_name("VM", &def.name).is_ok() => {
                     tracing::info!(vm = %def.name, "VM definition loaded");
+                    d.budget.force(&def.name, def.mem_mib);
                     let vm = def.resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap));
                     // Resumed once: a later start must not go back to that snapshot.
                     let def = VmDef { resume_from: None, ..def };
@@ -154,6 +171,7 @@ impl Daemon {
             failed: false,
             store: self.store.clone(),
             metrics: self.metrics.clone(),
+            images: self.images.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", def.name))
@@ -200,11 +218,13 @@ impl Daemon {
         if def.vcpus == 0 || def.vcpus > 255 {
             return Err(ApiError::BadRequest(format!("{} vCPUs requested: 1 to 255 allowed", def.vcpus)));
         }
+        def.check_images(&self.images)?;
         {
             let mut vms = self.lock();
             if vms.contains_key(&def.name) {
                 return Err(ApiError::Conflict(format!("a VM named '{}' already exists", def.name)));
             }
+            self.budget.reserve(&def.name, def.mem_mib)?;
             let h = self.spawn_actor(def.clone(), None);
             vms.insert(def.name.clone(), h);
         }
@@ -219,7 +239,11 @@ impl Daemon {
     }
 
     fn remove(&self, name: &str) -> Option<JoinHandle<()>> {
-        self.lock().remove(name).map(|h| h.thread)
+        let h = self.lock().remove(name).map(|h| h.thread);
+        if h.is_some() {
+            self.budget.release(name);
+        }
+        h
     }
 
     /// Stops and forgets a VM.
@@ -243,6 +267,8 @@ impl Daemon {
         if self.lock().contains_key(name) {
             return Err(ApiError::Conflict(format!("a VM named '{name}' already exists")));
         }
+        // The memory is held from here; a failure below gives it back when `held` drops.
+        let held = super::limits::reserve_for_restore(self, snapshot_name, name).await?;
         let t0 = Instant::now();
         let this = self.clone();
         let (snap, vm_name) = (snapshot_name.to_string(), name.to_string());
@@ -260,7 +286,7 @@ impl Daemon {
         self.metrics.restore_done(t0.elapsed());
         let (guest, kernel) = match spec.guest.split_once(':') {
             Some(("builtin", g)) => (g.parse().ok(), None),
-            Some(("kernel", path)) => (None, Some(std::path::PathBuf::from(path))),
+            Some(("kernel", image)) => (None, Some(image.to_string())),
             _ => (None, None),
         };
         let def = VmDef {
@@ -281,6 +307,7 @@ impl Daemon {
             if vms.contains_key(&vm_name) {
                 return Err(ApiError::Conflict(format!("a VM named '{vm_name}' already exists")));
             }
+            held.keep();
             let h = self.spawn_actor(def.clone(), Some((vm, serial)));
             vms.insert(vm_name.clone(), h);
         }

@@ -18,6 +18,12 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    /// The request body is larger than allowed.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The guest memory budget has no room (see [`super::limits`]).
+    #[error("{0}")]
+    OverBudget(#[from] super::limits::OverBudget),
 }
 
 impl ApiError {
@@ -27,6 +33,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::OverBudget(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -34,6 +42,16 @@ impl ApiError {
         match crate::cli::run::vm_error_is_input(e) {
             true => ApiError::BadRequest(e.to_string()),
             false => ApiError::Internal(e.to_string()),
+        }
+    }
+
+    pub fn from_image(e: super::images::ImageError) -> ApiError {
+        use super::images::ImageError as I;
+        match e {
+            I::NotFound { .. } => ApiError::NotFound(e.to_string()),
+            I::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+            e if e.is_input() => ApiError::BadRequest(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
         }
     }
 

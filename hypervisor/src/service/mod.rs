@@ -15,10 +15,13 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod error;
+pub mod images;
+pub mod images_api;
+pub mod limits;
 pub mod metrics;
 pub mod ops;
+pub mod socket;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -44,6 +47,21 @@ pub struct ServeArgs {
     /// On SIGTERM, stop running VMs, or snapshot them and resume them (lazily) at the next start.
     #[arg(long, value_enum, default_value_t = OnShutdown::Stop)]
     pub on_shutdown: OnShutdown,
+    /// Let this group use the API socket (mode 0660); without it only the daemon's user can
+    /// (0600). API access is control of every VM: grant it as you would root.
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Where the kernels and initrds that API requests name live (`PUT /images/NAME` adds
+    /// one); default `STATE_DIR/images` (/var/lib/snapvisor/images).
+    #[arg(long)]
+    pub image_dir: Option<PathBuf>,
+    /// The largest image, in bytes, that a VM may boot or a client may upload.
+    #[arg(long, default_value_t = images::DEFAULT_MAX_IMAGE_BYTES)]
+    pub max_image_size: u64,
+    /// Guest memory all VMs together may have: MiB, a size (16G) or a share of host RAM
+    /// (default 75%).
+    #[arg(long)]
+    pub max_guest_memory: Option<String>,
 }
 
 /// What happens to running VMs when the daemon stops.
@@ -74,7 +92,14 @@ fn terminated() -> Result<impl std::future::Future<Output = ()>, CliError> {
     })
 }
 
+fn input(e: impl std::fmt::Display) -> CliError {
+    CliError::Input(e.to_string())
+}
+
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    // Before any thread or file exists: nothing the daemon creates (socket, state, packs) is
+    // readable by others unless it widens it on purpose.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         // Threads for blocking work (snapshots, restores) retire soon after a burst.
@@ -90,20 +115,23 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         return Err(CliError::Input(format!("--metrics-addr {addr}: only loopback addresses are served")));
     }
     let shutdown = terminated()?;
-    let daemon = daemon::Daemon::open(&args.state_dir)
+    let host_mib = crate::memory::host_mem_mib().map_err(|e| CliError::Internal(e.to_string()))?;
+    let max_guest_mib = match &args.max_guest_memory {
+        Some(v) => limits::parse_budget(v, host_mib).map_err(input)?,
+        None => limits::default_budget().map_err(input)?,
+    };
+    let image_dir = args.image_dir.clone().unwrap_or_else(|| args.state_dir.join("images"));
+    let images = images::ImageDir::open(&image_dir, args.max_image_size).map_err(input)?;
+    tracing::info!(image_dir = %image_dir.display(), max_guest_mib, "limits");
+    let config = daemon::DaemonConfig { images, max_guest_mib };
+    let daemon = daemon::Daemon::open(&args.state_dir, config)
         .map_err(|e| CliError::Input(format!("state directory {}: {e}", args.state_dir.display())))?;
-    if let Some(dir) = args.socket.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| CliError::Input(format!("creating {}: {e}", dir.display())))?;
-    }
-    match std::fs::remove_file(&args.socket) {
-        Ok(()) => tracing::info!("removed a stale socket at {}", args.socket.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(CliError::Input(format!("socket {}: {e}", args.socket.display()))),
-    }
-    let listener = tokio::net::UnixListener::bind(&args.socket)
-        .map_err(|e| CliError::Input(format!("binding {}: {e}", args.socket.display())))?;
-    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| CliError::Internal(format!("chmod {}: {e}", args.socket.display())))?;
+    let group = args.socket_group.as_deref().map(socket::lookup_group).transpose().map_err(input)?;
+    let (listener, claimed) = socket::claim(&args.socket, group).map_err(input)?;
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(listener))
+        .map_err(|e| CliError::Internal(format!("socket {}: {e}", args.socket.display())))?;
     if let Some(addr) = args.metrics_addr {
         let tcp =
             tokio::net::TcpListener::bind(addr).await.map_err(|e| CliError::Input(format!("binding {addr}: {e}")))?;
@@ -146,6 +174,6 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), stop).await.is_err() {
         tracing::warn!("VMs did not stop within {} s; exiting anyway", args.shutdown_timeout);
     }
-    let _ = std::fs::remove_file(&args.socket);
+    claimed.release();
     served.map_err(|e| CliError::Internal(format!("serving the API: {e}")))
 }
