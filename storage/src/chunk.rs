@@ -1,8 +1,8 @@
 //! Chunk codec: content hashing, zero detection, zstd compression into a stored value, and
 //! verified decompression straight into the caller's buffer.
 //!
-//! A stored chunk value (sled tree `chunks`, key = 32-byte blake3 hash of the uncompressed
-//! bytes) is:
+//! A stored chunk value (in a pack entry, see pack.rs; indexed by the 32-byte blake3 hash of
+//! the uncompressed bytes) is:
 //!
 //! ```text
 //! byte 0      codec: 1 = zstd frame, 2 = raw (stored when zstd does not shrink it)

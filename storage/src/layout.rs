@@ -7,6 +7,8 @@
 //! the repair command, and a fresh index is never created over existing data (sled would
 //! happily create an empty one). A directory with sled files or `packs/` but no marker is a
 //! format 1 store (written before packs had headers): it is refused with a versioned error.
+//! Any other non-empty directory is refused too: a store is only created in a new or empty
+//! directory, so a mistyped path never grows a store inside unrelated files.
 
 use std::path::{Path, PathBuf};
 
@@ -89,6 +91,17 @@ pub(crate) fn classify(dir: &Path) -> Result<Layout> {
                  {FORMAT} only: re-create the store, or if it was written by this build, run \
                  `snapvisor store repair --store {}`",
                 dir.display()
+            ),
+        ));
+    }
+    if !names.is_empty() {
+        return Err(format_err(
+            dir,
+            format!(
+                "holds no snapvisor store but is not empty ({} entries, e.g. '{}'); a new store is only \
+                 created in a new or empty directory",
+                names.len(),
+                names[0]
             ),
         ));
     }

@@ -10,53 +10,96 @@
 //! # On disk
 //!
 //! ```text
-//! <dir>/conf, db, snap.*     sled 0.34, trees:
-//!     index        blake3 hash (32 B) -> pack id u32, offset u64, length u32 (LE)
+//! <dir>/snapvisor-store      marker: "snapvisor store\nformat 2\n" (layout.rs)
+//! <dir>/conf, db, snap.*     sled 0.34: the index, rebuildable by `store repair`; trees:
+//!     index        blake3 hash (32 B) -> pack id u32, offset u64, length u32 (LE) of the value
 //!     manifests    snapshot name -> "SVMF" header + CBOR manifest (see manifest.rs)
 //!     attachments  snapshot name, 0x00, attachment name -> crc32 u32 LE + bytes
-//!     meta         "clean" while no process has the store open
-//! <dir>/packs/00000000.pack  chunk values appended back to back (see pack.rs):
-//!     codec u8 (1 zstd, 2 raw), uncompressed length u32 LE, payload
+//!     meta         "clean" while no process has the store open; "first-new-pack" u32 LE, the
+//!                  first pack the last session could write; "deleted/NAME" tombstones
+//! <dir>/manifests/NAME       each committed manifest again, same bytes (mfiles.rs)
+//! <dir>/packs/00000000.pack  pack header, then entries: entry header (magic, length, hash,
+//!                            value crc, header crc) + value (codec u8, length u32, payload);
+//!                            see pack.rs
 //! ```
 //!
 //! Chunk values live in pack files and not in sled because sled 0.34 measured 1.5x-2.6x the
 //! value bytes on disk (leaves holding values are rewritten on consolidation and segments are
 //! only cleaned below 50% live), even after tuning segment size and mode. With packs, disk
 //! usage is 1.01x the stored bytes on the benchmark image and stays there through deletes
-//! thanks to hole punching.
+//! thanks to hole punching. Packs and manifest files together hold everything a snapshot
+//! needs, so the sled index can be rebuilt from them ([`Store::repair`]). Stores of format 1
+//! (no marker, packs without headers) are refused with an error naming both versions; they
+//! must be re-created.
 //!
 //! # Commit protocol
 //!
-//! 1. `put_chunk`: zero check; hash; if the index lacks the hash, compress, append the value to
-//!    the active pack (`pwrite`), insert the index entry; record the reference in the writer.
+//! 1. `put_chunk`: zero check; hash; if the index lacks the hash, compress, append entry
+//!    header + value to the active pack (`pwrite`; the pack is marked unsynced before and
+//!    after), insert the index entry only if still absent (the first copy wins); record the
+//!    reference in the writer.
 //! 2. `commit`: every chunk of every declared block must have been put; `fdatasync` every pack
-//!    written since the last sync; flush sled (index entries durable); insert the manifest with
-//!    one compare-and-swap (only if the name is absent); flush sled again.
+//!    written since the last sync; flush sled (index entries durable); write
+//!    `manifests/NAME` (temporary file, fsync, exclusive hard link, directory fsync); insert
+//!    the manifest into sled with one compare-and-swap (only if the name is absent); flush.
+//! 3. `delete`: record a tombstone; remove `manifests/NAME` (directory fsync); remove the
+//!    sled manifest and attachments; flush.
 //!
 //! A snapshot is visible exactly when its manifest is in the `manifests` tree, and the
-//! manifest is written only after everything it references is durable. A crash at any moment
-//! leaves earlier snapshots intact and lists nothing partial; `tests/tests/store_crash.rs`
-//! kills a writing, deleting and collecting child with SIGKILL 30 times and checks this.
+//! manifest is written only after everything it references is durable.
+//!
+//! # What survives what
+//!
+//! *SIGKILL* (the process dies, the kernel keeps what it wrote), tested by
+//! `tests/tests/store_crash.rs` (30 kills of a writing, deleting and collecting child):
+//! every listed snapshot reads back bit-exact and nothing partial is listed. A commit killed
+//! after its manifest file was linked is completed at the next open (everything it
+//! references was already durable); a delete killed after its file was removed is undone at
+//! the next open (the file is written again). The next read-write open collects the chunks
+//! the killed session left unreferenced.
+//!
+//! *Power loss* (writes not yet synced are lost): a commit or delete that returned survives,
+//! since each step above is synced before the next one starts; creating a pack `fsync`s
+//! `packs/`. Because the first indexed copy of a chunk is never replaced and a pack's
+//! unsynced mark is only cleared by a sync that began after the last write into it, a commit
+//! never references chunk bytes, its own or deduplicated, that it did not sync. Recovery
+//! removes the index entries of the interrupted session's packs that no manifest references,
+//! so nothing can deduplicate against bytes that may be lost. Hole punching by GC is not
+//! synced (a lost punch only leaves dead bytes for the next GC). This relies on sled's
+//! `flush` and the filesystem honouring `fsync`; no test here cuts power (the machine has no
+//! write-logging block device set up), so it rests on this ordering argument.
+//!
+//! *Damage* (a truncated, deleted or flipped file) is an error, never an empty store and
+//! never deletion: a missing `db` is refused before sled can create an empty one; sled's
+//! manifests are cross-checked against the manifest files on every open, read-write opens
+//! and every GC check that the index holds every referenced chunk, and GC checks each entry
+//! it keeps against its pack entry header before punching anything (consistency.rs, gc.rs).
+//! `store verify` checks the index against the packs and the manifest files; `store repair`
+//! rebuilds the index (repair.rs). Store files are opened without following symlinks and
+//! must be regular files of bounded size. Attachments live only in sled: a repair keeps the
+//! ones the damaged database still yields.
 //!
 //! # Garbage collection and recovery
 //!
 //! Mark-and-sweep, no refcounts ([`Store::gc`], gc.rs): mark every hash referenced by a
 //! committed manifest or by an open writer of this process; remove every other index entry
 //! and orphaned attachments; flush; then punch holes into the packs over every byte range no
-//! live entry covers (packs with nothing live are deleted). Writers hold a shared lock while
-//! they look up and record a hash; GC holds it exclusively, so a deduplicated reference is
-//! never swept under a writer. Readers never take it. A store that was not closed cleanly
-//! (no `clean` marker) is collected on open: the index may name chunks of writers that died,
-//! whose bytes may not have reached the disk on power loss; nothing may dedup against them.
+//! live entry covers (packs with nothing live are deleted and closed, so the space is free
+//! at once). Writers hold a shared lock while they look up and record a hash; GC holds it
+//! exclusively, so a deduplicated reference is never swept under a writer. Readers never take
+//! it. A store that was not closed cleanly (no `clean` marker) is recovered on open: only
+//! unreferenced chunks in packs the interrupted session created, or of snapshots deleted
+//! since the last GC, are removed; a failed recovery fails the open.
 //!
 //! # Integrity
 //!
-//! Every chunk read is decompressed into the caller's buffer and checked against its hash; a
-//! mismatch, a missing chunk, a corrupt index entry or a short pack read is an error naming the
-//! snapshot, block and offset, and the buffer is zeroed: never wrong bytes. Manifests carry a
-//! magic, a format version and a crc32, and every count and size is validated on decode.
-//! Deleting a snapshot while a reader still uses it makes that reader's later reads fail
-//! (after the next GC) with such an error; callers keep snapshots they restore from.
+//! Every chunk read checks the entry header in front of the value against the index, then
+//! decompresses into the caller's buffer and checks the content hash; a mismatch, a missing
+//! chunk, a corrupt index entry or a short pack read is an error naming the snapshot, block
+//! and offset, and the buffer is zeroed: never wrong bytes. Manifests carry a magic, a
+//! format version and a crc32, and every count and size is validated on decode. Deleting a
+//! snapshot while a reader still uses it makes that reader's later reads fail (after the next
+//! GC) with such an error; callers keep snapshots they restore from.
 //!
 //! # Full disk
 //!

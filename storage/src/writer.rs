@@ -320,3 +320,26 @@ impl Drop for SnapshotWriter {
         self.store.unregister_writer(self.id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::chunk::{self, Hash};
+    use crate::store::Store;
+
+    /// Two writers that both found a new chunk missing both append it; the first index entry
+    /// must stay, so a commit that deduplicated against it never ends up pointing at the
+    /// second copy, whose bytes its own pack sync may not have covered.
+    #[test]
+    fn the_first_indexed_copy_of_a_chunk_is_never_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let data = vec![0x42u8; 65536];
+        let hash = Hash::of(&data);
+        let value = chunk::encode(&data, 3).expect("encode");
+        assert!(store.store_new_chunk(&hash, &value).expect("first"));
+        let first = store.debug_chunk_location(&hash).expect("location").expect("indexed");
+        assert!(!store.store_new_chunk(&hash, &value).expect("second"), "the second copy must lose");
+        let after = store.debug_chunk_location(&hash).expect("location").expect("indexed");
+        assert_eq!(after, first, "the index entry moved to the second copy");
+    }
+}

@@ -357,3 +357,58 @@ fn check_one(store: &Store, name: &str) {
         assert!(matches!(r.manifest().blocks[b].chunks[1], ChunkRef::Zero));
     }
 }
+
+#[test]
+fn damaged_index_of_an_unclean_store_stops_the_open_and_collects_nothing() {
+    let dir = unclean_store();
+    let before = packs(dir.path());
+    truncate_db(dir.path());
+    let e = Store::open_with(dir.path(), opts()).expect_err("recovery on a truncated index must fail").to_string();
+    eprintln!("open: {e}");
+    assert!(e.contains("repair"), "{e}");
+    assert!(packs(dir.path()) == before, "a failed recovery changed pack data");
+    // The failed open left the store unclean: the next open still refuses.
+    assert!(Store::open_with(dir.path(), opts()).is_err());
+    let out = cli(&["repair", "--store", dir.path().to_str().expect("utf-8")]).expect("repair");
+    assert!(out.contains("1 snapshots: kept"), "{out}");
+    let store = Store::open_with(dir.path(), opts()).expect("open after repair");
+    assert!(store.verify("kept").expect("verify").ok());
+}
+
+#[test]
+fn manifest_files_that_are_symlinks_or_damaged_are_errors() {
+    let dir = populated();
+    let d = dir.path().to_str().expect("utf-8");
+    let file = dir.path().join("manifests").join("beta");
+    let saved = std::fs::read(&file).expect("manifest file of beta");
+    // A symlink where a manifest file belongs: opening the store is an error naming it.
+    let elsewhere = dir.path().join("beta.elsewhere");
+    std::fs::write(&elsewhere, &saved).expect("copy");
+    std::fs::remove_file(&file).expect("remove");
+    std::os::unix::fs::symlink(&elsewhere, &file).expect("symlink");
+    let e = Store::open_with(dir.path(), opts()).expect_err("symlinked manifest file").to_string();
+    assert!(e.contains("manifests/beta") && e.contains("symlink"), "{e}");
+    // A flipped byte in a manifest file: verify fails; repair takes the index's copy.
+    std::fs::remove_file(&file).expect("remove symlink");
+    let mut damaged = saved.clone();
+    let n = damaged.len();
+    damaged[n / 2] ^= 0x10;
+    std::fs::write(&file, &damaged).expect("write damaged");
+    let (code, msg) = cli(&["verify", "--store", d]).expect_err("verify of a damaged manifest file");
+    assert_eq!(code, 1, "{msg}");
+    assert!(msg.contains("manifests/beta"), "{msg}");
+    let out = cli(&["repair", "--store", d]).expect("repair");
+    assert!(out.contains("3 snapshots") && out.contains("from the old index: beta"), "{out}");
+    assert_eq!(std::fs::read(&file).expect("rewritten"), saved);
+    check_all(&Store::open_with(dir.path(), opts()).expect("open"));
+}
+
+#[test]
+fn a_store_without_its_marker_is_refused_with_its_format() {
+    let dir = populated();
+    let _ = std::fs::remove_file(dir.path().join("snapvisor-store"));
+    let e = Store::open_with(dir.path(), opts()).expect_err("store without marker").to_string();
+    assert!(e.contains("format 1") && e.contains("format 2"), "{e}");
+    let e = Store::open_with(dir.path().join("packs"), opts()).expect_err("packs/ is no store");
+    eprintln!("{e}");
+}
