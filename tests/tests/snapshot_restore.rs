@@ -253,9 +253,12 @@ fn write_file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> String {
     p.to_str().expect("utf-8").to_string()
 }
 
-/// The `pio`/`dma` line of the blob in fwcfg's output.
+/// The `pio`/`dma` directory lines and the `file` contents line of the blob in fwcfg's output.
 fn blob_sizes(out: &str) -> Vec<String> {
-    out.lines().filter(|l| l.contains(" opt/snapvisor/blob ")).map(|l| l.to_string()).collect()
+    out.lines()
+        .filter(|l| ["pio ", "dma ", "file "].iter().any(|p| l.starts_with(p)) && l.contains(" opt/snapvisor/blob "))
+        .map(|l| l.to_string())
+        .collect()
 }
 
 #[test]
@@ -293,10 +296,12 @@ fn restore_resizes_a_fw_cfg_blob_that_grew_or_shrank() {
             "{err}"
         );
         let lines = blob_sizes(&out);
-        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines.len(), 3, "{out}");
         for l in lines {
             assert!(l.contains(&format!(" size {source} ")), "guest sees the snapshot's size: {l}");
         }
+        let sum = hypervisor::guests::fwcfg::checksum(&blob(source));
+        assert!(out.contains(&format!("pio-checksum {sum:#x} dma-checksum {sum:#x}\n")), "and its bytes: {out}");
     }
 }
 
