@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{snapvisor, start_builtin};
 use hypervisor::control::ExitReason;
-use hypervisor::guests::{memfill, BootInfo, Builtin, MemfillMode};
+use hypervisor::guests::{memfill, touch, BootInfo, Builtin, MemfillMode};
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions, SnapshotError};
 use hypervisor::vm::{BuiltinParams, SharedOutput, Vm};
 
@@ -97,7 +97,7 @@ fn stop_and_copy_snapshot_restores_eagerly_and_lazily_and_the_guest_carries_on()
 }
 
 #[test]
-fn live_snapshot_pauses_briefly_and_restores() {
+fn live_snapshot_of_a_guest_rewriting_all_its_memory_restores_and_the_guest_carries_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = store(&dir);
     let (mem, seed) = (128, 21);
@@ -119,9 +119,10 @@ fn live_snapshot_pauses_briefly_and_restores() {
     )
     .expect("live snapshot");
     assert!(report.live);
-    assert!(report.rounds >= 1);
-    assert!(report.pause_ms <= report.total_ms);
-    assert!(!rounds.lock().expect("lock").is_empty());
+    // One progress report per copying round, then one when done; round 0 copies everything.
+    let rounds = rounds.into_inner().expect("lock");
+    assert_eq!(rounds.len() as u32, report.rounds + 1, "{rounds:?}");
+    assert_eq!(rounds[0].chunks_copied * 64 * 1024, report.ram_bytes, "{rounds:?}");
     let before = out.text();
     vm.stop("snapshot taken");
     let out2 = SharedOutput::default();
@@ -132,6 +133,57 @@ fn live_snapshot_pauses_briefly_and_restores() {
     let after = wait_lines(&out2, 2, Duration::from_secs(60));
     vm2.stop("test done");
     check_continues(&before, &after, seed, mem);
+}
+
+#[test]
+fn live_snapshot_pauses_briefly_and_restores() {
+    // A guest that filled its memory and now only waits: side by side, a stop-and-copy
+    // snapshot pauses it for the whole copy, a live one for the few chunks left dirty.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(&dir);
+    let mem = 128;
+    let params = BuiltinParams { seed: 5, ..Default::default() };
+    let out = SharedOutput::default();
+    let mut vm = Vm::new(hypervisor::vm::VmConfig::new(
+        mem,
+        1,
+        hypervisor::vm::BootSource::Builtin { guest: Builtin::Touch, params },
+        Box::new(out.clone()),
+    ))
+    .expect("vm");
+    vm.start().expect("start");
+    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("filled");
+    let stop_copy = snapshot::save(&vm, &store, "stop", &SaveOptions::default(), &|_| {}).expect("stop-and-copy");
+    let rounds = std::sync::Mutex::new(Vec::new());
+    let live = snapshot::save(&vm, &store, "live", &SaveOptions { live: true, ..Default::default() }, &|p| {
+        rounds.lock().expect("lock").push(*p);
+    })
+    .expect("live snapshot");
+    vm.stop("snapshots taken");
+    assert!(live.live && !stop_copy.live);
+    let rounds = rounds.into_inner().expect("lock");
+    let (first, last) = (rounds[0], rounds[rounds.len() - 2]);
+    assert_eq!(first.chunks_copied * 64 * 1024, live.ram_bytes, "round 0 copies everything: {rounds:?}");
+    assert!(last.dirty_chunks * 100 < first.chunks_copied, "few chunks were left for the pause: {rounds:?}");
+    assert!(
+        live.pause_ms * 4.0 < stop_copy.pause_ms,
+        "live pause {:.1} ms is not a small part of the stop-and-copy pause {:.1} ms",
+        live.pause_ms,
+        stop_copy.pause_ms
+    );
+
+    // The live snapshot restores: given go, the guest touches its working set on the
+    // memory it had filled.
+    let out2 = SharedOutput::default();
+    let (mut vm2, _) =
+        snapshot::restore(&store, "live", RestoreOptions::new(RestoreMode::Eager, Box::new(out2.clone())))
+            .expect("restore");
+    vm2.devices().go.store(true, std::sync::atomic::Ordering::Release);
+    vm2.start().expect("start");
+    assert_eq!(vm2.wait(Some(Duration::from_secs(60))), ExitReason::GuestExit { status: 0 });
+    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(mem << 20));
+    let (sum, pages) = touch::checksum(&ranges, 5, params.stride, params.span);
+    assert_eq!(out2.text(), format!("touch: working set of {pages} pages done, checksum {sum:#x}\n"));
 }
 
 fn blob(len: usize) -> Vec<u8> {
@@ -201,9 +253,12 @@ fn write_file(dir: &tempfile::TempDir, name: &str, data: &[u8]) -> String {
     p.to_str().expect("utf-8").to_string()
 }
 
-/// The `pio`/`dma` line of the blob in fwcfg's output.
+/// The `pio`/`dma` directory lines and the `file` contents line of the blob in fwcfg's output.
 fn blob_sizes(out: &str) -> Vec<String> {
-    out.lines().filter(|l| l.contains(" opt/snapvisor/blob ")).map(|l| l.to_string()).collect()
+    out.lines()
+        .filter(|l| ["pio ", "dma ", "file "].iter().any(|p| l.starts_with(p)) && l.contains(" opt/snapvisor/blob "))
+        .map(|l| l.to_string())
+        .collect()
 }
 
 #[test]
@@ -241,10 +296,12 @@ fn restore_resizes_a_fw_cfg_blob_that_grew_or_shrank() {
             "{err}"
         );
         let lines = blob_sizes(&out);
-        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines.len(), 3, "{out}");
         for l in lines {
             assert!(l.contains(&format!(" size {source} ")), "guest sees the snapshot's size: {l}");
         }
+        let sum = hypervisor::guests::fwcfg::checksum(&blob(source));
+        assert!(out.contains(&format!("pio-checksum {sum:#x} dma-checksum {sum:#x}\n")), "and its bytes: {out}");
     }
 }
 

@@ -3,8 +3,8 @@
 //!
 //! - `hello` (CPL0, port I/O) prints a line and exits with status 0.
 //! - `fwcfg` (CPL0, port I/O) reads fw_cfg's signature, features and file directory through
-//!   both the port interface and DMA, prints every file from each, and exits 0 only if the
-//!   two directories agree byte for byte.
+//!   both the port interface and DMA, prints every file from each and every file's size and
+//!   checksum as read each way, and exits 0 only if the two agree byte for byte.
 //! - `idle` (CPL0) prints a line and halts with interrupts off: a VM that costs no CPU, for
 //!   density measurements and the daemon's tests.
 //! - `memfill` (CPL3, MMIO) fills RAM with a seeded pattern; see [`memfill`].

@@ -1,0 +1,251 @@
+//! A restored VM's memory holds the snapshot's bytes, every one of them, whatever the
+//! destination put in its blocks: compared block by block against the store in every restore
+//! mode, through the `fwcfg` guest's checksums from the command line, and after fw_cfg DMA
+//! wrote guest memory in the middle of a live snapshot.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::snapvisor;
+use devices::bus::BusDevice;
+use devices::fw_cfg::{DMA_CTL_READ, DMA_CTL_SELECT, PORT_BASE, PORT_DMA};
+use hypervisor::guests::{fwcfg, idle, Builtin};
+use hypervisor::snapshot::restore::{encode_prefetch, lazy_stats, PREFETCH_ATTACHMENT};
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
+use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, SharedOutput, Vm, VmConfig};
+use storage::ChunkRef;
+
+const FILE: &str = "opt/snapvisor/blob";
+const BLOCK: &str = "/rom@opt/snapvisor/blob";
+
+/// `len` bytes from a xorshift generator seeded with `seed` (never all zero).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Every byte of every block of `vm` equals the snapshot's copy in `store`.
+fn assert_blocks_match(vm: &Vm, store: &storage::Store, name: &str, what: &str) {
+    let reader = store.reader(name).expect("reader");
+    let manifest = reader.manifest().clone();
+    let cs = u64::from(manifest.chunk_size);
+    let blocks = vm.registry().blocks();
+    let mut names: Vec<&str> = blocks.iter().map(|b| b.idstr()).collect();
+    let mut listed: Vec<&str> = manifest.blocks.iter().map(|b| b.idstr.as_str()).collect();
+    names.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(names, listed, "{what}: the same blocks");
+    let mut want = vec![0u8; cs as usize];
+    let mut got = vec![0u8; cs as usize];
+    for b in &blocks {
+        let m = manifest.block(b.idstr()).expect("in the manifest");
+        assert_eq!(b.used_length(), m.used_length, "{what}: used length of {}", b.idstr());
+        for (i, c) in m.chunks.iter().enumerate() {
+            let off = i as u64 * cs;
+            let len = cs.min(m.used_length - off) as usize;
+            match c {
+                ChunkRef::Zero => want[..len].fill(0),
+                ChunkRef::Stored(_) => {
+                    let n = reader.read_chunk(b.idstr(), off, &mut want).expect("read chunk");
+                    assert_eq!(n, len);
+                }
+            }
+            b.read(off, &mut got[..len]).expect("read block");
+            if got[..len] != want[..len] {
+                let at = (0..len).find(|&k| got[k] != want[k]).unwrap_or(0);
+                panic!(
+                    "{what}: {} differs from the snapshot at offset {:#x}: {:#04x} != {:#04x}",
+                    b.idstr(),
+                    off + at as u64,
+                    got[at],
+                    want[at]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    // The snapshot's file: data, an all-zero 64 KiB chunk, data, a short tail of data.
+    let mut a = noise(64 * 1024, 1);
+    a.extend(vec![0u8; 64 * 1024]);
+    a.extend(noise(64 * 1024 + 5000, 2));
+    let mut cfg = VmConfig::new(
+        16,
+        1,
+        BootSource::Builtin { guest: Builtin::Hello, params: BuiltinParams::default() },
+        Box::new(SharedOutput::default()),
+    );
+    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: a.clone() }];
+    let vm = Vm::new(cfg).expect("vm");
+    snapshot::save(&vm, &store, "s", &SaveOptions::default(), &|_| {}).expect("snapshot");
+    drop(vm);
+    let manifest = store.manifest("s").expect("manifest");
+    let chunks = &manifest.block(BLOCK).expect("file block").chunks;
+    assert!(matches!(chunks[1], ChunkRef::Zero) && matches!(chunks[0], ChunkRef::Stored(_)));
+    // A working set that starts with the file's chunks, for the prefetching restore.
+    let prefetch = vec![(BLOCK.to_string(), 0), (BLOCK.to_string(), 0x10000), ("pc.ram".to_string(), 0x10_0000)];
+    store.put_attachment("s", PREFETCH_ATTACHMENT, &encode_prefetch(&prefetch)).expect("attachment");
+
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::LazyPrefetch] {
+        // The destination's own file: as long, different everywhere, zero nowhere.
+        let mut opts = RestoreOptions::new(mode, Box::new(SharedOutput::default()));
+        opts.fw_cfg_files =
+            Some(vec![FwCfgFile { name: FILE.into(), data: noise(a.len(), 3).iter().map(|x| x | 1).collect() }]);
+        opts.background_fill = false;
+        opts.cache = None;
+        let (vm2, _) = snapshot::restore(&store, "s", opts).expect("restore");
+        if mode == RestoreMode::LazyPrefetch {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while lazy_stats(&vm2).expect("lazy").chunks_prefetched < prefetch.len() as u64 {
+                assert!(Instant::now() < deadline, "prefetch never finished: {:?}", lazy_stats(&vm2));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        assert_blocks_match(&vm2, &store, "s", &format!("{mode:?} restore"));
+        if let Some(server) = vm2.page_server() {
+            assert_eq!(server.error(), None, "{mode:?}");
+        }
+    }
+}
+
+/// Runs `snapvisor ARGS` and returns its stdout, asserting exit status 0.
+fn run_ok(args: &[&str]) -> String {
+    let o = snapvisor(args);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{args:?}\nstdout {out}\nstderr {}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+#[test]
+fn fwcfg_checksums_of_a_restored_vm_are_the_snapshots_from_the_command_line() {
+    // (snapshot's file, destination's file): different data and size; all zeros against data.
+    let cases = [(noise(70_000, 5), noise(90_000, 6)), (vec![0u8; 70_000], noise(70_000, 7))];
+    for (i, (a, b)) in cases.iter().enumerate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = dir.path().join("store");
+        let st = st.to_str().expect("utf-8");
+        let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&pa, a).expect("write a");
+        std::fs::write(&pb, b).expect("write b");
+        let file_a = format!("{FILE}={}", pa.to_str().expect("utf-8"));
+        let file_b = format!("{FILE}={}", pb.to_str().expect("utf-8"));
+
+        let original = run_ok(&["run", "--builtin", "fwcfg", "--mem-mib", "16", "--fw-cfg-file", &file_a]);
+        let line =
+            format!("file {FILE} size {} pio-checksum {1:#x} dma-checksum {1:#x}\n", a.len(), fwcfg::checksum(a));
+        assert!(original.contains(&line), "case {i}: the guest prints A's checksum {line:?}:\n{original}");
+        assert!(original.ends_with("files\n") && original.contains("fw_cfg: PIO and DMA agree on"), "{original}");
+        let taken = run_ok(&[
+            "run",
+            "--builtin",
+            "fwcfg",
+            "--mem-mib",
+            "16",
+            "--fw-cfg-file",
+            &file_a,
+            "--snapshot-after-ms",
+            "0",
+            "--exit-after-snapshot",
+            "--store",
+            st,
+            "--name",
+            "f",
+        ]);
+        assert!(taken.is_empty(), "snapshot before the first instruction: {taken}");
+        for mode in [&["--lazy"][..], &[][..]] {
+            let mut args = vec!["restore", "--store", st, "f", "--fw-cfg-file", &file_b];
+            args.extend_from_slice(mode);
+            let restored = run_ok(&args);
+            assert_eq!(restored, original, "case {i}, restore {mode:?} with B must print what A printed");
+        }
+    }
+}
+
+/// Guest addresses the DMA test uses, well clear of the idle guest's code and stack.
+const DESC: u64 = 0x40_0000;
+const BUF: u64 = 0x50_0000;
+
+#[test]
+fn fw_cfg_dma_during_a_live_snapshot_is_in_the_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let data = noise(3 * 4096 + 100, 9);
+    let out = SharedOutput::default();
+    let mut cfg = VmConfig::new(
+        16,
+        1,
+        BootSource::Builtin { guest: Builtin::Idle, params: BuiltinParams::default() },
+        Box::new(out.clone()),
+    );
+    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: data.clone() }];
+    let mut vm = Vm::new(cfg).expect("vm");
+    vm.start().expect("start");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.text() != idle::READY {
+        assert!(Instant::now() < deadline, "the idle guest never got ready: {:?}", out.text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let fw_cfg = vm.devices().fw_cfg.clone();
+    let key = fw_cfg.lock().expect("fw_cfg").file(FILE).expect("listed").0;
+    let ram = vm.ram().block().clone();
+    let report = snapshot::save(
+        &vm,
+        &store,
+        "live",
+        &SaveOptions { live: true, stay_paused: true, ..Default::default() },
+        &|p| {
+            if p.round != 0 {
+                return;
+            }
+            // After the first round copied the (blank) buffer, the device fills it by DMA, as a
+            // guest's request would have it do; no vCPU writes the buffer's pages.
+            let mut desc = Vec::new();
+            desc.extend_from_slice(&((u32::from(key) << 16) | DMA_CTL_SELECT | DMA_CTL_READ).to_be_bytes());
+            desc.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            desc.extend_from_slice(&BUF.to_be_bytes());
+            ram.write(DESC, &desc).expect("descriptor");
+            let mut f = fw_cfg.lock().expect("fw_cfg");
+            f.write(PORT_BASE, PORT_DMA, &0u32.to_be_bytes());
+            f.write(PORT_BASE, PORT_DMA + 4, &(DESC as u32).to_be_bytes());
+        },
+    )
+    .expect("live snapshot");
+    assert!(report.live);
+    // The DMA happened: the source holds the file in its buffer and a zero status word.
+    let mut status = [0xffu8; 4];
+    ram.read(DESC, &mut status).expect("status");
+    assert_eq!(status, [0; 4], "DMA succeeded");
+    let mut got = vec![0u8; data.len()];
+    ram.read(BUF, &mut got).expect("buffer");
+    assert_eq!(got, data, "the source's buffer holds the file");
+    // The paused source's memory is what the snapshot must hold, byte for byte.
+    let mut source = vec![0u8; ram.used_length() as usize];
+    ram.read(0, &mut source).expect("source RAM");
+    vm.stop("snapshot taken");
+    drop(vm);
+
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let (vm2, _) = snapshot::restore(&store, "live", RestoreOptions::new(mode, Box::new(SharedOutput::default())))
+            .expect("restore");
+        let block = vm2.ram().block().clone();
+        let mut buf = vec![0u8; data.len()];
+        block.read(BUF, &mut buf).expect("restored buffer");
+        assert!(buf == data, "{mode:?}: the DMA buffer was saved stale ({} rounds)", report.rounds);
+        let mut restored = vec![0u8; source.len()];
+        block.read(0, &mut restored).expect("restored RAM");
+        let first = (0..source.len()).find(|&i| restored[i] != source[i]);
+        assert_eq!(first, None, "{mode:?}: restored pc.ram differs from the paused source");
+    }
+}
