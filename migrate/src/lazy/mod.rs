@@ -34,6 +34,7 @@
 //! registers a RAM-block listener that vetoes it).
 
 mod cache;
+mod place;
 mod server;
 mod serving;
 mod stats;

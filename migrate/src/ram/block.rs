@@ -187,7 +187,7 @@ impl RamBlock {
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), RamError> {
         let host_page = host_page_size();
         let inside = offset.checked_add(len).is_some_and(|end| end <= self.max_length);
-        if !inside || offset % host_page != 0 || len % host_page != 0 {
+        if !inside || !offset.is_multiple_of(host_page) || !len.is_multiple_of(host_page) {
             return Err(RamError::Discard {
                 idstr: self.idstr.clone(),
                 offset,

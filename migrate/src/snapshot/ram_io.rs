@@ -101,15 +101,24 @@ pub fn load_block(reader: &SnapshotReader, block: &RamBlock) -> Result<u64, RamI
     let used = block.used_length();
     let mut buf = vec![0u8; cs as usize];
     let mut bytes = 0;
+    // Start of the run of all-zero chunks not yet discarded: one madvise per run.
+    let mut zeros: Option<u64> = None;
     for (i, c) in m.chunks.iter().enumerate() {
         let off = i as u64 * cs;
         if matches!(c, ChunkRef::Zero) {
-            block.discard(off, cs.min(used.saturating_sub(off)))?;
+            zeros.get_or_insert(off);
             continue;
+        }
+        if let Some(start) = zeros.take() {
+            block.discard(start, off - start)?;
         }
         let len = reader.read_chunk(block.idstr(), off, &mut buf)?;
         block.write(off, &buf[..len])?;
         bytes += len as u64;
+    }
+    if let Some(start) = zeros {
+        let end = (m.chunks.len() as u64 * cs).min(used);
+        block.discard(start, end.saturating_sub(start))?;
     }
     Ok(bytes)
 }
