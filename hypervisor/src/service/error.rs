@@ -18,6 +18,15 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    /// The VM's request queue is full.
+    #[error("{0}")]
+    Busy(String),
+    /// The VM did not answer within the request's deadline.
+    #[error("{0}")]
+    Timeout(String),
+    /// The client did not send its request in time.
+    #[error("{0}")]
+    SlowClient(String),
 }
 
 impl ApiError {
@@ -27,6 +36,9 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::SlowClient(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
