@@ -293,3 +293,55 @@ fn the_unit_gives_the_shutdown_room_to_finish() {
     assert!(value("TimeoutStopSec=") >= timeout + 10, "TimeoutStopSec leaves no room after {timeout} s");
     assert!(value("WatchdogSec=") > 0);
 }
+
+/// Resident memory the daemon may keep after the load beyond its baseline: the store index's
+/// page cache (sled, bounded at 64 MiB) and 16 MiB for allocator slack. The decompressed-chunk
+/// cache counts nothing here: an idle daemon drops it after `--cache-idle-secs` (10 s).
+const RSS_MARGIN_KIB: u64 = (64 + 16) * 1024;
+
+#[test]
+fn memory_threads_and_files_return_to_baseline_after_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    d.ok("GET", "/vms", None);
+    let (rss0, threads0, fds0) = (d.proc_status("VmRSS:"), d.proc_status("Threads:"), d.open_fds());
+    let mut peak = 0;
+    for i in 0..12 {
+        let vm = format!("v{i}");
+        // A different seed each time: nothing deduplicates, every cycle brings new chunks.
+        d.ok("POST", "/vms", Some(json!({"name": vm, "guest": "memfill", "mem_mib": 32, "seed": i, "start": true})));
+        d.wait_serial(&vm, "memfill pass 0 ", Duration::from_secs(60));
+        d.ok("POST", &format!("/vms/{vm}/snapshot"), Some(json!({"name": format!("s{i}")})));
+        d.ok("POST", &format!("/snapshots/s{i}/clone"), Some(json!({"prefix": format!("{vm}c"), "count": 3})));
+        for c in 0..3 {
+            d.wait_serial(&format!("{vm}c{c}"), "\n", Duration::from_secs(60));
+        }
+        peak = peak.max(d.proc_status("VmRSS:"));
+        for name in [vm.clone(), format!("{vm}c0"), format!("{vm}c1"), format!("{vm}c2")] {
+            assert_eq!(d.call("DELETE", &format!("/vms/{name}"), None).0, 204);
+        }
+        assert_eq!(d.call("DELETE", &format!("/snapshots/s{i}"), None).0, 204);
+    }
+    assert_eq!(d.ok("GET", "/vms", None), json!([]));
+    let settled = |d: &Daemon| (d.proc_status("VmRSS:"), d.proc_status("Threads:"), d.open_fds());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (rss1, threads1, fds1) = loop {
+        let now = settled(&d);
+        let ok = now.0 <= rss0 + RSS_MARGIN_KIB && now.1 <= threads0 + 2 && now.2 <= fds0 + 2;
+        if ok || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let metrics = d.ok("GET", "/metrics", None);
+    let metrics = metrics.as_str().unwrap_or_default();
+    let cache = metrics.lines().find(|l| l.starts_with("snapvisor_chunk_cache_bytes ")).unwrap_or("no cache metric");
+    let report = format!(
+        "RSS {rss0} KiB at start, {peak} KiB at peak, {rss1} KiB at the end; threads {threads0} -> {threads1}; \
+         fds {fds0} -> {fds1}; {cache}"
+    );
+    println!("{report}");
+    assert!(rss1 <= rss0 + RSS_MARGIN_KIB, "memory did not come back: {report}");
+    assert!(threads1 <= threads0 + 2, "threads did not come back: {report}");
+    assert!(fds1 <= fds0 + 2, "file descriptors did not come back: {report}");
+}
