@@ -144,19 +144,17 @@ fn shutdown_snapshots_are_private_keep_paused_vms_paused_and_go_away() {
     d.ok("POST", "/vms", Some(json!({"name": "p", "guest": "memfill", "mem_mib": 32, "start": true})));
     d.wait_serial("p", "memfill pass 0 ", Duration::from_secs(60));
     assert_eq!(d.ok("POST", "/vms/p/pause", None)["state"], "paused");
-    let (status, v) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "__mine"})));
-    assert_eq!(status, 400, "the daemon's namespace is refused: {v}");
     let (status, took) = d.terminate_within(Duration::from_secs(40));
     assert!(status.is_some_and(|s| s.success()), "exit {status:?} after {took:?}");
     drop(d);
 
     let d = Daemon::start(dir.path(), &args);
-    assert_eq!(d.ok("GET", "/vms/m", None)["state"], "running");
-    assert_eq!(d.ok("GET", &format!("/vms/{long}"), None)["state"], "running", "a 60-character name resumes too");
-    assert_eq!(d.ok("GET", "/vms/p", None)["state"], "paused", "a paused VM comes back paused");
     // The user's snapshot is untouched: still the 16 MiB idle guest.
     let back = d.ok("POST", "/snapshots/shutdown-m/restore", Some(json!({"vm": "check"})));
     assert_eq!((back["guest"].as_str(), back["mem_mib"].as_u64()), (Some("idle"), Some(16)), "{back}");
+    assert_eq!(d.ok("GET", "/vms/m", None)["state"], "running");
+    assert_eq!(d.ok("GET", &format!("/vms/{long}"), None)["state"], "running", "a 60-character name resumes too");
+    assert_eq!(d.ok("GET", "/vms/p", None)["state"], "paused", "a paused VM comes back paused");
     // Once the resumed VMs are resident, their shutdown snapshots are deleted.
     let deadline = Instant::now() + Duration::from_secs(30);
     let snaps = loop {
@@ -170,6 +168,8 @@ fn shutdown_snapshots_are_private_keep_paused_vms_paused_and_go_away() {
     assert_eq!(d.ok("POST", "/vms/p/resume", None)["state"], "running");
     let out = d.wait_serial("p", "\n", Duration::from_secs(60));
     assert!(out.contains("mismatches 0"), "{out}");
+    let (status, v) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "__mine"})));
+    assert_eq!(status, 400, "the daemon's namespace is refused: {v}");
 }
 
 /// Reads event lines from a `GET /events` stream until `want` events named `vm` arrived.

@@ -338,27 +338,25 @@ impl Actor {
         self.published.send_replace(Published { info: self.info(), control });
     }
 
-    /// Reports, once, how the VM ended when the guest (or a lazy restore) ended it.
-    fn notice_exit(&mut self) {
+    /// How the VM ended, once, when the guest (or a lazy restore) ended it: the event to send.
+    fn notice_exit(&mut self) -> Option<(&'static str, serde_json::Value)> {
         if self.exit_reported {
-            return;
+            return None;
         }
-        let Some(vm) = self.vm.as_ref() else { return };
-        let Some(reason) = vm.control().exit_reason() else { return };
+        let vm = self.vm.as_ref()?;
+        let reason = vm.control().exit_reason()?;
         self.exit_reported = true;
-        let lazy_error = vm.page_server().and_then(|s| s.error());
-        let what = match (&reason, lazy_error) {
-            (ExitReason::Crash { .. }, Some(e)) => {
-                self.events.emit(&self.def.name, "lazy_restore_failed", serde_json::json!({ "error": e.to_string() }));
-                return;
-            }
-            (ExitReason::GuestExit { .. } | ExitReason::PowerOff, _) => "guest_exit",
-            (ExitReason::Reset { .. } | ExitReason::Crash { .. }, _) => "crashed",
-            (ExitReason::Timeout { .. }, _) => "timeout",
-            (ExitReason::Stopped { .. }, _) => "stopped",
-        };
         tracing::info!(vm = %self.def.name, %reason, "VM ended");
-        self.events.emit(&self.def.name, what, serde_json::json!(reason));
+        if let (ExitReason::Crash { .. }, Some(e)) = (&reason, vm.page_server().and_then(|s| s.error())) {
+            return Some(("lazy_restore_failed", serde_json::json!({ "error": e.to_string() })));
+        }
+        let what = match &reason {
+            ExitReason::GuestExit { .. } | ExitReason::PowerOff => "guest_exit",
+            ExitReason::Reset { .. } | ExitReason::Crash { .. } => "crashed",
+            ExitReason::Timeout { .. } => "timeout",
+            ExitReason::Stopped { .. } => "stopped",
+        };
+        Some((what, serde_json::json!(reason)))
     }
 
     /// Deletes the shutdown snapshot this VM resumed from once nothing depends on it.
@@ -406,10 +404,14 @@ impl Actor {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let result = request.map(|(cmd, reply)| (self.handle_caught(cmd), reply));
-            self.notice_exit();
+            let ended = self.notice_exit();
             self.clean_up_resume_snapshot();
-            // Published before the answer: a client that reads after it sees the new state.
+            // Published before the answer and the event: a client that reads after either
+            // sees the new state.
             self.publish();
+            if let Some((what, detail)) = ended {
+                self.events.emit(&self.def.name, what, detail);
+            }
             if let Some((result, reply)) = result {
                 let _ = reply.send(result);
             }

@@ -281,7 +281,16 @@ async fn metrics(State(d): Api) -> Response {
         vms.iter().map(|i| (i.def.name.clone(), i.exits, i.lazy_faults.unwrap_or(0))).collect();
     let counts = super::daemon::count_states(&vms);
     let mut text = d.metrics.render(&counts, &per_vm, stored);
-    super::metrics::render_process(&mut text);
+    // /proc reads, off the async threads.
+    if let Ok(process) = tokio::task::spawn_blocking(|| {
+        let mut out = String::new();
+        super::metrics::render_process(&mut out);
+        out
+    })
+    .await
+    {
+        text.push_str(&process);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

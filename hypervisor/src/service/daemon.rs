@@ -156,13 +156,25 @@ impl Daemon {
         self.state_dir.join("vms").join(format!("{name}.json"))
     }
 
-    pub(super) fn persist(&self, def: &VmDef) -> Result<(), ApiError> {
+    fn persist(&self, def: &VmDef) -> Result<(), ApiError> {
         let path = self.def_path(&def.name);
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(def).map_err(|e| ApiError::Internal(e.to_string()))?;
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| ApiError::Internal(format!("saving VM definition {}: {e}", path.display())))
+    }
+
+    /// Saves a VM definition from a blocking-pool thread.
+    pub(super) async fn save_def(self: &Arc<Self>, def: VmDef) -> Result<(), ApiError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.persist(&def)).await.map_err(|e| ApiError::Internal(e.to_string()))?
+    }
+
+    /// Removes a VM definition from a blocking-pool thread.
+    async fn remove_def(&self, name: &str) {
+        let path = self.def_path(name);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
     }
 
     fn spawn_actor(&self, def: VmDef, vm: Option<(crate::vm::Vm, SerialLog)>, cleanup: Option<String>) -> VmHandle {
@@ -279,7 +291,7 @@ impl Daemon {
     }
 
     /// Defines a VM (and starts it if asked).
-    pub async fn create(&self, def: VmDef, start: bool) -> Result<VmInfo, ApiError> {
+    pub async fn create(self: &Arc<Self>, def: VmDef, start: bool) -> Result<VmInfo, ApiError> {
         validate_name("VM", &def.name)?;
         def.check_boot().map_err(ApiError::BadRequest)?;
         crate::memory::check_size(def.mem_mib).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -294,7 +306,7 @@ impl Daemon {
             let h = self.spawn_actor(def.clone(), None, None);
             vms.insert(def.name.clone(), h);
         }
-        if let Err(e) = self.persist(&def) {
+        if let Err(e) = self.save_def(def.clone()).await {
             self.remove(&def.name);
             return Err(e);
         }
@@ -323,7 +335,7 @@ impl Daemon {
         }
         // Dropping the sender ends the actor, which stops the VM and frees it.
         drop(h.tx);
-        let _ = std::fs::remove_file(self.def_path(name));
+        self.remove_def(name).await;
         let t0 = Instant::now();
         while !h.thread.is_finished() {
             if t0.elapsed() > DELETE_WAIT {
@@ -403,7 +415,7 @@ impl Daemon {
             let h = self.spawn_actor(def.clone(), Some((vm, serial)), None);
             vms.insert(vm_name.clone(), h);
         }
-        if let Err(e) = self.persist(&def) {
+        if let Err(e) = self.save_def(def.clone()).await {
             self.forget(&vm_name, "its definition could not be saved").await;
             return Err(e);
         }

@@ -78,20 +78,21 @@ impl Daemon {
         }
     }
 
-    async fn shut_down_vm(&self, name: &str, snapshot: bool, deadline: Instant) {
+    async fn shut_down_vm(self: &Arc<Self>, name: &str, snapshot: bool, deadline: Instant) {
         if snapshot {
             let left = deadline.saturating_duration_since(Instant::now());
             let snap = shutdown_name(name);
             match self.call_within(name, Cmd::ShutdownSnapshot { name: snap.clone() }, left).await {
                 Ok(Reply::ShutdownSnapshot { taken: true, paused, def }) => {
                     let def = VmDef { resume_from: Some(snap.clone()), resume_paused: paused, ..*def };
-                    match self.persist(&def) {
+                    match self.save_def(def).await {
                         Ok(()) => {
                             tracing::info!(vm = name, snapshot = %snap, paused, "resumes from it at the next start")
                         }
                         Err(e) => {
                             tracing::error!(vm = name, "{e}");
-                            let _ = self.store.delete(&snap);
+                            let store = self.store.clone();
+                            let _ = tokio::task::spawn_blocking(move || store.delete(&snap)).await;
                         }
                     }
                 }

@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 
 const SHARDS: usize = 16;
 
+/// A cached chunk: its data, its LRU tick, its last use.
+type Entry = (Arc<[u8]>, u64, Instant);
+
 #[derive(Default)]
 struct Shard {
-    /// Data, LRU tick, last use.
-    map: HashMap<[u8; 32], (Arc<[u8]>, u64, Instant)>,
+    map: HashMap<[u8; 32], Entry>,
     lru: BTreeMap<u64, [u8; 32]>,
     bytes: usize,
     tick: u64,
