@@ -337,13 +337,22 @@ fn fuzz_store_manifest() {
 fn fuzz_fw_cfg_ports_and_dma() {
     use devices::bus::BusDevice;
     use devices::fw_cfg::{FwCfg, FwCfgState, PORT_BASE, PORT_DATA, PORT_DMA, PORT_SELECTOR};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use migrate::ram::{GuestMemory, RamBlockConfig, RamRegistry};
     let (seed, mut rng) = rng();
     let deadline = Instant::now() + budget();
     let (mut runs, mut ops) = (0u64, 0u64);
     while Instant::now() < deadline {
         // A fresh device per run: 64 KiB of guest memory, a read-only and a writable file.
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 10)]).expect("memory");
+        let block = RamRegistry::new()
+            .add(RamBlockConfig {
+                idstr: "pc.ram".into(),
+                size: 64 << 10,
+                max_size: 64 << 10,
+                page_size: 0,
+                resizeable: false,
+            })
+            .expect("memory");
+        let mem = GuestMemory::flat(block);
         let mut f = FwCfg::new(mem.clone());
         f.add_file("opt/ro", vec![0xaa; 100]).expect("ro file");
         f.add_file_with_callbacks("opt/rw", vec![0; 32], None, Some(Box::new(|_, _| {}))).expect("rw file");
@@ -381,7 +390,7 @@ fn fuzz_fw_cfg_ports_and_dma() {
                         d.extend_from_slice(&control.to_be_bytes());
                         d.extend_from_slice(&len.to_be_bytes());
                         d.extend_from_slice(&addr.to_be_bytes());
-                        let _ = mem.write_slice(&d, GuestAddress(at));
+                        let _ = mem.write(at, &d);
                         if op == 5 {
                             f.write(PORT_BASE, PORT_DMA, &((at >> 32) as u32).to_be_bytes());
                             f.write(PORT_BASE, PORT_DMA + 4, &(at as u32).to_be_bytes());

@@ -4,19 +4,28 @@
 //! and never race; blocking work (creating, snapshotting, restoring) never runs on the async
 //! runtime. A panic while handling a request is caught: that VM is marked failed and stopped,
 //! the request gets an error, and the daemon and every other VM carry on.
+//!
+//! The actor publishes its VM's status ([`Published`]) on a `watch` channel after every
+//! request and every [`TICK`]: listing, info and metrics read that and never wait for an actor,
+//! so a VM stuck in a long or blocking call (a huge snapshot, a kernel file that never ends)
+//! holds up only requests to that VM. On the same tick it notices what the guest did on its own
+//! (exited, crashed, a lazy restore that could not read its memory) and sends an event, and
+//! deletes the shutdown snapshot it was resumed from once its memory is all resident.
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, watch};
 
 use super::error::ApiError;
+use super::events::Events;
 use super::images::ImageDir;
 use super::metrics::Metrics;
-use crate::control::ExitReason;
+use crate::control::{ExitReason, VmControl};
 use crate::guests::Builtin;
 use crate::snapshot::{self, SaveOptions};
 use crate::vm::{BootSource, BuiltinParams, Vm, VmConfig};
@@ -50,6 +59,9 @@ pub struct VmDef {
     /// The snapshot the daemon took of it when it shut down; restored when it starts again.
     #[serde(default)]
     pub resume_from: Option<String>,
+    /// It was paused when that snapshot was taken: it comes back paused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_paused: bool,
 }
 
 fn one() -> u64 {
@@ -129,19 +141,67 @@ pub enum Cmd {
     Pause,
     Resume,
     Stop,
-    Info,
-    Serial,
-    Snapshot { name: String, live: bool, progress: Option<super::ops::OpHandle> },
+    Snapshot {
+        name: String,
+        live: bool,
+        progress: Option<super::ops::OpHandle>,
+    },
+    /// The daemon is stopping: snapshot the VM as `name` (stop-and-copy) if it is running or
+    /// paused; once committed, delete the shutdown snapshot it was resumed from, if any.
+    ShutdownSnapshot {
+        name: String,
+    },
+}
+
+impl Cmd {
+    /// The request's name, for errors.
+    pub fn what(&self) -> &'static str {
+        match self {
+            Cmd::Start => "start",
+            Cmd::Pause => "pause",
+            Cmd::Resume => "resume",
+            Cmd::Stop => "stop",
+            Cmd::Snapshot { .. } => "snapshot",
+            Cmd::ShutdownSnapshot { .. } => "shutdown snapshot",
+        }
+    }
+
+    /// How long the daemon waits for the answer before it tells the client the VM is stuck.
+    /// Starting reads the kernel and builds the VM; pausing waits for every vCPU to leave
+    /// the guest; a snapshot copies all of guest memory.
+    pub fn deadline(&self) -> Duration {
+        match self {
+            Cmd::Start => Duration::from_secs(60),
+            Cmd::Pause | Cmd::Resume | Cmd::Stop => Duration::from_secs(30),
+            Cmd::Snapshot { .. } | Cmd::ShutdownSnapshot { .. } => Duration::from_secs(1800),
+        }
+    }
 }
 
 /// Replies.
 pub enum Reply {
     Info(VmInfo),
-    Serial(String),
     Snapshot(snapshot::SaveReport),
+    /// A shutdown snapshot: whether one was taken, and whether the VM was paused.
+    ShutdownSnapshot {
+        taken: bool,
+        paused: bool,
+        def: Box<VmDef>,
+    },
 }
 
 pub type Request = (Cmd, oneshot::Sender<Result<Reply, ApiError>>);
+
+/// How often an idle actor refreshes its published status and looks at its guest.
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// What an actor publishes for readers that must not wait for it.
+#[derive(Clone)]
+pub struct Published {
+    pub info: VmInfo,
+    /// The VM's run control, to stop it from outside while the actor is busy.
+    pub control: Option<Arc<VmControl>>,
+}
 
 /// The serial log: the last `cap` bytes the guest wrote.
 #[derive(Clone)]
@@ -183,6 +243,12 @@ pub struct Actor {
     pub store: storage::Store,
     pub metrics: Arc<Metrics>,
     pub images: Arc<ImageDir>,
+    pub events: Events,
+    pub published: watch::Sender<Published>,
+    /// The shutdown snapshot this VM was resumed from: deleted once the VM is resident.
+    pub cleanup: Option<String>,
+    /// The VM's end was reported (as an event, or by the request that stopped it).
+    pub exit_reported: bool,
 }
 
 impl Actor {
@@ -217,8 +283,6 @@ impl Actor {
 
     fn handle(&mut self, cmd: Cmd) -> Result<Reply, ApiError> {
         match cmd {
-            Cmd::Info => {}
-            Cmd::Serial => return Ok(Reply::Serial(self.serial.text())),
             Cmd::Start => match self.state() {
                 VmState::Running | VmState::Paused => {
                     return Err(ApiError::Conflict(format!("VM '{}' is already running", self.def.name)))
@@ -232,6 +296,7 @@ impl Actor {
                         self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
                     }
                     self.failed = false;
+                    self.exit_reported = false;
                     self.vm()?.start().map_err(|e| ApiError::Internal(e.to_string()))?;
                 }
             },
@@ -243,7 +308,10 @@ impl Actor {
             Cmd::Resume => self.vm()?.resume(),
             Cmd::Stop => {
                 self.vm()?.stop("stopped by request");
+                // The API reports this stop itself.
+                self.exit_reported = true;
             }
+            Cmd::ShutdownSnapshot { name } => return self.shutdown_snapshot(name),
             Cmd::Snapshot { name, live, progress } => {
                 let t0 = Instant::now();
                 let store = self.store.clone();
@@ -261,24 +329,110 @@ impl Actor {
         Ok(Reply::Info(self.info()))
     }
 
-    /// Runs requests until every sender is gone; then stops the VM.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        while let Some((cmd, reply)) = rx.blocking_recv() {
-            let result = match catch_unwind(AssertUnwindSafe(|| self.handle(cmd))) {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::error!(vm = %self.def.name, "a request panicked; the VM is stopped");
-                    self.failed = true;
-                    if let Some(vm) = self.vm.as_mut() {
-                        vm.stop("failed");
-                    }
-                    Err(ApiError::Internal(format!(
-                        "VM '{}' failed while handling the request; it was stopped",
-                        self.def.name
-                    )))
+    fn shutdown_snapshot(&mut self, name: String) -> Result<Reply, ApiError> {
+        let state = self.state();
+        let paused = state == VmState::Paused;
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Ok(Reply::ShutdownSnapshot { taken: false, paused, def: Box::new(self.def.clone()) });
+        }
+        let store = self.store.clone();
+        let vm = self.vm()?;
+        let report = snapshot::save(vm, &store, &name, &SaveOptions::default(), &|_| {})
+            .map_err(|e| ApiError::from_snapshot(&e))?;
+        // (save() leaves a VM that was paused paused.)
+        tracing::info!(vm = %self.def.name, snapshot = %report.name, "VM snapshotted for the restart");
+        // The new one is committed: the one it was resumed from can go.
+        if let Some(old) = self.cleanup.take() {
+            if let Err(e) = self.store.delete(&old) {
+                tracing::warn!(vm = %self.def.name, snapshot = old, "deleting the previous shutdown snapshot: {e}");
+            }
+        }
+        Ok(Reply::ShutdownSnapshot { taken: true, paused, def: Box::new(self.def.clone()) })
+    }
+
+    /// Publishes the VM's status for readers.
+    fn publish(&self) {
+        let control = self.vm.as_ref().map(|v| v.control().clone());
+        self.published.send_replace(Published { info: self.info(), control });
+    }
+
+    /// How the VM ended, once, when the guest (or a lazy restore) ended it: the event to send.
+    fn notice_exit(&mut self) -> Option<(&'static str, serde_json::Value)> {
+        if self.exit_reported {
+            return None;
+        }
+        let vm = self.vm.as_ref()?;
+        let reason = vm.control().exit_reason()?;
+        self.exit_reported = true;
+        tracing::info!(vm = %self.def.name, %reason, "VM ended");
+        if let (ExitReason::Crash { .. }, Some(e)) = (&reason, vm.page_server().and_then(|s| s.error())) {
+            return Some(("lazy_restore_failed", serde_json::json!({ "error": e.to_string() })));
+        }
+        let what = match &reason {
+            ExitReason::GuestExit { .. } | ExitReason::PowerOff => "guest_exit",
+            ExitReason::Reset { .. } | ExitReason::Crash { .. } => "crashed",
+            ExitReason::Timeout { .. } => "timeout",
+            ExitReason::Stopped { .. } => "stopped",
+        };
+        Some((what, serde_json::json!(reason)))
+    }
+
+    /// Deletes the shutdown snapshot this VM resumed from once nothing depends on it.
+    fn clean_up_resume_snapshot(&mut self) {
+        let Some(snap) = self.cleanup.as_deref() else { return };
+        let Some(vm) = self.vm.as_ref() else { return };
+        let resident = snapshot::restore::lazy_stats(vm).is_none_or(|s| s.resident_after_ms.is_some());
+        if !resident && vm.control().exit_reason().is_none() {
+            return;
+        }
+        match self.store.delete(snap) {
+            Ok(()) | Err(storage::StoreError::NotFound(_)) => {
+                tracing::info!(vm = %self.def.name, snapshot = snap, "resumed; its shutdown snapshot is deleted");
+            }
+            Err(e) => tracing::warn!(vm = %self.def.name, snapshot = snap, "deleting the shutdown snapshot: {e}"),
+        }
+        self.cleanup = None;
+    }
+
+    fn handle_caught(&mut self, cmd: Cmd) -> Result<Reply, ApiError> {
+        match catch_unwind(AssertUnwindSafe(|| self.handle(cmd))) {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!(vm = %self.def.name, "a request panicked; the VM is stopped");
+                self.failed = true;
+                self.exit_reported = true;
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.stop("failed");
                 }
+                self.events.emit(&self.def.name, "failed", serde_json::json!({ "error": "a request panicked" }));
+                Err(ApiError::Internal(format!(
+                    "VM '{}' failed while handling the request; it was stopped",
+                    self.def.name
+                )))
+            }
+        }
+    }
+
+    /// Runs requests until every sender is gone; then stops the VM.
+    pub fn run(mut self, rx: Receiver<Request>) {
+        loop {
+            let request = match rx.recv_timeout(TICK) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
             };
-            let _ = reply.send(result);
+            let result = request.map(|(cmd, reply)| (self.handle_caught(cmd), reply));
+            let ended = self.notice_exit();
+            self.clean_up_resume_snapshot();
+            // Published before the answer and the event: a client that reads after either
+            // sees the new state.
+            self.publish();
+            if let Some((what, detail)) = ended {
+                self.events.emit(&self.def.name, what, detail);
+            }
+            if let Some((result, reply)) = result {
+                let _ = reply.send(result);
+            }
         }
         if let Some(mut vm) = self.vm.take() {
             vm.stop("daemon dropped the VM");

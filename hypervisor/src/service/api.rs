@@ -17,6 +17,7 @@ use serde::Deserialize;
 use super::actor::{Cmd, Reply, VmDef};
 use super::daemon::Daemon;
 use super::error::ApiError;
+use super::server::read_body_in_time;
 use crate::guests::Builtin;
 use crate::snapshot::RestoreMode;
 
@@ -116,6 +117,7 @@ pub fn decode_bodies(bytes: &[u8]) -> usize {
             passes: c.passes,
             restored_from: None,
             resume_from: None,
+            resume_paused: false,
         };
         let images_ok =
             [&def.kernel, &def.initrd].into_iter().flatten().all(|n| super::images::validate_name(n).is_ok());
@@ -149,6 +151,7 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
         passes: c.passes,
         restored_from: None,
         resume_from: None,
+        resume_paused: false,
     };
     let info = d.create(def, c.start).await?;
     d.event(&info.def.name, "created", serde_json::json!({ "state": info.state }));
@@ -180,10 +183,8 @@ async fn vm_action(State(d): Api, Path((name, action)): Path<(String, String)>) 
 }
 
 async fn vm_serial(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
-    match d.call(&name, Cmd::Serial).await? {
-        Reply::Serial(s) => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], s).into_response()),
-        _ => Err(ApiError::Internal("unexpected reply".into())),
-    }
+    let s = d.serial(&name)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], s).into_response())
 }
 
 async fn vm_snapshot(
@@ -194,6 +195,7 @@ async fn vm_snapshot(
     let s = body(b)?;
     storage::validate_snapshot_name(&s.name)
         .map_err(|e| ApiError::BadRequest(format!("snapshot name {:?}: {e}", s.name)))?;
+    super::shutdown::check_user_snapshot_name(&s.name)?;
     d.info(&name).await?;
     let op = s.background.then(|| d.ops.start("snapshot"));
     let cmd = Cmd::Snapshot { name: s.name, live: s.live, progress: op.clone() };
@@ -273,27 +275,7 @@ async fn clone_snapshot(
     let op = c.background.then(|| d.ops.start("clone"));
     let run = {
         let op = op.clone();
-        async move {
-            let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let mut tasks = Vec::new();
-            for i in 0..c.count {
-                let (d, name, vm, done, op) =
-                    (d.clone(), name.clone(), format!("{}{i}", c.prefix), done.clone(), op.clone());
-                tasks.push(tokio::spawn(async move {
-                    let r = d.restore(&name, &vm, c.mode).await;
-                    let n = done.fetch_add(1, Relaxed) + 1;
-                    if let Some(op) = &op {
-                        op.progress(serde_json::json!({ "restored": n, "of": c.count }));
-                    }
-                    r
-                }));
-            }
-            let mut out = Vec::new();
-            for t in tasks {
-                out.push(t.await.map_err(|e| ApiError::Internal(e.to_string()))??);
-            }
-            Ok::<_, ApiError>(out)
-        }
+        async move { d.clone_snapshot(&name, &c.prefix, c.count, c.mode, op.as_ref()).await }
     };
     let Some(op) = op else {
         return Ok((StatusCode::CREATED, Json(run.await?)).into_response());
@@ -330,14 +312,22 @@ async fn store_gc(State(d): Api) -> Result<Response, ApiError> {
 }
 
 async fn metrics(State(d): Api) -> Response {
-    let store = d.store.clone();
-    let stored =
-        tokio::task::spawn_blocking(move || store.usage().map(|u| u.stored_bytes).unwrap_or(0)).await.unwrap_or(0);
+    let stored = d.stored_bytes().await;
     let vms = d.list().await;
     let per_vm: Vec<(String, u64, u64)> =
         vms.iter().map(|i| (i.def.name.clone(), i.exits, i.lazy_faults.unwrap_or(0))).collect();
     let counts = super::daemon::count_states(&vms);
-    let text = d.metrics.render(&counts, &per_vm, stored);
+    let mut text = d.metrics.render(&counts, &per_vm, stored);
+    // /proc reads, off the async threads.
+    if let Ok(process) = tokio::task::spawn_blocking(|| {
+        let mut out = String::new();
+        super::metrics::render_process(&mut out);
+        out
+    })
+    .await
+    {
+        text.push_str(&process);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -435,6 +425,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         )
         .layer(axum::extract::DefaultBodyLimit::max(super::limits::MAX_JSON_BODY))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(read_body_in_time))
         .layer(axum::middleware::from_fn_with_state(d.clone(), count))
         .with_state(d)
 }

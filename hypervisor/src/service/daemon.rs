@@ -3,30 +3,42 @@
 //!
 //! Lock order: `Daemon::vms` is held only to look up, insert or remove a VM's handle, never
 //! across a request to an actor or any blocking work.
+//!
+//! Nothing here waits for an actor without a deadline: status comes from what each actor
+//! publishes ([`super::actor::Published`]), a request to a VM whose queue is full is refused
+//! at once (503), and one the VM does not answer in time ([`Cmd::deadline`]) fails with 504
+//! while the VM carries on (or stays stuck) on its own thread.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, watch};
 
-use super::actor::{Actor, Cmd, Reply, Request, SerialLog, VmDef, VmInfo};
+use super::actor::{Actor, Cmd, Published, Reply, Request, SerialLog, VmDef, VmInfo, VmState};
 use super::error::ApiError;
+use super::events::Events;
 use super::images::ImageDir;
 use super::limits::MemoryBudget;
 use super::metrics::Metrics;
+use crate::control::ExitReason;
 use crate::snapshot::{self, RestoreMode, RestoreOptions};
 
 /// Bytes of serial output kept per VM.
 const SERIAL_LOG: usize = 64 * 1024;
 /// Requests that may queue for one VM.
 const QUEUE: usize = 16;
+/// How long deleting a VM waits for its thread to end before answering anyway.
+const DELETE_WAIT: Duration = Duration::from_secs(10);
 
-struct VmHandle {
-    tx: mpsc::Sender<Request>,
-    thread: JoinHandle<()>,
+pub(super) struct VmHandle {
+    pub(super) tx: SyncSender<Request>,
+    pub(super) thread: JoinHandle<()>,
+    pub(super) published: watch::Receiver<Published>,
+    serial: SerialLog,
 }
 
 pub struct Daemon {
@@ -36,7 +48,7 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub ops: Arc<super::ops::Ops>,
     /// Events for `GET /events` subscribers.
-    pub events: tokio::sync::broadcast::Sender<serde_json::Value>,
+    pub events: Events,
     /// Set when the daemon is stopping: event streams end so connections can close.
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Kernels and initrds VMs may boot.
@@ -55,7 +67,7 @@ pub struct DaemonConfig {
 
 /// VM and snapshot names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot (they become
 /// file names in the state directory).
-fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
+pub(super) fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -81,12 +93,13 @@ impl Daemon {
             state_dir: state_dir.to_path_buf(),
             metrics: Arc::new(Metrics::default()),
             ops: Arc::new(super::ops::Ops::default()),
-            events: tokio::sync::broadcast::channel(1024).0,
+            events: Events::default(),
             stopping: tokio::sync::watch::channel(false).0,
             images: Arc::new(config.images),
             budget: Arc::new(MemoryBudget::new(config.max_guest_mib)),
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
+        let mut resumed = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().and_then(|x| x.to_str()) != Some("json") {
@@ -99,29 +112,42 @@ impl Daemon {
                 Ok(def) if validate_name("VM", &def.name).is_ok() => {
                     tracing::info!(vm = %def.name, "VM definition loaded");
                     d.budget.force(&def.name, def.mem_mib);
-                    let vm = def.resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap));
+                    let resume_from = def.resume_from.clone();
+                    let vm = resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap, def.resume_paused));
                     // Resumed once: a later start must not go back to that snapshot.
-                    let def = VmDef { resume_from: None, ..def };
+                    let def = VmDef { resume_from: None, resume_paused: false, ..def };
                     if let Err(e) = d.persist(&def) {
                         tracing::error!(vm = %def.name, "{e}");
                     }
-                    let h = d.spawn_actor(def.clone(), vm);
+                    // The snapshot is deleted once the VM no longer needs it (resident, or ended).
+                    let cleanup = if vm.is_some() { resume_from } else { None };
+                    if let Some(snap) = &cleanup {
+                        resumed.push(snap.clone());
+                    }
+                    let h = d.spawn_actor(def.clone(), vm, cleanup);
                     d.lock().insert(def.name, h);
                 }
                 Ok(def) => tracing::warn!("ignoring {}: bad VM name {:?}", path.display(), def.name),
                 Err(e) => tracing::warn!("ignoring {}: {e}", path.display()),
             }
         }
+        super::shutdown::sweep_shutdown_snapshots(&d.store, &resumed);
         Ok(d)
     }
 
     /// Restores a VM the daemon snapshotted at its last shutdown, lazily, and starts it.
-    fn resume(&self, name: &str, snap: &str) -> Option<(crate::vm::Vm, SerialLog)> {
+    /// A VM that was paused comes back paused (its vCPUs park before their first instruction).
+    fn resume(&self, name: &str, snap: &str, paused: bool) -> Option<(crate::vm::Vm, SerialLog)> {
         let serial = SerialLog::new(SERIAL_LOG);
         let restored =
             snapshot::restore(&self.store, snap, RestoreOptions::new(RestoreMode::Lazy, Box::new(serial.clone())))
                 .map_err(|e| e.to_string())
-                .and_then(|(mut vm, _)| vm.start().map(|()| vm).map_err(|e| e.to_string()));
+                .and_then(|(mut vm, _)| {
+                    if paused {
+                        vm.pause();
+                    }
+                    vm.start().map(|()| vm).map_err(|e| e.to_string())
+                });
         match restored {
             Ok(vm) => {
                 tracing::info!(vm = name, snapshot = snap, "VM resumed from its shutdown snapshot");
@@ -136,12 +162,10 @@ impl Daemon {
 
     /// Tells event subscribers that `what` happened to VM `vm` (no subscribers: nothing).
     pub fn event(&self, vm: &str, what: &str, detail: serde_json::Value) {
-        let unix_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let _ = self.events.send(serde_json::json!({ "vm": vm, "event": what, "detail": detail, "unix_ms": unix_ms }));
+        self.events.emit(vm, what, detail);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VmHandle>> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VmHandle>> {
         self.vms.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -158,20 +182,53 @@ impl Daemon {
             .map_err(|e| ApiError::Internal(format!("saving VM definition {}: {e}", path.display())))
     }
 
-    fn spawn_actor(&self, def: VmDef, vm: Option<(crate::vm::Vm, SerialLog)>) -> VmHandle {
-        let (tx, rx) = mpsc::channel(QUEUE);
+    /// Saves a VM definition from a blocking-pool thread.
+    pub(super) async fn save_def(self: &Arc<Self>, def: VmDef) -> Result<(), ApiError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.persist(&def)).await.map_err(|e| ApiError::Internal(e.to_string()))?
+    }
+
+    /// Removes a VM definition from a blocking-pool thread.
+    async fn remove_def(&self, name: &str) {
+        let path = self.def_path(name);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+    }
+
+    fn spawn_actor(&self, def: VmDef, vm: Option<(crate::vm::Vm, SerialLog)>, cleanup: Option<String>) -> VmHandle {
+        let (tx, rx) = sync_channel(QUEUE);
         let (vm, serial) = match vm {
             Some((vm, serial)) => (Some(vm), serial),
             None => (None, SerialLog::new(SERIAL_LOG)),
         };
+        // What readers see until the actor's first publication.
+        let first = Published {
+            info: VmInfo {
+                def: def.clone(),
+                state: match &vm {
+                    Some(vm) if vm.control().state() == crate::control::RunState::Paused => VmState::Paused,
+                    Some(_) => VmState::Running,
+                    None => VmState::Created,
+                },
+                exit: None,
+                first_exit_ms: None,
+                lazy_faults: None,
+                exits: 0,
+            },
+            control: vm.as_ref().map(|v| v.control().clone()),
+        };
+        let (published_tx, published) = watch::channel(first);
         let actor = Actor {
             def: def.clone(),
             vm,
-            serial,
+            serial: serial.clone(),
             failed: false,
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             images: self.images.clone(),
+            events: self.events.clone(),
+            published: published_tx,
+            cleanup,
+            exit_reported: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", def.name))
@@ -180,38 +237,79 @@ impl Daemon {
                 tracing::error!("cannot start the actor thread of VM '{}': {e}", def.name);
                 std::thread::spawn(|| {})
             });
-        VmHandle { tx, thread }
+        VmHandle { tx, thread, published, serial }
     }
 
-    /// Sends `cmd` to VM `name` and waits for the answer.
+    /// Sends `cmd` to VM `name` and waits for the answer, at most the command's deadline.
     pub async fn call(&self, name: &str, cmd: Cmd) -> Result<Reply, ApiError> {
+        let deadline = cmd.deadline();
+        self.call_within(name, cmd, deadline).await
+    }
+
+    /// Sends `cmd` to VM `name` and waits at most `deadline` for the answer. A VM whose queue
+    /// is full is busy (503); one that does not answer in time is reported stuck (504).
+    pub async fn call_within(&self, name: &str, cmd: Cmd, deadline: Duration) -> Result<Reply, ApiError> {
         let tx =
             self.lock().get(name).map(|h| h.tx.clone()).ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))?;
+        let what = cmd.what();
         let (reply, rx) = oneshot::channel();
-        tx.send((cmd, reply)).await.map_err(|_| ApiError::Internal(format!("VM '{name}' is gone")))?;
-        rx.await.map_err(|_| ApiError::Internal(format!("VM '{name}' did not answer")))?
-    }
-
-    pub async fn info(&self, name: &str) -> Result<VmInfo, ApiError> {
-        match self.call(name, Cmd::Info).await? {
-            Reply::Info(i) => Ok(i),
-            _ => Err(ApiError::Internal("unexpected reply".into())),
+        tx.try_send((cmd, reply)).map_err(|e| match e {
+            TrySendError::Full(_) => ApiError::Busy(format!(
+                "VM '{name}' is busy: {QUEUE} requests are already waiting for it; try again later"
+            )),
+            TrySendError::Disconnected(_) => ApiError::Internal(format!("VM '{name}' is gone")),
+        })?;
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ApiError::Internal(format!("VM '{name}' did not answer '{what}'"))),
+            Err(_) => Err(ApiError::Timeout(format!(
+                "VM '{name}' did not finish '{what}' within {} s; it is still busy or stuck \
+                 (GET /vms/{name} shows its state; DELETE removes it)",
+                deadline.as_secs()
+            ))),
         }
     }
 
-    pub async fn list(&self) -> Vec<VmInfo> {
-        let names: Vec<String> = self.lock().keys().cloned().collect();
-        let mut out = Vec::new();
-        for n in names {
-            if let Ok(i) = self.info(&n).await {
-                out.push(i);
+    /// The store's size for metrics: asked off the async threads, for at most half a second
+    /// (a store busy with a GC must not hold up metrics); the last known value otherwise.
+    pub async fn stored_bytes(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let store = self.store.clone();
+        let ask = tokio::task::spawn_blocking(move || store.usage().map(|u| u.stored_bytes));
+        match tokio::time::timeout(Duration::from_millis(500), ask).await {
+            Ok(Ok(Ok(n))) => {
+                self.metrics.last_stored_bytes.store(n, Relaxed);
+                n
             }
+            _ => self.metrics.last_stored_bytes.load(Relaxed),
         }
-        out
+    }
+
+    /// A VM's status as its actor last published it: never waits for the actor.
+    pub async fn info(&self, name: &str) -> Result<VmInfo, ApiError> {
+        self.lock()
+            .get(name)
+            .map(|h| h.published.borrow().info.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))
+    }
+
+    /// How many VMs the daemon has.
+    pub fn vm_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Every VM's published status.
+    pub async fn list(&self) -> Vec<VmInfo> {
+        self.lock().values().map(|h| h.published.borrow().info.clone()).collect()
+    }
+
+    /// The last `SERIAL_LOG` bytes VM `name` printed; never waits for the actor.
+    pub fn serial(&self, name: &str) -> Result<String, ApiError> {
+        self.lock().get(name).map(|h| h.serial.text()).ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))
     }
 
     /// Defines a VM (and starts it if asked).
-    pub async fn create(&self, def: VmDef, start: bool) -> Result<VmInfo, ApiError> {
+    pub async fn create(self: &Arc<Self>, def: VmDef, start: bool) -> Result<VmInfo, ApiError> {
         validate_name("VM", &def.name)?;
         def.check_boot().map_err(ApiError::BadRequest)?;
         crate::memory::check_size(def.mem_mib).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -225,34 +323,66 @@ impl Daemon {
                 return Err(ApiError::Conflict(format!("a VM named '{}' already exists", def.name)));
             }
             self.budget.reserve(&def.name, def.mem_mib)?;
-            let h = self.spawn_actor(def.clone(), None);
+            let h = self.spawn_actor(def.clone(), None, None);
             vms.insert(def.name.clone(), h);
         }
-        if let Err(e) = self.persist(&def) {
+        if let Err(e) = self.save_def(def.clone()).await {
             self.remove(&def.name);
             return Err(e);
         }
         if start {
-            self.call(&def.name, Cmd::Start).await?;
+            if let Err(e) = self.call(&def.name, Cmd::Start).await {
+                // All or nothing: a VM that cannot start is not left defined.
+                tracing::info!(vm = %def.name, "start failed, the VM is removed again: {e}");
+                self.forget(&def.name, "its start failed").await;
+                return Err(e);
+            }
         }
         self.info(&def.name).await
     }
 
-    fn remove(&self, name: &str) -> Option<JoinHandle<()>> {
-        let h = self.lock().remove(name).map(|h| h.thread);
+    fn remove(&self, name: &str) -> Option<VmHandle> {
+        let h = self.lock().remove(name);
         if h.is_some() {
             self.budget.release(name);
         }
         h
     }
 
+    /// Removes VM `name`: stops it (at once, even while its actor is busy), ends its actor and
+    /// deletes its definition. Waits up to [`DELETE_WAIT`] for the actor thread to end; one
+    /// stuck in a call that never returns is left behind (and logged).
+    async fn forget(&self, name: &str, why: &str) -> bool {
+        let Some(h) = self.remove(name) else { return false };
+        if let Some(control) = h.published.borrow().control.clone() {
+            control.stop(ExitReason::Stopped { detail: format!("VM removed: {why}") });
+        }
+        // Dropping the sender ends the actor, which stops the VM and frees it.
+        drop(h.tx);
+        self.remove_def(name).await;
+        let t0 = Instant::now();
+        while !h.thread.is_finished() {
+            if t0.elapsed() > DELETE_WAIT {
+                tracing::warn!(
+                    vm = name,
+                    "its thread has not ended {} s after removal; left behind",
+                    DELETE_WAIT.as_secs()
+                );
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = h.thread.join();
+        true
+    }
+
     /// Stops and forgets a VM.
     pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
-        let thread = self.remove(name).ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))?;
-        // Dropping the sender ends the actor, which stops the VM.
-        tokio::task::spawn_blocking(move || thread.join()).await.map_err(|e| ApiError::Internal(e.to_string()))?.ok();
-        let _ = std::fs::remove_file(self.def_path(name));
-        Ok(())
+        if self.forget(name, "deleted").await {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound(format!("no VM '{name}'")))
+        }
     }
 
     /// Restores `snapshot` as a new running VM `name`.
@@ -301,6 +431,7 @@ impl Daemon {
             passes: 0,
             restored_from: Some(snapshot_name.to_string()),
             resume_from: None,
+            resume_paused: false,
         };
         {
             let mut vms = self.lock();
@@ -308,50 +439,15 @@ impl Daemon {
                 return Err(ApiError::Conflict(format!("a VM named '{vm_name}' already exists")));
             }
             held.keep();
-            let h = self.spawn_actor(def.clone(), Some((vm, serial)));
+            let h = self.spawn_actor(def.clone(), Some((vm, serial)), None);
             vms.insert(vm_name.clone(), h);
         }
-        self.persist(&def)?;
+        if let Err(e) = self.save_def(def.clone()).await {
+            self.forget(&vm_name, "its definition could not be saved").await;
+            return Err(e);
+        }
         self.event(&vm_name, "restored", serde_json::json!({ "snapshot": snapshot_name, "mode": mode }));
         self.info(&vm_name).await
-    }
-
-    /// Stops every VM and waits for the actors to end. With `snapshot`, running VMs are
-    /// snapshotted first (as `shutdown-<name>`) and resumed from it when the daemon starts.
-    pub fn shutdown(&self, snapshot: bool) {
-        let handles: Vec<(String, VmHandle)> = std::mem::take(&mut *self.lock()).into_iter().collect();
-        for (name, h) in handles {
-            if snapshot {
-                self.snapshot_for_restart(&name, &h);
-            }
-            drop(h.tx);
-            let _ = h.thread.join();
-        }
-    }
-
-    fn snapshot_for_restart(&self, name: &str, h: &VmHandle) {
-        let ask = |cmd| {
-            let (tx, rx) = oneshot::channel();
-            h.tx.blocking_send((cmd, tx)).ok()?;
-            rx.blocking_recv().ok()
-        };
-        let Some(Ok(Reply::Info(info))) = ask(Cmd::Info) else { return };
-        if !matches!(info.state, super::actor::VmState::Running | super::actor::VmState::Paused) {
-            return;
-        }
-        let snap = format!("shutdown-{name}");
-        let _ = self.store.delete(&snap);
-        match ask(Cmd::Snapshot { name: snap.clone(), live: false, progress: None }) {
-            Some(Ok(_)) => {
-                let def = VmDef { resume_from: Some(snap.clone()), ..info.def };
-                match self.persist(&def) {
-                    Ok(()) => tracing::info!(vm = name, snapshot = %snap, "VM snapshotted for the restart"),
-                    Err(e) => tracing::error!(vm = name, "{e}"),
-                }
-            }
-            Some(Err(e)) => tracing::error!(vm = name, "snapshot at shutdown failed: {e}"),
-            None => tracing::error!(vm = name, "the VM did not answer at shutdown"),
-        }
     }
 }
 

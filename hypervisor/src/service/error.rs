@@ -24,6 +24,15 @@ pub enum ApiError {
     /// The guest memory budget has no room (see [`super::limits`]).
     #[error("{0}")]
     OverBudget(#[from] super::limits::OverBudget),
+    /// The VM's request queue is full.
+    #[error("{0}")]
+    Busy(String),
+    /// The VM did not answer within the request's deadline.
+    #[error("{0}")]
+    Timeout(String),
+    /// The client did not send its request in time.
+    #[error("{0}")]
+    SlowClient(String),
 }
 
 impl ApiError {
@@ -35,6 +44,9 @@ impl ApiError {
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::OverBudget(_) => StatusCode::CONFLICT,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::SlowClient(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 

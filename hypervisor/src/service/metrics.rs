@@ -46,6 +46,8 @@ pub struct Metrics {
     pub restores: Histogram,
     pub requests: AtomicU64,
     pub request_errors: AtomicU64,
+    /// The store's size when last asked.
+    pub last_stored_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -92,5 +94,47 @@ impl Metrics {
         let _ = writeln!(out, "# HELP snapvisor_api_errors_total API requests answered with an error.\n# TYPE snapvisor_api_errors_total counter");
         let _ = writeln!(out, "snapvisor_api_errors_total {}", self.request_errors.load(Relaxed));
         out
+    }
+}
+
+/// The daemon process itself: its caches with their bounds, resident memory, threads and
+/// open files. The caches are the memory the daemon keeps on purpose when no VM is left:
+/// the decompressed-chunk cache shared by lazy restores (LRU, at most
+/// [`crate::snapshot::restore::SHARED_CACHE_BYTES`]) and sled's page cache (at most
+/// `StoreOptions::cache_capacity`, 64 MiB by default).
+pub fn render_process(out: &mut String) {
+    let cache = crate::snapshot::restore::shared_cache();
+    let gauges: [(&str, &str, u64); 3] = [
+        ("snapvisor_chunk_cache_bytes", "Decompressed chunks held for lazy restores.", cache.bytes() as u64),
+        (
+            "snapvisor_chunk_cache_capacity_bytes",
+            "Bound of the decompressed-chunk cache.",
+            crate::snapshot::restore::SHARED_CACHE_BYTES as u64,
+        ),
+        (
+            "snapvisor_store_cache_capacity_bytes",
+            "Bound of the store index's page cache (sled).",
+            storage::StoreOptions::default().cache_capacity,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| -> Option<u64> {
+        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    };
+    if let Some(kib) = field("VmRSS:") {
+        let _ = writeln!(
+            out,
+            "# HELP snapvisor_process_resident_bytes Resident memory of the daemon (guest RAM included).\n# TYPE snapvisor_process_resident_bytes gauge\nsnapvisor_process_resident_bytes {}",
+            kib * 1024
+        );
+    }
+    if let Some(n) = field("Threads:") {
+        let _ = writeln!(out, "# HELP snapvisor_process_threads Threads of the daemon.\n# TYPE snapvisor_process_threads gauge\nsnapvisor_process_threads {n}");
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(out, "# HELP snapvisor_process_open_fds Open file descriptors of the daemon.\n# TYPE snapvisor_process_open_fds gauge\nsnapvisor_process_open_fds {}", fds.count());
     }
 }

@@ -5,25 +5,32 @@
 //! back defined, not running).
 //!
 //! Under systemd (`Type=notify`) the daemon reports READY once the socket accepts requests,
-//! STATUS lines, and WATCHDOG pings when a watchdog is configured. SIGTERM or SIGINT stops
-//! new requests, stops every VM within `--shutdown-timeout` (with `--on-shutdown snapshot`,
-//! snapshots the running ones first and resumes them lazily at the next start), removes the
-//! socket and exits.
+//! STATUS lines, and WATCHDOG pings while the daemon is healthy (see [`watchdog`]). SIGTERM
+//! or SIGINT stops accepting, closes connections (stalled ones after [`CONN_GRACE`]), stops
+//! every VM (with `--on-shutdown snapshot`, snapshots the running and paused ones first and
+//! resumes them lazily at the next start, see [`shutdown`]), removes the socket and exits, all
+//! within `--shutdown-timeout` plus [`EXIT_MARGIN`], whatever clients and VMs do.
 
 pub mod actor;
 pub mod api;
 pub mod client;
+pub mod clone;
 pub mod daemon;
 pub mod error;
+pub mod events;
+pub mod housekeeping;
 pub mod images;
 pub mod images_api;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
+pub mod server;
+pub mod shutdown;
 pub mod socket;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use sd_notify::NotifyState;
@@ -38,7 +45,8 @@ pub struct ServeArgs {
     /// Where VM definitions and the snapshot store live.
     #[arg(long, default_value = "/var/lib/snapvisor")]
     pub state_dir: PathBuf,
-    /// Seconds to stop the VMs in on SIGTERM before exiting anyway.
+    /// Seconds to stop (or snapshot) the VMs in on SIGTERM before exiting anyway; the daemon
+    /// exits within this plus about a second.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
     /// Also serve `GET /metrics` (only) on this loopback TCP address, e.g. 127.0.0.1:9101.
@@ -62,6 +70,10 @@ pub struct ServeArgs {
     /// (default 75%).
     #[arg(long)]
     pub max_guest_memory: Option<String>,
+    /// Drop decompressed chunks no lazy restore has used for this many seconds (clones that
+    /// fill together share them; an idle daemon gives the memory back).
+    #[arg(long, default_value_t = 10)]
+    pub cache_idle_secs: u64,
 }
 
 /// What happens to running VMs when the daemon stops.
@@ -95,6 +107,10 @@ fn terminated() -> Result<impl std::future::Future<Output = ()>, CliError> {
 fn input(e: impl std::fmt::Display) -> CliError {
     CliError::Input(e.to_string())
 }
+/// How long open connections get to finish their response once the daemon stops.
+pub const CONN_GRACE: Duration = Duration::from_secs(2);
+/// What the daemon may take beyond `--shutdown-timeout` to tear down and exit.
+pub const EXIT_MARGIN: Duration = Duration::from_secs(1);
 
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
     // Before any thread or file exists: nothing the daemon creates (socket, state, packs) is
@@ -107,7 +123,28 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(|e| CliError::Internal(format!("starting the runtime: {e}")))?;
-    rt.block_on(serve(args))
+    let r = rt.block_on(serve(args));
+    // Blocking work still running (a store call, a VM's teardown) must not hold up the exit.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    r
+}
+
+/// Pings the systemd watchdog at half its interval, but only while the daemon is healthy: the
+/// VM table's lock can be taken and the blocking pool runs work, each within a quarter of
+/// the interval. A wedged daemon stops pinging and systemd restarts it.
+async fn watchdog(daemon: Arc<daemon::Daemon>, usec: u64) {
+    let period = Duration::from_micros(usec / 2);
+    let bound = Duration::from_micros(usec / 4);
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let d = daemon.clone();
+        let probe = tokio::task::spawn_blocking(move || drop(d.lock()));
+        match tokio::time::timeout(bound, probe).await {
+            Ok(Ok(())) => notify(&[NotifyState::Watchdog]),
+            _ => tracing::error!("health check failed (VM table or blocking pool wedged); no watchdog ping"),
+        }
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
@@ -132,48 +169,41 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .set_nonblocking(true)
         .and_then(|()| tokio::net::UnixListener::from_std(listener))
         .map_err(|e| CliError::Internal(format!("socket {}: {e}", args.socket.display())))?;
-    if let Some(addr) = args.metrics_addr {
-        let tcp =
-            tokio::net::TcpListener::bind(addr).await.map_err(|e| CliError::Input(format!("binding {addr}: {e}")))?;
-        let app = api::metrics_router(daemon.clone());
-        let mut stop = daemon.stopping.subscribe();
-        tokio::spawn(async move {
-            let served = axum::serve(tcp, app).with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = served.await {
-                tracing::error!("metrics endpoint: {e}");
-            }
-        });
-    }
+    let metrics_server = match args.metrics_addr {
+        Some(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| CliError::Input(format!("binding {addr}: {e}")))?;
+            Some(server::Server::start(server::Listener::Tcp(tcp), api::metrics_router(daemon.clone())))
+        }
+        None => None,
+    };
+    let api_server = server::Server::start(server::Listener::Unix(listener), api::router(daemon.clone()));
     tracing::info!(socket = %args.socket.display(), "snapvisor daemon ready");
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let mut usec = 0;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
-            loop {
-                tick.tick().await;
-                notify(&[NotifyState::Watchdog]);
-            }
-        });
+        tokio::spawn(watchdog(daemon.clone(), usec));
     }
-    let served = axum::serve(listener, api::router(daemon.clone()))
-        .with_graceful_shutdown({
-            let d = daemon.clone();
-            async move {
-                shutdown.await;
-                let _ = d.stopping.send(true);
-            }
-        })
-        .await;
+    tokio::spawn(housekeeping::run(daemon.clone(), Duration::from_secs(args.cache_idle_secs)));
+    shutdown.await;
+    let deadline = Instant::now() + Duration::from_secs(args.shutdown_timeout);
+    tracing::info!("stopping: no new connections; VMs have {} s", args.shutdown_timeout);
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping VMs")]);
-    let d = daemon.clone();
+    // Event streams end, so their connections can close.
+    let _ = daemon.stopping.send(true);
+    let grace = CONN_GRACE.min(Duration::from_secs(args.shutdown_timeout.max(1)));
+    let conns = async {
+        let metrics = async {
+            if let Some(m) = metrics_server {
+                m.stop(grace).await;
+            }
+        };
+        tokio::join!(api_server.stop(grace), metrics);
+    };
     let snapshot = args.on_shutdown == OnShutdown::Snapshot;
-    let stop = tokio::task::spawn_blocking(move || d.shutdown(snapshot));
-    if tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), stop).await.is_err() {
-        tracing::warn!("VMs did not stop within {} s; exiting anyway", args.shutdown_timeout);
-    }
+    tokio::join!(conns, daemon.shutdown(snapshot, deadline));
     claimed.release();
-    served.map_err(|e| CliError::Internal(format!("serving the API: {e}")))
+    tracing::info!("stopped");
+    Ok(())
 }

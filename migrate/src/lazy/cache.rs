@@ -6,16 +6,25 @@
 //! each shard evicts its least recently used chunks beyond its share of the capacity. Entries
 //! are verified chunks (the store checks the hash before decompressed bytes leave it), so a
 //! hit is as trustworthy as a read.
+//!
+//! Bounds: at most `capacity` bytes of chunk data (plus about 100 bytes of bookkeeping per
+//! chunk); and since sharing only pays while clones fill at the same time, an owner can drop
+//! what has not been used for a while ([`ChunkCache::evict_idle`]) so that an idle process
+//! gives the memory back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 const SHARDS: usize = 16;
 
+/// A cached chunk: its data, its LRU tick, its last use.
+type Entry = (Arc<[u8]>, u64, Instant);
+
 #[derive(Default)]
 struct Shard {
-    map: HashMap<[u8; 32], (Arc<[u8]>, u64)>,
+    map: HashMap<[u8; 32], Entry>,
     lru: BTreeMap<u64, [u8; 32]>,
     bytes: usize,
     tick: u64,
@@ -54,6 +63,7 @@ impl ChunkCache {
                 Some(e) => {
                     let old = e.1;
                     e.1 = tick;
+                    e.2 = Instant::now();
                     (e.0.clone(), old)
                 }
                 None => {
@@ -86,14 +96,41 @@ impl ChunkCache {
         s.tick += 1;
         let tick = s.tick;
         s.bytes += data.len();
-        s.map.insert(*hash, (Arc::from(data), tick));
+        s.map.insert(*hash, (Arc::from(data), tick, Instant::now()));
         s.lru.insert(tick, *hash);
         while s.bytes > self.shard_capacity {
             let Some((_, victim)) = s.lru.pop_first() else { break };
-            if let Some((d, _)) = s.map.remove(&victim) {
+            if let Some((d, _, _)) = s.map.remove(&victim) {
                 s.bytes -= d.len();
             }
         }
+    }
+
+    /// Drops every chunk not used for `idle`; returns the bytes dropped.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut freed = 0;
+        for shard in &self.shards {
+            let mut s = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            // The LRU order is the order of last use: stop at the first recent one.
+            while let Some((&tick, hash)) = s.lru.first_key_value() {
+                let hash = *hash;
+                match s.map.get(&hash) {
+                    Some((_, _, used)) if now.duration_since(*used) < idle => break,
+                    _ => {}
+                }
+                s.lru.remove(&tick);
+                if let Some((d, _, _)) = s.map.remove(&hash) {
+                    s.bytes -= d.len();
+                    freed += d.len();
+                }
+            }
+            if s.map.is_empty() {
+                // Give the tables' own memory back too.
+                s.map = HashMap::new();
+            }
+        }
+        freed
     }
 
     /// (hits, misses) so far.
@@ -134,5 +171,20 @@ mod tests {
         assert!(c.bytes() <= SHARDS * 100);
         c.insert(&h(3), &[0; 1000]);
         assert_eq!(c.get(&h(3), &mut buf), None, "larger than a shard: not kept");
+    }
+
+    #[test]
+    fn idle_chunks_are_dropped() {
+        let c = ChunkCache::new(SHARDS * 100);
+        let mut buf = [0u8; 64];
+        c.insert(&h(1), &[1; 60]);
+        c.insert(&h(2), &[2; 60]);
+        assert_eq!(c.evict_idle(Duration::from_secs(60)), 0, "recently used: kept");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(c.get(&h(2), &mut buf), Some(60));
+        assert_eq!(c.evict_idle(Duration::from_millis(20)), 60, "only the idle one goes");
+        assert_eq!(c.get(&h(1), &mut buf), None);
+        assert_eq!(c.get(&h(2), &mut buf), Some(60));
+        assert_eq!(c.bytes(), 60);
     }
 }

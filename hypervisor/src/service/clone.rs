@@ -1,0 +1,87 @@
+//! Cloning a snapshot into many VMs in one request, all or nothing.
+//!
+//! Every name (`<prefix><i>`) is checked before anything is restored: an invalid or taken
+//! name fails the request with nothing made. The restores then run concurrently; if any
+//! fails (a name taken meanwhile, the store, KVM), the clones already made are deleted again
+//! and the error names the clone that failed, why, and the clones that were made and removed.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use super::actor::VmInfo;
+use super::daemon::{validate_name, Daemon};
+use super::error::ApiError;
+use super::ops::OpHandle;
+use crate::snapshot::RestoreMode;
+
+impl Daemon {
+    /// Restores `count` clones of `snapshot` as `<prefix>0`..; all of them or none.
+    pub async fn clone_snapshot(
+        self: &Arc<Self>,
+        snapshot: &str,
+        prefix: &str,
+        count: usize,
+        mode: RestoreMode,
+        op: Option<&OpHandle>,
+    ) -> Result<Vec<VmInfo>, ApiError> {
+        let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+        for n in &names {
+            validate_name("VM", n)?;
+        }
+        {
+            let vms = self.lock();
+            if let Some(taken) = names.iter().find(|n| vms.contains_key(n.as_str())) {
+                return Err(ApiError::Conflict(format!(
+                    "clone '{taken}' of snapshot '{snapshot}': a VM named '{taken}' already exists; nothing was cloned"
+                )));
+            }
+        }
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for vm in &names {
+            let (d, snap, vm, done, op) = (self.clone(), snapshot.to_string(), vm.clone(), done.clone(), op.cloned());
+            tasks.push(tokio::spawn(async move {
+                let r = d.restore(&snap, &vm, mode).await;
+                let n = done.fetch_add(1, Relaxed) + 1;
+                if let Some(op) = &op {
+                    op.progress(serde_json::json!({ "restored": n, "of": count }));
+                }
+                r
+            }));
+        }
+        let mut made = Vec::new();
+        let mut failed: Option<(String, ApiError)> = None;
+        for (name, t) in names.iter().zip(tasks) {
+            match t.await.map_err(|e| ApiError::Internal(e.to_string())).and_then(|r| r) {
+                Ok(info) => made.push(info),
+                Err(e) => {
+                    if failed.is_none() {
+                        failed = Some((name.clone(), e));
+                    }
+                }
+            }
+        }
+        let Some((name, e)) = failed else { return Ok(made) };
+        let mut removed = Vec::new();
+        for info in &made {
+            if self.delete(&info.def.name).await.is_ok() {
+                removed.push(info.def.name.clone());
+            }
+        }
+        let msg = format!(
+            "clone '{name}' of snapshot '{snapshot}' failed: {e}; {} clones were made and removed again{}",
+            removed.len(),
+            if removed.is_empty() { String::new() } else { format!(" ({})", removed.join(", ")) }
+        );
+        tracing::warn!("{msg}");
+        Err(match e {
+            ApiError::BadRequest(_) => ApiError::BadRequest(msg),
+            ApiError::NotFound(_) => ApiError::NotFound(msg),
+            ApiError::Conflict(_) | ApiError::OverBudget(_) => ApiError::Conflict(msg),
+            ApiError::TooLarge(_) => ApiError::TooLarge(msg),
+            ApiError::Busy(_) => ApiError::Busy(msg),
+            ApiError::Timeout(_) => ApiError::Timeout(msg),
+            ApiError::Internal(_) | ApiError::SlowClient(_) => ApiError::Internal(msg),
+        })
+    }
+}

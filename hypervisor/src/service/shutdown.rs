@@ -1,0 +1,112 @@
+//! Stopping the daemon: every VM at once, within one deadline.
+//!
+//! On SIGTERM each VM gets its own task. With `--on-shutdown snapshot` a running or paused VM
+//! is snapshotted (stop-and-copy) under a fresh name in the daemon's reserved namespace
+//! (`__shutdown-<unix ms>-<n>-<vm>`: the API refuses user snapshot names starting with `__`,
+//! so no user snapshot is ever overwritten, and the name fits the store's 64 characters for
+//! any VM name). Only once the new snapshot is committed does the VM's definition name it
+//! (`resume_from`, and `resume_paused` for a paused VM, which then comes back paused), and
+//! only then is the previous shutdown snapshot of that VM deleted. A resumed VM deletes the
+//! snapshot it came from as soon as all its memory is resident (or it ends). Shutdown
+//! snapshots no definition names (left by a crash) are deleted when the daemon starts.
+//!
+//! Then every actor is ended (which stops its VM). Whatever is not done by the deadline is
+//! left behind: the daemon exits anyway, and a snapshot cut short was never committed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::actor::{Cmd, Reply, VmDef};
+use super::daemon::Daemon;
+use super::error::ApiError;
+
+/// The namespace of snapshots the daemon takes for itself.
+pub const RESERVED_PREFIX: &str = "__";
+const SHUTDOWN_PREFIX: &str = "__shutdown-";
+
+/// Refuses user snapshot names in the daemon's reserved namespace.
+pub fn check_user_snapshot_name(name: &str) -> Result<(), ApiError> {
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(ApiError::BadRequest(format!(
+            "snapshot name {name:?}: names starting with {RESERVED_PREFIX:?} are reserved for the daemon"
+        )));
+    }
+    Ok(())
+}
+
+/// A fresh shutdown snapshot name for VM `vm`: unique in this store, at most 64 characters.
+fn shutdown_name(vm: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let mut name = format!("{SHUTDOWN_PREFIX}{unix_ms}-{n}-{vm}");
+    // VM names are ASCII: cutting at a byte count is cutting at a character.
+    name.truncate(64);
+    name
+}
+
+/// Deletes shutdown snapshots nothing will resume from (`keep` are in use).
+pub fn sweep_shutdown_snapshots(store: &storage::Store, keep: &[String]) {
+    let names = match store.list() {
+        Ok(n) => n,
+        Err(e) => return tracing::warn!("listing snapshots to sweep old shutdown snapshots: {e}"),
+    };
+    for name in names.iter().filter(|n| n.starts_with(SHUTDOWN_PREFIX) && !keep.contains(n)) {
+        match store.delete(name) {
+            Ok(()) => tracing::info!(snapshot = %name, "deleted a shutdown snapshot no VM resumes from"),
+            Err(e) => tracing::warn!(snapshot = %name, "deleting an old shutdown snapshot: {e}"),
+        }
+    }
+}
+
+impl Daemon {
+    /// Stops every VM, snapshotting running and paused ones first when `snapshot` is set, and
+    /// returns by `deadline` whatever is still going on.
+    pub async fn shutdown(self: &Arc<Self>, snapshot: bool, deadline: Instant) {
+        let names: Vec<String> = self.lock().keys().cloned().collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in names {
+            let d = self.clone();
+            tasks.spawn(async move { d.shut_down_vm(&name, snapshot, deadline).await });
+        }
+        let all = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout_at(deadline.into(), all).await.is_err() {
+            tracing::warn!("{} VMs had not stopped by the shutdown deadline; exiting anyway", tasks.len());
+            tasks.abort_all();
+        }
+    }
+
+    async fn shut_down_vm(self: &Arc<Self>, name: &str, snapshot: bool, deadline: Instant) {
+        if snapshot {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let snap = shutdown_name(name);
+            match self.call_within(name, Cmd::ShutdownSnapshot { name: snap.clone() }, left).await {
+                Ok(Reply::ShutdownSnapshot { taken: true, paused, def }) => {
+                    let def = VmDef { resume_from: Some(snap.clone()), resume_paused: paused, ..*def };
+                    match self.save_def(def).await {
+                        Ok(()) => {
+                            tracing::info!(vm = name, snapshot = %snap, paused, "resumes from it at the next start")
+                        }
+                        Err(e) => {
+                            tracing::error!(vm = name, "{e}");
+                            let store = self.store.clone();
+                            let _ = tokio::task::spawn_blocking(move || store.delete(&snap)).await;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(vm = name, "snapshot at shutdown failed: {e}"),
+            }
+        }
+        let Some(h) = self.lock().remove(name) else { return };
+        drop(h.tx);
+        while !h.thread.is_finished() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if h.thread.is_finished() {
+            let _ = h.thread.join();
+        }
+    }
+}

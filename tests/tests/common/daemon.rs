@@ -1,0 +1,122 @@
+//! A `snapvisor serve` child for tests that talk to the daemon through its socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with its socket and state in `dir` and extra `serve` arguments.
+    pub fn start(dir: &Path, args: &[&str]) -> Daemon {
+        let socket = dir.join("api.sock");
+        let state = dir.join("state");
+        let child = Command::new(super::snapvisor_bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn daemon");
+        // Ready when it accepts connections (a socket file alone could be a stale one).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&socket).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(UnixStream::connect(&socket).is_ok(), "the daemon never accepted connections");
+        Daemon { child, socket, state }
+    }
+
+    /// One request on its own connection; fails (Err) if no answer comes within `timeout`.
+    pub fn call_within(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Value), String> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).map_err(|e| format!("write: {e}"))?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map_err(|e| format!("{method} {path}: no answer within {timeout:?}: {e}"))?;
+        let (status, text) = hypervisor::service::client::parse_response(&out).map_err(|e| e.to_string())?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_within(method, path, body.as_ref(), Duration::from_secs(120)).expect("request")
+    }
+
+    pub fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method, path, body);
+        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
+        v
+    }
+
+    /// Polls VM `vm`'s serial output until it contains `needle` (at most `timeout`).
+    pub fn wait_serial(&self, vm: &str, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, v) = self.call("GET", &format!("/vms/{vm}/serial"), None);
+            let text = v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
+            if text.contains(needle) || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits at most `timeout` for the exit: its status and how long it took
+    /// (None: still running at the deadline).
+    pub fn terminate_within(&mut self, timeout: Duration) -> (Option<ExitStatus>, Duration) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return (Some(s), t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (None, t0.elapsed())
+    }
+
+    /// A value from the daemon's `/proc/PID/status` (kB for memory), e.g. "VmRSS:".
+    pub fn proc_status(&self, key: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
