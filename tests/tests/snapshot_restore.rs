@@ -140,6 +140,10 @@ fn live_snapshot_pauses_briefly_and_restores() {
     // A guest that filled its memory and now only waits: side by side, a stop-and-copy
     // snapshot pauses it for the whole copy, a live one for the few chunks left dirty.
     let dir = tempfile::tempdir().expect("tempdir");
+    // Each snapshot into a store of its own: in one store the second would find every chunk
+    // already stored (dedup) and look fast for that reason alone.
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let stop_store = store(&other_dir);
     let store = store(&dir);
     let mem = 128;
     let params = BuiltinParams { seed: 5, ..Default::default() };
@@ -153,7 +157,7 @@ fn live_snapshot_pauses_briefly_and_restores() {
     .expect("vm");
     vm.start().expect("start");
     vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("filled");
-    let stop_copy = snapshot::save(&vm, &store, "stop", &SaveOptions::default(), &|_| {}).expect("stop-and-copy");
+    let stop_copy = snapshot::save(&vm, &stop_store, "stop", &SaveOptions::default(), &|_| {}).expect("stop-and-copy");
     let rounds = std::sync::Mutex::new(Vec::new());
     let live = snapshot::save(&vm, &store, "live", &SaveOptions { live: true, ..Default::default() }, &|p| {
         rounds.lock().expect("lock").push(*p);
