@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0500  boot GDT (null, code0, data0, code3, data3)
+//! 0x0000_1000  IDT of built-in guests that take interrupts (256 gates, 4 KiB)
 //! 0x0000_6000  built-in guest boot info (see guests::BootInfo)
 //! 0x0000_7000  Linux zero page (boot_params)
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000..0xf000 PDs identity-mapping the first 4 GiB (2 MiB pages)
@@ -18,6 +19,8 @@
 
 /// Boot GDT.
 pub const BOOT_GDT: u64 = 0x500;
+/// IDT of built-in guests that take interrupts (the `timer` guest).
+pub const BUILTIN_IDT: u64 = 0x1000;
 /// Boot information for built-in guests.
 pub const BUILTIN_INFO: u64 = 0x6000;
 /// Linux boot_params.

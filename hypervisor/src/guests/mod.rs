@@ -11,9 +11,9 @@
 //! - `touch` (CPL3, MMIO) fills RAM, waits for the VMM's go, then touches a spread-out
 //!   working set, reporting each step as a progress mark: the lazy-restore benchmark's guest;
 //!   see [`touch`].
-//! - `timer` (CPL0, port I/O) arms the LAPIC timer (TSC-deadline or one-shot) tick after tick
-//!   and checks that each tick arrives: the guest for testing restored LAPIC timers; see
-//!   [`timer`].
+//! - `timer` (CPL0, port I/O, an IDT) arms the LAPIC timer (TSC-deadline or one-shot) tick
+//!   after tick and counts the interrupts it takes: the guest for testing restored LAPIC
+//!   timers; see [`timer`].
 //!
 //! Parameters reach a guest in a [`BootInfo`] block at [`layout::BUILTIN_INFO`], as boot
 //! parameters reach a kernel in its zero page.
