@@ -345,3 +345,36 @@ fn memory_threads_and_files_return_to_baseline_after_load() {
     assert!(threads1 <= threads0 + 2, "threads did not come back: {report}");
     assert!(fds1 <= fds0 + 2, "file descriptors did not come back: {report}");
 }
+
+#[test]
+fn a_client_that_stalls_mid_request_is_timed_out() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    let mut half_headers = UnixStream::connect(&d.socket).expect("connect");
+    half_headers.write_all(b"GET /vms HTTP/1.1\r\nHost: x\r\nX-Slow").expect("write");
+    let mut half_body = UnixStream::connect(&d.socket).expect("connect");
+    half_body
+        .write_all(
+            b"POST /vms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"na",
+        )
+        .expect("write");
+    let t0 = Instant::now();
+    // Meanwhile everyone else is served.
+    answers_quickly(&d, "GET", "/vms", 200);
+    for s in [&half_headers, &half_body] {
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    }
+    let mut out = Vec::new();
+    let r = half_body.read_to_end(&mut out);
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&out);
+    assert!(r.is_ok() && text.starts_with("HTTP/1.1 408"), "{r:?} after {took:?}: {text}");
+    assert!(text.contains("not received within 10 s"), "{text}");
+    let mut out = Vec::new();
+    let r = half_headers.read_to_end(&mut out);
+    let took = t0.elapsed();
+    // The connection is closed (with or without a 408 from the HTTP layer).
+    assert!(r.is_ok(), "{r:?} after {took:?}");
+    assert!(took < Duration::from_secs(15), "closed after {took:?}");
+}
