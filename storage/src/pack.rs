@@ -249,7 +249,13 @@ impl Packs {
         let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let f = open_regular(&path, !self.read_only).map_err(named)?;
         let mut h = [0u8; PACK_HEADER as usize];
-        f.read_exact_at(&mut h, 0).map_err(named)?;
+        f.read_exact_at(&mut h, 0).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                invalid(format!("{}: shorter than the {PACK_HEADER}-byte pack header", path.display()))
+            } else {
+                named(e)
+            }
+        })?;
         check_pack_header(id, &h).map_err(|m| invalid(format!("{}: {m}", path.display())))?;
         let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
         Ok(files.entry(id).or_insert_with(|| Arc::new(f)).clone())
@@ -346,10 +352,15 @@ impl Packs {
     /// Frees everything in pack `id` outside the sorted `live` value extents (their entry
     /// headers and the pack header stay). Returns the bytes handed to the hole punch, or
     /// deletes (and closes) the pack when nothing in it is live and it is not the active
-    /// pack. Caller holds the GC lock exclusively (no write in flight).
+    /// pack. A pack whose header is not valid is an `InvalidData` error and stays untouched.
+    /// Caller holds the GC lock exclusively (no write in flight).
     pub fn reclaim(&self, id: u32, live: &[(u64, u64)]) -> std::io::Result<u64> {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner()).id;
+        // Only a pack with a valid header is ever punched or deleted: a damaged or foreign
+        // file in packs/ is left alone (the error says which).
+        let file = self.file(id)?;
         if live.is_empty() && id != active {
+            drop(file);
             let path = self.path(id);
             let len = std::fs::symlink_metadata(&path)?.len();
             std::fs::remove_file(&path)?;
@@ -358,7 +369,6 @@ impl Packs {
             sync_dir(&self.dir)?;
             return Ok(len);
         }
-        let file = self.file(id)?;
         let end = file.metadata()?.len();
         let mut freed = 0;
         let mut pos = PACK_HEADER;
