@@ -177,6 +177,9 @@ impl Store {
             live.sort_unstable();
             match inner.packs.reclaim(id, &live) {
                 Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!(pack = id, error = %e, "gc: pack is not a valid pack file, left untouched");
+                }
                 Err(e) if e.raw_os_error() == Some(libc_eopnotsupp()) => {
                     tracing::warn!(pack = id, "gc: filesystem cannot punch holes, space not reclaimed");
                     break;

@@ -79,12 +79,12 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<String>> {
         let entry = entry.map_err(io(dir, "list manifest files"))?;
         let os_name = entry.file_name();
         let Some(name) = os_name.to_str() else {
-            return Err(bad(&entry.path(), "the name is not UTF-8".into()));
+            return Err(bad(&entry.path(), "is no manifest file: the name is not UTF-8".into()));
         };
         if name.starts_with('.') {
             continue;
         }
-        validate_snapshot_name(name).map_err(|e| bad(&entry.path(), e.to_string()))?;
+        validate_snapshot_name(name).map_err(|e| bad(&entry.path(), format!("is no manifest file: {e}")))?;
         check_regular(&entry.path()).map_err(|e| bad(&entry.path(), e.to_string()))?;
         out.push(name.to_owned());
     }
@@ -116,7 +116,7 @@ pub(crate) fn read_raw(dir: &Path, name: &str) -> Result<Vec<u8>> {
 pub(crate) fn read(dir: &Path, name: &str) -> Result<(Manifest, Vec<u8>)> {
     let raw = read_raw(dir, name)?;
     let path = dir.join(name);
-    let m = Manifest::decode(&raw).map_err(|e| bad(&path, e.to_string()))?;
+    let m = Manifest::decode(&raw).map_err(|e| bad(&path, format!("is corrupt: {e}")))?;
     if m.name != name {
         return Err(bad(&path, format!("it holds the manifest of snapshot '{}'", m.name)));
     }

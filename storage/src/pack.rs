@@ -249,7 +249,13 @@ impl Packs {
         let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let f = open_regular(&path, !self.read_only).map_err(named)?;
         let mut h = [0u8; PACK_HEADER as usize];
-        f.read_exact_at(&mut h, 0).map_err(named)?;
+        f.read_exact_at(&mut h, 0).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                invalid(format!("{}: shorter than the {PACK_HEADER}-byte pack header", path.display()))
+            } else {
+                named(e)
+            }
+        })?;
         check_pack_header(id, &h).map_err(|m| invalid(format!("{}: {m}", path.display())))?;
         let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
         Ok(files.entry(id).or_insert_with(|| Arc::new(f)).clone())
@@ -331,25 +337,39 @@ impl Packs {
 
     /// `fdatasync`s every pack written since its last sync.
     pub fn sync(&self) -> std::io::Result<()> {
-        let pending: Vec<(u32, u64)> =
-            self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, *v)).collect();
-        for (id, generation) in pending {
+        for (id, generation) in self.pending() {
             self.file(id)?.sync_data()?;
-            let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
-            if unsynced.get(&id) == Some(&generation) {
-                unsynced.remove(&id);
-            }
+            self.synced(id, generation);
         }
         Ok(())
+    }
+
+    /// Packs written since their last sync, with their write generation.
+    fn pending(&self) -> Vec<(u32, u64)> {
+        self.unsynced.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// Clears pack `id`'s unsynced mark after a sync that began at `generation`, unless a
+    /// write marked it since (that write may have missed the sync).
+    fn synced(&self, id: u32, generation: u64) {
+        let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        if unsynced.get(&id) == Some(&generation) {
+            unsynced.remove(&id);
+        }
     }
 
     /// Frees everything in pack `id` outside the sorted `live` value extents (their entry
     /// headers and the pack header stay). Returns the bytes handed to the hole punch, or
     /// deletes (and closes) the pack when nothing in it is live and it is not the active
-    /// pack. Caller holds the GC lock exclusively (no write in flight).
+    /// pack. A pack whose header is not valid is an `InvalidData` error and stays untouched.
+    /// Caller holds the GC lock exclusively (no write in flight).
     pub fn reclaim(&self, id: u32, live: &[(u64, u64)]) -> std::io::Result<u64> {
         let active = self.active.lock().unwrap_or_else(|p| p.into_inner()).id;
+        // Only a pack with a valid header is ever punched or deleted: a damaged or foreign
+        // file in packs/ is left alone (the error says which).
+        let file = self.file(id)?;
         if live.is_empty() && id != active {
+            drop(file);
             let path = self.path(id);
             let len = std::fs::symlink_metadata(&path)?.len();
             std::fs::remove_file(&path)?;
@@ -358,7 +378,6 @@ impl Packs {
             sync_dir(&self.dir)?;
             return Ok(len);
         }
-        let file = self.file(id)?;
         let end = file.metadata()?.len();
         let mut freed = 0;
         let mut pos = PACK_HEADER;
@@ -379,4 +398,46 @@ fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
     let to_off = |v: u64| i64::try_from(v).map_err(|_| std::io::Error::other("offset too large"));
     fallocate(file.as_raw_fd(), flags, to_off(offset)?, to_off(len)?).map_err(std::io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unsynced(p: &Packs, id: u32) -> bool {
+        p.unsynced.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id)
+    }
+
+    /// A write that lands while a sync of its pack is in flight keeps the pack marked, so
+    /// the next commit syncs it again.
+    #[test]
+    fn a_write_during_a_sync_keeps_its_pack_unsynced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let packs = Packs::open(dir.path().join("packs"), false).expect("open");
+        let loc = packs.append(&Hash([1; 32]), b"first value").expect("append");
+        let pending = packs.pending();
+        assert_eq!(pending.len(), 1);
+        // The sync has noted the generation; now another writer appends to the same pack.
+        packs.append(&Hash([2; 32]), b"second value").expect("append");
+        packs.file(loc.pack).expect("file").sync_data().expect("fdatasync");
+        packs.synced(pending[0].0, pending[0].1);
+        assert!(unsynced(&packs, loc.pack), "a write after the sync began was forgotten");
+        packs.sync().expect("sync");
+        assert!(!unsynced(&packs, loc.pack));
+    }
+
+    #[test]
+    fn entries_carry_a_checked_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let packs = Packs::open(dir.path().join("packs"), false).expect("open");
+        let h = Hash([7; 32]);
+        let loc = packs.append(&h, b"value bytes").expect("append");
+        let mut buf = Vec::new();
+        packs.read(&h, loc, &mut buf).expect("read");
+        assert_eq!(buf, b"value bytes");
+        let e = packs.read(&Hash([8; 32]), loc, &mut buf).expect_err("other hash").to_string();
+        assert!(e.contains("disagrees"), "{e}");
+        let bad = Location { len: loc.len + 1, ..loc };
+        assert!(packs.read(&h, bad, &mut buf).is_err());
+    }
 }

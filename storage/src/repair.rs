@@ -5,6 +5,8 @@
 //!    are moved into `damaged-index-<unix ms>/` (never deleted).
 //! 2. A fresh database is created; every pack is scanned entry by entry (scan.rs, with
 //!    decompression and hash check) and each intact chunk is indexed (the first copy wins).
+//!    A pack whose header is damaged but whose entries are intact gets its header rewritten;
+//!    a pack of another format version, or with no intact entry, is reported and left as is.
 //! 3. Manifests: each file that decodes, plus each salvaged sled manifest without a good file
 //!    (its file is written). A manifest file that does not decode and has no salvaged copy is
 //!    renamed to `.corrupt-<name>`; a snapshot whose chunks are not all found is not listed and
@@ -14,6 +16,7 @@
 //! Repair refuses to run while another process has the store open (sled's file lock).
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -35,6 +38,8 @@ pub struct RepairReport {
     pub packs_scanned: u64,
     /// Packs that could not be used, each with the reason.
     pub packs_unreadable: Vec<String>,
+    /// Packs whose damaged header was rewritten (their entries were intact), with the reason.
+    pub headers_rewritten: Vec<String>,
     /// Intact entries found in the packs.
     pub entries_found: u64,
     /// Distinct chunks indexed.
@@ -161,7 +166,7 @@ impl Store {
         for &id in &ids {
             report.packs_scanned += 1;
             let path = packs.join(crate::pack::pack_name(id));
-            let file = match open_regular(&path, false) {
+            let file = match open_regular(&path, true) {
                 Ok(f) => f,
                 Err(e) => {
                     report.packs_unreadable.push(format!("{}: {e}", path.display()));
@@ -170,14 +175,25 @@ impl Store {
             };
             let len = file.metadata().map_err(io(&path, "stat pack"))?.len();
             let mut header = [0u8; PACK_HEADER as usize];
-            let header_ok = std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)
+            let header_ok = file
+                .read_exact_at(&mut header, 0)
                 .map_err(|e| e.to_string())
                 .and_then(|()| check_pack_header(id, &header));
-            if let Err(why) = header_ok {
-                report.packs_unreadable.push(format!("{}: {why}", path.display()));
-                continue;
-            }
             let scan = scan_pack(&file, len, true).map_err(io(&path, "scan pack"))?;
+            if let Err(why) = header_ok {
+                // A header that names another format version with a valid crc is a pack of
+                // another build: never touched. A damaged header in front of intact entries
+                // is rewritten (it is a pure function of the pack id).
+                let foreign = why.contains("not supported");
+                if foreign || scan.entries.is_empty() {
+                    report.packs_unreadable.push(format!("{}: {why}", path.display()));
+                    continue;
+                }
+                file.write_all_at(&crate::pack::pack_header(id), 0)
+                    .and_then(|()| file.sync_data())
+                    .map_err(io(&path, "rewrite pack header"))?;
+                report.headers_rewritten.push(format!("{}: {why}", path.display()));
+            }
             report.entries_found += scan.entries.len() as u64;
             report.bad_entries += scan.bad_entries;
             report.skipped_bytes += scan.skipped_bytes;

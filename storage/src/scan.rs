@@ -80,11 +80,29 @@ fn decodes_to(hash: &Hash, value: &[u8], plain: &mut Vec<u8>) -> bool {
     chunk::decode_into(hash, value, len, plain).is_ok()
 }
 
+/// The first offset at or after `pos` that is not in a hole (`SEEK_DATA`), or `len` when only
+/// holes follow. Punched packs, and huge sparse files planted in `packs/`, are skipped fast.
+fn next_data(file: &File, pos: u64, len: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(pos) else { return len };
+    // SAFETY: lseek on a file descriptor we own; it only moves the (unused) file offset.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r < 0 {
+        // ENXIO: nothing but holes up to the end. Other errors (no SEEK_DATA support): scan on.
+        return if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) { len } else { pos };
+    }
+    (r as u64).clamp(pos, len)
+}
+
 /// Offset of the next entry magic at or after `from`, or `len` when there is none.
 fn find_magic(file: &File, from: u64, len: u64) -> std::io::Result<u64> {
     let mut buf = vec![0u8; WINDOW];
     let mut pos = from;
     while pos + ENTRY_MAGIC.len() as u64 <= len {
+        pos = next_data(file, pos, len);
+        if pos + ENTRY_MAGIC.len() as u64 > len {
+            break;
+        }
         let n = ((len - pos) as usize).min(WINDOW);
         file.read_exact_at(&mut buf[..n], pos)?;
         if let Some(i) = buf[..n].windows(ENTRY_MAGIC.len()).position(|w| w == ENTRY_MAGIC) {

@@ -412,3 +412,48 @@ fn a_store_without_its_marker_is_refused_with_its_format() {
     let e = Store::open_with(dir.path().join("packs"), opts()).expect_err("packs/ is no store");
     eprintln!("{e}");
 }
+
+#[test]
+fn huge_planted_files_are_refused_without_reading_them() {
+    let dir = populated();
+    let d = dir.path().to_str().expect("utf-8");
+    let start = std::time::Instant::now();
+    // A 64 GiB sparse "manifest file" and a 64 GiB sparse pack without a header.
+    let huge = dir.path().join("manifests").join("huge");
+    std::fs::File::create(&huge).expect("create").set_len(64 << 30).expect("sparse manifest file");
+    let e = Store::open_with(dir.path(), opts()).expect_err("open with a huge manifest file").to_string();
+    assert!(e.contains("manifests/huge") && e.contains("more than"), "{e}");
+    std::fs::remove_file(&huge).expect("remove");
+    let pack = dir.path().join("packs").join("00000009.pack");
+    std::fs::File::create(&pack).expect("create").set_len(64 << 30).expect("sparse pack");
+    let (code, msg) = cli(&["verify", "--store", d]).expect_err("verify with a headerless pack");
+    assert_eq!(code, 1, "{msg}");
+    assert!(msg.contains("00000009.pack"), "{msg}");
+    let out = cli(&["repair", "--store", d]).expect("repair");
+    assert!(out.contains("unreadable pack") && out.contains("00000009.pack") && out.contains("3 snapshots"), "{out}");
+    check_all(&Store::open_with(dir.path(), opts()).expect("open"));
+    assert!(start.elapsed() < std::time::Duration::from_secs(60), "took {:?}", start.elapsed());
+}
+
+#[test]
+fn damaged_pack_header_is_an_error_and_repair_rewrites_it() {
+    let dir = populated();
+    let d = dir.path().to_str().expect("utf-8");
+    let pack = dir.path().join("packs").join("00000000.pack");
+    let mut bytes = std::fs::read(&pack).expect("read pack");
+    bytes[1] ^= 0xff;
+    std::fs::write(&pack, &bytes).expect("write pack");
+    let store = Store::open_with(dir.path(), opts()).expect("open");
+    let mut buf = vec![0u8; LEN];
+    let e = store.reader("alpha").expect("reader").read_at("block0", 0, &mut buf).expect_err("read").to_string();
+    assert!(e.contains("00000000.pack") && e.contains("magic"), "{e}");
+    let e = store.gc().expect_err("gc over a damaged pack header").to_string();
+    assert!(e.contains("repair"), "{e}");
+    drop(store);
+    assert_eq!(std::fs::read(&pack).expect("read pack"), bytes, "gc changed the damaged pack");
+    let (code, msg) = cli(&["verify", "--store", d]).expect_err("verify");
+    assert_eq!(code, 1, "{msg}");
+    let out = cli(&["repair", "--store", d]).expect("repair");
+    assert!(out.contains("pack header rewritten") && out.contains("3 snapshots"), "{out}");
+    check_all(&Store::open_with(dir.path(), opts()).expect("open"));
+}

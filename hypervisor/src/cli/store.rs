@@ -307,6 +307,9 @@ fn repair(dir: &std::path::Path, as_json: bool) -> Result<String, StoreCliError>
     for p in &r.packs_unreadable {
         let _ = writeln!(out, "  unreadable pack: {p}");
     }
+    for p in &r.headers_rewritten {
+        let _ = writeln!(out, "  pack header rewritten: {p}");
+    }
     let _ = writeln!(out, "  {} snapshots: {}", r.snapshots.len(), r.snapshots.join(", "));
     if !r.manifests_from_old_index.is_empty() {
         let _ = writeln!(out, "  manifests taken from the old index: {}", r.manifests_from_old_index.join(", "));
