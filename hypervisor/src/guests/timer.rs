@@ -311,16 +311,8 @@ pub fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
     s.emit(a)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vectors_and_idt_fit() {
-        assert!(VECTOR >= 0x20, "vectors below 0x20 are the CPU's exceptions");
-        assert_eq!(TICKS % REPORT_EVERY, 0, "the last tick is reported");
-        let idt_end = layout::BUILTIN_IDT + 256 * 16;
-        assert!(idt_end <= layout::BUILTIN_INFO, "the IDT ends before the boot info");
-        assert!(layout::BUILTIN_IDT >= layout::BOOT_GDT + 5 * 8, "the IDT starts after the GDT");
-    }
-}
+// What the layout and the constants must keep true, checked when this is compiled.
+const _: () = assert!(VECTOR >= 0x20, "vectors below 0x20 are the CPU's exceptions");
+const _: () = assert!(TICKS.is_multiple_of(REPORT_EVERY), "the last tick is reported");
+const _: () = assert!(layout::BUILTIN_IDT + 256 * 16 <= layout::BUILTIN_INFO, "the IDT ends before the boot info");
+const _: () = assert!(layout::BUILTIN_IDT >= layout::BOOT_GDT + 5 * 8, "the IDT starts after the GDT");
