@@ -55,8 +55,10 @@
 //! mismatch, a missing chunk, a corrupt index entry or a short pack read is an error naming the
 //! snapshot, block and offset, and the buffer is zeroed: never wrong bytes. Manifests carry a
 //! magic, a format version and a crc32, and every count and size is validated on decode.
-//! Deleting a snapshot while a reader still uses it makes that reader's later reads fail
-//! (after the next GC) with such an error; callers keep snapshots they restore from.
+//! Deleting a snapshot while an unpinned reader still uses it makes that reader's later reads
+//! fail (after the next GC) with such an error. Restores therefore read through
+//! [`Store::pinned_reader`]: a pinned snapshot cannot be deleted and GC keeps its chunks
+//! (pin.rs).
 //!
 //! # Full disk
 //!
@@ -102,6 +104,7 @@ mod gc;
 mod manifest;
 mod name;
 mod pack;
+mod pin;
 mod reader;
 mod store;
 mod usage;
@@ -114,6 +117,7 @@ pub use gc::GcReport;
 pub use manifest::{BlockManifest, Manifest, ManifestError};
 pub use name::{validate_attachment_name, validate_snapshot_name, NameError};
 pub use pack::{Location, PACK_MAX};
+pub use pin::SnapshotPin;
 pub use reader::SnapshotReader;
 pub use store::{Store, StoreOptions, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
 pub use usage::{disk_bytes, Usage};

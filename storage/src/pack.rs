@@ -6,7 +6,8 @@
 //! manifests, and chunk values are appended to pack files:
 //!
 //! * a writer reserves `len` bytes at the end of the active pack (a short mutex), then writes
-//!   with `pwrite` outside any lock; packs rotate at [`PACK_MAX`] bytes. A process never
+//!   with `pwrite` outside any lock; packs rotate at [`PACK_MAX`] bytes (or the store's
+//!   `pack_max` option, which tests set small to cross pack boundaries). A process never
 //!   appends to a pack it did not create: after opening, the first write starts pack
 //!   `max existing id + 1`, so torn tails from a crash are never extended.
 //! * a pack is marked unsynced after each write; commit `fdatasync`s every unsynced pack
@@ -65,6 +66,8 @@ struct Active {
 
 pub(crate) struct Packs {
     dir: PathBuf,
+    /// Size at which the active pack is closed.
+    max: u64,
     files: Box<[OnceLock<File>]>,
     active: Mutex<Active>,
     unsynced: Mutex<BTreeSet<u32>>,
@@ -89,11 +92,17 @@ pub(crate) fn list_ids(dir: &Path) -> std::io::Result<Vec<u32>> {
 }
 
 impl Packs {
-    pub fn open(dir: PathBuf) -> std::io::Result<Packs> {
+    pub fn open(dir: PathBuf, max: u64) -> std::io::Result<Packs> {
         std::fs::create_dir_all(&dir)?;
         let next = list_ids(&dir)?.last().map_or(0, |m| m + 1);
         let files = (0..MAX_PACKS).map(|_| OnceLock::new()).collect();
-        Ok(Packs { dir, files, active: Mutex::new(Active { id: next, len: 0 }), unsynced: Mutex::new(BTreeSet::new()) })
+        Ok(Packs {
+            dir,
+            max,
+            files,
+            active: Mutex::new(Active { id: next, len: 0 }),
+            unsynced: Mutex::new(BTreeSet::new()),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -126,7 +135,7 @@ impl Packs {
         let len = u32::try_from(data.len()).map_err(|_| std::io::Error::other("chunk value over 4 GiB"))?;
         let (id, offset) = {
             let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            if a.len > 0 && a.len + u64::from(len) > PACK_MAX {
+            if a.len > 0 && a.len + u64::from(len) > self.max {
                 a.id += 1;
                 a.len = 0;
             }

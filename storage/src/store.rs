@@ -29,6 +29,9 @@ pub struct StoreOptions {
     /// Writes fail with [`StoreError::Full`] when the filesystem would have less free space
     /// than this afterwards; sled itself must never see ENOSPC (it poisons the handle).
     pub min_free_bytes: u64,
+    /// Size at which a pack file is closed and the next one started ([`crate::PACK_MAX`];
+    /// at least one chunk value always goes into a pack, whatever this says).
+    pub pack_max: u64,
 }
 
 impl Default for StoreOptions {
@@ -38,6 +41,7 @@ impl Default for StoreOptions {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             cache_capacity: 64 << 20,
             min_free_bytes: 4 << 20,
+            pack_max: crate::PACK_MAX,
         }
     }
 }
@@ -58,6 +62,8 @@ pub(crate) struct Inner {
     pub(crate) gc_lock: RwLock<()>,
     pub(crate) writers: Mutex<HashMap<u64, Weak<WriterShared>>>,
     pub(crate) next_writer: AtomicU64,
+    /// Snapshots in use by restores of this process (pin.rs).
+    pub(crate) pins: crate::pin::Pins,
 }
 
 const CLEAN: &[u8] = b"clean";
@@ -115,6 +121,9 @@ impl Store {
         if !(-7..=22).contains(&opts.zstd_level) {
             return Err(StoreError::Option(format!("zstd_level {} is outside -7..=22", opts.zstd_level)));
         }
+        if opts.pack_max == 0 {
+            return Err(StoreError::Option("pack_max 0: a pack must be allowed to hold bytes".into()));
+        }
         let db = sled::Config::new()
             .path(&path)
             .cache_capacity(opts.cache_capacity)
@@ -126,7 +135,7 @@ impl Store {
             |name: &'static str| db.open_tree(name).map_err(|source| StoreError::Open { path: path.clone(), source });
         let inner = Inner {
             index: tree("index")?,
-            packs: Packs::open(path.join("packs")).map_err(|source| StoreError::Io {
+            packs: Packs::open(path.join("packs"), opts.pack_max).map_err(|source| StoreError::Io {
                 path: path.join("packs"),
                 op: "open packs",
                 source,
@@ -140,6 +149,7 @@ impl Store {
             gc_lock: RwLock::new(()),
             writers: Mutex::new(HashMap::new()),
             next_writer: AtomicU64::new(1),
+            pins: crate::pin::Pins::default(),
         };
         let open_err = |source| StoreError::Open { path: inner.path.clone(), source };
         let was_clean = inner.meta.remove(CLEAN).map_err(open_err)?.is_some();
@@ -250,8 +260,12 @@ impl Store {
     }
 
     /// Deletes snapshot `name` and its attachments; its chunks are reclaimed by [`Store::gc`].
+    /// Fails with [`StoreError::Pinned`], naming the holders, while a restore uses it.
     pub fn delete(&self, name: &str) -> Result<()> {
         validate_snapshot_name(name)?;
+        // Held until the manifest is gone, so that no pin can be taken in between.
+        let pins = self.inner.pins.lock();
+        Store::check_unpinned(&pins, name)?;
         if !self.inner.manifests.contains_key(name).map_err(self.db_err("look up manifest"))? {
             return Err(StoreError::NotFound(name.to_owned()));
         }
@@ -266,6 +280,7 @@ impl Store {
         // Manifest first: once it is gone the snapshot is invisible; leftover attachments
         // (crash in between) are swept by gc.
         self.inner.manifests.remove(name).map_err(self.db_err("delete manifest"))?;
+        drop(pins);
         self.inner.attachments.apply_batch(batch).map_err(self.db_err("delete attachments"))?;
         self.flush()?;
         tracing::info!(snapshot = name, "deleted snapshot");

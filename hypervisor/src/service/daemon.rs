@@ -41,6 +41,10 @@ pub struct Daemon {
 
 /// VM and snapshot names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot (they become
 /// file names in the state directory).
+/// How long a shutdown waits for a VM's last shutdown snapshot to be released (the VM
+/// becoming resident) before it gives up snapshotting that VM.
+const PIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -101,10 +105,13 @@ impl Daemon {
     /// Restores a VM the daemon snapshotted at its last shutdown, lazily, and starts it.
     fn resume(&self, name: &str, snap: &str) -> Option<(crate::vm::Vm, SerialLog)> {
         let serial = SerialLog::new(SERIAL_LOG);
-        let restored =
-            snapshot::restore(&self.store, snap, RestoreOptions::new(RestoreMode::Lazy, Box::new(serial.clone())))
-                .map_err(|e| e.to_string())
-                .and_then(|(mut vm, _)| vm.start().map(|()| vm).map_err(|e| e.to_string()));
+        let opts = RestoreOptions {
+            pin_holder: format!("VM '{name}'"),
+            ..RestoreOptions::new(RestoreMode::Lazy, Box::new(serial.clone()))
+        };
+        let restored = snapshot::restore(&self.store, snap, opts)
+            .map_err(|e| e.to_string())
+            .and_then(|(mut vm, _)| vm.start().map(|()| vm).map_err(|e| e.to_string()));
         match restored {
             Ok(vm) => {
                 tracing::info!(vm = name, snapshot = snap, "VM resumed from its shutdown snapshot");
@@ -246,11 +253,11 @@ impl Daemon {
         let t0 = Instant::now();
         let this = self.clone();
         let (snap, vm_name) = (snapshot_name.to_string(), name.to_string());
+        let pin_holder = format!("VM '{name}'");
         let (vm, serial, spec) = tokio::task::spawn_blocking(move || {
             let serial = SerialLog::new(SERIAL_LOG);
-            let (mut vm, _) =
-                snapshot::restore(&this.store, &snap, RestoreOptions::new(mode, Box::new(serial.clone())))
-                    .map_err(|e| ApiError::from_snapshot(&e))?;
+            let opts = RestoreOptions { pin_holder, ..RestoreOptions::new(mode, Box::new(serial.clone())) };
+            let (mut vm, _) = snapshot::restore(&this.store, &snap, opts).map_err(|e| ApiError::from_snapshot(&e))?;
             vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
             let spec = vm.spec().clone();
             Ok::<_, ApiError>((vm, serial, spec))
@@ -313,7 +320,19 @@ impl Daemon {
             return;
         }
         let snap = format!("shutdown-{name}");
-        let _ = self.store.delete(&snap);
+        if let Err(storage::StoreError::Pinned { holders, .. }) = self.store.delete(&snap) {
+            // Resumed from it moments ago and still filling: the daemon's lazy restores fill
+            // in the background, so the pin goes once the VM is resident.
+            tracing::info!(vm = name, snapshot = %snap, ?holders, "waiting for the snapshot to be released");
+            let deadline = Instant::now() + PIN_WAIT;
+            while !self.store.pin_holders(&snap).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if let Err(e) = self.store.delete(&snap) {
+                tracing::error!(vm = name, "cannot replace the shutdown snapshot: {e}");
+                return;
+            }
+        }
         match ask(Cmd::Snapshot { name: snap.clone(), live: false, progress: None }) {
             Some(Ok(_)) => {
                 let def = VmDef { resume_from: Some(snap.clone()), ..info.def };
