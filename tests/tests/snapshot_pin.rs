@@ -135,6 +135,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &std::path::Path) -> Daemon {
+        Daemon::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &std::path::Path, args: &[&str]) -> Daemon {
         let socket = dir.join("api.sock");
         let child = std::process::Command::new(common::snapvisor_bin())
             .arg("serve")
@@ -142,6 +146,7 @@ impl Daemon {
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -157,6 +162,27 @@ impl Daemon {
         let (status, text) =
             hypervisor::service::client::request(&self.socket, method, path, body.as_ref()).expect("request");
         (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+}
+
+impl Daemon {
+    /// SIGTERM, then wait for the exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not stop within 60 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn serial(&self, vm: &str) -> String {
+        let (_, v) = self.call("GET", &format!("/vms/{vm}/serial"), None);
+        v.as_str().map(String::from).unwrap_or_else(|| v.to_string())
     }
 }
 
@@ -216,4 +242,43 @@ fn the_daemon_answers_409_naming_the_vm_while_a_restore_fills_from_the_snapshot(
     assert_eq!(d.call("POST", "/store/gc", None).0, 200);
     assert_eq!(d.call("GET", "/vms/r2", None).1["state"], "running");
     assert_eq!(d.call("GET", "/snapshots", None).1, json!([]));
+}
+
+#[test]
+fn a_vm_resumed_from_its_shutdown_snapshot_pins_it_and_a_second_shutdown_replaces_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["--on-shutdown", "snapshot"];
+    let d = Daemon::start_with(dir.path(), &args);
+    let body = json!({"name": "m", "guest": "memfill", "mem_mib": 512, "seed": 3, "start": true});
+    let (s, v) = d.call("POST", "/vms", Some(body));
+    assert!((200..300).contains(&s), "{s} {v}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.serial("m").contains("memfill pass 0 ") {
+        assert!(Instant::now() < deadline, "memfill never completed a pass");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.terminate().success());
+
+    // Resumed lazily at start: its shutdown snapshot is in use until it is resident.
+    let d = Daemon::start_with(dir.path(), &args);
+    let (s, v) = d.call("DELETE", "/snapshots/shutdown-m", None);
+    assert_eq!(s, 409, "{v}");
+    let err = v["error"].as_str().expect("error message");
+    assert!(err.contains("'shutdown-m'") && err.contains("VM 'm'"), "{err}");
+    // Shut down again at once: the daemon waits for the VM to let go of its old shutdown
+    // snapshot, then replaces it; the VM comes back with its memory intact.
+    assert!(d.terminate().success());
+    let d = Daemon::start_with(dir.path(), &args);
+    assert_eq!(d.call("GET", "/vms/m", None).1["state"], "running");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let out = loop {
+        let out = d.serial("m");
+        if out.lines().any(|l| l.starts_with("memfill pass ") && l.contains(" mismatches ")) {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "the resumed VM completed no pass: {out:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(out.contains("mismatches 0") && !out.contains("memfill pass 0 "), "{out}");
+    assert!(d.terminate().success());
 }
