@@ -46,6 +46,12 @@ pub enum StoreError {
     Exists(String),
     #[error("snapshot '{0}' is already being written by another writer")]
     Busy(String),
+    #[error(
+        "snapshot '{snapshot}' is in use by {}: a restored VM still reads its memory from it; \
+         delete it once that VM is fully resident or gone",
+        holders.join(", ")
+    )]
+    Pinned { snapshot: String, holders: Vec<String> },
     #[error("snapshot '{0}' not found")]
     NotFound(String),
     #[error("snapshot '{snapshot}' has no RAM block '{block}'")]

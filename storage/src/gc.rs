@@ -2,7 +2,8 @@
 //! that recovers a store after an unclean close.
 //!
 //! Mark: every chunk hash referenced by a committed manifest, plus every hash recorded by a
-//! writer that is still open in this process. Sweep: every stored chunk not marked, and every
+//! writer that is still open in this process, plus every chunk of a snapshot pinned by a
+//! restore in flight (pin.rs). Sweep: every stored chunk not marked, and every
 //! attachment whose snapshot has no manifest. Then the bytes of swept chunks are freed by
 //! punching holes into the packs (see `pack.rs`). The exclusive GC lock keeps writers from
 //! recording a reference between mark and sweep; readers are not affected.
@@ -103,6 +104,8 @@ impl Store {
             }
             names.insert(m.name.into_bytes());
         }
+        // Chunks a restore in flight still reads, even if its manifest is gone (pin.rs).
+        inner.pins.lock().mark(&mut live);
         {
             let writers = inner.writers.lock().unwrap_or_else(|p| p.into_inner());
             for w in writers.values().filter_map(std::sync::Weak::upgrade) {

@@ -98,8 +98,10 @@
 //! chunk, a corrupt index entry or a short pack read is an error naming the snapshot, block
 //! and offset, and the buffer is zeroed: never wrong bytes. Manifests carry a magic, a
 //! format version and a crc32, and every count and size is validated on decode. Deleting a
-//! snapshot while a reader still uses it makes that reader's later reads fail (after the next
-//! GC) with such an error; callers keep snapshots they restore from.
+//! snapshot while an unpinned reader still uses it makes that reader's later reads fail
+//! (after the next GC) with such an error. Restores therefore read through
+//! [`Store::pinned_reader`]: a pinned snapshot cannot be deleted and GC keeps its chunks
+//! (pin.rs).
 //!
 //! # Full disk
 //!
@@ -151,6 +153,7 @@ mod mfiles;
 mod name;
 mod open;
 mod pack;
+mod pin;
 mod reader;
 mod repair;
 mod scan;
@@ -166,6 +169,7 @@ pub use gc::GcReport;
 pub use manifest::{BlockManifest, Manifest, ManifestError};
 pub use name::{validate_attachment_name, validate_snapshot_name, NameError};
 pub use pack::{Location, PACK_MAX};
+pub use pin::SnapshotPin;
 pub use reader::SnapshotReader;
 pub use repair::RepairReport;
 pub use store::{Store, StoreOptions, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};

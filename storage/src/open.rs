@@ -68,6 +68,9 @@ pub(crate) fn open(path: &Path, opts: StoreOptions, mode: Mode) -> Result<Store>
     if !(-7..=22).contains(&opts.zstd_level) {
         return Err(StoreError::Option(format!("zstd_level {} is outside -7..=22", opts.zstd_level)));
     }
+    if opts.pack_max == 0 {
+        return Err(StoreError::Option("pack_max 0: a pack must be allowed to hold bytes".into()));
+    }
     let path = path.to_path_buf();
     match layout::classify(&path)? {
         Layout::Store => {}
@@ -81,7 +84,7 @@ pub(crate) fn open(path: &Path, opts: StoreOptions, mode: Mode) -> Result<Store>
     let packs_dir = path.join("packs");
     let inner = Inner {
         index: tree("index")?,
-        packs: Packs::open(packs_dir.clone(), read_only).map_err(|source| StoreError::Io {
+        packs: Packs::open(packs_dir.clone(), read_only, opts.pack_max).map_err(|source| StoreError::Io {
             path: packs_dir,
             op: "open packs",
             source,
@@ -97,6 +100,7 @@ pub(crate) fn open(path: &Path, opts: StoreOptions, mode: Mode) -> Result<Store>
         gc_lock: RwLock::new(()),
         writers: Mutex::new(HashMap::new()),
         next_writer: AtomicU64::new(1),
+        pins: crate::pin::Pins::default(),
     };
     let store = Store { inner: Arc::new(inner) };
     let inner = &store.inner;

@@ -29,7 +29,7 @@
 //!
 //! * a writer reserves its bytes at the end of the active pack (a short mutex), then writes
 //!   entry header and value with one `pwrite` outside any lock; packs rotate at [`PACK_MAX`]
-//!   bytes. A process never appends to a pack it did not create: after opening, the first
+//!   bytes (or the store's `pack_max` option, which tests set small to cross pack boundaries). A process never appends to a pack it did not create: after opening, the first
 //!   write starts pack `max existing id + 1`, so torn tails from a crash are never extended.
 //!   Creating a pack `fsync`s the `packs/` directory, so the file survives power loss.
 //! * a pack is marked unsynced (its generation bumped) *before* a write into it and again
@@ -176,6 +176,8 @@ struct Active {
 pub(crate) struct Packs {
     dir: PathBuf,
     read_only: bool,
+    /// Size at which the active pack is closed.
+    max: u64,
     first_new: u32,
     /// Open pack files. Readers clone the `Arc` under a short read lock; a deleted pack is
     /// removed here so its file closes once the last in-flight read drops it.
@@ -209,7 +211,7 @@ fn invalid(msg: String) -> std::io::Error {
 
 impl Packs {
     /// Opens the pack directory `dir` (created unless `read_only`).
-    pub fn open(dir: PathBuf, read_only: bool) -> std::io::Result<Packs> {
+    pub fn open(dir: PathBuf, read_only: bool, max: u64) -> std::io::Result<Packs> {
         if !read_only {
             std::fs::create_dir_all(&dir)?;
         }
@@ -217,6 +219,7 @@ impl Packs {
         Ok(Packs {
             dir,
             read_only,
+            max,
             first_new: next,
             files: RwLock::new(HashMap::new()),
             active: Mutex::new(Active { id: next, len: 0 }),
@@ -274,7 +277,7 @@ impl Packs {
         let total = ENTRY_HEADER + u64::from(len);
         let (id, offset) = {
             let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            if a.len > 0 && a.len + total > PACK_MAX {
+            if a.len > 0 && a.len + total > self.max {
                 a.id += 1;
                 a.len = 0;
             }
@@ -413,7 +416,7 @@ mod tests {
     #[test]
     fn a_write_during_a_sync_keeps_its_pack_unsynced() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let packs = Packs::open(dir.path().join("packs"), false).expect("open");
+        let packs = Packs::open(dir.path().join("packs"), false, PACK_MAX).expect("open");
         let loc = packs.append(&Hash([1; 32]), b"first value").expect("append");
         let pending = packs.pending();
         assert_eq!(pending.len(), 1);
@@ -429,7 +432,7 @@ mod tests {
     #[test]
     fn entries_carry_a_checked_header() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let packs = Packs::open(dir.path().join("packs"), false).expect("open");
+        let packs = Packs::open(dir.path().join("packs"), false, PACK_MAX).expect("open");
         let h = Hash([7; 32]);
         let loc = packs.append(&h, b"value bytes").expect("append");
         let mut buf = Vec::new();

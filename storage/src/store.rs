@@ -29,6 +29,9 @@ pub struct StoreOptions {
     /// Writes fail with [`StoreError::Full`] when the filesystem would have less free space
     /// than this afterwards; sled itself must never see ENOSPC (it poisons the handle).
     pub min_free_bytes: u64,
+    /// Size at which a pack file is closed and the next one started ([`crate::PACK_MAX`];
+    /// at least one chunk value always goes into a pack, whatever this says).
+    pub pack_max: u64,
 }
 
 impl Default for StoreOptions {
@@ -38,6 +41,7 @@ impl Default for StoreOptions {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             cache_capacity: 64 << 20,
             min_free_bytes: 4 << 20,
+            pack_max: crate::PACK_MAX,
         }
     }
 }
@@ -62,6 +66,8 @@ pub(crate) struct Inner {
     pub(crate) gc_lock: RwLock<()>,
     pub(crate) writers: Mutex<HashMap<u64, Weak<WriterShared>>>,
     pub(crate) next_writer: AtomicU64,
+    /// Snapshots in use by restores of this process (pin.rs).
+    pub(crate) pins: crate::pin::Pins,
 }
 
 pub(crate) const CLEAN: &[u8] = b"clean";
@@ -221,8 +227,12 @@ impl Store {
     }
 
     /// Deletes snapshot `name` and its attachments; its chunks are reclaimed by [`Store::gc`].
+    /// Fails with [`StoreError::Pinned`], naming the holders, while a restore uses it.
     pub fn delete(&self, name: &str) -> Result<()> {
         validate_snapshot_name(name)?;
+        // Held until the manifest is gone, so that no pin can be taken in between.
+        let pins = self.inner.pins.lock();
+        Store::check_unpinned(&pins, name)?;
         if !self.inner.manifests.contains_key(name).map_err(self.db_err("look up manifest"))? {
             return Err(StoreError::NotFound(name.to_owned()));
         }
@@ -239,6 +249,7 @@ impl Store {
         // Manifest first: once it is gone the snapshot is invisible; leftover attachments
         // (crash in between) are swept by gc.
         self.inner.manifests.remove(name).map_err(self.db_err("delete manifest"))?;
+        drop(pins);
         self.inner.attachments.apply_batch(batch).map_err(self.db_err("delete attachments"))?;
         self.flush()?;
         tracing::info!(snapshot = name, "deleted snapshot");

@@ -1,12 +1,19 @@
 //! Crash safety for real: a child process writes, deletes and garbage-collects snapshots and
-//! is killed with SIGKILL at random moments, 30 times. After each kill the store must open,
-//! every listed snapshot must read back bit-exact (content derived from its name), and GC
-//! must reclaim whatever was half-written.
+//! is killed with SIGKILL, 30 times: at random moments in even rounds, and in odd rounds the
+//! moment it announces a commit. After each kill the store must open, every listed snapshot
+//! must read back bit-exact (content derived from its name), every snapshot any child
+//! committed (and did not start deleting) must still be listed, nothing else may be listed
+//! but the one commit the kill interrupted, and GC must reclaim whatever was half-written. The
+//! test also counts the kills that landed inside a commit (the child announced it and never
+//! reported it done) and requires some.
 //!
-//! The test re-executes its own binary with `STORE_CRASH_CHILD=<dir>` to run the child.
+//! The test re-executes its own binary with `STORE_CRASH_CHILD=<dir>` to run the child, which
+//! reports `@commit`, `@committed`, `@delete` lines on its stdout.
 
 use std::collections::HashSet;
+use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use storage::{BlockSpec, ChunkRef, Store, StoreOptions};
@@ -68,6 +75,13 @@ fn expected(name: &str) -> Vec<(BlockSpec, Vec<u8>)> {
         .collect()
 }
 
+/// Tells the parent what the child is about to do or has done (unbuffered, one line).
+fn report(what: &str, name: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "@{what} {name}");
+    let _ = out.flush();
+}
+
 fn child(dir: &str, round: u64) -> ! {
     let store = match Store::open_with(dir, opts()) {
         Ok(s) => s,
@@ -92,10 +106,14 @@ fn child(dir: &str, round: u64) -> ! {
                 });
             }
         });
+        report("commit", &name);
         w.commit(name.clone().into_bytes()).expect("commit");
+        report("committed", &name);
         store.put_attachment(&name, "prefetch", name.as_bytes()).expect("attach");
         if k % 3 == 2 {
-            store.delete(&format!("r{round}-s{}", k - 1)).expect("delete");
+            let victim = format!("r{round}-s{}", k - 1);
+            report("delete", &victim);
+            store.delete(&victim).expect("delete");
         }
         if k % 4 == 3 {
             store.gc().expect("gc");
@@ -156,22 +174,89 @@ fn sigkill_at_random_moments_leaves_store_consistent() {
     let exe = std::env::current_exe().expect("current_exe");
     let mut rng = Rng::new(42);
     let mut max_listed = 0;
+    // Committed by some child and never handed to `delete`: must be listed after every kill.
+    let mut must_list: HashSet<String> = HashSet::new();
+    let (mut kills_in_commit, mut interrupted_listed) = (0, 0);
     for round in 0..KILLS {
         let mut c = Command::new(&exe)
             .args(["sigkill_at_random_moments_leaves_store_consistent", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .env(ROUND_ENV, round.to_string())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("spawn child");
-        std::thread::sleep(Duration::from_millis(30 + rng.next() % 400));
+        let stdout = c.stdout.take().expect("child stdout");
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(event) = line.strip_prefix('@') {
+                    let _ = tx.send(event.to_string());
+                    lines.push(event.to_string());
+                }
+            }
+            lines
+        });
+        if round % 2 == 1 {
+            // Kill the moment the child starts its n-th commit of this round.
+            let nth = rng.next() % 4;
+            let mut seen = 0;
+            loop {
+                let event = rx.recv_timeout(Duration::from_secs(30)).expect("the child reports its commits");
+                if event.starts_with("commit ") {
+                    if seen == nth {
+                        break;
+                    }
+                    seen += 1;
+                }
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(30 + rng.next() % 400));
+        }
         if let Some(status) = c.try_wait().expect("try_wait") {
             panic!("child exited on its own in round {round}: {status}");
         }
         c.kill().expect("SIGKILL child");
         c.wait().expect("reap child");
+        let events = reader.join().expect("stdout reader");
+        // What the kill may have interrupted: the last commit not reported done, a delete.
+        let mut in_flight: Vec<String> = Vec::new();
+        let mut interrupted_commit = None;
+        for e in &events {
+            match e.split_once(' ') {
+                Some(("commit", n)) => interrupted_commit = Some(n.to_string()),
+                Some(("committed", n)) => {
+                    interrupted_commit = None;
+                    must_list.insert(n.to_string());
+                }
+                Some(("delete", n)) => {
+                    must_list.remove(n);
+                    in_flight.push(n.to_string());
+                }
+                _ => panic!("unexpected child report {e:?}"),
+            }
+        }
+        in_flight.extend(interrupted_commit.clone());
         let store = Store::open_with(dir.path(), opts()).expect("store opens after SIGKILL");
         max_listed = max_listed.max(check(&store));
+        let listed: HashSet<String> = store.list().expect("list").into_iter().collect();
+        let mut lost: Vec<&String> = must_list.difference(&listed).collect();
+        lost.sort();
+        assert!(lost.is_empty(), "round {round}: committed snapshots no longer listed: {lost:?}");
+        for name in &listed {
+            assert!(
+                must_list.contains(name) || in_flight.contains(name),
+                "round {round}: '{name}' is listed but was never committed, or was deleted"
+            );
+        }
+        if let Some(name) = interrupted_commit {
+            kills_in_commit += 1;
+            // Atomic: the interrupted snapshot is either absent or whole (check() read it).
+            interrupted_listed += usize::from(listed.contains(&name));
+        }
+        // Settled now: what the kill interrupted is there for good or gone for good (no
+        // later child touches this round's names).
+        must_list.extend(in_flight.into_iter().filter(|n| listed.contains(n)));
         // Opening after a crash already collected what the killed child left half-written.
         let usage = store.usage().expect("usage");
         assert_eq!(usage.chunks, live_chunks(&store), "round {round}");
@@ -180,6 +265,8 @@ fn sigkill_at_random_moments_leaves_store_consistent() {
             check(&store);
         }
     }
+    eprintln!("{kills_in_commit} kills landed inside a commit; {interrupted_listed} of those snapshots were listed");
+    assert!(kills_in_commit >= 3, "only {kills_in_commit} kills landed inside a commit");
     assert!(max_listed >= 5, "children committed too little to test anything: {max_listed}");
     // Everything half-written is reclaimed: after GC the index holds exactly the chunks
     // the listed snapshots reference.

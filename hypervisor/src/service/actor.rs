@@ -389,6 +389,8 @@ impl Actor {
             Ok(()) | Err(storage::StoreError::NotFound(_)) => {
                 tracing::info!(vm = %self.def.name, snapshot = snap, "resumed; its shutdown snapshot is deleted");
             }
+            // Its page server lets go of the pin a moment after residency: try again later.
+            Err(storage::StoreError::Pinned { .. }) => return,
             Err(e) => tracing::warn!(vm = %self.def.name, snapshot = snap, "deleting the shutdown snapshot: {e}"),
         }
         self.cleanup = None;

@@ -249,6 +249,8 @@ async fn delete_snapshot(State(d): Api, Path(name): Path<String>) -> Result<Resp
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| match e {
             storage::StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            // A restored VM still reads from it: the error names the VMs.
+            storage::StoreError::Pinned { .. } => ApiError::Conflict(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         })?;
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -139,15 +139,16 @@ impl Daemon {
     /// A VM that was paused comes back paused (its vCPUs park before their first instruction).
     fn resume(&self, name: &str, snap: &str, paused: bool) -> Option<(crate::vm::Vm, SerialLog)> {
         let serial = SerialLog::new(SERIAL_LOG);
-        let restored =
-            snapshot::restore(&self.store, snap, RestoreOptions::new(RestoreMode::Lazy, Box::new(serial.clone())))
-                .map_err(|e| e.to_string())
-                .and_then(|(mut vm, _)| {
-                    if paused {
-                        vm.pause();
-                    }
-                    vm.start().map(|()| vm).map_err(|e| e.to_string())
-                });
+        let opts = RestoreOptions {
+            pin_holder: format!("VM '{name}'"),
+            ..RestoreOptions::new(RestoreMode::Lazy, Box::new(serial.clone()))
+        };
+        let restored = snapshot::restore(&self.store, snap, opts).map_err(|e| e.to_string()).and_then(|(mut vm, _)| {
+            if paused {
+                vm.pause();
+            }
+            vm.start().map(|()| vm).map_err(|e| e.to_string())
+        });
         match restored {
             Ok(vm) => {
                 tracing::info!(vm = name, snapshot = snap, "VM resumed from its shutdown snapshot");
@@ -402,11 +403,11 @@ impl Daemon {
         let t0 = Instant::now();
         let this = self.clone();
         let (snap, vm_name) = (snapshot_name.to_string(), name.to_string());
+        let pin_holder = format!("VM '{name}'");
         let (vm, serial, spec) = tokio::task::spawn_blocking(move || {
             let serial = SerialLog::new(SERIAL_LOG);
-            let (mut vm, _) =
-                snapshot::restore(&this.store, &snap, RestoreOptions::new(mode, Box::new(serial.clone())))
-                    .map_err(|e| ApiError::from_snapshot(&e))?;
+            let opts = RestoreOptions { pin_holder, ..RestoreOptions::new(mode, Box::new(serial.clone())) };
+            let (mut vm, _) = snapshot::restore(&this.store, &snap, opts).map_err(|e| ApiError::from_snapshot(&e))?;
             vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
             let spec = vm.spec().clone();
             Ok::<_, ApiError>((vm, serial, spec))

@@ -71,7 +71,7 @@ impl ApiError {
         use storage::StoreError as S;
         match e {
             SnapshotError::Store(S::NotFound(_)) => ApiError::NotFound(e.to_string()),
-            SnapshotError::Store(S::Exists(_) | S::Busy(_)) => ApiError::Conflict(e.to_string()),
+            SnapshotError::Store(S::Exists(_) | S::Busy(_) | S::Pinned { .. }) => ApiError::Conflict(e.to_string()),
             SnapshotError::Store(S::Name(_)) | SnapshotError::Check(_) | SnapshotError::Format(_) => {
                 ApiError::BadRequest(e.to_string())
             }

@@ -57,6 +57,9 @@ pub struct RestoreOptions {
     pub background_fill: bool,
     /// Lazy: a cache of decompressed chunks shared with other restores (clones).
     pub cache: Option<Arc<ChunkCache>>,
+    /// Who the snapshot is pinned for while the restore reads it (`VM 'web1'`): a delete of
+    /// the snapshot names it in its error.
+    pub pin_holder: String,
 }
 
 impl RestoreOptions {
@@ -68,6 +71,7 @@ impl RestoreOptions {
             fw_cfg_files: None,
             background_fill: true,
             cache: Some(shared_cache()),
+            pin_holder: format!("a restore in process {}", std::process::id()),
         }
     }
 }
@@ -115,9 +119,13 @@ pub fn encode_prefetch(list: &[(String, u64)]) -> Vec<u8> {
 }
 
 /// Restores snapshot `name` from `store` into a new VM, not yet started.
+///
+/// The snapshot is pinned for `opts.pin_holder` while it is read (storage's pin.rs): until
+/// the restore returns (eager), or until the VM is fully resident or gone (lazy: the page
+/// server holds the pin).
 pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, RestoreReport), SnapshotError> {
     let t0 = Instant::now();
-    let reader = store.reader(name)?;
+    let (reader, pin) = store.pinned_reader(name, &opts.pin_holder)?;
     let snap = VmSnapshot::decode(&reader.manifest().state)?;
     let spec: MachineSpec = snap.get("machine")?;
     let files = match opts.fw_cfg_files {
@@ -175,6 +183,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
                 Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() })),
             )?;
             vm.registry().add_listener(server.resize_guard());
+            server.hold_until_resident(Box::new(pin));
             vm.set_page_server(server);
         }
     }

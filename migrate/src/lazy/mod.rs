@@ -30,6 +30,11 @@
 //! threads have ended: closing it earlier would let pending faults map zero pages.
 //! Should a server thread panic, the panic is caught and reported the same way.
 //!
+//! Pins. The source's snapshot must not be deleted or collected while chunks are still to be
+//! read from it: the restore hands the server its snapshot pin
+//! ([`PageServer::hold_until_resident`]), which the server drops when the last chunk becomes
+//! resident, when serving fails, and when it is stopped or dropped (the VM goes away).
+//!
 //! Resizes. While a block is not fully resident, a resize of it is refused (the server
 //! registers a RAM-block listener that vetoes it).
 

@@ -170,6 +170,7 @@ impl PageServer {
             on_error,
             fault_order: Mutex::new(Vec::new()),
             record: opts.record_faults,
+            hold: Mutex::new(None),
         });
         if total == 0 {
             shared.stats.mark_resident();
@@ -225,6 +226,21 @@ impl PageServer {
         true
     }
 
+    /// Keeps `guard` (a snapshot pin) alive until every chunk is resident, the server fails,
+    /// or it stops or is dropped; then drops it. Dropped at once if already resident.
+    pub fn hold_until_resident(&self, guard: Box<dyn Send>) {
+        *self.shared.hold.lock().unwrap_or_else(PoisonError::into_inner) = Some(guard);
+        // The last chunk may have landed before the guard was stored.
+        if self.is_resident() || self.shared.failed.get().is_some() {
+            self.shared.release_hold();
+        }
+    }
+
+    /// True while a guard given to [`PageServer::hold_until_resident`] is still held.
+    pub fn holds(&self) -> bool {
+        self.shared.hold.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
     /// Chunks served on faults so far, in order: (block idstr, offset).
     pub fn fault_order(&self) -> Vec<(String, u64)> {
         self.shared
@@ -250,6 +266,7 @@ impl PageServer {
                 tracing::error!("a page server thread panicked while stopping");
             }
         }
+        self.shared.release_hold();
     }
 }
 

@@ -69,6 +69,9 @@ pub(super) struct Shared {
     pub(super) on_error: Box<dyn Fn(&LazyError) + Send + Sync>,
     pub(super) fault_order: Mutex<Vec<(u32, u64)>>,
     pub(super) record: bool,
+    /// Dropped once every chunk is resident, the server fails or stops: the snapshot pin of
+    /// the source (see [`super::server::PageServer::hold_until_resident`]).
+    pub(super) hold: Mutex<Option<Box<dyn Send>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -85,6 +88,14 @@ impl Shared {
             (self.on_error)(&e);
         }
         self.stop.store(true, Ordering::Release);
+        self.release_hold();
+    }
+
+    /// Drops what [`super::server::PageServer::hold_until_resident`] was given: nothing will
+    /// be read from the source any more.
+    pub(super) fn release_hold(&self) {
+        let held = self.hold.lock().unwrap_or_else(PoisonError::into_inner).take();
+        drop(held);
     }
 
     fn chunk_len(&self, b: &Block, chunk: u64) -> u64 {
@@ -187,6 +198,7 @@ impl Shared {
             counter.fetch_add(1, Ordering::Relaxed);
             if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.stats.mark_resident();
+                self.release_hold();
             }
         }
         Ok(())

@@ -256,3 +256,74 @@ fn eexist_on_an_unclaimed_chunk_is_an_error_not_residency() {
 /// Offset of the foreign page inside its chunk: not the chunk's first page, so the copy of the
 /// chunk places a page before it meets it.
 const PAGE_OFF: u64 = 4096;
+/// Sets its flag when dropped: stands in for a snapshot pin.
+struct Guard(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+fn guard() -> (Box<dyn Send>, Arc<std::sync::atomic::AtomicBool>) {
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    (Box::new(Guard(dropped.clone())), dropped)
+}
+
+fn wait_for(flag: &std::sync::atomic::AtomicBool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !flag.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    flag.load(Ordering::Acquire)
+}
+
+#[test]
+fn the_pin_is_held_until_the_last_chunk_is_resident() {
+    let m = Mapping::new(4 * CHUNK as usize);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let server = PageServer::start(vec![block(&m)], src, ServerOptions::default(), Box::new(|_| {})).expect("start");
+    let (g, dropped) = guard();
+    server.hold_until_resident(g);
+    for c in 0..3 {
+        assert_eq!(m.word(c * CHUNK + 8), c * CHUNK + 8);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!server.is_resident());
+    assert!(!dropped.load(Ordering::Acquire) && server.holds(), "released with a chunk still to read");
+    assert_eq!(m.word(3 * CHUNK), 0);
+    assert!(wait_for(&dropped), "released once resident");
+    assert!(server.is_resident() && !server.holds());
+    // Given after residency: dropped at once.
+    let (g, dropped) = guard();
+    server.hold_until_resident(g);
+    assert!(dropped.load(Ordering::Acquire));
+}
+
+#[test]
+fn the_pin_is_released_when_the_server_goes_away_before_residency() {
+    let m = Mapping::new(4 * CHUNK as usize);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let server = PageServer::start(vec![block(&m)], src, ServerOptions::default(), Box::new(|_| {})).expect("start");
+    let (g, dropped) = guard();
+    server.hold_until_resident(g);
+    assert_eq!(m.word(8), 8);
+    assert!(!dropped.load(Ordering::Acquire));
+    drop(server);
+    assert!(dropped.load(Ordering::Acquire), "the VM went away: nothing reads the snapshot any more");
+}
+
+#[test]
+fn the_pin_is_released_when_serving_fails() {
+    let m = Arc::new(Mapping::new(4 * CHUNK as usize));
+    let src = Arc::new(TestSource { fail_at: Some(0), reads: AtomicU64::new(0) });
+    let server = PageServer::start(vec![block(&m)], src, ServerOptions::default(), Box::new(|_| {})).expect("start");
+    let (g, dropped) = guard();
+    server.hold_until_resident(g);
+    let m2 = m.clone();
+    let toucher = std::thread::spawn(move || m2.word(0));
+    assert!(wait_for(&dropped), "a failed server reads no more");
+    assert!(server.error().is_some());
+    std::mem::forget(server);
+    std::mem::forget(toucher);
+}
