@@ -246,9 +246,9 @@ fn events_report_guest_exits_crashes_and_lazy_restore_failures() {
     assert_eq!(exit["detail"]["status"], 0, "{ev:?}");
 
     // A kernel that runs into an exception with no handler: the guest crashes.
-    let kernel = dir.path().join("crash.elf");
-    crashing_kernel(&kernel);
-    d.ok("POST", "/vms", Some(json!({"name": "x", "kernel": kernel, "mem_mib": 64, "start": true})));
+    // (API clients name images in the daemon's image directory, by default STATE/images.)
+    crashing_kernel(&d.state.join("images").join("crash.elf"));
+    d.ok("POST", "/vms", Some(json!({"name": "x", "kernel": "crash.elf", "mem_mib": 64, "start": true})));
     let ev = events_of(&mut r, "x", 2);
     find(&ev, "crashed");
 

@@ -199,12 +199,21 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let snap = args.snapshot.snapshot_after_ms.zip(store).zip(args.snapshot.name.clone());
     if let Some(((0, store), name)) = &snap {
         take_snapshot(&vm, store, name, &args.snapshot)?;
+        if args.snapshot.exit_after_snapshot {
+            // Never started: the guest runs no instruction past its snapshot.
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     vm.start().map_err(vm_error)?;
     if let Some(((after, store), name)) = &snap {
         if *after > 0 {
             let deadline = Duration::from_millis(*after);
             if vm.control().wait_exit(Some(deadline)).is_none() {
+                if args.snapshot.exit_after_snapshot {
+                    // Paused first, so the snapshot leaves it paused: nothing the guest does
+                    // (or prints) comes after the state it was saved in.
+                    vm.pause();
+                }
                 take_snapshot(&vm, store, name, &args.snapshot)?;
             } else {
                 return Err(CliError::Input(format!("the guest ended before the snapshot at {after} ms")));
