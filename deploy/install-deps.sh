@@ -3,11 +3,12 @@
 # everything is already there. Run as root.
 #   libclang-dev    bindgen (userfaultfd-sys) needs libclang at build time
 #   busybox-static, cpio   the test initramfs (deploy/fetch-guest.sh)
+#   lz4             unpacks the ELF kernel from the bzImage (deploy/fetch-guest.sh)
 #   seabios, ipxe-qemu     real firmware for the firmware tests
 #   acpica-tools    iasl, to disassemble ACPI tables in tests
 set -euo pipefail
 
-packages=(libclang-dev busybox-static cpio seabios ipxe-qemu acpica-tools)
+packages=(libclang-dev busybox-static cpio lz4 seabios ipxe-qemu acpica-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -166,8 +166,19 @@ fn shutdown_snapshots_are_private_keep_paused_vms_paused_and_go_away() {
     };
     assert_eq!(snaps, json!(["shutdown-m"]));
     assert_eq!(d.ok("POST", "/vms/p/resume", None)["state"], "running");
-    let out = d.wait_serial("p", "\n", Duration::from_secs(60));
-    assert!(out.contains("mismatches 0"), "{out}");
+    // Its serial log starts where the restored guest went on, possibly inside a line: wait for
+    // a whole `... mismatches N` report and require every count to be 0.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let out = loop {
+        let out = d.wait_serial("p", "\n", Duration::from_secs(1));
+        let reported = out.split_inclusive('\n').any(|l| l.ends_with('\n') && l.contains("matches "));
+        if reported || Instant::now() > deadline {
+            break out;
+        }
+    };
+    let counts: Vec<&str> =
+        out.split("matches ").skip(1).map(|rest| rest.split_whitespace().next().unwrap_or("")).collect();
+    assert!(!counts.is_empty() && counts.iter().all(|c| *c == "0"), "{out}");
     let (status, v) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "__mine"})));
     assert_eq!(status, 400, "the daemon's namespace is refused: {v}");
 }
