@@ -209,11 +209,6 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         if *after > 0 {
             let deadline = Duration::from_millis(*after);
             if vm.control().wait_exit(Some(deadline)).is_none() {
-                if args.snapshot.exit_after_snapshot {
-                    // Paused first, so the snapshot leaves it paused: nothing the guest does
-                    // (or prints) comes after the state it was saved in.
-                    vm.pause();
-                }
                 take_snapshot(&vm, store, name, &args.snapshot)?;
             } else {
                 return Err(CliError::Input(format!("the guest ended before the snapshot at {after} ms")));
@@ -228,7 +223,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
 }
 
 fn take_snapshot(vm: &Vm, store: &storage::Store, name: &str, a: &SnapshotArgs) -> Result<(), CliError> {
-    let opts = SaveOptions { live: a.live, ..Default::default() };
+    // With --exit-after-snapshot the VM stays paused from the snapshot's final pause on, so
+    // nothing the guest does (or prints) comes after the state it was saved in.
+    let opts = SaveOptions { live: a.live, stay_paused: a.exit_after_snapshot, ..Default::default() };
     let report = snapshot::save(vm, store, name, &opts, &|p| {
         tracing::info!(round = p.round, bytes = p.bytes_copied, dirty = p.dirty_chunks, "snapshot progress");
     })
