@@ -68,11 +68,7 @@ pub struct DaemonConfig {
 /// VM and snapshot names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot (they become
 /// file names in the state directory).
 pub(super) fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+    if super::images::is_valid_name(name) {
         Ok(())
     } else {
         Err(ApiError::BadRequest(format!(

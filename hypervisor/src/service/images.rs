@@ -68,13 +68,18 @@ pub struct ImageDir {
     max_bytes: u64,
 }
 
-/// Checks an image name (the same rules as VM names).
-pub fn validate_name(name: &str) -> Result<(), ImageError> {
-    let ok = !name.is_empty()
+/// The rule for every name a client gives (VMs, snapshots, images): 1 to 64 of
+/// `[A-Za-z0-9._-]`, not starting with a dot (they become file names).
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Checks an image name (the same rules as VM names).
+pub fn validate_name(name: &str) -> Result<(), ImageError> {
+    if is_valid_name(name) {
         Ok(())
     } else {
         Err(ImageError::Name { name: name.to_string() })

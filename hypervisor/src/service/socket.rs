@@ -64,23 +64,6 @@ pub fn lookup_group(group: &str) -> Result<Gid, SocketError> {
     }
 }
 
-/// What a file type is, for messages.
-fn kind(ft: std::fs::FileType) -> &'static str {
-    if ft.is_file() {
-        "a regular file"
-    } else if ft.is_dir() {
-        "a directory"
-    } else if ft.is_symlink() {
-        "a symlink"
-    } else if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_char_device() || ft.is_block_device() {
-        "a device"
-    } else {
-        "an unknown kind of file"
-    }
-}
-
 /// Claims `path` for this daemon and binds it (see the module doc for the steps).
 pub fn claim(
     path: &Path,
@@ -127,7 +110,12 @@ pub fn claim(
             }
             Err(e) => return Err(io(path, "checking whether a daemon answers on it")(e)),
         },
-        Ok(m) => return Err(SocketError::NotASocket { path: path.to_path_buf(), kind: kind(m.file_type()) }),
+        Ok(m) => {
+            return Err(SocketError::NotASocket {
+                path: path.to_path_buf(),
+                kind: crate::boot::files::kind_of(m.file_type()),
+            })
+        }
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(io(path, "binding"))?;
     if let Some(gid) = group {
