@@ -14,6 +14,8 @@
 //! 0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC (in-kernel)
 //! 0xfef0_0000  guest exit device (MMIO alias of port 0x501)
 //! 0xfef0_1000  serial MMIO alias of port 0x3f8 (CPL3 code cannot use port I/O)
+//! 0xfeff_c000  KVM identity-map page, 0xfeff_d000 KVM TSS (three pages)
+//! 0xff00_0000  firmware image (pc.bios), up to 16 MiB ending at 4 GiB (SeaBIOS: 0xfffe_0000)
 //! 0x1_0000_0000  RAM above 4 GiB (the rest of pc.ram)
 //! ```
 
@@ -57,5 +59,8 @@ pub const EXIT_PORT: u16 = 0x501;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// COM1's interrupt line.
 pub const SERIAL_IRQ: u32 = 4;
-/// KVM's TSS (three pages) and identity-map page, out of the guest's way below 4 GiB.
-pub const KVM_TSS: u64 = 0xfffb_d000;
+/// KVM's identity-map page (at `KVM_TSS - 0x1000`) and TSS (three pages), just below the
+/// 16 MiB a firmware image may take under 4 GiB, as QEMU places them.
+pub const KVM_TSS: u64 = 0xfeff_d000;
+/// KVM's identity-map page.
+pub const KVM_IDENTITY_MAP: u64 = 0xfeff_c000;

@@ -17,6 +17,7 @@ use migrate::ram::RamRegistry;
 use thiserror::Error;
 
 use crate::boot::files::BootFile;
+use crate::boot::firmware;
 use crate::boot::linux::{self, LinuxBootConfig, LinuxBootError};
 use crate::control::{self, ExitReason, VmControl};
 use crate::cpu::{self, CpuError};
@@ -49,6 +50,10 @@ pub enum VmError {
     Thread { id: u8, source: std::io::Error },
     #[error("{0}")]
     Signal(String),
+    #[error(transparent)]
+    Firmware(#[from] firmware::FirmwareError),
+    #[error("booting from firmware needs a firmware image")]
+    NoFirmware,
     #[error("the VM has already been started")]
     AlreadyStarted,
 }
@@ -93,6 +98,8 @@ pub enum BootSource {
         initrd: Option<BootFile>,
         cmdline: String,
     },
+    /// The firmware in [`VmConfig::firmware`], from the reset vector.
+    Firmware,
     /// Nothing: memory, devices and vCPUs get their state from a snapshot.
     Restore,
 }
@@ -102,6 +109,7 @@ impl BootSource {
         match self {
             BootSource::Builtin { guest, .. } => format!("builtin:{}", guest.name()),
             BootSource::Kernel { kernel, .. } => format!("kernel:{}", kernel.name),
+            BootSource::Firmware => "firmware".into(),
             BootSource::Restore => "restore".into(),
         }
     }
@@ -136,12 +144,15 @@ pub struct VmConfig {
     pub serial_out: Box<dyn Write + Send>,
     /// Files offered through fw_cfg.
     pub fw_cfg_files: Vec<FwCfgFile>,
+    /// A firmware image mapped below 4 GiB (`pc.bios`): booted from with
+    /// [`BootSource::Firmware`], or given its snapshot contents by a restore.
+    pub firmware: Option<BootFile>,
 }
 
 impl VmConfig {
     /// A VM with no fw_cfg files of its own.
     pub fn new(mem_mib: u64, vcpus: u64, boot: BootSource, serial_out: Box<dyn Write + Send>) -> Self {
-        VmConfig { mem_mib, vcpus, boot, serial_out, fw_cfg_files: Vec::new() }
+        VmConfig { mem_mib, vcpus, boot, serial_out, fw_cfg_files: Vec::new(), firmware: None }
     }
 }
 
@@ -200,7 +211,7 @@ impl Vm {
         registry.add_listener(slots.clone());
         let ram = GuestRam::new(&registry, &slots, size)?;
         fd.set_tss_address(layout::KVM_TSS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.set_identity_map_address(layout::KVM_TSS + 0x3000).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
@@ -243,9 +254,15 @@ impl Vm {
                 machine::add_kernel_items(&devices, kernel, initrd.as_ref(), cmdline)?;
                 (loaded.entry, loaded.boot_params, false, 0)
             }
-            BootSource::Restore => (0, 0, false, 0),
+            BootSource::Firmware | BootSource::Restore => (0, 0, false, 0),
         };
-        let boots = !matches!(cfg.boot, BootSource::Restore);
+        if let Some(fw) = &cfg.firmware {
+            let boots_it = matches!(cfg.boot, BootSource::Firmware);
+            firmware::load(&registry, &slots, &ram, &fw.name, &fw.data, boots_it)?;
+        } else if matches!(cfg.boot, BootSource::Firmware) {
+            return Err(VmError::NoFirmware);
+        }
+        let boots = !matches!(cfg.boot, BootSource::Restore | BootSource::Firmware);
         if boots {
             cpu::regs::write_boot_tables(ram.memory(), top, user)?;
         }

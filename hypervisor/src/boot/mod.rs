@@ -2,4 +2,5 @@
 //! loaded by [`crate::guests`]).
 
 pub mod files;
+pub mod firmware;
 pub mod linux;

@@ -14,7 +14,7 @@ use crate::snapshot::{self, SaveOptions, SnapshotError};
 use crate::vm::{BootSource, BuiltinParams, FwCfgFile, Vm, VmConfig, VmError};
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("guest").required(true).args(["builtin", "kernel"])))]
+#[command(group(clap::ArgGroup::new("guest").required(true).args(["builtin", "kernel", "firmware"])))]
 pub struct RunArgs {
     /// Built-in guest to run.
     #[arg(long, value_enum)]
@@ -22,6 +22,10 @@ pub struct RunArgs {
     /// Linux kernel (bzImage or ELF vmlinux) to boot.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
+    /// Boot through PC firmware: `seabios` (Debian's /usr/share/seabios/bios.bin) or the
+    /// path of a firmware image.
+    #[arg(long, conflicts_with = "builtin")]
+    pub firmware: Option<String>,
     /// Initial ramdisk for the kernel.
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
@@ -98,6 +102,7 @@ impl RunArgs {
         let read =
             |what, p: &std::path::Path| BootFile::read_path(what, p, limit).map_err(|e| CliError::Input(e.to_string()));
         Ok(match (&self.builtin, &self.kernel) {
+            (None, None) if self.firmware.is_some() => BootSource::Firmware,
             (Some(guest), _) => BootSource::Builtin {
                 guest: *guest,
                 params: BuiltinParams {
@@ -114,6 +119,15 @@ impl RunArgs {
                 cmdline: self.cmdline.clone(),
             },
         })
+    }
+
+    /// The firmware image `--firmware` names, read.
+    pub fn firmware_image(&self) -> Result<Option<BootFile>, CliError> {
+        let Some(fw) = &self.firmware else { return Ok(None) };
+        let path = if fw == "seabios" { crate::boot::firmware::SEABIOS_PATH } else { fw.as_str() };
+        BootFile::read_path("firmware", std::path::Path::new(path), crate::boot::firmware::MAX_IMAGE)
+            .map(Some)
+            .map_err(|e| CliError::Input(e.to_string()))
     }
 
     pub fn timeout(&self) -> Result<Option<Duration>, CliError> {
@@ -189,6 +203,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let timeout = args.timeout()?;
     let mut cfg = VmConfig::new(args.mem_mib, args.vcpus, args.boot_source()?, Box::new(std::io::stdout()));
     cfg.fw_cfg_files = fw_cfg_files(&args.fw_cfg_files)?;
+    cfg.firmware = args.firmware_image()?;
     let store = match &args.snapshot.store {
         Some(dir) => Some(
             storage::Store::open(dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?,
