@@ -3,7 +3,9 @@
 //! `GuestMemory`, whose writes mark pages dirty for live snapshots), and raise interrupts
 //! through eventfds, so their unit tests need no /dev/kvm.
 
+pub mod acpi;
 pub mod bus;
+pub mod debugcon;
 pub mod exit;
 pub mod fw_cfg;
 pub mod serial;

@@ -57,6 +57,34 @@ pub const SERIAL_MMIO: u64 = 0xfef0_1000;
 pub const EXIT_PORT: u16 = 0x501;
 /// COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
+/// CMOS/RTC index and data ports (0x70, 0x71).
+pub const CMOS_PORT: u16 = 0x70;
+/// PCI configuration mechanism #1: address at 0xcf8, data at 0xcfc..0xcff.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+/// The firmware debug console (QEMU's isa-debugcon default).
+pub const DEBUGCON_PORT: u16 = 0x402;
+/// ACPI PM1a event block (4 bytes: status, enable), as on QEMU's PIIX4 PM.
+pub const ACPI_PM1A_EVT: u16 = 0x600;
+/// ACPI PM1a control block (2 bytes).
+pub const ACPI_PM1A_CNT: u16 = 0x604;
+/// ACPI PM timer (4 bytes, 24-bit counter at 3.579545 MHz).
+pub const ACPI_PM_TMR: u16 = 0x608;
+/// ACPI GPE0 block (4 bytes: 2 status, 2 enable), as on QEMU's PIIX4 PM.
+pub const ACPI_GPE0: u16 = 0xafe0;
+/// Length of the GPE0 block.
+pub const ACPI_GPE0_LEN: u16 = 4;
+/// The ACPI SCI's ISA interrupt (level-triggered, active high).
+pub const ACPI_SCI_IRQ: u32 = 9;
+/// 32-bit PCI memory window: from the end of low RAM's hole start up to the IOAPIC.
+pub const PCI_MMIO32_START: u64 = PCI_HOLE_START;
+/// End (exclusive) of the 32-bit PCI memory window.
+pub const PCI_MMIO32_END: u64 = 0xfec0_0000;
+/// PCI I/O window firmware assigns I/O BARs from (SeaBIOS starts at 0xc000).
+pub const PCI_IO_START: u16 = 0xc000;
+/// The IOAPIC (in-kernel).
+pub const IOAPIC: u64 = 0xfec0_0000;
+/// The local APICs (in-kernel).
+pub const LAPIC: u64 = 0xfee0_0000;
 /// COM1's interrupt line.
 pub const SERIAL_IRQ: u32 = 4;
 /// KVM's identity-map page (at `KVM_TSS - 0x1000`) and TSS (three pages), just below the

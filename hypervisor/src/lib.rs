@@ -1,6 +1,7 @@
 //! snapvisor's hypervisor: KVM VMs and vCPUs, machine assembly, boot, built-in guests, the
 //! command line and the benchmarks.
 
+pub mod acpi;
 pub mod bench;
 pub mod boot;
 pub mod cli;

@@ -1,6 +1,6 @@
 //! The PC's devices and their wiring: COM1 on port 0x3f8 (and its MMIO alias) raising IRQ 4
-//! through an irqfd, the exit device on port 0x501 (and its MMIO alias), and fw_cfg with the
-//! items firmware and built-in guests read.
+//! through an irqfd, the exit device on port 0x501 (and its MMIO alias), the debug console on
+//! port 0x402, and fw_cfg with the items firmware and built-in guests read.
 //!
 //! Every device put on a bus is recorded as [`Placed`] (name, bus, address, the device
 //! itself), whether at machine assembly or later through [`Devices::place`]: a snapshot checks
@@ -11,6 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::bus::{Bus, BusDevice};
+use devices::debugcon::Debugcon;
 use devices::exit::ExitDevice;
 use devices::fw_cfg::{self, FwCfg};
 use devices::serial::SerialDevice;
@@ -126,6 +127,7 @@ pub struct Devices {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub fw_cfg: Arc<Mutex<FwCfg>>,
     pub exit: Arc<Mutex<ExitDevice>>,
+    pub debugcon: Arc<Mutex<Debugcon>>,
     /// COM1's interrupt, registered as an irqfd on GSI 4.
     pub serial_irq: EventFd,
     /// The exit device's go flag (see `devices::exit`).
@@ -173,6 +175,14 @@ fn insert(
     Ok(())
 }
 
+/// Where the devices that print write to.
+pub struct Outputs {
+    /// COM1.
+    pub serial: Box<dyn Write + Send>,
+    /// The debug console on port 0x402; none drops its bytes.
+    pub debugcon: Option<Box<dyn Write + Send>>,
+}
+
 /// Creates the devices and puts them on the buses.
 pub fn attach_devices(
     vm: &VmFd,
@@ -181,8 +191,9 @@ pub fn attach_devices(
     ram: &GuestRam,
     control: &Arc<VmControl>,
     vcpus: u8,
-    serial_out: Box<dyn Write + Send>,
+    out: Outputs,
 ) -> Result<Devices, MachineError> {
+    let Outputs { serial: serial_out, debugcon: debugcon_out } = out;
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|source| MachineError::EventFd { device: "serial", source })?;
     vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ).map_err(|source| MachineError::Irqfd {
@@ -220,7 +231,11 @@ pub fn attach_devices(
     let fw_cfg = Arc::new(Mutex::new(fw));
     insert(&mut placed, pio, BusKind::Pio, "fw_cfg", fw_cfg.clone(), fw_cfg::PORT_BASE, fw_cfg::PORT_LEN)?;
 
-    Ok(Devices { serial, fw_cfg, exit, serial_irq, go, placed: Mutex::new(placed) })
+    let debugcon = Arc::new(Mutex::new(Debugcon::new(debugcon_out)));
+    let port = u64::from(layout::DEBUGCON_PORT);
+    insert(&mut placed, pio, BusKind::Pio, "debug console", debugcon.clone(), port, devices::debugcon::LEN)?;
+
+    Ok(Devices { serial, fw_cfg, exit, debugcon, serial_irq, go, placed: Mutex::new(placed) })
 }
 
 /// Offers the kernel, initrd and command line through fw_cfg as QEMU does (for firmware that

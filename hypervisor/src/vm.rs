@@ -133,6 +133,16 @@ pub struct MachineSpec {
     /// fw_cfg files: name and size.
     #[serde(default)]
     pub fw_cfg_files: Vec<(String, u64)>,
+    /// The firmware image the VM booted from, if any.
+    #[serde(default)]
+    pub firmware: Option<FirmwareSpec>,
+}
+
+/// A VM's firmware image as its snapshots record it (the bytes are in the `pc.bios` block).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FirmwareSpec {
+    pub name: String,
+    pub size: u64,
 }
 
 /// How to build a VM.
@@ -142,6 +152,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// Where COM1's output goes.
     pub serial_out: Box<dyn Write + Send>,
+    /// Where the debug console (port 0x402) writes; none drops it.
+    pub debugcon_out: Option<Box<dyn Write + Send>>,
     /// Files offered through fw_cfg.
     pub fw_cfg_files: Vec<FwCfgFile>,
     /// A firmware image mapped below 4 GiB (`pc.bios`): booted from with
@@ -152,7 +164,7 @@ pub struct VmConfig {
 impl VmConfig {
     /// A VM with no fw_cfg files of its own.
     pub fn new(mem_mib: u64, vcpus: u64, boot: BootSource, serial_out: Box<dyn Write + Send>) -> Self {
-        VmConfig { mem_mib, vcpus, boot, serial_out, fw_cfg_files: Vec::new(), firmware: None }
+        VmConfig { mem_mib, vcpus, boot, serial_out, debugcon_out: None, fw_cfg_files: Vec::new(), firmware: None }
     }
 }
 
@@ -219,13 +231,22 @@ impl Vm {
         let control = Arc::new(VmControl::new(usize::from(nr_vcpus)));
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        let devices = machine::attach_devices(&fd, &pio, &mmio, &ram, &control, nr_vcpus, cfg.serial_out)?;
+        let devices = machine::attach_devices(
+            &fd,
+            &pio,
+            &mmio,
+            &ram,
+            &control,
+            nr_vcpus,
+            machine::Outputs { serial: cfg.serial_out, debugcon: cfg.debugcon_out },
+        )?;
         machine::add_fw_cfg_files(&devices, &registry, &cfg.fw_cfg_files)?;
         let spec = MachineSpec {
             mem_mib: cfg.mem_mib,
             vcpus: cfg.vcpus,
             guest: cfg.boot.describe(),
             fw_cfg_files: cfg.fw_cfg_files.iter().map(|f| (f.name.clone(), f.data.len() as u64)).collect(),
+            firmware: cfg.firmware.as_ref().map(|f| FirmwareSpec { name: f.name.clone(), size: f.data.len() as u64 }),
         };
 
         // Load the guest and decide where vCPU 0 starts.

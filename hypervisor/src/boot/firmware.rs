@@ -47,7 +47,7 @@ pub fn image_base(len: u64) -> u64 {
 
 /// Checks an image's size.
 pub fn check_image(name: &str, len: u64) -> Result<(), FirmwareError> {
-    if len < ISA_BIOS_LEN || len > MAX_IMAGE || len % 0x1_0000 != 0 {
+    if !(ISA_BIOS_LEN..=MAX_IMAGE).contains(&len) || !len.is_multiple_of(0x1_0000) {
         return Err(FirmwareError::Size { name: name.to_string(), len });
     }
     Ok(())

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::run::{finish, fw_cfg_files, snapshot_error};
+use super::run::{debugcon_file, finish, fw_cfg_files, snapshot_error};
 use super::CliError;
 use crate::snapshot::{self, RestoreMode, RestoreOptions};
 
@@ -36,6 +36,9 @@ pub struct RestoreArgs {
     /// Stop the guest after this many seconds (exit status 124).
     #[arg(long)]
     pub timeout: Option<f64>,
+    /// Save what the guest writes to the debug console (port 0x402) in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub debugcon: Option<PathBuf>,
 }
 
 pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
@@ -48,6 +51,7 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
     };
     let mut opts = RestoreOptions::new(mode, Box::new(std::io::stdout()));
     opts.mem_mib = args.mem_mib;
+    opts.debugcon_out = debugcon_file(args.debugcon.as_deref())?;
     if !args.fw_cfg_files.is_empty() {
         opts.fw_cfg_files = Some(fw_cfg_files(&args.fw_cfg_files)?);
     }

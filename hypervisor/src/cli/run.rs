@@ -53,6 +53,9 @@ pub struct RunArgs {
     /// Stop the guest after this many seconds (exit status 124).
     #[arg(long)]
     pub timeout: Option<f64>,
+    /// Save what the guest writes to the debug console (port 0x402, SeaBIOS's log) in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub debugcon: Option<PathBuf>,
     /// Offer a file to the guest through fw_cfg: NAME=PATH (NAME like opt/org/file). It lives
     /// in a resizeable RAM block, so a later restore adopts the snapshot's size.
     #[arg(long = "fw-cfg-file", value_name = "NAME=PATH")]
@@ -79,6 +82,14 @@ pub struct SnapshotArgs {
     /// Stop the VM once the snapshot is committed (exit status 0).
     #[arg(long, requires = "snapshot_after_ms")]
     pub exit_after_snapshot: bool,
+}
+
+/// Opens (creates or truncates) the `--debugcon` file.
+pub fn debugcon_file(path: Option<&std::path::Path>) -> Result<Option<Box<dyn std::io::Write + Send>>, CliError> {
+    let Some(path) = path else { return Ok(None) };
+    let f = std::fs::File::create(path)
+        .map_err(|e| CliError::Input(format!("--debugcon {}: cannot create it: {e}", path.display())))?;
+    Ok(Some(Box::new(std::io::LineWriter::new(f))))
 }
 
 /// Parses `NAME=PATH` fw_cfg file arguments and reads the files.
@@ -204,6 +215,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let mut cfg = VmConfig::new(args.mem_mib, args.vcpus, args.boot_source()?, Box::new(std::io::stdout()));
     cfg.fw_cfg_files = fw_cfg_files(&args.fw_cfg_files)?;
     cfg.firmware = args.firmware_image()?;
+    cfg.debugcon_out = debugcon_file(args.debugcon.as_deref())?;
     let store = match &args.snapshot.store {
         Some(dir) => Some(
             storage::Store::open(dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?,

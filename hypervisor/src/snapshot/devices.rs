@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use devices::debugcon::Debugcon;
 use devices::exit::ExitDevice;
 use devices::fw_cfg::FwCfg;
 use devices::serial::SerialDevice;
@@ -45,6 +46,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 persist_adapter!(SerialPersist, SerialDevice, "dev/serial0");
 persist_adapter!(FwCfgPersist, FwCfg, "dev/fw_cfg");
 persist_adapter!(ExitPersist, ExitDevice, "dev/exit");
+persist_adapter!(DebugconPersist, Debugcon, "dev/debugcon");
 
 /// Every device of the machine as a fragment owner, with the identity of the device it saves
 /// ([`crate::machine::Placed::identity`]).
@@ -53,6 +55,7 @@ pub fn fragments(d: &Devices) -> Vec<(Box<dyn Persist>, usize)> {
         (Box::new(SerialPersist(d.serial.clone())), device_identity(&d.serial)),
         (Box::new(FwCfgPersist(d.fw_cfg.clone())), device_identity(&d.fw_cfg)),
         (Box::new(ExitPersist(d.exit.clone())), device_identity(&d.exit)),
+        (Box::new(DebugconPersist(d.debugcon.clone())), device_identity(&d.debugcon)),
     ]
 }
 

@@ -24,6 +24,8 @@ use storage::Store;
 use super::devices::persistables;
 use super::vcpu_state::{restore_vcpu, restore_vm, HostVcpuCaps, VcpuState, VmKvmState};
 use super::SnapshotError;
+use crate::boot::files::BootFile;
+use crate::boot::firmware;
 use crate::control::ExitReason;
 use crate::vm::{BootSource, FwCfgFile, MachineSpec, Vm, VmConfig};
 
@@ -48,6 +50,8 @@ pub struct RestoreOptions {
     pub mode: RestoreMode,
     /// Where the restored VM's serial output goes.
     pub serial_out: Box<dyn Write + Send>,
+    /// Where the restored VM's debug console (port 0x402) writes.
+    pub debugcon_out: Option<Box<dyn Write + Send>>,
     /// Build the destination with this much memory instead of the snapshot's.
     pub mem_mib: Option<u64>,
     /// Build the destination with these fw_cfg files instead of blank ones of the snapshot's
@@ -67,6 +71,7 @@ impl RestoreOptions {
         RestoreOptions {
             mode,
             serial_out,
+            debugcon_out: None,
             mem_mib: None,
             fw_cfg_files: None,
             background_fill: true,
@@ -138,6 +143,13 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     };
     let mut cfg = VmConfig::new(opts.mem_mib.unwrap_or(spec.mem_mib), spec.vcpus, BootSource::Restore, opts.serial_out);
     cfg.fw_cfg_files = files;
+    cfg.debugcon_out = opts.debugcon_out;
+    // The firmware's contents come from the snapshot's pc.bios; the block is built blank, of a
+    // size checked before anything is allocated (the spec is snapshot bytes, untrusted).
+    if let Some(f) = &spec.firmware {
+        firmware::check_image(&f.name, f.size).map_err(|e| SnapshotError::Vm(e.into()))?;
+        cfg.firmware = Some(BootFile { name: f.name.clone(), data: vec![0; f.size as usize] });
+    }
     let mut vm = Vm::new(cfg)?;
     vm.set_guest_description(spec.guest.clone());
 
