@@ -1,6 +1,7 @@
 //! The PC's devices and their wiring: COM1 on port 0x3f8 (and its MMIO alias) raising IRQ 4
 //! through an irqfd, the exit device on port 0x501 (and its MMIO alias), the debug console on
-//! port 0x402, and fw_cfg with the items firmware and built-in guests read.
+//! port 0x402, fw_cfg with the items firmware and built-in guests read, and the PC platform
+//! firmware needs (`crate::platform`: CMOS, i8042, ACPI PM, the PCI bus).
 //!
 //! Every device put on a bus is recorded as [`Placed`] (name, bus, address, the device
 //! itself), whether at machine assembly or later through [`Devices::place`]: a snapshot checks
@@ -132,8 +133,11 @@ pub struct Devices {
     pub serial_irq: EventFd,
     /// The exit device's go flag (see `devices::exit`).
     pub go: Arc<std::sync::atomic::AtomicBool>,
-    /// Every device on the buses, in the order placed.
-    placed: Mutex<Vec<Placed>>,
+    /// CMOS, i8042, ACPI PM and the PCI bus.
+    pub platform: crate::platform::Platform,
+    /// Every device on the buses, in the order placed (PCI BARs come and go with the guest's
+    /// placements).
+    placed: Arc<Mutex<Vec<Placed>>>,
 }
 
 impl Devices {
@@ -175,6 +179,10 @@ fn insert(
     Ok(())
 }
 
+/// fw_cfg `etc/boot-fail-wait`: milliseconds SeaBIOS waits after "No bootable device"
+/// before it reboots (its default is 60 s).
+pub const BOOT_FAIL_WAIT_MS: u32 = 1000;
+
 /// Where the devices that print write to.
 pub struct Outputs {
     /// COM1.
@@ -185,9 +193,9 @@ pub struct Outputs {
 
 /// Creates the devices and puts them on the buses.
 pub fn attach_devices(
-    vm: &VmFd,
-    pio: &Bus,
-    mmio: &Bus,
+    vm: &Arc<VmFd>,
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
     ram: &GuestRam,
     control: &Arc<VmControl>,
     vcpus: u8,
@@ -228,6 +236,13 @@ pub fn attach_devices(
     let e820: Vec<fw_cfg::E820Entry> =
         ram.e820().iter().map(|e| fw_cfg::E820Entry { addr: e.addr, size: e.size, kind: e.kind }).collect();
     fw.add_file("etc/e820", fw_cfg::encode_e820(&e820)).map_err(fw_err("etc/e820"))?;
+    // What SeaBIOS reads besides: no graphics (so it puts its console on COM1), no NUMA
+    // nodes, no boot menu, and how long to wait before rebooting when nothing boots.
+    fw.add_bytes(fw_cfg::FW_CFG_NOGRAPHIC, 1u16.to_le_bytes().to_vec()).map_err(fw_err("nographic"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_NUMA, 0u64.to_le_bytes().to_vec()).map_err(fw_err("numa"))?;
+    fw.add_bytes(fw_cfg::FW_CFG_BOOT_MENU, 0u16.to_le_bytes().to_vec()).map_err(fw_err("boot menu"))?;
+    fw.add_file("etc/boot-fail-wait", BOOT_FAIL_WAIT_MS.to_le_bytes().to_vec())
+        .map_err(fw_err("etc/boot-fail-wait"))?;
     let fw_cfg = Arc::new(Mutex::new(fw));
     insert(&mut placed, pio, BusKind::Pio, "fw_cfg", fw_cfg.clone(), fw_cfg::PORT_BASE, fw_cfg::PORT_LEN)?;
 
@@ -235,7 +250,9 @@ pub fn attach_devices(
     let port = u64::from(layout::DEBUGCON_PORT);
     insert(&mut placed, pio, BusKind::Pio, "debug console", debugcon.clone(), port, devices::debugcon::LEN)?;
 
-    Ok(Devices { serial, fw_cfg, exit, debugcon, serial_irq, go, placed: Mutex::new(placed) })
+    let placed = Arc::new(Mutex::new(placed));
+    let platform = crate::platform::attach(vm, pio, mmio, &placed, control, ram.size(), vcpus)?;
+    Ok(Devices { serial, fw_cfg, exit, debugcon, serial_irq, go, platform, placed })
 }
 
 /// Offers the kernel, initrd and command line through fw_cfg as QEMU does (for firmware that

@@ -5,6 +5,10 @@
 //! start to its boot attempt (`No bootable device`, or the boot-fail message, on either
 //! output), and where the exits to the VMM went: count and handling time per port or MMIO
 //! page, summed over the runs ([`crate::exit_profile`]).
+//!
+//! `SNAPVISOR_SAMPLE_RIP_MS=N` also samples vCPU 0 every N ms (pausing the VM for a moment)
+//! and prints the 25 most frequent linear instruction addresses, with the CPU mode, to stderr:
+//! where the firmware spends its time when the exits do not explain it.
 
 use std::time::{Duration, Instant};
 
@@ -77,6 +81,9 @@ pub fn measure(
     let (mut create, mut banner, mut attempt) = (Vec::new(), Vec::new(), Vec::new());
     let (mut exits, mut handling, mut wall) = (0u64, Duration::ZERO, Duration::ZERO);
     let mut sites: Vec<ExitSite> = Vec::new();
+    let sample_every =
+        std::env::var("SNAPVISOR_SAMPLE_RIP_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
+    let mut samples: std::collections::BTreeMap<(&str, u64), u64> = Default::default();
     for run in 0..runs {
         let (serial, debugcon) = (SharedOutput::default(), SharedOutput::default());
         let t0 = Instant::now();
@@ -89,7 +96,28 @@ pub fn measure(
         let start = Instant::now();
         vm.start().map_err(vm_error)?;
         let (mut t_banner, mut t_attempt) = (None, None);
+        let mut last_sample = Instant::now();
         while start.elapsed() < timeout && t_attempt.is_none() {
+            if sample_every.is_some_and(|every| last_sample.elapsed() >= every) {
+                last_sample = Instant::now();
+                if vm.pause() {
+                    if let Some(fd) = vm.vcpu_fds().first() {
+                        let fd = fd.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if let (Ok(r), Ok(sr)) = (fd.get_regs(), fd.get_sregs()) {
+                            let at = sr.cs.base.wrapping_add(r.rip);
+                            let mode = if sr.cr0 & 1 == 0 {
+                                "real"
+                            } else if sr.cs.l == 1 {
+                                "long"
+                            } else {
+                                "prot"
+                            };
+                            *samples.entry((mode, at)).or_insert(0u64) += 1;
+                        }
+                    }
+                    vm.resume();
+                }
+            }
             if t_banner.is_none() && reached(&serial, &[BANNER]) {
                 t_banner = Some(start.elapsed());
             }
@@ -131,6 +159,13 @@ pub fn measure(
         }
     }
     sites.sort_by_key(|s| std::cmp::Reverse(s.handling_ns));
+    if !samples.is_empty() {
+        let mut v: Vec<_> = samples.into_iter().collect();
+        v.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        for ((mode, at), n) in v.iter().take(25) {
+            eprintln!("sample {mode} {at:#x} {n}");
+        }
+    }
     Ok(FirmwareBootReport {
         firmware: image.name.clone(),
         runs,

@@ -8,9 +8,13 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use devices::cmos::Cmos;
 use devices::debugcon::Debugcon;
 use devices::exit::ExitDevice;
 use devices::fw_cfg::FwCfg;
+use devices::i8042::I8042;
+use devices::pci::PciConfigIo;
+use devices::pm::Pm;
 use devices::serial::SerialDevice;
 use migrate::persist::{decode, encode, Persist, PersistError};
 
@@ -47,15 +51,25 @@ persist_adapter!(SerialPersist, SerialDevice, "dev/serial0");
 persist_adapter!(FwCfgPersist, FwCfg, "dev/fw_cfg");
 persist_adapter!(ExitPersist, ExitDevice, "dev/exit");
 persist_adapter!(DebugconPersist, Debugcon, "dev/debugcon");
+persist_adapter!(CmosPersist, Cmos, "dev/cmos");
+persist_adapter!(I8042Persist, I8042, "dev/i8042");
+persist_adapter!(PmPersist, Pm, "dev/pm");
+// The configuration ports save the whole PCI bus: every function's configuration space.
+persist_adapter!(PciPersist, PciConfigIo, "dev/pci");
 
 /// Every device of the machine as a fragment owner, with the identity of the device it saves
 /// ([`crate::machine::Placed::identity`]).
 pub fn fragments(d: &Devices) -> Vec<(Box<dyn Persist>, usize)> {
+    let p = &d.platform;
     vec![
         (Box::new(SerialPersist(d.serial.clone())), device_identity(&d.serial)),
         (Box::new(FwCfgPersist(d.fw_cfg.clone())), device_identity(&d.fw_cfg)),
         (Box::new(ExitPersist(d.exit.clone())), device_identity(&d.exit)),
         (Box::new(DebugconPersist(d.debugcon.clone())), device_identity(&d.debugcon)),
+        (Box::new(CmosPersist(p.cmos.clone())), device_identity(&p.cmos)),
+        (Box::new(I8042Persist(p.i8042.clone())), device_identity(&p.i8042)),
+        (Box::new(PmPersist(p.pm.clone())), device_identity(&p.pm)),
+        (Box::new(PciPersist(p.pci_config.clone())), device_identity(&p.pci_config)),
     ]
 }
 
