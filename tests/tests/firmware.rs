@@ -12,41 +12,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::snapvisor_bin;
+use common::{run_firmware_until, snapvisor_bin};
 use serde_json::json;
 
 /// SeaBIOS's last line before it gives up on booting (this machine has no boot device).
 const BOOT_ATTEMPT: &str = "No bootable device";
 const LIMIT: Duration = Duration::from_secs(180);
 
-/// Runs `snapvisor ARGS` until file `log` has a line containing `needle`, then stops it;
-/// returns the log. Panics with the log if the process ends or the limit passes first.
-fn run_until(args: &[&str], log: &Path, needle: &str) -> String {
-    let mut child = std::process::Command::new(snapvisor_bin())
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn snapvisor");
-    let t0 = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.lines().any(|l| l.contains(needle)) {
-            let _ = child.kill();
-            let _ = child.wait();
-            // The process may have written a little more before the kill: read it all.
-            return std::fs::read_to_string(log).unwrap_or(text);
-        }
-        if let Some(status) = child.try_wait().expect("wait") {
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "snapvisor {args:?} ended ({status}) before `{needle}`:\n{}\nlog:\n{text}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        assert!(t0.elapsed() < LIMIT, "no `{needle}` within {LIMIT:?}; log:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Runs `snapvisor ARGS` until its debug console has a line containing `needle`; returns
+/// that log.
+fn run_until(args: &[&str], dir: &Path, needle: &str) -> String {
+    run_firmware_until(args, dir, LIMIT, |log| log.lines().any(|l| l.contains(needle))).debugcon
 }
 
 /// The log up to and including the first line containing `needle`.
@@ -65,14 +41,10 @@ fn through(log: &str, needle: &str) -> String {
 fn seabios_snapshotted_mid_boot_continues_to_the_same_lines_after_eager_and_lazy_restore() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
-    let (store, full, before) = (p("store"), p("full.log"), p("before.log"));
+    let (store, before) = (p("store"), p("before.log"));
 
     // The whole boot, for reference.
-    let reference = run_until(
-        &["run", "--firmware", "seabios", "--mem-mib", "64", "--debugcon", &full],
-        Path::new(&full),
-        BOOT_ATTEMPT,
-    );
+    let reference = run_until(&["run", "--firmware", "seabios", "--mem-mib", "64"], dir.path(), BOOT_ATTEMPT);
     let reference = through(&reference, BOOT_ATTEMPT);
 
     // The same boot, snapshotted after 1.5 s of it and stopped there.
@@ -88,12 +60,11 @@ fn seabios_snapshotted_mid_boot_continues_to_the_same_lines_after_eager_and_lazy
     assert!(reference.starts_with(&head), "the first part differs from the reference boot:\n{head}\n---\n{reference}");
 
     for mode in ["eager", "lazy"] {
-        let after = p(&format!("after-{mode}.log"));
-        let mut args = vec!["restore", "--store", &store, "mid", "--debugcon", &after];
+        let mut args = vec!["restore", "--store", &store, "mid"];
         if mode == "lazy" {
             args.push("--lazy");
         }
-        let tail = through(&run_until(&args, Path::new(&after), BOOT_ATTEMPT), BOOT_ATTEMPT);
+        let tail = through(&run_until(&args, dir.path(), BOOT_ATTEMPT), BOOT_ATTEMPT);
         assert_eq!(
             format!("{head}{tail}"),
             reference,

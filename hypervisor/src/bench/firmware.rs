@@ -44,22 +44,24 @@ pub struct FirmwareBootReport {
     pub sites: Vec<ExitSite>,
 }
 
-/// The text of `out`, with ANSI escape sequences (`ESC [ ... letter`, `ESC c`) removed.
+/// `text` without ANSI escape sequences (`ESC [ ... final byte`, `ESC c` and other two-byte
+/// escapes) and carriage returns, which SeaBIOS's serial console sends around its text.
 pub fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
+    let mut chars = text.chars();
     while let Some(c) = chars.next() {
-        if c != '\x1b' {
-            out.push(c);
-            continue;
-        }
-        // `ESC [ params letter` ends at its letter; `ESC c` and other two-byte forms end here.
-        if chars.next() == Some('[') {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
+        match c {
+            '\x1b' => {
+                if chars.next() == Some('[') {
+                    for d in chars.by_ref() {
+                        if ('@'..='~').contains(&d) {
+                            break;
+                        }
+                    }
                 }
             }
+            '\r' => {}
+            c => out.push(c),
         }
     }
     out

@@ -30,6 +30,63 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
+/// What a `snapvisor run|restore` with `--debugcon` printed: COM1 (ANSI escapes stripped) and
+/// the debug console.
+pub struct FirmwareRun {
+    pub serial: String,
+    pub debugcon: String,
+    pub secs: f64,
+}
+
+/// Runs `snapvisor ARGS --debugcon LOG` until `done(debugcon text)` holds, then kills it.
+/// Panics, with what it printed, if the process ends first or `limit` passes.
+pub fn run_firmware_until(
+    args: &[&str],
+    dir: &std::path::Path,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) -> FirmwareRun {
+    use std::time::Instant;
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = dir.join(format!("debugcon-{n}.log"));
+    let out = log.with_extension("serial");
+    let mut child = Command::new(snapvisor_bin())
+        .args(args)
+        .arg("--debugcon")
+        .arg(&log)
+        .stdout(std::fs::File::create(&out).expect("serial file"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn snapvisor");
+    let t0 = Instant::now();
+    let read = || {
+        let serial = std::fs::read(&out).unwrap_or_default();
+        let serial = hypervisor::bench::firmware::strip_ansi(&String::from_utf8_lossy(&serial));
+        (serial, std::fs::read_to_string(&log).unwrap_or_default())
+    };
+    loop {
+        let (serial, debugcon) = read();
+        if done(&debugcon) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return FirmwareRun { serial, debugcon, secs: t0.elapsed().as_secs_f64() };
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "snapvisor {args:?} ended ({status}) too early:\nstderr: {}\ndebugcon:\n{debugcon}\nserial:\n{serial}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "snapvisor {args:?}: not done within {limit:?}\ndebugcon:\n{debugcon}\nserial:\n{serial}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Builds and starts a VM running a built-in guest, capturing its serial output.
 pub fn start_builtin(guest: Builtin, mem_mib: u64, params: BuiltinParams) -> (Vm, SharedOutput) {
     let out = SharedOutput::default();
