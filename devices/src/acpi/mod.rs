@@ -10,6 +10,9 @@
 //! [`build`] is the contract between the table builder and the rest of the machine: it takes
 //! an [`AcpiConfig`] describing the machine and returns the three blobs.
 
+pub mod runtime;
+pub mod vmgenid;
+
 use thiserror::Error;
 
 /// fw_cfg file of the tables.
