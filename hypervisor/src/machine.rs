@@ -134,6 +134,10 @@ pub struct Devices {
     pub go: Arc<std::sync::atomic::AtomicBool>,
     /// Every device on the buses, in the order placed.
     placed: Mutex<Vec<Placed>>,
+    /// ACPI blobs and VMGenID (firmware VMs; `crate::acpi::attach`). Not on a bus; their
+    /// fragments are `dev/acpi` and `dev/vmgenid`.
+    pub acpi: Option<Arc<devices::acpi::runtime::AcpiRuntime>>,
+    pub vmgenid: Option<Arc<devices::acpi::vmgenid::VmGenId>>,
 }
 
 impl Devices {
@@ -235,7 +239,17 @@ pub fn attach_devices(
     let port = u64::from(layout::DEBUGCON_PORT);
     insert(&mut placed, pio, BusKind::Pio, "debug console", debugcon.clone(), port, devices::debugcon::LEN)?;
 
-    Ok(Devices { serial, fw_cfg, exit, debugcon, serial_irq, go, placed: Mutex::new(placed) })
+    Ok(Devices {
+        serial,
+        fw_cfg,
+        exit,
+        debugcon,
+        serial_irq,
+        go,
+        placed: Mutex::new(placed),
+        acpi: None,
+        vmgenid: None,
+    })
 }
 
 /// Offers the kernel, initrd and command line through fw_cfg as QEMU does (for firmware that

@@ -227,8 +227,14 @@ fn fuzz_snapshot_state_file() {
         page_size: 4096,
         resizeable: true,
     });
-    let spec =
-        MachineSpec { mem_mib: 64, vcpus: 2, guest: "builtin:memfill".into(), fw_cfg_files: vec![("opt/x".into(), 5)] };
+    let spec = MachineSpec {
+        mem_mib: 64,
+        vcpus: 2,
+        guest: "builtin:memfill".into(),
+        fw_cfg_files: vec![("opt/x".into(), 5)],
+        firmware: None,
+        acpi_tables: Vec::new(),
+    };
     snap.put("machine", &spec).expect("put");
     snap.put("fw_cfg", &devices::fw_cfg::FwCfgState { selector: Some(0x19), offset: 3, dma_high: 0 }).expect("put");
     let seed = snap.encode().expect("encode");

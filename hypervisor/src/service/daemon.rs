@@ -389,6 +389,18 @@ impl Daemon {
         name: &str,
         mode: RestoreMode,
     ) -> Result<VmInfo, ApiError> {
+        self.restore_as(snapshot_name, name, mode, false).await
+    }
+
+    /// Restores `snapshot` as a new running VM `name`; `new_generation` gives it a new VMGenID
+    /// generation (clones).
+    pub async fn restore_as(
+        self: &Arc<Self>,
+        snapshot_name: &str,
+        name: &str,
+        mode: RestoreMode,
+        new_generation: bool,
+    ) -> Result<VmInfo, ApiError> {
         validate_name("VM", name)?;
         validate_name("snapshot", snapshot_name)?;
         if self.lock().contains_key(name) {
@@ -402,7 +414,8 @@ impl Daemon {
         let pin_holder = format!("VM '{name}'");
         let (vm, serial, spec) = tokio::task::spawn_blocking(move || {
             let serial = SerialLog::new(SERIAL_LOG);
-            let opts = RestoreOptions { pin_holder, ..RestoreOptions::new(mode, Box::new(serial.clone())) };
+            let opts =
+                RestoreOptions { pin_holder, new_generation, ..RestoreOptions::new(mode, Box::new(serial.clone())) };
             let (mut vm, _) = snapshot::restore(&this.store, &snap, opts).map_err(|e| ApiError::from_snapshot(&e))?;
             vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
             let spec = vm.spec().clone();

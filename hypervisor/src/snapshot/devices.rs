@@ -49,14 +49,17 @@ persist_adapter!(ExitPersist, ExitDevice, "dev/exit");
 persist_adapter!(DebugconPersist, Debugcon, "dev/debugcon");
 
 /// Every device of the machine as a fragment owner, with the identity of the device it saves
-/// ([`crate::machine::Placed::identity`]).
+/// ([`crate::machine::Placed::identity`]). Devices on no bus (the ACPI runtime, VMGenID) are
+/// listed too, so they are saved; their identity matches no placed device.
 pub fn fragments(d: &Devices) -> Vec<(Box<dyn Persist>, usize)> {
-    vec![
+    let mut v: Vec<(Box<dyn Persist>, usize)> = vec![
         (Box::new(SerialPersist(d.serial.clone())), device_identity(&d.serial)),
         (Box::new(FwCfgPersist(d.fw_cfg.clone())), device_identity(&d.fw_cfg)),
         (Box::new(ExitPersist(d.exit.clone())), device_identity(&d.exit)),
         (Box::new(DebugconPersist(d.debugcon.clone())), device_identity(&d.debugcon)),
-    ]
+    ];
+    v.extend(super::acpi_state::fragments(d));
+    v
 }
 
 /// Every device of the machine as a fragment owner.
