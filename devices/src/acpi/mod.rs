@@ -9,6 +9,24 @@
 //!
 //! [`build`] is the contract between the table builder and the rest of the machine: it takes
 //! an [`AcpiConfig`] describing the machine and returns the three blobs.
+//!
+//! Where things are:
+//! - [`tables`]: the fixed-format tables (FACS, FADT, MADT, XSDT, RSDP) and the checks on
+//!   operator tables;
+//! - [`aml`]: the DSDT and the VMGenID SSDT;
+//! - [`assemble`]: the blob layout and the loader script (the body of [`build`]);
+//! - [`loader`]: the bios-linker-loader format, its encoder and its parser;
+//! - [`loader_exec`]: runs a script as SeaBIOS does, on byte buffers;
+//! - [`guest_view`]: follows the patched pointers from the RSDP, as a guest OS does.
+
+pub mod aml;
+pub mod assemble;
+pub mod guest_view;
+pub mod loader;
+pub mod loader_exec;
+pub mod tables;
+#[cfg(test)]
+mod tests;
 
 pub mod runtime;
 pub mod vmgenid;
@@ -48,6 +66,10 @@ pub enum AcpiError {
     ExtraTable { index: usize, reason: String },
     #[error("the ACPI table builder is not available: {0}")]
     Unavailable(String),
+    #[error("ACPI machine description: {0}")]
+    BadConfig(String),
+    #[error("ACPI loader script: {0}")]
+    Loader(#[from] loader::LoaderError),
 }
 
 /// What the tables describe: the machine as the guest sees it.
@@ -97,6 +119,5 @@ pub struct AcpiBlobs {
 
 /// Builds the tables, the RSDP and the loader script for `cfg`.
 pub fn build(cfg: &AcpiConfig) -> Result<AcpiBlobs, AcpiError> {
-    let _ = cfg;
-    Err(AcpiError::Unavailable("not written yet".into()))
+    assemble::build(cfg)
 }
