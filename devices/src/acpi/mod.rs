@@ -24,11 +24,10 @@ pub mod assemble;
 pub mod guest_view;
 pub mod loader;
 pub mod loader_exec;
+pub mod runtime;
 pub mod tables;
 #[cfg(test)]
 mod tests;
-
-pub mod runtime;
 pub mod vmgenid;
 
 use thiserror::Error;
