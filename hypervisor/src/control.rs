@@ -73,6 +73,8 @@ pub struct VmControl {
     first_exit: OnceLock<Instant>,
     /// Exits to the VMM (port I/O and MMIO) so far.
     exits: std::sync::atomic::AtomicU64,
+    /// Per-port and per-page exit counts and costs, when enabled (benchmarks).
+    pub profile: crate::exit_profile::ExitProfile,
     /// Progress marks the guest reported through the exit device, with when.
     marks: Mutex<Vec<(u32, Instant)>>,
     marked: Condvar,
@@ -119,6 +121,7 @@ impl VmControl {
             inner: Mutex::new(Inner { state: RunState::Running, exit: None, parked: 0, threads: Vec::new() }),
             first_exit: OnceLock::new(),
             exits: std::sync::atomic::AtomicU64::new(0),
+            profile: Default::default(),
             marks: Mutex::new(Vec::new()),
             marked: Condvar::new(),
             fast_state: AtomicU8::new(RunState::Running as u8),

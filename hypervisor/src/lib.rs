@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cli;
 pub mod control;
 pub mod cpu;
+pub mod exit_profile;
 pub mod guests;
 pub mod layout;
 pub mod machine;

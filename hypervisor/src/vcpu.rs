@@ -15,6 +15,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::control::{self, ExitReason, VmControl};
+use crate::exit_profile::ExitKind;
 
 /// What a vCPU thread needs.
 pub struct Vcpu {
@@ -70,18 +71,22 @@ impl Vcpu {
         match fd.run() {
             Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => Next::Io,
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                let t0 = self.control.profile.start();
                 self.control.note_exit();
                 if let Err(e) = self.mmio.read(addr, data) {
                     tracing::debug!("vCPU {id}: MMIO read of {} bytes at {addr:#x}: {e}", data.len());
                     data.fill(0);
                 }
+                self.control.profile.record(ExitKind::Mmio, addr, t0);
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let t0 = self.control.profile.start();
                 self.control.note_exit();
                 if let Err(e) = self.mmio.write(addr, data) {
                     tracing::debug!("vCPU {id}: MMIO write of {data:x?} at {addr:#x}: {e}");
                 }
+                self.control.profile.record(ExitKind::Mmio, addr, t0);
                 Next::Continue
             }
             Ok(VcpuExit::Hlt) => {
@@ -131,6 +136,7 @@ impl Vcpu {
     /// Port I/O, including string I/O (`rep ins/outs`), which KVM hands over as `count`
     /// accesses of `size` bytes each.
     fn handle_io(&self, fd: &mut VcpuFd) {
+        let t0 = self.control.profile.start();
         self.control.note_exit();
         let run_size = self.run_size;
         let run = fd.get_kvm_run();
@@ -161,6 +167,7 @@ impl Vcpu {
                 tracing::trace!("vCPU {}: port {port:#x}: {e}", self.id);
             }
         }
+        self.control.profile.record(ExitKind::Pio, port, t0);
     }
 }
 

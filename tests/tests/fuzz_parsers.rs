@@ -232,7 +232,7 @@ fn fuzz_snapshot_state_file() {
         vcpus: 2,
         guest: "builtin:memfill".into(),
         fw_cfg_files: vec![("opt/x".into(), 5)],
-        firmware: None,
+        firmware: Some(hypervisor::vm::FirmwareSpec { name: "seabios".into(), size: 0x2_0000 }),
         acpi_tables: Vec::new(),
     };
     snap.put("machine", &spec).expect("put");

@@ -31,6 +31,18 @@ pub struct BootBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Boot firmware instead of `hello`: `seabios` or an image path (see `bench::firmware`).
+    #[arg(long)]
+    pub firmware: Option<String>,
+    /// With --firmware: boots to time.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// With --firmware: vCPUs per VM.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u64,
+    /// With --firmware: give up on a run after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -135,6 +147,17 @@ pub fn measure(args: &BootBenchArgs) -> Result<BootReport, CliError> {
 }
 
 pub fn run(args: BootBenchArgs) -> Result<(), CliError> {
+    if let Some(fw) = &args.firmware {
+        let image = crate::cli::run::read_firmware(fw)?;
+        let r =
+            super::firmware::measure(&image, args.runs, args.mem_mib, args.vcpus, Duration::from_secs(args.timeout))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r).map_err(|e| CliError::Internal(e.to_string()))?);
+        } else {
+            super::firmware::print(&r);
+        }
+        return Ok(());
+    }
     let r = measure(&args)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| CliError::Internal(e.to_string()))?);

@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod clones;
+pub mod firmware;
 pub mod fleet;
 pub mod plot;
 pub mod restore;

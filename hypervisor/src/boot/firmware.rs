@@ -93,7 +93,9 @@ mod tests {
         assert!(check_image("x", 0x4_0000).is_ok());
         assert!(check_image("x", 0x1_0000).is_err());
         assert!(check_image("x", 0x2_0001).is_err());
-        assert!(check_image("x", 0x20_0000).is_err());
+        assert!(check_image("x", 0x20_0000).is_ok());
+        assert!(check_image("x", 0x100_0000).is_ok());
+        assert!(check_image("x", 0x101_0000).is_err());
         assert_eq!(image_base(0x2_0000), 0xfffe_0000);
     }
 }

@@ -88,6 +88,18 @@ pub struct SnapshotArgs {
     pub exit_after_snapshot: bool,
 }
 
+/// Reads the firmware `--firmware` names: `seabios` (Debian's SeaBIOS) or a path. The image is
+/// named as given, which is how snapshots and `vm info` show it.
+pub fn read_firmware(name: &str) -> Result<BootFile, CliError> {
+    use crate::boot::firmware;
+    let path = if name == "seabios" { firmware::SEABIOS_PATH } else { name };
+    let mut file = BootFile::read_path("firmware", std::path::Path::new(path), firmware::MAX_IMAGE)
+        .map_err(|e| CliError::Input(format!("--firmware {name}: {e}")))?;
+    firmware::check_image(name, file.data.len() as u64).map_err(|e| CliError::Input(e.to_string()))?;
+    file.name = name.to_string();
+    Ok(file)
+}
+
 /// Opens (creates or truncates) the `--debugcon` file.
 pub fn debugcon_file(path: Option<&std::path::Path>) -> Result<Option<Box<dyn std::io::Write + Send>>, CliError> {
     let Some(path) = path else { return Ok(None) };
@@ -138,11 +150,7 @@ impl RunArgs {
 
     /// The firmware image `--firmware` names, read.
     pub fn firmware_image(&self) -> Result<Option<BootFile>, CliError> {
-        let Some(fw) = &self.firmware else { return Ok(None) };
-        let path = if fw == "seabios" { crate::boot::firmware::SEABIOS_PATH } else { fw.as_str() };
-        BootFile::read_path("firmware", std::path::Path::new(path), crate::boot::firmware::MAX_IMAGE)
-            .map(Some)
-            .map_err(|e| CliError::Input(e.to_string()))
+        self.firmware.as_deref().map(read_firmware).transpose()
     }
 
     pub fn timeout(&self) -> Result<Option<Duration>, CliError> {

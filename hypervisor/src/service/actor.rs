@@ -25,6 +25,8 @@ use super::error::ApiError;
 use super::events::Events;
 use super::images::ImageDir;
 use super::metrics::Metrics;
+use crate::boot::files::BootFile;
+use crate::boot::firmware;
 use crate::control::{ExitReason, VmControl};
 use crate::guests::Builtin;
 use crate::snapshot::{self, SaveOptions};
@@ -45,6 +47,10 @@ pub struct VmDef {
     pub initrd: Option<String>,
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// Boot through firmware instead: `seabios` (Debian's SeaBIOS) or the name of a
+    /// firmware image in the image directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<String>,
     pub mem_mib: u64,
     #[serde(default = "one")]
     pub vcpus: u64,
@@ -68,16 +74,37 @@ fn one() -> u64 {
     1
 }
 
+/// The `firmware` that names the system's SeaBIOS rather than an image.
+pub const SEABIOS: &str = "seabios";
+
 /// The kernel command line a daemon VM gets unless it names one.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1";
 
 impl VmDef {
-    /// Exactly one of a built-in guest and a kernel.
+    /// Exactly one of a built-in guest, a kernel and a firmware.
     pub fn check_boot(&self) -> Result<(), String> {
-        match (&self.guest, &self.kernel) {
-            (Some(_), None) | (None, Some(_)) => Ok(()),
-            _ => Err("give exactly one of \"guest\" (a built-in guest) and \"kernel\" (a kernel file)".into()),
+        match (&self.guest, &self.kernel, &self.firmware) {
+            (Some(_), None, None) | (None, Some(_), None) | (None, None, Some(_)) => Ok(()),
+            _ => Err("give exactly one of \"guest\" (a built-in guest), \"kernel\" (a kernel image) and \"firmware\" \
+                      (\"seabios\" or a firmware image)"
+                .into()),
         }
+    }
+
+    /// The firmware image to map, if the VM boots through firmware: `seabios` is the system's
+    /// SeaBIOS, anything else an image in the image directory.
+    pub fn firmware_image(&self, images: &ImageDir) -> Result<Option<BootFile>, ApiError> {
+        let Some(name) = &self.firmware else { return Ok(None) };
+        let mut file = if name == SEABIOS {
+            let path = std::path::Path::new(firmware::SEABIOS_PATH);
+            BootFile::read_path("firmware", path, firmware::MAX_IMAGE)
+                .map_err(|e| ApiError::Internal(format!("the system's SeaBIOS: {e}")))?
+        } else {
+            images.read("firmware", name, firmware::MAX_IMAGE).map_err(ApiError::from_image)?
+        };
+        firmware::check_image(name, file.data.len() as u64).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        file.name = name.clone();
+        Ok(Some(file))
     }
 
     /// What to boot: a kernel and initrd are read from the image directory, at most as large
@@ -93,13 +120,15 @@ impl VmDef {
                 },
                 cmdline: self.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.into()),
             },
+            (None, _) if self.firmware.is_some() => BootSource::Firmware,
             (None, guest) => BootSource::Builtin { guest: guest.unwrap_or(Builtin::Idle), params },
         })
     }
 
     /// Checks that the kernel and initrd images exist and are regular files (without reading).
     pub fn check_images(&self, images: &ImageDir) -> Result<(), ApiError> {
-        for (what, name) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+        let firmware = self.firmware.as_ref().filter(|n| n.as_str() != SEABIOS);
+        for (what, name) in [("kernel", &self.kernel), ("initrd", &self.initrd), ("firmware", &firmware.cloned())] {
             if let Some(name) = name {
                 images.check(what, name).map_err(ApiError::from_image)?;
             }
@@ -203,7 +232,7 @@ pub struct Published {
     pub control: Option<Arc<VmControl>>,
 }
 
-/// The serial log: the last `cap` bytes the guest wrote.
+/// The serial log (and the debug console's): the last `cap` bytes the guest wrote.
 #[derive(Clone)]
 pub struct SerialLog {
     buf: Arc<Mutex<Vec<u8>>>,
@@ -239,6 +268,8 @@ pub struct Actor {
     pub def: VmDef,
     pub vm: Option<Vm>,
     pub serial: SerialLog,
+    /// What the guest wrote to the debug console (port 0x402).
+    pub debugcon: SerialLog,
     pub failed: bool,
     pub store: storage::Store,
     pub metrics: Arc<Metrics>,
@@ -292,7 +323,10 @@ impl Actor {
                         let params =
                             BuiltinParams { seed: self.def.seed, passes: self.def.passes, ..Default::default() };
                         let boot = self.def.boot(params, &self.images)?;
-                        let cfg = VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
+                        let mut cfg =
+                            VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
+                        cfg.firmware = self.def.firmware_image(&self.images)?;
+                        cfg.debugcon_out = Some(Box::new(self.debugcon.clone()));
                         self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
                     }
                     self.failed = false;

@@ -48,6 +48,9 @@ struct CreateVm {
     initrd: Option<String>,
     #[serde(default)]
     cmdline: Option<String>,
+    /// `seabios`, or a firmware image's name in the image directory.
+    #[serde(default)]
+    firmware: Option<String>,
     mem_mib: u64,
     #[serde(default = "one")]
     vcpus: u64,
@@ -111,6 +114,7 @@ pub fn decode_bodies(bytes: &[u8]) -> usize {
             kernel: c.kernel.clone(),
             initrd: c.initrd.clone(),
             cmdline: c.cmdline.clone(),
+            firmware: c.firmware.clone(),
             mem_mib: c.mem_mib,
             vcpus: c.vcpus,
             seed: c.seed,
@@ -119,8 +123,11 @@ pub fn decode_bodies(bytes: &[u8]) -> usize {
             resume_from: None,
             resume_paused: false,
         };
-        let images_ok =
-            [&def.kernel, &def.initrd].into_iter().flatten().all(|n| super::images::validate_name(n).is_ok());
+        let firmware = def.firmware.clone().filter(|f| f != super::actor::SEABIOS);
+        let images_ok = [&def.kernel, &def.initrd, &firmware]
+            .into_iter()
+            .flatten()
+            .all(|n| super::images::validate_name(n).is_ok());
         def.check_boot().is_ok() && images_ok
     });
     let snapshot =
@@ -145,6 +152,7 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
         kernel: c.kernel,
         initrd: c.initrd,
         cmdline: c.cmdline,
+        firmware: c.firmware,
         mem_mib: c.mem_mib,
         vcpus: c.vcpus,
         seed: c.seed,
@@ -180,6 +188,11 @@ async fn vm_action(State(d): Api, Path((name, action)): Path<(String, String)>) 
     let info = d.info(&name).await?;
     d.event(&name, &action, serde_json::json!({ "state": info.state }));
     Ok(Json(info).into_response())
+}
+
+async fn vm_debugcon(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let s = d.debugcon(&name)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], s).into_response())
 }
 
 async fn vm_serial(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
@@ -379,6 +392,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/vms/{name}"),
     ("post", "/vms/{name}/{action}"),
     ("get", "/vms/{name}/serial"),
+    ("get", "/vms/{name}/debugcon"),
     ("post", "/vms/{name}/snapshot"),
     ("get", "/snapshots"),
     ("delete", "/snapshots/{name}"),
@@ -405,6 +419,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/vms", get(list_vms).post(create_vm))
         .route("/vms/{name}", get(vm_info).delete(delete_vm))
         .route("/vms/{name}/serial", get(vm_serial))
+        .route("/vms/{name}/debugcon", get(vm_debugcon))
         .route("/vms/{name}/snapshot", post(vm_snapshot))
         .route("/vms/{name}/{action}", post(vm_action))
         .route("/snapshots", get(list_snapshots))

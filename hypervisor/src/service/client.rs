@@ -33,7 +33,7 @@ pub enum VmCommand {
     Create {
         name: String,
         /// A built-in guest to boot.
-        #[arg(long, value_enum, required_unless_present = "kernel")]
+        #[arg(long, value_enum, required_unless_present_any = ["kernel", "firmware"])]
         builtin: Option<Builtin>,
         /// A Linux kernel to boot instead: the name of an image in the daemon's image
         /// directory (not a path; `PUT /images/NAME` uploads one).
@@ -44,6 +44,9 @@ pub enum VmCommand {
         initrd: Option<String>,
         #[arg(long, requires = "kernel")]
         cmdline: Option<String>,
+        /// Boot through firmware: `seabios`, or a firmware image in the image directory.
+        #[arg(long, conflicts_with_all = ["builtin", "kernel"])]
+        firmware: Option<String>,
         #[arg(long)]
         mem_mib: u64,
         #[arg(long, default_value_t = 1)]
@@ -74,6 +77,10 @@ pub enum VmCommand {
     },
     /// The VM's serial output.
     Serial {
+        name: String,
+    },
+    /// What the VM wrote to its debug console (port 0x402: SeaBIOS's log).
+    Debugcon {
         name: String,
     },
 }
@@ -232,12 +239,12 @@ fn print_vms(a: &ClientArgs, text: &str) -> Result<(), CliError> {
 
 pub fn vm(a: ClientArgs, cmd: VmCommand) -> Result<(), CliError> {
     let (method, path, body) = match &cmd {
-        VmCommand::Create { name, builtin, kernel, initrd, cmdline, mem_mib, vcpus, passes, start } => (
+        VmCommand::Create { name, builtin, kernel, initrd, cmdline, firmware, mem_mib, vcpus, passes, start } => (
             "POST",
             "/vms".to_string(),
             Some(json!({
                 "name": name, "guest": builtin, "kernel": kernel, "initrd": initrd, "cmdline": cmdline,
-                "mem_mib": mem_mib, "vcpus": vcpus, "passes": passes, "start": start,
+                "firmware": firmware, "mem_mib": mem_mib, "vcpus": vcpus, "passes": passes, "start": start,
             })),
         ),
         VmCommand::List => ("GET", "/vms".into(), None),
@@ -248,10 +255,11 @@ pub fn vm(a: ClientArgs, cmd: VmCommand) -> Result<(), CliError> {
         VmCommand::Stop { name } => ("POST", format!("/vms/{name}/stop"), None),
         VmCommand::Delete { name } => ("DELETE", format!("/vms/{name}"), None),
         VmCommand::Serial { name } => ("GET", format!("/vms/{name}/serial"), None),
+        VmCommand::Debugcon { name } => ("GET", format!("/vms/{name}/debugcon"), None),
     };
     let text = call(&a, method, &path, body)?;
     match cmd {
-        VmCommand::Serial { .. } => print!("{text}"),
+        VmCommand::Serial { .. } | VmCommand::Debugcon { .. } => print!("{text}"),
         VmCommand::Delete { name } => {
             if !a.json {
                 println!("deleted VM {name}");

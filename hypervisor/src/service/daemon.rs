@@ -29,6 +29,29 @@ use crate::snapshot::{self, RestoreMode, RestoreOptions};
 
 /// Bytes of serial output kept per VM.
 const SERIAL_LOG: usize = 64 * 1024;
+/// Bytes of debug console output kept per VM (SeaBIOS logs a few KiB).
+const DEBUGCON_LOG: usize = 256 * 1024;
+
+/// A VM's output logs: COM1 and the debug console.
+#[derive(Clone)]
+pub(super) struct Logs {
+    serial: SerialLog,
+    debugcon: SerialLog,
+}
+
+impl Logs {
+    fn new() -> Self {
+        Logs { serial: SerialLog::new(SERIAL_LOG), debugcon: SerialLog::new(DEBUGCON_LOG) }
+    }
+
+    /// Restore options that send the restored VM's output to these logs.
+    fn restore_options(&self, mode: RestoreMode, pin_holder: String) -> RestoreOptions {
+        let mut opts = RestoreOptions::new(mode, Box::new(self.serial.clone()));
+        opts.debugcon_out = Some(Box::new(self.debugcon.clone()));
+        opts.pin_holder = pin_holder;
+        opts
+    }
+}
 /// Requests that may queue for one VM.
 const QUEUE: usize = 16;
 /// How long deleting a VM waits for its thread to end before answering anyway.
@@ -38,7 +61,7 @@ pub(super) struct VmHandle {
     pub(super) tx: SyncSender<Request>,
     pub(super) thread: JoinHandle<()>,
     pub(super) published: watch::Receiver<Published>,
-    serial: SerialLog,
+    logs: Logs,
 }
 
 pub struct Daemon {
@@ -133,12 +156,9 @@ impl Daemon {
 
     /// Restores a VM the daemon snapshotted at its last shutdown, lazily, and starts it.
     /// A VM that was paused comes back paused (its vCPUs park before their first instruction).
-    fn resume(&self, name: &str, snap: &str, paused: bool) -> Option<(crate::vm::Vm, SerialLog)> {
-        let serial = SerialLog::new(SERIAL_LOG);
-        let opts = RestoreOptions {
-            pin_holder: format!("VM '{name}'"),
-            ..RestoreOptions::new(RestoreMode::Lazy, Box::new(serial.clone()))
-        };
+    fn resume(&self, name: &str, snap: &str, paused: bool) -> Option<(crate::vm::Vm, Logs)> {
+        let logs = Logs::new();
+        let opts = logs.restore_options(RestoreMode::Lazy, format!("VM '{name}'"));
         let restored = snapshot::restore(&self.store, snap, opts).map_err(|e| e.to_string()).and_then(|(mut vm, _)| {
             if paused {
                 vm.pause();
@@ -148,7 +168,7 @@ impl Daemon {
         match restored {
             Ok(vm) => {
                 tracing::info!(vm = name, snapshot = snap, "VM resumed from its shutdown snapshot");
-                Some((vm, serial))
+                Some((vm, logs))
             }
             Err(e) => {
                 tracing::error!(vm = name, snapshot = snap, "cannot resume VM: {e}; it stays stopped");
@@ -191,11 +211,11 @@ impl Daemon {
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
     }
 
-    fn spawn_actor(&self, def: VmDef, vm: Option<(crate::vm::Vm, SerialLog)>, cleanup: Option<String>) -> VmHandle {
+    fn spawn_actor(&self, def: VmDef, vm: Option<(crate::vm::Vm, Logs)>, cleanup: Option<String>) -> VmHandle {
         let (tx, rx) = sync_channel(QUEUE);
-        let (vm, serial) = match vm {
-            Some((vm, serial)) => (Some(vm), serial),
-            None => (None, SerialLog::new(SERIAL_LOG)),
+        let (vm, logs) = match vm {
+            Some((vm, logs)) => (Some(vm), logs),
+            None => (None, Logs::new()),
         };
         // What readers see until the actor's first publication.
         let first = Published {
@@ -217,7 +237,8 @@ impl Daemon {
         let actor = Actor {
             def: def.clone(),
             vm,
-            serial: serial.clone(),
+            serial: logs.serial.clone(),
+            debugcon: logs.debugcon.clone(),
             failed: false,
             store: self.store.clone(),
             metrics: self.metrics.clone(),
@@ -234,7 +255,7 @@ impl Daemon {
                 tracing::error!("cannot start the actor thread of VM '{}': {e}", def.name);
                 std::thread::spawn(|| {})
             });
-        VmHandle { tx, thread, published, serial }
+        VmHandle { tx, thread, published, logs }
     }
 
     /// Sends `cmd` to VM `name` and waits for the answer, at most the command's deadline.
@@ -302,7 +323,15 @@ impl Daemon {
 
     /// The last `SERIAL_LOG` bytes VM `name` printed; never waits for the actor.
     pub fn serial(&self, name: &str) -> Result<String, ApiError> {
-        self.lock().get(name).map(|h| h.serial.text()).ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))
+        self.lock().get(name).map(|h| h.logs.serial.text()).ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))
+    }
+
+    /// The last `DEBUGCON_LOG` bytes VM `name` wrote to its debug console; never waits.
+    pub fn debugcon(&self, name: &str) -> Result<String, ApiError> {
+        self.lock()
+            .get(name)
+            .map(|h| h.logs.debugcon.text())
+            .ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))
     }
 
     /// Defines a VM (and starts it if asked).
@@ -412,14 +441,13 @@ impl Daemon {
         let this = self.clone();
         let (snap, vm_name) = (snapshot_name.to_string(), name.to_string());
         let pin_holder = format!("VM '{name}'");
-        let (vm, serial, spec) = tokio::task::spawn_blocking(move || {
-            let serial = SerialLog::new(SERIAL_LOG);
-            let opts =
-                RestoreOptions { pin_holder, new_generation, ..RestoreOptions::new(mode, Box::new(serial.clone())) };
+        let (vm, logs, spec) = tokio::task::spawn_blocking(move || {
+            let logs = Logs::new();
+            let opts = RestoreOptions { new_generation, ..logs.restore_options(mode, pin_holder) };
             let (mut vm, _) = snapshot::restore(&this.store, &snap, opts).map_err(|e| ApiError::from_snapshot(&e))?;
             vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
             let spec = vm.spec().clone();
-            Ok::<_, ApiError>((vm, serial, spec))
+            Ok::<_, ApiError>((vm, logs, spec))
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
@@ -429,12 +457,14 @@ impl Daemon {
             Some(("kernel", image)) => (None, Some(image.to_string())),
             _ => (None, None),
         };
+        let firmware = spec.firmware.as_ref().map(|f| f.name.clone());
         let def = VmDef {
             name: vm_name.clone(),
             guest,
             kernel,
             initrd: None,
             cmdline: None,
+            firmware,
             mem_mib: spec.mem_mib,
             vcpus: spec.vcpus,
             seed: 0,
@@ -449,7 +479,7 @@ impl Daemon {
                 return Err(ApiError::Conflict(format!("a VM named '{vm_name}' already exists")));
             }
             held.keep();
-            let h = self.spawn_actor(def.clone(), Some((vm, serial)), None);
+            let h = self.spawn_actor(def.clone(), Some((vm, logs)), None);
             vms.insert(vm_name.clone(), h);
         }
         if let Err(e) = self.save_def(def.clone()).await {
