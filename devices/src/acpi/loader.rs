@@ -223,7 +223,7 @@ fn check_size(index: usize, size: u8) -> Result<u8, LoaderError> {
 
 /// Decodes a script: the commands with their entry indexes (padding entries are skipped).
 pub fn parse(script: &[u8]) -> Result<Vec<(usize, Command)>, LoaderError> {
-    if script.len() % ENTRY_LEN != 0 {
+    if !script.len().is_multiple_of(ENTRY_LEN) {
         return Err(LoaderError::Truncated { len: script.len() });
     }
     let mut out = Vec::new();

@@ -11,6 +11,7 @@
 //! | 125 | snapvisor itself failed (KVM, threads, the store) |
 //! | 126 | the guest crashed: triple fault, reset, or an instruction KVM could not run |
 
+pub mod acpi;
 pub mod restore;
 pub mod run;
 pub mod store;
@@ -58,6 +59,9 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// ACPI tools.
+    #[command(subcommand)]
+    Acpi(acpi::AcpiCommand),
 }
 
 /// A failed command: the message and the process exit status.
@@ -117,5 +121,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| CliError::Status { message: e.to_string(), code: e.exit_code() }),
         Command::Bench(cmd) => crate::bench::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Acpi(cmd) => acpi::run(cmd).map(|()| ExitCode::SUCCESS),
     }
 }
