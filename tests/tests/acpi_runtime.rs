@@ -22,6 +22,7 @@ use hypervisor::vm::{BootSource, SharedOutput, Vm, VmConfig};
 use migrate::ram::RamBlockConfig;
 use migrate::snapshot::format::serde_bytes_compat::Bytes;
 
+use common::daemon::Daemon;
 use common::snapvisor;
 
 const TABLES_BLOCK: &str = "/rom@etc/acpi/tables";
@@ -293,4 +294,48 @@ fn vmgenid_guid_is_where_seabios_reported_and_a_new_generation_changes_only_the_
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("(guest address {addr:#x})")), "{err}");
     assert!(err.contains("new VM generation ID") && !err.contains(&guid.to_string()), "{err}");
+}
+
+/// Restores `name` from a store (eagerly, not started) and gives its generation and what guest
+/// memory holds at the address the firmware reported.
+fn generation_in(store: &storage::Store, name: &str) -> (Guid, u64, Vec<u8>) {
+    let (vm, _) = restore(store, name, RestoreMode::Eager, |_| {});
+    let dev = vm.devices().vmgenid.clone().expect("vmgenid");
+    let (guid, addr) = (dev.guid(), dev.addr());
+    assert_ne!(addr, 0, "{name}: the firmware reported the GUID's address");
+    (guid, addr, guest_read(&vm, addr, 16))
+}
+
+#[test]
+fn daemon_clones_get_a_new_generation_and_the_original_keeps_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(serde_json::json!({"name": "fw", "firmware": "seabios", "mem_mib": 64, "start": true})));
+    // SeaBIOS scans for a VGA ROM after its platform setup, which runs the table-loader.
+    let t0 = Instant::now();
+    loop {
+        let (_, v) = d.call("GET", "/vms/fw/debugcon", None);
+        if v.as_str().unwrap_or_default().contains("Scan for VGA option rom") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "SeaBIOS did not get past its platform setup: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.ok("POST", "/vms/fw/snapshot", Some(serde_json::json!({"name": "fw-snap"})));
+    d.ok("POST", "/snapshots/fw-snap/clone", Some(serde_json::json!({"prefix": "c", "count": 1, "mode": "lazy"})));
+    d.ok("POST", "/vms/c0/snapshot", Some(serde_json::json!({"name": "c0-snap"})));
+    d.ok("POST", "/vms/fw/snapshot", Some(serde_json::json!({"name": "fw-after"})));
+    let (status, _) = d.terminate_within(Duration::from_secs(60));
+    assert!(status.is_some(), "the daemon stopped");
+
+    let store = storage::Store::open(&d.state.join("store")).expect("the daemon's store");
+    let (orig, addr, mem) = generation_in(&store, "fw-snap");
+    assert_eq!(addr % 0x1000, 0x28, "{addr:#x}");
+    assert_eq!(mem, orig.guest_bytes());
+    let (clone, clone_addr, clone_mem) = generation_in(&store, "c0-snap");
+    assert_ne!(clone, orig, "the clone has a new generation");
+    assert_eq!(clone_addr, addr);
+    assert_eq!(clone_mem, clone.guest_bytes(), "written into the clone's memory");
+    let (after, _, after_mem) = generation_in(&store, "fw-after");
+    assert_eq!((after, after_mem), (orig, orig.guest_bytes().to_vec()), "the original keeps its own");
 }
