@@ -328,7 +328,7 @@ fn daemon_clones_get_a_new_generation_and_the_original_keeps_its_own() {
     let (status, _) = d.terminate_within(Duration::from_secs(60));
     assert!(status.is_some(), "the daemon stopped");
 
-    let store = storage::Store::open(&d.state.join("store")).expect("the daemon's store");
+    let store = storage::Store::open(d.state.join("store")).expect("the daemon's store");
     let (orig, addr, mem) = generation_in(&store, "fw-snap");
     assert_eq!(addr % 0x1000, 0x28, "{addr:#x}");
     assert_eq!(mem, orig.guest_bytes());
