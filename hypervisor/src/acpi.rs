@@ -1,5 +1,14 @@
-//! The ACPI description of a snapvisor PC: what [`devices::acpi::build`] is told about the
-//! machine (`layout` has the addresses).
+//! ACPI for a snapvisor PC: what [`devices::acpi::build`] is told about the machine
+//! ([`acpi_config`]; `layout` has the addresses), and the wiring of the run-time devices of a
+//! firmware VM ([`attach`]): the ACPI blobs (`devices::acpi::runtime`, three resizeable RAM
+//! blocks served through fw_cfg and rebuilt on the first select after a reset) and VMGenID
+//! (`devices::acpi::vmgenid`). [`new_generation`] gives a VM a new generation ID (clones,
+//! `restore --new-generation`); [`reset`] is what a machine reset must call for them.
+//!
+//! Extra tables (`--acpi-table`) are operator files, read as untrusted input (regular files of
+//! at most [`MAX_TABLE_FILE`] bytes, at most [`MAX_TABLES`]) and kept in the VM's
+//! `MachineSpec`, so a restore builds the same tables unless told otherwise; the builder
+//! checks their headers.
 
 use devices::acpi::AcpiConfig;
 

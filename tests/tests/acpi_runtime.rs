@@ -339,3 +339,41 @@ fn daemon_clones_get_a_new_generation_and_the_original_keeps_its_own() {
     let (after, _, after_mem) = generation_in(&store, "fw-after");
     assert_eq!((after, after_mem), (orig, orig.guest_bytes().to_vec()), "the original keeps its own");
 }
+
+#[test]
+fn acpi_table_files_are_untrusted_input() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let huge = dir.path().join("huge.dat");
+    std::fs::write(&huge, vec![0u8; (1 << 20) + 1]).expect("write");
+    let dsdt = dir.path().join("dsdt.dat");
+    let mut t = table(64).data.0;
+    t[0..4].copy_from_slice(b"DSDT");
+    std::fs::write(&dsdt, t).expect("write");
+    let bad_len = dir.path().join("short.dat");
+    std::fs::write(&bad_len, &table(64).data.0[..50]).expect("write");
+    for (path, why) in [
+        (fifo.as_path(), "a FIFO"),
+        (Path::new("/dev/zero"), "a device"),
+        (dir.path(), "a directory"),
+        (huge.as_path(), "1048577 bytes"),
+        (dsdt.as_path(), "signature 'DSDT' is a table snapvisor builds itself"),
+        (bad_len.as_path(), "header says 64 bytes but the table has 50"),
+    ] {
+        let out = snapvisor(&[
+            "run",
+            "--firmware",
+            "seabios",
+            "--mem-mib",
+            "64",
+            "--timeout",
+            "1",
+            "--acpi-table",
+            path.to_str().expect("utf-8"),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{why}: {err}");
+        assert!(err.contains(why), "{why}: {err}");
+    }
+}

@@ -51,6 +51,8 @@ pub enum VmGenIdError {
     Write { addr: u64, reason: String },
     #[error("fw_cfg file {file}: {source}")]
     FwCfg { file: &'static str, source: FwCfgError },
+    #[error("the VM has no VMGenID device (it boots no firmware)")]
+    NoDevice,
 }
 
 /// A GUID in RFC 4122 byte order (the order of its text form).
