@@ -12,17 +12,23 @@ use crate::acpi::{AcpiBlobs, LOADER_FILE, RSDP_FILE, TABLES_FILE};
 struct Fake {
     calls: Arc<AtomicUsize>,
     tables_len: Arc<AtomicU64>,
+    rsdp_len: Arc<AtomicU64>,
 }
 
 fn fake(tables_len: u64) -> (Fake, TableBuilder) {
     let calls = Arc::new(AtomicUsize::new(0));
     let len = Arc::new(AtomicU64::new(tables_len));
-    let (c, l) = (calls.clone(), len.clone());
+    let rsdp_len = Arc::new(AtomicU64::new(36));
+    let (c, l, r) = (calls.clone(), len.clone(), rsdp_len.clone());
     let builder: TableBuilder = Box::new(move || {
         let n = c.fetch_add(1, Ordering::SeqCst) as u8 + 1;
-        Ok(AcpiBlobs { tables: vec![n; l.load(Ordering::SeqCst) as usize], rsdp: vec![n; 36], loader: vec![n; 0x1000] })
+        Ok(AcpiBlobs {
+            tables: vec![n; l.load(Ordering::SeqCst) as usize],
+            rsdp: vec![n; r.load(Ordering::SeqCst) as usize],
+            loader: vec![n; 0x1000],
+        })
     });
-    (Fake { calls, tables_len: len }, builder)
+    (Fake { calls, tables_len: len, rsdp_len }, builder)
 }
 
 fn setup(tables_len: u64) -> (Arc<RamRegistry>, Arc<AcpiRuntime>, FwCfg, Fake) {
@@ -122,8 +128,14 @@ fn rebuild_that_does_not_fit_changes_nothing() {
     f.tables_len.store(crate::acpi::TABLES_MAX + 1, Ordering::SeqCst);
     let err = rt.rebuild().expect_err("too large");
     assert!(err.to_string().contains("etc/acpi/tables"), "{err}");
+    // The last blob too large: the first two must not be rebuilt either (checked up front).
+    f.tables_len.store(0x4_0000, Ordering::SeqCst);
+    f.rsdp_len.store(0x2000, Ordering::SeqCst);
+    let err = rt.rebuild().expect_err("RSDP too large");
+    assert!(err.to_string().contains("etc/acpi/rsdp"), "{err}");
     select(&mut fw, TABLES_FILE);
     assert_eq!(dir_size(&fw, TABLES_FILE), 0x2_0000);
+    assert_eq!(first_byte(&registry, TABLES_FILE), 1, "no block was touched");
     assert_eq!(first_byte(&registry, LOADER_FILE), 1, "no block was touched");
 }
 
