@@ -23,6 +23,11 @@
 //! first select after a reset rebuilds. A failed rebuild is logged and leaves the blocks as
 //! they were; `patched` stays set (QEMU does the same), so the guest sees one consistent set.
 //!
+//! Every blob is checked against its block's `max_length` before any block changes, but a
+//! resize a listener refuses midway (a lazy restore still filling that block) leaves the
+//! blocks before it rebuilt and the rest as they were; the error names the block. This can
+//! only happen to a restore of a snapshot taken before the firmware read the tables.
+//!
 //! SeaBIOS reads a file's size from the directory before selecting it, so a rebuild that
 //! changes a size is consistent only across a reset; that is why the rebuild happens once.
 //!
