@@ -11,6 +11,11 @@
 //! The script is untrusted: every check of [`super::loader::parse`] applies, and commands
 //! that reach outside a file, name a file that was never allocated, or store a pointer that
 //! does not fit its size are errors naming the entry index.
+//!
+//! Where SeaBIOS is lenient this executor is strict, so that a script it accepts also runs
+//! under SeaBIOS: SeaBIOS skips commands it does not know, silently skips ALLOCATE of a
+//! missing or empty file, and truncates an ADD_POINTER sum to the field's size; here the
+//! first two are errors (an empty file is allocated) and a sum that does not fit is an error.
 
 use std::collections::BTreeMap;
 

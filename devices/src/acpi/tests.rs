@@ -271,3 +271,61 @@ fn build_is_deterministic() {
 fn zero_vcpus_is_an_error() {
     assert!(matches!(build(&cfg(0)), Err(AcpiError::BadConfig(_))));
 }
+
+/// A small deterministic generator for the mutation test (no extra dependency).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+#[test]
+fn mutated_scripts_and_tables_give_errors_not_panics() {
+    let good = build(&cfg(2)).expect("build");
+    let used = parse(&good.loader).expect("parse").len() * loader::ENTRY_LEN;
+    let mut rng = XorShift(0x5eed_ac91);
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..4000 {
+        let mut b = good.clone();
+        for _ in 0..1 + rng.below(4) {
+            let v = rng.next() as u8;
+            match rng.below(3) {
+                0 => {
+                    let i = rng.below(used);
+                    b.loader[i] = v;
+                }
+                1 => {
+                    let i = rng.below(b.rsdp.len());
+                    b.rsdp[i] = v;
+                }
+                _ => {
+                    let i = rng.below(0x400);
+                    b.tables[i] = v;
+                }
+            }
+        }
+        let mut high = TOP;
+        let mut alloc = |_: &str, len: u64, align: u32, zone: Zone| match zone {
+            Zone::FSeg => Ok(0xf_0000),
+            Zone::High => {
+                high = high.checked_sub(len).ok_or("full")? & !(u64::from(align) - 1);
+                Ok(high)
+            }
+        };
+        match load(&b, &mut alloc) {
+            Ok(_) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    // Both outcomes occur: the mutations reach the checks, and some leave a loadable script.
+    assert!(ok > 0 && failed > 0, "ok {ok} failed {failed}");
+}
