@@ -60,7 +60,14 @@ struct Inner {
     parked: usize,
     /// Threads of running vCPUs, to kick.
     threads: Vec<libc::pthread_t>,
+    /// A guest reset is being carried out (the vCPUs are paused for it).
+    resetting: bool,
+    /// Someone paused the VM while it was resetting: it stays paused after the reset.
+    hold: bool,
 }
+
+/// Carries out a guest reset while every vCPU is parked (see [`VmControl::request_reset`]).
+pub type ResetHandler = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Shared between a VM and its vCPU threads.
 pub struct VmControl {
@@ -73,6 +80,10 @@ pub struct VmControl {
     first_exit: OnceLock<Instant>,
     /// Exits to the VMM (port I/O and MMIO) so far.
     exits: std::sync::atomic::AtomicU64,
+    /// Resets the machine in place when the guest asks for a reset; none: a reset ends the VM.
+    reset_handler: OnceLock<ResetHandler>,
+    /// Resets carried out.
+    resets: std::sync::atomic::AtomicU64,
     /// Per-port and per-page exit counts and costs, when enabled (benchmarks).
     pub profile: crate::exit_profile::ExitProfile,
     /// Progress marks the guest reported through the exit device, with when.
@@ -118,7 +129,16 @@ pub fn set_thread_kvm_run(run: *mut kvm_run) {
 impl VmControl {
     pub fn new(vcpus: usize) -> Self {
         VmControl {
-            inner: Mutex::new(Inner { state: RunState::Running, exit: None, parked: 0, threads: Vec::new() }),
+            inner: Mutex::new(Inner {
+                state: RunState::Running,
+                exit: None,
+                parked: 0,
+                threads: Vec::new(),
+                resetting: false,
+                hold: false,
+            }),
+            reset_handler: OnceLock::new(),
+            resets: std::sync::atomic::AtomicU64::new(0),
             first_exit: OnceLock::new(),
             exits: std::sync::atomic::AtomicU64::new(0),
             profile: Default::default(),
@@ -207,9 +227,16 @@ impl VmControl {
     }
 
     /// Pauses every vCPU and returns once all are parked outside KVM_RUN. Returns false if the
-    /// VM is stopping instead.
+    /// VM is stopping instead. During a guest reset it waits for the reset to end and keeps the
+    /// VM paused after it.
     pub fn pause(&self) -> bool {
         let mut g = self.lock();
+        if g.resetting {
+            g.hold = true;
+            while g.resetting {
+                g = self.changed.wait(g).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
         if g.state == RunState::Stopping {
             return false;
         }
@@ -224,6 +251,11 @@ impl VmControl {
 
     pub fn resume(&self) {
         let mut g = self.lock();
+        if g.resetting {
+            // The reset resumes the VM when it is done.
+            g.hold = false;
+            return;
+        }
         if g.state == RunState::Paused {
             g.state = RunState::Running;
             self.fast_state.store(RunState::Running as u8, Ordering::Release);
@@ -244,6 +276,79 @@ impl VmControl {
             g.parked -= 1;
         }
         g.state == RunState::Running
+    }
+
+    /// Makes guest resets reset the machine in place (firmware VMs) instead of ending the VM.
+    pub fn set_reset_handler(&self, handler: ResetHandler) {
+        if self.reset_handler.set(handler).is_err() {
+            tracing::warn!("a reset handler was already installed; keeping the first");
+        }
+    }
+
+    /// Resets carried out so far.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
+    }
+
+    /// The guest asked for a reset (or triple-faulted). Without a reset handler the VM ends
+    /// with [`ExitReason::Reset`]. With one, every vCPU is paused at once (so the asking vCPU
+    /// does not enter the guest again), and a helper thread waits for all of them to park, runs
+    /// the handler, and resumes them; a failed reset stops the VM as a crash. A reset asked for
+    /// while one is under way is the same reset. Callable from a vCPU thread.
+    pub fn request_reset(self: &std::sync::Arc<Self>, detail: String) {
+        let Some(handler) = self.reset_handler.get().cloned() else {
+            self.stop(ExitReason::Reset { detail });
+            return;
+        };
+        {
+            let mut g = self.lock();
+            if g.resetting || g.state == RunState::Stopping {
+                return;
+            }
+            g.resetting = true;
+            g.hold = g.state == RunState::Paused;
+            g.state = RunState::Paused;
+            self.fast_state.store(RunState::Paused as u8, Ordering::Release);
+            self.kick_all(&g);
+        }
+        tracing::info!(%detail, "guest reset");
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("vm-reset".into()).spawn(move || me.carry_out_reset(&handler));
+        if let Err(e) = spawned {
+            self.stop(ExitReason::Crash { detail: format!("cannot start the reset thread: {e}") });
+            self.end_reset();
+        }
+    }
+
+    fn carry_out_reset(&self, handler: &ResetHandler) {
+        {
+            let mut g = self.lock();
+            while g.parked < g.threads.len() && g.state == RunState::Paused {
+                g = self.changed.wait(g).unwrap_or_else(PoisonError::into_inner);
+            }
+            if g.state != RunState::Paused {
+                drop(g);
+                self.end_reset();
+                return;
+            }
+        }
+        let result = handler();
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            self.stop(ExitReason::Crash { detail: format!("resetting the machine failed: {e}") });
+        }
+        self.end_reset();
+    }
+
+    fn end_reset(&self) {
+        let mut g = self.lock();
+        g.resetting = false;
+        if g.state == RunState::Paused && !g.hold {
+            g.state = RunState::Running;
+            self.fast_state.store(RunState::Running as u8, Ordering::Release);
+        }
+        g.hold = false;
+        self.changed.notify_all();
     }
 
     /// Notes the first exit of any vCPU to the VMM.

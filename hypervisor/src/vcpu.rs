@@ -92,12 +92,16 @@ impl Vcpu {
             Ok(VcpuExit::Hlt) => {
                 Next::Stop(ExitReason::Stopped { detail: format!("vCPU {id} halted with no way to wake") })
             }
-            Ok(VcpuExit::Shutdown) => Next::Stop(ExitReason::Reset {
-                detail: format!("vCPU {id} triple fault (KVM_EXIT_SHUTDOWN) at {}", where_(fd)),
-            }),
+            Ok(VcpuExit::Shutdown) => {
+                self.control.request_reset(format!("vCPU {id} triple fault (KVM_EXIT_SHUTDOWN) at {}", where_(fd)));
+                Next::Continue
+            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
+                self.control.request_reset(format!("vCPU {id} requested a reset"));
+                Next::Continue
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => Next::Stop(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
-                KVM_SYSTEM_EVENT_RESET => ExitReason::Reset { detail: format!("vCPU {id} requested a reset") },
                 KVM_SYSTEM_EVENT_CRASH => ExitReason::Crash { detail: format!("vCPU {id} reported a crash") },
                 other => ExitReason::Crash { detail: format!("vCPU {id}: unknown system event {other}") },
             }),

@@ -25,6 +25,8 @@ use crate::guests::{self, BootInfo, Builtin, GuestError, MemfillMode, TimerMode}
 use crate::layout;
 use crate::machine::{self, BusKind, Devices};
 use crate::memory::{self, GuestRam, MemoryError, SlotMap};
+use crate::reset;
+use crate::snapshot::vcpu_state::HostVcpuCaps;
 use crate::vcpu::Vcpu;
 
 /// Errors creating or running a VM.
@@ -52,6 +54,8 @@ pub enum VmError {
     Signal(String),
     #[error(transparent)]
     Firmware(#[from] firmware::FirmwareError),
+    #[error("recording the power-on state for resets: {0}")]
+    Reset(String),
     #[error("booting from firmware needs a firmware image")]
     NoFirmware,
     #[error("the VM has already been started")]
@@ -204,7 +208,7 @@ pub struct Vm {
     vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    devices: Devices,
+    devices: Arc<Devices>,
     ram: GuestRam,
     slots: Arc<SlotMap>,
     registry: Arc<RamRegistry>,
@@ -297,12 +301,14 @@ impl Vm {
             }
             BootSource::Firmware | BootSource::Restore => (0, 0, false, 0),
         };
-        if let Some(fw) = &cfg.firmware {
-            let boots_it = matches!(cfg.boot, BootSource::Firmware);
-            firmware::load(&registry, &slots, &ram, &fw.name, &fw.data, boots_it)?;
-        } else if matches!(cfg.boot, BootSource::Firmware) {
-            return Err(VmError::NoFirmware);
-        }
+        let bios = match &cfg.firmware {
+            Some(fw) => {
+                let boots_it = matches!(cfg.boot, BootSource::Firmware);
+                Some(firmware::load(&registry, &slots, &ram, &fw.name, &fw.data, boots_it)?)
+            }
+            None if matches!(cfg.boot, BootSource::Firmware) => return Err(VmError::NoFirmware),
+            None => None,
+        };
         let boots = !matches!(cfg.boot, BootSource::Restore | BootSource::Firmware);
         if boots {
             cpu::regs::write_boot_tables(ram.memory(), top, user)?;
@@ -329,7 +335,22 @@ impl Vm {
                 run_size,
             });
         }
-        let vcpu_fds = vcpus.iter().map(|v| v.fd.clone()).collect();
+        let vcpu_fds: Vec<_> = vcpus.iter().map(|v| v.fd.clone()).collect();
+        let devices = Arc::new(devices);
+        if let Some(bios) = bios {
+            // Firmware VMs reset in place; the power-on state is recorded before anything runs.
+            let caps = HostVcpuCaps::query(&kvm, &fd).map_err(|e| VmError::Reset(e.to_string()))?;
+            let handler = reset::handler(reset::ResetParts {
+                vm: &fd,
+                vcpus: &vcpu_fds,
+                caps,
+                devices: &devices,
+                firmware: bios,
+                memory: ram.device_memory().clone(),
+            })
+            .map_err(VmError::Reset)?;
+            control.set_reset_handler(handler);
+        }
         Ok(Vm {
             spec,
             page_server: None,
