@@ -377,3 +377,32 @@ fn acpi_table_files_are_untrusted_input() {
         assert!(err.contains(why), "{why}: {err}");
     }
 }
+
+#[test]
+fn a_guest_reset_rearms_the_tables_and_the_firmware_reports_the_guid_again() {
+    let mut vm = firmware_vm(Vec::new());
+    run_loader(&mut vm);
+    let rt = vm.devices().acpi.clone().expect("ACPI runtime");
+    let dev = vm.devices().vmgenid.clone().expect("vmgenid");
+    let (guid, addr) = (dev.guid(), dev.addr());
+    assert!(rt.state().patched);
+    // Paused, the reset is carried out and the VM stays paused.
+    vm.control().request_reset("test".into());
+    let t0 = Instant::now();
+    while vm.control().resets() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the reset was not carried out");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!rt.state().patched, "the tables are rebuilt on the firmware's next select");
+    assert_eq!(dev.addr(), 0, "the address is forgotten until the firmware reports it again");
+    assert_eq!(dev.guid(), guid, "the generation survives a reset");
+    vm.resume();
+    let t0 = Instant::now();
+    while !(dev.addr() != 0 && rt.state().patched) {
+        assert!(t0.elapsed() < Duration::from_secs(90), "SeaBIOS did not run the loader again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(vm.pause());
+    assert_eq!(dev.addr() % 0x1000, 0x28);
+    assert_eq!(guest_read(&vm, dev.addr(), 16), guid.guest_bytes(), "the same GUID, placed again (was at {addr:#x})");
+}
