@@ -138,6 +138,10 @@ pub struct Devices {
     /// Every device on the buses, in the order placed (PCI BARs come and go with the guest's
     /// placements).
     placed: Arc<Mutex<Vec<Placed>>>,
+    /// ACPI blobs and VMGenID (firmware VMs; `crate::acpi::attach`). Not on a bus; their
+    /// fragments are `dev/acpi` and `dev/vmgenid`.
+    pub acpi: Option<Arc<devices::acpi::runtime::AcpiRuntime>>,
+    pub vmgenid: Option<Arc<devices::acpi::vmgenid::VmGenId>>,
 }
 
 impl Devices {
@@ -252,7 +256,7 @@ pub fn attach_devices(
 
     let placed = Arc::new(Mutex::new(placed));
     let platform = crate::platform::attach(vm, pio, mmio, &placed, control, ram.size(), vcpus)?;
-    Ok(Devices { serial, fw_cfg, exit, debugcon, serial_irq, go, platform, placed })
+    Ok(Devices { serial, fw_cfg, exit, debugcon, serial_irq, go, platform, placed, acpi: None, vmgenid: None })
 }
 
 /// Offers the kernel, initrd and command line through fw_cfg as QEMU does (for firmware that

@@ -13,7 +13,8 @@
 //!
 //! What a reset keeps: guest RAM (as on real hardware), the KVM clock and the TSC (they keep
 //! counting; the saved TSC MSR is not written back), the CMOS (battery-backed: its clock offset
-//! and NVRAM survive), the VM generation ID and what has been written to the consoles.
+//! and NVRAM survive), the VM generation ID (its GUID; the address the firmware reported is
+//! forgotten until it reports it again) and what has been written to the consoles.
 //!
 //! The handler holds only weak references to the VM's parts, so it never keeps a dropped VM
 //! alive; a reset racing with the VM going away fails quietly.
@@ -107,6 +108,9 @@ pub fn handler(parts: ResetParts<'_>) -> Result<ResetHandler, String> {
                 p.restore_state(bytes).map_err(|e| e.to_string())?;
             }
         }
+        // ACPI blobs rebuilt on the next select; VMGenID keeps its GUID but forgets the address
+        // until the firmware reports it again (QEMU's vmgenid reset).
+        crate::acpi::reset(&devices);
         let len = fw.used_length();
         let tail = len.saturating_sub(firmware::ISA_BIOS_LEN);
         let mut low = vec![0u8; (len - tail) as usize];

@@ -60,6 +60,8 @@ pub enum VmError {
     NoFirmware,
     #[error("the VM has already been started")]
     AlreadyStarted,
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiSetupError),
 }
 
 /// Built-in guest parameters.
@@ -140,6 +142,9 @@ pub struct MachineSpec {
     /// The firmware image the VM booted from, if any.
     #[serde(default)]
     pub firmware: Option<FirmwareSpec>,
+    /// Extra ACPI tables (`--acpi-table`), so a restore builds the same tables.
+    #[serde(default)]
+    pub acpi_tables: Vec<crate::acpi::AcpiTable>,
 }
 
 /// A VM's firmware image as its snapshots record it (the bytes are in the `pc.bios` block).
@@ -163,12 +168,23 @@ pub struct VmConfig {
     /// A firmware image mapped below 4 GiB (`pc.bios`): booted from with
     /// [`BootSource::Firmware`], or given its snapshot contents by a restore.
     pub firmware: Option<BootFile>,
+    /// Extra ACPI tables for a firmware VM.
+    pub acpi_tables: Vec<crate::acpi::AcpiTable>,
 }
 
 impl VmConfig {
     /// A VM with no fw_cfg files of its own.
     pub fn new(mem_mib: u64, vcpus: u64, boot: BootSource, serial_out: Box<dyn Write + Send>) -> Self {
-        VmConfig { mem_mib, vcpus, boot, serial_out, debugcon_out: None, fw_cfg_files: Vec::new(), firmware: None }
+        VmConfig {
+            mem_mib,
+            vcpus,
+            boot,
+            serial_out,
+            debugcon_out: None,
+            fw_cfg_files: Vec::new(),
+            firmware: None,
+            acpi_tables: Vec::new(),
+        }
     }
 }
 
@@ -235,7 +251,7 @@ impl Vm {
         let control = Arc::new(VmControl::new(usize::from(nr_vcpus)));
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        let devices = machine::attach_devices(
+        let mut devices = machine::attach_devices(
             &fd,
             &pio,
             &mmio,
@@ -245,12 +261,16 @@ impl Vm {
             machine::Outputs { serial: cfg.serial_out, debugcon: cfg.debugcon_out },
         )?;
         machine::add_fw_cfg_files(&devices, &registry, &cfg.fw_cfg_files)?;
+        if cfg.firmware.is_some() {
+            crate::acpi::attach(&mut devices, &registry, &ram, nr_vcpus, &cfg.acpi_tables)?;
+        }
         let spec = MachineSpec {
             mem_mib: cfg.mem_mib,
             vcpus: cfg.vcpus,
             guest: cfg.boot.describe(),
             fw_cfg_files: cfg.fw_cfg_files.iter().map(|f| (f.name.clone(), f.data.len() as u64)).collect(),
             firmware: cfg.firmware.as_ref().map(|f| FirmwareSpec { name: f.name.clone(), size: f.data.len() as u64 }),
+            acpi_tables: cfg.acpi_tables.clone(),
         };
 
         // Load the guest and decide where vCPU 0 starts.

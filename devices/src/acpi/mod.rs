@@ -24,9 +24,11 @@ pub mod assemble;
 pub mod guest_view;
 pub mod loader;
 pub mod loader_exec;
+pub mod runtime;
 pub mod tables;
 #[cfg(test)]
 mod tests;
+pub mod vmgenid;
 
 use thiserror::Error;
 
@@ -61,8 +63,6 @@ pub enum AcpiError {
     TooLarge { len: u64, max: u64 },
     #[error("extra ACPI table {index}: {reason}")]
     ExtraTable { index: usize, reason: String },
-    #[error("the ACPI table builder is not available: {0}")]
-    Unavailable(String),
     #[error("ACPI machine description: {0}")]
     BadConfig(String),
     #[error("ACPI loader script: {0}")]

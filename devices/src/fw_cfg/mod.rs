@@ -51,6 +51,10 @@ pub enum FwCfgError {
     NoSuchItem { key: u16 },
     #[error("fw_cfg state offset {offset:#x} is beyond item {key:#x}'s {size:#x} bytes")]
     BadOffset { key: u16, offset: u64, size: u64 },
+    #[error("fw_cfg file '{name}' does not exist or is not held in bytes")]
+    NoSuchFile { name: String },
+    #[error("fw_cfg file '{name}' is {old} bytes; new contents of {new} bytes would change its size")]
+    SizeChange { name: String, old: u64, new: u64 },
 }
 
 /// Runs when an item is selected.
@@ -218,6 +222,23 @@ impl FwCfg {
             name,
             Item { data: ItemData::Block { block, size }, writable: false, select_cb: None, write_cb: None },
         )
+    }
+
+    /// Replaces the contents of file `name` (one added as bytes) with `data` of the same size,
+    /// for devices whose file changes while the guest runs (VMGenID's GUID and address).
+    pub fn set_file_bytes(&mut self, name: &str, data: Vec<u8>) -> Result<(), FwCfgError> {
+        let no_file = || FwCfgError::NoSuchFile { name: name.into() };
+        let item = self.files.get_mut(name).ok_or_else(no_file)?;
+        match &mut item.data {
+            ItemData::Bytes(b) if b.len() == data.len() => {
+                *b = data;
+                Ok(())
+            }
+            ItemData::Bytes(b) => {
+                Err(FwCfgError::SizeChange { name: name.into(), old: b.len() as u64, new: data.len() as u64 })
+            }
+            ItemData::Block { .. } => Err(no_file()),
+        }
     }
 
     /// Sets the callback run when file `name` is selected.

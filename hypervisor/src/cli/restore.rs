@@ -39,6 +39,14 @@ pub struct RestoreArgs {
     /// Save what the guest writes to the debug console (port 0x402) in FILE.
     #[arg(long, value_name = "FILE")]
     pub debugcon: Option<PathBuf>,
+    /// Build the destination with these extra ACPI tables instead of the snapshot's
+    /// (repeatable; the restore still gives the guest the snapshot's tables).
+    #[arg(long = "acpi-table", value_name = "FILE")]
+    pub acpi_tables: Vec<PathBuf>,
+    /// Give the restored VM a new generation ID (VMGenID), as a clone gets: written where the
+    /// firmware put the old one, and the guest notified.
+    #[arg(long)]
+    pub new_generation: bool,
 }
 
 pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
@@ -55,6 +63,11 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
     if !args.fw_cfg_files.is_empty() {
         opts.fw_cfg_files = Some(fw_cfg_files(&args.fw_cfg_files)?);
     }
+    if !args.acpi_tables.is_empty() {
+        opts.acpi_tables =
+            Some(crate::acpi::read_tables(&args.acpi_tables).map_err(|e| CliError::Input(e.to_string()))?);
+    }
+    opts.new_generation = args.new_generation;
     let timeout = args
         .timeout
         .map(|t| {
@@ -65,6 +78,16 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
     let (mut vm, report) = snapshot::restore(&store, &args.name, opts).map_err(snapshot_error)?;
     for (idstr, size) in &report.resized {
         eprintln!("snapvisor: resized RAM block {idstr} to the snapshot's {size:#x} bytes");
+    }
+    match &report.new_generation {
+        Some((guid, addr)) => eprintln!("snapvisor: new VM generation ID {guid} (guest address {addr:#x})"),
+        None if args.new_generation => {
+            return Err(CliError::Input(format!(
+                "--new-generation: snapshot '{}' boots no firmware, so it has no VMGenID device",
+                args.name
+            )))
+        }
+        None => {}
     }
     tracing::info!(ready_ms = report.ready_ms, mode = ?report.mode, "restored");
     vm.start().map_err(super::run::vm_error)?;

@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// in a resizeable RAM block, so a later restore adopts the snapshot's size.
     #[arg(long = "fw-cfg-file", value_name = "NAME=PATH")]
     pub fw_cfg_files: Vec<String>,
+    /// With --firmware: add an ACPI table (a whole table with its header, at most 1 MiB) to
+    /// those the firmware loads; repeatable.
+    #[arg(long = "acpi-table", value_name = "FILE", requires = "firmware")]
+    pub acpi_tables: Vec<PathBuf>,
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
 }
@@ -169,7 +173,7 @@ pub fn vm_error_is_input(e: &VmError) -> bool {
             | VmError::Boot(_)
             | VmError::Guest(_)
             | VmError::Devices(crate::machine::MachineError::File { .. })
-    )
+    ) || matches!(e, VmError::Acpi(a) if a.is_input())
 }
 
 /// Classifies a VM error: problems with what the user asked for, or snapvisor's own failure.
@@ -223,6 +227,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     let mut cfg = VmConfig::new(args.mem_mib, args.vcpus, args.boot_source()?, Box::new(std::io::stdout()));
     cfg.fw_cfg_files = fw_cfg_files(&args.fw_cfg_files)?;
     cfg.firmware = args.firmware_image()?;
+    cfg.acpi_tables = crate::acpi::read_tables(&args.acpi_tables).map_err(|e| CliError::Input(e.to_string()))?;
     cfg.debugcon_out = debugcon_file(args.debugcon.as_deref())?;
     let store = match &args.snapshot.store {
         Some(dir) => Some(

@@ -41,7 +41,8 @@ impl Daemon {
         for vm in &names {
             let (d, snap, vm, done, op) = (self.clone(), snapshot.to_string(), vm.clone(), done.clone(), op.cloned());
             tasks.push(tokio::spawn(async move {
-                let r = d.restore(&snap, &vm, mode).await;
+                // A clone is a new identity: it gets a new VMGenID generation (firmware VMs).
+                let r = d.restore_as(&snap, &vm, mode, true).await;
                 let n = done.fetch_add(1, Relaxed) + 1;
                 if let Some(op) = &op {
                     op.progress(serde_json::json!({ "restored": n, "of": count }));

@@ -418,6 +418,18 @@ impl Daemon {
         name: &str,
         mode: RestoreMode,
     ) -> Result<VmInfo, ApiError> {
+        self.restore_as(snapshot_name, name, mode, false).await
+    }
+
+    /// Restores `snapshot` as a new running VM `name`; `new_generation` gives it a new VMGenID
+    /// generation (clones).
+    pub async fn restore_as(
+        self: &Arc<Self>,
+        snapshot_name: &str,
+        name: &str,
+        mode: RestoreMode,
+        new_generation: bool,
+    ) -> Result<VmInfo, ApiError> {
         validate_name("VM", name)?;
         validate_name("snapshot", snapshot_name)?;
         if self.lock().contains_key(name) {
@@ -431,7 +443,7 @@ impl Daemon {
         let pin_holder = format!("VM '{name}'");
         let (vm, logs, spec) = tokio::task::spawn_blocking(move || {
             let logs = Logs::new();
-            let opts = logs.restore_options(mode, pin_holder);
+            let opts = RestoreOptions { new_generation, ..logs.restore_options(mode, pin_holder) };
             let (mut vm, _) = snapshot::restore(&this.store, &snap, opts).map_err(|e| ApiError::from_snapshot(&e))?;
             vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
             let spec = vm.spec().clone();

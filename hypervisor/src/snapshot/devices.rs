@@ -58,10 +58,11 @@ persist_adapter!(PmPersist, Pm, "dev/pm");
 persist_adapter!(PciPersist, PciConfigIo, "dev/pci");
 
 /// Every device of the machine as a fragment owner, with the identity of the device it saves
-/// ([`crate::machine::Placed::identity`]).
+/// ([`crate::machine::Placed::identity`]). Devices on no bus (the ACPI runtime, VMGenID) are
+/// listed too, so they are saved; their identity matches no placed device.
 pub fn fragments(d: &Devices) -> Vec<(Box<dyn Persist>, usize)> {
     let p = &d.platform;
-    vec![
+    let mut v: Vec<(Box<dyn Persist>, usize)> = vec![
         (Box::new(SerialPersist(d.serial.clone())), device_identity(&d.serial)),
         (Box::new(FwCfgPersist(d.fw_cfg.clone())), device_identity(&d.fw_cfg)),
         (Box::new(ExitPersist(d.exit.clone())), device_identity(&d.exit)),
@@ -70,7 +71,9 @@ pub fn fragments(d: &Devices) -> Vec<(Box<dyn Persist>, usize)> {
         (Box::new(I8042Persist(p.i8042.clone())), device_identity(&p.i8042)),
         (Box::new(PmPersist(p.pm.clone())), device_identity(&p.pm)),
         (Box::new(PciPersist(p.pci_config.clone())), device_identity(&p.pci_config)),
-    ]
+    ];
+    v.extend(super::acpi_state::fragments(d));
+    v
 }
 
 /// Every device of the machine as a fragment owner.

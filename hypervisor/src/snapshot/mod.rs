@@ -9,6 +9,7 @@
 //! every RAM block before writing anything, resizes the resizeable blocks, loads pages
 //! (eagerly, or lazily through userfaultfd), then device, VM and vCPU state.
 
+mod acpi_state;
 pub mod devices;
 pub mod restore;
 pub mod save;
@@ -50,6 +51,8 @@ pub enum SnapshotError {
          give it an adapter in snapshot::devices::fragments"
     )]
     DeviceNotSaved { device: String, bus: String, addr: u64 },
+    #[error("new VM generation ID: {0}")]
+    NewGeneration(#[from] ::devices::acpi::vmgenid::VmGenIdError),
     #[error("the VM has stopped; there is nothing to snapshot")]
     NotRunning,
     #[error("reading KVM's dirty log of slot {slot}: {source}")]

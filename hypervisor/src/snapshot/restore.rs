@@ -57,6 +57,12 @@ pub struct RestoreOptions {
     /// Build the destination with these fw_cfg files instead of blank ones of the snapshot's
     /// sizes (their contents are then replaced by the snapshot's).
     pub fw_cfg_files: Option<Vec<FwCfgFile>>,
+    /// Build the destination with these extra ACPI tables instead of the snapshot's (the
+    /// blobs' blocks are then resized to the snapshot's sizes and hold its bytes).
+    pub acpi_tables: Option<Vec<crate::acpi::AcpiTable>>,
+    /// Give the restored VM a new generation ID (VMGenID), if it has the device (firmware VMs):
+    /// clones, `restore --new-generation`.
+    pub new_generation: bool,
     /// Lazy: stream in all memory in the background (otherwise only faults and prefetch).
     pub background_fill: bool,
     /// Lazy: a cache of decompressed chunks shared with other restores (clones).
@@ -74,6 +80,8 @@ impl RestoreOptions {
             debugcon_out: None,
             mem_mib: None,
             fw_cfg_files: None,
+            acpi_tables: None,
+            new_generation: false,
             background_fill: true,
             cache: Some(shared_cache()),
             pin_holder: format!("a restore in process {}", std::process::id()),
@@ -94,6 +102,9 @@ pub struct RestoreReport {
     pub resized: Vec<(String, u64)>,
     /// Chunks in the prefetch list used.
     pub prefetch_chunks: usize,
+    /// The new generation ID given (`new_generation`) and the guest address it was written at
+    /// (0: the firmware had not placed it yet).
+    pub new_generation: Option<(String, u64)>,
 }
 
 /// Bytes of decompressed chunks the process-wide cache keeps.
@@ -144,6 +155,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     let mut cfg = VmConfig::new(opts.mem_mib.unwrap_or(spec.mem_mib), spec.vcpus, BootSource::Restore, opts.serial_out);
     cfg.fw_cfg_files = files;
     cfg.debugcon_out = opts.debugcon_out;
+    cfg.acpi_tables = opts.acpi_tables.unwrap_or_else(|| spec.acpi_tables.clone());
     // The firmware's contents come from the snapshot's pc.bios; the block is built blank, of a
     // size checked before anything is allocated (the spec is snapshot bytes, untrusted).
     if let Some(f) = &spec.firmware {
@@ -223,6 +235,13 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
         let fd = fd.lock().unwrap_or_else(PoisonError::into_inner);
         restore_vcpu(&fd, &state, &caps)?;
     }
+    // VMs without firmware have no VMGenID device; they keep what they have.
+    let new_generation = if opts.new_generation && vm.devices().vmgenid.is_some() {
+        let (guid, addr) = crate::acpi::new_generation(vm.devices())?;
+        Some((guid.to_string(), addr))
+    } else {
+        None
+    };
     Ok((
         vm,
         RestoreReport {
@@ -232,6 +251,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             bytes_loaded,
             resized: plan.0,
             prefetch_chunks,
+            new_generation,
         },
     ))
 }

@@ -46,6 +46,11 @@ pub enum RamProblem {
     },
 }
 
+/// The blocks of the ACPI blobs fw_cfg serves (their maximum sizes are fixed by the build).
+fn is_acpi_blob(idstr: &str) -> bool {
+    matches!(idstr, "/rom@etc/acpi/tables" | "/rom@etc/acpi/rsdp" | "/rom@etc/table-loader")
+}
+
 /// What to do about a size mismatch of `idstr`.
 fn size_hint(idstr: &str, new: u64) -> String {
     if idstr.ends_with(".rom") {
@@ -76,6 +81,11 @@ impl fmt::Display for RamProblem {
             RamProblem::SizeMismatch { idstr, new, used } => {
                 write!(f, "Size mismatch: {idstr}: {new:#x} != {used:#x}: {}", size_hint(idstr, *new))
             }
+            RamProblem::TooLarge { idstr, new, max } if is_acpi_blob(idstr) => write!(
+                f,
+                "Size too large: {idstr}: {new:#x} > {max:#x}: this snapvisor serves ACPI blobs of at most {max:#x} bytes, \
+                 so the snapshot was taken by a build with a larger limit: restore it with that build"
+            ),
             RamProblem::TooLarge { idstr, new, max } => write!(
                 f,
                 "Size too large: {idstr}: {new:#x} > {max:#x}: the destination reserves less room for this resizeable block than the snapshot uses"
