@@ -24,7 +24,9 @@ pub fn acpi_config(vcpus: u8, mem_bytes: u64, extra_tables: Vec<Vec<u8>>) -> Acp
         vcpus,
         ram_below_4g: below,
         ram_above_4g: above,
-        pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_END),
+        // The window the platform's PCI bus accepts BARs in: from the end of low RAM up to
+        // the IOAPIC, as QEMU's PC describes its PCI hole.
+        pci_mmio32: crate::platform::pci_windows(mem_bytes).mmio32,
         pci_config_port: layout::PCI_CONFIG_PORT,
         pm1a_evt: layout::ACPI_PM1A_EVT,
         pm1a_cnt: layout::ACPI_PM1A_CNT,
