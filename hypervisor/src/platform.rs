@@ -10,7 +10,7 @@
 //! [`MachineBarMapper`], which records them with the machine's other devices, so a BAR served
 //! by a device without a snapshot fragment fails snapshots by name like any other device.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use devices::bus::{Bus, BusDevice};
 use devices::cmos::{Cmos, CmosConfig};
@@ -63,33 +63,38 @@ impl IrqLine for KvmIrqLine {
 }
 
 /// Places PCI BARs on the machine's buses and records them as placed devices.
+///
+/// It holds the buses and the placed list weakly: the PCI bus owns the mapper, and the buses
+/// hold the PCI config ports, which hold the PCI bus; strong references would make a cycle that
+/// keeps every device (and guest RAM through fw_cfg) alive after the VM is gone.
 pub struct MachineBarMapper {
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    placed: Arc<Mutex<Vec<Placed>>>,
+    pio: Weak<Bus>,
+    mmio: Weak<Bus>,
+    placed: Weak<Mutex<Vec<Placed>>>,
 }
 
 impl MachineBarMapper {
-    fn bus(&self, space: pci::BarSpace) -> (&Bus, BusKind) {
-        match space {
+    fn parts(&self, space: pci::BarSpace) -> Option<(Arc<Bus>, BusKind, Arc<Mutex<Vec<Placed>>>)> {
+        let (bus, kind) = match space {
             pci::BarSpace::Pio => (&self.pio, BusKind::Pio),
             pci::BarSpace::Mmio => (&self.mmio, BusKind::Mmio),
-        }
+        };
+        Some((bus.upgrade()?, kind, self.placed.upgrade()?))
     }
 }
 
 impl BarMapper for MachineBarMapper {
     fn map(&self, name: &'static str, r: pci::BarRegion, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), String> {
-        let (bus, kind) = self.bus(r.space);
-        let mut placed = self.placed.lock().unwrap_or_else(PoisonError::into_inner);
+        let (bus, kind, placed) = self.parts(r.space).ok_or("the machine is going away")?;
+        let mut placed = placed.lock().unwrap_or_else(PoisonError::into_inner);
         bus.insert(device.clone(), r.addr, r.len).map_err(|e| e.to_string())?;
         placed.push(Placed { name, bus: kind, addr: r.addr, device });
         Ok(())
     }
 
     fn unmap(&self, r: pci::BarRegion) {
-        let (bus, kind) = self.bus(r.space);
-        let mut placed = self.placed.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((bus, kind, placed)) = self.parts(r.space) else { return };
+        let mut placed = placed.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = bus.remove(r.addr) {
             tracing::warn!("unmapping PCI BAR at {r}: {e}");
         }
@@ -162,7 +167,11 @@ pub fn attach(
     place("ACPI PM", pm.clone(), ports.pm_tmr, pm::PM_TMR_LEN)?;
     place("ACPI PM", pm.clone(), ports.gpe0, u64::from(layout::ACPI_GPE0_LEN))?;
 
-    let mapper = Arc::new(MachineBarMapper { pio: pio.clone(), mmio: mmio.clone(), placed: placed.clone() });
+    let mapper = Arc::new(MachineBarMapper {
+        pio: Arc::downgrade(pio),
+        mmio: Arc::downgrade(mmio),
+        placed: Arc::downgrade(placed),
+    });
     let mut bus = PciBus::new(pci_windows(mem_bytes), mapper);
     bus.add(pci::Bdf::new(0, 0), Arc::new(Mutex::new(HostBridge::new()))).map_err(|e| MachineError::Bus {
         device: "i440FX host bridge",

@@ -119,3 +119,49 @@ fn the_daemon_boots_seabios_and_serves_its_debug_console() {
     let restored = d.ok("POST", "/snapshots/fw-snap/restore", Some(json!({"vm": "fw2", "mode": "eager"})));
     assert_eq!(restored["firmware"], "seabios", "{restored}");
 }
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn firmware_vms_leave_nothing_behind() {
+    use hypervisor::vm::{BootSource, SharedOutput, Vm, VmConfig};
+    let image = hypervisor::cli::run::read_firmware("seabios").expect("SeaBIOS");
+    let run = || {
+        let debugcon = SharedOutput::default();
+        let mut cfg = VmConfig::new(256, 2, BootSource::Firmware, Box::new(SharedOutput::default()));
+        cfg.firmware = Some(image.clone());
+        cfg.debugcon_out = Some(Box::new(debugcon.clone()));
+        let mut vm = Vm::new(cfg).expect("firmware VM");
+        vm.start().expect("start");
+        // Past the table-loader (ACPI blobs built, VMGenID address written) and the e820 dump.
+        let t0 = Instant::now();
+        while !debugcon.text().contains("e820 map") {
+            assert!(t0.elapsed() < LIMIT, "SeaBIOS did not get far:\n{}", debugcon.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Touch all of guest RAM so a leaked VM would show in RSS.
+        let mem = vm.ram().device_memory().clone();
+        let chunk = vec![0x5au8; 1 << 20];
+        for off in (2u64 << 20..250 << 20).step_by(1 << 20) {
+            mem.write(off, &chunk).expect("write guest RAM");
+        }
+        vm.stop("test done");
+    };
+    run();
+    let (fds, rss) = (open_fds(), rss_kib());
+    for _ in 0..3 {
+        run();
+    }
+    let (fds_after, rss_after) = (open_fds(), rss_kib());
+    assert!(fds_after <= fds, "file descriptors grew from {fds} to {fds_after}: a firmware VM was not freed");
+    assert!(rss_after < rss + 128 * 1024, "RSS grew from {rss} KiB to {rss_after} KiB: a firmware VM was not freed");
+}
