@@ -62,6 +62,9 @@ impl IrqLine for KvmIrqLine {
     }
 }
 
+/// The machine's record of placed devices.
+type PlacedList = Arc<Mutex<Vec<Placed>>>;
+
 /// Places PCI BARs on the machine's buses and records them as placed devices.
 ///
 /// It holds the buses and the placed list weakly: the PCI bus owns the mapper, and the buses
@@ -74,7 +77,7 @@ pub struct MachineBarMapper {
 }
 
 impl MachineBarMapper {
-    fn parts(&self, space: pci::BarSpace) -> Option<(Arc<Bus>, BusKind, Arc<Mutex<Vec<Placed>>>)> {
+    fn parts(&self, space: pci::BarSpace) -> Option<(Arc<Bus>, BusKind, PlacedList)> {
         let (bus, kind) = match space {
             pci::BarSpace::Pio => (&self.pio, BusKind::Pio),
             pci::BarSpace::Mmio => (&self.mmio, BusKind::Mmio),
