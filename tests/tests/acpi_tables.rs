@@ -6,8 +6,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
+use common::iasl::{iasl, problems};
 use common::snapvisor;
 use serde_json::Value;
 
@@ -21,25 +21,6 @@ fn dump(dir: &Path, extra: &[&str]) -> Vec<Value> {
     assert!(o.status.success(), "acpi dump {args:?} failed: {err}");
     let v: Value = serde_json::from_slice(&o.stdout).expect("JSON listing");
     v.as_array().expect("array").clone()
-}
-
-/// Lines of iasl's output that report a problem.
-fn problems(output: &str) -> Vec<String> {
-    let bad = ["error", "warning", "invalid", "incorrect", "does not contain", "too long"];
-    output.lines().filter(|l| bad.iter().any(|b| l.to_lowercase().contains(b))).map(str::to_string).collect()
-}
-
-/// `iasl -d NAME.dat` in `dir`: its combined output and the disassembly.
-fn iasl(dir: &Path, name: &str) -> (bool, String, String) {
-    let o = Command::new("iasl")
-        .arg("-d")
-        .arg(format!("{name}.dat"))
-        .current_dir(dir)
-        .output()
-        .expect("iasl (package acpica-tools, installed by deploy/install-deps.sh)");
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    let dsl = std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap_or_default();
-    (o.status.success(), text, dsl)
 }
 
 /// Disassembles every table in `dir` and returns the disassemblies by name.
