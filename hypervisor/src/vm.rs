@@ -261,8 +261,9 @@ impl Vm {
             machine::Outputs { serial: cfg.serial_out, debugcon: cfg.debugcon_out },
         )?;
         machine::add_fw_cfg_files(&devices, &registry, &cfg.fw_cfg_files)?;
-        if cfg.firmware.is_some() {
+        if let Some(fw) = &cfg.firmware {
             crate::acpi::attach(&mut devices, &registry, &ram, nr_vcpus, &cfg.acpi_tables)?;
+            crate::acpi::attach_smbios(&devices, nr_vcpus, ram.size(), &fw.name, fw.data.len() as u64)?;
         }
         let spec = MachineSpec {
             mem_mib: cfg.mem_mib,
