@@ -175,18 +175,19 @@ pub fn smbios_config(
 }
 
 /// Gives a firmware VM its SMBIOS tables (fw_cfg `etc/smbios/smbios-anchor` and
-/// `etc/smbios/smbios-tables`) and its UUID at fw_cfg key 0x02. The UUID is random for every
-/// VM built, a restored one too: the files are read-only and rebuilt at the same sizes from
-/// the `MachineSpec`, so a snapshot's fw_cfg state still fits; a restored guest keeps the
-/// tables it already copied and sees the new UUID after its next reset.
+/// `etc/smbios/smbios-tables`) and `uuid` at fw_cfg key 0x02. The files are read-only and
+/// rebuilt byte for byte from the `MachineSpec` (which keeps the UUID) at a restore, so a
+/// snapshot's fw_cfg state still fits. The UUID is the operator's (`--uuid`) or nil, as in
+/// QEMU: a random default would make two boots of the same machine print different
+/// `Machine UUID` lines.
 pub fn attach_smbios(
     devices: &crate::machine::Devices,
     vcpus: u8,
     mem_bytes: u64,
     bios_name: &str,
     bios_size: u64,
+    uuid: [u8; 16],
 ) -> Result<(), AcpiSetupError> {
-    let uuid = devices::acpi::vmgenid::Guid::random()?.0;
     let blobs = devices::smbios::build(&smbios_config(vcpus, mem_bytes, bios_name, bios_size, uuid))?;
     let mut fw = devices.fw_cfg.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     devices::smbios::add_files(&mut fw, &blobs)?;
