@@ -1,5 +1,5 @@
 //! Device models, free of KVM: the bus, COM1, the guest exit device, fw_cfg, and the PC
-//! platform firmware needs (CMOS/RTC, i8042, ACPI PM, the PCI bus and host bridge). They reach
+//! platform firmware needs (CMOS/RTC, i8042, ACPI PM, the PCI bus and host bridge, SMBIOS). They reach
 //! guest memory and RAM blocks through `migrate::ram` (guest memory only through
 //! `GuestMemory`, whose writes mark pages dirty for live snapshots), and raise interrupts
 //! through eventfds, so their unit tests need no /dev/kvm.
@@ -15,3 +15,4 @@ pub mod irq;
 pub mod pci;
 pub mod pm;
 pub mod serial;
+pub mod smbios;

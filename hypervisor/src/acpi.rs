@@ -4,6 +4,8 @@
 //! blocks served through fw_cfg and rebuilt on the first select after a reset) and VMGenID
 //! (`devices::acpi::vmgenid`). [`new_generation`] gives a VM a new generation ID (clones,
 //! `restore --new-generation`); [`reset`] is what a machine reset must call for them.
+//! [`attach_smbios`] gives a firmware VM its SMBIOS tables (`devices::smbios`), which SeaBIOS
+//! copies instead of building its own.
 //!
 //! Extra tables (`--acpi-table`) are operator files, read as untrusted input (regular files of
 //! at most [`MAX_TABLE_FILE`] bytes, at most [`MAX_TABLES`]) and kept in the VM's
@@ -69,6 +71,10 @@ pub enum AcpiSetupError {
     Runtime(#[from] devices::acpi::runtime::AcpiRuntimeError),
     #[error("VMGenID: {0}")]
     VmGenId(#[from] devices::acpi::vmgenid::VmGenIdError),
+    #[error("SMBIOS: {0}")]
+    Smbios(#[from] devices::smbios::SmbiosError),
+    #[error("SMBIOS: fw_cfg: {0}")]
+    SmbiosFwCfg(#[from] devices::fw_cfg::FwCfgError),
 }
 
 impl AcpiSetupError {
@@ -140,6 +146,55 @@ pub fn attach(
     Ok(())
 }
 
+/// What a VM of `vcpus` vCPUs and `mem_bytes` of RAM, booting firmware `bios` (its file name
+/// and size), says in its SMBIOS tables; `uuid` in RFC 4122 byte order.
+pub fn smbios_config(
+    vcpus: u8,
+    mem_bytes: u64,
+    bios_name: &str,
+    bios_size: u64,
+    uuid: [u8; 16],
+) -> devices::smbios::SmbiosConfig {
+    let parts = pc_ram_layout(mem_bytes);
+    devices::smbios::SmbiosConfig {
+        uuid,
+        vcpus,
+        ram_below_4g: parts.iter().filter(|p| p.gpa < layout::HIGH_RAM_START).map(|p| p.len).sum(),
+        ram_above_4g: parts.iter().filter(|p| p.gpa >= layout::HIGH_RAM_START).map(|p| p.len).sum(),
+        bios_vendor: "SeaBIOS".into(),
+        // The image's file name (its version is not known here).
+        bios_version: std::path::Path::new(bios_name)
+            .file_name()
+            .map_or_else(|| bios_name.to_string(), |n| n.to_string_lossy().into_owned()),
+        // Fixed, so the same machine gets the same bytes (SeaBIOS's own date for QEMU).
+        bios_date: "04/01/2014".into(),
+        bios_size,
+        product: "snapvisor VM".into(),
+        product_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// Gives a firmware VM its SMBIOS tables (fw_cfg `etc/smbios/smbios-anchor` and
+/// `etc/smbios/smbios-tables`) and `uuid` at fw_cfg key 0x02. The files are read-only and
+/// rebuilt byte for byte from the `MachineSpec` (which keeps the UUID) at a restore, so a
+/// snapshot's fw_cfg state still fits. The UUID is the operator's (`--uuid`) or nil, as in
+/// QEMU: a random default would make two boots of the same machine print different
+/// `Machine UUID` lines.
+pub fn attach_smbios(
+    devices: &crate::machine::Devices,
+    vcpus: u8,
+    mem_bytes: u64,
+    bios_name: &str,
+    bios_size: u64,
+    uuid: [u8; 16],
+) -> Result<(), AcpiSetupError> {
+    let blobs = devices::smbios::build(&smbios_config(vcpus, mem_bytes, bios_name, bios_size, uuid))?;
+    let mut fw = devices.fw_cfg.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    devices::smbios::add_files(&mut fw, &blobs)?;
+    fw.add_bytes(devices::fw_cfg::FW_CFG_UUID, uuid.to_vec())?;
+    Ok(())
+}
+
 /// Gives the VM a new generation ID: written at the address the firmware reported, the guest
 /// notified, fw_cfg's copy updated. Returns the GUID and the address (0: the firmware has not
 /// placed it yet). Errors if the VM has no VMGenID device.
@@ -171,5 +226,32 @@ pub fn reset(devices: &crate::machine::Devices) {
         if let Err(e) = v.sync_fw_cfg(&mut devices.fw_cfg.lock().unwrap_or_else(std::sync::PoisonError::into_inner)) {
             tracing::warn!("VMGenID reset: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smbios_describes_the_pc_ram_layout_and_the_firmware_file() {
+        let cfg = smbios_config(2, 6 << 30, "/usr/share/seabios/bios.bin", 128 << 10, [7; 16]);
+        // RAM up to the PCI hole at 3 GiB, the rest from 4 GiB.
+        assert_eq!((cfg.ram_below_4g, cfg.ram_above_4g), (3 << 30, 3 << 30));
+        assert_eq!(cfg.bios_version, "bios.bin");
+        let blobs = devices::smbios::build(&cfg).expect("build");
+        let parsed = devices::smbios::parse(&blobs.tables).expect("parse");
+        let maps: Vec<(u32, u32)> = parsed
+            .iter()
+            .filter(|s| s.kind == 19)
+            .map(|s| {
+                let f = &s.formatted;
+                (u32::from_le_bytes([f[4], f[5], f[6], f[7]]), u32::from_le_bytes([f[8], f[9], f[10], f[11]]))
+            })
+            .collect();
+        assert_eq!(maps, [(0, (3 << 20) - 1), (4 << 20, (7 << 20) - 1)]);
+
+        let small = smbios_config(1, 64 << 20, "bios.bin", 128 << 10, [7; 16]);
+        assert_eq!((small.ram_below_4g, small.ram_above_4g), (64 << 20, 0));
     }
 }

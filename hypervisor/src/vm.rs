@@ -145,6 +145,10 @@ pub struct MachineSpec {
     /// Extra ACPI tables (`--acpi-table`), so a restore builds the same tables.
     #[serde(default)]
     pub acpi_tables: Vec<crate::acpi::AcpiTable>,
+    /// The system UUID (`--uuid`, RFC 4122 byte order) a firmware VM's SMBIOS tables and fw_cfg
+    /// key 0x02 carry, so a restore offers the same one; none is the nil UUID.
+    #[serde(default)]
+    pub uuid: Option<[u8; 16]>,
 }
 
 /// A VM's firmware image as its snapshots record it (the bytes are in the `pc.bios` block).
@@ -170,6 +174,9 @@ pub struct VmConfig {
     pub firmware: Option<BootFile>,
     /// Extra ACPI tables for a firmware VM.
     pub acpi_tables: Vec<crate::acpi::AcpiTable>,
+    /// A firmware VM's system UUID (SMBIOS type 1, fw_cfg key 0x02); none is the nil UUID,
+    /// as QEMU's default.
+    pub uuid: Option<[u8; 16]>,
 }
 
 impl VmConfig {
@@ -184,6 +191,7 @@ impl VmConfig {
             fw_cfg_files: Vec::new(),
             firmware: None,
             acpi_tables: Vec::new(),
+            uuid: None,
         }
     }
 }
@@ -261,8 +269,10 @@ impl Vm {
             machine::Outputs { serial: cfg.serial_out, debugcon: cfg.debugcon_out },
         )?;
         machine::add_fw_cfg_files(&devices, &registry, &cfg.fw_cfg_files)?;
-        if cfg.firmware.is_some() {
+        if let Some(fw) = &cfg.firmware {
             crate::acpi::attach(&mut devices, &registry, &ram, nr_vcpus, &cfg.acpi_tables)?;
+            let uuid = cfg.uuid.unwrap_or_default();
+            crate::acpi::attach_smbios(&devices, nr_vcpus, ram.size(), &fw.name, fw.data.len() as u64, uuid)?;
         }
         let spec = MachineSpec {
             mem_mib: cfg.mem_mib,
@@ -271,6 +281,7 @@ impl Vm {
             fw_cfg_files: cfg.fw_cfg_files.iter().map(|f| (f.name.clone(), f.data.len() as u64)).collect(),
             firmware: cfg.firmware.as_ref().map(|f| FirmwareSpec { name: f.name.clone(), size: f.data.len() as u64 }),
             acpi_tables: cfg.acpi_tables.clone(),
+            uuid: cfg.uuid,
         };
 
         // Load the guest and decide where vCPU 0 starts.

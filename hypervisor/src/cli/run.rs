@@ -64,6 +64,11 @@ pub struct RunArgs {
     /// those the firmware loads; repeatable.
     #[arg(long = "acpi-table", value_name = "FILE", requires = "firmware")]
     pub acpi_tables: Vec<PathBuf>,
+    /// With --firmware: the system UUID its SMBIOS tables carry (SMBIOS type 1, fw_cfg key
+    /// 0x02), like 8df288a9-e68e-4b7e-82b2-fdecc2c728cd; kept by snapshots. Default: the nil
+    /// UUID, as QEMU's.
+    #[arg(long, value_name = "UUID", requires = "firmware")]
+    pub uuid: Option<String>,
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
 }
@@ -229,6 +234,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     cfg.firmware = args.firmware_image()?;
     cfg.acpi_tables = crate::acpi::read_tables(&args.acpi_tables).map_err(|e| CliError::Input(e.to_string()))?;
     cfg.debugcon_out = debugcon_file(args.debugcon.as_deref())?;
+    cfg.uuid = match &args.uuid {
+        Some(s) => {
+            Some(s.parse::<devices::acpi::vmgenid::Guid>().map_err(|e| CliError::Input(format!("--uuid {s}: {e}")))?.0)
+        }
+        None => None,
+    };
     let store = match &args.snapshot.store {
         Some(dir) => Some(
             storage::Store::open(dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?,

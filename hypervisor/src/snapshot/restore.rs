@@ -156,6 +156,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     cfg.fw_cfg_files = files;
     cfg.debugcon_out = opts.debugcon_out;
     cfg.acpi_tables = opts.acpi_tables.unwrap_or_else(|| spec.acpi_tables.clone());
+    cfg.uuid = spec.uuid;
     // The firmware's contents come from the snapshot's pc.bios; the block is built blank, of a
     // size checked before anything is allocated (the spec is snapshot bytes, untrusted).
     if let Some(f) = &spec.firmware {
