@@ -2,8 +2,7 @@
 //!
 //! Per run: a VM booting the firmware from its reset vector, with COM1 and the debug console
 //! captured. Reported: VM creation, start to the firmware's first serial line (its banner),
-//! start to its boot attempt (`No bootable device`, or the boot-fail message, on either
-//! output), and where the exits to the VMM went: count and handling time per port or MMIO
+//! start to its boot attempt (`No bootable device` on either output), and where the exits to the VMM went: count and handling time per port or MMIO
 //! page, summed over the runs ([`crate::exit_profile`]).
 //!
 //! `SNAPVISOR_SAMPLE_RIP_MS=N` also samples vCPU 0 every N ms (pausing the VM for a moment)
@@ -21,8 +20,8 @@ use crate::vm::{BootSource, SharedOutput, Vm, VmConfig};
 
 /// What SeaBIOS prints first on the serial console.
 pub const BANNER: &str = "SeaBIOS (version";
-/// Lines that mean the firmware has tried every boot device.
-pub const BOOT_ATTEMPT: [&str; 2] = ["No bootable device", "Boot failed"];
+/// The line that means SeaBIOS has tried every boot device.
+pub const BOOT_ATTEMPT: [&str; 1] = ["No bootable device"];
 
 #[derive(Debug, serde::Serialize)]
 pub struct FirmwareBootReport {
