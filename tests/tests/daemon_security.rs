@@ -232,6 +232,19 @@ fn images_are_uploaded_within_a_size_limit() {
 }
 
 #[test]
+fn images_larger_than_a_json_body_upload_up_to_the_image_limit() {
+    // Firmware images (up to 16 MiB) and kernels are far larger than any JSON body.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &["--max-image-size", &(5u64 << 20).to_string()]);
+    let big = vec![0x5au8; (4 << 20) + 4096];
+    let (status, v) = d.raw("PUT", "/images/fw", &big);
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(std::fs::read(dir.path().join("images/fw")).expect("uploaded").len(), big.len());
+    let (status, v) = d.raw("PUT", "/images/too-big", &vec![0u8; 6 << 20]);
+    assert_eq!(status, 413, "{v}");
+}
+
+#[test]
 fn a_second_daemon_on_the_socket_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);

@@ -105,11 +105,23 @@ pub fn read_firmware(name: &str) -> Result<BootFile, CliError> {
     Ok(file)
 }
 
-/// Opens (creates or truncates) the `--debugcon` file.
+/// Opens (creates or truncates) the `--debugcon` file. It is opened non-blocking: the debug
+/// console is written from a vCPU thread, which must never wait on a pipe or FIFO nobody reads
+/// (a FIFO without a reader is refused; one whose reader stalls makes the console drop output,
+/// with a warning).
 pub fn debugcon_file(path: Option<&std::path::Path>) -> Result<Option<Box<dyn std::io::Write + Send>>, CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let Some(path) = path else { return Ok(None) };
-    let f = std::fs::File::create(path)
-        .map_err(|e| CliError::Input(format!("--debugcon {}: cannot create it: {e}", path.display())))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            let why = if e.raw_os_error() == Some(libc::ENXIO) { " (a FIFO nobody reads)" } else { "" };
+            CliError::Input(format!("--debugcon {}: cannot open it: {e}{why}", path.display()))
+        })?;
     Ok(Some(Box::new(std::io::LineWriter::new(f))))
 }
 

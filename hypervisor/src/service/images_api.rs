@@ -64,8 +64,23 @@ pub async fn upload(
     });
     let mut stream = body.into_data_stream();
     let mut failed = None;
-    while let Some(chunk) = stream.next().await {
-        let c = chunk.map_err(|e| format!("image {name:?}: reading the request body: {e}"));
+    loop {
+        // Each piece of the body is due within the body timeout: a stalled client cannot hold
+        // the upload (and its connection) open for ever.
+        let next = match tokio::time::timeout(super::server::BODY_TIMEOUT, stream.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                // `None` tells the writer the body broke off: it drops the partial file.
+                let _ = tx.send(None).await;
+                failed = Some(format!(
+                    "image {name:?}: the request body stalled for {} s; upload dropped",
+                    super::server::BODY_TIMEOUT.as_secs()
+                ));
+                break;
+            }
+        };
+        let c = next.map_err(|e| format!("image {name:?}: reading the request body: {e}"));
         let stop = c.is_err();
         // A send fails only when the writer stopped: its error is reported below.
         if tx.send(c.as_ref().ok().cloned()).await.is_err() || stop {

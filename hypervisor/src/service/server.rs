@@ -32,7 +32,13 @@ const MAX_BODY: usize = 2 << 20;
 
 /// Reads the whole request body within [`BODY_TIMEOUT`] before the handler runs, so that a
 /// handler never waits on a slow client.
+///
+/// Image uploads (`PUT /images/NAME`) are the exception: they stream to disk under their own
+/// size limit, each piece of the body due within [`BODY_TIMEOUT`] (`images_api::upload`).
 pub async fn read_body_in_time(req: Request, next: Next) -> Response {
+    if req.method() == axum::http::Method::PUT && req.uri().path().starts_with("/images/") {
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
         Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,

@@ -253,6 +253,11 @@ pub fn save(
     };
     let state = capture_state(vm)?;
     watch.check()?;
+    // A lazy restore that failed meanwhile has let go of the memory it could not serve (it
+    // reads as zeros now): nothing copied from it may be committed.
+    if let Some(e) = vm.page_server().and_then(|s| s.error()) {
+        return Err(SnapshotError::LazyFailed(e.to_string()));
+    }
     let stats = writer.stats();
     writer.commit(state.encode()?)?;
     let pause = paused_at.elapsed();

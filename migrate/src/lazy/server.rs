@@ -180,7 +180,12 @@ impl PageServer {
         threads.push(
             std::thread::Builder::new()
                 .name("uffd-fault".into())
-                .spawn(move || run_guarded(&s, "fault", |sh| sh.fault_loop()))
+                .spawn(move || {
+                    run_guarded(&s, "fault", |sh| sh.fault_loop());
+                    if s.failed.get().is_some() {
+                        s.release_faults();
+                    }
+                })
                 .map_err(|e| LazyError::Thread { thread: "fault", reason: e.to_string() })?,
         );
         if opts.background_fill || !prefetch.is_empty() {

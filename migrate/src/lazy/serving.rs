@@ -264,6 +264,24 @@ impl Shared {
         Ok(())
     }
 
+    /// After the server failed (the VM has been stopped by `on_error`): unregisters every
+    /// block from userfaultfd, which wakes every fault still waiting, including the one whose
+    /// chunk could not be read, and makes later touches plain (zero-filled) anonymous memory.
+    /// Without this, a fault KVM itself takes inside an ioctl (restoring the kvmclock MSR
+    /// touches the guest page it names; the instruction emulator reads guest code) sleeps
+    /// uninterruptibly for ever, and so does the thread that issued the ioctl.
+    ///
+    /// What the woken faults see never reaches guest code: `on_error` stopped the VM before
+    /// this runs, and a vCPU finds the stop (its kick signal pending) before it re-enters the
+    /// guest. The VM is failed for good; its memory is thrown away with it.
+    pub(super) fn release_faults(&self) {
+        for b in &self.blocks {
+            if let Err(e) = self.uffd.unregister(b.desc.host as *mut libc::c_void, b.desc.len as usize) {
+                tracing::warn!("lazy restore failed: unregistering RAM block {}: {e}", b.desc.idstr);
+            }
+        }
+    }
+
     /// Fill worker `k` of `n`: every n-th chunk of the prefetch list, then of the blocks.
     pub(super) fn fill_loop(
         &self,
