@@ -85,6 +85,8 @@ fn the_daemon_boots_seabios_and_serves_its_debug_console() {
         (json!({"name": "a", "firmware": "/usr/share/seabios/bios.bin", "mem_mib": 64}), "path"),
         (json!({"name": "a", "firmware": "../bios.bin", "mem_mib": 64}), "escape"),
         (json!({"name": "a", "firmware": "seabios", "guest": "idle", "mem_mib": 64}), "two sources"),
+        (json!({"name": "a", "firmware": "seabios", "cmdline": "x", "mem_mib": 64}), "cmdline without kernel"),
+        (json!({"name": "a", "firmware": "seabios", "initrd": "i", "mem_mib": 64}), "initrd without kernel"),
     ] {
         let (status, v) = d.call("POST", "/vms", Some(body));
         assert_eq!(status, 400, "{why}: {v}");

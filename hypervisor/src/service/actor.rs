@@ -84,6 +84,9 @@ impl VmDef {
     /// Exactly one of a built-in guest, a kernel and a firmware.
     pub fn check_boot(&self) -> Result<(), String> {
         match (&self.guest, &self.kernel, &self.firmware) {
+            _ if self.kernel.is_none() && (self.initrd.is_some() || self.cmdline.is_some()) => {
+                Err("\"initrd\" and \"cmdline\" go with \"kernel\" only".into())
+            }
             (Some(_), None, None) | (None, Some(_), None) | (None, None, Some(_)) => Ok(()),
             _ => Err("give exactly one of \"guest\" (a built-in guest), \"kernel\" (a kernel image) and \"firmware\" \
                       (\"seabios\" or a firmware image)"
