@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::start_builtin;
+use common::{start_builtin, Scratch};
 use devices::bus::BusDevice;
 use devices::pci::config::{BarKind, PciConfig, PciHeader, COMMAND};
 use devices::pci::{PciDevice, PciWindows};
@@ -15,17 +15,6 @@ use hypervisor::guests::Builtin;
 use hypervisor::machine::BusKind;
 use hypervisor::snapshot::{self, SaveOptions, SnapshotError};
 use hypervisor::vm::{BuiltinParams, Vm};
-
-struct Scratch(u8);
-
-impl BusDevice for Scratch {
-    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(self.0);
-    }
-    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
-        self.0 = data.first().copied().unwrap_or(0);
-    }
-}
 
 /// A function with two 4 KiB memory BARs, both served by one register.
 struct TestFunction {

@@ -5,24 +5,11 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::start_builtin;
-use devices::bus::BusDevice;
+use common::{start_builtin, Scratch};
 use hypervisor::guests::Builtin;
 use hypervisor::machine::BusKind;
 use hypervisor::snapshot::{self, SaveOptions, SnapshotError};
 use hypervisor::vm::BuiltinParams;
-
-/// A one-byte register: state a snapshot would have to carry.
-struct Scratch(u8);
-
-impl BusDevice for Scratch {
-    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(self.0);
-    }
-    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
-        self.0 = data.first().copied().unwrap_or(0);
-    }
-}
 
 #[test]
 fn a_device_without_a_snapshot_fragment_fails_the_snapshot_by_name() {

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 
 use migrate::ram::{RamBlock, RamBlockConfig, RamRegistry};
+
+use crate::boot::files::BootFile;
 use thiserror::Error;
 
 use crate::memory::{GuestRam, Placement, SlotMap};
@@ -25,6 +27,8 @@ pub const ISA_BIOS_LEN: u64 = 0x2_0000;
 pub const MAX_IMAGE: u64 = 0x100_0000;
 /// The default firmware: Debian's `seabios` package.
 pub const SEABIOS_PATH: &str = "/usr/share/seabios/bios.bin";
+/// The firmware name that means [`SEABIOS_PATH`] (CLI and API alike).
+pub const SEABIOS: &str = "seabios";
 
 /// Errors loading firmware.
 #[derive(Debug, Error)]
@@ -51,6 +55,20 @@ pub fn check_image(name: &str, len: u64) -> Result<(), FirmwareError> {
         return Err(FirmwareError::Size { name: name.to_string(), len });
     }
     Ok(())
+}
+
+/// `file` as the firmware called `name` (how snapshots and `vm info` show it), its size checked.
+pub fn named(name: &str, mut file: BootFile) -> Result<BootFile, FirmwareError> {
+    check_image(name, file.data.len() as u64)?;
+    file.name = name.to_string();
+    Ok(file)
+}
+
+/// Reads the system's SeaBIOS ([`SEABIOS_PATH`]), named [`SEABIOS`].
+pub fn read_seabios() -> Result<BootFile, String> {
+    let file = BootFile::read_path("firmware", std::path::Path::new(SEABIOS_PATH), MAX_IMAGE)
+        .map_err(|e| format!("the system's SeaBIOS: {e}"))?;
+    named(SEABIOS, file).map_err(|e| e.to_string())
 }
 
 /// Creates `pc.bios` holding `image` (mapped read-only below 4 GiB through `slots`) and, unless

@@ -97,12 +97,12 @@ pub struct SnapshotArgs {
 /// named as given, which is how snapshots and `vm info` show it.
 pub fn read_firmware(name: &str) -> Result<BootFile, CliError> {
     use crate::boot::firmware;
-    let path = if name == "seabios" { firmware::SEABIOS_PATH } else { name };
-    let mut file = BootFile::read_path("firmware", std::path::Path::new(path), firmware::MAX_IMAGE)
+    if name == firmware::SEABIOS {
+        return firmware::read_seabios().map_err(CliError::Input);
+    }
+    let file = BootFile::read_path("firmware", std::path::Path::new(name), firmware::MAX_IMAGE)
         .map_err(|e| CliError::Input(format!("--firmware {name}: {e}")))?;
-    firmware::check_image(name, file.data.len() as u64).map_err(|e| CliError::Input(e.to_string()))?;
-    file.name = name.to_string();
-    Ok(file)
+    firmware::named(name, file).map_err(|e| CliError::Input(e.to_string()))
 }
 
 /// Opens (creates or truncates) the `--debugcon` file. It is opened non-blocking: the debug

@@ -75,7 +75,7 @@ fn one() -> u64 {
 }
 
 /// The `firmware` that names the system's SeaBIOS rather than an image.
-pub const SEABIOS: &str = "seabios";
+pub use crate::boot::firmware::SEABIOS;
 
 /// The kernel command line a daemon VM gets unless it names one.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1";
@@ -98,16 +98,11 @@ impl VmDef {
     /// SeaBIOS, anything else an image in the image directory.
     pub fn firmware_image(&self, images: &ImageDir) -> Result<Option<BootFile>, ApiError> {
         let Some(name) = &self.firmware else { return Ok(None) };
-        let mut file = if name == SEABIOS {
-            let path = std::path::Path::new(firmware::SEABIOS_PATH);
-            BootFile::read_path("firmware", path, firmware::MAX_IMAGE)
-                .map_err(|e| ApiError::Internal(format!("the system's SeaBIOS: {e}")))?
-        } else {
-            images.read("firmware", name, firmware::MAX_IMAGE).map_err(ApiError::from_image)?
-        };
-        firmware::check_image(name, file.data.len() as u64).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        file.name = name.clone();
-        Ok(Some(file))
+        if name == SEABIOS {
+            return firmware::read_seabios().map(Some).map_err(ApiError::Internal);
+        }
+        let file = images.read("firmware", name, firmware::MAX_IMAGE).map_err(ApiError::from_image)?;
+        firmware::named(name, file).map(Some).map_err(|e| ApiError::BadRequest(e.to_string()))
     }
 
     /// What to boot: a kernel and initrd are read from the image directory, at most as large

@@ -31,6 +31,18 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
+/// A one-byte register: state a snapshot would have to carry (and a BAR can serve).
+pub struct Scratch(pub u8);
+
+impl devices::bus::BusDevice for Scratch {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(self.0);
+    }
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        self.0 = data.first().copied().unwrap_or(0);
+    }
+}
+
 /// What a `snapvisor run|restore` with `--debugcon` printed: COM1 (ANSI escapes stripped) and
 /// the debug console.
 pub struct FirmwareRun {
