@@ -16,3 +16,4 @@ pub mod pci;
 pub mod pm;
 pub mod serial;
 pub mod smbios;
+pub mod virtio;

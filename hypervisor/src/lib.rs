@@ -12,6 +12,7 @@ pub mod guests;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod net;
 pub mod platform;
 pub mod reset;
 pub mod service;

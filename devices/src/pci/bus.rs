@@ -28,10 +28,32 @@ pub trait PciDevice: Send {
     fn bar_device(&self, _index: usize) -> Option<Arc<Mutex<dyn BusDevice>>> {
         None
     }
+    /// RAM that BAR `index` decodes as memory instead of a bus device (the option ROM, mapped
+    /// read-only). Taken over [`PciDevice::bar_device`] when both are given.
+    fn bar_memory(&self, _index: usize) -> Option<Arc<migrate::ram::RamBlock>> {
+        None
+    }
+    /// Eventfds to signal on writes inside BAR `index` (virtio notifications), as offsets from
+    /// the BAR's base; the machine registers them with KVM wherever the BAR is placed.
+    fn ioevents(&self, _index: usize) -> Vec<IoEvent> {
+        Vec::new()
+    }
     /// A bus reset: back to the function's power-on state.
     fn reset(&mut self) {
         self.config_mut().reset()
     }
+}
+
+/// A write inside a BAR that signals an eventfd instead of exiting to the VMM.
+#[derive(Clone, Debug)]
+pub struct IoEvent {
+    /// From the BAR's base.
+    pub offset: u64,
+    /// Access length that matches (0: any).
+    pub len: u32,
+    /// Value that matches (none: any).
+    pub datamatch: Option<u64>,
+    pub fd: Arc<vmm_sys_util::eventfd::EventFd>,
 }
 
 /// Maps BAR regions onto the machine's buses (implemented by the machine).
@@ -40,6 +62,18 @@ pub trait BarMapper: Send + Sync {
     fn map(&self, name: &'static str, region: BarRegion, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), String>;
     /// Removes what `map` put at `region`.
     fn unmap(&self, region: BarRegion);
+    /// Maps `block` read-only as guest memory at `region` (an option ROM).
+    fn map_memory(&self, _name: &'static str, _region: BarRegion, _block: Arc<migrate::ram::RamBlock>) -> Result<(), String> {
+        Err("this machine cannot map BAR memory".into())
+    }
+    /// Removes what `map_memory` put at `region`.
+    fn unmap_memory(&self, _region: BarRegion) {}
+    /// Registers `ev` at `addr` (the BAR's base plus `ev.offset`) with the hypervisor.
+    fn map_ioevent(&self, _space: BarSpace, _addr: u64, _ev: &IoEvent) -> Result<(), String> {
+        Err("this machine has no ioeventfds".into())
+    }
+    /// Removes what `map_ioevent` registered.
+    fn unmap_ioevent(&self, _space: BarSpace, _addr: u64, _ev: &IoEvent) {}
 }
 
 /// Where BARs may be placed (start, end exclusive).

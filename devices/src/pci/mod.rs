@@ -19,7 +19,7 @@ pub mod config;
 pub mod config_io;
 pub mod host_bridge;
 
-pub use bus::{BarMapper, PciBus, PciBusState, PciDevice, PciDeviceState, PciWindows};
+pub use bus::{BarMapper, IoEvent, PciBus, PciBusState, PciDevice, PciDeviceState, PciWindows};
 pub use config::{BarKind, PciConfig, PciHeader};
 pub use config_io::PciConfigIo;
 pub use host_bridge::HostBridge;
