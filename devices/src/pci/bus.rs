@@ -63,7 +63,12 @@ pub trait BarMapper: Send + Sync {
     /// Removes what `map` put at `region`.
     fn unmap(&self, region: BarRegion);
     /// Maps `block` read-only as guest memory at `region` (an option ROM).
-    fn map_memory(&self, _name: &'static str, _region: BarRegion, _block: Arc<migrate::ram::RamBlock>) -> Result<(), String> {
+    fn map_memory(
+        &self,
+        _name: &'static str,
+        _region: BarRegion,
+        _block: Arc<migrate::ram::RamBlock>,
+    ) -> Result<(), String> {
         Err("this machine cannot map BAR memory".into())
     }
     /// Removes what `map_memory` put at `region`.
