@@ -27,6 +27,9 @@ use super::core::{Core, MAX_FRAME, RX, TX};
 use super::features::MRG_RXBUF;
 use crate::net::VNET_HDR_LEN;
 
+/// Most chains or frames moved per call, so that the device mutex is released regularly.
+pub const BATCH: usize = 256;
+
 /// Available-ring flag: the driver does not want interrupts.
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
@@ -118,13 +121,20 @@ impl Core {
         }
     }
 
-    /// Sends every chain the driver made available on the transmit queue.
-    pub fn process_tx(&mut self) {
+    /// Sends the chains the driver made available on the transmit queue, at most [`BATCH`]
+    /// of them; true when more may be waiting (the caller comes back for them, so that vCPU
+    /// accesses to the device get the mutex in between).
+    pub fn process_tx(&mut self) -> bool {
         if !self.running() {
-            return;
+            return false;
         }
         let mut used = false;
-        loop {
+        let mut more = false;
+        for n in 0.. {
+            if n == BATCH {
+                more = true;
+                break;
+            }
             let chain = match self.pop(TX) {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
@@ -146,6 +156,7 @@ impl Core {
         if used {
             self.notify_used(TX);
         }
+        more
     }
 
     fn send(&mut self, chain: &Chain) -> Result<(), String> {
@@ -175,14 +186,15 @@ impl Core {
         Ok(())
     }
 
-    /// Moves frames from the backend into the receive queue until the backend has none or
-    /// the queue has no buffers.
+    /// Moves frames from the backend into the receive queue until the backend has none, the
+    /// queue has no buffers, or [`BATCH`] frames moved (the backend's fd, polled
+    /// level-triggered, brings the thread back for the rest).
     pub fn process_rx(&mut self) {
         if !self.running() || self.queues[RX].queue.is_none() {
             return;
         }
         let mut used = false;
-        loop {
+        for _ in 0..BATCH {
             if self.rx_pending == 0 {
                 match self.backend.read_frame(&mut self.rx_buf) {
                     Ok(n) if (VNET_HDR_LEN..=MAX_FRAME).contains(&n) => self.rx_pending = n,

@@ -263,3 +263,22 @@ fn dropping_the_device_joins_its_thread_and_closes_its_fds() {
     }
     assert_eq!(fd_count(), before, "no fds left behind");
 }
+
+/// A long run of chains is sent in batches, releasing the device mutex in between.
+#[test]
+fn tx_works_in_batches() {
+    let r = rig();
+    r.init(ALL);
+    for i in 0..256u16 {
+        r.add(TXQ, &[(BUF, 72, 0, 0)], i);
+    }
+    assert!(r.core().process_tx(), "a full batch sent: the caller comes back");
+    assert_eq!(r.net.sent().len(), super::queues::BATCH);
+    // The driver refills meanwhile (chains reuse table entries).
+    for i in 0..44u16 {
+        r.add(TXQ, &[(BUF, 72, 0, 0)], i);
+    }
+    assert!(!r.core().process_tx());
+    assert_eq!(r.net.sent().len(), 300);
+    assert!(r.dev.error().is_none());
+}

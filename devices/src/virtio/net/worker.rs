@@ -117,7 +117,10 @@ fn run(core: &Mutex<Core>, epoll: &Epoll, wake: &EventFd, notify: &[Arc<EventFd>
             if rx_refilled {
                 c.rx_starved = false;
             }
-            c.process_tx();
+            if c.process_tx() {
+                // More to send: come back after letting others take the mutex.
+                let _ = notify[TX].write(1);
+            }
             c.process_rx();
             c.running() && c.queues[RX].queue.is_some() && !c.rx_starved
         };
