@@ -175,6 +175,8 @@ pub struct Core {
     pub rx_buf: Vec<u8>,
     pub tx_buf: Vec<u8>,
     pub record: DriverRecord,
+    /// Rounds the I/O thread made (each wake-up is one): shows a thread that spins.
+    pub rounds: u64,
 }
 
 impl Core {

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use migrate::ram::{GuestMemory, RamBlock};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use self::core::{Core, DriverRecord, VirtQueue, MAX_FRAME, NUM_QUEUES};
+use self::core::{Core, VirtQueue, MAX_FRAME, NUM_QUEUES};
 use self::worker::Worker;
 use super::msix::{Msix, MSIX_ENABLE, MSIX_FUNCTION_MASK, NO_VECTOR};
 use super::*;
@@ -48,7 +48,7 @@ use crate::bus::BusDevice;
 use crate::net::NetBackend;
 use crate::pci::{BarKind, PciConfig, PciDevice, PciHeader};
 
-pub use self::core::DriverRecord as Record;
+pub use self::core::DriverRecord;
 pub use self::state::{StateError, VirtioNetState};
 
 /// MSI-X vectors: configuration changes, and one per queue.
@@ -259,6 +259,7 @@ impl VirtioNet {
             rx_buf: vec![0; MAX_FRAME + 4096],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             record: DriverRecord::default(),
+            rounds: 0,
         }));
         let msix_bar: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Bar { core: core.clone(), index: MSIX_BAR }));
         let modern_bar: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Bar { core: core.clone(), index: MODERN_BAR }));

@@ -114,6 +114,7 @@ fn run(core: &Mutex<Core>, epoll: &Epoll, wake: &EventFd, notify: &[Arc<EventFd>
         }
         let want_backend = {
             let mut c = lock(core);
+            c.rounds += 1;
             if rx_refilled {
                 c.rx_starved = false;
             }
