@@ -75,8 +75,11 @@ impl Tap {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             return Err(invalid("it must have 1 to 15 bytes"));
         }
-        if name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0 || !b.is_ascii()) {
-            return Err(invalid("it may not hold '/', ':', spaces, NUL or non-ASCII bytes"));
+        if name == "." || name == ".." {
+            return Err(invalid("'.' and '..' are not interface names"));
+        }
+        if name.bytes().any(|b| matches!(b, b'/' | b':' | b'%' | 0) || b.is_ascii_whitespace() || !b.is_ascii()) {
+            return Err(invalid("it may not hold '/', ':', '%', spaces, NUL or non-ASCII bytes"));
         }
         let path = CString::new("/dev/net/tun").map_err(|_| invalid("internal"))?;
         // SAFETY: a plain open(2) of a NUL-terminated path; the result is checked.

@@ -36,7 +36,7 @@ fn tap_open_errors_name_the_tap() {
     assert!(matches!(e, TapError::NotATap { .. }), "{e}");
     assert!(e.to_string().contains(&tun), "{e}");
 
-    for bad in ["", "a/b", "sixteen-bytes-xx", "a b"] {
+    for bad in ["", "a/b", "sixteen-bytes-xx", "a b", "tap%d", ".."] {
         let e = Tap::open(bad).expect_err(bad);
         assert!(matches!(e, TapError::InvalidName { .. }), "{bad}: {e}");
     }

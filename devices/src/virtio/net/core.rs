@@ -66,7 +66,7 @@ pub struct DriverRecord {
     pub status_writes: Vec<u8>,
     /// One flag per byte of the device configuration: read by the driver.
     pub config_read: Vec<bool>,
-    /// The device_feature_select values under which it read device_feature.
+    /// The device_feature_select values under which it read device_feature (the first 64).
     pub feature_words_read: Vec<u32>,
     /// The features it accepted when it last set FEATURES_OK.
     pub features_accepted: u64,
@@ -296,7 +296,8 @@ impl Core {
             return;
         };
         data.copy_from_slice(&img[offset as usize..end as usize]);
-        if offset <= 0x04 && end > 0x04 && !self.record.feature_words_read.contains(&self.device_feature_select) {
+        let words = &self.record.feature_words_read;
+        if offset <= 0x04 && end > 0x04 && words.len() < 64 && !words.contains(&self.device_feature_select) {
             self.record.feature_words_read.push(self.device_feature_select);
         }
     }

@@ -59,6 +59,12 @@ fn driver_init_sequence_and_record() {
     // Queue 7 does not exist: size 0.
     r.w16(0x16, 7);
     assert_eq!(r.r(0x18, 2), 0);
+    // A driver reading a thousand feature words does not grow the record without bound.
+    for sel in 0..1000u32 {
+        r.w32(0x00, sel);
+        r.r(0x04, 4);
+    }
+    assert_eq!(r.dev.driver_record().feature_words_read.len(), 64);
 }
 
 #[test]
