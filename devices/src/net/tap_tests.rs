@@ -17,6 +17,25 @@ fn ip(args: &[&str]) {
     assert!(st.success(), "ip {args:?}");
 }
 
+/// A tun or tap made with `ip tuntap add`, deleted on drop (also when the test fails).
+struct Persistent {
+    mode: &'static str,
+    name: String,
+}
+
+impl Persistent {
+    fn add(mode: &'static str, name: &str) -> Persistent {
+        ip(&["tuntap", "add", "mode", mode, "name", name]);
+        Persistent { mode, name: name.to_string() }
+    }
+}
+
+impl Drop for Persistent {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["tuntap", "del", "mode", self.mode, "name", &self.name]).status();
+    }
+}
+
 #[test]
 fn tap_open_errors_name_the_tap() {
     let name = unique("b");
@@ -30,9 +49,9 @@ fn tap_open_errors_name_the_tap() {
     drop(Tap::open(&name).expect("reopen"));
 
     let tun = unique("n");
-    ip(&["tuntap", "add", "mode", "tun", "name", &tun]);
+    let made = Persistent::add("tun", &tun);
     let e = Tap::open(&tun).expect_err("a tun is not a tap");
-    ip(&["tuntap", "del", "mode", "tun", "name", &tun]);
+    drop(made);
     assert!(matches!(e, TapError::NotATap { .. }), "{e}");
     assert!(e.to_string().contains(&tun), "{e}");
 
@@ -45,9 +64,8 @@ fn tap_open_errors_name_the_tap() {
 #[test]
 fn tap_attaches_to_a_persistent_tap() {
     let name = unique("p");
-    ip(&["tuntap", "add", "mode", "tap", "name", &name]);
+    let _made = Persistent::add("tap", &name);
     let offloads = Tap::open(&name).map(|t| t.supported_offloads());
-    ip(&["tuntap", "del", "mode", "tap", "name", &name]);
     assert_ne!(offloads.expect("attach") & super::TUN_F_CSUM, 0, "a tap takes checksum offload");
 }
 
