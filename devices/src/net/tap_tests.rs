@@ -183,3 +183,45 @@ fn frames_pass_between_the_device_and_a_real_tap() {
     }
     assert!(r.dev.error().is_none());
 }
+
+/// A tap deleted on the host while the device uses it: the I/O thread stops polling it
+/// instead of spinning on its error, and the device keeps working otherwise.
+#[test]
+fn a_tap_deleted_under_the_device_does_not_make_it_spin() {
+    use crate::virtio::net::test_util::*;
+
+    let name = unique("g");
+    let tap = Tap::open(&name).expect("tap");
+    ip(&["link", "set", "dev", &name, "up"]);
+    let r = rig();
+    let mut dev = crate::virtio::net::VirtioNet::build(crate::virtio::net::NetConfig {
+        mac: MAC_ADDR,
+        backend: Box::new(tap),
+        mem: migrate::ram::GuestMemory::flat(r.block.clone()),
+        msi: r.routes.clone(),
+        rom: None,
+    })
+    .expect("device");
+    dev.start().expect("thread");
+    let r = Rig { dev, ..r };
+    r.init(crate::virtio::net::features::VERSION_1);
+    r.add(RXQ, &[(BUF, 2048, WRITE, 0)], 0);
+    r.notify(0);
+    std::thread::sleep(Duration::from_millis(50));
+    ip(&["link", "del", "dev", &name]);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = r.core().rounds;
+    std::thread::sleep(Duration::from_millis(300));
+    let rounds = r.core().rounds - before;
+    eprintln!("I/O thread rounds after the tap was deleted: {rounds} in 300 ms");
+    assert!(rounds <= 2, "{rounds} rounds in 300 ms: the thread spins on the dead tap");
+    // Transmit still completes (the frame is dropped), no error state.
+    r.add(TXQ, &[(BUF + 0x1000, 72, 0, 0)], 0);
+    r.notify(1);
+    let t = Instant::now();
+    while r.used(TXQ).0 != 1 {
+        assert!(t.elapsed() < Duration::from_secs(5), "tx never completed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(r.dev.error().is_none());
+}

@@ -7,6 +7,8 @@
 //! when the driver has posted no receive buffers the thread sleeps until the receive queue is
 //! notified, so a full tap and an idle guest cost no CPU. Each wake-up processes the transmit
 //! queue and the receive side under the device mutex, which is never held while sleeping.
+//! A backend that reports an error or hang-up (a tap deleted on the host) is not polled again,
+//! so it cannot make the thread spin.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -83,8 +85,10 @@ impl Drop for Worker {
 }
 
 fn run(core: &Mutex<Core>, epoll: &Epoll, wake: &EventFd, notify: &[Arc<EventFd>; 2], backend_fd: i32) {
+    let name = lock(core).name.clone();
     let mut events = [EpollEvent::default(); 8];
     let mut polling_backend = false;
+    let mut backend_gone = false;
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -109,6 +113,14 @@ fn run(core: &Mutex<Core>, epoll: &Epoll, wake: &EventFd, notify: &[Arc<EventFd>
                 TX_NOTIFY => {
                     let _ = notify[TX].read();
                 }
+                BACKEND if ev.event_set().intersects(EventSet::ERROR | EventSet::HANG_UP) && !backend_gone => {
+                    // The tap went away under the device (deleted on the host): polling it
+                    // would report this for ever. Frames to it are dropped from now on.
+                    backend_gone = true;
+                    tracing::warn!(
+                        "virtio-net I/O thread: {name}'s backend reports an error or hang-up; no longer polled"
+                    );
+                }
                 _ => {}
             }
         }
@@ -123,7 +135,7 @@ fn run(core: &Mutex<Core>, epoll: &Epoll, wake: &EventFd, notify: &[Arc<EventFd>
                 let _ = notify[TX].write(1);
             }
             c.process_rx();
-            c.running() && c.queues[RX].queue.is_some() && !c.rx_starved
+            c.running() && c.queues[RX].queue.is_some() && !c.rx_starved && !backend_gone
         };
         if want_backend != polling_backend {
             let r = if want_backend {
