@@ -25,6 +25,7 @@
 pub mod core;
 pub mod features;
 mod queues;
+mod regs;
 pub mod state;
 mod worker;
 
