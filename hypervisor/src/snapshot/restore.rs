@@ -213,6 +213,12 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
         }
     }
 
+    // Memory now equals the snapshot's (lazily: by construction). Dirty tracking starts here,
+    // before device state and a new generation ID write anything, so the next snapshot of
+    // this VM can be incremental against this one (lineage.rs).
+    super::save::start_tracking(&vm, u64::from(reader.chunk_size()))?;
+    vm.lineage().set(Arc::new(reader.manifest().clone()));
+
     for mut p in persistables(vm.devices()) {
         let name = p.persist_name();
         let bytes = snap.fragments.get(&name).ok_or_else(|| migrate::persist::PersistError::Invalid {
