@@ -32,6 +32,34 @@
 //! (no marker, packs without headers) are refused with an error naming both versions; they
 //! must be re-created.
 //!
+//! # Writing chunks: the pipeline
+//!
+//! [`put_pipelined`] is how snapshots write RAM (pipeline.rs): a reader thread copies chunks
+//! out of guest memory into a fixed pool of `2 * workers + 2` buffers, the workers zero-check
+//! (an all-zero chunk is recorded as the zero marker and never hashed), hash, look up and
+//! compress, and the calling thread appends the values to the packs in the order the chunks
+//! were given, then hands the buffer back. Memory is bounded by the pool; the pack layout is
+//! address order whatever the thread timing. `put_chunk` (one chunk, any thread) runs the same
+//! two halves (`prepare`, `record`) inline.
+//!
+//! # Incremental snapshots
+//!
+//! [`SnapshotWriter::inherit`] fills a new snapshot's chunk table with a parent's references
+//! for every block of unchanged length; the caller then writes only the chunks changed since
+//! (inherit.rs). The result is an ordinary manifest listing every hash: there is no chain,
+//! deleting the parent never breaks the child, GC keeps whatever any manifest lists, and
+//! `store verify` checks a shared chunk for every snapshot that lists it. Inheriting is refused
+//! ([`StoreError::ParentChanged`]) unless the store holds exactly the parent the caller
+//! describes (checked under the shared GC lock), so a deleted or replaced parent can only
+//! make a snapshot full, never wrong.
+//!
+//! # Format compatibility
+//!
+//! Neither the pipeline nor incremental snapshots changed a byte on disk: the zero marker (tag
+//! 0 in a chunk table) has been in manifest format 1 from the start, and an incremental
+//! snapshot's manifest is a format-1 manifest like any other. Stores of format 2 written
+//! before these changes open and restore unchanged, and older builds read the new snapshots.
+//!
 //! # Commit protocol
 //!
 //! 1. `put_chunk`: zero check; hash; if the index lacks the hash, compress, append entry
