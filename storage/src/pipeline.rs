@@ -17,6 +17,10 @@
 //! pack layout does not depend on thread timing. An all-zero chunk is recognised by
 //! [`crate::chunk::is_zero`] and recorded as [`crate::ChunkRef::Zero`] without being hashed.
 //!
+//! Every 16 MiB of new values the writer starts the kernel's writeback of the packs without
+//! waiting for it, so the disk writes while the workers compress and the commit's `fdatasync`
+//! finds most of the snapshot already on disk.
+//!
 //! Errors: the first one (the reader's, a worker's or the writer's) stops all three stages
 //! (dropping a channel end ends its peers' loops) and is returned; the snapshot is not
 //! committed by anyone after an error, and its chunks are reclaimed by the next GC.
@@ -31,6 +35,10 @@ use serde::Serialize;
 
 use crate::error::{Result, StoreError};
 use crate::writer::{Prepared, SnapshotWriter};
+
+/// Bytes appended between two starts of pack writeback: the commit's final sync then has at
+/// most about this much left to flush, and the disk writes while the workers compress.
+const WRITEBACK_STEP: u64 = 16 << 20;
 
 /// One chunk to store: a block and a chunk-aligned offset in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,6 +152,7 @@ pub fn put_pipelined(
         // The writer, on this thread: chunks in job order.
         let mut pending: BTreeMap<usize, (Vec<u8>, Result<Prepared>)> = BTreeMap::new();
         let mut next = 0usize;
+        let mut written_back = writer.stats().bytes_stored;
         while next < jobs.len() && !stop.load(Ordering::Relaxed) {
             let Ok((seq, buf, prepared)) = done_rx.recv() else { break };
             pending.insert(seq, (buf, prepared));
@@ -159,6 +168,13 @@ pub fn put_pipelined(
                 }
                 let _ = free_tx.send(buf);
                 next += 1;
+                let stored = writer.stats().bytes_stored;
+                if stored >= written_back + WRITEBACK_STEP {
+                    written_back = stored;
+                    let t = Instant::now();
+                    writer.store.start_writeback();
+                    write_ns += t.elapsed().as_nanos() as u64;
+                }
             }
         }
         // Ends the reader (no more free buffers) and, through it, the workers.

@@ -213,6 +213,14 @@ fn restored_vm_snapshots_incrementally_and_the_chain_survives_deleting_its_ances
     assert_incremental(&grandchild, "child");
     assert_eq!(grandchild.bytes_copied, 2 * CS, "{grandchild:?}");
     assert_blocks_match(&vm, &store, "grandchild", "grandchild");
+
+    // A failed snapshot (the name is taken) consumed the dirty records of this write: the next
+    // snapshot must be full, and hold the write.
+    mem.write(0x90_0000, &noise(CS as usize, 5)).expect("write before a failed snapshot");
+    snapshot::save(&vm, &store, "child", &SaveOptions::default(), &|_| {}).expect_err("the name is taken");
+    let after_failure = snapshot::save(&vm, &store, "after-failure", &SaveOptions::default(), &|_| {}).expect("save");
+    assert!(!after_failure.incremental, "after a failed snapshot: {after_failure:?}");
+    assert_blocks_match(&vm, &store, "after-failure", "snapshot after a failed one");
     drop(vm);
 
     store.delete("base").expect("delete base");
