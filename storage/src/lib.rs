@@ -226,7 +226,7 @@ pub use manifest::{BlockManifest, Manifest, ManifestError};
 pub use name::{validate_attachment_name, validate_snapshot_name, NameError};
 pub use pack::{Location, PACK_MAX};
 pub use pin::SnapshotPin;
-pub use pipeline::{put_pipelined, ChunkJob, PipelineStats};
+pub use pipeline::{put_pipelined, ChunkJob, PipelineStats, ReadChunk};
 pub use reader::SnapshotReader;
 pub use repair::RepairReport;
 pub use store::{Store, StoreOptions, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};

@@ -60,13 +60,17 @@ pub struct PipelineStats {
     pub write_ns: u64,
 }
 
+/// Reads chunk `offset` of a block into the buffer (whose length is the chunk's); the error
+/// says why it cannot.
+pub type ReadChunk<'a> = dyn Fn(&str, u64, &mut [u8]) -> std::result::Result<(), String> + Sync + 'a;
+
 /// Stores `jobs` with `workers` hashing/compressing threads, reading each chunk with
 /// `read(block, offset, buf)` (which fills `buf`, whose length is the chunk's).
 pub fn put_pipelined(
     writer: &SnapshotWriter,
     jobs: &[ChunkJob],
     workers: usize,
-    read: &(dyn Fn(&str, u64, &mut [u8]) -> std::result::Result<(), String> + Sync),
+    read: &ReadChunk<'_>,
 ) -> Result<PipelineStats> {
     let workers = workers.max(1);
     let cs = writer.chunk_size() as usize;
@@ -181,9 +185,8 @@ pub fn put_pipelined(
         drop(free_tx);
         drop(done_rx);
         let panicked = reader.join().is_err() | pool.into_iter().map(|w| w.join().is_err()).fold(false, |a, b| a | b);
-        if panicked {
-            fail(StoreError::Pipeline { snapshot: name.clone() });
-        } else if next < jobs.len() {
+        // A panic, or a stage that ended early without an error of its own.
+        if panicked || next < jobs.len() {
             fail(StoreError::Pipeline { snapshot: name.clone() });
         }
     });

@@ -12,13 +12,13 @@ fn spec(idstr: &str, len: u64) -> BlockSpec {
 /// Chunk `i` of a test image: every third chunk zero, the others distinct; odd ones
 /// incompressible noise (slow for zstd), even ones text (fast), so workers finish out of order.
 fn chunk(i: u64, seed: u64) -> Vec<u8> {
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         return vec![0; CS as usize];
     }
     let mut x = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
     (0..CS)
         .map(|j| {
-            if i % 2 == 1 {
+            if !i.is_multiple_of(2) {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
@@ -80,13 +80,13 @@ fn pipeline_records_zero_chunks_as_the_zero_marker_without_hashing() {
     let w = store.begin("z", vec![spec("ram", n * CS)]).expect("begin");
     put_pipelined(&w, &jobs(n), 2, &read(2)).expect("pipeline");
     let st = w.stats();
-    let zeros = (0..n).filter(|i| i % 3 == 0).count() as u64;
+    let zeros = (0..n).filter(|i| i.is_multiple_of(3)).count() as u64;
     assert_eq!(st.zero_chunks, zeros);
     assert_eq!(st.bytes_hashed, (n - zeros) * CS, "zero chunks must not be hashed");
     assert_eq!(st.new_chunks, n - zeros);
     let m = w.commit(Vec::new()).expect("commit");
     for (i, c) in m.blocks[0].chunks.iter().enumerate() {
-        assert_eq!(matches!(c, ChunkRef::Zero), i % 3 == 0, "chunk {i}: {c:?}");
+        assert_eq!(matches!(c, ChunkRef::Zero), i.is_multiple_of(3), "chunk {i}: {c:?}");
     }
     assert_eq!(store.debug_chunk_location(&Hash::of(&vec![0u8; CS as usize])).expect("index"), None);
     let mut buf = vec![0xffu8; CS as usize];
