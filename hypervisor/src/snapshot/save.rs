@@ -389,9 +389,21 @@ pub fn save(
     cleanup.dirty_log = false;
     let pause = paused_at.elapsed();
     drop(cleanup);
-    if let Some(reason) = &full_reason {
-        tracing::debug!(snapshot = name, "full snapshot: {reason}");
-    }
+    tracing::info!(
+        snapshot = name,
+        incremental,
+        parent = parent.as_ref().filter(|_| incremental).map(|p| p.name.as_str()),
+        full_reason = full_reason.as_deref().filter(|_| !incremental),
+        pause_ms = ms(pause),
+        paused_copy_ms = ms(paused_copy),
+        state_ms = ms(state_time),
+        commit_ms = ms(commit_time),
+        bytes_copied,
+        read_ms = pstats.read_ns as f64 / 1e6,
+        work_ms = pstats.work_ns as f64 / 1e6,
+        write_ms = pstats.write_ns as f64 / 1e6,
+        "snapshot taken"
+    );
     progress(&SaveProgress { round: rounds, chunks_copied: 0, bytes_copied, dirty_chunks: 0 });
     Ok(SaveReport {
         name: name.to_string(),
