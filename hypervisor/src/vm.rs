@@ -208,6 +208,8 @@ pub struct Vm {
     spec: MachineSpec,
     /// Serves lazily restored memory; dropped only after the vCPU threads are joined.
     page_server: Option<PageServer>,
+    /// The snapshot this VM's memory was last equal to, for incremental snapshots.
+    lineage: crate::snapshot::lineage::Lineage,
     control: Arc<VmControl>,
     threads: Vec<JoinHandle<()>>,
     /// vCPUs not started yet.
@@ -365,6 +367,7 @@ impl Vm {
         Ok(Vm {
             spec,
             page_server: None,
+            lineage: Default::default(),
             control,
             threads: Vec::new(),
             vcpus,
@@ -459,6 +462,11 @@ impl Vm {
 
     pub fn page_server(&self) -> Option<&PageServer> {
         self.page_server.as_ref()
+    }
+
+    /// The VM's snapshot lineage (incremental snapshots).
+    pub fn lineage(&self) -> &crate::snapshot::lineage::Lineage {
+        &self.lineage
     }
 
     pub fn control(&self) -> &Arc<VmControl> {

@@ -89,6 +89,12 @@ pub enum StoreError {
          delete snapshots and run gc"
     )]
     Full { path: PathBuf, available: u64, needed: u64 },
+    #[error("snapshot '{snapshot}' cannot take chunks from parent '{parent}': {reason}")]
+    ParentChanged { snapshot: String, parent: String, reason: String },
+    #[error("snapshot '{snapshot}' block '{block}' offset 0x{offset:x}: reading the chunk: {reason}")]
+    Source { snapshot: String, block: String, offset: u64, reason: String },
+    #[error("snapshot '{snapshot}': a chunk pipeline thread panicked")]
+    Pipeline { snapshot: String },
     #[error("store '{path}': cannot query free space: {source}")]
     Statvfs { path: PathBuf, source: std::io::Error },
     #[error("store '{path}': {op}: {source}")]

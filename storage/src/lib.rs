@@ -32,9 +32,37 @@
 //! (no marker, packs without headers) are refused with an error naming both versions; they
 //! must be re-created.
 //!
+//! # Writing chunks: the pipeline
+//!
+//! [`put_pipelined`] is how snapshots write RAM (pipeline.rs): a reader thread copies chunks
+//! out of guest memory into a fixed pool of `2 * workers + 2` buffers, the workers zero-check
+//! (an all-zero chunk is recorded as the zero marker and never hashed), hash, look up and
+//! compress, and the calling thread appends the values to the packs in the order the chunks
+//! were given, then hands the buffer back. Memory is bounded by the pool; the pack layout is
+//! address order whatever the thread timing. `put_chunk` (one chunk, any thread) runs the same
+//! two halves (`prepare`, `record`) inline.
+//!
+//! # Incremental snapshots
+//!
+//! [`SnapshotWriter::inherit`] fills a new snapshot's chunk table with a parent's references
+//! for every block of unchanged length; the caller then writes only the chunks changed since
+//! (inherit.rs). The result is an ordinary manifest listing every hash: there is no chain,
+//! deleting the parent never breaks the child, GC keeps whatever any manifest lists, and
+//! `store verify` checks a shared chunk for every snapshot that lists it. Inheriting is refused
+//! ([`StoreError::ParentChanged`]) unless the store holds exactly the parent the caller
+//! describes (checked under the shared GC lock), so a deleted or replaced parent can only
+//! make a snapshot full, never wrong.
+//!
+//! # Format compatibility
+//!
+//! Neither the pipeline nor incremental snapshots changed a byte on disk: the zero marker (tag
+//! 0 in a chunk table) has been in manifest format 1 from the start, and an incremental
+//! snapshot's manifest is a format-1 manifest like any other. Stores of format 2 written
+//! before these changes open and restore unchanged, and older builds read the new snapshots.
+//!
 //! # Commit protocol
 //!
-//! 1. `put_chunk`: zero check; hash; if the index lacks the hash, compress, append entry
+//! 1. `put_chunk` (or the pipeline): zero check; hash; if the index lacks the hash, compress, append entry
 //!    header + value to the active pack (`pwrite`; the pack is marked unsynced before and
 //!    after), insert the index entry only if still absent (the first copy wins); record the
 //!    reference in the writer.
@@ -136,8 +164,32 @@
 //! 2.7x: set `StoreOptions::chunk_size` to 16384 for fleets of many near-identical clones.
 //! Chunks above 64 KiB gain under 2% ratio and lose on latency and dedup.
 //!
-//! Default level: 3. At these chunk sizes it costs 0-15% compression speed against level 1,
-//! and gives a 3% better ratio and 15-35% faster decompression, which lazy restore waits on.
+//! Default level: 1 (it was 3 until the snapshot pipeline; measured again for it with
+//! `cargo run --release -p storage --example chunk_costs -- 256 -1,1,3`, one thread, 64 KiB
+//! chunks, three runs on this 2-core machine while two other engineers compiled (load 5-7):
+//! absolute MB/s moved by up to 3x between runs, so the table gives each run's range and the
+//! ratios within a run, which held). Images: `memfill` (its pattern: pseudo-random words,
+//! incompressible), `touch` (the benchmarks' guest fill: one pattern word in four, zeros
+//! between), `mixed` (the `bench` module's image above).
+//!
+//! | image | level | compress MB/s | stored/in | decompress MB/s |
+//! |-------|------:|--------------:|----------:|----------------:|
+//! | memfill | -1 / 1 / 3 | 487-2424 / 439-1921 / 345-1672 | 1.000 (stored raw) | (raw copy) |
+//! | touch | -1 | 165-337 | 0.255 | 778-1288 |
+//! | touch | 1 | 180-274 | 0.255 | 854-1254 |
+//! | touch | 3 | 114-241 | 0.262 | 484-951 |
+//! | mixed | -1 | 245-641 | 0.213-0.223 | 664-934 |
+//! | mixed | 1 | 264-626 | 0.209-0.218 | 796-1075 |
+//! | mixed | 3 | 271-623 | 0.203-0.212 | 1005-1130 |
+//!
+//! Within each run, level 1 compressed `touch` 1.14-1.58x faster than level 3, into 3% fewer
+//! bytes, and decompressed it 1.2-2.6x faster; on `mixed` it compressed 0.92-1.14x as fast
+//! (a wash), stored 3% more and decompressed 0.7-1.07x as fast. Level -1 was never clearly
+//! faster than 1 and stores more on `mixed`. Incompressible chunks cost all levels about the
+//! same (zstd gives up early; they are stored raw). So level 1: the snapshot (compression)
+//! is faster or equal everywhere, at 3% of size on mixed memory; a store whose snapshots are
+//! restored far more often than taken can set `StoreOptions::zstd_level` to 3. The level is
+//! per chunk value, not part of the format: stores written at level 3 read the same.
 
 mod attachment;
 mod check;
@@ -147,6 +199,7 @@ mod debug;
 mod error;
 mod fsfile;
 mod gc;
+mod inherit;
 mod layout;
 mod manifest;
 mod mfiles;
@@ -154,6 +207,9 @@ mod name;
 mod open;
 mod pack;
 mod pin;
+mod pipeline;
+#[cfg(test)]
+mod pipeline_tests;
 mod reader;
 mod repair;
 mod scan;
@@ -163,13 +219,14 @@ mod verify;
 mod writer;
 
 pub use check::IndexCheck;
-pub use chunk::{ChunkError, ChunkRef, Hash};
+pub use chunk::{encode as encode_chunk, is_zero as chunk_is_zero, ChunkError, ChunkRef, Hash};
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
 pub use manifest::{BlockManifest, Manifest, ManifestError};
 pub use name::{validate_attachment_name, validate_snapshot_name, NameError};
 pub use pack::{Location, PACK_MAX};
 pub use pin::SnapshotPin;
+pub use pipeline::{put_pipelined, ChunkJob, PipelineStats, ReadChunk};
 pub use reader::SnapshotReader;
 pub use repair::RepairReport;
 pub use store::{Store, StoreOptions, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};

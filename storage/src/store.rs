@@ -15,7 +15,7 @@ use crate::writer::WriterShared;
 /// Default chunk size (see the crate docs for the measurement behind it).
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default zstd level (see the crate docs).
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 /// Options for [`Store::open_with`].
 #[derive(Clone, Debug)]
@@ -171,6 +171,14 @@ impl Store {
             op: "sync packs",
             source,
         })
+    }
+
+    /// Starts writeback of the packs written since their last sync, without waiting (see
+    /// `Packs::start_writeback`); a failure only costs the commit's sync more time.
+    pub(crate) fn start_writeback(&self) {
+        if let Err(e) = self.inner.packs.start_writeback() {
+            tracing::debug!(path = %self.inner.packs.dir().display(), "starting pack writeback: {e}");
+        }
     }
 
     /// Flushes sled (index, manifests, attachments) to disk.

@@ -36,22 +36,38 @@ pub struct WriteStats {
     pub new_chunks: u64,
     /// Bytes of newly stored chunk values (compressed, with header).
     pub bytes_stored: u64,
+    /// Bytes hashed (the non-zero chunks passed to `put_chunk`).
+    pub bytes_hashed: u64,
+    /// Bytes compressed (the non-zero chunks the store did not hold yet).
+    pub bytes_compressed_in: u64,
+    /// Chunks taken by reference from a parent snapshot ([`SnapshotWriter::inherit`]).
+    pub inherited_chunks: u64,
 }
 
-struct WriterBlock {
-    spec: BlockSpec,
-    chunks: Mutex<Vec<Option<ChunkRef>>>,
+/// A chunk after [`SnapshotWriter::prepare`]: all-zero, or stored under `hash` with its
+/// compressed value (`None` when the index already held the hash).
+pub(crate) enum Prepared {
+    Zero,
+    Stored { hash: Hash, value: Option<Vec<u8>> },
+}
+
+pub(crate) struct WriterBlock {
+    pub(crate) spec: BlockSpec,
+    pub(crate) chunks: Mutex<Vec<Option<ChunkRef>>>,
 }
 
 pub(crate) struct WriterShared {
     pub(crate) name: String,
-    chunk_size: u32,
-    blocks: Vec<WriterBlock>,
-    bytes_in: AtomicU64,
+    pub(crate) chunk_size: u32,
+    pub(crate) blocks: Vec<WriterBlock>,
+    pub(crate) bytes_in: AtomicU64,
     zero_chunks: AtomicU64,
     dedup_chunks: AtomicU64,
     new_chunks: AtomicU64,
     bytes_stored: AtomicU64,
+    bytes_hashed: AtomicU64,
+    bytes_compressed_in: AtomicU64,
+    pub(crate) inherited_chunks: AtomicU64,
 }
 
 impl WriterShared {
@@ -71,8 +87,8 @@ impl WriterShared {
 /// Dropping it without [`SnapshotWriter::commit`] abandons the snapshot; its chunks are
 /// reclaimed by the next [`Store::gc`].
 pub struct SnapshotWriter {
-    store: Store,
-    shared: Arc<WriterShared>,
+    pub(crate) store: Store,
+    pub(crate) shared: Arc<WriterShared>,
     id: u64,
 }
 
@@ -109,6 +125,9 @@ impl Store {
             dedup_chunks: AtomicU64::new(0),
             new_chunks: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
+            bytes_hashed: AtomicU64::new(0),
+            bytes_compressed_in: AtomicU64::new(0),
+            inherited_chunks: AtomicU64::new(0),
         });
         let id = self.register_writer(name, &shared)?;
         tracing::debug!(snapshot = name, "snapshot begun");
@@ -136,6 +155,9 @@ impl SnapshotWriter {
             dedup_chunks: s.dedup_chunks.load(Ordering::Relaxed),
             new_chunks: s.new_chunks.load(Ordering::Relaxed),
             bytes_stored: s.bytes_stored.load(Ordering::Relaxed),
+            bytes_hashed: s.bytes_hashed.load(Ordering::Relaxed),
+            bytes_compressed_in: s.bytes_compressed_in.load(Ordering::Relaxed),
+            inherited_chunks: s.inherited_chunks.load(Ordering::Relaxed),
         }
     }
 
@@ -151,6 +173,27 @@ impl SnapshotWriter {
     /// is a whole chunk, or the rest of the block for the last one. Writing the same offset
     /// again replaces the earlier content.
     pub fn put_chunk(&self, block: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let (b, slot) = self.check_chunk(block, offset, data.len())?;
+        let prepared = self.prepare(block, offset, data)?;
+        self.record(b, slot, offset, prepared, data)
+    }
+
+    /// Index of `block` among this writer's blocks, for [`SnapshotWriter::put_pipelined`].
+    pub(crate) fn block_index(&self, idstr: &str) -> Result<usize> {
+        self.shared
+            .blocks
+            .iter()
+            .position(|b| b.spec.idstr == idstr)
+            .ok_or_else(|| StoreError::NoSuchBlock { snapshot: self.shared.name.clone(), block: idstr.to_owned() })
+    }
+
+    pub(crate) fn block_at(&self, index: usize) -> &WriterBlock {
+        &self.shared.blocks[index]
+    }
+
+    /// Checks that `len` bytes at `offset` are exactly one chunk of `block`; returns the block
+    /// and the chunk's slot.
+    pub(crate) fn check_chunk(&self, block: &str, offset: u64, len: usize) -> Result<(&WriterBlock, usize)> {
         let b = self.block(block)?;
         let cs = u64::from(self.shared.chunk_size);
         let used = b.spec.used_length;
@@ -164,43 +207,74 @@ impl SnapshotWriter {
             });
         }
         let expected = (used - offset).min(cs) as usize;
-        if data.len() != expected {
+        if len != expected {
             return Err(StoreError::BadLength {
                 snapshot: self.shared.name.clone(),
                 block: block.to_owned(),
                 offset,
-                got: data.len(),
+                got: len,
                 expected,
             });
         }
+        Ok((b, (offset / cs) as usize))
+    }
+
+    /// The CPU work on one chunk, safe to run on any thread: the zero check (an all-zero
+    /// chunk is never hashed), the hash, and compression unless the index already holds it.
+    pub(crate) fn prepare(&self, block: &str, offset: u64, data: &[u8]) -> Result<Prepared> {
         let s = &self.shared;
         s.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
-        let slot = (offset / cs) as usize;
         if chunk::is_zero(data) {
-            s.zero_chunks.fetch_add(1, Ordering::Relaxed);
-            b.chunks.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(ChunkRef::Zero);
-            return Ok(());
+            return Ok(Prepared::Zero);
         }
-        let inner = &self.store.inner;
+        s.bytes_hashed.fetch_add(data.len() as u64, Ordering::Relaxed);
         let hash = Hash::of(data);
-        let encode = || {
-            chunk::encode(data, inner.opts.zstd_level).map_err(|source| StoreError::Chunk {
-                snapshot: s.name.clone(),
-                block: block.to_owned(),
-                offset,
-                source: Box::new(source),
-            })
+        let inner = &self.store.inner;
+        let present = inner.index.contains_key(hash.0).map_err(self.store.db_err("look up chunk"))?;
+        // Compressed before the GC lock is taken, so GC never waits for compression.
+        let value = if present { None } else { Some(self.encode(block, offset, data)?) };
+        Ok(Prepared::Stored { hash, value })
+    }
+
+    fn encode(&self, block: &str, offset: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let s = &self.shared;
+        s.bytes_compressed_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+        chunk::encode(data, self.store.inner.opts.zstd_level).map_err(|source| StoreError::Chunk {
+            snapshot: s.name.clone(),
+            block: block.to_owned(),
+            offset,
+            source: Box::new(source),
+        })
+    }
+
+    /// Stores a prepared chunk (if the index still lacks it) and records the reference in
+    /// `slot` of block `b`. `data` is the chunk again, compressed anew only if a GC removed
+    /// the index entry that `prepare` found.
+    pub(crate) fn record(
+        &self,
+        b: &WriterBlock,
+        slot: usize,
+        offset: u64,
+        prepared: Prepared,
+        data: &[u8],
+    ) -> Result<()> {
+        let s = &self.shared;
+        let (hash, mut value) = match prepared {
+            Prepared::Zero => {
+                s.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                b.chunks.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(ChunkRef::Zero);
+                return Ok(());
+            }
+            Prepared::Stored { hash, value } => (hash, value),
         };
-        let lookup = || inner.index.contains_key(hash.0).map_err(self.store.db_err("look up chunk"));
-        // Compress before taking the GC lock, so GC never waits for compression.
-        let mut value = if lookup()? { None } else { Some(encode()?) };
+        let inner = &self.store.inner;
         let _gc = inner.gc_lock.read().unwrap_or_else(|p| p.into_inner());
-        if lookup()? {
+        if inner.index.contains_key(hash.0).map_err(self.store.db_err("look up chunk"))? {
             s.dedup_chunks.fetch_add(1, Ordering::Relaxed);
         } else {
             let value = match value.take() {
                 Some(v) => v,
-                None => encode()?, // removed by a GC since the first lookup
+                None => self.encode(&b.spec.idstr, offset, data)?, // removed by a GC since `prepare`
             };
             self.store.ensure_space(value.len() as u64)?;
             if self.store.store_new_chunk(&hash, &value)? {

@@ -1,10 +1,24 @@
-//! `snapvisor bench snapshot`: snapshot creation of running `memfill` guests, stop-and-copy
-//! and live, and eager and lazy restore to the first guest instruction.
+//! `snapvisor bench snapshot`: what a snapshot costs, per mode and size, with today's path as
+//! the baseline in the same run.
 //!
-//! `memfill` rewrites all of its memory continuously, so a live snapshot here is the worst
-//! case: every round finds the whole working set dirty again. The first-instruction time of a
-//! restore is its first exit to the VMM: the `touch` guest polls the exit device's go register
-//! right after it resumes.
+//! Two guests per size:
+//! - `touch`, waiting for its go with all memory filled (the memfill pattern in every fourth
+//!   word, zeros between: compressible, as real memory is):
+//!   `baseline` (stop-and-copy on the previous copy path: `threads` threads each reading,
+//!   hashing, compressing and appending their own chunks), `full` (stop-and-copy through the
+//!   pipeline), and `incremental-1pct` (the next snapshot after 1% of memory, every 100th
+//!   chunk above 16 MiB, was rewritten with random bytes by the VMM through device memory);
+//!   then eager and lazy restores of the full snapshot to the first guest instruction
+//!   (`restore-eager`, `restore-lazy`: `total_ms` is that time).
+//! - `memfill`, rewriting all of its memory with incompressible words the whole time:
+//!   `baseline`, `full`, and `live` (dirty-log pre-copy; the worst case for it).
+//!
+//! Each full snapshot goes into an emptied store (the one before it is deleted and collected,
+//! outside the timing), so none deduplicates against another. `pause_ms` is how long the
+//! vCPUs were stopped, `total_ms` the whole call; bytes read (out of guest memory), hashed
+//! (non-zero chunks), compressed (chunks the store lacked) and written (compressed values
+//! appended to packs); `read_ms`/`work_ms`/`write_ms` are the pipeline's stages summed over
+//! their threads; `commit_ms` the store commit (pack and index syncs, manifest).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,7 +29,7 @@ use clap::Args;
 use crate::cli::run::{snapshot_error, vm_error};
 use crate::cli::CliError;
 use crate::guests::{touch, Builtin};
-use crate::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
+use crate::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions, SaveReport};
 use crate::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
 
 #[derive(Debug, Args)]
@@ -33,21 +47,72 @@ pub struct SnapshotBenchArgs {
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SnapshotRow {
+    pub mode: String,
+    pub guest: &'static str,
     pub mem_mib: u64,
-    pub stop_and_copy_ms: f64,
-    pub stop_and_copy_bytes_stored: u64,
-    pub live_ms: f64,
-    pub live_pause_ms: f64,
-    pub live_rounds: u32,
-    pub live_bytes_stored: u64,
-    pub eager_first_instruction_ms: f64,
-    pub lazy_first_instruction_ms: f64,
+    pub pause_ms: f64,
+    pub total_ms: f64,
+    pub bytes_read: u64,
+    pub bytes_hashed: u64,
+    pub bytes_compressed: u64,
+    pub bytes_written: u64,
+    pub zero_chunks: u64,
+    pub inherited_chunks: u64,
+    pub read_ms: f64,
+    pub work_ms: f64,
+    pub write_ms: f64,
+    pub commit_ms: f64,
+    /// `total_ms` over the baseline's, same guest and size (1.0 for the baseline).
+    pub vs_baseline: Option<f64>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
 fn internal(what: String) -> CliError {
     CliError::Internal(format!("bench snapshot: {what}"))
+}
+
+fn row(mode: &str, guest: &'static str, mem_mib: u64, r: &SaveReport) -> SnapshotRow {
+    let ns = |n: u64| n as f64 / 1e6;
+    SnapshotRow {
+        mode: mode.to_string(),
+        guest,
+        mem_mib,
+        pause_ms: r.pause_ms,
+        total_ms: r.total_ms,
+        bytes_read: r.bytes_copied,
+        bytes_hashed: r.store.bytes_hashed,
+        bytes_compressed: r.store.bytes_compressed_in,
+        bytes_written: r.store.bytes_stored,
+        zero_chunks: r.store.zero_chunks,
+        inherited_chunks: r.store.inherited_chunks,
+        read_ms: ns(r.pipeline.read_ns),
+        work_ms: ns(r.pipeline.work_ns),
+        write_ms: ns(r.pipeline.write_ns),
+        commit_ms: r.commit_ms,
+        vs_baseline: None,
+    }
+}
+
+fn restore_row(mode: &str, mem_mib: u64, first_ms: f64) -> SnapshotRow {
+    SnapshotRow {
+        mode: mode.to_string(),
+        guest: "touch",
+        mem_mib,
+        pause_ms: 0.0,
+        total_ms: first_ms,
+        bytes_read: 0,
+        bytes_hashed: 0,
+        bytes_compressed: 0,
+        bytes_written: 0,
+        zero_chunks: 0,
+        inherited_chunks: 0,
+        read_ms: 0.0,
+        work_ms: 0.0,
+        write_ms: 0.0,
+        commit_ms: 0.0,
+        vs_baseline: None,
+    }
 }
 
 fn first_instruction(store: &storage::Store, name: &str, mode: RestoreMode) -> Result<f64, CliError> {
@@ -62,7 +127,85 @@ fn first_instruction(store: &storage::Store, name: &str, mode: RestoreMode) -> R
     Ok(first.saturating_duration_since(t0).as_secs_f64() * 1e3)
 }
 
-fn row(store: &storage::Store, mem_mib: u64) -> Result<SnapshotRow, CliError> {
+/// Deletes `name` and collects its chunks, so the next full snapshot deduplicates nothing.
+fn discard(store: &storage::Store, name: &str) -> Result<(), CliError> {
+    store.delete(name).map_err(|e| internal(format!("deleting {name}: {e}")))?;
+    store.gc().map_err(|e| internal(format!("gc: {e}")))?;
+    Ok(())
+}
+
+fn save(vm: &Vm, store: &storage::Store, name: &str, opts: SaveOptions) -> Result<SaveReport, CliError> {
+    snapshot::save(vm, store, name, &opts, &|_| {}).map_err(snapshot_error)
+}
+
+const BASELINE: SaveOptions = SaveOptions {
+    live: false,
+    max_rounds: 8,
+    final_chunks: 64,
+    threads: 2,
+    stay_paused: false,
+    incremental: false,
+    pipeline: false,
+};
+const FULL: SaveOptions = SaveOptions { pipeline: true, ..BASELINE };
+
+/// Rewrites 1% of the guest's memory (every 100th 64 KiB chunk above 16 MiB) with random
+/// bytes through device memory, as a device would.
+fn write_one_percent(vm: &Vm, seed: u64) -> Result<u64, CliError> {
+    let size = vm.ram().size().min(crate::layout::PCI_HOLE_START);
+    let mut x = seed | 1;
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut written = 0;
+    let mut off = 16u64 << 20;
+    while off + chunk.len() as u64 <= size {
+        for b in chunk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        vm.ram().device_memory().write(off, &chunk).map_err(|e| internal(format!("writing guest memory: {e}")))?;
+        written += chunk.len() as u64;
+        off += 100 * chunk.len() as u64;
+    }
+    Ok(written)
+}
+
+fn touch_rows(store: &storage::Store, mem_mib: u64, rows: &mut Vec<SnapshotRow>) -> Result<(), CliError> {
+    let params = BuiltinParams { seed: 4, ..Default::default() };
+    let mut vm = Vm::new(VmConfig::new(
+        mem_mib,
+        1,
+        BootSource::Builtin { guest: Builtin::Touch, params },
+        Box::new(SharedOutput::default()),
+    ))
+    .map_err(vm_error)?;
+    vm.start().map_err(vm_error)?;
+    vm.control().wait_mark(touch::MARK_FILLED, TIMEOUT).ok_or_else(|| internal("touch never filled".into()))?;
+    let base = save(&vm, store, &format!("touch-base-{mem_mib}"), BASELINE)?;
+    rows.push(row("baseline", "touch", mem_mib, &base));
+    discard(store, &format!("touch-base-{mem_mib}"))?;
+    let full_name = format!("touch-full-{mem_mib}");
+    let full = save(&vm, store, &full_name, FULL)?;
+    rows.push(row("full", "touch", mem_mib, &full));
+    write_one_percent(&vm, mem_mib)?;
+    let inc_name = format!("touch-inc-{mem_mib}");
+    let inc = save(&vm, store, &inc_name, SaveOptions { incremental: true, ..FULL })?;
+    if !inc.incremental {
+        return Err(internal(format!("the repeat snapshot was full: {:?}", inc.full_reason)));
+    }
+    rows.push(row("incremental-1pct", "touch", mem_mib, &inc));
+    vm.stop("snapshots taken");
+    let eager = first_instruction(store, &full_name, RestoreMode::Eager)?;
+    let lazy = first_instruction(store, &full_name, RestoreMode::Lazy)?;
+    rows.push(restore_row("restore-eager", mem_mib, eager));
+    rows.push(restore_row("restore-lazy", mem_mib, lazy));
+    discard(store, &inc_name)?;
+    discard(store, &full_name)?;
+    Ok(())
+}
+
+fn memfill_rows(store: &storage::Store, mem_mib: u64, rows: &mut Vec<SnapshotRow>) -> Result<(), CliError> {
     let params = BuiltinParams { seed: 3, passes: 0, ..Default::default() };
     let out = SharedOutput::default();
     let mut vm = Vm::new(VmConfig::new(
@@ -77,49 +220,17 @@ fn row(store: &storage::Store, mem_mib: u64) -> Result<SnapshotRow, CliError> {
     while !out.text().contains('\n') && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let stop = snapshot::save(&vm, store, &format!("sc-{mem_mib}"), &SaveOptions::default(), &|_| {})
-        .map_err(snapshot_error)?;
-    let live = snapshot::save(
-        &vm,
-        store,
-        &format!("live-{mem_mib}"),
-        &SaveOptions { live: true, ..Default::default() },
-        &|_| {},
-    )
-    .map_err(snapshot_error)?;
+    let base = save(&vm, store, &format!("memfill-base-{mem_mib}"), BASELINE)?;
+    rows.push(row("baseline", "memfill", mem_mib, &base));
+    discard(store, &format!("memfill-base-{mem_mib}"))?;
+    let full = save(&vm, store, &format!("memfill-full-{mem_mib}"), FULL)?;
+    rows.push(row("full", "memfill", mem_mib, &full));
+    discard(store, &format!("memfill-full-{mem_mib}"))?;
+    let live = save(&vm, store, &format!("memfill-live-{mem_mib}"), SaveOptions { live: true, ..FULL })?;
+    rows.push(row("live", "memfill", mem_mib, &live));
     vm.stop("measured");
-
-    // Restore timing on a guest whose first instruction is observable.
-    let tparams = BuiltinParams { seed: 4, ..Default::default() };
-    let mut t = Vm::new(VmConfig::new(
-        mem_mib,
-        1,
-        BootSource::Builtin { guest: Builtin::Touch, params: tparams },
-        Box::new(SharedOutput::default()),
-    ))
-    .map_err(vm_error)?;
-    t.start().map_err(vm_error)?;
-    t.control().wait_mark(touch::MARK_FILLED, TIMEOUT).ok_or_else(|| internal("touch never filled".into()))?;
-    let tname = format!("touch-{mem_mib}");
-    snapshot::save(&t, store, &tname, &SaveOptions::default(), &|_| {}).map_err(snapshot_error)?;
-    t.stop("snapshot taken");
-    let eager = first_instruction(store, &tname, RestoreMode::Eager)?;
-    let lazy = first_instruction(store, &tname, RestoreMode::Lazy)?;
-    for n in [format!("sc-{mem_mib}"), format!("live-{mem_mib}"), tname] {
-        let _ = store.delete(&n);
-    }
-    let _ = store.gc();
-    Ok(SnapshotRow {
-        mem_mib,
-        stop_and_copy_ms: stop.total_ms,
-        stop_and_copy_bytes_stored: stop.store.bytes_stored,
-        live_ms: live.total_ms,
-        live_pause_ms: live.pause_ms,
-        live_rounds: live.rounds,
-        live_bytes_stored: live.store.bytes_stored,
-        eager_first_instruction_ms: eager,
-        lazy_first_instruction_ms: lazy,
-    })
+    discard(store, &format!("memfill-live-{mem_mib}"))?;
+    Ok(())
 }
 
 pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
@@ -129,40 +240,65 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("snapvisor-bench-snapshot-{}", std::process::id())));
     let store =
         storage::Store::open(&dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
-    let rows: Result<Vec<SnapshotRow>, CliError> = args.mem_mib.iter().map(|&m| row(&store, m)).collect();
+    let mut rows = Vec::new();
+    let mut result = Ok(());
+    for &m in &args.mem_mib {
+        result = touch_rows(&store, m, &mut rows).and_then(|()| memfill_rows(&store, m, &mut rows));
+        if result.is_err() {
+            break;
+        }
+    }
     drop(store);
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let rows = rows?;
+    result?;
+    let baselines: Vec<(&'static str, u64, f64)> =
+        rows.iter().filter(|r| r.mode == "baseline").map(|r| (r.guest, r.mem_mib, r.total_ms)).collect();
+    for r in rows.iter_mut().filter(|r| !r.mode.starts_with("restore")) {
+        if let Some((_, _, b)) = baselines.iter().find(|(g, m, _)| *g == r.guest && *m == r.mem_mib) {
+            r.vs_baseline = Some(r.total_ms / b);
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows).map_err(|e| internal(e.to_string()))?);
         return Ok(());
     }
     println!(
-        "{:>8} {:>14} {:>12} {:>10} {:>10} {:>7} {:>12} {:>14} {:>13}",
-        "mem MiB",
-        "stop+copy ms",
-        "stored MiB",
-        "live ms",
+        "{:<17} {:<8} {:>5} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
+        "mode",
+        "guest",
+        "MiB",
         "pause ms",
-        "rounds",
-        "stored MiB",
-        "eager 1st ms",
-        "lazy 1st ms"
+        "total ms",
+        "x base",
+        "read MiB",
+        "hash MiB",
+        "zstd MiB",
+        "wrote MiB",
+        "read ms",
+        "work ms",
+        "write ms",
+        "commit ms"
     );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     for r in &rows {
         println!(
-            "{:>8} {:>14.0} {:>12.1} {:>10.0} {:>10.0} {:>7} {:>12.1} {:>14.1} {:>13.1}",
+            "{:<17} {:<8} {:>5} {:>9.1} {:>9.1} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.0} {:>8.0} {:>8.0} {:>8.1}",
+            r.mode,
+            r.guest,
             r.mem_mib,
-            r.stop_and_copy_ms,
-            r.stop_and_copy_bytes_stored as f64 / (1 << 20) as f64,
-            r.live_ms,
-            r.live_pause_ms,
-            r.live_rounds,
-            r.live_bytes_stored as f64 / (1 << 20) as f64,
-            r.eager_first_instruction_ms,
-            r.lazy_first_instruction_ms
+            r.pause_ms,
+            r.total_ms,
+            r.vs_baseline.map(|v| format!("{v:.3}")).unwrap_or_default(),
+            mib(r.bytes_read),
+            mib(r.bytes_hashed),
+            mib(r.bytes_compressed),
+            mib(r.bytes_written),
+            r.read_ms,
+            r.work_ms,
+            r.write_ms,
+            r.commit_ms
         );
     }
     Ok(())

@@ -11,6 +11,7 @@
 
 mod acpi_state;
 pub mod devices;
+pub mod lineage;
 pub mod restore;
 pub mod save;
 pub mod vcpu_state;

@@ -1,4 +1,11 @@
-//! Taking a snapshot: stop-and-copy, or live with KVM's dirty log.
+//! Taking a snapshot: stop-and-copy, or live with KVM's dirty log; full, or incremental
+//! against the VM's parent snapshot (see [`super::lineage`]).
+//!
+//! RAM goes through the store's chunk pipeline ([`storage::put_pipelined`]): one thread copies
+//! chunks out of guest memory, `threads` workers zero-check, hash and compress them, and the
+//! calling thread stores them in order. `SaveOptions::pipeline = false` keeps the previous
+//! path (each of `threads` threads reads, hashes, compresses and appends its own chunks) as
+//! the benchmark's baseline.
 //!
 //! Live: dirty logging is switched on, every chunk is copied while the guest runs (round 0),
 //! then the chunks dirtied meanwhile are copied again, round after round, until few remain,
@@ -20,7 +27,7 @@ use migrate::ram::{RamBlock, RamBlockListener};
 use migrate::snapshot::check::describe;
 use migrate::snapshot::format::{serde_bytes_compat::Bytes, VmSnapshot};
 use migrate::snapshot::ram_io::{block_specs, save_chunks};
-use storage::{SnapshotWriter, Store, WriteStats};
+use storage::{ChunkJob, PipelineStats, SnapshotWriter, Store, StoreError, WriteStats};
 
 use super::devices::{check_all_saved, persistables};
 use super::vcpu_state::{save_vcpu, save_vm, HostVcpuCaps};
@@ -41,11 +48,25 @@ pub struct SaveOptions {
     pub threads: usize,
     /// Leave the VM paused afterwards (otherwise it resumes if it was running).
     pub stay_paused: bool,
+    /// Stop-and-copy: copy only the chunks dirtied since the VM's parent snapshot and take the
+    /// rest from the parent's manifest, when the VM has a usable parent.
+    pub incremental: bool,
+    /// Copy through the ordered chunk pipeline (reader, workers, writer); `false` is the
+    /// previous path, kept as the benchmark's baseline.
+    pub pipeline: bool,
 }
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions { live: false, max_rounds: 8, final_chunks: 64, threads: 2, stay_paused: false }
+        SaveOptions {
+            live: false,
+            max_rounds: 8,
+            final_chunks: 64,
+            threads: 2,
+            stay_paused: false,
+            incremental: true,
+            pipeline: true,
+        }
     }
 }
 
@@ -69,8 +90,23 @@ pub struct SaveReport {
     /// How long the vCPUs were paused for it.
     pub pause_ms: f64,
     pub ram_bytes: u64,
+    /// Bytes read out of guest memory (every round).
     pub bytes_copied: u64,
     pub store: WriteStats,
+    /// Copied only what changed since `parent`.
+    pub incremental: bool,
+    /// The parent snapshot the unchanged chunks were taken from.
+    pub parent: Option<String>,
+    /// Why a snapshot that could have been incremental was full (also logged).
+    pub full_reason: Option<String>,
+    /// Where the pipeline spent its time (summed over its threads), all rounds.
+    pub pipeline: PipelineStats,
+    /// Copying RAM while paused (stop-and-copy: all of it; live: the last round).
+    pub paused_copy_ms: f64,
+    /// Saving vCPU and device state.
+    pub state_ms: f64,
+    /// The store commit (syncs, manifest).
+    pub commit_ms: f64,
 }
 
 /// Notes resizes while a snapshot runs.
@@ -163,17 +199,52 @@ fn dirty_chunks(vm: &Vm, blocks: &[Arc<RamBlock>], chunk: u64) -> Result<Vec<Vec
     Ok(out)
 }
 
+/// Copies `chunks[i]` of `blocks[i]` into the writer; returns the bytes read.
 fn copy_round(
     writer: &SnapshotWriter,
     blocks: &[Arc<RamBlock>],
     chunks: &[Vec<u64>],
-    threads: usize,
+    opts: &SaveOptions,
+    stats: &mut PipelineStats,
 ) -> Result<u64, SnapshotError> {
-    let mut bytes = 0;
-    for (b, c) in blocks.iter().zip(chunks) {
-        bytes += save_chunks(writer, b, c, threads)?;
+    if !opts.pipeline {
+        let mut bytes = 0;
+        for (b, c) in blocks.iter().zip(chunks) {
+            bytes += save_chunks(writer, b, c, opts.threads)?;
+        }
+        return Ok(bytes);
     }
-    Ok(bytes)
+    let cs = u64::from(writer.chunk_size());
+    let mut jobs = Vec::new();
+    for (b, c) in blocks.iter().zip(chunks) {
+        let used = b.used_length();
+        jobs.extend(
+            c.iter()
+                .map(|i| i * cs)
+                .filter(|off| *off < used)
+                .map(|offset| ChunkJob { block: b.idstr().to_string(), offset }),
+        );
+    }
+    let read = |idstr: &str, offset: u64, buf: &mut [u8]| -> Result<(), String> {
+        let b = blocks.iter().find(|b| b.idstr() == idstr).ok_or_else(|| format!("no RAM block '{idstr}'"))?;
+        b.read(offset, buf).map_err(|e| e.to_string())
+    };
+    let st = storage::put_pipelined(writer, &jobs, opts.threads, &read)?;
+    stats.chunks += st.chunks;
+    stats.bytes_read += st.bytes_read;
+    stats.read_ns += st.read_ns;
+    stats.work_ns += st.work_ns;
+    stats.write_ns += st.write_ns;
+    Ok(st.bytes_read)
+}
+
+/// Starts dirty tracking at this moment (the VM is paused or not yet started): KVM's dirty
+/// log on every slot, and every dirty record so far consumed. From here on the VM's memory
+/// differs from the snapshot it now equals only in the chunks the records will show.
+pub(super) fn start_tracking(vm: &Vm, chunk: u64) -> Result<(), SnapshotError> {
+    vm.slots().set_dirty_logging(true)?;
+    dirty_chunks(vm, &vm.registry().blocks(), chunk)?;
+    Ok(())
 }
 
 /// Snapshots `vm` into `store` as `name`. `progress` is called after each round.
@@ -189,6 +260,20 @@ pub fn save(
     if vm.control().exit_reason().is_some() {
         return Err(SnapshotError::NotRunning);
     }
+    // Taken out for good: this snapshot consumes the dirty records, so unless it commits (and
+    // becomes the new parent) the next one must be full. See lineage.rs.
+    let parent = vm.lineage().take();
+    let live_mode = opts.live && was_running;
+    let mut full_reason = match (&parent, opts.incremental, live_mode) {
+        (_, false, _) => Some("incremental snapshots are switched off for this snapshot".to_string()),
+        (_, _, true) => Some("a live snapshot copies all memory".to_string()),
+        (None, _, _) => Some(
+            "the VM has no parent snapshot (none taken or restored since it started, or the last one failed)"
+                .to_string(),
+        ),
+        (Some(_), true, false) => None,
+    };
+    let parent = if full_reason.is_none() { parent } else { None };
     let watch = Arc::new(ResizeWatch::default());
     let mut cleanup =
         Cleanup { vm, resume: false, watch: Some(vm.registry().add_listener(watch.clone())), dirty_log: false };
@@ -198,9 +283,10 @@ pub fn save(
     let ram_bytes: u64 = blocks.iter().map(|b| b.used_length()).sum();
     let mut rounds = 0;
     let mut bytes_copied = 0;
+    let mut pstats = PipelineStats::default();
 
     // Live: the writer and the chunks still dirty when the copying rounds stopped.
-    let live = if opts.live && was_running {
+    let live = if live_mode {
         vm.slots().set_dirty_logging(true)?;
         cleanup.dirty_log = true;
         // Start both dirty records afresh: everything is copied in round 0 anyway.
@@ -208,7 +294,7 @@ pub fn save(
         let writer = store.begin(name, block_specs(&blocks))?;
         let mut todo = all.clone();
         loop {
-            bytes_copied += copy_round(&writer, &blocks, &todo, opts.threads)?;
+            bytes_copied += copy_round(&writer, &blocks, &todo, opts, &mut pstats)?;
             let copied: u64 = todo.iter().map(|c| c.len() as u64).sum();
             todo = dirty_chunks(vm, &blocks, chunk)?;
             let dirty: u64 = todo.iter().map(|c| c.len() as u64).sum();
@@ -234,6 +320,8 @@ pub fn save(
     }
     cleanup.resume = was_running && !opts.stay_paused;
     watch.check()?;
+    let copy_start = Instant::now();
+    let mut incremental = false;
     let writer = match live {
         Some((w, pending)) => {
             // What the last round left dirty, and what the guest dirtied until it paused.
@@ -242,16 +330,49 @@ pub fn save(
                 .zip(dirty_chunks(vm, &blocks, chunk)?)
                 .map(|(a, b)| a.into_iter().chain(b).collect::<BTreeSet<u64>>().into_iter().collect())
                 .collect();
-            bytes_copied += copy_round(&w, &blocks, &last, opts.threads)?;
+            bytes_copied += copy_round(&w, &blocks, &last, opts, &mut pstats)?;
             w
         }
         None => {
+            // Tracking restarts at this point; with a parent, what it recorded since the parent
+            // is what this snapshot must copy.
+            vm.slots().set_dirty_logging(true)?;
+            cleanup.dirty_log = true;
+            let dirty = dirty_chunks(vm, &blocks, chunk)?;
             let w = store.begin(name, block_specs(&blocks))?;
-            bytes_copied += copy_round(&w, &blocks, &all, opts.threads)?;
+            let mut todo = all.clone();
+            if let Some(p) = &parent {
+                match w.inherit(p) {
+                    Ok(taken) => {
+                        for (i, b) in blocks.iter().enumerate() {
+                            if taken.iter().any(|t| t == b.idstr()) {
+                                todo[i] = dirty[i].clone();
+                            } else {
+                                tracing::info!(
+                                    snapshot = name,
+                                    parent = %p.name,
+                                    block = b.idstr(),
+                                    "block copied whole: new or resized since the parent"
+                                );
+                            }
+                        }
+                        incremental = true;
+                    }
+                    Err(e @ StoreError::ParentChanged { .. }) => {
+                        tracing::info!(snapshot = name, "full snapshot: {e}");
+                        full_reason = Some(e.to_string());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            bytes_copied += copy_round(&w, &blocks, &todo, opts, &mut pstats)?;
             w
         }
     };
+    let paused_copy = copy_start.elapsed();
+    let state_start = Instant::now();
     let state = capture_state(vm)?;
+    let state_time = state_start.elapsed();
     watch.check()?;
     // A lazy restore that failed meanwhile has let go of the memory it could not serve (it
     // reads as zeros now): nothing copied from it may be committed.
@@ -259,19 +380,47 @@ pub fn save(
         return Err(SnapshotError::LazyFailed(e.to_string()));
     }
     let stats = writer.stats();
-    writer.commit(state.encode()?)?;
+    let commit_start = Instant::now();
+    let manifest = writer.commit(state.encode()?)?;
+    let commit_time = commit_start.elapsed();
+    // Committed: the VM's memory equals this snapshot plus what the dirty records show from
+    // the pause on. Dirty logging stays on.
+    vm.lineage().set(Arc::new(manifest));
+    cleanup.dirty_log = false;
     let pause = paused_at.elapsed();
     drop(cleanup);
+    tracing::info!(
+        snapshot = name,
+        incremental,
+        parent = parent.as_ref().filter(|_| incremental).map(|p| p.name.as_str()),
+        full_reason = full_reason.as_deref().filter(|_| !incremental),
+        pause_ms = ms(pause),
+        paused_copy_ms = ms(paused_copy),
+        state_ms = ms(state_time),
+        commit_ms = ms(commit_time),
+        bytes_copied,
+        read_ms = pstats.read_ns as f64 / 1e6,
+        work_ms = pstats.work_ns as f64 / 1e6,
+        write_ms = pstats.write_ns as f64 / 1e6,
+        "snapshot taken"
+    );
     progress(&SaveProgress { round: rounds, chunks_copied: 0, bytes_copied, dirty_chunks: 0 });
     Ok(SaveReport {
         name: name.to_string(),
-        live: opts.live && was_running,
+        live: live_mode,
         rounds,
         total_ms: ms(t0.elapsed()),
         pause_ms: ms(pause),
         ram_bytes,
         bytes_copied,
         store: stats,
+        incremental,
+        parent: if incremental { parent.map(|p| p.name.clone()) } else { None },
+        full_reason: if incremental { None } else { full_reason },
+        pipeline: pstats,
+        paused_copy_ms: ms(paused_copy),
+        state_ms: ms(state_time),
+        commit_ms: ms(commit_time),
     })
 }
 
