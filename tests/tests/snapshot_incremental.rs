@@ -192,9 +192,15 @@ fn restored_vm_snapshots_incrementally_and_the_chain_survives_deleting_its_ances
     assert!(!base.incremental && base.full_reason.is_some(), "{base:?}");
     drop(vm);
 
-    let (vm, _) =
-        snapshot::restore(&store, "base", RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
-            .expect("restore base");
+    let (vm, _) = snapshot::restore(
+        &store,
+        "base",
+        RestoreOptions {
+            track_dirty: true,
+            ..RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default()))
+        },
+    )
+    .expect("restore base");
     let mem = vm.ram().device_memory();
     mem.write(0x21_0000, &noise(CS as usize, 2)).expect("rewrite a data chunk");
     mem.write(0x22_0000, &vec![0u8; CS as usize]).expect("zero a data chunk");
@@ -299,4 +305,36 @@ fn a_damaged_chunk_shared_by_parent_and_child_is_reported_for_both() {
         assert!(!r.ok() && r.errors.iter().any(|e| e.contains("0x310000")), "{name}: {r:?}");
         assert!(text.contains(name), "`store verify` names {name}: {text}");
     }
+}
+
+/// A restore without `track_dirty` (the default) does not start tracking: the restored VM's
+/// first snapshot is full (and byte-exact), and from there on its snapshots are incremental.
+#[test]
+fn a_default_restore_snapshots_full_first_then_incrementally() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("store")).expect("store");
+    let cfg = VmConfig::new(
+        16,
+        1,
+        BootSource::Builtin { guest: Builtin::Hello, params: BuiltinParams::default() },
+        Box::new(SharedOutput::default()),
+    );
+    let vm = Vm::new(cfg).expect("vm");
+    vm.ram().device_memory().write(0x20_0000, &noise(1 << 20, 7)).expect("write base data");
+    snapshot::save(&vm, &store, "base", &SaveOptions::default(), &|_| {}).expect("base");
+    drop(vm);
+
+    let (vm, _) =
+        snapshot::restore(&store, "base", RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
+            .expect("restore base");
+    let mem = vm.ram().device_memory();
+    mem.write(0x21_0000, &noise(CS as usize, 8)).expect("write after the restore");
+    let first = snapshot::save(&vm, &store, "first", &SaveOptions::default(), &|_| {}).expect("first");
+    assert!(!first.incremental && first.full_reason.is_some(), "untracked restore, first snapshot full: {first:?}");
+    assert_blocks_match(&vm, &store, "first", "first snapshot after an untracked restore");
+    mem.write(0x30_0000, &noise(CS as usize, 9)).expect("write after the first snapshot");
+    let second = snapshot::save(&vm, &store, "second", &SaveOptions::default(), &|_| {}).expect("second");
+    assert_incremental(&second, "first");
+    assert_eq!(second.bytes_copied, CS, "{second:?}");
+    assert_blocks_match(&vm, &store, "second", "second snapshot");
 }

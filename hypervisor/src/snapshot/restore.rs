@@ -73,8 +73,10 @@ pub struct RestoreOptions {
     /// Start dirty tracking at the restore, so the VM's next snapshot can be incremental on
     /// this one (lineage.rs). It costs the guest a write-protection fault on its first write
     /// to each page, and KVM maps guest memory in 4 KiB pages while it is on: `bench restore`
-    /// measured the working set of a resident guest 4-5x slower with it. Off: the next
-    /// snapshot is full.
+    /// measured the working set of a resident guest 4-5x slower with it, and the lazy
+    /// restore's first instruction 2-3x later. Off (the default: restores stay fast; `restore
+    /// --track-dirty` turns it on): the VM's first snapshot is full, and from then on it keeps
+    /// tracking and its repeat snapshots are incremental.
     pub track_dirty: bool,
 }
 
@@ -91,7 +93,7 @@ impl RestoreOptions {
             background_fill: true,
             cache: Some(shared_cache()),
             pin_holder: format!("a restore in process {}", std::process::id()),
-            track_dirty: true,
+            track_dirty: false,
         }
     }
 }
