@@ -459,6 +459,13 @@ impl Vm {
         }
     }
 
+    /// Stops the NICs' I/O threads (the VM has ended; also done when it is joined or dropped).
+    pub fn shutdown_nics(&self) {
+        for nic in &self.devices.nics {
+            nic.shutdown();
+        }
+    }
+
     /// Whether `start` has run.
     pub fn is_started(&self) -> bool {
         self.started.is_some()

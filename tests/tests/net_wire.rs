@@ -160,6 +160,9 @@ fn tap_errors_macs_and_fds_through_the_api() {
     for t in &taps {
         assert!(link_exists(t), "the daemon created tap {t}");
     }
+    // Stopped and started again: the new machine gets the tap the old one held.
+    d.ok("POST", "/vms/m0/stop", None);
+    d.ok("POST", "/vms/m0/start", None);
     for i in 0..3 {
         d.ok("DELETE", &format!("/vms/m{i}"), None);
     }

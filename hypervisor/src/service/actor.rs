@@ -335,6 +335,9 @@ impl Actor {
                         cfg.firmware = self.def.firmware_image(&self.images)?;
                         cfg.net = super::net_api::to_specs(&self.def.net, &self.images)?;
                         cfg.debugcon_out = Some(Box::new(self.debugcon.clone()));
+                        // The VM that ran before goes first: it holds its NICs' taps, which
+                        // take one user each.
+                        self.vm = None;
                         self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
                     }
                     self.failed = false;
@@ -406,6 +409,9 @@ impl Actor {
         let vm = self.vm.as_ref()?;
         let reason = vm.control().exit_reason()?;
         self.exit_reported = true;
+        // The guest is gone: its NICs stop moving frames (their taps close when the VM is
+        // deleted or started again).
+        vm.shutdown_nics();
         tracing::info!(vm = %self.def.name, %reason, "VM ended");
         if let (ExitReason::Crash { .. }, Some(e)) = (&reason, vm.page_server().and_then(|s| s.error())) {
             return Some(("lazy_restore_failed", serde_json::json!({ "error": e.to_string() })));
