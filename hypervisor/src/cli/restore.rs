@@ -52,6 +52,11 @@ pub struct RestoreArgs {
     /// first snapshot is full and tracking starts there.
     #[arg(long)]
     pub track_dirty: bool,
+    /// Put the restored VM's NICs on other taps and/or MACs: one per NIC of the snapshot, in
+    /// PCI order (tap=NAME[,mac=..][,romfile=..][,romsize=..]); a NIC without mac= keeps the
+    /// snapshot's. A different NIC count is refused.
+    #[arg(long = "net", value_name = "SPEC", value_parser = super::run::parse_net)]
+    pub net: Vec<crate::net::NetSpec>,
 }
 
 pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
@@ -74,6 +79,9 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
     }
     opts.new_generation = args.new_generation;
     opts.track_dirty = args.track_dirty;
+    if !args.net.is_empty() {
+        opts.net = Some(args.net.clone());
+    }
     let timeout = args
         .timeout
         .map(|t| {
