@@ -8,8 +8,10 @@
 //! reset in place (`crate::reset`), others end with [`ExitReason::Reset`]; ACPI S5 ends the VM
 //! with [`ExitReason::PowerOff`]. PCI BARs are placed on the port and MMIO buses through
 //! [`MachineBarMapper`], which records them with the machine's other devices, so a BAR served
-//! by a device without a snapshot fragment fails snapshots by name like any other device.
+//! by a device without a snapshot fragment fails snapshots by name like any other device. A
+//! BAR that decodes RAM (an option ROM) becomes a read-only KVM memory slot of its block.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use devices::bus::{Bus, BusDevice};
@@ -19,11 +21,12 @@ use devices::irq::IrqLine;
 use devices::pci::{self, BarMapper, HostBridge, PciBus, PciConfigIo, PciWindows};
 use devices::pm::{self, Pm, PmPorts};
 use kvm_ioctls::VmFd;
+use migrate::ram::RamBlock;
 
 use crate::control::{ExitReason, VmControl};
 use crate::layout;
 use crate::machine::{BusKind, MachineError, Placed};
-use crate::memory::pc_ram_layout;
+use crate::memory::{pc_ram_layout, Placement, SlotMap};
 
 /// Start of the I/O window PCI BARs may use (below it: legacy ISA ports).
 pub const PCI_IO_WINDOW_START: u64 = 0x1000;
@@ -74,6 +77,10 @@ pub struct MachineBarMapper {
     pio: Weak<Bus>,
     mmio: Weak<Bus>,
     placed: Weak<Mutex<Vec<Placed>>>,
+    /// BAR memory (option ROMs) becomes read-only KVM memory slots here.
+    slots: Weak<SlotMap>,
+    /// What `map_memory` mapped: guest address -> block.
+    memory: Mutex<BTreeMap<u64, String>>,
 }
 
 impl MachineBarMapper {
@@ -103,6 +110,36 @@ impl BarMapper for MachineBarMapper {
         }
         placed.retain(|p| !(p.bus == kind && p.addr == r.addr));
     }
+
+    /// A read-only KVM memory slot of `block` at `r`: guest reads come from the block without
+    /// an exit; guest writes exit as MMIO to an address no bus device serves, which the vCPU
+    /// loop logs at debug level and ignores. The slot covers the block's used length (or the
+    /// BAR, if smaller) and follows the block's resizes (a restore's).
+    fn map_memory(&self, name: &'static str, r: pci::BarRegion, block: Arc<RamBlock>) -> Result<(), String> {
+        if r.space != pci::BarSpace::Mmio {
+            return Err(format!("{name}: BAR memory must be in memory space, not at {r}"));
+        }
+        let slots = self.slots.upgrade().ok_or("the machine is going away")?;
+        let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        if memory.contains_key(&r.addr) {
+            return Err(format!("{name}: memory is already mapped at {:#x}", r.addr));
+        }
+        let p = Placement { block_offset: 0, gpa: r.addr, len: r.len, readonly: true };
+        slots.map_block(&block, p).map_err(|e| e.to_string())?;
+        memory.insert(r.addr, block.idstr().to_string());
+        tracing::debug!("{name}: RAM block {} mapped read-only at {r}", block.idstr());
+        Ok(())
+    }
+
+    fn unmap_memory(&self, r: pci::BarRegion) {
+        let Some(idstr) = self.memory.lock().unwrap_or_else(PoisonError::into_inner).remove(&r.addr) else {
+            tracing::warn!("unmapping BAR memory at {r}: nothing is mapped there");
+            return;
+        };
+        if let Some(slots) = self.slots.upgrade() {
+            slots.unmap_at(&idstr, r.addr);
+        }
+    }
 }
 
 /// Where PCI BARs may go on a machine with `mem_bytes` of RAM: the 32-bit window runs from
@@ -127,6 +164,7 @@ pub fn attach(
     pio: &Arc<Bus>,
     mmio: &Arc<Bus>,
     placed: &Arc<Mutex<Vec<Placed>>>,
+    slots: &Arc<SlotMap>,
     control: &Arc<VmControl>,
     mem_bytes: u64,
     vcpus: u8,
@@ -174,6 +212,8 @@ pub fn attach(
         pio: Arc::downgrade(pio),
         mmio: Arc::downgrade(mmio),
         placed: Arc::downgrade(placed),
+        slots: Arc::downgrade(slots),
+        memory: Mutex::new(BTreeMap::new()),
     });
     let mut bus = PciBus::new(pci_windows(mem_bytes), mapper);
     bus.add(pci::Bdf::new(0, 0), Arc::new(Mutex::new(HostBridge::new()))).map_err(|e| MachineError::Bus {

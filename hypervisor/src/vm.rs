@@ -264,6 +264,7 @@ impl Vm {
             &pio,
             &mmio,
             &ram,
+            &slots,
             &control,
             nr_vcpus,
             machine::Outputs { serial: cfg.serial_out, debugcon: cfg.debugcon_out },

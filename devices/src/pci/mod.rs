@@ -101,3 +101,7 @@ impl std::fmt::Display for BarRegion {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "rom_bar_tests.rs"]
+mod rom_bar_tests;
