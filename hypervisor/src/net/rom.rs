@@ -43,9 +43,9 @@
 //! restores check and load it.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use devices::pci::Bdf;
+use devices::pci::{Bdf, PciDevice};
 use migrate::ram::{RamBlock, RamBlockConfig, RamRegistry};
 use thiserror::Error;
 
@@ -237,6 +237,22 @@ pub fn create_block(
         block.max_length()
     );
     Ok(block)
+}
+
+/// Makes the expansion ROM BAR of `device` follow `block`'s size. A restore that resizes a
+/// pinned (`romsize`) block to the snapshot's smaller ROM runs this hook before device state
+/// is restored, so BAR 6 then has the size the guest saw and takes the saved address with the
+/// right mask. The device is held weakly: it holds the block, which holds the hook.
+pub fn follow_resizes(block: &RamBlock, device: Weak<Mutex<dyn PciDevice>>) {
+    block.set_resized_hook(Box::new(move |idstr, len| {
+        let Some(dev) = device.upgrade() else { return };
+        let size = block_size(len);
+        let mut d = dev.lock().unwrap_or_else(PoisonError::into_inner);
+        match d.config_mut().resize_rom_bar(size) {
+            Ok(()) => tracing::debug!("{idstr} resized to {len:#x}: ROM BAR of {} now {size:#x} bytes", d.name()),
+            Err(e) => tracing::warn!("{idstr} resized to {len:#x}: ROM BAR of {} not resized: {e}", d.name()),
+        }
+    }));
 }
 
 /// A minimal valid ROM image of `len` bytes (a multiple of 512, at most 127 KiB of declared

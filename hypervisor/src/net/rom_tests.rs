@@ -160,3 +160,43 @@ fn the_block_holds_the_image_and_zeros_after_it() {
     let e = create_block(&reg, crate::net::nic_bdf(2), &rom, None).expect_err("duplicate").to_string();
     assert!(e.contains("0000:00:05.0/virtio-net-pci.rom"), "{e}");
 }
+
+struct RomDev(devices::pci::config::PciConfig);
+
+impl PciDevice for RomDev {
+    fn name(&self) -> &'static str {
+        "romdev"
+    }
+    fn config(&self) -> &devices::pci::config::PciConfig {
+        &self.0
+    }
+    fn config_mut(&mut self) -> &mut devices::pci::config::PciConfig {
+        &mut self.0
+    }
+}
+
+#[test]
+fn a_restore_resize_of_a_pinned_block_resizes_the_rom_bar() {
+    use devices::pci::config::{BarKind, PciConfig, PciHeader, ROM_ADDRESS, ROM_BAR};
+    let reg = RamRegistry::new();
+    let rom = parse("r.rom", synthetic(0x1000, VIRTIO_VENDOR, VIRTIO_NET_DEVICE)).expect("valid");
+    let b = create_block(&reg, bdf(), &rom, Some(0x40000)).expect("pinned block");
+    let mut config = PciConfig::new(PciHeader {
+        vendor: VIRTIO_VENDOR,
+        device: VIRTIO_NET_DEVICE,
+        revision: 1,
+        class: (2, 0, 0),
+        subsystem_vendor: VIRTIO_VENDOR,
+        subsystem: 1,
+        interrupt_pin: 1,
+    });
+    config.add_bar(ROM_BAR, BarKind::Rom, b.used_length()).expect("rom bar");
+    let dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(RomDev(config)));
+    follow_resizes(&b, Arc::downgrade(&dev));
+    reg.resize(b.idstr(), 0x1000).expect("resize as a restore does");
+    let mut d = dev.lock().expect("lock");
+    assert_eq!(d.config().bar(ROM_BAR).map(|(_, s)| s), Some(0x1000));
+    // The saved address of a 4 KiB ROM BAR is taken as it is, not masked to 256 KiB.
+    d.config_mut().write(ROM_ADDRESS, &0xfebf_1001u32.to_le_bytes());
+    assert_eq!(d.config().bar_address(ROM_BAR), Some(0xfebf_1000));
+}
