@@ -201,7 +201,6 @@ pub fn attach_devices(
     pio: &Arc<Bus>,
     mmio: &Arc<Bus>,
     ram: &GuestRam,
-    slots: &Arc<crate::memory::SlotMap>,
     control: &Arc<VmControl>,
     vcpus: u8,
     out: Outputs,
@@ -256,7 +255,7 @@ pub fn attach_devices(
     insert(&mut placed, pio, BusKind::Pio, "debug console", debugcon.clone(), port, devices::debugcon::LEN)?;
 
     let placed = Arc::new(Mutex::new(placed));
-    let platform = crate::platform::attach(vm, pio, mmio, &placed, slots, control, ram.size(), vcpus)?;
+    let platform = crate::platform::attach(vm, pio, mmio, &placed, control, ram.size(), vcpus)?;
     Ok(Devices { serial, fw_cfg, exit, debugcon, serial_irq, go, platform, placed, acpi: None, vmgenid: None })
 }
 

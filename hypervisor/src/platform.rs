@@ -12,7 +12,7 @@
 //! BAR that decodes RAM (an option ROM) becomes a read-only KVM memory slot of its block.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use devices::bus::{Bus, BusDevice};
 use devices::cmos::{Cmos, CmosConfig};
@@ -43,6 +43,9 @@ pub struct Platform {
     pub pci_config: Arc<Mutex<PciConfigIo>>,
     /// PCI bus 0: add functions here (`PciBus::add`).
     pub pci_bus: Arc<Mutex<PciBus>>,
+    /// The bus's mapper: give it the slot map ([`MachineBarMapper::set_slots`]) so that BAR
+    /// memory (option ROMs) can be mapped.
+    pub bar_mapper: Arc<MachineBarMapper>,
 }
 
 /// An ISA/GSI interrupt line of the in-kernel irqchip, driven with KVM_IRQ_LINE.
@@ -77,13 +80,21 @@ pub struct MachineBarMapper {
     pio: Weak<Bus>,
     mmio: Weak<Bus>,
     placed: Weak<Mutex<Vec<Placed>>>,
-    /// BAR memory (option ROMs) becomes read-only KVM memory slots here.
-    slots: Weak<SlotMap>,
+    /// BAR memory (option ROMs) becomes read-only KVM memory slots here (set once, after
+    /// assembly: the slot map is the VM's).
+    slots: OnceLock<Weak<SlotMap>>,
     /// What `map_memory` mapped: guest address -> block.
     memory: Mutex<BTreeMap<u64, String>>,
 }
 
 impl MachineBarMapper {
+    /// Where BAR memory goes: the VM's KVM slot map (the first call wins).
+    pub fn set_slots(&self, slots: &Arc<SlotMap>) {
+        if self.slots.set(Arc::downgrade(slots)).is_err() {
+            tracing::warn!("the PCI BAR mapper already has a slot map; the new one is ignored");
+        }
+    }
+
     fn parts(&self, space: pci::BarSpace) -> Option<(Arc<Bus>, BusKind, PlacedList)> {
         let (bus, kind) = match space {
             pci::BarSpace::Pio => (&self.pio, BusKind::Pio),
@@ -119,7 +130,8 @@ impl BarMapper for MachineBarMapper {
         if r.space != pci::BarSpace::Mmio {
             return Err(format!("{name}: BAR memory must be in memory space, not at {r}"));
         }
-        let slots = self.slots.upgrade().ok_or("the machine is going away")?;
+        let slots = self.slots.get().ok_or("no KVM slot map for BAR memory")?;
+        let slots = slots.upgrade().ok_or("the machine is going away")?;
         let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
         if memory.contains_key(&r.addr) {
             return Err(format!("{name}: memory is already mapped at {:#x}", r.addr));
@@ -136,7 +148,7 @@ impl BarMapper for MachineBarMapper {
             tracing::warn!("unmapping BAR memory at {r}: nothing is mapped there");
             return;
         };
-        if let Some(slots) = self.slots.upgrade() {
+        if let Some(slots) = self.slots.get().and_then(Weak::upgrade) {
             slots.unmap_at(&idstr, r.addr);
         }
     }
@@ -164,7 +176,6 @@ pub fn attach(
     pio: &Arc<Bus>,
     mmio: &Arc<Bus>,
     placed: &Arc<Mutex<Vec<Placed>>>,
-    slots: &Arc<SlotMap>,
     control: &Arc<VmControl>,
     mem_bytes: u64,
     vcpus: u8,
@@ -212,10 +223,10 @@ pub fn attach(
         pio: Arc::downgrade(pio),
         mmio: Arc::downgrade(mmio),
         placed: Arc::downgrade(placed),
-        slots: Arc::downgrade(slots),
+        slots: OnceLock::new(),
         memory: Mutex::new(BTreeMap::new()),
     });
-    let mut bus = PciBus::new(pci_windows(mem_bytes), mapper);
+    let mut bus = PciBus::new(pci_windows(mem_bytes), mapper.clone());
     bus.add(pci::Bdf::new(0, 0), Arc::new(Mutex::new(HostBridge::new()))).map_err(|e| MachineError::Bus {
         device: "i440FX host bridge",
         addr: 0,
@@ -225,5 +236,5 @@ pub fn attach(
     let pci_config = Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone(), reset_cb("port 0xcf9"))));
     place("PCI config", pci_config.clone(), u64::from(layout::PCI_CONFIG_PORT), pci::config_io::LEN)?;
 
-    Ok(Platform { cmos, i8042: kbd, pm, pci_config, pci_bus })
+    Ok(Platform { cmos, i8042: kbd, pm, pci_config, pci_bus, bar_mapper: mapper })
 }
