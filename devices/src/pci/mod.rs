@@ -100,6 +100,8 @@ impl std::fmt::Display for BarRegion {
 }
 
 #[cfg(test)]
+mod ioevent_tests;
+#[cfg(test)]
 mod tests;
 
 #[cfg(test)]
