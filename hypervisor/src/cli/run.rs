@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// UUID, as QEMU's.
     #[arg(long, value_name = "UUID", requires = "firmware")]
     pub uuid: Option<String>,
+    /// A NIC (virtio-net-pci) on a tap: tap=NAME[,mac=52:54:00:..][,romfile=PATH|none][,romsize=BYTES];
+    /// repeatable, NIC i at PCI 00:(3+i).0. The tap is created if missing (CAP_NET_ADMIN).
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub net: Vec<crate::net::NetSpec>,
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
 }
@@ -91,6 +95,11 @@ pub struct SnapshotArgs {
     /// Stop the VM once the snapshot is committed (exit status 0).
     #[arg(long, requires = "snapshot_after_ms")]
     pub exit_after_snapshot: bool,
+}
+
+/// Parses a `--net` value.
+pub fn parse_net(s: &str) -> Result<crate::net::NetSpec, String> {
+    crate::net::NetSpec::parse(s).map_err(|e| e.to_string())
 }
 
 /// Reads the firmware `--firmware` names: `seabios` (Debian's SeaBIOS) or a path. The image is
@@ -191,6 +200,7 @@ pub fn vm_error_is_input(e: &VmError) -> bool {
             | VmError::Guest(_)
             | VmError::Devices(crate::machine::MachineError::File { .. })
     ) || matches!(e, VmError::Acpi(a) if a.is_input())
+        || matches!(e, VmError::Nic(n) if n.is_input())
 }
 
 /// Classifies a VM error: problems with what the user asked for, or snapvisor's own failure.
@@ -217,7 +227,10 @@ pub fn exit_status(reason: &ExitReason) -> u8 {
 pub fn snapshot_error(e: SnapshotError) -> CliError {
     match e {
         SnapshotError::Vm(v) => vm_error(v),
-        SnapshotError::Check(_) | SnapshotError::Format(_) => CliError::Input(e.to_string()),
+        SnapshotError::Check(_)
+        | SnapshotError::Format(_)
+        | SnapshotError::NetCount { .. }
+        | SnapshotError::NetSpec { .. } => CliError::Input(e.to_string()),
         SnapshotError::Store(
             storage::StoreError::Name(_)
             | storage::StoreError::Exists(_)
@@ -246,6 +259,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     cfg.firmware = args.firmware_image()?;
     cfg.acpi_tables = crate::acpi::read_tables(&args.acpi_tables).map_err(|e| CliError::Input(e.to_string()))?;
     cfg.debugcon_out = debugcon_file(args.debugcon.as_deref())?;
+    cfg.net = args.net.clone();
     cfg.uuid = match &args.uuid {
         Some(s) => {
             Some(s.parse::<devices::acpi::vmgenid::Guid>().map_err(|e| CliError::Input(format!("--uuid {s}: {e}")))?.0)

@@ -75,8 +75,6 @@ const MIN_BLOCK: u64 = 0x1000;
 pub enum RomError {
     #[error(transparent)]
     File(#[from] BootFileError),
-    #[error("option ROM {name}: the API takes no host paths; give romfile=none or leave the default ROM")]
-    PathFromApi { name: String },
     #[error("option ROM {name} is empty")]
     Empty { name: String },
     #[error("option ROM {name} is {len} bytes: too short for a ROM header (0x1a bytes)")]
@@ -114,8 +112,9 @@ impl std::fmt::Debug for OptionRom {
     }
 }
 
-/// Who named the ROM file: the CLI's local user (paths allowed, symlinks followed, as for
-/// `--kernel`) or an API client (no host paths at all).
+/// Who named the ROM file: the CLI's local user (symlinks followed, as for `--kernel`), or
+/// an API client through an image name the daemon resolved in its image directory (a symlink
+/// there is refused, as for every image).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RomOrigin {
     Cli,
@@ -173,8 +172,8 @@ pub fn parse(name: &str, mut data: Vec<u8>) -> Result<OptionRom, RomError> {
 
 /// Reads and checks `path` (named `name` in messages).
 pub fn read(name: &str, path: &Path, origin: RomOrigin) -> Result<OptionRom, RomError> {
-    // API clients never get here with a path (see `load`); the CLI follows symlinks like
-    // `--kernel` and `--firmware` do, but refuses FIFOs, devices, directories and huge files.
+    // The CLI follows symlinks like `--kernel` and `--firmware` do; both refuse FIFOs,
+    // devices, directories and huge files.
     let nofollow = origin == RomOrigin::Api;
     let file = BootFile::read("option ROM", name, path, nofollow, MAX_ROM_SIZE)?;
     parse(name, file.data)
@@ -185,13 +184,7 @@ pub fn load(spec: &NetSpec, origin: RomOrigin) -> Result<Option<OptionRom>, RomE
     match &spec.rom {
         RomChoice::None => Ok(None),
         RomChoice::Default => read(DEFAULT_ROM_PATH, Path::new(DEFAULT_ROM_PATH), RomOrigin::Cli).map(Some),
-        RomChoice::File(p) => {
-            let name = p.display().to_string();
-            if origin == RomOrigin::Api {
-                return Err(RomError::PathFromApi { name });
-            }
-            read(&name, p, origin).map(Some)
-        }
+        RomChoice::File(p) => read(&p.display().to_string(), p, origin).map(Some),
     }
 }
 

@@ -68,6 +68,9 @@ pub struct VmDef {
     /// It was paused when that snapshot was taken: it comes back paused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume_paused: bool,
+    /// NICs (virtio-net on taps), NIC i at PCI 00:(3+i).0 (`super::net_api`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<super::net_api::ApiNic>,
 }
 
 fn one() -> u64 {
@@ -123,8 +126,10 @@ impl VmDef {
         })
     }
 
-    /// Checks that the kernel and initrd images exist and are regular files (without reading).
+    /// Checks that the kernel and initrd images (and NIC ROM images) exist and are regular
+    /// files (without reading).
     pub fn check_images(&self, images: &ImageDir) -> Result<(), ApiError> {
+        super::net_api::to_specs(&self.net, images)?;
         let firmware = self.firmware.as_ref().filter(|n| n.as_str() != SEABIOS);
         for (what, name) in [("kernel", &self.kernel), ("initrd", &self.initrd), ("firmware", &firmware.cloned())] {
             if let Some(name) = name {
@@ -160,6 +165,9 @@ pub struct VmInfo {
     pub lazy_faults: Option<u64>,
     /// Exits to the VMM (port I/O and MMIO) so far.
     pub exits: u64,
+    /// The MACs its NICs have (picked ones included), in NIC order, once it has been built.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<crate::net::Mac>,
 }
 
 /// Requests an actor handles.
@@ -207,7 +215,7 @@ impl Cmd {
 
 /// Replies.
 pub enum Reply {
-    Info(VmInfo),
+    Info(Box<VmInfo>),
     Snapshot(snapshot::SaveReport),
     /// A shutdown snapshot: whether one was taken, and whether the VM was paused.
     ShutdownSnapshot {
@@ -302,6 +310,7 @@ impl Actor {
             first_exit_ms: self.vm.as_ref().and_then(|v| v.time_to_first_exit()).map(|d| d.as_secs_f64() * 1e3),
             lazy_faults: self.vm.as_ref().and_then(snapshot::restore::lazy_stats).map(|s| s.faults),
             exits: self.vm.as_ref().map_or(0, |v| v.control().exits()),
+            macs: self.vm.as_ref().map(|v| v.spec().net.iter().filter_map(|n| n.mac).collect()).unwrap_or_default(),
         }
     }
 
@@ -324,6 +333,7 @@ impl Actor {
                         let mut cfg =
                             VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
                         cfg.firmware = self.def.firmware_image(&self.images)?;
+                        cfg.net = super::net_api::to_specs(&self.def.net, &self.images)?;
                         cfg.debugcon_out = Some(Box::new(self.debugcon.clone()));
                         self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
                     }
@@ -358,7 +368,7 @@ impl Actor {
                 return Ok(Reply::Snapshot(report));
             }
         }
-        Ok(Reply::Info(self.info()))
+        Ok(Reply::Info(Box::new(self.info())))
     }
 
     fn shutdown_snapshot(&mut self, name: String) -> Result<Reply, ApiError> {
