@@ -77,6 +77,16 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Nic {
+    /// What the guest's driver did to this NIC, as one line for `snapvisor run`/`restore` to
+    /// print at exit: `net0 0000:00:03.0 52:54:00:..: driver {json}` (the JSON of
+    /// `devices::virtio::net::DriverRecord`: status bits, MAC bytes read, feature words read,
+    /// features accepted, queues enabled, resets). Tests with foreign drivers (iPXE) read it.
+    pub fn driver_report(&self) -> String {
+        let record = lock(&self.device).driver_record();
+        let json = serde_json::to_string(&record).unwrap_or_else(|e| format!("\"unserialisable: {e}\""));
+        format!("net{} {} {}: driver {json}", self.index, self.bdf, self.mac())
+    }
+
     /// The MAC the NIC has.
     pub fn mac(&self) -> Mac {
         self.spec.mac.unwrap_or(Mac(lock(&self.device).mac()))
