@@ -52,10 +52,12 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Every file of the store with its bytes: a refused restore must leave all of them as they were.
+/// The store's snapshot data, every file under `manifests/` and `packs/` with its bytes: a
+/// refused restore must leave them as they were. (sled's own files, `db`, `snap.*`, are
+/// rewritten by any open of the store and say nothing about its snapshots.)
 fn store_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
+    let mut todo = vec![dir.join("manifests"), dir.join("packs")];
     while let Some(d) = todo.pop() {
         for e in std::fs::read_dir(&d).expect("read store dir").flatten() {
             let p = e.path();
