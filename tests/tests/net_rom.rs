@@ -220,3 +220,42 @@ fn a_pinned_romsize_takes_a_smaller_snapshot_rom_eagerly_and_lazily() {
         &[&format!("Size too large: {BLOCK}: 0x20000 > 0x8000"), "romsize=0x20000"],
     );
 }
+
+/// Through the daemon: a VM whose NIC has ROM image `net.rom` (0x1000) is snapshotted; the
+/// image is then upgraded to a 0x20000 ROM (the case `romsize` exists for). A restore, eager
+/// or lazy, is refused with the block, both sizes and the fixes, and leaves the daemon's VMs
+/// and snapshots as they were; with the snapshot's ROM back in place it is accepted.
+#[test]
+fn the_api_refuses_a_restore_after_a_rom_upgrade_and_changes_nothing() {
+    use common::daemon::Daemon;
+    use serde_json::json;
+
+    let s = Setup::new("e");
+    let d = Daemon::start(s.dir.path(), &[]);
+    let image = s.dir.path().join("state").join("images").join("net.rom");
+    std::fs::write(&image, synthetic(0x1000, VIRTIO_VENDOR, VIRTIO_NET_DEVICE)).expect("image");
+    let net = json!([{"tap": s.tap, "romfile": "net.rom"}]);
+    d.ok("POST", "/vms", Some(json!({"name": "src", "guest": "idle", "mem_mib": 16, "start": true, "net": net})));
+    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+    d.ok("DELETE", "/vms/src", None);
+
+    std::fs::write(&image, synthetic(0x20000, VIRTIO_VENDOR, VIRTIO_NET_DEVICE)).expect("upgraded image");
+    let vms = d.ok("GET", "/vms", None);
+    let snaps = d.ok("GET", "/snapshots", None);
+    for mode in ["eager", "lazy"] {
+        let (status, v) = d.call("POST", "/snapshots/s/restore", Some(json!({"vm": "r", "mode": mode})));
+        let text = v.to_string();
+        eprintln!("{mode}: {status} {text}");
+        assert!((400..500).contains(&status), "refused as a client error ({mode}): {status} {text}");
+        assert!(text.contains(&format!("Size mismatch: {BLOCK}: 0x1000 != 0x20000")), "{mode}: {text}");
+        assert!(text.contains("romsize=0x20000") && text.contains("romfile= the ROM the snapshot"), "{mode}: {text}");
+        assert_eq!(d.ok("GET", "/vms", None), vms, "no VM was left behind ({mode})");
+        assert_eq!(d.ok("GET", "/snapshots", None), snaps, "the snapshots are as they were ({mode})");
+    }
+
+    // The fix named: the ROM the snapshot was taken with.
+    std::fs::write(&image, synthetic(0x1000, VIRTIO_VENDOR, VIRTIO_NET_DEVICE)).expect("image back");
+    let r = d.ok("POST", "/snapshots/s/restore", Some(json!({"vm": "r", "mode": "eager"})));
+    assert_eq!(r["name"], json!("r"), "{r}");
+    d.ok("DELETE", "/vms/r", None);
+}
