@@ -9,8 +9,9 @@
 //!   words read); then KVM's emulator fails on iPXE's first protected-mode `iret` and the VM
 //!   ends with exit status 126 and an error naming `iret`, its bytes and its RIP, not a hang.
 //! - full (hardware virtualisation): `dnsmasq` serves DHCP on the tap's host side (in the
-//!   test's namespace, not a separate one: see the report); iPXE prints `net0: <mac> using virtio-net on 0000:00:03.0`,
-//!   `Configuring (net0 <mac>)` and `ok`, and the BOOTP request with that MAC is seen.
+//!   test's own network namespace; no separate one is made); iPXE prints
+//!   `net0: <mac> using virtio-net on 0000:00:03.0`, `Configuring (net0 <mac>)` and `ok`, and
+//!   dnsmasq logs the DHCPDISCOVER (BOOTP request) from that MAC, which came in on the tap.
 //!
 //! This is a slow test (iPXE needs ~30 s here; QEMU 7.2 takes as long): it waits for lines,
 //! for minutes, and runs with the rest of the suite (deploy/test.sh runs every test; the slow
