@@ -5,8 +5,9 @@
 //! Two versions, chosen by the host (the test prints which ran):
 //! - probe (KVM emulates CPL0, as on this project's machines, kvm_pvm): every serial line up to
 //!   `iPXE initialising devices...ok` for 00:03.0, in order; the device's driver record shows
-//!   iPXE's probe (status ACKNOWLEDGE|DRIVER|FEATURES_OK, the MAC's six bytes read, feature
-//!   words read); then KVM's emulator fails on iPXE's first protected-mode `iret` and the VM
+//!   iPXE's probe (a reset, then ACKNOWLEDGE and DRIVER set, the MAC's six bytes read, both
+//!   feature words read; FEATURES_OK only comes when iPXE opens the NIC, later); then KVM's
+//!   emulator fails on iPXE's first protected-mode `iret` and the VM
 //!   ends with exit status 126 and an error naming `iret`, its bytes and its RIP, not a hang.
 //! - full (hardware virtualisation): `dnsmasq` serves DHCP on the tap's host side (in the
 //!   test's own network namespace; no separate one is made); iPXE prints
@@ -28,7 +29,7 @@ use hypervisor::bench::firmware::strip_ansi;
 
 const ROM: &str = "/usr/lib/ipxe/qemu/efi-virtio.rom";
 const MAC: &str = "52:54:00:1b:0c:03";
-const LIMIT: Duration = Duration::from_secs(300);
+const LIMIT: Duration = Duration::from_secs(600);
 
 /// Whether this host's KVM runs guest kernel code in hardware (the full version can run).
 fn hardware_virtualisation() -> bool {
@@ -97,7 +98,7 @@ fn probe_version() {
     let serial_path = dir.path().join("serial");
     let t0 = Instant::now();
     let mut child = Command::new(snapvisor_bin())
-        .args(["run", "--firmware", "seabios", "--mem-mib", "128", "--timeout", "280"])
+        .args(["run", "--firmware", "seabios", "--mem-mib", "128", "--timeout", "580"])
         .args(["--net", &format!("tap={tap},mac={MAC}")])
         .stdout(std::fs::File::create(&serial_path).expect("serial file"))
         .stderr(Stdio::piped())
@@ -137,9 +138,14 @@ fn probe_version() {
     let json = &line[line.find('{').expect("json")..];
     let record: serde_json::Value = serde_json::from_str(json).expect("driver record JSON");
     eprintln!("driver record: {record}");
-    let bits = record["status_bits"].as_u64().expect("status_bits");
-    // ACKNOWLEDGE 1, DRIVER 2, FEATURES_OK 8 (DRIVER_OK 4 comes when iPXE opens the NIC).
-    assert_eq!(bits & 0xb, 0xb, "iPXE set ACKNOWLEDGE|DRIVER|FEATURES_OK: {record}");
+    // iPXE's probe (virtnet_probe_modern) resets the device, sets ACKNOWLEDGE (1) then
+    // DRIVER (2), reads both feature words and the MAC; FEATURES_OK (8) and DRIVER_OK (4) come
+    // when it opens the NIC, which it never reaches here (the iret stops it first).
+    let writes: Vec<u64> =
+        record["status_writes"].as_array().expect("status_writes").iter().filter_map(|w| w.as_u64()).collect();
+    assert!(writes.starts_with(&[0, 1, 3]), "iPXE reset the device, then set ACKNOWLEDGE, DRIVER: {record}");
+    assert_eq!(record["status_bits"].as_u64().map(|b| b & 3), Some(3), "{record}");
+    assert!(record["resets"].as_u64().unwrap_or(0) >= 1, "{record}");
     let config_read: Vec<bool> =
         record["config_read"].as_array().expect("config_read").iter().map(|b| b.as_bool() == Some(true)).collect();
     assert!(config_read.len() >= 6 && config_read[..6].iter().all(|&b| b), "iPXE read the MAC's 6 bytes: {record}");
@@ -149,9 +155,6 @@ fn probe_version() {
         words.contains(&0) && words.contains(&1),
         "iPXE read both feature words (VERSION_1 is in word 1): {record}"
     );
-    let accepted = record["features_accepted"].as_u64().expect("features_accepted");
-    assert!(accepted & (1 << 32) != 0, "iPXE accepted VERSION_1: {record}");
-    assert!(accepted & (1 << 5) != 0, "iPXE accepted MAC: {record}");
 }
 
 /// The full version: DHCP from dnsmasq on the tap, its DHCPDISCOVER from the MAC seen.
@@ -176,7 +179,7 @@ fn full_version() {
         .expect("dnsmasq (deploy/install-deps.sh installs it)");
     let serial_path = dir.path().join("serial");
     let mut child = Command::new(snapvisor_bin())
-        .args(["run", "--firmware", "seabios", "--mem-mib", "128", "--timeout", "280"])
+        .args(["run", "--firmware", "seabios", "--mem-mib", "128", "--timeout", "580"])
         .args(["--net", &format!("tap={tap},mac={MAC}")])
         .stdout(std::fs::File::create(&serial_path).expect("serial file"))
         .stderr(Stdio::piped())
