@@ -6,9 +6,10 @@
 #   lz4             unpacks the ELF kernel from the bzImage (deploy/fetch-guest.sh)
 #   seabios, ipxe-qemu     real firmware for the firmware tests
 #   acpica-tools    iasl, to disassemble ACPI tables in tests
+#   dnsmasq         DHCP for iPXE on a tap in the full iPXE test (hosts with hardware virtualisation)
 set -euo pipefail
 
-packages=(libclang-dev busybox-static cpio lz4 seabios ipxe-qemu acpica-tools)
+packages=(libclang-dev busybox-static cpio lz4 seabios ipxe-qemu acpica-tools dnsmasq)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

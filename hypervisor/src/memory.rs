@@ -223,6 +223,53 @@ impl SlotMap {
         }
         Ok(())
     }
+
+    /// Maps `b` at `p` now, while the VM runs (an option ROM that firmware just placed through
+    /// a PCI BAR). The slot follows the block's resizes and goes with the block, like the
+    /// placements declared with [`SlotMap::place`]; [`SlotMap::unmap_at`] removes it.
+    pub fn map_block(&self, b: &RamBlock, p: Placement) -> Result<(), MemoryError> {
+        let mut st = self.lock();
+        let id = match st.free.pop() {
+            Some(id) => id,
+            None => {
+                st.next_slot += 1;
+                st.next_slot - 1
+            }
+        };
+        let mapped_len = Self::mapped_len(&p, b.used_length());
+        let slot = Slot {
+            id,
+            idstr: b.idstr().to_string(),
+            placement: p,
+            host: b.host_addr() as u64 + p.block_offset,
+            mapped_len,
+        };
+        if mapped_len > 0 {
+            if let Err(e) = self.set_slot(&slot, mapped_len, st.dirty_log) {
+                st.free.push(id);
+                return Err(e);
+            }
+        }
+        st.slots.push(slot);
+        Ok(())
+    }
+
+    /// Removes the slot of `idstr` that [`SlotMap::map_block`] put at `gpa`; false if there is
+    /// none.
+    pub fn unmap_at(&self, idstr: &str, gpa: u64) -> bool {
+        let mut st = self.lock();
+        let Some(i) = st.slots.iter().position(|s| s.idstr == idstr && s.placement.gpa == gpa) else {
+            return false;
+        };
+        let s = st.slots.remove(i);
+        if s.mapped_len > 0 {
+            if let Err(e) = self.set_slot(&s, 0, false) {
+                tracing::error!(block = idstr, "deleting KVM slot at {gpa:#x} failed: {e}");
+            }
+        }
+        st.free.push(s.id);
+        true
+    }
 }
 
 impl RamBlockListener for SlotMap {

@@ -8,9 +8,11 @@
 //! reset in place (`crate::reset`), others end with [`ExitReason::Reset`]; ACPI S5 ends the VM
 //! with [`ExitReason::PowerOff`]. PCI BARs are placed on the port and MMIO buses through
 //! [`MachineBarMapper`], which records them with the machine's other devices, so a BAR served
-//! by a device without a snapshot fragment fails snapshots by name like any other device.
+//! by a device without a snapshot fragment fails snapshots by name like any other device. A
+//! BAR that decodes RAM (an option ROM) becomes a read-only KVM memory slot of its block.
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use devices::bus::{Bus, BusDevice};
 use devices::cmos::{Cmos, CmosConfig};
@@ -19,11 +21,12 @@ use devices::irq::IrqLine;
 use devices::pci::{self, BarMapper, HostBridge, IoEvent, PciBus, PciConfigIo, PciWindows};
 use devices::pm::{self, Pm, PmPorts};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use migrate::ram::RamBlock;
 
 use crate::control::{ExitReason, VmControl};
 use crate::layout;
 use crate::machine::{BusKind, MachineError, Placed};
-use crate::memory::pc_ram_layout;
+use crate::memory::{pc_ram_layout, Placement, SlotMap};
 
 /// Start of the I/O window PCI BARs may use (below it: legacy ISA ports).
 pub const PCI_IO_WINDOW_START: u64 = 0x1000;
@@ -40,6 +43,9 @@ pub struct Platform {
     pub pci_config: Arc<Mutex<PciConfigIo>>,
     /// PCI bus 0: add functions here (`PciBus::add`).
     pub pci_bus: Arc<Mutex<PciBus>>,
+    /// The bus's mapper: give it the slot map ([`MachineBarMapper::set_slots`]) so that BAR
+    /// memory (option ROMs) can be mapped.
+    pub bar_mapper: Arc<MachineBarMapper>,
 }
 
 /// An ISA/GSI interrupt line of the in-kernel irqchip, driven with KVM_IRQ_LINE.
@@ -78,6 +84,11 @@ pub struct MachineBarMapper {
     vm: Arc<VmFd>,
     /// Set once KVM refused an ioeventfd, so that is logged once per VM.
     ioevent_refused: std::sync::atomic::AtomicBool,
+    /// BAR memory (option ROMs) becomes read-only KVM memory slots here (set once, after
+    /// assembly: the slot map is the VM's).
+    slots: OnceLock<Weak<SlotMap>>,
+    /// What `map_memory` mapped: guest address -> block.
+    memory: Mutex<BTreeMap<u64, String>>,
 }
 
 fn ioevent_address(space: pci::BarSpace, addr: u64) -> IoEventAddress {
@@ -109,6 +120,13 @@ fn ioeventfd(vm: &VmFd, space: pci::BarSpace, addr: u64, ev: &IoEvent, assign: b
 }
 
 impl MachineBarMapper {
+    /// Where BAR memory goes: the VM's KVM slot map (the first call wins).
+    pub fn set_slots(&self, slots: &Arc<SlotMap>) {
+        if self.slots.set(Arc::downgrade(slots)).is_err() {
+            tracing::warn!("the PCI BAR mapper already has a slot map; the new one is ignored");
+        }
+    }
+
     fn parts(&self, space: pci::BarSpace) -> Option<(Arc<Bus>, BusKind, PlacedList)> {
         let (bus, kind) = match space {
             pci::BarSpace::Pio => (&self.pio, BusKind::Pio),
@@ -134,6 +152,37 @@ impl BarMapper for MachineBarMapper {
             tracing::warn!("unmapping PCI BAR at {r}: {e}");
         }
         placed.retain(|p| !(p.bus == kind && p.addr == r.addr));
+    }
+
+    /// A read-only KVM memory slot of `block` at `r`: guest reads come from the block without
+    /// an exit; guest writes exit as MMIO to an address no bus device serves, which the vCPU
+    /// loop logs at debug level and ignores. The slot covers the block's used length (or the
+    /// BAR, if smaller) and follows the block's resizes (a restore's).
+    fn map_memory(&self, name: &'static str, r: pci::BarRegion, block: Arc<RamBlock>) -> Result<(), String> {
+        if r.space != pci::BarSpace::Mmio {
+            return Err(format!("{name}: BAR memory must be in memory space, not at {r}"));
+        }
+        let slots = self.slots.get().ok_or("no KVM slot map for BAR memory")?;
+        let slots = slots.upgrade().ok_or("the machine is going away")?;
+        let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
+        if memory.contains_key(&r.addr) {
+            return Err(format!("{name}: memory is already mapped at {:#x}", r.addr));
+        }
+        let p = Placement { block_offset: 0, gpa: r.addr, len: r.len, readonly: true };
+        slots.map_block(&block, p).map_err(|e| e.to_string())?;
+        memory.insert(r.addr, block.idstr().to_string());
+        tracing::debug!("{name}: RAM block {} mapped read-only at {r}", block.idstr());
+        Ok(())
+    }
+
+    fn unmap_memory(&self, r: pci::BarRegion) {
+        let Some(idstr) = self.memory.lock().unwrap_or_else(PoisonError::into_inner).remove(&r.addr) else {
+            tracing::warn!("unmapping BAR memory at {r}: nothing is mapped there");
+            return;
+        };
+        if let Some(slots) = self.slots.get().and_then(Weak::upgrade) {
+            slots.unmap_at(&idstr, r.addr);
+        }
     }
 
     fn map_ioevent(&self, space: pci::BarSpace, addr: u64, ev: &IoEvent) -> Result<(), String> {
@@ -224,8 +273,10 @@ pub fn attach(
         placed: Arc::downgrade(placed),
         vm: vm.clone(),
         ioevent_refused: std::sync::atomic::AtomicBool::new(false),
+        slots: OnceLock::new(),
+        memory: Mutex::new(BTreeMap::new()),
     });
-    let mut bus = PciBus::new(pci_windows(mem_bytes), mapper);
+    let mut bus = PciBus::new(pci_windows(mem_bytes), mapper.clone());
     bus.add(pci::Bdf::new(0, 0), Arc::new(Mutex::new(HostBridge::new()))).map_err(|e| MachineError::Bus {
         device: "i440FX host bridge",
         addr: 0,
@@ -235,5 +286,5 @@ pub fn attach(
     let pci_config = Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone(), reset_cb("port 0xcf9"))));
     place("PCI config", pci_config.clone(), u64::from(layout::PCI_CONFIG_PORT), pci::config_io::LEN)?;
 
-    Ok(Platform { cmos, i8042: kbd, pm, pci_config, pci_bus })
+    Ok(Platform { cmos, i8042: kbd, pm, pci_config, pci_bus, bar_mapper: mapper })
 }

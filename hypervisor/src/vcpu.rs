@@ -10,7 +10,8 @@ use std::thread::JoinHandle;
 
 use devices::bus::Bus;
 use kvm_bindings::{
-    kvm_run, KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, KVM_EXIT_IO_IN, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -110,10 +111,24 @@ impl Vcpu {
                 // member of the union.
                 let sub = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                 let what = match sub {
-                    1 => "emulation failure (an instruction KVM cannot emulate)",
-                    2 => "simultaneous exceptions",
-                    3 => "delivery event failure",
-                    _ => "internal error",
+                    KVM_INTERNAL_ERROR_EMULATION => {
+                        // SAFETY: suberror KVM_INTERNAL_ERROR_EMULATION: `emulation_failure` is
+                        // the live member; its flags say whether the instruction bytes are valid.
+                        let ef = unsafe { fd.get_kvm_run().__bindgen_anon_1.emulation_failure };
+                        let bytes = (ef.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0)
+                            .then(|| {
+                                // SAFETY: the flag says `insn_size` and `insn_bytes` are filled in.
+                                let insn = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+                                insn.insn_bytes[..usize::from(insn.insn_size).min(insn.insn_bytes.len())].to_vec()
+                            });
+                        format!(
+                            "emulation failure on {} (an instruction this KVM cannot emulate)",
+                            describe_instruction(bytes.as_deref())
+                        )
+                    }
+                    2 => "simultaneous exceptions".into(),
+                    3 => "delivery event failure".into(),
+                    _ => "internal error".into(),
                 };
                 Next::Stop(ExitReason::Crash {
                     detail: format!("vCPU {id}: KVM {what} (suberror {sub}) at {}", where_(fd)),
@@ -175,10 +190,55 @@ impl Vcpu {
     }
 }
 
+/// The instruction KVM failed to emulate, from the bytes it reported: `iret (bytes cf ..)`
+/// for the returns firmware trips on here (the nested KVM's emulator runs `iret` only in real
+/// mode), the bytes alone for anything else. KVM may report the whole 15-byte fetch window;
+/// the bytes are what it fetched, not a decoded length.
+pub fn describe_instruction(bytes: Option<&[u8]>) -> String {
+    let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+        return "an instruction KVM did not report".into();
+    };
+    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex.join(" ");
+    // Legacy prefixes and REX before the opcode.
+    let mut rex_w = false;
+    let mut op = None;
+    for &b in bytes {
+        match b {
+            0x66 | 0x67 | 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0xf0 | 0xf2 | 0xf3 => {}
+            0x40..=0x4f => rex_w = b & 8 != 0,
+            _ => {
+                op = Some(b);
+                break;
+            }
+        }
+    }
+    match op {
+        Some(0xcf) if rex_w => format!("iretq (bytes {hex})"),
+        Some(0xcf) => format!("iret (bytes {hex})"),
+        _ => format!("the instruction with bytes {hex}"),
+    }
+}
+
 /// `rip 0x… (cs 0x…)`, for error messages.
 fn where_(fd: &VcpuFd) -> String {
     match (fd.get_regs(), fd.get_sregs()) {
         (Ok(r), Ok(s)) => format!("rip {:#x} (cs {:#x}, cr0 {:#x})", r.rip, s.cs.selector, s.cr0),
         _ => "an unknown rip".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_instruction;
+
+    #[test]
+    fn failed_instructions_are_named_by_their_bytes() {
+        assert_eq!(describe_instruction(Some(&[0x66, 0xcf])), "iret (bytes 66 cf)");
+        assert_eq!(describe_instruction(Some(&[0xcf, 0x90])), "iret (bytes cf 90)");
+        assert_eq!(describe_instruction(Some(&[0x48, 0xcf])), "iretq (bytes 48 cf)");
+        assert_eq!(describe_instruction(Some(&[0x0f, 0xc7, 0xf0])), "the instruction with bytes 0f c7 f0");
+        assert_eq!(describe_instruction(Some(&[])), "an instruction KVM did not report");
+        assert_eq!(describe_instruction(None), "an instruction KVM did not report");
     }
 }

@@ -279,6 +279,7 @@ impl Vm {
             nr_vcpus,
             machine::Outputs { serial: cfg.serial_out, debugcon: cfg.debugcon_out },
         )?;
+        devices.platform.bar_mapper.set_slots(&slots);
         machine::add_fw_cfg_files(&devices, &registry, &cfg.fw_cfg_files)?;
         if let Some(fw) = &cfg.firmware {
             crate::acpi::attach(&mut devices, &registry, &ram, nr_vcpus, &cfg.acpi_tables)?;

@@ -121,6 +121,8 @@ struct Slot {
     mapped: [Option<BarRegion>; ROM_BAR + 1],
     /// The ioeventfds registered for each mapped BAR, to unregister them when it moves.
     ioevents: [Vec<IoEvent>; ROM_BAR + 1],
+    /// Where RAM-decoding BARs are mapped.
+    memory: [Option<BarRegion>; ROM_BAR + 1],
 }
 
 /// Bus 0.
@@ -171,7 +173,10 @@ impl PciBus {
         if self.slots.contains_key(&bdf) {
             return Err(PciError::SlotTaken { bdf });
         }
-        self.slots.insert(bdf, Slot { device, mapped: [None; ROM_BAR + 1], ioevents: Default::default() });
+        self.slots.insert(
+            bdf,
+            Slot { device, mapped: [None; ROM_BAR + 1], ioevents: Default::default(), memory: [None; ROM_BAR + 1] },
+        );
         self.update(bdf);
         Ok(())
     }
@@ -189,9 +194,10 @@ impl PciBus {
         self.slots.get(&bdf).map(|s| s.device.clone())
     }
 
-    /// Where BAR `index` of `bdf` is mapped now.
+    /// Where BAR `index` of `bdf` is mapped now (to a bus device, or as memory).
     pub fn mapped(&self, bdf: Bdf, index: usize) -> Option<BarRegion> {
-        self.slots.get(&bdf).and_then(|s| s.mapped.get(index).copied().flatten())
+        let s = self.slots.get(&bdf)?;
+        s.mapped.get(index).copied().flatten().or(s.memory.get(index).copied().flatten())
     }
 
     /// A configuration read; absent functions read all ones.
@@ -216,7 +222,13 @@ impl PciBus {
         let Some(slot) = self.slots.get_mut(&bdf) else { return };
         let (name, wanted) = {
             let d = lock(&slot.device);
-            let wanted: Vec<WantedBar> = (0..=ROM_BAR).map(|i| (d.config().bar_region(i), d.bar_device(i))).collect();
+            // BARs that decode RAM are left to `update_memory`.
+            let wanted: Vec<WantedBar> = (0..=ROM_BAR)
+                .map(|i| match d.bar_memory(i) {
+                    Some(_) => (None, None),
+                    None => (d.config().bar_region(i), d.bar_device(i)),
+                })
+                .collect();
             (d.name(), wanted)
         };
         for (i, (want, dev)) in wanted.into_iter().enumerate() {
@@ -247,6 +259,46 @@ impl PciBus {
                     slot.ioevents[i] = map_ioevents(mapper.as_ref(), region, events, bdf, name);
                 }
                 Err(e) => tracing::warn!("PCI {bdf} {name}: BAR {i} at {region} refused, left unmapped: {e}"),
+            }
+        }
+        self.update_memory(bdf);
+    }
+
+    /// Brings the mappings of `bdf`'s RAM-decoding BARs (`bar_memory`: the option ROM) in
+    /// line with its configuration space: mapped read-only through the mapper while the BAR
+    /// decodes (for the ROM BAR: COMMAND.MEM and the ROM enable bit), unmapped otherwise.
+    fn update_memory(&mut self, bdf: Bdf) {
+        let windows = self.windows;
+        let mapper = self.mapper.clone();
+        let Some(slot) = self.slots.get_mut(&bdf) else { return };
+        let (name, wanted) = {
+            let d = lock(&slot.device);
+            let wanted: Vec<_> =
+                (0..=ROM_BAR).map(|i| d.bar_memory(i).map(|b| (d.config().bar_region(i), b))).collect();
+            (d.name(), wanted)
+        };
+        for (i, want) in wanted.into_iter().enumerate() {
+            let region = want.as_ref().and_then(|(r, _)| *r);
+            if slot.memory[i] == region {
+                continue;
+            }
+            if let Some(old) = slot.memory[i].take() {
+                mapper.unmap_memory(old);
+                tracing::debug!("PCI {bdf} {name}: BAR {i} memory unmapped from {old}");
+            }
+            let (Some(region), Some((_, block))) = (region, want) else { continue };
+            if !windows.contains(&region) {
+                tracing::debug!(
+                    "PCI {bdf} {name}: BAR {i} memory at {region} is outside the PCI windows; left unmapped"
+                );
+                continue;
+            }
+            match mapper.map_memory(name, region, block) {
+                Ok(()) => {
+                    tracing::debug!("PCI {bdf} {name}: BAR {i} memory mapped read-only at {region}");
+                    slot.memory[i] = Some(region);
+                }
+                Err(e) => tracing::warn!("PCI {bdf} {name}: BAR {i} memory at {region} refused, left unmapped: {e}"),
             }
         }
     }

@@ -203,6 +203,25 @@ impl PciConfig {
         Ok(())
     }
 
+    /// Changes the size of the expansion ROM BAR (declared with [`PciConfig::add_bar`]): its
+    /// block was resized by a restore, which then restores the saved address into it. Address
+    /// bits below the new size are cleared, as the guest could not have set them.
+    pub fn resize_rom_bar(&mut self, size: u64) -> Result<(), PciError> {
+        let bad = |reason: String| PciError::Bar { index: ROM_BAR, reason };
+        if self.bar(ROM_BAR).is_none() {
+            return Err(bad("is not declared".into()));
+        }
+        if !size.is_power_of_two() || !(0x800..=1 << 31).contains(&size) {
+            return Err(bad(format!("size {size:#x} is not a power of two from 0x800 to 0x80000000")));
+        }
+        let wmask = (!(size - 1) as u32 & !0x7ff) | ROM_ENABLE;
+        self.set_wmask(ROM_ADDRESS, &wmask.to_le_bytes())?;
+        let v = self.get32(ROM_ADDRESS) & wmask;
+        self.bytes[ROM_ADDRESS..ROM_ADDRESS + 4].copy_from_slice(&v.to_le_bytes());
+        self.bars[ROM_BAR] = Some((BarKind::Rom, size));
+        Ok(())
+    }
+
     fn is_upper_half(&self, index: usize) -> bool {
         index > 0 && matches!(self.bars[index - 1], Some((BarKind::Mem64 { .. }, _)))
     }

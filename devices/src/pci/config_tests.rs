@@ -155,3 +155,22 @@ fn restore_checks_identity_and_takes_guest_bits() {
     d.restore(&forged).expect("restore");
     assert_eq!(d.bytes()[INTERRUPT_PIN], 1);
 }
+
+#[test]
+fn the_rom_bar_can_be_resized_for_a_restored_rom_block() {
+    let mut c = PciConfig::new(header());
+    assert!(c.resize_rom_bar(0x1000).is_err(), "no ROM BAR declared");
+    c.add_bar(ROM_BAR, BarKind::Rom, 0x4_0000).expect("rom");
+    w32(&mut c, ROM_ADDRESS, 0xffff_ffff);
+    assert_eq!(r32(&c, ROM_ADDRESS), 0xfffc_0001, "256 KiB");
+    c.resize_rom_bar(0x1000).expect("4 KiB");
+    w32(&mut c, ROM_ADDRESS, 0xffff_f800);
+    assert_eq!(r32(&c, ROM_ADDRESS), 0xffff_f000, "sizing now says 4 KiB");
+    w32(&mut c, ROM_ADDRESS, 0xfebf_1001);
+    assert_eq!(c.bar(ROM_BAR), Some((BarKind::Rom, 0x1000)));
+    assert_eq!(c.bar_address(ROM_BAR), Some(0xfebf_1000));
+    c.resize_rom_bar(0x4_0000).expect("back to 256 KiB");
+    assert_eq!(r32(&c, ROM_ADDRESS), 0xfebc_0001, "address bits below the size are cleared, enable kept");
+    assert!(c.resize_rom_bar(0x3000).is_err(), "not a power of two");
+    assert!(c.resize_rom_bar(0x400).is_err(), "below 2 KiB");
+}

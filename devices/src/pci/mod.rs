@@ -103,3 +103,7 @@ impl std::fmt::Display for BarRegion {
 mod ioevent_tests;
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "rom_bar_tests.rs"]
+mod rom_bar_tests;

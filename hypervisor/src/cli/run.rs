@@ -248,6 +248,9 @@ pub fn finish(vm: &mut Vm, timeout: Option<Duration>) -> ExitCode {
     if !matches!(reason, ExitReason::GuestExit { .. } | ExitReason::PowerOff) {
         eprintln!("snapvisor: {reason}");
     }
+    for nic in &vm.devices().nics {
+        eprintln!("snapvisor: {}", nic.driver_report());
+    }
     tracing::info!(%reason, status, "guest ended");
     ExitCode::from(status)
 }

@@ -9,6 +9,7 @@
 pub mod mac;
 pub mod nic;
 pub mod overrides;
+pub mod rom;
 pub mod spec;
 
 pub use spec::{Mac, NetSpec, RomChoice, SpecError};

@@ -77,6 +77,16 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Nic {
+    /// What the guest's driver did to this NIC, as one line for `snapvisor run`/`restore` to
+    /// print at exit: `net0 0000:00:03.0 52:54:00:..: driver {json}` (the JSON of
+    /// `devices::virtio::net::DriverRecord`: status bits, MAC bytes read, feature words read,
+    /// features accepted, queues enabled, resets). Tests with foreign drivers (iPXE) read it.
+    pub fn driver_report(&self) -> String {
+        let record = lock(&self.device).driver_record();
+        let json = serde_json::to_string(&record).unwrap_or_else(|e| format!("\"unserialisable: {e}\""));
+        format!("net{} {} {}: driver {json}", self.index, self.bdf, self.mac())
+    }
+
     /// The MAC the NIC has.
     pub fn mac(&self) -> Mac {
         self.spec.mac.unwrap_or(Mac(lock(&self.device).mac()))
@@ -115,18 +125,20 @@ pub fn check_specs(specs: &[NetSpec]) -> Result<(), NicError> {
     Ok(())
 }
 
-/// The option ROM of NIC `index`, as a RAM block named [`super::rom_block_name`].
-///
-/// ROM LOADING GOES HERE (branch `rom`): read the ROM `spec.rom` names, size the block
-/// (`romsize`, or the file's size rounded up to a power of two), register it in `registry`
-/// and fill it. Until then every NIC is built without a ROM, as with `romfile=none`.
+/// The option ROM of NIC `index`, as a RAM block named [`super::rom_block_name`]: read,
+/// checked and sized by [`super::rom`] (`romsize`, or the file's size rounded up to a power
+/// of two), registered in `registry` and filled. None for `romfile=none`.
 pub fn nic_rom(
-    _registry: &RamRegistry,
-    _index: usize,
-    _bdf: Bdf,
-    _spec: &NetSpec,
+    registry: &RamRegistry,
+    index: usize,
+    bdf: Bdf,
+    spec: &NetSpec,
 ) -> Result<Option<Arc<RamBlock>>, NicError> {
-    Ok(None)
+    let err = |e: super::rom::RomError| NicError::Rom { index, tap: spec.tap.clone(), reason: e.to_string() };
+    let Some(rom) = super::rom::load(spec, super::rom::RomOrigin::Cli).map_err(err)? else {
+        return Ok(None);
+    };
+    super::rom::create_block(registry, bdf, &rom, spec.romsize).map(Some).map_err(err)
 }
 
 /// What the machine gives its NICs.
@@ -166,6 +178,11 @@ pub fn attach(parts: &NicParts<'_>, specs: &[NetSpec]) -> Result<Vec<Nic>, NicEr
             rom,
         })
         .map_err(|e| NicError::Device { index, tap: tap_name.clone(), source: Box::new(e) })?;
+        if let Some(block) = parts.registry.get(&super::rom_block_name(bdf)) {
+            // A restore that resizes a pinned ROM block resizes BAR 6 with it.
+            let weak: std::sync::Weak<Mutex<dyn devices::pci::PciDevice>> = Arc::downgrade(&device) as _;
+            super::rom::follow_resizes(&block, weak);
+        }
         let pci_err = |reason: String| NicError::Pci { index, tap: tap_name.clone(), bdf, reason };
         {
             let mut bus = lock(parts.pci);

@@ -196,7 +196,10 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     let plan = check_ram(&snap.ram, vm.registry())?;
     apply_resizes(&plan, vm.registry())?;
 
-    let blocks = vm.registry().blocks();
+    // Only the snapshot's blocks are loaded: a destination block it lacks passed the check
+    // only if it is an option ROM, which keeps the destination's ROM file.
+    let blocks: Vec<_> =
+        vm.registry().blocks().into_iter().filter(|b| snap.ram.iter().any(|s| s.idstr == b.idstr())).collect();
     let mut bytes_loaded = 0;
     let mut prefetch_chunks = 0;
     match opts.mode {

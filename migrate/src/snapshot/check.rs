@@ -6,6 +6,12 @@
 //! sizes, and what to change; only when every block fits is anything resized. The resize then
 //! goes through [`RamRegistry::resize`], so the rules, listeners and `resized` hooks are QEMU's
 //! (fw_cfg's directory shows the snapshot's sizes afterwards).
+//!
+//! Option ROMs (`0000:00:03.0/virtio-net-pci.rom`) get QEMU's cases with better answers:
+//! a size mismatch or a ROM the destination lacks is refused with the `romsize=`/`romfile=`
+//! that fixes it; a destination ROM the snapshot lacks is kept (the restore leaves that block
+//! alone); a destination with `romsize` at least the snapshot's has a resizeable block and is
+//! resized to the snapshot's length like any resizeable block.
 
 use std::fmt;
 
@@ -51,11 +57,29 @@ fn is_acpi_blob(idstr: &str) -> bool {
     matches!(idstr, "/rom@etc/acpi/tables" | "/rom@etc/acpi/rsdp" | "/rom@etc/table-loader")
 }
 
+/// Whether `idstr` is a PCI device's option ROM (`0000:00:03.0/virtio-net-pci.rom`), as
+/// opposed to a fw_cfg file that happens to end in `.rom` (`/rom@genroms/x.rom`).
+pub fn is_option_rom(idstr: &str) -> bool {
+    !idstr.starts_with("/rom@") && idstr.ends_with(".rom") && idstr.contains('/')
+}
+
+/// The PCI address in an option ROM's idstr.
+fn rom_device(idstr: &str) -> &str {
+    idstr.rsplit_once('/').map_or(idstr, |(d, _)| d)
+}
+
 /// What to do about a size mismatch of `idstr`.
-fn size_hint(idstr: &str, new: u64) -> String {
-    if idstr.ends_with(".rom") {
-        let dev = idstr.rsplit_once('/').map_or(idstr, |(d, _)| d);
-        format!("configure romsize={new:#x} for the device at {dev} so that its ROM block matches the snapshot")
+fn size_hint(idstr: &str, new: u64, used: u64) -> String {
+    if is_option_rom(idstr) {
+        // A pinned (romsize) block is resizeable up to its size: it takes any snapshot ROM
+        // block not larger, and must hold this VM's ROM file too, hence the larger of the two.
+        let dev = rom_device(idstr);
+        format!(
+            "the snapshot's option ROM block is {new:#x} bytes and this VM's {used:#x}: restore the NIC at {dev} with \
+             romsize={:#x} (a pinned ROM block takes the snapshot's ROM), or with romfile= the ROM the snapshot \
+             was taken with (a {new:#x}-byte block)",
+            new.max(used)
+        )
     } else if idstr == "pc.ram" {
         format!("restore into a VM with --mem-mib {}", new >> 20)
     } else {
@@ -66,6 +90,14 @@ fn size_hint(idstr: &str, new: u64) -> String {
 impl fmt::Display for RamProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            RamProblem::Unknown { idstr, used } if is_option_rom(idstr) => write!(
+                f,
+                "Unknown ramblock \"{idstr}\" (snapshot has {used:#x} bytes): the snapshot's NIC at {dev} has an option \
+                 ROM and this VM's has none (romfile=none, or no such NIC): give it a ROM whose block holds {used:#x} \
+                 bytes: romfile= the ROM the snapshot was taken with, or romsize={used:#x} with a ROM of at most \
+                 that size (the default ROM when romfile is not given)",
+                dev = rom_device(idstr)
+            ),
             RamProblem::Unknown { idstr, used } => write!(
                 f,
                 "Unknown ramblock \"{idstr}\" (snapshot has {used:#x} bytes): the destination has no such RAM block; add the device that owns it"
@@ -79,12 +111,18 @@ impl fmt::Display for RamProblem {
                 "Mismatched RAM page size {idstr} (local) {destination:#x} != {snapshot:#x}: back the block with the same page size as the source"
             ),
             RamProblem::SizeMismatch { idstr, new, used } => {
-                write!(f, "Size mismatch: {idstr}: {new:#x} != {used:#x}: {}", size_hint(idstr, *new))
+                write!(f, "Size mismatch: {idstr}: {new:#x} != {used:#x}: {}", size_hint(idstr, *new, *used))
             }
             RamProblem::TooLarge { idstr, new, max } if is_acpi_blob(idstr) => write!(
                 f,
                 "Size too large: {idstr}: {new:#x} > {max:#x}: this snapvisor serves ACPI blobs of at most {max:#x} bytes, \
                  so the snapshot was taken by a build with a larger limit: restore it with that build"
+            ),
+            RamProblem::TooLarge { idstr, new, max } if is_option_rom(idstr) => write!(
+                f,
+                "Size too large: {idstr}: {new:#x} > {max:#x}: the snapshot's option ROM block is {new:#x} bytes, more \
+                 than this VM's romsize={max:#x}: restore the NIC at {dev} with romsize={new:#x}",
+                dev = rom_device(idstr)
             ),
             RamProblem::TooLarge { idstr, new, max } => write!(
                 f,
@@ -144,7 +182,9 @@ pub fn check_ram(snapshot: &[RamBlockDesc], registry: &RamRegistry) -> Result<Re
         }
     }
     for d in registry.blocks() {
-        if !snapshot.iter().any(|s| s.idstr == d.idstr()) {
+        // An option ROM the snapshot lacks stays as the destination built it (QEMU accepts
+        // this too): the snapshot's device never mapped a ROM, and the block is the ROM file.
+        if !snapshot.iter().any(|s| s.idstr == d.idstr()) && !is_option_rom(d.idstr()) {
             problems.push(RamProblem::Missing { idstr: d.idstr().to_string(), used: d.used_length() });
         }
     }
@@ -178,3 +218,7 @@ pub fn describe(registry: &RamRegistry) -> Vec<RamBlockDesc> {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "check_tests.rs"]
+mod tests;
