@@ -6,9 +6,11 @@
 #   lz4             unpacks the ELF kernel from the bzImage (deploy/fetch-guest.sh)
 #   seabios, ipxe-qemu     real firmware for the firmware tests
 #   acpica-tools    iasl, to disassemble ACPI tables in tests
+#   iproute2, iputils-ping  network namespaces and taps for the virtio-net tests and
+#                   `bench net` (ip), and the host's ping in netping's echo test
 set -euo pipefail
 
-packages=(libclang-dev busybox-static cpio lz4 seabios ipxe-qemu acpica-tools)
+packages=(libclang-dev busybox-static cpio lz4 seabios ipxe-qemu acpica-tools iproute2 iputils-ping)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::guest_args::{GuestMode, NetpingArgs};
 use super::CliError;
 use crate::boot::files::BootFile;
 use crate::control::ExitReason;
-use crate::guests::{Builtin, MemfillMode, TimerMode};
+use crate::guests::{Builtin, TimerMode};
+use crate::net::NetSpec;
 use crate::snapshot::{self, SaveOptions, SnapshotError};
 use crate::vm::{BootSource, BuiltinParams, FwCfgFile, Vm, VmConfig, VmError};
 
@@ -44,9 +46,11 @@ pub struct RunArgs {
     /// memfill: number of passes (0: until stopped).
     #[arg(long, default_value_t = 1)]
     pub passes: u64,
-    /// memfill: fill (default) or verify.
-    #[arg(long, value_enum, default_value_t = MemfillMode::Fill)]
-    pub mode: MemfillMode,
+    /// memfill: fill (default) or verify; netping: ping (default), echo, evil, tx or rx.
+    #[arg(long, value_enum)]
+    pub mode: Option<GuestMode>,
+    #[command(flatten)]
+    pub netping: Box<NetpingArgs>,
     /// timer: arm the LAPIC timer in TSC-deadline (default) or one-shot mode.
     #[arg(long, value_enum, default_value_t = TimerMode::TscDeadline)]
     pub timer_mode: TimerMode,
@@ -69,6 +73,11 @@ pub struct RunArgs {
     /// UUID, as QEMU's.
     #[arg(long, value_name = "UUID", requires = "firmware")]
     pub uuid: Option<String>,
+    /// A NIC: tap=NAME[,mac=52:54:00:..][,romfile=PATH|none][,romsize=BYTES]; repeatable.
+    /// (Stand-in on the netping branch: parsed and checked here; the `netwire` branch wires
+    /// the NICs into the VM.)
+    #[arg(long = "net", value_name = "SPEC")]
+    pub net: Vec<String>,
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
 }
@@ -145,6 +154,8 @@ impl RunArgs {
         let limit = self.mem_mib.saturating_mul(1 << 20);
         let read =
             |what, p: &std::path::Path| BootFile::read_path(what, p, limit).map_err(|e| CliError::Input(e.to_string()));
+        let nics = self.nets()?.len();
+        let (mode, net) = self.netping.params(self.builtin, self.mode, nics, self.mem_mib)?;
         Ok(match (&self.builtin, &self.kernel) {
             (None, None) if self.firmware.is_some() => BootSource::Firmware,
             (Some(guest), _) => BootSource::Builtin {
@@ -152,8 +163,9 @@ impl RunArgs {
                 params: BuiltinParams {
                     seed: self.seed,
                     passes: self.passes,
-                    mode: self.mode,
+                    mode,
                     timer: self.timer_mode,
+                    net,
                     ..Default::default()
                 },
             },
@@ -163,6 +175,11 @@ impl RunArgs {
                 cmdline: self.cmdline.clone(),
             },
         })
+    }
+
+    /// The NICs `--net` asks for, parsed and checked.
+    pub fn nets(&self) -> Result<Vec<NetSpec>, CliError> {
+        self.net.iter().map(|s| NetSpec::parse(s).map_err(|e| CliError::Input(format!("--net {s}: {e}")))).collect()
     }
 
     /// The firmware image `--firmware` names, read.

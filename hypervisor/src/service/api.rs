@@ -58,6 +58,9 @@ struct CreateVm {
     seed: u64,
     #[serde(default)]
     passes: u64,
+    /// netping's options (see [`crate::cli::guest_args::NetpingDef`]).
+    #[serde(default)]
+    netping: Option<Box<crate::cli::guest_args::NetpingDef>>,
     #[serde(default)]
     start: bool,
 }
@@ -122,6 +125,7 @@ pub fn decode_bodies(bytes: &[u8]) -> usize {
             restored_from: None,
             resume_from: None,
             resume_paused: false,
+            netping: c.netping.clone(),
         };
         let firmware = def.firmware.clone().filter(|f| f != super::actor::SEABIOS);
         let images_ok = [&def.kernel, &def.initrd, &firmware]
@@ -160,6 +164,7 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
         restored_from: None,
         resume_from: None,
         resume_paused: false,
+        netping: c.netping,
     };
     let info = d.create(def, c.start).await?;
     d.event(&info.def.name, "created", serde_json::json!({ "state": info.state }));

@@ -472,6 +472,7 @@ impl Daemon {
             restored_from: Some(snapshot_name.to_string()),
             resume_from: None,
             resume_paused: false,
+            netping: None,
         };
         {
             let mut vms = self.lock();
