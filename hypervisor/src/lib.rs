@@ -9,6 +9,7 @@ pub mod control;
 pub mod cpu;
 pub mod exit_profile;
 pub mod guests;
+pub mod irq_routes;
 pub mod layout;
 pub mod machine;
 pub mod memory;

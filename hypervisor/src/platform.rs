@@ -16,9 +16,9 @@ use devices::bus::{Bus, BusDevice};
 use devices::cmos::{Cmos, CmosConfig};
 use devices::i8042::{self, I8042};
 use devices::irq::IrqLine;
-use devices::pci::{self, BarMapper, HostBridge, PciBus, PciConfigIo, PciWindows};
+use devices::pci::{self, BarMapper, HostBridge, IoEvent, PciBus, PciConfigIo, PciWindows};
 use devices::pm::{self, Pm, PmPorts};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 
 use crate::control::{ExitReason, VmControl};
 use crate::layout;
@@ -74,6 +74,38 @@ pub struct MachineBarMapper {
     pio: Weak<Bus>,
     mmio: Weak<Bus>,
     placed: Weak<Mutex<Vec<Placed>>>,
+    /// For KVM_IOEVENTFD (the VM fd holds nothing of the machine: no cycle).
+    vm: Arc<VmFd>,
+    /// Set once KVM refused an ioeventfd, so that is logged once per VM.
+    ioevent_refused: std::sync::atomic::AtomicBool,
+}
+
+fn ioevent_address(space: pci::BarSpace, addr: u64) -> IoEventAddress {
+    match space {
+        pci::BarSpace::Pio => IoEventAddress::Pio(addr),
+        pci::BarSpace::Mmio => IoEventAddress::Mmio(addr),
+    }
+}
+
+/// KVM_IOEVENTFD (de)assignment for `ev` at `addr`. kvm-ioctls takes the access length from
+/// the datamatch value's type: no datamatch matches a write of any length.
+fn ioeventfd(vm: &VmFd, space: pci::BarSpace, addr: u64, ev: &IoEvent, assign: bool) -> Result<(), String> {
+    let a = ioevent_address(space, addr);
+    let fd = &ev.fd;
+    let r = match (ev.datamatch, ev.len) {
+        (None, _) if assign => vm.register_ioevent(fd, &a, NoDatamatch),
+        (None, _) => vm.unregister_ioevent(fd, &a, NoDatamatch),
+        (Some(v), 1) if assign => vm.register_ioevent(fd, &a, v as u8),
+        (Some(v), 1) => vm.unregister_ioevent(fd, &a, v as u8),
+        (Some(v), 2) if assign => vm.register_ioevent(fd, &a, v as u16),
+        (Some(v), 2) => vm.unregister_ioevent(fd, &a, v as u16),
+        (Some(v), 4) if assign => vm.register_ioevent(fd, &a, v as u32),
+        (Some(v), 4) => vm.unregister_ioevent(fd, &a, v as u32),
+        (Some(v), 8) if assign => vm.register_ioevent(fd, &a, v),
+        (Some(v), 8) => vm.unregister_ioevent(fd, &a, v),
+        (Some(_), len) => return Err(format!("a datamatch needs a length of 1, 2, 4 or 8 bytes, not {len}")),
+    };
+    r.map_err(|e| format!("KVM_IOEVENTFD at {addr:#x}: {e}"))
 }
 
 impl MachineBarMapper {
@@ -102,6 +134,22 @@ impl BarMapper for MachineBarMapper {
             tracing::warn!("unmapping PCI BAR at {r}: {e}");
         }
         placed.retain(|p| !(p.bus == kind && p.addr == r.addr));
+    }
+
+    fn map_ioevent(&self, space: pci::BarSpace, addr: u64, ev: &IoEvent) -> Result<(), String> {
+        let r = ioeventfd(&self.vm, space, addr, ev, true);
+        if let Err(e) = &r {
+            if !self.ioevent_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("{e}; queue notifications take the MMIO exit path on this VM");
+            }
+        }
+        r
+    }
+
+    fn unmap_ioevent(&self, space: pci::BarSpace, addr: u64, ev: &IoEvent) {
+        if let Err(e) = ioeventfd(&self.vm, space, addr, ev, false) {
+            tracing::warn!("removing an ioeventfd: {e}");
+        }
     }
 }
 
@@ -174,6 +222,8 @@ pub fn attach(
         pio: Arc::downgrade(pio),
         mmio: Arc::downgrade(mmio),
         placed: Arc::downgrade(placed),
+        vm: vm.clone(),
+        ioevent_refused: std::sync::atomic::AtomicBool::new(false),
     });
     let mut bus = PciBus::new(pci_windows(mem_bytes), mapper);
     bus.add(pci::Bdf::new(0, 0), Arc::new(Mutex::new(HostBridge::new()))).map_err(|e| MachineError::Bus {

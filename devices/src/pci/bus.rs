@@ -119,6 +119,8 @@ type WantedBar = (Option<BarRegion>, Option<Arc<Mutex<dyn BusDevice>>>);
 struct Slot {
     device: Arc<Mutex<dyn PciDevice>>,
     mapped: [Option<BarRegion>; ROM_BAR + 1],
+    /// The ioeventfds registered for each mapped BAR, to unregister them when it moves.
+    ioevents: [Vec<IoEvent>; ROM_BAR + 1],
 }
 
 /// Bus 0.
@@ -132,6 +134,33 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Registers `events` of a BAR just mapped at `region`; returns those the mapper took. One
+/// refused (this KVM may have no ioeventfds) is left to the device's MMIO path, which signals
+/// the same eventfd on a notify write that exits.
+fn map_ioevents(mapper: &dyn BarMapper, region: BarRegion, events: Vec<IoEvent>, bdf: Bdf, name: &str) -> Vec<IoEvent> {
+    let mut taken = Vec::with_capacity(events.len());
+    for ev in events {
+        if ev.offset >= region.len {
+            tracing::warn!("PCI {bdf} {name}: ioevent at offset {:#x} is outside its BAR at {region}", ev.offset);
+            continue;
+        }
+        match mapper.map_ioevent(region.space, region.addr + ev.offset, &ev) {
+            Ok(()) => taken.push(ev),
+            Err(e) => {
+                tracing::debug!("PCI {bdf} {name}: ioevent at {:#x} not registered: {e}", region.addr + ev.offset)
+            }
+        }
+    }
+    taken
+}
+
+/// Unregisters what [`map_ioevents`] registered for the BAR that was at `region`.
+fn unmap_ioevents(mapper: &dyn BarMapper, region: BarRegion, events: &mut Vec<IoEvent>) {
+    for ev in events.drain(..) {
+        mapper.unmap_ioevent(region.space, region.addr + ev.offset, &ev);
+    }
+}
+
 impl PciBus {
     pub fn new(windows: PciWindows, mapper: Arc<dyn BarMapper>) -> Self {
         PciBus { windows, mapper, slots: BTreeMap::new() }
@@ -142,7 +171,7 @@ impl PciBus {
         if self.slots.contains_key(&bdf) {
             return Err(PciError::SlotTaken { bdf });
         }
-        self.slots.insert(bdf, Slot { device, mapped: [None; ROM_BAR + 1] });
+        self.slots.insert(bdf, Slot { device, mapped: [None; ROM_BAR + 1], ioevents: Default::default() });
         self.update(bdf);
         Ok(())
     }
@@ -195,6 +224,7 @@ impl PciBus {
                 continue;
             }
             if let Some(old) = slot.mapped[i].take() {
+                unmap_ioevents(mapper.as_ref(), old, &mut slot.ioevents[i]);
                 mapper.unmap(old);
                 tracing::debug!("PCI {bdf} {name}: BAR {i} unmapped from {old}");
             }
@@ -213,6 +243,8 @@ impl PciBus {
                 Ok(()) => {
                     tracing::debug!("PCI {bdf} {name}: BAR {i} mapped at {region}");
                     slot.mapped[i] = Some(region);
+                    let events = lock(&slot.device).ioevents(i);
+                    slot.ioevents[i] = map_ioevents(mapper.as_ref(), region, events, bdf, name);
                 }
                 Err(e) => tracing::warn!("PCI {bdf} {name}: BAR {i} at {region} refused, left unmapped: {e}"),
             }

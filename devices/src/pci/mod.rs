@@ -100,4 +100,6 @@ impl std::fmt::Display for BarRegion {
 }
 
 #[cfg(test)]
+mod ioevent_tests;
+#[cfg(test)]
 mod tests;

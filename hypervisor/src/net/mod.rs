@@ -6,6 +6,7 @@
 //! `0000:00:0N.0/virtio-net-pci.rom`. Without firmware, snapvisor places the BARs itself
 //! ([`builtin_bars`]) so that built-in guests and kernels find the device at fixed addresses.
 
+pub mod mac;
 pub mod spec;
 
 pub use spec::{Mac, NetSpec, RomChoice, SpecError};
