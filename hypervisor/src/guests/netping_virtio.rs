@@ -54,8 +54,8 @@ const DESC_NEXT: u32 = 1;
 const DESC_WRITE: u32 = 2;
 const USED_NO_NOTIFY: u32 = 1;
 
-/// How many polls a wait for the device may take before the guest gives up (each a PAUSE
-/// and an MMIO read or a RAM read: seconds).
+/// How many polls of a used ring (a PAUSE and a RAM read each: seconds) a wait for the device
+/// to consume transmit chains may take before the guest gives up.
 const SPIN_LIMIT: u32 = 1 << 26;
 
 /// Labels of the driver's routines.
@@ -86,6 +86,22 @@ pub struct Driver {
 
 fn status(a: &mut CodeAssembler, value: u32) -> Result<(), IcedError> {
     a.mov(byte_ptr(r14 + DEVICE_STATUS), value)
+}
+
+/// R8 = the TSC a second from now (a device wait's deadline: waits that read device
+/// registers cost an exit per read, so they are bounded in time, not in reads). Clobbers RAX,
+/// RDX.
+fn deadline(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    super::netping::rdtsc64(a)?;
+    a.mov(r8, qword_ptr(r15 + S_RETRY_TSC))?;
+    a.lea(r8, qword_ptr(rax + r8 * 2))
+}
+
+/// Compares the TSC with the deadline in R8: `jb` continues while it has not passed.
+/// Clobbers RDX and RAX (but keeps the flags of the comparison).
+fn past_deadline(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    super::netping::rdtsc64(a)?;
+    a.cmp(rax, r8)
 }
 
 /// Prints `s`, then RAX in hex, a newline, and exits with status 5.
@@ -169,15 +185,15 @@ pub fn emit_routines(
     let mut fok_fail = a.create_label();
     let mut small = a.create_label();
     status(a, 0)?;
-    a.mov(ecx, SPIN_LIMIT)?;
+    deadline(a)?;
     a.set_label(&mut reset_wait)?;
     a.movzx(eax, byte_ptr(r14 + DEVICE_STATUS))?;
     a.test(eax, eax)?;
     let mut reset_done = a.create_label();
     a.jz(reset_done)?;
     a.pause()?;
-    a.dec(ecx)?;
-    a.jnz(reset_wait)?;
+    past_deadline(a)?;
+    a.jb(reset_wait)?;
     a.jmp(reset_fail)?;
     a.set_label(&mut reset_done)?;
     status(a, ACKNOWLEDGE)?;
@@ -459,14 +475,15 @@ pub fn emit_evil(a: &mut CodeAssembler, rt: &Runtime, s: &mut Strings) -> Result
     // Wait (bounded) for DEVICE_NEEDS_RESET, then report the status either way.
     let mut wait = a.create_label();
     let mut report = a.create_label();
-    a.mov(ecx, 1u32 << 18)?;
+    deadline(a)?;
     a.set_label(&mut wait)?;
     a.movzx(eax, byte_ptr(r14 + DEVICE_STATUS))?;
     a.test(eax, DEVICE_NEEDS_RESET)?;
     a.jnz(report)?;
     a.pause()?;
-    a.dec(ecx)?;
-    a.jnz(wait)?;
+    past_deadline(a)?;
+    a.jb(wait)?;
+    a.movzx(eax, byte_ptr(r14 + DEVICE_STATUS))?;
     a.set_label(&mut report)?;
     a.push(rax)?;
     print(a, rt, s_status)?;
