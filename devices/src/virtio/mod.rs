@@ -19,6 +19,9 @@
 
 pub use crate::pci::bus::IoEvent;
 
+pub mod msix;
+pub mod net;
+
 /// PCI identity of virtio-net (modern).
 pub const VENDOR_ID: u16 = 0x1af4;
 pub const NET_DEVICE_ID: u16 = 0x1041;

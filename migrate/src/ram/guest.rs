@@ -70,6 +70,11 @@ impl GuestMemory {
         Ok(GuestMemory { regions: Arc::new(regions) })
     }
 
+    /// The regions, sorted by guest address.
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
     /// Guest memory of one block placed at guest address 0 (tests, simple machines).
     pub fn flat(block: Arc<RamBlock>) -> GuestMemory {
         let len = block.max_length();

@@ -8,7 +8,8 @@
 //! progress, a lazy restore).
 //!
 //! Devices reach guest RAM only through [`GuestMemory`], whose writes mark the blocks' dirty
-//! bitmaps (see its module).
+//! bitmaps (see its module); [`GuestMemory::tracked`] gives rust-vmm crates a vm-memory view
+//! of it whose writes mark them too.
 //!
 //! Lock order: the registry's mutex is never held while listeners or hooks run; a resize
 //! holds only the block's own resize lock across them. Hooks may therefore call into devices
@@ -20,8 +21,10 @@ mod guest;
 mod registry;
 #[cfg(test)]
 mod tests;
+mod vm_view;
 
 pub use block::{RamBlock, RamBlockConfig, ResizedHook};
 pub use error::RamError;
 pub use guest::{GuestMemory, GuestMemoryError, GuestRegion};
 pub use registry::{ListenerId, RamBlockListener, RamRegistry};
+pub use vm_view::{BlockDirty, TrackedMemory, VmViewError};

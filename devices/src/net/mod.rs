@@ -1,0 +1,41 @@
+//! Network backends of virtio-net: where the frames a guest sends go and the frames it
+//! receives come from.
+//!
+//! Every frame crossing a [`NetBackend`] carries the 12-byte `virtio_net_hdr_v1` in front
+//! (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers), exactly as
+//! the guest's driver wrote it or the device hands it to the guest: the tap is opened with
+//! `IFF_VNET_HDR` and a header size of 12, so the header passes unchanged both ways and the
+//! offloads the guest negotiated (checksum, TSO, UFO) are the tap's to honour.
+
+use std::io;
+use std::os::fd::RawFd;
+
+pub mod tap;
+#[cfg(test)]
+mod tap_tests;
+
+/// Bytes of the virtio-net header in front of every frame.
+pub const VNET_HDR_LEN: usize = 12;
+
+/// `TUNSETOFFLOAD` bits: what the backend may hand the guest (the guest's receive offloads).
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+pub const TUN_F_TSO_ECN: u32 = 0x08;
+pub const TUN_F_UFO: u32 = 0x10;
+
+/// A frame source and sink for one virtio-net device. Frames carry the vnet header.
+pub trait NetBackend: Send {
+    /// Reads one frame into `buf`; `WouldBlock` when none is waiting.
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sends one frame; `WouldBlock` when the backend cannot take it now.
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Which `TUN_F_*` offloads [`NetBackend::set_offload`] accepts.
+    fn supported_offloads(&self) -> u32;
+    /// Sets the offloads the guest negotiated (`TUN_F_*`).
+    fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+    /// A file descriptor that polls readable (level-triggered) while frames are waiting.
+    fn poll_fd(&self) -> RawFd;
+    /// For logs.
+    fn name(&self) -> String;
+}

@@ -1,0 +1,287 @@
+//! Moving frames between the virtqueues and the backend, with every descriptor treated as
+//! untrusted.
+//!
+//! Transmit (queue 1): every available chain is read (device-readable descriptors only),
+//! header and frame together, and written to the backend as one frame, vnet header
+//! unchanged; the chain is returned with length 0.
+//!
+//! Receive (queue 0): a frame read from the backend is written into one chain (without
+//! `MRG_RXBUF`; a chain too small drops the frame and is left for the next one) or across as
+//! many chains as it needs (with `MRG_RXBUF`; `num_buffers` in the header says how many). The
+//! header's `num_buffers` is always set by the device (the tap leaves those two bytes alone).
+//! With no buffer available the frame waits in the device and the receive queue is marked
+//! starved: the I/O thread stops polling the backend until the driver notifies the queue.
+//!
+//! A chain that loops or runs past the queue size, links outside the descriptor table, has a
+//! descriptor outside guest RAM, of length zero, or of the wrong direction, a transmit frame
+//! shorter than the header or longer than [`MAX_FRAME`], or an available index that moved
+//! by more than the queue size, puts the device in its error state ([`Core::fail`]).
+
+use std::io::ErrorKind;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
+
+use super::core::{Core, MAX_FRAME, RX, TX};
+use super::features::MRG_RXBUF;
+use crate::net::VNET_HDR_LEN;
+
+/// Most chains or frames moved per call, so that the device mutex is released regularly.
+pub const BATCH: usize = 256;
+
+/// Available-ring flag: the driver does not want interrupts.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// One checked chain: its head and its descriptors (guest address, length).
+struct Chain {
+    head: u16,
+    descs: Vec<(u64, u32)>,
+}
+
+impl Chain {
+    fn capacity(&self) -> usize {
+        self.descs.iter().map(|&(_, l)| l as usize).sum()
+    }
+}
+
+/// What became of a received frame.
+enum RxOutcome {
+    Delivered,
+    NoBuffers,
+    Dropped,
+}
+
+impl Core {
+    /// Takes the next available chain of queue `qi`, checked; `Ok(None)` when none.
+    fn pop(&mut self, qi: usize) -> Result<Option<Chain>, String> {
+        let writable = qi == RX;
+        let mem = &self.mem;
+        let Some(q) = self.queues[qi].queue.as_mut() else { return Ok(None) };
+        let size = q.size();
+        let mut it = q.iter(mem).map_err(|e| format!("available ring: {e}"))?;
+        let Some(chain) = it.next() else { return Ok(None) };
+        let head = chain.head_index();
+        if head >= size {
+            return Err(format!("head descriptor index {head} is past the queue size {size}"));
+        }
+        let mut descs = Vec::new();
+        let mut links_on = false;
+        for d in chain {
+            let (addr, len) = (d.addr().0, d.len());
+            if len == 0 {
+                return Err(format!("chain at head {head}: descriptor {} at {addr:#x} has length 0", descs.len()));
+            }
+            if d.is_write_only() != writable {
+                let what = if writable { "device-readable" } else { "device-writable" };
+                return Err(format!(
+                    "chain at head {head}: descriptor {} at {addr:#x} is {what}, which this queue may not have",
+                    descs.len()
+                ));
+            }
+            if !mem.check_range(GuestAddress(addr), len as usize) {
+                return Err(format!("chain at head {head}: buffer at {addr:#x} (+{len:#x}) is outside guest RAM"));
+            }
+            links_on = d.has_next();
+            descs.push((addr, len));
+        }
+        if descs.is_empty() {
+            return Err(format!("descriptor {head} cannot be read (descriptor table outside guest RAM)"));
+        }
+        if links_on {
+            return Err(format!(
+                "chain at head {head} loops, links past the descriptor table, or is longer than the queue size {size}"
+            ));
+        }
+        Ok(Some(Chain { head, descs }))
+    }
+
+    fn add_used(&mut self, qi: usize, head: u16, len: u32) -> Result<(), String> {
+        let mem = &self.mem;
+        let Some(q) = self.queues[qi].queue.as_mut() else { return Ok(()) };
+        q.add_used(mem, head, len).map_err(|e| format!("used ring: {e}"))
+    }
+
+    /// Raises queue `qi`'s interrupt unless the driver asked not to have it
+    /// (`VRING_AVAIL_F_NO_INTERRUPT`).
+    fn notify_used(&mut self, qi: usize) {
+        let mem = &self.mem;
+        let Some(q) = self.queues[qi].queue.as_mut() else { return };
+        // virtio-queue handles EVENT_IDX (not offered here) but not VRING_AVAIL_F_NO_INTERRUPT.
+        let wanted = q.needs_notification(mem).map_err(|e| e.to_string()).and_then(|n| {
+            let flags: u16 = mem
+                .load(GuestAddress(q.avail_ring()), Ordering::Acquire)
+                .map_err(|e| format!("reading the available ring flags: {e}"))?;
+            Ok(n && u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+        });
+        match wanted {
+            Ok(false) => {}
+            Ok(true) => self.interrupt_queue(qi),
+            Err(e) => self.fail(qi, &e),
+        }
+    }
+
+    /// Sends the chains the driver made available on the transmit queue, at most [`BATCH`]
+    /// of them; true when more may be waiting (the caller comes back for them, so that vCPU
+    /// accesses to the device get the mutex in between).
+    pub fn process_tx(&mut self) -> bool {
+        if !self.running() {
+            return false;
+        }
+        let mut used = false;
+        let mut more = false;
+        for n in 0.. {
+            if n == BATCH {
+                more = true;
+                break;
+            }
+            let chain = match self.pop(TX) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(p) => {
+                    self.fail(TX, &p);
+                    break;
+                }
+            };
+            if let Err(p) = self.send(&chain) {
+                self.fail(TX, &p);
+                break;
+            }
+            if let Err(p) = self.add_used(TX, chain.head, 0) {
+                self.fail(TX, &p);
+                break;
+            }
+            used = true;
+        }
+        if used {
+            self.notify_used(TX);
+        }
+        more
+    }
+
+    fn send(&mut self, chain: &Chain) -> Result<(), String> {
+        let total = chain.capacity();
+        if total > MAX_FRAME {
+            return Err(format!("chain at head {}: frame of {total} bytes is longer than {MAX_FRAME}", chain.head));
+        }
+        if total < VNET_HDR_LEN {
+            return Err(format!(
+                "chain at head {}: frame of {total} bytes is shorter than the {VNET_HDR_LEN}-byte header",
+                chain.head
+            ));
+        }
+        self.tx_buf.resize(total, 0);
+        let mut at = 0;
+        for &(addr, len) in &chain.descs {
+            let len = len as usize;
+            self.mem
+                .read_slice(&mut self.tx_buf[at..at + len], GuestAddress(addr))
+                .map_err(|e| format!("chain at head {}: reading {addr:#x}: {e}", chain.head))?;
+            at += len;
+        }
+        match self.backend.write_frame(&self.tx_buf) {
+            Ok(()) => {}
+            Err(e) => tracing::debug!("{}: {} dropped a {total}-byte frame: {e}", self.name, self.backend.name()),
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the backend into the receive queue until the backend has none, the
+    /// queue has no buffers, or [`BATCH`] frames moved (the backend's fd, polled
+    /// level-triggered, brings the thread back for the rest).
+    pub fn process_rx(&mut self) {
+        if !self.running() || self.queues[RX].queue.is_none() {
+            return;
+        }
+        let mut used = false;
+        for _ in 0..BATCH {
+            if self.rx_pending == 0 {
+                match self.backend.read_frame(&mut self.rx_buf) {
+                    Ok(n) if (VNET_HDR_LEN..=MAX_FRAME).contains(&n) => self.rx_pending = n,
+                    Ok(n) => {
+                        tracing::debug!("{}: dropped a {n}-byte frame from {}", self.name, self.backend.name());
+                        continue;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::debug!("{}: reading {}: {e}", self.name, self.backend.name());
+                        break;
+                    }
+                }
+            }
+            match self.deliver() {
+                Ok(RxOutcome::Delivered) => {
+                    used = true;
+                    self.rx_pending = 0;
+                }
+                Ok(RxOutcome::Dropped) => self.rx_pending = 0,
+                Ok(RxOutcome::NoBuffers) => {
+                    self.rx_starved = true;
+                    break;
+                }
+                Err(p) => {
+                    self.fail(RX, &p);
+                    break;
+                }
+            }
+        }
+        if used {
+            self.notify_used(RX);
+        }
+    }
+
+    fn deliver(&mut self) -> Result<RxOutcome, String> {
+        let len = self.rx_pending;
+        let mrg = self.has(MRG_RXBUF);
+        let Some(start) = self.queues[RX].queue.as_ref().map(|q| q.next_avail()) else {
+            return Ok(RxOutcome::NoBuffers);
+        };
+        let rewind = |c: &mut Core| {
+            if let Some(q) = c.queues[RX].queue.as_mut() {
+                q.set_next_avail(start);
+            }
+        };
+        let mut chains = Vec::new();
+        let mut cap = 0;
+        while cap < len {
+            match self.pop(RX)? {
+                Some(c) => {
+                    cap += c.capacity();
+                    chains.push(c);
+                }
+                None => {
+                    rewind(self);
+                    return Ok(RxOutcome::NoBuffers);
+                }
+            }
+            if !mrg {
+                break;
+            }
+        }
+        if cap < len {
+            rewind(self);
+            tracing::debug!("{}: dropped a {len}-byte frame: the receive buffer holds {cap}", self.name);
+            return Ok(RxOutcome::Dropped);
+        }
+        let n = chains.len() as u16;
+        self.rx_buf[10..12].copy_from_slice(&n.to_le_bytes());
+        let mut at = 0;
+        for c in &chains {
+            let mut written = 0u32;
+            for &(addr, dlen) in &c.descs {
+                if at == len {
+                    break;
+                }
+                let k = (dlen as usize).min(len - at);
+                self.mem
+                    .write_slice(&self.rx_buf[at..at + k], GuestAddress(addr))
+                    .map_err(|e| format!("chain at head {}: writing {addr:#x}: {e}", c.head))?;
+                at += k;
+                written += k as u32;
+            }
+            self.add_used(RX, c.head, written)?;
+        }
+        Ok(RxOutcome::Delivered)
+    }
+}
