@@ -142,6 +142,11 @@ pub struct Devices {
     /// fragments are `dev/acpi` and `dev/vmgenid`.
     pub acpi: Option<Arc<devices::acpi::runtime::AcpiRuntime>>,
     pub vmgenid: Option<Arc<devices::acpi::vmgenid::VmGenId>>,
+    /// The VM's GSI routing table (IOAPIC/PIC defaults plus MSI routes).
+    pub irq_router: Arc<crate::irq_routes::GsiRouter>,
+    /// virtio-net functions on the PCI bus, NIC i at `net::nic_bdf(i)`; their fragments are
+    /// `dev/virtio-net/<bdf>`.
+    pub nics: Vec<crate::net::nic::Nic>,
 }
 
 impl Devices {
@@ -256,7 +261,20 @@ pub fn attach_devices(
 
     let placed = Arc::new(Mutex::new(placed));
     let platform = crate::platform::attach(vm, pio, mmio, &placed, control, ram.size(), vcpus)?;
-    Ok(Devices { serial, fw_cfg, exit, debugcon, serial_irq, go, platform, placed, acpi: None, vmgenid: None })
+    Ok(Devices {
+        serial,
+        fw_cfg,
+        exit,
+        debugcon,
+        serial_irq,
+        go,
+        platform,
+        placed,
+        acpi: None,
+        vmgenid: None,
+        irq_router: crate::irq_routes::GsiRouter::new(vm.clone()),
+        nics: Vec::new(),
+    })
 }
 
 /// Offers the kernel, initrd and command line through fw_cfg as QEMU does (for firmware that

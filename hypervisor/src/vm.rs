@@ -62,6 +62,8 @@ pub enum VmError {
     AlreadyStarted,
     #[error(transparent)]
     Acpi(#[from] crate::acpi::AcpiSetupError),
+    #[error(transparent)]
+    Nic(#[from] crate::net::nic::NicError),
 }
 
 /// Built-in guest parameters.
@@ -152,6 +154,10 @@ pub struct MachineSpec {
     /// key 0x02 carry, so a restore offers the same one; none is the nil UUID.
     #[serde(default)]
     pub uuid: Option<[u8; 16]>,
+    /// The NICs, in PCI order (NIC i at `net::nic_bdf(i)`), each with the MAC it was given, so
+    /// a restore rebuilds them (on the same taps unless `restore --net` says otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<crate::net::NetSpec>,
 }
 
 /// A VM's firmware image as its snapshots record it (the bytes are in the `pc.bios` block).
@@ -180,6 +186,8 @@ pub struct VmConfig {
     /// A firmware VM's system UUID (SMBIOS type 1, fw_cfg key 0x02); none is the nil UUID,
     /// as QEMU's default.
     pub uuid: Option<[u8; 16]>,
+    /// NICs (virtio-net on a tap each); a NIC without a MAC gets a unique one.
+    pub net: Vec<crate::net::NetSpec>,
 }
 
 impl VmConfig {
@@ -195,6 +203,7 @@ impl VmConfig {
             firmware: None,
             acpi_tables: Vec::new(),
             uuid: None,
+            net: Vec::new(),
         }
     }
 }
@@ -277,6 +286,17 @@ impl Vm {
             let uuid = cfg.uuid.unwrap_or_default();
             crate::acpi::attach_smbios(&devices, nr_vcpus, ram.size(), &fw.name, fw.data.len() as u64, uuid)?;
         }
+        devices.nics = crate::net::nic::attach(
+            &crate::net::nic::NicParts {
+                pci: &devices.platform.pci_bus,
+                router: &devices.irq_router,
+                registry: &registry,
+                mem: ram.device_memory(),
+                // Firmware places BARs itself; so does a restore (from the saved config space).
+                place_bars: !matches!(cfg.boot, BootSource::Firmware | BootSource::Restore),
+            },
+            &cfg.net,
+        )?;
         let spec = MachineSpec {
             mem_mib: cfg.mem_mib,
             vcpus: cfg.vcpus,
@@ -285,6 +305,7 @@ impl Vm {
             firmware: cfg.firmware.as_ref().map(|f| FirmwareSpec { name: f.name.clone(), size: f.data.len() as u64 }),
             acpi_tables: cfg.acpi_tables.clone(),
             uuid: cfg.uuid,
+            net: devices.nics.iter().map(|n| n.spec.clone()).collect(),
         };
 
         // Load the guest and decide where vCPU 0 starts.
@@ -394,6 +415,10 @@ impl Vm {
             return Err(VmError::AlreadyStarted);
         }
         self.started = Some(Instant::now());
+        // A restore keeps the NICs paused until the guest runs.
+        for nic in &self.devices.nics {
+            nic.resume();
+        }
         for v in self.vcpus.drain(..) {
             let id = v.id;
             match v.spawn() {
@@ -434,6 +459,10 @@ impl Vm {
                 tracing::error!("a vCPU thread panicked");
             }
         }
+        // The guest is gone: so is the NICs' I/O (their taps close with the machine).
+        for nic in &self.devices.nics {
+            nic.shutdown();
+        }
     }
 
     /// Whether `start` has run.
@@ -441,11 +470,23 @@ impl Vm {
         self.started.is_some()
     }
 
+    /// Pauses the vCPUs, then the NICs' I/O (nothing touches guest memory or device state
+    /// until [`Vm::resume`]); false if the VM has ended.
     pub fn pause(&self) -> bool {
-        self.control.pause()
+        if !self.control.pause() {
+            return false;
+        }
+        for nic in &self.devices.nics {
+            nic.pause();
+        }
+        true
     }
 
+    /// Resumes the NICs' I/O, then the vCPUs.
     pub fn resume(&self) {
+        for nic in &self.devices.nics {
+            nic.resume();
+        }
         self.control.resume()
     }
 
@@ -532,6 +573,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
             self.stop("VM dropped");
+        }
+        for nic in &self.devices.nics {
+            nic.shutdown();
         }
     }
 }

@@ -235,6 +235,7 @@ fn fuzz_snapshot_state_file() {
         firmware: Some(hypervisor::vm::FirmwareSpec { name: "seabios".into(), size: 0x2_0000 }),
         acpi_tables: Vec::new(),
         uuid: None,
+        net: Vec::new(),
     };
     snap.put("machine", &spec).expect("put");
     snap.put("fw_cfg", &devices::fw_cfg::FwCfgState { selector: Some(0x19), offset: 3, dma_high: 0 }).expect("put");

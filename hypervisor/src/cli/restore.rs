@@ -47,6 +47,11 @@ pub struct RestoreArgs {
     /// firmware put the old one, and the guest notified.
     #[arg(long)]
     pub new_generation: bool,
+    /// Put the restored VM's NICs on other taps and/or MACs: one per NIC of the snapshot, in
+    /// PCI order (tap=NAME[,mac=..][,romfile=..][,romsize=..]); a NIC without mac= keeps the
+    /// snapshot's. A different NIC count is refused.
+    #[arg(long = "net", value_name = "SPEC", value_parser = super::run::parse_net)]
+    pub net: Vec<crate::net::NetSpec>,
 }
 
 pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
@@ -68,6 +73,9 @@ pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
             Some(crate::acpi::read_tables(&args.acpi_tables).map_err(|e| CliError::Input(e.to_string()))?);
     }
     opts.new_generation = args.new_generation;
+    if !args.net.is_empty() {
+        opts.net = Some(args.net.clone());
+    }
     let timeout = args
         .timeout
         .map(|t| {

@@ -11,7 +11,6 @@ use super::CliError;
 use crate::boot::files::BootFile;
 use crate::control::ExitReason;
 use crate::guests::{Builtin, TimerMode};
-use crate::net::NetSpec;
 use crate::snapshot::{self, SaveOptions, SnapshotError};
 use crate::vm::{BootSource, BuiltinParams, FwCfgFile, Vm, VmConfig, VmError};
 
@@ -73,11 +72,10 @@ pub struct RunArgs {
     /// UUID, as QEMU's.
     #[arg(long, value_name = "UUID", requires = "firmware")]
     pub uuid: Option<String>,
-    /// A NIC: tap=NAME[,mac=52:54:00:..][,romfile=PATH|none][,romsize=BYTES]; repeatable.
-    /// (Stand-in on the netping branch: parsed and checked here; the `netwire` branch wires
-    /// the NICs into the VM.)
-    #[arg(long = "net", value_name = "SPEC")]
-    pub net: Vec<String>,
+    /// A NIC (virtio-net-pci) on a tap: tap=NAME[,mac=52:54:00:..][,romfile=PATH|none][,romsize=BYTES];
+    /// repeatable, NIC i at PCI 00:(3+i).0. The tap is created if missing (CAP_NET_ADMIN).
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    pub net: Vec<crate::net::NetSpec>,
     #[command(flatten)]
     pub snapshot: SnapshotArgs,
 }
@@ -100,6 +98,11 @@ pub struct SnapshotArgs {
     /// Stop the VM once the snapshot is committed (exit status 0).
     #[arg(long, requires = "snapshot_after_ms")]
     pub exit_after_snapshot: bool,
+}
+
+/// Parses a `--net` value.
+pub fn parse_net(s: &str) -> Result<crate::net::NetSpec, String> {
+    crate::net::NetSpec::parse(s).map_err(|e| e.to_string())
 }
 
 /// Reads the firmware `--firmware` names: `seabios` (Debian's SeaBIOS) or a path. The image is
@@ -154,7 +157,7 @@ impl RunArgs {
         let limit = self.mem_mib.saturating_mul(1 << 20);
         let read =
             |what, p: &std::path::Path| BootFile::read_path(what, p, limit).map_err(|e| CliError::Input(e.to_string()));
-        let nics = self.nets()?.len();
+        let nics = self.net.len();
         let (mode, net) = self.netping.params(self.builtin, self.mode, nics, self.mem_mib)?;
         Ok(match (&self.builtin, &self.kernel) {
             (None, None) if self.firmware.is_some() => BootSource::Firmware,
@@ -175,11 +178,6 @@ impl RunArgs {
                 cmdline: self.cmdline.clone(),
             },
         })
-    }
-
-    /// The NICs `--net` asks for, parsed and checked.
-    pub fn nets(&self) -> Result<Vec<NetSpec>, CliError> {
-        self.net.iter().map(|s| NetSpec::parse(s).map_err(|e| CliError::Input(format!("--net {s}: {e}")))).collect()
     }
 
     /// The firmware image `--firmware` names, read.
@@ -208,6 +206,7 @@ pub fn vm_error_is_input(e: &VmError) -> bool {
             | VmError::Guest(_)
             | VmError::Devices(crate::machine::MachineError::File { .. })
     ) || matches!(e, VmError::Acpi(a) if a.is_input())
+        || matches!(e, VmError::Nic(n) if n.is_input())
 }
 
 /// Classifies a VM error: problems with what the user asked for, or snapvisor's own failure.
@@ -234,7 +233,10 @@ pub fn exit_status(reason: &ExitReason) -> u8 {
 pub fn snapshot_error(e: SnapshotError) -> CliError {
     match e {
         SnapshotError::Vm(v) => vm_error(v),
-        SnapshotError::Check(_) | SnapshotError::Format(_) => CliError::Input(e.to_string()),
+        SnapshotError::Check(_)
+        | SnapshotError::Format(_)
+        | SnapshotError::NetCount { .. }
+        | SnapshotError::NetSpec { .. } => CliError::Input(e.to_string()),
         SnapshotError::Store(
             storage::StoreError::Name(_)
             | storage::StoreError::Exists(_)
@@ -263,6 +265,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
     cfg.firmware = args.firmware_image()?;
     cfg.acpi_tables = crate::acpi::read_tables(&args.acpi_tables).map_err(|e| CliError::Input(e.to_string()))?;
     cfg.debugcon_out = debugcon_file(args.debugcon.as_deref())?;
+    cfg.net = args.net.clone();
     cfg.uuid = match &args.uuid {
         Some(s) => {
             Some(s.parse::<devices::acpi::vmgenid::Guid>().map_err(|e| CliError::Input(format!("--uuid {s}: {e}")))?.0)

@@ -7,6 +7,8 @@
 //! ([`builtin_bars`]) so that built-in guests and kernels find the device at fixed addresses.
 
 pub mod mac;
+pub mod nic;
+pub mod overrides;
 pub mod spec;
 
 pub use spec::{Mac, NetSpec, RomChoice, SpecError};

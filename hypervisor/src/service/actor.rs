@@ -72,6 +72,9 @@ pub struct VmDef {
     /// `ping_interval_ms`), for `"guest": "netping"` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netping: Option<Box<crate::cli::guest_args::NetpingDef>>,
+    /// NICs (virtio-net on taps), NIC i at PCI 00:(3+i).0 (`super::net_api`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<super::net_api::ApiNic>,
 }
 
 fn one() -> u64 {
@@ -100,10 +103,9 @@ impl VmDef {
         self.builtin_params().map(|_| ())
     }
 
-    /// How many NICs the definition asks for. The API's `net` list comes with the `netwire`
-    /// branch; until it is merged a daemon VM has none, so netping is refused.
+    /// How many NICs the definition asks for.
     fn nics(&self) -> usize {
-        0
+        self.net.len()
     }
 
     /// The built-in guest's parameters, netping's checked as the CLI checks them.
@@ -146,8 +148,10 @@ impl VmDef {
         })
     }
 
-    /// Checks that the kernel and initrd images exist and are regular files (without reading).
+    /// Checks that the kernel and initrd images (and NIC ROM images) exist and are regular
+    /// files (without reading).
     pub fn check_images(&self, images: &ImageDir) -> Result<(), ApiError> {
+        super::net_api::to_specs(&self.net, images)?;
         let firmware = self.firmware.as_ref().filter(|n| n.as_str() != SEABIOS);
         for (what, name) in [("kernel", &self.kernel), ("initrd", &self.initrd), ("firmware", &firmware.cloned())] {
             if let Some(name) = name {
@@ -183,6 +187,9 @@ pub struct VmInfo {
     pub lazy_faults: Option<u64>,
     /// Exits to the VMM (port I/O and MMIO) so far.
     pub exits: u64,
+    /// The MACs its NICs have (picked ones included), in NIC order, once it has been built.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<crate::net::Mac>,
 }
 
 /// Requests an actor handles.
@@ -230,7 +237,7 @@ impl Cmd {
 
 /// Replies.
 pub enum Reply {
-    Info(VmInfo),
+    Info(Box<VmInfo>),
     Snapshot(snapshot::SaveReport),
     /// A shutdown snapshot: whether one was taken, and whether the VM was paused.
     ShutdownSnapshot {
@@ -325,6 +332,7 @@ impl Actor {
             first_exit_ms: self.vm.as_ref().and_then(|v| v.time_to_first_exit()).map(|d| d.as_secs_f64() * 1e3),
             lazy_faults: self.vm.as_ref().and_then(snapshot::restore::lazy_stats).map(|s| s.faults),
             exits: self.vm.as_ref().map_or(0, |v| v.control().exits()),
+            macs: self.vm.as_ref().map(|v| v.spec().net.iter().filter_map(|n| n.mac).collect()).unwrap_or_default(),
         }
     }
 
@@ -346,6 +354,7 @@ impl Actor {
                         let mut cfg =
                             VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
                         cfg.firmware = self.def.firmware_image(&self.images)?;
+                        cfg.net = super::net_api::to_specs(&self.def.net, &self.images)?;
                         cfg.debugcon_out = Some(Box::new(self.debugcon.clone()));
                         self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
                     }
@@ -380,7 +389,7 @@ impl Actor {
                 return Ok(Reply::Snapshot(report));
             }
         }
-        Ok(Reply::Info(self.info()))
+        Ok(Reply::Info(Box::new(self.info())))
     }
 
     fn shutdown_snapshot(&mut self, name: String) -> Result<Reply, ApiError> {

@@ -19,6 +19,7 @@ use super::daemon::Daemon;
 use super::error::ApiError;
 use super::server::read_body_in_time;
 use crate::guests::Builtin;
+use crate::net::overrides::NetOverride;
 use crate::snapshot::RestoreMode;
 
 /// The OpenAPI document, kept in the repository.
@@ -63,6 +64,9 @@ struct CreateVm {
     netping: Option<Box<crate::cli::guest_args::NetpingDef>>,
     #[serde(default)]
     start: bool,
+    /// NICs: `[{"tap": "tap0", "mac": "52:54:00:..", "romfile": IMAGE|"none", "romsize": N}]`.
+    #[serde(default)]
+    net: Vec<super::net_api::ApiNic>,
 }
 
 fn one() -> u64 {
@@ -86,6 +90,9 @@ struct RestoreReq {
     vm: String,
     #[serde(default = "lazy")]
     mode: RestoreMode,
+    /// Other taps and/or MACs for some of the snapshot's NICs.
+    #[serde(default)]
+    network_overrides: Vec<NetOverride>,
 }
 
 /// The daemon restores lazily unless asked otherwise.
@@ -103,6 +110,10 @@ struct CloneReq {
     /// Return 202 with an operation id at once instead of waiting.
     #[serde(default, rename = "async")]
     background: bool,
+    /// Per clone (entry i for clone i; none, or one per clone): its NICs' taps and/or MACs.
+    /// A clone's NIC that no override gives a MAC gets a new one.
+    #[serde(default)]
+    network_overrides: Vec<Vec<NetOverride>>,
 }
 
 /// Decodes `bytes` as the JSON body of every route that takes one, with the types those
@@ -126,23 +137,39 @@ pub fn decode_bodies(bytes: &[u8]) -> usize {
             resume_from: None,
             resume_paused: false,
             netping: c.netping.clone(),
+            net: c.net.clone(),
         };
         let firmware = def.firmware.clone().filter(|f| f != super::actor::SEABIOS);
         let images_ok = [&def.kernel, &def.initrd, &firmware]
             .into_iter()
             .flatten()
             .all(|n| super::images::validate_name(n).is_ok());
-        def.check_boot().is_ok() && images_ok
+        def.check_boot().is_ok() && images_ok && super::net_api::check_list(&def.net).is_ok()
     });
     let snapshot =
         serde_json::from_slice::<SnapshotReq>(bytes).ok().filter(|s| storage::validate_snapshot_name(&s.name).is_ok());
     let restore = serde_json::from_slice::<RestoreReq>(bytes).ok();
-    let clone = serde_json::from_slice::<CloneReq>(bytes).ok().filter(|c| (1..=MAX_CLONES).contains(&c.count));
+    let clone = serde_json::from_slice::<CloneReq>(bytes)
+        .ok()
+        .filter(|c| (1..=MAX_CLONES).contains(&c.count) && check_overrides(c).is_ok());
     [create.is_some(), snapshot.is_some(), restore.is_some(), clone.is_some()].into_iter().filter(|&b| b).count()
 }
 
 /// The most clones one request may ask for.
 const MAX_CLONES: usize = 256;
+
+/// A clone request's overrides: none, or one list per clone.
+fn check_overrides(c: &CloneReq) -> Result<(), String> {
+    if c.network_overrides.is_empty() || c.network_overrides.len() == c.count {
+        Ok(())
+    } else {
+        Err(format!(
+            "network_overrides has {} entries for {} clones: give one list per clone (or none)",
+            c.network_overrides.len(),
+            c.count
+        ))
+    }
+}
 
 async fn list_vms(State(d): Api) -> Response {
     Json(d.list().await).into_response()
@@ -165,6 +192,7 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
         resume_from: None,
         resume_paused: false,
         netping: c.netping,
+        net: c.net,
     };
     let info = d.create(def, c.start).await?;
     d.event(&info.def.name, "created", serde_json::json!({ "state": info.state }));
@@ -280,7 +308,8 @@ async fn restore_snapshot(
     b: Result<Json<RestoreReq>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let r = body(b)?;
-    Ok((StatusCode::CREATED, Json(d.restore(&name, &r.vm, r.mode).await?)).into_response())
+    let info = d.restore_as(&name, &r.vm, r.mode, false, r.network_overrides).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
 async fn clone_snapshot(
@@ -292,10 +321,11 @@ async fn clone_snapshot(
     if c.count == 0 || c.count > MAX_CLONES {
         return Err(ApiError::BadRequest(format!("clone count {}: 1 to {MAX_CLONES} allowed", c.count)));
     }
+    check_overrides(&c).map_err(ApiError::BadRequest)?;
     let op = c.background.then(|| d.ops.start("clone"));
     let run = {
         let op = op.clone();
-        async move { d.clone_snapshot(&name, &c.prefix, c.count, c.mode, op.as_ref()).await }
+        async move { d.clone_snapshot(&name, &c.prefix, c.count, c.mode, c.network_overrides, op.as_ref()).await }
     };
     let Some(op) = op else {
         return Ok((StatusCode::CREATED, Json(run.await?)).into_response());

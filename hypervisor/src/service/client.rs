@@ -55,6 +55,10 @@ pub enum VmCommand {
         passes: u64,
         #[arg(long)]
         start: bool,
+        /// A NIC: tap=NAME[,mac=..][,romfile=IMAGE|none][,romsize=BYTES] (repeatable; romfile
+        /// names an image in the daemon's image directory).
+        #[arg(long = "net", value_name = "SPEC", value_parser = crate::cli::run::parse_net)]
+        net: Vec<crate::net::NetSpec>,
     },
     List,
     Info {
@@ -239,12 +243,13 @@ fn print_vms(a: &ClientArgs, text: &str) -> Result<(), CliError> {
 
 pub fn vm(a: ClientArgs, cmd: VmCommand) -> Result<(), CliError> {
     let (method, path, body) = match &cmd {
-        VmCommand::Create { name, builtin, kernel, initrd, cmdline, firmware, mem_mib, vcpus, passes, start } => (
+        VmCommand::Create { name, builtin, kernel, initrd, cmdline, firmware, mem_mib, vcpus, passes, start, net } => (
             "POST",
             "/vms".to_string(),
             Some(json!({
                 "name": name, "guest": builtin, "kernel": kernel, "initrd": initrd, "cmdline": cmdline,
                 "firmware": firmware, "mem_mib": mem_mib, "vcpus": vcpus, "passes": passes, "start": start,
+                "net": net.iter().map(super::net_api::ApiNic::from_cli).collect::<Vec<_>>(),
             })),
         ),
         VmCommand::List => ("GET", "/vms".into(), None),

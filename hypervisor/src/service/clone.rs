@@ -22,6 +22,7 @@ impl Daemon {
         prefix: &str,
         count: usize,
         mode: RestoreMode,
+        network_overrides: Vec<Vec<crate::net::overrides::NetOverride>>,
         op: Option<&OpHandle>,
     ) -> Result<Vec<VmInfo>, ApiError> {
         let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
@@ -38,11 +39,14 @@ impl Daemon {
         }
         let done = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
+        let mut overrides = network_overrides.into_iter();
         for vm in &names {
             let (d, snap, vm, done, op) = (self.clone(), snapshot.to_string(), vm.clone(), done.clone(), op.cloned());
+            let net = overrides.next().unwrap_or_default();
             tasks.push(tokio::spawn(async move {
-                // A clone is a new identity: it gets a new VMGenID generation (firmware VMs).
-                let r = d.restore_as(&snap, &vm, mode, true).await;
+                // A clone is a new identity: it gets a new VMGenID generation (firmware VMs) and
+                // new MACs (unless its overrides give them).
+                let r = d.restore_as(&snap, &vm, mode, true, net).await;
                 let n = done.fetch_add(1, Relaxed) + 1;
                 if let Some(op) = &op {
                     op.progress(serde_json::json!({ "restored": n, "of": count }));

@@ -230,6 +230,7 @@ impl Daemon {
                 first_exit_ms: None,
                 lazy_faults: None,
                 exits: 0,
+                macs: vm.as_ref().map(|v| v.spec().net.iter().filter_map(|n| n.mac).collect()).unwrap_or_default(),
             },
             control: vm.as_ref().map(|v| v.control().clone()),
         };
@@ -418,17 +419,19 @@ impl Daemon {
         name: &str,
         mode: RestoreMode,
     ) -> Result<VmInfo, ApiError> {
-        self.restore_as(snapshot_name, name, mode, false).await
+        self.restore_as(snapshot_name, name, mode, false, Vec::new()).await
     }
 
-    /// Restores `snapshot` as a new running VM `name`; `new_generation` gives it a new VMGenID
-    /// generation (clones).
+    /// Restores `snapshot` as a new running VM `name`; `clone` gives it a new VMGenID
+    /// generation and its NICs new MACs (unless an override sets one); `net_overrides` moves
+    /// NICs to other taps and/or MACs (`crate::net::overrides`).
     pub async fn restore_as(
         self: &Arc<Self>,
         snapshot_name: &str,
         name: &str,
         mode: RestoreMode,
-        new_generation: bool,
+        clone: bool,
+        net_overrides: Vec<crate::net::overrides::NetOverride>,
     ) -> Result<VmInfo, ApiError> {
         validate_name("VM", name)?;
         validate_name("snapshot", snapshot_name)?;
@@ -443,7 +446,12 @@ impl Daemon {
         let pin_holder = format!("VM '{name}'");
         let (vm, logs, spec) = tokio::task::spawn_blocking(move || {
             let logs = Logs::new();
-            let opts = RestoreOptions { new_generation, ..logs.restore_options(mode, pin_holder) };
+            let opts = RestoreOptions {
+                new_generation: clone,
+                new_macs: clone,
+                net_overrides,
+                ..logs.restore_options(mode, pin_holder)
+            };
             let (mut vm, _) = snapshot::restore(&this.store, &snap, opts).map_err(|e| ApiError::from_snapshot(&e))?;
             vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
             let spec = vm.spec().clone();
@@ -473,6 +481,7 @@ impl Daemon {
             resume_from: None,
             resume_paused: false,
             netping: None,
+            net: spec.net.iter().map(super::net_api::ApiNic::from_spec).collect(),
         };
         {
             let mut vms = self.lock();

@@ -51,6 +51,12 @@ impl ApiError {
     }
 
     pub fn from_vm(e: &VmError) -> ApiError {
+        use crate::net::nic::NicError;
+        if let VmError::Nic(NicError::Tap { source, .. }) = e {
+            if matches!(**source, devices::net::tap::TapError::Busy { .. }) {
+                return ApiError::Conflict(e.to_string());
+            }
+        }
         match crate::cli::run::vm_error_is_input(e) {
             true => ApiError::BadRequest(e.to_string()),
             false => ApiError::Internal(e.to_string()),
@@ -72,9 +78,11 @@ impl ApiError {
         match e {
             SnapshotError::Store(S::NotFound(_)) => ApiError::NotFound(e.to_string()),
             SnapshotError::Store(S::Exists(_) | S::Busy(_) | S::Pinned { .. }) => ApiError::Conflict(e.to_string()),
-            SnapshotError::Store(S::Name(_)) | SnapshotError::Check(_) | SnapshotError::Format(_) => {
-                ApiError::BadRequest(e.to_string())
-            }
+            SnapshotError::Store(S::Name(_))
+            | SnapshotError::Check(_)
+            | SnapshotError::Format(_)
+            | SnapshotError::NetCount { .. }
+            | SnapshotError::NetSpec { .. } => ApiError::BadRequest(e.to_string()),
             SnapshotError::Vm(v) => ApiError::from_vm(v),
             _ => ApiError::Internal(e.to_string()),
         }

@@ -109,6 +109,12 @@ impl ImageDir {
         Ok(BootFile::read(what, name, &self.root.join(name), true, limit.min(self.max_bytes))?)
     }
 
+    /// Where image `name` is (checked as a name; the file is not opened).
+    pub fn path(&self, name: &str) -> Result<std::path::PathBuf, ImageError> {
+        validate_name(name)?;
+        Ok(self.root.join(name))
+    }
+
     /// Checks that image `name` can be read as `what`, without reading it.
     pub fn check(&self, what: &'static str, name: &str) -> Result<(), ImageError> {
         self.read(what, name, 0).map(drop).or_else(|e| match e {

@@ -23,6 +23,7 @@ pub mod images;
 pub mod images_api;
 pub mod limits;
 pub mod metrics;
+pub mod net_api;
 pub mod ops;
 pub mod server;
 pub mod shutdown;

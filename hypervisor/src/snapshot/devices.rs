@@ -73,6 +73,9 @@ pub fn fragments(d: &Devices) -> Vec<(Box<dyn Persist>, usize)> {
         (Box::new(PciPersist(p.pci_config.clone())), device_identity(&p.pci_config)),
     ];
     v.extend(super::acpi_state::fragments(d));
+    for (p, ids) in super::net_state::fragments(d) {
+        v.push((p, ids.first().copied().unwrap_or(0)));
+    }
     v
 }
 
@@ -83,7 +86,9 @@ pub fn persistables(d: &Devices) -> Vec<Box<dyn Persist>> {
 
 /// Fails, naming the device, unless every device on the machine's buses has a fragment.
 pub fn check_all_saved(d: &Devices) -> Result<(), SnapshotError> {
-    let saved: Vec<usize> = fragments(d).into_iter().map(|(_, id)| id).collect();
+    let mut saved: Vec<usize> = fragments(d).into_iter().map(|(_, id)| id).collect();
+    // A NIC's fragment saves both of its BARs.
+    saved.extend(super::net_state::fragments(d).into_iter().flat_map(|(_, ids)| ids));
     match d.placed().into_iter().find(|p| !saved.contains(&p.identity())) {
         Some(p) => {
             Err(SnapshotError::DeviceNotSaved { device: p.name.to_string(), bus: p.bus.to_string(), addr: p.addr })

@@ -11,6 +11,7 @@
 
 mod acpi_state;
 pub mod devices;
+pub mod net_state;
 pub mod restore;
 pub mod save;
 pub mod vcpu_state;
@@ -59,4 +60,11 @@ pub enum SnapshotError {
     LazyFailed(String),
     #[error("reading KVM's dirty log of slot {slot}: {source}")]
     DirtyLog { slot: u32, source: kvm_ioctls::Error },
+    #[error(
+        "snapshot '{name}' has {snapshot} NIC(s) but {given} --net option(s) were given: a restore keeps the \
+         VM's NICs; give one --net per NIC (in PCI order) or none to use the snapshot's taps"
+    )]
+    NetCount { name: String, snapshot: usize, given: usize },
+    #[error("snapshot '{name}': its NIC list: {reason}")]
+    NetSpec { name: String, reason: String },
 }

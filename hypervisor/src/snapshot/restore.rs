@@ -63,6 +63,13 @@ pub struct RestoreOptions {
     /// Give the restored VM a new generation ID (VMGenID), if it has the device (firmware VMs):
     /// clones, `restore --new-generation`.
     pub new_generation: bool,
+    /// The NICs instead of the snapshot's (`restore --net`, clone overrides): as many as the
+    /// snapshot has, in PCI order; one without a MAC keeps the snapshot's (see `new_macs`).
+    pub net: Option<Vec<crate::net::NetSpec>>,
+    /// Or changes to some of the snapshot's NICs (the API's `network_overrides`).
+    pub net_overrides: Vec<crate::net::overrides::NetOverride>,
+    /// Give every NIC whose MAC `net` does not set a new one (clones).
+    pub new_macs: bool,
     /// Lazy: stream in all memory in the background (otherwise only faults and prefetch).
     pub background_fill: bool,
     /// Lazy: a cache of decompressed chunks shared with other restores (clones).
@@ -82,6 +89,9 @@ impl RestoreOptions {
             fw_cfg_files: None,
             acpi_tables: None,
             new_generation: false,
+            net: None,
+            net_overrides: Vec::new(),
+            new_macs: false,
             background_fill: true,
             cache: Some(shared_cache()),
             pin_holder: format!("a restore in process {}", std::process::id()),
@@ -152,7 +162,9 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             .map(|(n, size)| FwCfgFile { name: n.clone(), data: vec![0; (*size).min(64 << 20) as usize] })
             .collect(),
     };
+    let net = restore_nics(name, &spec.net, opts.net.as_deref(), &opts.net_overrides, opts.new_macs)?;
     let mut cfg = VmConfig::new(opts.mem_mib.unwrap_or(spec.mem_mib), spec.vcpus, BootSource::Restore, opts.serial_out);
+    cfg.net = net;
     cfg.fw_cfg_files = files;
     cfg.debugcon_out = opts.debugcon_out;
     cfg.acpi_tables = opts.acpi_tables.unwrap_or_else(|| spec.acpi_tables.clone());
@@ -165,6 +177,11 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     }
     let mut vm = Vm::new(cfg)?;
     vm.set_guest_description(spec.guest.clone());
+    // The NICs' I/O waits until the VM starts: nothing touches guest memory or the queues
+    // while their state is loaded.
+    for nic in &vm.devices().nics {
+        nic.pause();
+    }
 
     // Nothing is written before every block is known to fit.
     let plan = check_ram(&snap.ram, vm.registry())?;
@@ -255,6 +272,43 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             new_generation,
         },
     ))
+}
+
+/// The NICs a restore builds: the snapshot's (untrusted: checked) with `overrides` applied,
+/// or `given` instead, which must be as many; a NIC keeps the snapshot's MAC unless `given` or
+/// an override sets one or `new_macs` asks for a new one. Checked before anything is built,
+/// so a refusal changes nothing.
+pub fn restore_nics(
+    name: &str,
+    saved: &[crate::net::NetSpec],
+    given: Option<&[crate::net::NetSpec]>,
+    overrides: &[crate::net::overrides::NetOverride],
+    new_macs: bool,
+) -> Result<Vec<crate::net::NetSpec>, SnapshotError> {
+    let bad = |reason: String| SnapshotError::NetSpec { name: name.to_string(), reason };
+    if saved.len() > crate::net::MAX_NICS {
+        return Err(bad(format!("{} NICs, more than the {} a VM may have", saved.len(), crate::net::MAX_NICS)));
+    }
+    for s in saved {
+        s.check().map_err(|e| bad(e.to_string()))?;
+    }
+    let keep = |s: &crate::net::NetSpec| if new_macs { None } else { s.mac };
+    match given {
+        None => {
+            let o = crate::net::overrides::apply(saved, overrides).map_err(bad)?;
+            Ok(o.nics
+                .into_iter()
+                .zip(o.mac_given)
+                .map(|(n, given)| crate::net::NetSpec { mac: if given { n.mac } else { keep(&n) }, ..n })
+                .collect())
+        }
+        Some(g) if g.len() != saved.len() => {
+            Err(SnapshotError::NetCount { name: name.to_string(), snapshot: saved.len(), given: g.len() })
+        }
+        Some(g) => {
+            Ok(g.iter().zip(saved).map(|(g, s)| crate::net::NetSpec { mac: g.mac.or(keep(s)), ..g.clone() }).collect())
+        }
+    }
 }
 
 /// After a lazy restore has run for a while: stores the order in which the guest faulted

@@ -1,0 +1,97 @@
+//! NICs in the API: the VM definition's `net` list and how it becomes the machine's
+//! [`NetSpec`]s.
+//!
+//! An entry is `{"tap": "tap0", "mac": "52:54:00:12:34:56", "romfile": "efi-virtio.rom",
+//! "romsize": 262144}`; only `tap` is required. As everywhere in the API, files are images:
+//! `romfile` names an image in the image directory (like `kernel` and `firmware`), or is
+//! `"none"` for no ROM; absent, the NIC gets the default ROM. Never a host path.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::images::ImageDir;
+use crate::net::{Mac, NetSpec, RomChoice};
+
+/// `romfile` meaning no option ROM.
+pub const ROMFILE_NONE: &str = "none";
+
+/// One NIC of a VM definition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiNic {
+    pub tap: String,
+    /// Absent: the daemon picks a unique locally administered MAC when the VM is built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<Mac>,
+    /// An image name, or `"none"`; absent: the default ROM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub romfile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub romsize: Option<u64>,
+}
+
+impl ApiNic {
+    fn spec_with(&self, rom: RomChoice) -> NetSpec {
+        NetSpec { tap: self.tap.clone(), mac: self.mac, rom, romsize: self.romsize }
+    }
+
+    /// Checks the entry without touching the image directory.
+    pub fn check(&self, index: usize) -> Result<(), String> {
+        self.spec_with(RomChoice::None).check().map_err(|e| format!("net[{index}]: {e}"))?;
+        match self.romfile.as_deref() {
+            None | Some(ROMFILE_NONE) => Ok(()),
+            Some(name) => super::images::validate_name(name).map_err(|e| format!("net[{index}]: romfile: {e}")),
+        }
+    }
+
+    /// The machine's spec: `romfile` resolved in the image directory.
+    pub fn to_spec(&self, index: usize, images: &ImageDir) -> Result<NetSpec, ApiError> {
+        self.check(index).map_err(ApiError::BadRequest)?;
+        let rom = match self.romfile.as_deref() {
+            None => RomChoice::Default,
+            Some(ROMFILE_NONE) => RomChoice::None,
+            Some(name) => {
+                images.check("option ROM", name).map_err(ApiError::from_image)?;
+                RomChoice::File(images.path(name).map_err(ApiError::from_image)?)
+            }
+        };
+        Ok(self.spec_with(rom))
+    }
+
+    /// A NIC as a restored machine has it, for the restored VM's definition.
+    pub fn from_spec(s: &NetSpec) -> ApiNic {
+        let romfile = match &s.rom {
+            RomChoice::Default => None,
+            RomChoice::None => Some(ROMFILE_NONE.to_string()),
+            RomChoice::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+        };
+        ApiNic { tap: s.tap.clone(), mac: s.mac, romfile, romsize: s.romsize }
+    }
+}
+
+impl ApiNic {
+    /// A `--net` of `snapvisor vm create` as an API entry: a `romfile=` value is an image name.
+    pub fn from_cli(s: &NetSpec) -> ApiNic {
+        let romfile = match &s.rom {
+            RomChoice::Default => None,
+            RomChoice::None => Some(ROMFILE_NONE.to_string()),
+            RomChoice::File(p) => Some(p.display().to_string()),
+        };
+        ApiNic { tap: s.tap.clone(), mac: s.mac, romfile, romsize: s.romsize }
+    }
+}
+
+/// Checks a definition's NIC list: each entry, the count, MACs given twice.
+pub fn check_list(net: &[ApiNic]) -> Result<(), String> {
+    for (i, n) in net.iter().enumerate() {
+        n.check(i)?;
+    }
+    let specs: Vec<NetSpec> = net.iter().map(|n| n.spec_with(RomChoice::None)).collect();
+    crate::net::nic::check_specs(&specs).map_err(|e| e.to_string())
+}
+
+/// The machine's NIC list for a definition's `net`.
+pub fn to_specs(net: &[ApiNic], images: &ImageDir) -> Result<Vec<NetSpec>, ApiError> {
+    check_list(net).map_err(ApiError::BadRequest)?;
+    net.iter().enumerate().map(|(i, n)| n.to_spec(i, images)).collect()
+}
