@@ -52,6 +52,21 @@ impl Netns {
         Command::new("ip").args(["netns", "exec", &self.name, cmd]).args(args).output().expect("ip netns exec")
     }
 
+    /// The MAC the host's neighbour table has for `ip` on tap k, watched until `child` ends
+    /// (the kernel flushes a tap's neighbours when its file descriptor closes). Returns the
+    /// MAC seen last and the child's output.
+    fn watch_neighbour(&self, k: usize, ip: &str, child: Child) -> (Option<String>, Output) {
+        let mut child = child;
+        let mut seen = None;
+        while child.try_wait().expect("wait").is_none() {
+            if let Some(m) = self.neighbour(k, ip) {
+                seen = Some(m);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (seen, child.wait_with_output().expect("output"))
+    }
+
     /// The MAC the host's neighbour table has for `ip` on tap k, if any.
     fn neighbour(&self, k: usize, ip: &str) -> Option<String> {
         let o = Command::new("ip").args(["-n", &self.name, "neigh", "show", ip, "dev", &self.taps[k]]).output().ok()?;
@@ -110,7 +125,10 @@ fn strs(v: &[String]) -> Vec<&str> {
 #[test]
 fn netping_round_trips_with_the_kernel() {
     let ns = Netns::new(1);
-    let o = ns.snapvisor(&strs(&ping_args(0, "5"))).output().expect("spawn");
+    let mut args = ping_args(0, "5");
+    args.extend(["--ping-interval-ms", "300"].map(String::from));
+    let child = ns.snapvisor(&strs(&args)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let (neighbour, o) = ns.watch_neighbour(0, "10.77.0.2", child);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(out.contains("netping: virtio-net ready, mac "), "{out}");
@@ -120,7 +138,7 @@ fn netping_round_trips_with_the_kernel() {
     assert!(out.contains("netping: 5 replies, done"), "{out}");
     // The host learnt the guest's MAC (the one the guest printed) from its ARP.
     let mac = out.split("virtio-net ready, mac ").nth(1).and_then(|s| s.lines().next()).expect("mac line");
-    assert_eq!(ns.neighbour(0, "10.77.0.2").as_deref(), Some(mac), "{out}");
+    assert_eq!(neighbour.as_deref(), Some(mac), "{out}");
 }
 
 #[test]
@@ -128,7 +146,8 @@ fn netping_gives_up_with_a_clear_line_when_nobody_answers() {
     let ns = Netns::new(1);
     // Nobody has 10.77.0.9: ARP goes unanswered.
     let mut args = ping_args(0, "5");
-    args[12] = "10.77.0.9".into();
+    assert_eq!(args[9], "--ping");
+    args[10] = "10.77.0.9".into();
     let o = ns.snapvisor(&strs(&args)).output().expect("spawn");
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("netping: no ARP reply from the peer after 20 tries"));
@@ -207,51 +226,66 @@ fn snapshot_mid_traffic_keeps_pinging_after_eager_and_lazy_restore() {
 
 #[test]
 fn three_clones_on_three_taps_ping_with_their_own_macs() {
-    let ns = Netns::new(3);
+    // One namespace per clone, each with a tap snvtap0 whose host side is 10.77.0.1: the
+    // clones keep the snapshot's guest address 10.77.0.2.
+    let nss: Vec<Netns> = (0..3).map(|_| Netns::new(1)).collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let st = store.to_str().expect("utf-8");
-    // The snapshot: netping on tap 0 before its first instruction, so every clone starts from
-    // the same state and resolves its own peer.
+    // The snapshot: netping before its first instruction, so every clone starts from the same
+    // state and reads its own MAC from its device.
     let mut args = ping_args(0, "5");
     args.extend(
-        ["--snapshot-after-ms", "0", "--store", st, "--name", "base", "--exit-after-snapshot"].map(String::from),
+        [
+            "--ping-interval-ms",
+            "300",
+            "--snapshot-after-ms",
+            "0",
+            "--store",
+            st,
+            "--name",
+            "base",
+            "--exit-after-snapshot",
+        ]
+        .map(String::from),
     );
-    let o = ns.snapvisor(&strs(&args)).output().expect("spawn");
+    let o = nss[0].snapvisor(&strs(&args)).output().expect("spawn");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 
-    // Three clones at once, each on its tap with its own MAC. The guest's addresses are in its
-    // memory (the snapshot's: 10.77.0.x), so every tap's host side also gets 10.77.0.1.
-    for k in 1..3 {
-        sh("ip", &["-n", &ns.name, "addr", "add", "10.77.0.1/24", "dev", &ns.taps[k]]);
-    }
+    // Three clones at once, each on its own tap with its own MAC.
     let macs = ["52:54:00:aa:00:01", "52:54:00:aa:00:02", "52:54:00:aa:00:03"];
-    let children: Vec<Child> = (0..3)
-        .map(|k| {
-            ns.snapvisor(&[
-                "restore",
-                "--store",
-                st,
-                "base",
-                "--lazy",
-                "--timeout",
-                "60",
-                "--net",
-                &format!("tap={},mac={}", ns.taps[k], macs[k]),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn clone")
-        })
-        .collect();
-    for (k, c) in children.into_iter().enumerate() {
-        let o = c.wait_with_output().expect("clone");
+    let results: Vec<(Option<String>, Output)> = std::thread::scope(|s| {
+        let handles: Vec<_> = nss
+            .iter()
+            .zip(macs)
+            .map(|(ns, mac)| {
+                let c = ns
+                    .snapvisor(&[
+                        "restore",
+                        "--store",
+                        st,
+                        "base",
+                        "--lazy",
+                        "--timeout",
+                        "60",
+                        "--net",
+                        &format!("tap=snvtap0,mac={mac}"),
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn clone");
+                s.spawn(move || ns.watch_neighbour(0, "10.77.0.2", c))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("watcher")).collect()
+    });
+    for (k, (neighbour, o)) in results.into_iter().enumerate() {
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         assert_eq!(o.status.code(), Some(0), "clone {k}: {}", text(&o));
-        assert_eq!(reply_seqs(&out).len(), 5, "clone {k}: {out}");
+        assert_eq!(reply_seqs(&out), vec![1, 2, 3, 4, 5], "clone {k}: {out}");
         assert!(out.contains(&format!("mac {}", macs[k])), "clone {k} runs with its own MAC: {out}");
-        assert_eq!(ns.neighbour(k, "10.77.0.2").as_deref(), Some(macs[k]), "clone {k}'s MAC on tap {k}");
+        assert_eq!(neighbour.as_deref(), Some(macs[k]), "clone {k}'s MAC in its host's neighbour table: {out}");
     }
 }
 
@@ -266,6 +300,7 @@ fn evil_guest_leaves_the_process_and_another_vm_working() {
             "name": name,
             "guest": "netping",
             "mem_mib": 16,
+            "start": true,
             "net": [{ "tap": format!("snvtap{k}") }],
             "netping": {
                 "mode": mode,
