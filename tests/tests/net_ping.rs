@@ -251,6 +251,14 @@ fn three_clones_on_three_taps_ping_with_their_own_macs() {
     );
     let o = nss[0].snapvisor(&strs(&args)).output().expect("spawn");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // A store serves one process at a time: each clone restores from its own copy of it.
+    let stores: Vec<String> = (0..3)
+        .map(|k| {
+            let copy = dir.path().join(format!("store{k}"));
+            sh("cp", &["-a", st, copy.to_str().expect("utf-8")]);
+            copy.to_str().expect("utf-8").to_string()
+        })
+        .collect();
 
     // Three clones at once, each on its own tap with its own MAC.
     let macs = ["52:54:00:aa:00:01", "52:54:00:aa:00:02", "52:54:00:aa:00:03"];
@@ -258,7 +266,8 @@ fn three_clones_on_three_taps_ping_with_their_own_macs() {
         let handles: Vec<_> = nss
             .iter()
             .zip(macs)
-            .map(|(ns, mac)| {
+            .zip(&stores)
+            .map(|((ns, mac), st)| {
                 let c = ns
                     .snapvisor(&[
                         "restore",
@@ -296,19 +305,24 @@ fn evil_guest_leaves_the_process_and_another_vm_working() {
     // The daemon runs inside the namespace, where the taps are.
     let client = common::daemon::Daemon::start_under(dir.path(), &[], &["ip", "netns", "exec", &ns.name]);
     let vm = |name: &str, k: usize, mode: &str, count: u64| {
+        let netping = if mode == "ping" {
+            serde_json::json!({
+                "mode": mode,
+                "guest_ip": format!("10.77.{k}.2/24"),
+                "ping": format!("10.77.{k}.1"),
+                "count": count,
+                "ping_interval_ms": 10,
+            })
+        } else {
+            serde_json::json!({ "mode": mode, "guest_ip": format!("10.77.{k}.2/24") })
+        };
         serde_json::json!({
             "name": name,
             "guest": "netping",
             "mem_mib": 16,
             "start": true,
             "net": [{ "tap": format!("snvtap{k}") }],
-            "netping": {
-                "mode": mode,
-                "guest_ip": format!("10.77.{k}.2/24"),
-                "ping": format!("10.77.{k}.1"),
-                "count": count,
-                "ping_interval_ms": 10,
-            },
+            "netping": netping,
         })
     };
     let (s, v) = client.call("POST", "/vms", Some(vm("good", 1, "ping", 0)));
