@@ -23,7 +23,7 @@
 //! - `tx`: sends `--count` frames of `--frame-size` bytes (broadcast, ethertype 0x88b5) as
 //!   fast as the ring allows, waits until the device has consumed them all and prints
 //!   `netping tx: frames N bytes B tsc T`.
-//! - `rx`: counts received frames; after `--count` frames, or [`RX_IDLE_MS`] ms without a
+//! - `rx`: counts received frames of ethertype 0x88b5 (others are dropped); after `--count` frames, or [`RX_IDLE_MS`] ms without a
 //!   frame once one arrived, prints `netping rx: frames N bytes B tsc T` (T: TSC cycles from
 //!   the first frame to the last) and exits 0.
 //!
@@ -436,6 +436,7 @@ fn emit_rx(a: &mut CodeAssembler, rt: &Runtime, d: &drv::Driver, s: &mut Strings
     let mut not_first = a.create_label();
     let mut done = a.create_label();
     let mut no_release = a.create_label();
+    let mut foreign = a.create_label();
     print(a, rt, s_go)?;
     a.set_label(&mut top)?;
     a.call(d.rx_next)?;
@@ -455,7 +456,18 @@ fn emit_rx(a: &mut CodeAssembler, rt: &Runtime, d: &drv::Driver, s: &mut Strings
     a.pause()?;
     a.jmp(top)?;
 
+    // Only the benchmark's frames count (ethertype 0x88b5): not what the host's stack sends
+    // on its own when the tap comes up (IPv6 router solicitations and the like).
     a.set_label(&mut frame)?;
+    let mut ours = a.create_label();
+    a.cmp(ecx, 14)?;
+    a.jb(foreign)?;
+    a.cmp(word_ptr(rdi + 12), u32::from(TX_ETHERTYPE.swap_bytes()))?;
+    a.je(ours)?;
+    a.set_label(&mut foreign)?;
+    a.call(d.rx_release)?;
+    a.jmp(top)?;
+    a.set_label(&mut ours)?;
     a.add(qword_ptr(r15 + S_BYTES), rcx)?;
     a.call(d.rx_release)?;
     rdtsc64(a)?;
