@@ -77,6 +77,8 @@ pub struct BuiltinParams {
     pub span: u64,
     /// timer: how the LAPIC timer is armed.
     pub timer: TimerMode,
+    /// netping: what it does and with which addresses.
+    pub net: crate::guests::NetParams,
 }
 
 impl Default for BuiltinParams {
@@ -89,6 +91,7 @@ impl Default for BuiltinParams {
             stride: 640 * 1024,
             span: 64 * 1024,
             timer: TimerMode::TscDeadline,
+            net: crate::guests::NetParams::default(),
         }
     }
 }
@@ -321,6 +324,9 @@ impl Vm {
                     stride: params.stride,
                     span: params.span,
                     timer: params.timer,
+                    net: params.net,
+                    tsc_per_ms: if *guest == Builtin::Netping { guests::netping::host_tsc_per_ms() } else { 0 },
+                    nic_bars: crate::net::builtin_bars(0),
                     ranges: BootInfo::fill_ranges(&e820),
                 }
                 .write(ram.memory())?;

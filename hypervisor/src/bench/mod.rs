@@ -7,6 +7,7 @@ pub mod boot;
 pub mod clones;
 pub mod firmware;
 pub mod fleet;
+pub mod net;
 pub mod plot;
 pub mod restore;
 pub mod snapshot;
@@ -29,6 +30,9 @@ pub enum BenchCommand {
     Fleet(fleet::FleetBenchArgs),
     /// Restore by mode (resident, eager, lazy, lazy with prefetch), side by side.
     Restore(restore::RestoreBenchArgs),
+    /// virtio-net throughput with `netping` (guest to host, host to guest) against the raw
+    /// tap limit, at 64 and 1500 bytes.
+    Net(net::NetBenchArgs),
     /// Snapshot store throughput, compression, random reads and dedup of clones.
     Store(store::BenchStoreArgs),
 }
@@ -39,6 +43,7 @@ pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Restore(args) => restore::run(args),
         BenchCommand::Clones(args) => clones::run(args),
         BenchCommand::Fleet(args) => fleet::run(args),
+        BenchCommand::Net(args) => net::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::Store(args) => store::run(args).map_err(|e| CliError::Internal(e.to_string())),
     }

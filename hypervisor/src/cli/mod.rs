@@ -12,6 +12,7 @@
 //! | 126 | the guest crashed: triple fault, reset, or an instruction KVM could not run |
 
 pub mod acpi;
+pub mod guest_args;
 pub mod restore;
 pub mod run;
 pub mod store;

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::guest_args::{GuestMode, NetpingArgs};
 use super::CliError;
 use crate::boot::files::BootFile;
 use crate::control::ExitReason;
-use crate::guests::{Builtin, MemfillMode, TimerMode};
+use crate::guests::{Builtin, TimerMode};
 use crate::snapshot::{self, SaveOptions, SnapshotError};
 use crate::vm::{BootSource, BuiltinParams, FwCfgFile, Vm, VmConfig, VmError};
 
@@ -44,9 +45,11 @@ pub struct RunArgs {
     /// memfill: number of passes (0: until stopped).
     #[arg(long, default_value_t = 1)]
     pub passes: u64,
-    /// memfill: fill (default) or verify.
-    #[arg(long, value_enum, default_value_t = MemfillMode::Fill)]
-    pub mode: MemfillMode,
+    /// memfill: fill (default) or verify; netping: ping (default), echo, evil, tx or rx.
+    #[arg(long, value_enum)]
+    pub mode: Option<GuestMode>,
+    #[command(flatten)]
+    pub netping: Box<NetpingArgs>,
     /// timer: arm the LAPIC timer in TSC-deadline (default) or one-shot mode.
     #[arg(long, value_enum, default_value_t = TimerMode::TscDeadline)]
     pub timer_mode: TimerMode,
@@ -154,6 +157,8 @@ impl RunArgs {
         let limit = self.mem_mib.saturating_mul(1 << 20);
         let read =
             |what, p: &std::path::Path| BootFile::read_path(what, p, limit).map_err(|e| CliError::Input(e.to_string()));
+        let nics = self.net.len();
+        let (mode, net) = self.netping.params(self.builtin, self.mode, nics, self.mem_mib)?;
         Ok(match (&self.builtin, &self.kernel) {
             (None, None) if self.firmware.is_some() => BootSource::Firmware,
             (Some(guest), _) => BootSource::Builtin {
@@ -161,8 +166,9 @@ impl RunArgs {
                 params: BuiltinParams {
                     seed: self.seed,
                     passes: self.passes,
-                    mode: self.mode,
+                    mode,
                     timer: self.timer_mode,
+                    net,
                     ..Default::default()
                 },
             },

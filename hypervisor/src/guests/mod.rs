@@ -11,6 +11,8 @@
 //! - `touch` (CPL3, MMIO) fills RAM, waits for the VMM's go, then touches a spread-out
 //!   working set, reporting each step as a progress mark: the lazy-restore benchmark's guest;
 //!   see [`touch`].
+//! - `netping` (CPL3, MMIO) drives NIC 0's virtio-net device through its BARs and pings,
+//!   answers pings, or pushes frames for the network benchmark; see [`netping`].
 //! - `timer` (CPL0, port I/O, an IDT) arms the LAPIC timer (TSC-deadline or one-shot) tick
 //!   after tick and counts the interrupts it takes: the guest for testing restored LAPIC
 //!   timers; see [`timer`].
@@ -23,6 +25,9 @@ pub mod fwcfg;
 pub mod hello;
 pub mod idle;
 pub mod memfill;
+pub mod netping;
+pub mod netping_proto;
+pub mod netping_virtio;
 pub mod timer;
 pub mod touch;
 
@@ -31,12 +36,13 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
+pub use netping::{NetMode, NetParams};
 pub use timer::TimerMode;
 
 /// Errors building or loading a built-in guest.
 #[derive(Debug, Error)]
 pub enum GuestError {
-    #[error("unknown built-in guest '{0}' (known: hello, fwcfg, memfill, idle, touch, timer)")]
+    #[error("unknown built-in guest '{0}' (known: hello, fwcfg, memfill, idle, touch, timer, netping)")]
     Unknown(String),
     #[error("assembling built-in guest '{name}': {reason}")]
     Assemble { name: &'static str, reason: String },
@@ -56,6 +62,7 @@ pub enum Builtin {
     Idle,
     Touch,
     Timer,
+    Netping,
 }
 
 impl Builtin {
@@ -67,12 +74,13 @@ impl Builtin {
             Builtin::Idle => "idle",
             Builtin::Touch => "touch",
             Builtin::Timer => "timer",
+            Builtin::Netping => "netping",
         }
     }
 
     /// Whether the guest starts at CPL3 (and so uses MMIO for its devices).
     pub fn user_mode(self) -> bool {
-        matches!(self, Builtin::Memfill | Builtin::Touch)
+        matches!(self, Builtin::Memfill | Builtin::Touch | Builtin::Netping)
     }
 
     /// Assembles the guest for loading at [`layout::HIMEM_START`].
@@ -87,6 +95,7 @@ impl Builtin {
             Builtin::Idle => idle::emit(&mut a),
             Builtin::Touch => touch::emit(&mut a),
             Builtin::Timer => timer::emit(&mut a),
+            Builtin::Netping => netping::emit(&mut a),
         }
         .map_err(err)?;
         a.assemble(layout::HIMEM_START).map_err(err)
@@ -103,6 +112,7 @@ impl std::str::FromStr for Builtin {
             "idle" => Ok(Builtin::Idle),
             "touch" => Ok(Builtin::Touch),
             "timer" => Ok(Builtin::Timer),
+            "netping" => Ok(Builtin::Netping),
             _ => Err(GuestError::Unknown(s.to_string())),
         }
     }
@@ -129,8 +139,18 @@ pub enum MemfillMode {
 /// +32  u64 touch: working-set stride in bytes
 /// +40  u64 touch: bytes touched at each stride
 /// +48  u64 timer: mode (0 TSC-deadline, 1 one-shot)
-/// +56  u64 number of RAM ranges (at most MAX_RANGES)
-/// +64  (u64 start, u64 end) per range: RAM the guest may fill
+/// +56  u64 netping: mode (0 ping, 1 echo, 2 evil, 3 tx, 4 rx)
+/// +64  u64 netping: own IPv4 address (its 4 bytes in network order, then zeros)
+/// +72  u64 netping: netmask (likewise)
+/// +80  u64 netping: peer IPv4 address (likewise)
+/// +88  u64 netping: count (replies, answered frames, frames; 0 = no limit)
+/// +96  u64 netping: frame size (tx)
+/// +104 u64 netping: ms between a reply and the next request
+/// +112 u64 netping: TSC cycles per ms
+/// +120 u64 netping: NIC 0's MSI-X BAR address
+/// +128 u64 netping: NIC 0's virtio BAR address
+/// +136 u64 number of RAM ranges (at most MAX_RANGES)
+/// +144 (u64 start, u64 end) per range: RAM the guest may fill
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootInfo {
@@ -140,6 +160,11 @@ pub struct BootInfo {
     pub stride: u64,
     pub span: u64,
     pub timer: TimerMode,
+    pub net: NetParams,
+    /// TSC cycles per ms ([`netping::host_tsc_per_ms`]; only netping reads it).
+    pub tsc_per_ms: u64,
+    /// NIC 0's (MSI-X BAR, virtio BAR) addresses ([`crate::net::builtin_bars`]).
+    pub nic_bars: (u64, u64),
     pub ranges: Vec<(u64, u64)>,
 }
 
@@ -150,8 +175,18 @@ pub const INFO_MODE: u64 = 24;
 pub const INFO_STRIDE: u64 = 32;
 pub const INFO_SPAN: u64 = 40;
 pub const INFO_TIMER: u64 = 48;
-pub const INFO_NRANGES: u64 = 56;
-pub const INFO_RANGES: u64 = 64;
+pub const INFO_NET_MODE: u64 = 56;
+pub const INFO_NET_IP: u64 = 64;
+pub const INFO_NET_MASK: u64 = 72;
+pub const INFO_NET_PEER: u64 = 80;
+pub const INFO_NET_COUNT: u64 = 88;
+pub const INFO_NET_FRAME: u64 = 96;
+pub const INFO_NET_INTERVAL: u64 = 104;
+pub const INFO_NET_TSC_MS: u64 = 112;
+pub const INFO_NET_MSIX_BAR: u64 = 120;
+pub const INFO_NET_VIRTIO_BAR: u64 = 128;
+pub const INFO_NRANGES: u64 = 136;
+pub const INFO_RANGES: u64 = 144;
 
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"SNVBOOT1");
 pub const MAX_RANGES: usize = 4;
@@ -195,6 +230,16 @@ impl BootInfo {
             self.stride,
             self.span,
             self.timer.word(),
+            self.net.mode.word(),
+            netping::ip_word(self.net.ip),
+            netping::ip_word(self.net.netmask()),
+            netping::ip_word(self.net.peer),
+            self.net.count,
+            self.net.frame_size,
+            self.net.interval_ms,
+            self.tsc_per_ms,
+            self.nic_bars.0,
+            self.nic_bars.1,
             self.ranges.len() as u64,
         ];
         for (s, e) in &self.ranges {
@@ -224,7 +269,15 @@ mod tests {
 
     #[test]
     fn every_guest_assembles() {
-        for g in [Builtin::Hello, Builtin::Fwcfg, Builtin::Memfill, Builtin::Idle, Builtin::Touch, Builtin::Timer] {
+        for g in [
+            Builtin::Hello,
+            Builtin::Fwcfg,
+            Builtin::Memfill,
+            Builtin::Idle,
+            Builtin::Touch,
+            Builtin::Timer,
+            Builtin::Netping,
+        ] {
             let code = g.assemble().expect("assembles");
             assert!(!code.is_empty() && code.len() < 8192, "{}: {} bytes", g.name(), code.len());
         }
@@ -239,6 +292,9 @@ mod tests {
             stride: 8192,
             span: 4096,
             timer: TimerMode::Oneshot,
+            net: NetParams::default(),
+            tsc_per_ms: 0,
+            nic_bars: (0, 0),
             ranges: vec![(0x20_0000, 0x400_0000)],
         };
         let bytes = b.encode().expect("encodes");

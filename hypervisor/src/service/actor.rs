@@ -68,6 +68,10 @@ pub struct VmDef {
     /// It was paused when that snapshot was taken: it comes back paused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume_paused: bool,
+    /// netping's options (`mode`, `guest_ip`, `ping`, `count`, `frame_size`,
+    /// `ping_interval_ms`), for `"guest": "netping"` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netping: Option<Box<crate::cli::guest_args::NetpingDef>>,
     /// NICs (virtio-net on taps), NIC i at PCI 00:(3+i).0 (`super::net_api`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<super::net_api::ApiNic>,
@@ -86,7 +90,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200
 impl VmDef {
     /// Exactly one of a built-in guest, a kernel and a firmware.
     pub fn check_boot(&self) -> Result<(), String> {
-        match (&self.guest, &self.kernel, &self.firmware) {
+        let boot: Result<(), String> = match (&self.guest, &self.kernel, &self.firmware) {
             _ if self.kernel.is_none() && (self.initrd.is_some() || self.cmdline.is_some()) => {
                 Err("\"initrd\" and \"cmdline\" go with \"kernel\" only".into())
             }
@@ -94,7 +98,25 @@ impl VmDef {
             _ => Err("give exactly one of \"guest\" (a built-in guest), \"kernel\" (a kernel image) and \"firmware\" \
                       (\"seabios\" or a firmware image)"
                 .into()),
-        }
+        };
+        boot?;
+        self.builtin_params().map(|_| ())
+    }
+
+    /// How many NICs the definition asks for.
+    fn nics(&self) -> usize {
+        self.net.len()
+    }
+
+    /// The built-in guest's parameters, netping's checked as the CLI checks them.
+    pub fn builtin_params(&self) -> Result<BuiltinParams, String> {
+        let (mode, args) = match &self.netping {
+            Some(n) => (n.mode, n.args.clone()),
+            None => (None, Default::default()),
+        };
+        let (_, net) =
+            args.params(self.guest, mode, self.nics(), self.mem_mib).map_err(|e| format!("\"netping\": {e}"))?;
+        Ok(BuiltinParams { seed: self.seed, passes: self.passes, net, ..Default::default() })
     }
 
     /// The firmware image to map, if the VM boots through firmware: `seabios` is the system's
@@ -327,8 +349,7 @@ impl Actor {
                 }
                 _ => {
                     if !matches!(&self.vm, Some(vm) if !vm.is_started()) {
-                        let params =
-                            BuiltinParams { seed: self.def.seed, passes: self.def.passes, ..Default::default() };
+                        let params = self.def.builtin_params().map_err(ApiError::BadRequest)?;
                         let boot = self.def.boot(params, &self.images)?;
                         let mut cfg =
                             VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));

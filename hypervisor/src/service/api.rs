@@ -59,6 +59,9 @@ struct CreateVm {
     seed: u64,
     #[serde(default)]
     passes: u64,
+    /// netping's options (see [`crate::cli::guest_args::NetpingDef`]).
+    #[serde(default)]
+    netping: Option<Box<crate::cli::guest_args::NetpingDef>>,
     #[serde(default)]
     start: bool,
     /// NICs: `[{"tap": "tap0", "mac": "52:54:00:..", "romfile": IMAGE|"none", "romsize": N}]`.
@@ -133,6 +136,7 @@ pub fn decode_bodies(bytes: &[u8]) -> usize {
             restored_from: None,
             resume_from: None,
             resume_paused: false,
+            netping: c.netping.clone(),
             net: c.net.clone(),
         };
         let firmware = def.firmware.clone().filter(|f| f != super::actor::SEABIOS);
@@ -187,6 +191,7 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
         restored_from: None,
         resume_from: None,
         resume_paused: false,
+        netping: c.netping,
         net: c.net,
     };
     let info = d.create(def, c.start).await?;

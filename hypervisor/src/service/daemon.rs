@@ -480,6 +480,7 @@ impl Daemon {
             restored_from: Some(snapshot_name.to_string()),
             resume_from: None,
             resume_paused: false,
+            netping: None,
             net: spec.net.iter().map(super::net_api::ApiNic::from_spec).collect(),
         };
         {

@@ -17,9 +17,23 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon with its socket and state in `dir` and extra `serve` arguments.
     pub fn start(dir: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_under(dir, args, &[])
+    }
+
+    /// Like [`Daemon::start`], with the daemon run by `wrapper` (a command and its arguments
+    /// that execs the rest, like `ip netns exec NAME`).
+    pub fn start_under(dir: &Path, args: &[&str], wrapper: &[&str]) -> Daemon {
         let socket = dir.join("api.sock");
         let state = dir.join("state");
-        let child = Command::new(super::snapvisor_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(super::snapvisor_bin());
+                c
+            }
+            None => Command::new(super::snapvisor_bin()),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--socket")
             .arg(&socket)

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod iasl;
+pub mod mock_net;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
