@@ -238,7 +238,7 @@ impl Cmd {
 /// Replies.
 pub enum Reply {
     Info(Box<VmInfo>),
-    Snapshot(snapshot::SaveReport),
+    Snapshot(Box<snapshot::SaveReport>),
     /// A shutdown snapshot: whether one was taken, and whether the VM was paused.
     ShutdownSnapshot {
         taken: bool,
@@ -389,7 +389,7 @@ impl Actor {
                 })
                 .map_err(|e| ApiError::from_snapshot(&e))?;
                 self.metrics.snapshot_done(t0.elapsed());
-                return Ok(Reply::Snapshot(report));
+                return Ok(Reply::Snapshot(Box::new(report)));
             }
         }
         Ok(Reply::Info(Box::new(self.info())))
