@@ -259,3 +259,70 @@ fn the_api_refuses_a_restore_after_a_rom_upgrade_and_changes_nothing() {
     assert_eq!(r["name"], json!("r"), "{r}");
     d.ok("DELETE", "/vms/r", None);
 }
+
+/// The rest of the matrix through the daemon, with `network_overrides` carrying the ROM
+/// options: the named fix `romsize` takes a ROM-upgraded restore; a snapshot ROM with
+/// `"romfile": "none"` is refused naming the fix and changes nothing; a snapshot without a
+/// ROM takes a destination ROM; a pinned `romsize` larger than the snapshot's is accepted.
+#[test]
+fn the_api_takes_the_rom_fixes_as_network_overrides() {
+    use common::daemon::Daemon;
+    use serde_json::json;
+
+    let s = Setup::new("f");
+    let d = Daemon::start(s.dir.path(), &[]);
+    let images = s.dir.path().join("state").join("images");
+    std::fs::write(images.join("small.rom"), synthetic(0x1000, VIRTIO_VENDOR, VIRTIO_NET_DEVICE)).expect("image");
+    std::fs::write(images.join("big.rom"), synthetic(0x20000, VIRTIO_VENDOR, VIRTIO_NET_DEVICE)).expect("image");
+    let snapshot = |vm: &str, snap: &str, romfile: &str| {
+        let net = json!([{"tap": s.tap, "romfile": romfile}]);
+        d.ok("POST", "/vms", Some(json!({"name": vm, "guest": "idle", "mem_mib": 16, "start": true, "net": net})));
+        d.ok("POST", &format!("/vms/{vm}/snapshot"), Some(json!({"name": snap})));
+        d.ok("DELETE", &format!("/vms/{vm}"), None);
+    };
+    snapshot("a", "small", "small.rom");
+    snapshot("b", "norom", "none");
+    let restore = |snap: &str, vm: &str, mode: &str, o: serde_json::Value| {
+        d.call(
+            "POST",
+            &format!("/snapshots/{snap}/restore"),
+            Some(json!({"vm": vm, "mode": mode, "network_overrides": [o]})),
+        )
+    };
+
+    for mode in ["eager", "lazy"] {
+        // Snapshot ROM 0x1000, destination ROM 0x20000: refused; with romsize=0x20000 taken.
+        let (status, v) = restore("small", "r", mode, json!({"nic": 0, "romfile": "big.rom"}));
+        assert!((400..500).contains(&status), "{mode}: {status} {v}");
+        assert!(v.to_string().contains("romsize=0x20000"), "{mode}: {v}");
+        let (status, v) = restore("small", "r", mode, json!({"nic": 0, "romfile": "big.rom", "romsize": 0x20000}));
+        assert_eq!(status, 201, "the named fix through the API ({mode}): {v}");
+        d.ok("DELETE", "/vms/r", None);
+
+        // Snapshot ROM, destination none: refused, naming the fix, nothing changed.
+        let vms = d.ok("GET", "/vms", None);
+        let snaps = d.ok("GET", "/snapshots", None);
+        let (status, v) = restore("small", "r", mode, json!({"nic": 0, "romfile": "none"}));
+        let text = v.to_string();
+        assert!((400..500).contains(&status), "{mode}: {status} {text}");
+        assert!(
+            text.contains(&format!("Unknown ramblock \\\"{BLOCK}\\\"")) && text.contains("romsize=0x1000"),
+            "{text}"
+        );
+        assert_eq!(d.ok("GET", "/vms", None), vms, "no VM was left behind ({mode})");
+        assert_eq!(d.ok("GET", "/snapshots", None), snaps, "the snapshots are as they were ({mode})");
+
+        // Snapshot without a ROM, destination with one: accepted.
+        let (status, v) = restore("norom", "r", mode, json!({"nic": 0, "romfile": "small.rom"}));
+        assert_eq!(status, 201, "a destination ROM the snapshot lacks ({mode}): {v}");
+        d.ok("DELETE", "/vms/r", None);
+
+        // A pinned romsize at least the snapshot's: accepted (resized to the snapshot's).
+        let (status, v) = restore("small", "r", mode, json!({"nic": 0, "romfile": "small.rom", "romsize": 0x40000}));
+        assert_eq!(status, 201, "a pinned larger romsize ({mode}): {v}");
+        d.ok("DELETE", "/vms/r", None);
+    }
+    // An override naming a ROM image that is not there is a client error naming it.
+    let (status, v) = restore("small", "r", "eager", json!({"nic": 0, "romfile": "missing.rom"}));
+    assert!((400..500).contains(&status) && v.to_string().contains("missing.rom"), "{status} {v}");
+}

@@ -344,8 +344,9 @@ fn clones_get_new_macs_unless_overridden() {
     assert_eq!(plain.spec().net[0].mac, Some(mac));
     drop(plain);
     // A clone on another tap gets a new MAC.
-    let over =
-        |tap: &str, mac: Option<Mac>| vec![NetOverride { nic: Some(0), tap: None, new_tap: Some(tap.into()), mac }];
+    let over = |tap: &str, mac: Option<Mac>| {
+        vec![NetOverride { nic: Some(0), new_tap: Some(tap.into()), mac, ..Default::default() }]
+    };
     let c1 = restore(true, over(&t1, None)).expect("clone 1");
     assert_eq!(c1.spec().net[0].tap, t1);
     let m1 = c1.spec().net[0].mac.expect("mac");
@@ -355,7 +356,7 @@ fn clones_get_new_macs_unless_overridden() {
     let c2 = restore(true, over(&t2, Some(given))).expect("clone 2");
     assert_eq!(c2.spec().net[0].mac, Some(given));
     // An override naming a NIC the snapshot lacks is refused by name.
-    let e = restore(true, vec![NetOverride { nic: Some(4), tap: None, new_tap: Some("x".into()), mac: None }])
+    let e = restore(true, vec![NetOverride { nic: Some(4), new_tap: Some("x".into()), ..Default::default() }])
         .err()
         .expect("refused")
         .to_string();

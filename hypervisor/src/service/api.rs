@@ -307,7 +307,8 @@ async fn restore_snapshot(
     Path(name): Path<String>,
     b: Result<Json<RestoreReq>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let r = body(b)?;
+    let mut r = body(b)?;
+    super::net_api::resolve_overrides(&mut r.network_overrides, &d.images)?;
     let info = d.restore_as(&name, &r.vm, r.mode, false, r.network_overrides).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
@@ -317,7 +318,10 @@ async fn clone_snapshot(
     Path(name): Path<String>,
     b: Result<Json<CloneReq>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let c = body(b)?;
+    let mut c = body(b)?;
+    for o in c.network_overrides.iter_mut() {
+        super::net_api::resolve_overrides(o, &d.images)?;
+    }
     if c.count == 0 || c.count > MAX_CLONES {
         return Err(ApiError::BadRequest(format!("clone count {}: 1 to {MAX_CLONES} allowed", c.count)));
     }

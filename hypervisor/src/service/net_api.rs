@@ -49,11 +49,7 @@ impl ApiNic {
         self.check(index).map_err(ApiError::BadRequest)?;
         let rom = match self.romfile.as_deref() {
             None => RomChoice::Default,
-            Some(ROMFILE_NONE) => RomChoice::None,
-            Some(name) => {
-                images.check("option ROM", name).map_err(ApiError::from_image)?;
-                RomChoice::File(images.path(name).map_err(ApiError::from_image)?)
-            }
+            Some(name) => resolve_romfile(name, images)?,
         };
         Ok(self.spec_with(rom))
     }
@@ -67,6 +63,29 @@ impl ApiNic {
         };
         ApiNic { tap: s.tap.clone(), mac: s.mac, romfile, romsize: s.romsize }
     }
+}
+
+/// An API `romfile`: `"none"`, or an image name resolved in the image directory.
+pub fn resolve_romfile(name: &str, images: &ImageDir) -> Result<RomChoice, ApiError> {
+    if name == ROMFILE_NONE {
+        return Ok(RomChoice::None);
+    }
+    super::images::validate_name(name).map_err(|e| ApiError::BadRequest(format!("romfile: {e}")))?;
+    images.check("option ROM", name).map_err(ApiError::from_image)?;
+    Ok(RomChoice::File(images.path(name).map_err(ApiError::from_image)?))
+}
+
+/// Resolves the `romfile` of each of `overrides` (API restores and clones).
+pub fn resolve_overrides(
+    overrides: &mut [crate::net::overrides::NetOverride],
+    images: &ImageDir,
+) -> Result<(), ApiError> {
+    for o in overrides.iter_mut() {
+        if let Some(name) = &o.romfile {
+            o.rom = Some(resolve_romfile(name, images)?);
+        }
+    }
+    Ok(())
 }
 
 impl ApiNic {
