@@ -137,6 +137,7 @@ fn tap_errors_macs_and_fds_through_the_api() {
             json!([{"tap": "t1", "mac": "52:54:00:00:00:07"}, {"tap": "t2", "mac": "52:54:00:00:00:07"}]),
             "given to two NICs",
         ),
+        (json!([{"tap": "t1"}, {"tap": "t1"}]), "tap t1 is given to two NICs of this VM (NICs 0 and 1)"),
         (json!([{"tap": "t1", "queues": 2}]), "queues"),
     ] {
         let (status, v) = d.call("POST", "/vms", Some(vm("bad", net.clone())));
@@ -413,4 +414,43 @@ fn api_clones_take_network_overrides() {
         Some(json!({"vm": "r", "mode": "eager", "network_overrides": [{"nic": 0, "new_tap": r0}]})),
     );
     assert_eq!(r["macs"][0], json!(mac), "{r}");
+}
+
+/// A stopped VM frees its taps at once (another VM may take the tap; before, only a delete
+/// did); a VM the daemon cannot resume from its shutdown snapshot because its tap is busy
+/// keeps that snapshot and its definition's pointer to it (start is refused, naming it) and
+/// resumes at the next daemon start once the tap is free.
+#[test]
+fn stopped_vms_free_their_taps_and_a_blocked_resume_keeps_the_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tap = tap_name("R");
+    let _persistent = PersistentTap::new(&tap);
+    let args = ["--on-shutdown", "snapshot", "--shutdown-timeout", "30"];
+    let mut d = Daemon::start(dir.path(), &args);
+    let net = json!([{"tap": tap, "romfile": "none"}]);
+    d.ok("POST", "/vms", Some(json!({"name": "a", "guest": "idle", "mem_mib": 16, "start": true, "net": net})));
+    d.ok("POST", "/vms/a/stop", None);
+    // The stopped VM's tap is free: this process can take it (and gives it back).
+    drop(devices::net::tap::Tap::open(&tap).expect("a stopped VM's tap is free"));
+    d.ok("POST", "/vms/a/start", None);
+
+    let (status, _) = d.terminate_within(Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "daemon exit {status:?}");
+    drop(d);
+    let held = devices::net::tap::Tap::open(&tap).expect("hold the tap");
+    let d = Daemon::start(dir.path(), &args);
+    let info = d.ok("GET", "/vms/a", None);
+    let snap = info["resume_from"].as_str().unwrap_or_default().to_string();
+    assert!(snap.starts_with("__shutdown"), "the definition still points at its snapshot: {info}");
+    let snaps = d.ok("GET", "/snapshots", None).to_string();
+    assert!(snaps.contains(&snap), "the shutdown snapshot is kept: {snaps}");
+    let (status, v) = d.call("POST", "/vms/a/start", None);
+    assert_eq!(status, 409, "{v}");
+    assert!(v.to_string().contains(&snap), "the refusal names the snapshot: {v}");
+    drop(d);
+
+    drop(held);
+    let d = Daemon::start(dir.path(), &args);
+    let info = d.ok("GET", "/vms/a", None);
+    assert_eq!(info["state"], "running", "resumed once the tap was free: {info}");
 }

@@ -39,3 +39,39 @@ pub trait NetBackend: Send {
     /// For logs.
     fn name(&self) -> String;
 }
+
+/// What a device's backend becomes once the device is shut down (its VM has ended): no frames
+/// either way, and the real backend (the tap) closed, so the tap is free for another VM.
+pub struct Detached {
+    name: String,
+    idle: vmm_sys_util::eventfd::EventFd,
+}
+
+impl Detached {
+    /// Replaces `backend`'s role, keeping its name for logs.
+    pub fn new(name: String) -> io::Result<Detached> {
+        Ok(Detached { name, idle: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)? })
+    }
+}
+
+impl NetBackend for Detached {
+    fn read_frame(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    fn write_frame(&mut self, _frame: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn supported_offloads(&self) -> u32 {
+        0
+    }
+    fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
+        Ok(())
+    }
+    fn poll_fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.idle.as_raw_fd()
+    }
+    fn name(&self) -> String {
+        format!("{} (detached)", self.name)
+    }
+}

@@ -35,6 +35,8 @@ pub enum NicError {
     TooMany { count: usize },
     #[error("MAC {mac} is given to two NICs of this VM; each NIC needs its own")]
     DuplicateMac { mac: Mac },
+    #[error("tap {tap} is given to two NICs of this VM (NICs {first} and {second}); a tap takes one NIC")]
+    DuplicateTap { tap: String, first: usize, second: usize },
     #[error("NIC {index} (tap {tap}): {source}")]
     Tap { index: usize, tap: String, source: Box<TapError> },
     #[error("NIC {index} (tap {tap}): {source}")]
@@ -49,8 +51,13 @@ impl NicError {
     /// Whether the error is about what was asked for (a tap that cannot be used, a MAC twice)
     /// rather than snapvisor failing.
     pub fn is_input(&self) -> bool {
-        matches!(self, NicError::TooMany { .. } | NicError::DuplicateMac { .. } | NicError::Tap { .. })
-            || matches!(self, NicError::Rom { .. })
+        matches!(
+            self,
+            NicError::TooMany { .. }
+                | NicError::DuplicateMac { .. }
+                | NicError::DuplicateTap { .. }
+                | NicError::Tap { .. }
+        ) || matches!(self, NicError::Rom { .. })
     }
 }
 
@@ -121,6 +128,11 @@ pub fn check_specs(specs: &[NetSpec]) -> Result<(), NicError> {
     let given: Vec<Mac> = specs.iter().filter_map(|s| s.mac).collect();
     if let Some(mac) = mac::duplicate(&given) {
         return Err(NicError::DuplicateMac { mac });
+    }
+    for (second, s) in specs.iter().enumerate() {
+        if let Some(first) = specs[..second].iter().position(|o| o.tap == s.tap) {
+            return Err(NicError::DuplicateTap { tap: s.tap.clone(), first, second });
+        }
     }
     Ok(())
 }

@@ -348,6 +348,16 @@ impl Actor {
                     return Err(ApiError::Conflict(format!("VM '{}' is already running", self.def.name)))
                 }
                 _ => {
+                    if let (None, Some(snap)) = (&self.vm, &self.def.resume_from) {
+                        // The daemon could not resume it at its start: a fresh boot would
+                        // throw the guest's state away, so say what to do instead.
+                        return Err(ApiError::Conflict(format!(
+                            "VM '{}' has a shutdown snapshot '{snap}' the daemon could not resume it from (see \
+                             the daemon's log: a tap in use, say); free what blocked it and restart the daemon \
+                             to resume it, restore '{snap}' as another VM, or delete this VM to drop its state",
+                            self.def.name
+                        )));
+                    }
                     if !matches!(&self.vm, Some(vm) if !vm.is_started()) {
                         let params = self.def.builtin_params().map_err(ApiError::BadRequest)?;
                         let boot = self.def.boot(params, &self.images)?;
@@ -373,7 +383,10 @@ impl Actor {
             }
             Cmd::Resume => self.vm()?.resume(),
             Cmd::Stop => {
-                self.vm()?.stop("stopped by request");
+                let vm = self.vm()?;
+                vm.stop("stopped by request");
+                // Its taps are free at once, for another VM or this one started again.
+                vm.shutdown_nics();
                 // The API reports this stop itself.
                 self.exit_reported = true;
             }
@@ -430,8 +443,7 @@ impl Actor {
         let vm = self.vm.as_ref()?;
         let reason = vm.control().exit_reason()?;
         self.exit_reported = true;
-        // The guest is gone: its NICs stop moving frames (their taps close when the VM is
-        // deleted or started again).
+        // The guest is gone: its NICs stop moving frames and close their taps.
         vm.shutdown_nics();
         tracing::info!(vm = %self.def.name, %reason, "VM ended");
         if let (ExitReason::Crash { .. }, Some(e)) = (&reason, vm.page_server().and_then(|s| s.error())) {

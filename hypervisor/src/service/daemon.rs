@@ -133,8 +133,17 @@ impl Daemon {
                     d.budget.force(&def.name, def.mem_mib);
                     let resume_from = def.resume_from.clone();
                     let vm = resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap, def.resume_paused));
-                    // Resumed once: a later start must not go back to that snapshot.
-                    let def = VmDef { resume_from: None, resume_paused: false, ..def };
+                    let def = match (&vm, &resume_from) {
+                        // Resumed once: a later start must not go back to that snapshot.
+                        (Some(_), _) | (None, None) => VmDef { resume_from: None, resume_paused: false, ..def },
+                        // Not resumed (a tap busy, say): the definition keeps pointing at the
+                        // snapshot and the snapshot is kept, so the next daemon start tries
+                        // again; nothing of the guest's state is thrown away.
+                        (None, Some(snap)) => {
+                            resumed.push(snap.clone());
+                            def
+                        }
+                    };
                     if let Err(e) = d.persist(&def) {
                         tracing::error!(vm = %def.name, "{e}");
                     }

@@ -280,10 +280,17 @@ impl VirtioNet {
         Ok(())
     }
 
-    /// Stops and joins the I/O thread (also done on drop).
+    /// Stops and joins the I/O thread (also done on drop), and closes the backend: the VM has
+    /// ended, and its tap must be free for another VM (or this one started again) at once,
+    /// not when the stopped VM is finally deleted.
     pub fn shutdown(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
+        let Some(mut w) = self.worker.take() else { return };
+        w.stop();
+        let c = &mut lock(&self.core);
+        let name = c.backend.name();
+        match crate::net::Detached::new(name.clone()) {
+            Ok(d) => c.backend = Box::new(d),
+            Err(e) => tracing::warn!("{}: cannot detach {name}: {e}", c.name),
         }
     }
 
