@@ -193,6 +193,13 @@ impl Core {
         if !self.running() || self.queues[RX].queue.is_none() {
             return;
         }
+        // While the device has buffers, the driver need not tell it about new ones: no
+        // notification (an exit for the vCPU) per refilled buffer. Re-enabled when it runs out.
+        if !self.rx_starved {
+            if let Err(e) = self.rx_notifications(false) {
+                return self.fail(RX, &e);
+            }
+        }
         let mut used = false;
         for _ in 0..BATCH {
             if self.rx_pending == 0 {
@@ -216,10 +223,18 @@ impl Core {
                     self.rx_pending = 0;
                 }
                 Ok(RxOutcome::Dropped) => self.rx_pending = 0,
-                Ok(RxOutcome::NoBuffers) => {
-                    self.rx_starved = true;
-                    break;
-                }
+                Ok(RxOutcome::NoBuffers) => match self.rx_notifications(true) {
+                    // Buffers came while notifications were off: take them.
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        self.rx_starved = true;
+                        break;
+                    }
+                    Err(e) => {
+                        self.fail(RX, &e);
+                        break;
+                    }
+                },
                 Err(p) => {
                     self.fail(RX, &p);
                     break;
@@ -228,6 +243,19 @@ impl Core {
         }
         if used {
             self.notify_used(RX);
+        }
+    }
+
+    /// Turns the driver's notifications for the receive queue on or off (the used ring's
+    /// `VRING_USED_F_NO_NOTIFY`); turning them on returns whether buffers were added while
+    /// they were off, which the device must then take itself.
+    fn rx_notifications(&mut self, on: bool) -> Result<bool, String> {
+        let mem = &self.mem;
+        let Some(q) = self.queues[RX].queue.as_mut() else { return Ok(false) };
+        if on {
+            q.enable_notification(mem).map_err(|e| format!("used ring flags: {e}"))
+        } else {
+            q.disable_notification(mem).map(|()| false).map_err(|e| format!("used ring flags: {e}"))
         }
     }
 
