@@ -132,6 +132,11 @@ impl NetSpec {
         check_tap_name(&self.tap).map_err(bad)?;
         if let Some(s) = self.romsize {
             check_romsize(s).map_err(bad)?;
+            if self.rom == RomChoice::None {
+                return Err(bad(format!(
+                    "romsize {s:#x} with romfile=none: a NIC without a ROM has no ROM block to size"
+                )));
+            }
         }
         Ok(())
     }
@@ -178,7 +183,9 @@ impl NetSpec {
             }
         }
         let tap = tap.ok_or_else(|| bad("tap=NAME is required".into()))?;
-        Ok(NetSpec { tap, mac, rom: rom.unwrap_or_default(), romsize })
+        let spec = NetSpec { tap, mac, rom: rom.unwrap_or_default(), romsize };
+        spec.check().map_err(|SpecError::Bad { reason, .. }| bad(reason))?;
+        Ok(spec)
     }
 }
 
@@ -218,6 +225,7 @@ mod tests {
             ("tap=t,romfile=", "romfile=none"),
             ("tap=t,queues=2", "unknown key 'queues'"),
             ("tap=t,x", "not key=value"),
+            ("tap=t,romfile=none,romsize=0x1000", "romfile=none"),
         ] {
             let e = NetSpec::parse(spec).expect_err(spec).to_string();
             assert!(e.contains(needle), "{spec}: {e}");

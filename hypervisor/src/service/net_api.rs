@@ -37,7 +37,11 @@ impl ApiNic {
 
     /// Checks the entry without touching the image directory.
     pub fn check(&self, index: usize) -> Result<(), String> {
-        self.spec_with(RomChoice::None).check().map_err(|e| format!("net[{index}]: {e}"))?;
+        let rom = match self.romfile.as_deref() {
+            Some(ROMFILE_NONE) => RomChoice::None,
+            _ => RomChoice::Default,
+        };
+        self.spec_with(rom).check().map_err(|e| format!("net[{index}]: {e}"))?;
         match self.romfile.as_deref() {
             None | Some(ROMFILE_NONE) => Ok(()),
             Some(name) => super::images::validate_name(name).map_err(|e| format!("net[{index}]: romfile: {e}")),
