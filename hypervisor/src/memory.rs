@@ -201,25 +201,7 @@ impl SlotMap {
             return Ok(());
         };
         for p in placements {
-            let id = match st.free.pop() {
-                Some(id) => id,
-                None => {
-                    st.next_slot += 1;
-                    st.next_slot - 1
-                }
-            };
-            let mapped_len = Self::mapped_len(&p, b.used_length());
-            let slot = Slot {
-                id,
-                idstr: b.idstr().to_string(),
-                placement: p,
-                host: b.host_addr() as u64 + p.block_offset,
-                mapped_len,
-            };
-            if mapped_len > 0 {
-                self.set_slot(&slot, mapped_len, st.dirty_log)?;
-            }
-            st.slots.push(slot);
+            self.add_slot(&mut st, b, p)?;
         }
         Ok(())
     }
@@ -229,6 +211,12 @@ impl SlotMap {
     /// placements declared with [`SlotMap::place`]; [`SlotMap::unmap_at`] removes it.
     pub fn map_block(&self, b: &RamBlock, p: Placement) -> Result<(), MemoryError> {
         let mut st = self.lock();
+        self.add_slot(&mut st, b, p)
+    }
+
+    /// Gives `b`'s placement `p` a slot (a free id, or the next) and maps it with KVM; on an
+    /// error the id goes back to the free list and nothing is recorded.
+    fn add_slot(&self, st: &mut SlotState, b: &RamBlock, p: Placement) -> Result<(), MemoryError> {
         let id = match st.free.pop() {
             Some(id) => id,
             None => {
