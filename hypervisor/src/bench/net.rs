@@ -352,10 +352,20 @@ fn guest_tx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<(Rate, u6
 fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<Rate, NetBenchError> {
     let mut child = netping_cmd(ns, "rx", frames, size)?;
     let mut stdout = child.stdout.take().ok_or_else(|| setup("snapvisor run", "no stdout"))?;
+    let mut stderr = child.stderr.take().ok_or_else(|| setup("snapvisor run", "no stderr"))?;
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
         let _ = stdout.read_to_string(&mut all);
         all
+    });
+    // Drained so that the guest's log cannot fill the pipe; the device's counters (logged at
+    // debug level when the VM ends, with SNAPVISOR_LOG=devices::virtio::net=debug) are shown.
+    let log_reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all);
+        for l in all.lines().filter(|l| l.contains("I/O counters")) {
+            eprintln!("host -> guest, {size} bytes: {l}");
+        }
     });
     // The guest needs well under a second to come up and print `netping rx: ready`.
     let t0 = Instant::now();
@@ -367,6 +377,7 @@ fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<Rate, Net
     ns.within(|| inject(&ns.tap, frames, size))?;
     let status = child.wait().map_err(|e| setup("snapvisor run", e))?;
     let all = reader.join().map_err(|_| setup("stdout reader", "panicked"))?;
+    let _ = log_reader.join();
     let (n, _, tsc) = parse_report(&all, "rx").ok_or_else(|| NetBenchError::Guest {
         mode: "rx",
         status: format!("{status} after {:.1} s", t0.elapsed().as_secs_f64()),

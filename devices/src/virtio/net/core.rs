@@ -3,6 +3,7 @@
 //! themselves are in `regs`.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
@@ -64,6 +65,34 @@ impl DriverRecord {
         self.config_read.len() >= 6 && self.config_read[..6].iter().all(|&b| b)
     }
 }
+
+/// The device's counters (per device, since it was created; a reset keeps them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStats {
+    /// Frames the driver sent that the backend took.
+    pub tx_frames: u64,
+    /// Frames the driver sent that the backend refused (a full tap: `EAGAIN`, or a tap gone):
+    /// dropped, their chains completed all the same.
+    pub tx_dropped: u64,
+    /// Frames delivered into receive buffers.
+    pub rx_frames: u64,
+    /// Frames from the backend dropped: too short or long, or larger than the buffers.
+    pub rx_dropped: u64,
+    /// Receive passes that delivered at least one frame (used ring published, the driver
+    /// signalled at most once each).
+    pub rx_batches: u64,
+    /// Reads of the backend that found nothing (`EAGAIN`).
+    pub rx_empty_reads: u64,
+    /// Waits of the I/O thread in epoll (each one that blocks is a sleep and a wake-up).
+    pub sleeps: u64,
+    /// Notifications of the receive queue by the driver (each an exit of its vCPU).
+    pub rx_notifies: u64,
+    /// Queue interrupts the device raised (MSI-X messages sent; none without a vector).
+    pub interrupts: u64,
+}
+
+/// At most one warning per this long about frames the backend refused.
+pub const TX_DROP_WARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One virtqueue's registers, and the queue built from them once enabled.
 #[derive(Debug)]
@@ -152,6 +181,9 @@ pub struct Core {
     /// The receive queue had no buffer for the last frame: the tap is not polled until the
     /// driver adds buffers.
     pub rx_starved: bool,
+    /// The device set `VRING_USED_F_NO_NOTIFY` on the receive queue and has not cleared it
+    /// since (so that a round need not write it again).
+    pub rx_notify_off: bool,
     /// A frame read from the backend that is waiting for receive buffers (length, 0: none).
     pub rx_pending: usize,
     pub rx_buf: Vec<u8>,
@@ -159,6 +191,11 @@ pub struct Core {
     pub record: DriverRecord,
     /// Rounds the I/O thread made (each wake-up is one): shows a thread that spins.
     pub rounds: u64,
+    pub stats: NetStats,
+    /// When the last warning about refused transmit frames was logged, and how many were
+    /// refused since (for the rate-limited warning).
+    pub tx_drop_warned: Option<Instant>,
+    pub tx_drops_unwarned: u64,
 }
 
 impl Core {
@@ -194,6 +231,9 @@ impl Core {
     pub fn interrupt_queue(&mut self, q: usize) {
         self.isr |= ISR_QUEUE;
         let v = self.queues[q].vector;
+        if v != NO_VECTOR {
+            self.stats.interrupts += 1;
+        }
         self.msix.notify(v);
     }
 
@@ -217,6 +257,7 @@ impl Core {
         self.isr = 0;
         self.error = None;
         self.rx_starved = false;
+        self.rx_notify_off = false;
         self.rx_pending = 0;
         if let Err(e) = self.backend.set_offload(0) {
             tracing::warn!("{}: clearing the offloads of {} failed: {e}", self.name, self.backend.name());

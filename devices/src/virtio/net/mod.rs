@@ -34,6 +34,8 @@ pub(crate) mod test_util;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_io;
+#[cfg(test)]
 mod tests_queues;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -41,7 +43,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use migrate::ram::{GuestMemory, RamBlock};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use self::core::{Core, VirtQueue, MAX_FRAME, NUM_QUEUES};
+use self::core::{Core, NetStats, VirtQueue, MAX_FRAME, NUM_QUEUES};
 use self::worker::Worker;
 use super::msix::{Msix, MSIX_ENABLE, MSIX_FUNCTION_MASK, NO_VECTOR};
 use super::*;
@@ -256,11 +258,15 @@ impl VirtioNet {
             wake,
             paused: false,
             rx_starved: false,
+            rx_notify_off: false,
             rx_pending: 0,
             rx_buf: vec![0; MAX_FRAME + 4096],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             record: DriverRecord::default(),
             rounds: 0,
+            stats: NetStats::default(),
+            tx_drop_warned: None,
+            tx_drops_unwarned: 0,
         }));
         let msix_bar: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Bar { core: core.clone(), index: MSIX_BAR }));
         let modern_bar: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Bar { core: core.clone(), index: MODERN_BAR }));
@@ -288,6 +294,8 @@ impl VirtioNet {
         w.stop();
         let c = &mut lock(&self.core);
         let name = c.backend.name();
+        c.flush_tx_drop_warning();
+        tracing::debug!("{}: I/O counters at shutdown: {:?}, {} rounds", c.name, c.stats, c.rounds);
         match crate::net::Detached::new(name.clone()) {
             Ok(d) => c.backend = Box::new(d),
             Err(e) => tracing::warn!("{}: cannot detach {name}: {e}", c.name),
@@ -320,6 +328,11 @@ impl VirtioNet {
     /// device_status as the driver would read it.
     pub fn status(&self) -> u8 {
         lock(&self.core).status
+    }
+
+    /// The device's counters (frames moved and dropped each way).
+    pub fn stats(&self) -> NetStats {
+        lock(&self.core).stats
     }
 
     /// The problem that stopped the device, if it is in its error state.

@@ -3,7 +3,10 @@
 //!
 //! Transmit (queue 1): every available chain is read (device-readable descriptors only),
 //! header and frame together, and written to the backend as one frame, vnet header
-//! unchanged; the chain is returned with length 0.
+//! unchanged; the chain is returned with length 0. A frame the backend refuses (the tap's
+//! queue full: `EAGAIN`; the tap gone) is dropped without waiting, counted in
+//! [`NetStats::tx_dropped`](super::core::NetStats), and warned about at most once per
+//! [`TX_DROP_WARN_INTERVAL`] with the count since the last warning.
 //!
 //! Receive (queue 0): a frame read from the backend is written into one chain (without
 //! `MRG_RXBUF`; a chain too small drops the frame and is left for the next one) or across as
@@ -11,6 +14,9 @@
 //! header's `num_buffers` is always set by the device (the tap leaves those two bytes alone).
 //! With no buffer available the frame waits in the device and the receive queue is marked
 //! starved: the I/O thread stops polling the backend until the driver notifies the queue.
+//! A pass publishes each frame's used entry as it goes and signals the driver once at its
+//! end; `VRING_USED_F_NO_NOTIFY` is set once while buffers last (not on every pass, which
+//! would store to guest RAM and dirty the used ring's page on every wake-up).
 //!
 //! A chain that loops or runs past the queue size, links outside the descriptor table, has a
 //! descriptor outside guest RAM, of length zero, or of the wrong direction, a transmit frame
@@ -19,11 +25,12 @@
 
 use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
-use super::core::{Core, MAX_FRAME, RX, TX};
+use super::core::{Core, MAX_FRAME, RX, TX, TX_DROP_WARN_INTERVAL};
 use super::features::MRG_RXBUF;
 use crate::net::VNET_HDR_LEN;
 
@@ -180,36 +187,80 @@ impl Core {
             at += len;
         }
         match self.backend.write_frame(&self.tx_buf) {
-            Ok(()) => {}
-            Err(e) => tracing::debug!("{}: {} dropped a {total}-byte frame: {e}", self.name, self.backend.name()),
+            Ok(()) => self.stats.tx_frames += 1,
+            Err(e) => self.tx_refused(total, &e),
         }
         Ok(())
     }
 
+    /// A frame the backend refused: counted, and a warning naming the backend and the error
+    /// at most once per [`TX_DROP_WARN_INTERVAL`] (with the count since the last one), so a
+    /// full tap cannot flood the log. The chain is completed all the same: the device never
+    /// waits for the backend, so the vCPU never does.
+    fn tx_refused(&mut self, len: usize, e: &std::io::Error) {
+        self.stats.tx_dropped += 1;
+        self.tx_drops_unwarned += 1;
+        let due = self.tx_drop_warned.is_none_or(|t| t.elapsed() >= TX_DROP_WARN_INTERVAL);
+        if due {
+            tracing::warn!(
+                "{}: {} refused a {len}-byte frame from the guest ({e}, errno {}): {} frame(s) dropped since the \
+                 last warning, {} in all",
+                self.name,
+                self.backend.name(),
+                e.raw_os_error().unwrap_or(0),
+                self.tx_drops_unwarned,
+                self.stats.tx_dropped
+            );
+            self.tx_drop_warned = Some(Instant::now());
+            self.tx_drops_unwarned = 0;
+        } else {
+            tracing::debug!("{}: {} dropped a {len}-byte frame: {e}", self.name, self.backend.name());
+        }
+    }
+
+    /// Logs the refused frames no warning has counted yet (at shutdown).
+    pub fn flush_tx_drop_warning(&mut self) {
+        if self.tx_drops_unwarned > 0 {
+            tracing::warn!(
+                "{}: {} refused {} more frame(s) from the guest since the last warning, {} in all",
+                self.name,
+                self.backend.name(),
+                self.tx_drops_unwarned,
+                self.stats.tx_dropped
+            );
+            self.tx_drops_unwarned = 0;
+        }
+    }
+
     /// Moves frames from the backend into the receive queue until the backend has none, the
     /// queue has no buffers, or [`BATCH`] frames moved (the backend's fd, polled
-    /// level-triggered, brings the thread back for the rest).
-    pub fn process_rx(&mut self) {
+    /// level-triggered, brings the thread back for the rest). Returns the frames delivered.
+    pub fn process_rx(&mut self) -> usize {
         if !self.running() || self.queues[RX].queue.is_none() {
-            return;
+            return 0;
         }
         // While the device has buffers, the driver need not tell it about new ones: no
         // notification (an exit for the vCPU) per refilled buffer. Re-enabled when it runs out.
-        if !self.rx_starved {
+        if !self.rx_starved && !self.rx_notify_off {
             if let Err(e) = self.rx_notifications(false) {
-                return self.fail(RX, &e);
+                self.fail(RX, &e);
+                return 0;
             }
         }
-        let mut used = false;
+        let mut delivered = 0;
         for _ in 0..BATCH {
             if self.rx_pending == 0 {
                 match self.backend.read_frame(&mut self.rx_buf) {
                     Ok(n) if (VNET_HDR_LEN..=MAX_FRAME).contains(&n) => self.rx_pending = n,
                     Ok(n) => {
+                        self.stats.rx_dropped += 1;
                         tracing::debug!("{}: dropped a {n}-byte frame from {}", self.name, self.backend.name());
                         continue;
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        self.stats.rx_empty_reads += 1;
+                        break;
+                    }
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => {
                         tracing::debug!("{}: reading {}: {e}", self.name, self.backend.name());
@@ -219,10 +270,13 @@ impl Core {
             }
             match self.deliver() {
                 Ok(RxOutcome::Delivered) => {
-                    used = true;
+                    delivered += 1;
                     self.rx_pending = 0;
                 }
-                Ok(RxOutcome::Dropped) => self.rx_pending = 0,
+                Ok(RxOutcome::Dropped) => {
+                    self.stats.rx_dropped += 1;
+                    self.rx_pending = 0;
+                }
                 Ok(RxOutcome::NoBuffers) => match self.rx_notifications(true) {
                     // Buffers came while notifications were off: take them.
                     Ok(true) => continue,
@@ -241,9 +295,12 @@ impl Core {
                 }
             }
         }
-        if used {
+        if delivered > 0 {
+            self.stats.rx_frames += delivered as u64;
+            self.stats.rx_batches += 1;
             self.notify_used(RX);
         }
+        delivered
     }
 
     /// Turns the driver's notifications for the receive queue on or off (the used ring's
@@ -252,6 +309,7 @@ impl Core {
     fn rx_notifications(&mut self, on: bool) -> Result<bool, String> {
         let mem = &self.mem;
         let Some(q) = self.queues[RX].queue.as_mut() else { return Ok(false) };
+        self.rx_notify_off = !on;
         if on {
             q.enable_notification(mem).map_err(|e| format!("used ring flags: {e}"))
         } else {

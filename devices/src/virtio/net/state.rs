@@ -189,6 +189,7 @@ impl VirtioNet {
         c.link_up = s.link_up;
         c.rx_pending = 0;
         c.rx_starved = false;
+        c.rx_notify_off = false;
         let offloads = if c.status & STATUS_DRIVER_OK != 0 { tun_offloads(c.driver_features) } else { 0 };
         if let Err(e) = c.backend.set_offload(offloads) {
             tracing::warn!("{}: setting offloads {offloads:#x} on {} failed: {e}", c.name, c.backend.name());

@@ -34,6 +34,8 @@ pub struct FakeShared {
     pub rx: Mutex<VecDeque<Vec<u8>>>,
     pub tx: Mutex<Vec<Vec<u8>>>,
     pub offloads: Mutex<Vec<u32>>,
+    /// While set, writes fail with this errno (a full or vanished tap).
+    pub refuse_tx: Mutex<Option<i32>>,
     evt: Mutex<Option<Arc<EventFd>>>,
 }
 
@@ -80,6 +82,9 @@ impl NetBackend for FakeBackend {
         Ok(n)
     }
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        if let Some(errno) = *self.shared.refuse_tx.lock().expect("lock") {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         self.shared.tx.lock().expect("lock").push(frame.to_vec());
         Ok(())
     }
