@@ -318,6 +318,10 @@ fn netping_cmd(ns: &Netns, mode: &str, frames: u64, size: u64) -> Result<std::pr
     if mode == "tx" {
         c.args(["--frame-size", &size.to_string()]);
     }
+    if mode == "rx" && std::env::var_os("SNAPVISOR_LOG").is_none() {
+        // The device's counters at the end (frames per wake-up, notifications) are shown.
+        c.env("SNAPVISOR_LOG", "warn,devices::virtio::net=debug,devices::virtio::net::queues=warn");
+    }
     c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     c.spawn().map_err(|e| setup("spawning snapvisor run", e))
 }
@@ -359,12 +363,12 @@ fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<Rate, Net
         all
     });
     // Drained so that the guest's log cannot fill the pipe; the device's counters (logged at
-    // debug level when the VM ends, with SNAPVISOR_LOG=devices::virtio::net=debug) are shown.
+    // debug level when the VM ends) are shown.
     let log_reader = std::thread::spawn(move || {
         let mut all = String::new();
         let _ = stderr.read_to_string(&mut all);
-        for l in all.lines().filter(|l| l.contains("I/O counters")) {
-            eprintln!("host -> guest, {size} bytes: {l}");
+        for l in all.lines().filter_map(|l| l.find("I/O counters").map(|i| &l[i..])) {
+            eprintln!("{size:<6} host -> guest, the device's {l}");
         }
     });
     // The guest needs well under a second to come up and print `netping rx: ready`.
