@@ -16,8 +16,9 @@
 //! same priority that sleeps between bursts then waits behind it for a CPU at every wake-up
 //! (measured here: hundreds of microseconds, with 40-60 frames piling up per wake-up and the
 //! tap dropping the rest). Five levels (about three times a vCPU thread's weight) let it run
-//! as soon as frames arrive; its work per frame is bounded by what the backend and the guest
-//! hand it, so the boost cannot take more than that from the vCPUs. Lowering the nice value
+//! as soon as frames arrive. The price: under contention a VM's busy I/O thread (a guest that
+//! keeps its transmit queue full, a host flooding its tap) gets about three times a vCPU's CPU
+//! share; it still sleeps whenever there is nothing to move. Lowering the nice value
 //! needs CAP_SYS_NICE or an RLIMIT_NICE that allows it (the systemd unit sets `LimitNICE`);
 //! without either, the thread runs at the process's priority and one warning says so.
 
