@@ -46,7 +46,8 @@ impl GuestMode {
 /// definition, under `netping`).
 #[derive(Clone, Debug, Args, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetpingArgs {
-    /// netping: the guest's address and prefix, like 10.77.0.2/24.
+    /// netping: the guest's address and prefix, like 10.77.0.2/24 (a host address of that
+    /// subnet: not its network or broadcast address).
     #[arg(long, value_name = "ADDR/PREFIX")]
     pub guest_ip: Option<String>,
     /// netping (ping mode): the peer to ping, on the guest's subnet.
@@ -59,7 +60,8 @@ pub struct NetpingArgs {
     /// netping tx: Ethernet frame size in bytes without FCS (60..=1514, default 1514).
     #[arg(long)]
     pub frame_size: Option<u64>,
-    /// netping ping: milliseconds between a reply and the next request (default 0).
+    /// netping ping: milliseconds between a reply and the next request (default 0, at most
+    /// 60000).
     #[arg(long)]
     pub ping_interval_ms: Option<u64>,
 }
