@@ -46,7 +46,8 @@ impl GuestMode {
 /// definition, under `netping`).
 #[derive(Clone, Debug, Args, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetpingArgs {
-    /// netping: the guest's address and prefix, like 10.77.0.2/24.
+    /// netping: the guest's address and prefix, like 10.77.0.2/24 (a host address of that
+    /// subnet: not its network or broadcast address).
     #[arg(long, value_name = "ADDR/PREFIX")]
     pub guest_ip: Option<String>,
     /// netping (ping mode): the peer to ping, on the guest's subnet.
@@ -59,7 +60,8 @@ pub struct NetpingArgs {
     /// netping tx: Ethernet frame size in bytes without FCS (60..=1514, default 1514).
     #[arg(long)]
     pub frame_size: Option<u64>,
-    /// netping ping: milliseconds between a reply and the next request (default 0).
+    /// netping ping: milliseconds between a reply and the next request (default 0, at most
+    /// 60000).
     #[arg(long)]
     pub ping_interval_ms: Option<u64>,
 }
@@ -81,6 +83,39 @@ fn parse_ip(option: &str, s: &str) -> Result<[u8; 4], CliError> {
     s.parse::<std::net::Ipv4Addr>()
         .map(|a| a.octets())
         .map_err(|_| input(format!("{option} {s}: not an IPv4 address like 10.77.0.2")))
+}
+
+/// The longest `--ping-interval-ms`: the guest turns it into TSC ticks (ms times the TSC's
+/// rate), which must not overflow, and a minute between pings is already more than a test or
+/// a benchmark waits.
+pub const MAX_PING_INTERVAL_MS: u64 = 60_000;
+
+/// Checks that `ip` (given as `text` for `option`) can be a host's address on a /`prefix`
+/// subnet: not the subnet's network or broadcast address, and not an address no host has
+/// (0.0.0.0/8, loopback, multicast, reserved and the limited broadcast).
+fn check_host_address(option: &str, text: &str, ip: [u8; 4], prefix: u8) -> Result<(), CliError> {
+    let addr = std::net::Ipv4Addr::from(ip);
+    let kind = match ip[0] {
+        0 => Some("in 0.0.0.0/8 (this network)"),
+        127 => Some("a loopback address"),
+        224..=239 => Some("a multicast address"),
+        240..=255 => Some("a reserved or broadcast address"),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        return Err(input(format!("{option} {text}: {addr} is {kind}, not a host's address")));
+    }
+    let host_mask = u32::MAX >> prefix.min(32);
+    let host = u32::from(addr) & host_mask;
+    let what = if host == 0 {
+        "network"
+    } else if host == host_mask {
+        "broadcast"
+    } else {
+        return Ok(());
+    };
+    let net = std::net::Ipv4Addr::from(u32::from(addr) & !host_mask);
+    Err(input(format!("{option} {text}: {addr} is the {what} address of {net}/{prefix}, not a host's address")))
 }
 
 /// memfill's mode from `--mode`; an error for netping's modes.
@@ -167,13 +202,23 @@ impl NetpingArgs {
             .ok()
             .filter(|p| (1..=30).contains(p))
             .ok_or_else(|| input(format!("--guest-ip {cidr}: the prefix must be a number from 1 to 30")))?;
+        check_host_address("--guest-ip", cidr, ip, prefix)?;
         let peer = match (&self.ping, mode) {
-            (Some(p), _) => parse_ip("--ping", p)?,
+            (Some(p), _) => {
+                let peer = parse_ip("--ping", p)?;
+                check_host_address("--ping", p, peer, prefix)?;
+                peer
+            }
             (None, NetMode::Ping) => {
                 return Err(input("--builtin netping --mode ping needs --ping ADDR (the peer)".to_string()))
             }
             (None, _) => [0; 4],
         };
+        if let Some(ms) = self.ping_interval_ms.filter(|&ms| ms > MAX_PING_INTERVAL_MS) {
+            return Err(input(format!(
+                "--ping-interval-ms {ms}: at most {MAX_PING_INTERVAL_MS} (a minute between pings)"
+            )));
+        }
         if self.frame_size.is_some() && mode != NetMode::Tx {
             return Err(input(format!("--frame-size is for netping --mode tx, not --mode {}", mode.name())));
         }
@@ -229,6 +274,45 @@ mod tests {
         let (_, tx) = fs.params(Some(Builtin::Netping), Some(GuestMode::Tx), 1, 32).expect("tx");
         assert_eq!((tx.mode, tx.frame_size, tx.count), (NetMode::Tx, 64, 100_000));
         assert!(err(args().params(Some(Builtin::Netping), None, 1, 2)).contains("--mem-mib"));
+    }
+
+    #[test]
+    fn network_broadcast_and_non_host_addresses_are_refused() {
+        for (guest_ip, ping, needle) in [
+            (
+                "10.77.0.255/24",
+                "10.77.0.1",
+                "--guest-ip 10.77.0.255/24: 10.77.0.255 is the broadcast address of 10.77.0.0/24",
+            ),
+            ("10.77.0.0/24", "10.77.0.1", "--guest-ip 10.77.0.0/24: 10.77.0.0 is the network address of 10.77.0.0/24"),
+            ("10.77.0.3/30", "10.77.0.1", "10.77.0.3 is the broadcast address of 10.77.0.0/30"),
+            ("10.77.0.2/24", "10.77.0.255", "--ping 10.77.0.255: 10.77.0.255 is the broadcast address"),
+            ("10.77.0.2/24", "10.77.0.0", "--ping 10.77.0.0: 10.77.0.0 is the network address"),
+            ("224.0.0.2/24", "224.0.0.1", "a multicast address"),
+            ("127.0.0.2/8", "127.0.0.1", "a loopback address"),
+            ("0.0.0.2/24", "0.0.0.1", "this network"),
+            ("255.255.255.254/24", "255.255.255.1", "reserved or broadcast"),
+        ] {
+            let a = NetpingArgs { guest_ip: Some(guest_ip.into()), ping: Some(ping.into()), ..Default::default() };
+            let e = err(a.params(Some(Builtin::Netping), None, 1, 32));
+            assert!(e.contains(needle), "{guest_ip} {ping}: {e}");
+        }
+        // The first and last host addresses are fine.
+        for (guest_ip, ping) in [("10.77.0.254/24", "10.77.0.1"), ("10.77.0.1/30", "10.77.0.2")] {
+            let a = NetpingArgs { guest_ip: Some(guest_ip.into()), ping: Some(ping.into()), ..Default::default() };
+            a.params(Some(Builtin::Netping), None, 1, 32).expect(guest_ip);
+        }
+    }
+
+    #[test]
+    fn the_ping_interval_is_bounded() {
+        let a = NetpingArgs { ping_interval_ms: Some(u64::MAX), ..args() };
+        let e = err(a.params(Some(Builtin::Netping), None, 1, 32));
+        assert!(e.contains(&format!("--ping-interval-ms {}: at most 60000", u64::MAX)), "{e}");
+        let a = NetpingArgs { ping_interval_ms: Some(MAX_PING_INTERVAL_MS + 1), ..args() };
+        assert!(err(a.params(Some(Builtin::Netping), None, 1, 32)).contains("at most 60000"));
+        let a = NetpingArgs { ping_interval_ms: Some(MAX_PING_INTERVAL_MS), ..args() };
+        a.params(Some(Builtin::Netping), None, 1, 32).expect("a minute");
     }
 
     #[test]

@@ -275,13 +275,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         }
         None => None,
     };
+    // The VM first: a run refused for its input (a bad tap, say) leaves no store directory
+    // behind; opening the store creates it.
+    let mut vm = Vm::new(cfg).map_err(vm_error)?;
     let store = match &args.snapshot.store {
         Some(dir) => Some(
             storage::Store::open(dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?,
         ),
         None => None,
     };
-    let mut vm = Vm::new(cfg).map_err(vm_error)?;
     let snap = args.snapshot.snapshot_after_ms.zip(store).zip(args.snapshot.name.clone());
     if let Some(((0, store), name)) = &snap {
         take_snapshot(&vm, store, name, &args.snapshot)?;

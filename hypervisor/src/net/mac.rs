@@ -67,6 +67,21 @@ impl Drop for MacLease {
     }
 }
 
+/// A MAC for a NIC that will exist later (a daemon VM's definition, which keeps it across
+/// restarts): locally administered with [`PREFIX`], held by no live NIC of this process, and
+/// for which `taken` (the MACs of other definitions) says no. Nothing is held: the NIC takes
+/// its lease when it is built.
+pub fn pick_free(taken: impl Fn(Mac) -> bool) -> Mac {
+    let mut rng = rand::thread_rng();
+    loop {
+        let r: [u8; 3] = rng.gen();
+        let mac = Mac([PREFIX[0], PREFIX[1], PREFIX[2], r[0], r[1], r[2]]);
+        if !is_held(mac) && !taken(mac) {
+            return mac;
+        }
+    }
+}
+
 /// Whether a live NIC of this process holds `mac`.
 pub fn is_held(mac: Mac) -> bool {
     in_use().lock().unwrap_or_else(PoisonError::into_inner).contains_key(&mac)
@@ -96,6 +111,18 @@ mod tests {
         assert!(is_held(m));
         drop(leases);
         assert!(!is_held(m));
+    }
+
+    #[test]
+    fn free_picks_avoid_held_and_taken_macs() {
+        let held = MacLease::pick();
+        for _ in 0..2000 {
+            let m = pick_free(|m| m.0[5] % 2 == 0);
+            assert_eq!(m.0[..3], PREFIX);
+            assert_ne!(m, held.mac());
+            assert_eq!(m.0[5] % 2, 1, "a taken MAC was picked: {m}");
+            assert!(!is_held(m), "picking holds nothing");
+        }
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub enum NicError {
     DuplicateTap { tap: String, first: usize, second: usize },
     #[error("NIC {index} (tap {tap}): {source}")]
     Tap { index: usize, tap: String, source: Box<TapError> },
+    #[error(
+        "NIC {index} (tap {tap}): '{tap}' is a multi-queue tap (made with `ip tuntap add ... multi_queue`); \
+         snapvisor attaches single-queue taps, and attaching a multi-queue one needs IFF_MULTI_QUEUE: \
+         re-create it without multi_queue"
+    )]
+    MultiQueueTap { index: usize, tap: String },
     #[error("NIC {index} (tap {tap}): {source}")]
     Device { index: usize, tap: String, source: Box<VirtioError> },
     #[error("NIC {index} (tap {tap}) at PCI {bdf}: {reason}")]
@@ -57,6 +63,7 @@ impl NicError {
                 | NicError::DuplicateMac { .. }
                 | NicError::DuplicateTap { .. }
                 | NicError::Tap { .. }
+                | NicError::MultiQueueTap { .. }
         ) || matches!(self, NicError::Rom { .. })
     }
 }
@@ -178,8 +185,7 @@ pub fn attach(parts: &NicParts<'_>, specs: &[NetSpec]) -> Result<Vec<Nic>, NicEr
         };
         let mut spec = spec.clone();
         spec.mac = Some(lease.mac());
-        let tap =
-            Tap::open(&spec.tap).map_err(|e| NicError::Tap { index, tap: tap_name.clone(), source: Box::new(e) })?;
+        let tap = Tap::open(&spec.tap).map_err(|e| tap_error(index, &tap_name, e))?;
         let rom = nic_rom(parts.registry, index, bdf, &spec)?;
         let msi = KvmMsiRoutes::new(parts.router.clone(), format!("virtio-net {bdf}"));
         let device = VirtioNet::new(NetConfig {
@@ -210,6 +216,30 @@ pub fn attach(parts: &NicParts<'_>, specs: &[NetSpec]) -> Result<Vec<Nic>, NicEr
         nics.push(Nic { index, bdf, spec, device, _msi: msi, _lease: lease });
     }
     Ok(nics)
+}
+
+/// `IFF_MULTI_QUEUE` in a tun device's flags (`/sys/class/net/NAME/tun_flags`).
+const IFF_MULTI_QUEUE: u32 = 0x0100;
+/// `IFF_TAP` in the same flags.
+const IFF_TAP: u32 = 0x0002;
+
+/// Whether the interface `name` (a checked interface name) is a multi-queue tap, as this
+/// process's network namespace sees it. The kernel refuses TUNSETIFF without IFF_MULTI_QUEUE
+/// on one with EINVAL, which [`Tap::open`] reports as "not a tap"; this says what it is.
+fn is_multi_queue_tap(name: &str) -> bool {
+    let path = std::path::Path::new("/sys/class/net").join(name).join("tun_flags");
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    let text = text.trim();
+    let flags = u32::from_str_radix(text.trim_start_matches("0x"), 16).unwrap_or(0);
+    flags & IFF_MULTI_QUEUE != 0 && flags & IFF_TAP != 0
+}
+
+/// A tap that could not be opened, as a NIC error; a multi-queue tap is named as one.
+fn tap_error(index: usize, tap: &str, e: TapError) -> NicError {
+    if matches!(e, TapError::NotATap { .. }) && is_multi_queue_tap(tap) {
+        return NicError::MultiQueueTap { index, tap: tap.to_string() };
+    }
+    NicError::Tap { index, tap: tap.to_string(), source: Box::new(e) }
 }
 
 /// PCI command register bits: memory decoding, bus mastering.

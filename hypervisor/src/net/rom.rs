@@ -185,6 +185,7 @@ pub fn load(spec: &NetSpec, origin: RomOrigin) -> Result<Option<OptionRom>, RomE
         RomChoice::None => Ok(None),
         RomChoice::Default => read(DEFAULT_ROM_PATH, Path::new(DEFAULT_ROM_PATH), RomOrigin::Cli).map(Some),
         RomChoice::File(p) => read(&p.display().to_string(), p, origin).map(Some),
+        RomChoice::Image { name, path } => read(&format!("image '{name}'"), path, RomOrigin::Api).map(Some),
     }
 }
 

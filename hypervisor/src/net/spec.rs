@@ -77,6 +77,9 @@ pub enum RomChoice {
     None,
     /// A ROM file (CLI only: the API takes no host paths).
     File(std::path::PathBuf),
+    /// An image of the daemon's image directory an API client named: messages name the
+    /// image, never its host path, and a symlink there is refused.
+    Image { name: String, path: std::path::PathBuf },
 }
 
 /// One NIC as asked for.

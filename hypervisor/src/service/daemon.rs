@@ -133,6 +133,12 @@ impl Daemon {
                     d.budget.force(&def.name, def.mem_mib);
                     let resume_from = def.resume_from.clone();
                     let vm = resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap, def.resume_paused));
+                    // Definitions from before MACs were kept get theirs now (a resumed VM's
+                    // own), saved below with the rest.
+                    let mut def = def;
+                    let keep: Vec<_> =
+                        vm.as_ref().map(|(v, _)| v.spec().net.iter().map(|n| n.mac).collect()).unwrap_or_default();
+                    d.assign_macs(&mut def, &keep);
                     let def = match (&vm, &resume_from) {
                         // Resumed once: a later start must not go back to that snapshot.
                         (Some(_), _) | (None, None) => VmDef { resume_from: None, resume_paused: false, ..def },
@@ -345,7 +351,7 @@ impl Daemon {
     }
 
     /// Defines a VM (and starts it if asked).
-    pub async fn create(self: &Arc<Self>, def: VmDef, start: bool) -> Result<VmInfo, ApiError> {
+    pub async fn create(self: &Arc<Self>, mut def: VmDef, start: bool) -> Result<VmInfo, ApiError> {
         validate_name("VM", &def.name)?;
         def.check_boot().map_err(ApiError::BadRequest)?;
         crate::memory::check_size(def.mem_mib).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -353,6 +359,8 @@ impl Daemon {
             return Err(ApiError::BadRequest(format!("{} vCPUs requested: 1 to 255 allowed", def.vcpus)));
         }
         def.check_images(&self.images)?;
+        // Its NICs keep the MACs they get now, across stops and daemon restarts.
+        self.assign_macs(&mut def, &[]);
         {
             let mut vms = self.lock();
             if vms.contains_key(&def.name) {
@@ -447,6 +455,7 @@ impl Daemon {
         if self.lock().contains_key(name) {
             return Err(ApiError::Conflict(format!("a VM named '{name}' already exists")));
         }
+        self.check_override_macs(name, &net_overrides)?;
         // The memory is held from here; a failure below gives it back when `held` drops.
         let held = super::limits::reserve_for_restore(self, snapshot_name, name).await?;
         let t0 = Instant::now();

@@ -22,6 +22,7 @@ pub mod housekeeping;
 pub mod images;
 pub mod images_api;
 pub mod limits;
+pub mod macs;
 pub mod metrics;
 pub mod net_api;
 pub mod ops;

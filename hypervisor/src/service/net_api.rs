@@ -35,16 +35,23 @@ impl ApiNic {
         NetSpec { tap: self.tap.clone(), mac: self.mac, rom, romsize: self.romsize }
     }
 
-    /// Checks the entry without touching the image directory.
+    /// Checks the entry without touching the image directory. Errors name the JSON field
+    /// (`net[1].tap: ...`), not the CLI's `--net` syntax.
     pub fn check(&self, index: usize) -> Result<(), String> {
-        let rom = match self.romfile.as_deref() {
-            Some(ROMFILE_NONE) => RomChoice::None,
-            _ => RomChoice::Default,
-        };
-        self.spec_with(rom).check().map_err(|e| format!("net[{index}]: {e}"))?;
+        let field = |f: &str, e: String| format!("net[{index}].{f}: {e}");
+        crate::net::spec::check_tap_name(&self.tap).map_err(|e| field("tap", e))?;
+        if let Some(size) = self.romsize {
+            crate::net::spec::check_romsize(size).map_err(|e| field("romsize", e))?;
+            if self.romfile.as_deref() == Some(ROMFILE_NONE) {
+                return Err(field(
+                    "romsize",
+                    format!("{size:#x} with \"romfile\": \"none\": a NIC without a ROM has no ROM block to size"),
+                ));
+            }
+        }
         match self.romfile.as_deref() {
             None | Some(ROMFILE_NONE) => Ok(()),
-            Some(name) => super::images::validate_name(name).map_err(|e| format!("net[{index}]: romfile: {e}")),
+            Some(name) => super::images::validate_name(name).map_err(|e| field("romfile", e.to_string())),
         }
     }
 
@@ -64,6 +71,7 @@ impl ApiNic {
             RomChoice::Default => None,
             RomChoice::None => Some(ROMFILE_NONE.to_string()),
             RomChoice::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+            RomChoice::Image { name, .. } => Some(name.clone()),
         };
         ApiNic { tap: s.tap.clone(), mac: s.mac, romfile, romsize: s.romsize }
     }
@@ -76,7 +84,7 @@ pub fn resolve_romfile(name: &str, images: &ImageDir) -> Result<RomChoice, ApiEr
     }
     super::images::validate_name(name).map_err(|e| ApiError::BadRequest(format!("romfile: {e}")))?;
     images.check("option ROM", name).map_err(ApiError::from_image)?;
-    Ok(RomChoice::File(images.path(name).map_err(ApiError::from_image)?))
+    Ok(RomChoice::Image { name: name.to_string(), path: images.path(name).map_err(ApiError::from_image)? })
 }
 
 /// Resolves the `romfile` of each of `overrides` (API restores and clones).
@@ -99,6 +107,7 @@ impl ApiNic {
             RomChoice::Default => None,
             RomChoice::None => Some(ROMFILE_NONE.to_string()),
             RomChoice::File(p) => Some(p.display().to_string()),
+            RomChoice::Image { name, .. } => Some(name.clone()),
         };
         ApiNic { tap: s.tap.clone(), mac: s.mac, romfile, romsize: s.romsize }
     }

@@ -192,8 +192,8 @@ impl Core {
         let old = self.status;
         let mut new = v | (old & STATUS_NEEDS_RESET);
         if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
-            if self.driver_features & VERSION_1 == 0 {
-                tracing::debug!("{}: FEATURES_OK refused: the driver did not accept VERSION_1", self.name);
+            if let Err(e) = super::features::check(self.driver_features) {
+                tracing::warn!("{}: FEATURES_OK refused: {e}", self.name);
                 new &= !STATUS_FEATURES_OK;
             } else {
                 self.record.features_accepted = self.driver_features;

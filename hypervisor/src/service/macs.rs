@@ -1,0 +1,154 @@
+//! MACs of the daemon's VMs: kept in their definitions, and never given twice.
+//!
+//! A NIC defined without a MAC gets one when the VM is defined (`POST /vms`), and the MAC is
+//! written into the stored definition (`STATE_DIR/vms/NAME.json`, the `net[i].mac` field), so
+//! the VM keeps its address across stop/start and daemon restarts, as a PC keeps its NIC's.
+//! Definitions written before MACs were kept (no `mac`) still load: the daemon gives their
+//! NICs a MAC at load (the one a VM resumed from its shutdown snapshot has, or a new one) and
+//! saves it. A picked MAC is one no live NIC and no other definition has
+//! ([`crate::net::mac::pick_free`]).
+//!
+//! Restores and clones may give NICs MACs (`network_overrides`): a MAC a running or paused VM
+//! of the daemon has is refused (409, naming the VM), and so is one MAC given to two clones of
+//! one clone request (400, naming both clones), before anything is restored.
+
+use super::actor::{VmDef, VmState};
+use super::daemon::Daemon;
+use super::error::ApiError;
+use crate::net::overrides::NetOverride;
+use crate::net::{mac, Mac};
+
+impl Daemon {
+    /// Every MAC a VM of the daemon has or is defined with, and the VM.
+    fn defined_macs(&self) -> Vec<(Mac, String)> {
+        let mut all = Vec::new();
+        for (name, h) in self.lock().iter() {
+            let p = h.published.borrow();
+            let info = &p.info;
+            for m in info.def.net.iter().filter_map(|n| n.mac).chain(info.macs.iter().copied()) {
+                all.push((m, name.clone()));
+            }
+        }
+        all
+    }
+
+    /// The running or paused VM whose NICs have `m`, if any.
+    fn running_owner(&self, m: Mac) -> Option<String> {
+        self.lock().iter().find_map(|(name, h)| {
+            let p = h.published.borrow();
+            let live = matches!(p.info.state, VmState::Running | VmState::Paused);
+            (live && p.info.macs.contains(&m)).then(|| name.clone())
+        })
+    }
+
+    /// Gives every NIC of `def` without a MAC one that no VM of the daemon has (nor another
+    /// NIC of `def`); `keep` offers MACs to keep instead, by NIC index (a resumed VM's).
+    pub(super) fn assign_macs(&self, def: &mut VmDef, keep: &[Option<Mac>]) {
+        if def.net.iter().all(|n| n.mac.is_some()) {
+            return;
+        }
+        let mut taken: Vec<Mac> = self.defined_macs().into_iter().map(|(m, _)| m).collect();
+        taken.extend(def.net.iter().filter_map(|n| n.mac));
+        for (i, nic) in def.net.iter_mut().enumerate() {
+            if nic.mac.is_none() {
+                let m = keep.get(i).copied().flatten().unwrap_or_else(|| mac::pick_free(|m| taken.contains(&m)));
+                tracing::info!(vm = %def.name, nic = i, mac = %m, "MAC assigned and kept in the definition");
+                taken.push(m);
+                nic.mac = Some(m);
+            }
+        }
+    }
+
+    /// Refuses override MACs a running VM has (409), for a restore or clone as `vm`.
+    pub(super) fn check_override_macs(&self, vm: &str, overrides: &[NetOverride]) -> Result<(), ApiError> {
+        for (k, o) in overrides.iter().enumerate() {
+            let Some(m) = o.mac else { continue };
+            if let Some(owner) = self.running_owner(m) {
+                return Err(ApiError::Conflict(format!(
+                    "VM '{vm}': network_overrides[{k}].mac {m} is the MAC of running VM '{owner}'; give another"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A clone request's MACs, before anything is restored: one MAC given to two clones is a
+    /// bad request naming both; a running VM's MAC a conflict naming it.
+    pub(super) fn check_clone_macs(&self, names: &[String], overrides: &[Vec<NetOverride>]) -> Result<(), ApiError> {
+        let mut given: Vec<(Mac, usize, usize)> = Vec::new();
+        for (c, list) in overrides.iter().enumerate() {
+            for (k, o) in list.iter().enumerate() {
+                let Some(m) = o.mac else { continue };
+                if let Some(&(_, c0, k0)) = given.iter().find(|(g, _, _)| *g == m) {
+                    let name = |i: usize| names.get(i).map_or("?", String::as_str);
+                    let (a, b) = (name(c0), name(c));
+                    let whom =
+                        if c0 == c { format!("two NICs of clone '{a}'") } else { format!("clones '{a}' and '{b}'") };
+                    return Err(ApiError::BadRequest(format!(
+                        "MAC {m} is given to {whom} (network_overrides[{c0}][{k0}].mac and \
+                         network_overrides[{c}][{k}].mac); each NIC needs its own; nothing was cloned"
+                    )));
+                }
+                given.push((m, c, k));
+            }
+        }
+        for (c, list) in overrides.iter().enumerate() {
+            self.check_override_macs(names.get(c).map_or("?", String::as_str), list)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::net_api::ApiNic;
+
+    fn nic(tap: &str, mac: Option<Mac>) -> ApiNic {
+        ApiNic { tap: tap.into(), mac, romfile: None, romsize: None }
+    }
+
+    fn daemon(dir: &std::path::Path) -> std::sync::Arc<Daemon> {
+        let images = super::super::images::ImageDir::open(&dir.join("images"), 1 << 20).expect("images");
+        Daemon::open(&dir.join("state"), super::super::daemon::DaemonConfig { images, max_guest_mib: 1024 })
+            .expect("daemon")
+    }
+
+    #[test]
+    fn missing_macs_are_assigned_and_given_ones_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let given = Mac([0x52, 0x54, 0, 1, 2, 3]);
+        let kept = Mac([0x52, 0x54, 0, 9, 9, 9]);
+        let mut def: VmDef =
+            serde_json::from_value(serde_json::json!({"name": "v", "guest": "idle", "mem_mib": 16})).expect("def");
+        def.net = vec![nic("a", None), nic("b", Some(given)), nic("c", None), nic("d", None)];
+        d.assign_macs(&mut def, &[None, None, Some(kept)]);
+        let macs: Vec<Mac> = def.net.iter().map(|n| n.mac.expect("assigned")).collect();
+        assert_eq!(macs[1], given);
+        assert_eq!(macs[2], kept, "an offered MAC is kept");
+        for m in [macs[0], macs[3]] {
+            assert_eq!(m.0[..3], mac::PREFIX);
+            assert!(m != given && m != kept);
+        }
+        assert_ne!(macs[0], macs[3]);
+    }
+
+    #[test]
+    fn one_mac_for_two_clones_is_refused_naming_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let names: Vec<String> = (0..3).map(|i| format!("c{i}")).collect();
+        let o = |mac: &str| -> Vec<NetOverride> {
+            serde_json::from_value(serde_json::json!([{"nic": 0, "mac": mac}])).expect("override")
+        };
+        let ok = [o("52:54:00:00:00:01"), o("52:54:00:00:00:02"), o("52:54:00:00:00:03")];
+        d.check_clone_macs(&names, &ok).expect("distinct MACs");
+        let dup = [o("52:54:00:00:00:01"), o("52:54:00:00:00:02"), o("52:54:00:00:00:01")];
+        let e = d.check_clone_macs(&names, &dup).expect_err("duplicate");
+        assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("MAC 52:54:00:00:00:01 is given to clones 'c0' and 'c2'"), "{e}");
+        assert!(e.contains("network_overrides[0][0].mac and network_overrides[2][0].mac"), "{e}");
+    }
+}
