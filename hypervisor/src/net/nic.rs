@@ -41,7 +41,8 @@ pub enum NicError {
     Tap { index: usize, tap: String, source: Box<TapError> },
     #[error(
         "NIC {index} (tap {tap}): '{tap}' is a multi-queue tap (made with `ip tuntap add ... multi_queue`); \
-         snapvisor attaches single-queue taps, and attaching a multi-queue one needs IFF_MULTI_QUEUE: \
+         snapvisor attaches single-queue taps only (attaching a multi-queue one needs IFF_MULTI_QUEUE, and \
+         then nothing stops another process attaching too and taking part of its frames): \
          re-create it without multi_queue"
     )]
     MultiQueueTap { index: usize, tap: String },

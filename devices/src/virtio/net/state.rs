@@ -12,8 +12,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::core::{build_queue, VirtQueue, NUM_QUEUES, STATUS_DRIVER_OK, STATUS_NEEDS_RESET};
-use super::features::tun_offloads;
+use super::core::{build_queue, VirtQueue, NUM_QUEUES, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET};
+use super::features::{self, tun_offloads};
 use super::{lock, VirtioNet};
 use crate::virtio::msix::{MsixEntry, MSIX_ENABLE, MSIX_FUNCTION_MASK, NO_VECTOR};
 use crate::virtio::QUEUE_MAX_SIZE;
@@ -67,6 +67,8 @@ pub enum StateError {
     Vector { field: String, vector: u16, table: u16 },
     #[error("virtio-net state: the driver accepted features {bits:#x} that this device does not offer")]
     Features { bits: u64 },
+    #[error("virtio-net state: FEATURES_OK with a feature set the device refuses: {0}")]
+    FeatureRules(features::FeatureError),
     #[error("virtio-net state: MSI-X table of {len} entries, this device has {expected}")]
     MsixTable { len: usize, expected: u16 },
     #[error("virtio-net state: MSI-X pending bits {pba:#x} name vectors past the table of {table}")]
@@ -129,6 +131,9 @@ impl VirtioNet {
         let extra = s.driver_features & !c.offered;
         if extra != 0 {
             return Err(StateError::Features { bits: extra });
+        }
+        if s.status & STATUS_FEATURES_OK != 0 {
+            features::check(s.driver_features).map_err(StateError::FeatureRules)?;
         }
         if let Some(e) = &s.error {
             if e.len() > MAX_ERROR_LEN {

@@ -264,6 +264,8 @@ fn refused_states_change_nothing() {
         (Box::new(|s| s.queues[0].vector = 3), "vector 3"),
         (Box::new(|s| s.config_vector = 7), "vector 7"),
         (Box::new(|s| s.driver_features |= 1 << 40), "0x10000000000"),
+        (Box::new(|s| s.driver_features &= !(1 << 32)), "VERSION_1 (bit 32) is not accepted"),
+        (Box::new(|s| s.driver_features &= !1), "HOST_TSO4 (bit 11) needs CSUM"),
         (Box::new(|s| s.msix_table.push(Default::default())), "4 entries"),
         (Box::new(|s| s.msix_pba = 0b1000), "0x8"),
         (Box::new(|s| s.error = Some("x".repeat(5000))), "5000 bytes"),
