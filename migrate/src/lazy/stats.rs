@@ -21,6 +21,10 @@ pub struct LazyStats {
     pub bytes_stored_read: AtomicU64,
     pub bytes_copied: AtomicU64,
     pub fault_time_ns: AtomicU64,
+    /// Time spent reading chunks from the source (store read, decompression, hash check).
+    pub source_ns: AtomicU64,
+    /// Time spent placing chunks (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE`).
+    pub place_ns: AtomicU64,
     hist: [AtomicU64; FAULT_BUCKETS_US.len() + 1],
     resident: OnceLock<Duration>,
 }
@@ -37,6 +41,11 @@ pub struct StatsSnapshot {
     pub bytes_stored_read: u64,
     pub bytes_copied: u64,
     pub mean_fault_us: f64,
+    /// Mean time per chunk loaded (by any thread) reading it from the source: store read,
+    /// decompression and hash check.
+    pub mean_source_us: f64,
+    /// Mean time per chunk loaded placing it into guest memory.
+    pub mean_place_us: f64,
     /// Faults per bucket of [`FAULT_BUCKETS_US`] (last: slower than the last bound).
     pub fault_histogram: Vec<u64>,
     /// Time from the server's start until every chunk was resident.
@@ -56,6 +65,8 @@ impl LazyStats {
             bytes_stored_read: AtomicU64::new(0),
             bytes_copied: AtomicU64::new(0),
             fault_time_ns: AtomicU64::new(0),
+            source_ns: AtomicU64::new(0),
+            place_ns: AtomicU64::new(0),
             hist: Default::default(),
             resident: OnceLock::new(),
         }
@@ -79,6 +90,10 @@ impl LazyStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let faults = self.faults.load(Relaxed);
+        let loaded = self.chunks_on_fault.load(Relaxed)
+            + self.chunks_prefetched.load(Relaxed)
+            + self.chunks_background.load(Relaxed);
+        let per_chunk = |ns: &AtomicU64| if loaded == 0 { 0.0 } else { ns.load(Relaxed) as f64 / loaded as f64 / 1e3 };
         StatsSnapshot {
             faults,
             chunks_on_fault: self.chunks_on_fault.load(Relaxed),
@@ -93,6 +108,8 @@ impl LazyStats {
             } else {
                 self.fault_time_ns.load(Relaxed) as f64 / faults as f64 / 1e3
             },
+            mean_source_us: per_chunk(&self.source_ns),
+            mean_place_us: per_chunk(&self.place_ns),
             fault_histogram: self.hist.iter().map(|h| h.load(Relaxed)).collect(),
             resident_after_ms: self.resident_after().map(|d| d.as_secs_f64() * 1e3),
         }
