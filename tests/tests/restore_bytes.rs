@@ -98,7 +98,7 @@ fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
     let prefetch = vec![(BLOCK.to_string(), 0), (BLOCK.to_string(), 0x10000), ("pc.ram".to_string(), 0x10_0000)];
     store.put_attachment("s", PREFETCH_ATTACHMENT, &encode_prefetch(&prefetch)).expect("attachment");
 
-    for mode in [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::LazyPrefetch] {
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
         // The destination's own file: as long, different everywhere, zero nowhere.
         let mut opts = RestoreOptions::new(mode, Box::new(SharedOutput::default()));
         opts.fw_cfg_files =
@@ -106,6 +106,11 @@ fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
         opts.background_fill = false;
         opts.cache = None;
         let (vm2, _) = snapshot::restore(&store, "s", opts).expect("restore");
+        if mode == RestoreMode::LazyPrefetchBefore {
+            // Loaded before the restore returned: no waiting.
+            let s = lazy_stats(&vm2).expect("lazy");
+            assert_eq!(s.chunks_prefetched, prefetch.len() as u64, "{s:?}");
+        }
         if mode == RestoreMode::LazyPrefetch {
             let deadline = Instant::now() + Duration::from_secs(20);
             while lazy_stats(&vm2).expect("lazy").chunks_prefetched < prefetch.len() as u64 {

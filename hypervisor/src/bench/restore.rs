@@ -12,7 +12,10 @@
 //! - `lazy+prefetch-before`: lazy, loading that working set before the first instruction.
 //!
 //! The two prefetch modes trade the first instruction against the working set: the table has
-//! both, and `ws/floor` (working set done against the resident floor) for each.
+//! both, and `ws/floor` (working set done against the resident floor) for each. Both are
+//! measured again *warm* (`lazy+prefetch warm`, `lazy+prefetch-before warm`): with the
+//! working set already decompressed in a chunk cache, as in a daemon that restored the
+//! snapshot before, so that a chunk costs a copy and no store read, decompression or hash.
 //!
 //! Each restored guest is told *go* and touches its working set (`span` bytes every `stride`
 //! bytes: 10% of memory by default). Reported per run: request to first guest instruction
@@ -21,6 +24,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -28,8 +32,10 @@ use clap::Args;
 use crate::cli::run::{snapshot_error, vm_error};
 use crate::cli::CliError;
 use crate::guests::{touch, BootInfo, Builtin};
-use crate::snapshot::{self, restore::record_working_set, RestoreMode, RestoreOptions, SaveOptions};
+use crate::snapshot::restore::{record_working_set, SHARED_CACHE_BYTES};
+use crate::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
 use crate::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
+use migrate::lazy::ChunkCache;
 
 #[derive(Debug, Args)]
 pub struct RestoreBenchArgs {
@@ -114,20 +120,63 @@ fn internal(what: &str) -> CliError {
     CliError::Internal(format!("bench restore: {what}"))
 }
 
-/// Restores `name` in `mode`, lets it touch its working set, and measures.
+/// One way of restoring, as measured.
+struct Case {
+    mode: RestoreMode,
+    /// The clock starts once memory is loaded (the floor).
+    resident: bool,
+    /// A chunk cache holding the working set decompressed, as a daemon's has once it has
+    /// restored the snapshot before (clones); `None`: cold, every chunk read from the store.
+    warm: Option<Arc<ChunkCache>>,
+}
+
+impl Case {
+    fn cold(mode: RestoreMode) -> Case {
+        Case { mode, resident: false, warm: None }
+    }
+
+    fn label(&self) -> &'static str {
+        match (self.mode, self.resident, self.warm.is_some()) {
+            (_, true, _) => "resident",
+            (RestoreMode::Eager, _, _) => "eager",
+            (RestoreMode::Lazy, _, _) => "lazy",
+            (RestoreMode::LazyPrefetch, _, false) => "lazy+prefetch",
+            (RestoreMode::LazyPrefetchBefore, _, false) => "lazy+prefetch-before",
+            (RestoreMode::LazyPrefetch, _, true) => "lazy+prefetch warm",
+            (RestoreMode::LazyPrefetchBefore, _, true) => "lazy+prefetch-before warm",
+        }
+    }
+}
+
+/// A chunk cache holding the recorded working set of `name`, decompressed: what a restore
+/// that loaded it leaves behind (the VM is never started).
+fn warm_cache(store: &storage::Store, name: &str) -> Result<Arc<ChunkCache>, CliError> {
+    let cache = ChunkCache::new(SHARED_CACHE_BYTES);
+    let opts = RestoreOptions {
+        cache: Some(cache.clone()),
+        background_fill: false,
+        ..RestoreOptions::new(RestoreMode::LazyPrefetchBefore, Box::new(SharedOutput::default()))
+    };
+    drop(snapshot::restore(store, name, opts).map_err(snapshot_error)?);
+    Ok(cache)
+}
+
+/// Restores `name` as `case` says, lets it touch its working set, and measures.
 fn measure(
     store: &storage::Store,
     name: &str,
     mem_mib: u64,
-    mode: RestoreMode,
-    resident: bool,
+    case: Case,
     expect: &str,
     fill_threads: usize,
 ) -> Result<Run, CliError> {
+    let (mode, resident) = (case.mode, case.resident);
     let out = SharedOutput::default();
     let t0 = Instant::now();
-    // Each mode is measured cold: no chunk cache shared with the runs before it.
-    let opts = RestoreOptions { cache: None, fill_threads, ..RestoreOptions::new(mode, Box::new(out.clone())) };
+    // Each mode is measured cold unless `case` says: no chunk cache shared with the runs
+    // before it.
+    let opts =
+        RestoreOptions { cache: case.warm.clone(), fill_threads, ..RestoreOptions::new(mode, Box::new(out.clone())) };
     let (mut vm, report) = snapshot::restore(store, name, opts).map_err(snapshot_error)?;
     let t0 = if resident { Instant::now() } else { t0 };
     let loaded_at = Instant::now();
@@ -154,13 +203,7 @@ fn measure(
     let stats = snapshot::restore::lazy_stats(&vm).or(stats);
     Ok(Run {
         mem_mib,
-        mode: match (mode, resident) {
-            (_, true) => "resident",
-            (RestoreMode::Eager, _) => "eager",
-            (RestoreMode::Lazy, _) => "lazy",
-            (RestoreMode::LazyPrefetch, _) => "lazy+prefetch",
-            (RestoreMode::LazyPrefetchBefore, _) => "lazy+prefetch-before",
-        },
+        mode: case.label(),
         first_instruction_ms: ms(first.saturating_duration_since(t0)),
         working_set_ms: ms(touched.saturating_duration_since(t0)),
         resident_ms: ms(resident_at.saturating_duration_since(t0)),
@@ -198,10 +241,11 @@ fn bench_size(
     let (sum, pages) = touch::checksum(&ranges, seed, args.stride, args.span);
     let expect = format!("touch: working set of {pages} pages done, checksum {sum:#x}\n");
 
+    let floor = Case { mode: RestoreMode::Eager, resident: true, warm: None };
     let mut runs = vec![
-        measure(store, &name, mem_mib, RestoreMode::Eager, true, &expect, threads)?,
-        measure(store, &name, mem_mib, RestoreMode::Eager, false, &expect, threads)?,
-        measure(store, &name, mem_mib, RestoreMode::Lazy, false, &expect, threads)?,
+        measure(store, &name, mem_mib, floor, &expect, threads)?,
+        measure(store, &name, mem_mib, Case::cold(RestoreMode::Eager), &expect, threads)?,
+        measure(store, &name, mem_mib, Case::cold(RestoreMode::Lazy), &expect, threads)?,
     ];
     // Record the working set with a lazy run, then measure with it.
     let (mut rec, _) = snapshot::restore(
@@ -222,7 +266,13 @@ fn bench_size(
     record_working_set(&rec, store, &name).map_err(snapshot_error)?;
     rec.stop("working set recorded");
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
-        runs.push(measure(store, &name, mem_mib, mode, false, &expect, threads)?);
+        runs.push(measure(store, &name, mem_mib, Case::cold(mode), &expect, threads)?);
+    }
+    // The same with the working set already decompressed in memory (a daemon's chunk cache
+    // after an earlier restore of the snapshot), each with a cache of its own.
+    for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
+        let warm = Some(warm_cache(store, &name)?);
+        runs.push(measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, threads)?);
     }
     let floor = runs[0].working_set_ms.max(1e-3);
     for r in &mut runs {
