@@ -77,9 +77,10 @@ pub struct Run {
     pub chunks_on_fault: u64,
     pub bytes_read: u64,
     pub prefetch_chunks: usize,
-    /// Mean per chunk loaded: reading it from the store (read, decompress, hash check), µs.
+    /// Mean per working-set chunk (on a fault or prefetched): reading it from the store
+    /// (read, decompress, hash check; a copy from the cache when warm), µs.
     pub source_us: f64,
-    /// Mean per chunk loaded: placing it into guest memory (`UFFDIO_COPY`), µs.
+    /// Mean per working-set chunk: placing it into guest memory (`UFFDIO_COPY`), µs.
     pub place_us: f64,
 }
 

@@ -186,7 +186,6 @@ impl Shared {
             .read_chunk(&b.desc.idstr, off, &mut buf[..len as usize])
             .map_err(|reason| LazyError::Source { idstr: b.desc.idstr.clone(), offset: off, reason })?;
         let t1 = Instant::now();
-        self.stats.source_ns.fetch_add(t1.duration_since(t0).as_nanos() as u64, Ordering::Relaxed);
         match fill {
             Fill::Data { stored } => {
                 self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
@@ -197,7 +196,9 @@ impl Shared {
                 self.place(b, off, len, None)?
             }
         }
-        self.stats.place_ns.fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if !matches!(why, Why::Background) {
+            self.stats.record_load(t1.duration_since(t0), t1.elapsed());
+        }
         if b.set_resident(ci) {
             self.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
             let counter = match why {

@@ -21,9 +21,11 @@ pub struct LazyStats {
     pub bytes_stored_read: AtomicU64,
     pub bytes_copied: AtomicU64,
     pub fault_time_ns: AtomicU64,
-    /// Time spent reading chunks from the source (store read, decompression, hash check).
+    /// Chunks of the working set loaded (on a fault or from the prefetch list, not by the
+    /// background fill) and the time spent on them reading them from the source (store read,
+    /// decompression, hash check) and placing them (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE`).
+    pub ws_chunks: AtomicU64,
     pub source_ns: AtomicU64,
-    /// Time spent placing chunks (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE`).
     pub place_ns: AtomicU64,
     hist: [AtomicU64; FAULT_BUCKETS_US.len() + 1],
     resident: OnceLock<Duration>,
@@ -41,10 +43,10 @@ pub struct StatsSnapshot {
     pub bytes_stored_read: u64,
     pub bytes_copied: u64,
     pub mean_fault_us: f64,
-    /// Mean time per chunk loaded (by any thread) reading it from the source: store read,
-    /// decompression and hash check.
+    /// Mean time per working-set chunk (loaded on a fault or from the prefetch list) reading
+    /// it from the source: store read, decompression and hash check.
     pub mean_source_us: f64,
-    /// Mean time per chunk loaded placing it into guest memory.
+    /// Mean time per working-set chunk placing it into guest memory.
     pub mean_place_us: f64,
     /// Faults per bucket of [`FAULT_BUCKETS_US`] (last: slower than the last bound).
     pub fault_histogram: Vec<u64>,
@@ -65,6 +67,7 @@ impl LazyStats {
             bytes_stored_read: AtomicU64::new(0),
             bytes_copied: AtomicU64::new(0),
             fault_time_ns: AtomicU64::new(0),
+            ws_chunks: AtomicU64::new(0),
             source_ns: AtomicU64::new(0),
             place_ns: AtomicU64::new(0),
             hist: Default::default(),
@@ -80,6 +83,13 @@ impl LazyStats {
         self.hist[bucket].fetch_add(1, Relaxed);
     }
 
+    /// A working-set chunk was loaded: `source` reading it, `place` placing it.
+    pub fn record_load(&self, source: Duration, place: Duration) {
+        self.ws_chunks.fetch_add(1, Relaxed);
+        self.source_ns.fetch_add(source.as_nanos() as u64, Relaxed);
+        self.place_ns.fetch_add(place.as_nanos() as u64, Relaxed);
+    }
+
     pub fn mark_resident(&self) {
         self.resident.get_or_init(|| self.started.elapsed());
     }
@@ -90,9 +100,7 @@ impl LazyStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let faults = self.faults.load(Relaxed);
-        let loaded = self.chunks_on_fault.load(Relaxed)
-            + self.chunks_prefetched.load(Relaxed)
-            + self.chunks_background.load(Relaxed);
+        let loaded = self.ws_chunks.load(Relaxed);
         let per_chunk = |ns: &AtomicU64| if loaded == 0 { 0.0 } else { ns.load(Relaxed) as f64 / loaded as f64 / 1e3 };
         StatsSnapshot {
             faults,
