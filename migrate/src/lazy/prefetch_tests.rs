@@ -8,6 +8,20 @@ use std::time::Duration;
 use super::tests::{block, Mapping, TestSource, CHUNK};
 use super::*;
 
+/// A source slow enough that the fill threads cannot have loaded the list by the time a
+/// caller that does not wait for it looks.
+struct SlowSource(TestSource);
+
+impl PageSource for SlowSource {
+    fn chunk_size(&self) -> u64 {
+        self.0.chunk_size()
+    }
+    fn read_chunk(&self, idstr: &str, offset: u64, buf: &mut [u8]) -> Result<Fill, String> {
+        std::thread::sleep(Duration::from_millis(30));
+        self.0.read_chunk(idstr, offset, buf)
+    }
+}
+
 /// A list with every kind of bad entry: a repeat, the same chunk at an unaligned offset, an
 /// unknown block, offsets at and past the block's end.
 fn hostile_list() -> Vec<(String, u64)> {
@@ -27,7 +41,7 @@ fn hostile_list() -> Vec<(String, u64)> {
 #[test]
 fn a_hostile_list_is_checked_and_loaded_before_the_first_touch() {
     let m = Mapping::new(32 * CHUNK as usize);
-    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let src = Arc::new(SlowSource(TestSource { fail_at: None, reads: AtomicU64::new(0) }));
     let opts = ServerOptions { prefetch: hostile_list(), fill_threads: 2, ..Default::default() };
     let server = PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
     assert_eq!(server.prefetch_len(), 3, "chunks 20, 7 and 3, each once");
@@ -36,7 +50,7 @@ fn a_hostile_list_is_checked_and_loaded_before_the_first_touch() {
     let s = server.stats().snapshot();
     assert_eq!(s.chunks_prefetched, 3, "{s:?}");
     assert_eq!(s.zero_chunks, 1, "{s:?}");
-    assert_eq!(src.reads.load(Ordering::Relaxed), 3, "each listed chunk read once");
+    assert_eq!(src.0.reads.load(Ordering::Relaxed), 3, "each listed chunk read once");
     assert_eq!(m.word(20 * CHUNK + 8), 20 * CHUNK + 8);
     assert_eq!(m.word(7 * CHUNK + 4096), 7 * CHUNK + 4096);
     assert_eq!(m.word(3 * CHUNK), 0);
