@@ -144,7 +144,18 @@ fn bench_restore_reports_every_mode() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let runs = v["runs"].as_array().expect("runs");
     let modes: Vec<&str> = runs.iter().filter_map(|r| r["mode"].as_str()).collect();
-    assert_eq!(modes, vec!["resident", "eager", "lazy", "lazy+prefetch"]);
+    assert_eq!(
+        modes,
+        vec![
+            "resident",
+            "eager",
+            "lazy",
+            "lazy+prefetch",
+            "lazy+prefetch-before",
+            "lazy+prefetch warm",
+            "lazy+prefetch-before warm"
+        ]
+    );
     for r in runs {
         let first = r["first_instruction_ms"].as_f64().expect("number");
         let ws = r["working_set_ms"].as_f64().expect("number");
@@ -152,6 +163,12 @@ fn bench_restore_reports_every_mode() {
     }
     assert!(runs[2]["faults"].as_u64().expect("faults") > 0);
     assert!(runs[3]["prefetch_chunks"].as_u64().expect("prefetch") > 0);
+    for r in &runs[3..] {
+        assert!(r["prefetch_chunks"].as_u64().expect("prefetch") > 0, "{r}");
+        assert!(r["ws_floor"].as_f64().expect("ratio") > 0.0, "{r}");
+    }
+    // Warm: the working set came from the cache, not the store.
+    assert!(runs[6]["bytes_read"].as_u64().expect("bytes") < runs[4]["bytes_read"].as_u64().expect("bytes"));
 }
 
 #[test]

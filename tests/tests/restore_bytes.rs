@@ -95,17 +95,28 @@ fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
     let chunks = &manifest.block(BLOCK).expect("file block").chunks;
     assert!(matches!(chunks[1], ChunkRef::Zero) && matches!(chunks[0], ChunkRef::Stored(_)));
     // A working set that starts with the file's chunks, for the prefetching restore.
-    let prefetch = vec![(BLOCK.to_string(), 0), (BLOCK.to_string(), 0x10000), ("pc.ram".to_string(), 0x10_0000)];
+    // All of pc.ram after it, so that the before-first-instruction restore has more to load
+    // than its fill threads could finish while the rest of the restore runs.
+    let mut prefetch = vec![(BLOCK.to_string(), 0), (BLOCK.to_string(), 0x10000)];
+    prefetch.extend((0..16u64 << 20).step_by(0x10000).map(|off| ("pc.ram".to_string(), off)));
     store.put_attachment("s", PREFETCH_ATTACHMENT, &encode_prefetch(&prefetch)).expect("attachment");
 
-    for mode in [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::LazyPrefetch] {
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
         // The destination's own file: as long, different everywhere, zero nowhere.
         let mut opts = RestoreOptions::new(mode, Box::new(SharedOutput::default()));
         opts.fw_cfg_files =
             Some(vec![FwCfgFile { name: FILE.into(), data: noise(a.len(), 3).iter().map(|x| x | 1).collect() }]);
         opts.background_fill = false;
         opts.cache = None;
-        let (vm2, _) = snapshot::restore(&store, "s", opts).expect("restore");
+        let (vm2, report) = snapshot::restore(&store, "s", opts).expect("restore");
+        if mode != RestoreMode::Eager && mode != RestoreMode::Lazy {
+            assert_eq!(report.prefetch_chunks, prefetch.len(), "{mode:?}: every entry names a chunk");
+        }
+        if mode == RestoreMode::LazyPrefetchBefore {
+            // Loaded before the restore returned: no waiting.
+            let s = lazy_stats(&vm2).expect("lazy");
+            assert_eq!(s.chunks_prefetched, prefetch.len() as u64, "{s:?}");
+        }
         if mode == RestoreMode::LazyPrefetch {
             let deadline = Instant::now() + Duration::from_secs(20);
             while lazy_stats(&vm2).expect("lazy").chunks_prefetched < prefetch.len() as u64 {

@@ -3,13 +3,13 @@
 
 use super::restore::RestoreBenchReport;
 
-const MODES: [&str; 4] = ["resident", "eager", "lazy", "lazy+prefetch"];
-const COLORS: [&str; 4] = ["#888888", "#d62728", "#1f77b4", "#2ca02c"];
+const MODES: [&str; 5] = ["resident", "eager", "lazy", "lazy+prefetch", "lazy+prefetch-before"];
+const COLORS: [&str; 5] = ["#888888", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
 
 pub fn svg(r: &RestoreBenchReport) -> String {
     let sizes: Vec<u64> = r.snapshots.iter().map(|s| s.mem_mib).collect();
     let max = r.runs.iter().map(|x| x.working_set_ms).fold(1.0f64, f64::max);
-    let (w, h, left, top, bottom) = (160.0 * sizes.len().max(1) as f64 + 120.0, 360.0, 60.0, 40.0, 60.0);
+    let (w, h, left, top, bottom) = ((160.0 * sizes.len().max(1) as f64 + 120.0).max(640.0), 360.0, 60.0, 40.0, 60.0);
     let plot_h = h - top - bottom;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\

@@ -23,6 +23,10 @@ pub struct RestoreArgs {
     /// With --lazy: load the working set a previous lazy restore recorded first.
     #[arg(long, requires = "lazy")]
     pub prefetch: bool,
+    /// With --lazy: load that working set before the guest's first instruction, on every
+    /// core (later first instruction, working set done sooner; `bench restore` has both).
+    #[arg(long, requires = "lazy")]
+    pub prefetch_before: bool,
     /// With --lazy: after this many milliseconds, record the order in which the guest
     /// faulted memory in as the snapshot's working set (for --prefetch).
     #[arg(long, requires = "lazy")]
@@ -62,10 +66,11 @@ pub struct RestoreArgs {
 pub fn run(args: RestoreArgs) -> Result<ExitCode, CliError> {
     let store = storage::Store::open_existing(&args.store)
         .map_err(|e| CliError::Input(format!("opening store {}: {e}", args.store.display())))?;
-    let mode = match (args.lazy, args.prefetch) {
-        (false, _) => RestoreMode::Eager,
-        (true, false) => RestoreMode::Lazy,
-        (true, true) => RestoreMode::LazyPrefetch,
+    let mode = match (args.lazy, args.prefetch, args.prefetch_before) {
+        (false, _, _) => RestoreMode::Eager,
+        (true, _, true) => RestoreMode::LazyPrefetchBefore,
+        (true, true, false) => RestoreMode::LazyPrefetch,
+        (true, false, false) => RestoreMode::Lazy,
     };
     let mut opts = RestoreOptions::new(mode, Box::new(std::io::stdout()));
     opts.mem_mib = args.mem_mib;

@@ -41,8 +41,12 @@ pub enum RestoreMode {
     Eager,
     /// Pages arrive on first touch, the rest in the background.
     Lazy,
-    /// Lazy, loading the recorded working set first.
+    /// Lazy, loading the recorded working set first, alongside the first instructions.
     LazyPrefetch,
+    /// Lazy, loading the recorded working set before the first instruction (on every core,
+    /// the restoring thread included): a later first instruction, and a working set that
+    /// never waits on a fault.
+    LazyPrefetchBefore,
 }
 
 /// How to restore.
@@ -74,6 +78,9 @@ pub struct RestoreOptions {
     pub background_fill: bool,
     /// Lazy: a cache of decompressed chunks shared with other restores (clones).
     pub cache: Option<Arc<ChunkCache>>,
+    /// Lazy: threads loading the prefetch list and the background fill (default: one per
+    /// core, see [`migrate::lazy::default_fill_threads`]).
+    pub fill_threads: usize,
     /// Who the snapshot is pinned for while the restore reads it (`VM 'web1'`): a delete of
     /// the snapshot names it in its error.
     pub pin_holder: String,
@@ -102,6 +109,7 @@ impl RestoreOptions {
             new_macs: false,
             background_fill: true,
             cache: Some(shared_cache()),
+            fill_threads: migrate::lazy::default_fill_threads(),
             pin_holder: format!("a restore in process {}", std::process::id()),
             track_dirty: false,
         }
@@ -119,7 +127,8 @@ pub struct RestoreReport {
     pub bytes_loaded: u64,
     /// RAM blocks resized to the snapshot's sizes: (idstr, size).
     pub resized: Vec<(String, u64)>,
-    /// Chunks in the prefetch list used.
+    /// Chunks in the prefetch list used: those of served blocks, each once (the list comes
+    /// from the store and is checked).
     pub prefetch_chunks: usize,
     /// The new generation ID given (`new_generation`) and the guest address it was written at
     /// (0: the firmware had not placed it yet).
@@ -208,13 +217,12 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
                 bytes_loaded += load_block(&reader, b)?;
             }
         }
-        RestoreMode::Lazy | RestoreMode::LazyPrefetch => {
-            let prefetch = if opts.mode == RestoreMode::LazyPrefetch {
+        RestoreMode::Lazy | RestoreMode::LazyPrefetch | RestoreMode::LazyPrefetchBefore => {
+            let prefetch = if opts.mode != RestoreMode::Lazy {
                 store.attachment(name, PREFETCH_ATTACHMENT)?.map(|b| decode_prefetch(&b)).unwrap_or_default()
             } else {
                 Vec::new()
             };
-            prefetch_chunks = prefetch.len();
             // Whatever the destination put in its blocks (its fw_cfg files) goes: a present
             // page would never be served, and the guest would see it instead of the snapshot.
             for b in &blocks {
@@ -232,10 +240,11 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
                     prefetch,
                     background_fill: opts.background_fill,
                     record_faults: true,
-                    ..Default::default()
+                    fill_threads: opts.fill_threads,
                 },
                 Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() })),
             )?;
+            prefetch_chunks = server.prefetch_len();
             vm.registry().add_listener(server.resize_guard());
             server.hold_until_resident(Box::new(pin));
             vm.set_page_server(server);
@@ -272,6 +281,14 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
         }
         let fd = fd.lock().unwrap_or_else(PoisonError::into_inner);
         restore_vcpu(&fd, &state, &caps)?;
+    }
+    // The working set before the first instruction: the loading overlaps the device and vCPU
+    // state above only in the fill threads; here the restoring thread joins them. A chunk that
+    // cannot be read fails the restore, naming it; the VM is never started.
+    if opts.mode == RestoreMode::LazyPrefetchBefore {
+        if let Some(server) = vm.page_server() {
+            server.load_prefetch()?;
+        }
     }
     // VMs without firmware have no VMGenID device; they keep what they have.
     let new_generation = if opts.new_generation && vm.devices().vmgenid.is_some() {

@@ -9,10 +9,19 @@
 //! - the *fault* thread reads fault events and serves the chunk holding each faulting
 //!   address: read it from the [`PageSource`] (which verifies and decompresses it), then
 //!   `UFFDIO_COPY` it (`UFFDIO_ZEROPAGE` for all-zero chunks), waking the faulting thread;
-//! - the *fill* thread first loads the prefetch list (chunks in the order a previous run
-//!   faulted them), then every chunk not yet resident, until the VM is fully resident.
+//! - the *fill* threads (one per core by default) first load the prefetch list (chunks in the
+//!   order a previous run first faulted them), then every chunk not yet resident, until the
+//!   VM is fully resident.
 //!
-//! The two may want the same chunk; a per-chunk claim lets one thread load it while the other
+//! Prefetch. The list is read from the store, so it is checked first: entries naming a block
+//! not served or an offset past its length are dropped, and so are repeats. Its loaders take
+//! entries from one shared cursor, so the list is loaded front first, in the guest's order,
+//! by every loader at once. A restore can also load it *before the first instruction*
+//! ([`PageServer::load_prefetch`]): the restoring thread joins the fill threads on the list and
+//! returns once every listed chunk is resident, or with the first error, which names the
+//! chunk (the VM is then never started). Either way the claims below apply unchanged.
+//!
+//! The threads may want the same chunk; a per-chunk claim lets one thread load it while the other
 //! waits (a fault) or moves on (a fill), and a per-chunk bit records residency. Since only the
 //! claim holder places a chunk's pages, a copy that fails with `EEXIST` means a page was
 //! there that the server did not put there, holding bytes that are not the snapshot's: that
@@ -45,7 +54,7 @@ mod serving;
 mod stats;
 
 pub use cache::ChunkCache;
-pub use server::{LazyBlock, PageServer, ServerOptions};
+pub use server::{default_fill_threads, LazyBlock, PageServer, ServerOptions, MAX_DEFAULT_FILL_THREADS};
 pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
 
 use thiserror::Error;
@@ -90,9 +99,13 @@ pub enum LazyError {
     StrayFault { addr: u64 },
     #[error("lazy restore: {thread} thread panicked: {message}")]
     Panicked { thread: &'static str, message: String },
+    #[error("lazy restore: the page server stopped before the prefetch list was loaded")]
+    Stopped,
     #[error("starting the page server's {thread} thread: {reason}")]
     Thread { thread: &'static str, reason: String },
 }
 
+#[cfg(test)]
+mod prefetch_tests;
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 //! The page server: userfaultfd registration, the fault and fill threads, residency.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,10 +36,50 @@ pub struct ServerOptions {
     pub fill_threads: usize,
 }
 
+/// Fill threads by default: one per core, at least two (one keeps loading while the other
+/// waits on a chunk the fault thread holds), at most [`MAX_DEFAULT_FILL_THREADS`].
+pub fn default_fill_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, MAX_DEFAULT_FILL_THREADS))
+}
+
+/// Bound on [`default_fill_threads`]: a daemon restores many VMs at once (clones), and past
+/// a few loaders one restore would crowd out the others.
+pub const MAX_DEFAULT_FILL_THREADS: usize = 4;
+
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { prefetch: Vec::new(), background_fill: false, record_faults: false, fill_threads: 2 }
+        ServerOptions {
+            prefetch: Vec::new(),
+            background_fill: false,
+            record_faults: false,
+            fill_threads: default_fill_threads(),
+        }
     }
+}
+
+/// The prefetch list (untrusted: it is read from the store) as (block index, chunk index):
+/// entries naming a block not served, or an offset past the block's served length, are
+/// dropped, and so is every repeat of a chunk; the order of the rest is kept. Returns the
+/// list and the number of entries dropped.
+fn check_prefetch(list: &[(String, u64)], blocks: &[Block], chunk: u64) -> (Vec<(usize, u64)>, usize) {
+    let mut seen: Vec<Vec<u64>> = blocks.iter().map(|b| vec![0u64; b.chunks.div_ceil(64) as usize]).collect();
+    let mut out = Vec::with_capacity(list.len().min(blocks.iter().map(|b| b.chunks as usize).sum()));
+    for (idstr, off) in list {
+        let Some(bi) = blocks.iter().position(|b| &b.desc.idstr == idstr) else {
+            continue;
+        };
+        if *off >= blocks[bi].desc.len {
+            continue;
+        }
+        let ci = off / chunk;
+        let (word, bit) = ((ci / 64) as usize, 1u64 << (ci % 64));
+        if seen[bi][word] & bit == 0 {
+            seen[bi][word] |= bit;
+            out.push((bi, ci));
+        }
+    }
+    let dropped = list.len() - out.len();
+    (out, dropped)
 }
 
 /// The offset of the first page of `host..host+len` that is present (mapped), if any.
@@ -147,14 +187,14 @@ impl PageServer {
                 claimed: (0..words).map(|_| AtomicU64::new(0)).collect(),
             });
         }
-        let prefetch: Vec<(usize, u64)> = opts
-            .prefetch
-            .iter()
-            .filter_map(|(idstr, off)| {
-                let bi = state.iter().position(|b| &b.desc.idstr == idstr)?;
-                (*off < state[bi].desc.len).then_some((bi, off / chunk))
-            })
-            .collect();
+        let (prefetch, dropped) = check_prefetch(&opts.prefetch, &state, chunk);
+        if dropped > 0 {
+            tracing::warn!(
+                "lazy restore: {dropped} of {} prefetch list entries ignored (unknown block, offset past \
+                 the block's length, or a repeat)",
+                opts.prefetch.len()
+            );
+        }
         let stop_fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| LazyError::Create(format!("stop eventfd: {e}")))?;
         let shared = Arc::new(Shared {
@@ -171,6 +211,8 @@ impl PageServer {
             fault_order: Mutex::new(Vec::new()),
             record: opts.record_faults,
             hold: Mutex::new(None),
+            prefetch,
+            cursor: AtomicUsize::new(0),
         });
         if total == 0 {
             shared.stats.mark_resident();
@@ -188,22 +230,34 @@ impl PageServer {
                 })
                 .map_err(|e| LazyError::Thread { thread: "fault", reason: e.to_string() })?,
         );
-        if opts.background_fill || !prefetch.is_empty() {
-            let prefetch = Arc::new(prefetch);
+        if opts.background_fill || !shared.prefetch.is_empty() {
             let n = opts.fill_threads.max(1);
             for k in 0..n {
                 let s = shared.clone();
-                let list = prefetch.clone();
                 let background = opts.background_fill;
                 threads.push(
                     std::thread::Builder::new()
                         .name(format!("uffd-fill{k}"))
-                        .spawn(move || run_guarded(&s, "fill", |sh| sh.fill_loop(&list, background, k, n)))
+                        .spawn(move || run_guarded(&s, "fill", |sh| sh.fill_loop(background, k, n)))
                         .map_err(|e| LazyError::Thread { thread: "fill", reason: e.to_string() })?,
                 );
             }
         }
         Ok(PageServer { shared, threads })
+    }
+
+    /// Chunks in the checked prefetch list (see [`ServerOptions::prefetch`]): the entries
+    /// given, less those naming no served chunk and repeats.
+    pub fn prefetch_len(&self) -> usize {
+        self.shared.prefetch.len()
+    }
+
+    /// Loads the prefetch list now, on this thread as well as the fill threads, and returns
+    /// once every chunk in it is resident: for a restore that wants the working set in place
+    /// before the first instruction. An error (a chunk that cannot be read, say) is the
+    /// server's failure, reported through `on_error` as well, and names the chunk.
+    pub fn load_prefetch(&self) -> Result<(), LazyError> {
+        self.shared.load_prefetch()
     }
 
     pub fn stats(&self) -> &LazyStats {

@@ -2,7 +2,7 @@
 //! the fault and fill loops the page server's threads run.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
@@ -72,6 +72,12 @@ pub(super) struct Shared {
     /// Dropped once every chunk is resident, the server fails or stops: the snapshot pin of
     /// the source (see [`super::server::PageServer::hold_until_resident`]).
     pub(super) hold: Mutex<Option<Box<dyn Send>>>,
+    /// The prefetch list, checked: (block index, chunk index), each chunk once, in order.
+    pub(super) prefetch: Vec<(usize, u64)>,
+    /// The next entry of `prefetch` to load: every loader (the fill threads, and the restore's
+    /// own thread when it loads the list before the first instruction) takes entries from it,
+    /// so the list is loaded in order by as many threads as there are.
+    pub(super) cursor: AtomicUsize,
 }
 
 #[derive(Clone, Copy)]
@@ -174,10 +180,12 @@ impl Shared {
         }
         let off = ci * self.chunk;
         let len = self.chunk_len(b, ci);
+        let t0 = Instant::now();
         let fill = self
             .source
             .read_chunk(&b.desc.idstr, off, &mut buf[..len as usize])
             .map_err(|reason| LazyError::Source { idstr: b.desc.idstr.clone(), offset: off, reason })?;
+        let t1 = Instant::now();
         match fill {
             Fill::Data { stored } => {
                 self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
@@ -187,6 +195,9 @@ impl Shared {
                 self.stats.zero_chunks.fetch_add(1, Ordering::Relaxed);
                 self.place(b, off, len, None)?
             }
+        }
+        if !matches!(why, Why::Background) {
+            self.stats.record_load(t1.duration_since(t0), t1.elapsed());
         }
         if b.set_resident(ci) {
             self.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
@@ -282,22 +293,52 @@ impl Shared {
         }
     }
 
-    /// Fill worker `k` of `n`: every n-th chunk of the prefetch list, then of the blocks.
-    pub(super) fn fill_loop(
-        &self,
-        prefetch: &[(usize, u64)],
-        background: bool,
-        k: usize,
-        n: usize,
-    ) -> Result<(), LazyError> {
-        let mut buf = vec![0u8; self.chunk as usize];
-        for &(bi, ci) in prefetch.iter().skip(k).step_by(n) {
+    /// Loads entries of the prefetch list, taking each from the shared cursor, until the list
+    /// is exhausted or the server stops.
+    fn load_list(&self, buf: &mut [u8]) -> Result<(), LazyError> {
+        loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
-            self.serve(bi, ci, Why::Prefetch, &mut buf)?;
+            let i = self.cursor.fetch_add(1, Ordering::AcqRel);
+            let Some(&(bi, ci)) = self.prefetch.get(i) else {
+                return Ok(());
+            };
+            self.serve(bi, ci, Why::Prefetch, buf)?;
         }
-        if !background {
+    }
+
+    /// The restore's own thread, before the first instruction: loads entries of the prefetch
+    /// list alongside the fill threads, then waits until every listed chunk is resident (a
+    /// chunk another thread claimed may still be arriving). The first error of any thread is
+    /// returned; a failure of this thread's own load is reported like any other.
+    pub(super) fn load_prefetch(&self) -> Result<(), LazyError> {
+        let failed = || self.failed.get().cloned();
+        let mut buf = vec![0u8; self.chunk as usize];
+        if let Err(e) = self.load_list(&mut buf) {
+            self.fail(e.clone());
+            return Err(failed().unwrap_or(e));
+        }
+        for &(bi, ci) in &self.prefetch {
+            while !self.blocks[bi].is_resident(ci) {
+                if let Some(e) = failed() {
+                    return Err(e);
+                }
+                if self.stop.load(Ordering::Acquire) {
+                    return Err(LazyError::Stopped);
+                }
+                std::thread::yield_now();
+            }
+        }
+        failed().map_or(Ok(()), Err)
+    }
+
+    /// A fill worker (`k` names it): entries of the prefetch list, then, with `background`,
+    /// every `n`-th chunk of the blocks from its `k`-th.
+    pub(super) fn fill_loop(&self, background: bool, k: usize, n: usize) -> Result<(), LazyError> {
+        let mut buf = vec![0u8; self.chunk as usize];
+        self.load_list(&mut buf)?;
+        if !background || self.stop.load(Ordering::Acquire) {
             return Ok(());
         }
         // The rest of memory is background work: let the fault path and the vCPUs go first.

@@ -21,6 +21,12 @@ pub struct LazyStats {
     pub bytes_stored_read: AtomicU64,
     pub bytes_copied: AtomicU64,
     pub fault_time_ns: AtomicU64,
+    /// Chunks of the working set loaded (on a fault or from the prefetch list, not by the
+    /// background fill) and the time spent on them reading them from the source (store read,
+    /// decompression, hash check) and placing them (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE`).
+    pub ws_chunks: AtomicU64,
+    pub source_ns: AtomicU64,
+    pub place_ns: AtomicU64,
     hist: [AtomicU64; FAULT_BUCKETS_US.len() + 1],
     resident: OnceLock<Duration>,
 }
@@ -37,6 +43,11 @@ pub struct StatsSnapshot {
     pub bytes_stored_read: u64,
     pub bytes_copied: u64,
     pub mean_fault_us: f64,
+    /// Mean time per working-set chunk (loaded on a fault or from the prefetch list) reading
+    /// it from the source: store read, decompression and hash check.
+    pub mean_source_us: f64,
+    /// Mean time per working-set chunk placing it into guest memory.
+    pub mean_place_us: f64,
     /// Faults per bucket of [`FAULT_BUCKETS_US`] (last: slower than the last bound).
     pub fault_histogram: Vec<u64>,
     /// Time from the server's start until every chunk was resident.
@@ -56,6 +67,9 @@ impl LazyStats {
             bytes_stored_read: AtomicU64::new(0),
             bytes_copied: AtomicU64::new(0),
             fault_time_ns: AtomicU64::new(0),
+            ws_chunks: AtomicU64::new(0),
+            source_ns: AtomicU64::new(0),
+            place_ns: AtomicU64::new(0),
             hist: Default::default(),
             resident: OnceLock::new(),
         }
@@ -69,6 +83,13 @@ impl LazyStats {
         self.hist[bucket].fetch_add(1, Relaxed);
     }
 
+    /// A working-set chunk was loaded: `source` reading it, `place` placing it.
+    pub fn record_load(&self, source: Duration, place: Duration) {
+        self.ws_chunks.fetch_add(1, Relaxed);
+        self.source_ns.fetch_add(source.as_nanos() as u64, Relaxed);
+        self.place_ns.fetch_add(place.as_nanos() as u64, Relaxed);
+    }
+
     pub fn mark_resident(&self) {
         self.resident.get_or_init(|| self.started.elapsed());
     }
@@ -79,6 +100,8 @@ impl LazyStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let faults = self.faults.load(Relaxed);
+        let loaded = self.ws_chunks.load(Relaxed);
+        let per_chunk = |ns: &AtomicU64| if loaded == 0 { 0.0 } else { ns.load(Relaxed) as f64 / loaded as f64 / 1e3 };
         StatsSnapshot {
             faults,
             chunks_on_fault: self.chunks_on_fault.load(Relaxed),
@@ -93,6 +116,8 @@ impl LazyStats {
             } else {
                 self.fault_time_ns.load(Relaxed) as f64 / faults as f64 / 1e3
             },
+            mean_source_us: per_chunk(&self.source_ns),
+            mean_place_us: per_chunk(&self.place_ns),
             fault_histogram: self.hist.iter().map(|h| h.load(Relaxed)).collect(),
             resident_after_ms: self.resident_after().map(|d| d.as_secs_f64() * 1e3),
         }

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use super::*;
 
-const CHUNK: u64 = 64 * 1024;
+pub(super) const CHUNK: u64 = 64 * 1024;
 
 /// Chunks of block "b" hold their offset in every word; chunk 3 is zero; `fail_at` fails.
-struct TestSource {
-    fail_at: Option<u64>,
-    reads: AtomicU64,
+pub(super) struct TestSource {
+    pub(super) fail_at: Option<u64>,
+    pub(super) reads: AtomicU64,
 }
 
 impl PageSource for TestSource {
@@ -34,14 +34,14 @@ impl PageSource for TestSource {
     }
 }
 
-struct Mapping(*mut u8, usize);
+pub(super) struct Mapping(pub(super) *mut u8, usize);
 // SAFETY: the mapping is plain anonymous memory; the tests synchronise through userfaultfd.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(len: usize) -> Mapping {
+    pub(super) fn new(len: usize) -> Mapping {
         // SAFETY: a fresh anonymous private mapping with no address hint.
         let p = unsafe {
             libc::mmap(
@@ -56,7 +56,7 @@ impl Mapping {
         assert_ne!(p, libc::MAP_FAILED);
         Mapping(p.cast(), len)
     }
-    fn word(&self, off: u64) -> u64 {
+    pub(super) fn word(&self, off: u64) -> u64 {
         // SAFETY: off + 8 <= len, inside the mapping; reads may fault into the page server.
         unsafe { std::ptr::read_volatile(self.0.add(off as usize).cast::<u64>()) }
     }
@@ -69,7 +69,7 @@ impl Drop for Mapping {
     }
 }
 
-fn block(m: &Mapping) -> LazyBlock {
+pub(super) fn block(m: &Mapping) -> LazyBlock {
     LazyBlock { idstr: "b".into(), host: m.0 as usize, len: m.1 as u64 }
 }
 

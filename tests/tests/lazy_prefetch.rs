@@ -1,0 +1,118 @@
+//! The prefetch modes of lazy restore on real KVM: a prefetch list from the store is untrusted
+//! (bad entries are dropped, the guest still gets the snapshot's bytes), and a corrupt chunk in
+//! it stops the VM with an error naming the chunk, also when the list is loaded before the
+//! first instruction, where the restore itself fails instead of hanging.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hypervisor::control::ExitReason;
+use hypervisor::guests::{touch, BootInfo, Builtin};
+use hypervisor::snapshot::restore::{encode_prefetch, PREFETCH_ATTACHMENT};
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
+use hypervisor::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
+use storage::ChunkRef;
+
+const MEM: u64 = 32;
+
+/// Snapshots a `touch` guest that has filled its memory and waits for go; returns what the
+/// guest prints once it has touched its working set.
+fn touch_snapshot(store: &storage::Store, name: &str) -> String {
+    let params = BuiltinParams { seed: 91, ..Default::default() };
+    let mut vm = Vm::new(VmConfig::new(
+        MEM,
+        1,
+        BootSource::Builtin { guest: Builtin::Touch, params },
+        Box::new(SharedOutput::default()),
+    ))
+    .expect("vm");
+    vm.start().expect("start");
+    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("filled");
+    snapshot::save(&vm, store, name, &SaveOptions::default(), &|_| {}).expect("snapshot");
+    vm.stop("snapshot taken");
+    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(MEM << 20));
+    let (sum, pages) = touch::checksum(&ranges, 91, params.stride, params.span);
+    format!("touch: working set of {pages} pages done, checksum {sum:#x}\n")
+}
+
+fn opts(mode: RestoreMode, out: &SharedOutput) -> RestoreOptions {
+    RestoreOptions { background_fill: false, cache: None, ..RestoreOptions::new(mode, Box::new(out.clone())) }
+}
+
+#[test]
+fn a_hostile_prefetch_list_is_checked_in_both_prefetch_modes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    let expect = touch_snapshot(&store, "t");
+    let ram_len = store.manifest("t").expect("manifest").block("pc.ram").expect("pc.ram").used_length;
+    let ram = |off: u64| ("pc.ram".to_string(), off);
+    // Two chunks of the working set; everything else is a repeat, not served, or past the end.
+    let list = vec![
+        ram(0x20_0000),
+        ram(0x2a_0000),
+        ram(0x20_0000),
+        ram(0x20_0123),
+        ("no such block".to_string(), 0),
+        ram(ram_len),
+        ram(u64::MAX),
+    ];
+    let mut bytes = encode_prefetch(&list);
+    bytes.extend_from_slice(b"zz pc.ram\nnot a line\n\xff\xfe 12\n");
+    store.put_attachment("t", PREFETCH_ATTACHMENT, &bytes).expect("attachment");
+
+    for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
+        let out = SharedOutput::default();
+        let (mut vm, report) = snapshot::restore(&store, "t", opts(mode, &out)).expect("restore");
+        assert_eq!(report.prefetch_chunks, 2, "{mode:?}: the list's usable chunks, each once");
+        vm.devices().go.store(true, Ordering::Release);
+        vm.start().expect("start");
+        assert_eq!(vm.wait(Some(Duration::from_secs(60))), ExitReason::GuestExit { status: 0 }, "{mode:?}");
+        assert_eq!(out.text(), expect, "{mode:?}");
+        let s = snapshot::restore::lazy_stats(&vm).expect("lazy");
+        assert_eq!(s.chunks_prefetched, 2, "{mode:?}: {s:?}");
+        assert_eq!(vm.page_server().and_then(|p| p.error()), None, "{mode:?}");
+    }
+}
+
+#[test]
+fn a_corrupt_chunk_in_the_prefetch_list_stops_the_vm_naming_it_in_both_modes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    touch_snapshot(&store, "c");
+    let m = store.manifest("c").expect("manifest");
+    let cs = u64::from(m.chunk_size);
+    let offset = 0x20_0000;
+    let ChunkRef::Stored(hash) = m.block("pc.ram").expect("pc.ram").chunks[(offset / cs) as usize] else {
+        panic!("the chunk at 2 MiB holds data");
+    };
+    let loc = store.debug_chunk_location(&hash).expect("location").expect("indexed");
+    let path = store.debug_pack_path(loc.pack);
+    let mut pack = std::fs::read(&path).expect("pack");
+    pack[(loc.offset + u64::from(loc.len) / 2) as usize] ^= 0xff;
+    std::fs::write(&path, &pack).expect("write pack");
+    let list = [0x2a_0000, 0x34_0000, offset, 0x3e_0000].map(|o| ("pc.ram".to_string(), o));
+    store.put_attachment("c", PREFETCH_ATTACHMENT, &encode_prefetch(&list)).expect("attachment");
+
+    // Before the first instruction: the restore fails with the chunk's name, and returns.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store2 = store.clone();
+    std::thread::spawn(move || {
+        let r = snapshot::restore(&store2, "c", opts(RestoreMode::LazyPrefetchBefore, &SharedOutput::default()));
+        let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let r = rx.recv_timeout(Duration::from_secs(60)).expect("the restore must return, not hang");
+    let err = r.expect_err("a corrupt chunk in the working set fails the restore");
+    assert!(err.contains("pc.ram") && err.contains("0x200000"), "{err}");
+
+    // Alongside the first instructions: the VM stops with it, although the guest (never told
+    // go) touches nothing.
+    let out = SharedOutput::default();
+    let (mut vm, _) = snapshot::restore(&store, "c", opts(RestoreMode::LazyPrefetch, &out)).expect("restore");
+    vm.start().expect("start");
+    let reason = vm.wait(Some(Duration::from_secs(60)));
+    let ExitReason::Crash { detail } = &reason else {
+        panic!("expected the VM to stop on the bad chunk, got {reason:?}")
+    };
+    assert!(detail.contains("pc.ram") && detail.contains("0x200000"), "{detail}");
+    assert!(out.text().is_empty(), "{}", out.text());
+}
