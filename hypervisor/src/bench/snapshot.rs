@@ -8,10 +8,16 @@
 //!   hashing, compressing and appending their own chunks), `full` (stop-and-copy through the
 //!   pipeline), and `incremental-1pct` (the next snapshot after 1% of memory, every 100th
 //!   chunk above 16 MiB, was rewritten with random bytes by the VMM through device memory);
+//!   `background` (write-protect, resume, copy beside the running guest; full) and
+//!   `background-inc-1pct` (the same 1% rewritten again, then a background incremental);
 //!   then eager and lazy restores of the full snapshot to the first guest instruction
 //!   (`restore-eager`, `restore-lazy`: `total_ms` is that time).
 //! - `memfill`, rewriting all of its memory with incompressible words the whole time:
-//!   `baseline`, `full`, and `live` (dirty-log pre-copy; the worst case for it).
+//!   `baseline`, `full`, `live` (dirty-log pre-copy; the worst case for it) and `background`
+//!   (the guest's writes fault and copy their chunk first; the worst case for it too).
+//!
+//! `pause_vs_full` is a row's pause over the stop-and-copy pipeline's (`full`) pause, same guest
+//! and size: how much shorter the pause is than stop-and-copy's in the same run.
 //!
 //! Each full snapshot goes into an emptied store (the one before it is deleted and collected,
 //! outside the timing), so none deduplicates against another. `pause_ms` is how long the
@@ -29,7 +35,7 @@ use clap::Args;
 use crate::cli::run::{snapshot_error, vm_error};
 use crate::cli::CliError;
 use crate::guests::{touch, Builtin};
-use crate::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions, SaveReport};
+use crate::snapshot::{self, RestoreMode, RestoreOptions, SaveHooks, SaveMode, SaveOptions, SaveReport};
 use crate::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
 
 #[derive(Debug, Args)]
@@ -48,6 +54,8 @@ pub struct SnapshotBenchArgs {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SnapshotRow {
     pub mode: String,
+    /// The snapshot mode that ran (background, stop, live); empty for restores.
+    pub save_mode: &'static str,
     pub guest: &'static str,
     pub mem_mib: u64,
     pub pause_ms: f64,
@@ -64,6 +72,11 @@ pub struct SnapshotRow {
     pub commit_ms: f64,
     /// `total_ms` over the baseline's, same guest and size (1.0 for the baseline).
     pub vs_baseline: Option<f64>,
+    /// `pause_ms` over the stop-and-copy pipeline's (`full`), same guest and size.
+    pub pause_vs_full: Option<f64>,
+    /// Background: write faults taken, and chunks they copied ahead of the saver.
+    pub wp_faults: u64,
+    pub wp_chunks_copied: u64,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -76,6 +89,7 @@ fn row(mode: &str, guest: &'static str, mem_mib: u64, r: &SaveReport) -> Snapsho
     let ns = |n: u64| n as f64 / 1e6;
     SnapshotRow {
         mode: mode.to_string(),
+        save_mode: r.mode.as_str(),
         guest,
         mem_mib,
         pause_ms: r.pause_ms,
@@ -91,12 +105,16 @@ fn row(mode: &str, guest: &'static str, mem_mib: u64, r: &SaveReport) -> Snapsho
         write_ms: ns(r.pipeline.write_ns),
         commit_ms: r.commit_ms,
         vs_baseline: None,
+        pause_vs_full: None,
+        wp_faults: r.wp.map_or(0, |w| w.faults),
+        wp_chunks_copied: r.wp.map_or(0, |w| w.chunks_copied_on_fault),
     }
 }
 
 fn restore_row(mode: &str, mem_mib: u64, first_ms: f64) -> SnapshotRow {
     SnapshotRow {
         mode: mode.to_string(),
+        save_mode: "",
         guest: "touch",
         mem_mib,
         pause_ms: 0.0,
@@ -112,6 +130,9 @@ fn restore_row(mode: &str, mem_mib: u64, first_ms: f64) -> SnapshotRow {
         write_ms: 0.0,
         commit_ms: 0.0,
         vs_baseline: None,
+        pause_vs_full: None,
+        wp_faults: 0,
+        wp_chunks_copied: 0,
     }
 }
 
@@ -139,6 +160,7 @@ fn save(vm: &Vm, store: &storage::Store, name: &str, opts: SaveOptions) -> Resul
 }
 
 const BASELINE: SaveOptions = SaveOptions {
+    mode: SaveMode::Stop,
     live: false,
     max_rounds: 8,
     final_chunks: 64,
@@ -146,8 +168,11 @@ const BASELINE: SaveOptions = SaveOptions {
     stay_paused: false,
     incremental: false,
     pipeline: false,
+    wp_buffer_bytes: snapshot::save::DEFAULT_WP_BUFFER,
+    hooks: SaveHooks::NONE,
 };
 const FULL: SaveOptions = SaveOptions { pipeline: true, ..BASELINE };
+const BACKGROUND: SaveOptions = SaveOptions { mode: SaveMode::Background, ..FULL };
 
 /// Rewrites 1% of the guest's memory (every 100th 64 KiB chunk above 16 MiB) with random
 /// bytes through device memory, as a device would.
@@ -195,11 +220,23 @@ fn touch_rows(store: &storage::Store, mem_mib: u64, rows: &mut Vec<SnapshotRow>)
         return Err(internal(format!("the repeat snapshot was full: {:?}", inc.full_reason)));
     }
     rows.push(row("incremental-1pct", "touch", mem_mib, &inc));
+    let bg_name = format!("touch-bg-{mem_mib}");
+    let bg = save(&vm, store, &bg_name, BACKGROUND)?;
+    rows.push(row("background", "touch", mem_mib, &bg));
+    write_one_percent(&vm, mem_mib + 1)?;
+    let bg_inc_name = format!("touch-bg-inc-{mem_mib}");
+    let bg_inc = save(&vm, store, &bg_inc_name, SaveOptions { incremental: true, ..BACKGROUND })?;
+    if !bg_inc.incremental {
+        return Err(internal(format!("the repeat background snapshot was full: {:?}", bg_inc.full_reason)));
+    }
+    rows.push(row("background-inc-1pct", "touch", mem_mib, &bg_inc));
     vm.stop("snapshots taken");
     let eager = first_instruction(store, &full_name, RestoreMode::Eager)?;
     let lazy = first_instruction(store, &full_name, RestoreMode::Lazy)?;
     rows.push(restore_row("restore-eager", mem_mib, eager));
     rows.push(restore_row("restore-lazy", mem_mib, lazy));
+    discard(store, &bg_inc_name)?;
+    discard(store, &bg_name)?;
     discard(store, &inc_name)?;
     discard(store, &full_name)?;
     Ok(())
@@ -228,8 +265,11 @@ fn memfill_rows(store: &storage::Store, mem_mib: u64, rows: &mut Vec<SnapshotRow
     discard(store, &format!("memfill-full-{mem_mib}"))?;
     let live = save(&vm, store, &format!("memfill-live-{mem_mib}"), SaveOptions { live: true, ..FULL })?;
     rows.push(row("live", "memfill", mem_mib, &live));
-    vm.stop("measured");
     discard(store, &format!("memfill-live-{mem_mib}"))?;
+    let bg = save(&vm, store, &format!("memfill-bg-{mem_mib}"), BACKGROUND)?;
+    rows.push(row("background", "memfill", mem_mib, &bg));
+    vm.stop("measured");
+    discard(store, &format!("memfill-bg-{mem_mib}"))?;
     Ok(())
 }
 
@@ -260,16 +300,24 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
             r.vs_baseline = Some(r.total_ms / b);
         }
     }
+    let fulls: Vec<(&'static str, u64, f64)> =
+        rows.iter().filter(|r| r.mode == "full").map(|r| (r.guest, r.mem_mib, r.pause_ms)).collect();
+    for r in rows.iter_mut().filter(|r| !r.mode.starts_with("restore")) {
+        if let Some((_, _, p)) = fulls.iter().find(|(g, m, _)| *g == r.guest && *m == r.mem_mib) {
+            r.pause_vs_full = Some(r.pause_ms / p);
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows).map_err(|e| internal(e.to_string()))?);
         return Ok(());
     }
     println!(
-        "{:<17} {:<8} {:>5} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
+        "{:<19} {:<8} {:>5} {:>9} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
         "mode",
         "guest",
         "MiB",
         "pause ms",
+        "x full",
         "total ms",
         "x base",
         "read MiB",
@@ -284,11 +332,12 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     for r in &rows {
         println!(
-            "{:<17} {:<8} {:>5} {:>9.1} {:>9.1} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.0} {:>8.0} {:>8.0} {:>8.1}",
+            "{:<19} {:<8} {:>5} {:>9.1} {:>8} {:>9.1} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.0} {:>8.0} {:>8.0} {:>8.1}",
             r.mode,
             r.guest,
             r.mem_mib,
             r.pause_ms,
+            r.pause_vs_full.map(|v| format!("{v:.4}")).unwrap_or_default(),
             r.total_ms,
             r.vs_baseline.map(|v| format!("{v:.3}")).unwrap_or_default(),
             mib(r.bytes_read),
