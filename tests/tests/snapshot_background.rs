@@ -259,7 +259,7 @@ fn a_resize_during_a_background_snapshot_cancels_it_and_the_vm_runs_on_unprotect
     let (tx, rx) = std::sync::mpsc::channel();
     let mem = vm.ram().device_memory().clone();
     std::thread::spawn(move || {
-        let _ = tx.send(mem.write(0x10_0000, &[0xab; 8192]));
+        let _ = tx.send(mem.write(0x300_0000, &[0xab; 8192]));
     });
     let written = rx.recv_timeout(Duration::from_secs(30)).expect("a device write hung: memory still protected");
     written.expect("device write");

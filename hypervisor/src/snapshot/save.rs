@@ -475,6 +475,7 @@ pub fn save(
         pause_ms = ms(pause),
         paused_copy_ms = ms(paused_copy),
         state_ms = ms(state_time),
+        protect_ms = ms(protect_time),
         commit_ms = ms(commit_time),
         bytes_copied,
         read_ms = pstats.read_ns as f64 / 1e6,
