@@ -39,12 +39,15 @@ impl SaveMode {
     }
 }
 
+/// A hook called with the VM.
+pub type VmHook = Arc<dyn Fn(&Vm) + Send + Sync>;
+
 /// Test hooks of a snapshot (`Default`: none).
 #[derive(Clone, Default)]
 pub struct SaveHooks {
     /// Background: called with the VM still paused, right after its RAM is write-protected and
     /// its state captured: memory now is exactly what the snapshot will hold.
-    pub after_protect: Option<Arc<dyn Fn(&Vm) + Send + Sync>>,
+    pub after_protect: Option<VmHook>,
     /// Background: a fault thread that unprotects without copying first (a broken protection,
     /// for tests to show they catch it). Never set it outside tests.
     pub broken_protection: bool,
