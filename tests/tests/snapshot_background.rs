@@ -342,3 +342,24 @@ fn a_lazily_restored_vm_not_yet_resident_falls_back_to_stop_and_copy_and_says_so
             .expect("restore b");
     assert_same_ram(&ram_of(&vm3), &paused, "b restored eagerly");
 }
+
+#[test]
+fn the_daemon_snapshots_in_the_background_by_default_and_in_the_mode_asked_for() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = common::daemon::Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "start": true})));
+    let serial = d.wait_serial("m", "memfill pass 1 ", Duration::from_secs(60));
+    assert!(serial.contains("memfill pass 1 "), "{serial}");
+    let r = d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s1"})));
+    assert_eq!(r["mode"], "background", "{r}");
+    assert!(r["mode_reason"].is_null(), "{r}");
+    let r = d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s2", "mode": "stop"})));
+    assert_eq!(r["mode"], "stop", "{r}");
+    let r = d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s3", "live": true})));
+    assert_eq!((&r["mode"], &r["live"]), (&json!("live"), &json!(true)), "{r}");
+    let (code, body) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "s4", "live": true, "mode": "stop"})));
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "s4", "mode": "fast"})));
+    assert_eq!(code, 400, "{body}");
+}
