@@ -34,18 +34,29 @@ fn run(broken: bool) -> (Vec<Vec<u8>>, Arc<RamBlock>) {
     let b = block(n);
     fill(&b, n / 2, 0xaa);
     let blocks = vec![WpBlock { block: b.clone(), chunks: (0..n).collect() }];
-    // A buffer of four chunks: the writer must wait for room at times.
+    // A buffer of eight chunks: the writer must wait for room at times.
     let wp = if broken {
-        WriteProtect::start_broken_for_tests(blocks, CHUNK, 4 * CHUNK)
+        WriteProtect::start_broken_for_tests(blocks, CHUNK, 8 * CHUNK)
     } else {
-        WriteProtect::start(blocks, CHUNK, 4 * CHUNK)
+        WriteProtect::start(blocks, CHUNK, 8 * CHUNK)
     }
     .expect("protect");
+    // The last eight chunks are written before the saver starts (they fit in the buffer), so
+    // they are certainly written before they are saved; the rest from the top down while the
+    // saver runs, filling the buffer at times.
+    let first = std::thread::spawn({
+        let b = b.clone();
+        move || {
+            for c in (n - 8..n).rev() {
+                b.write(c * CHUNK, &vec![0x55; CHUNK as usize]).expect("write");
+            }
+        }
+    });
+    first.join().expect("first writes");
     let writer = {
         let b = b.clone();
-        // Writes from the last chunk down, so most writes come before the saver gets there.
         std::thread::spawn(move || {
-            for c in (0..n).rev() {
+            for c in (0..n - 8).rev() {
                 b.write(c * CHUNK, &vec![0x55; CHUNK as usize]).expect("write");
             }
         })
