@@ -344,7 +344,9 @@ impl WriteProtect {
         let thread = std::thread::Builder::new()
             .name("uffd-wp".into())
             .spawn(move || {
-                if let Err(e) = s.fault_loop() {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.fault_loop()))
+                    .unwrap_or_else(|_| Err(WpError::Fault("the thread panicked".into())));
+                if let Err(e) = r {
                     tracing::error!("{e}");
                     let _ = s.failed.set(e);
                     // Nobody serves faults any more: let every writer through. The snapshot
@@ -386,7 +388,11 @@ impl WriteProtect {
                     s.room.notify_all();
                     return r;
                 }
-                COPYING => std::thread::yield_now(),
+                // The fault thread is copying it; should that thread have failed, it never will.
+                COPYING => match s.failed.get() {
+                    Some(e) => return Err(e.clone()),
+                    None => std::thread::yield_now(),
+                },
                 BUFFERED => {
                     let data = s.lock_buffer().remove(&(bi, ci));
                     st.store(DONE, Ordering::Release);
