@@ -157,7 +157,9 @@ fn live_snapshot_pauses_briefly_and_restores() {
     .expect("vm");
     vm.start().expect("start");
     vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("filled");
-    let stop_copy = snapshot::save(&vm, &stop_store, "stop", &SaveOptions::default(), &|_| {}).expect("stop-and-copy");
+    // Stop-and-copy asked for by name: the default is background now.
+    let stop = SaveOptions { mode: snapshot::SaveMode::Stop, ..Default::default() };
+    let stop_copy = snapshot::save(&vm, &stop_store, "stop", &stop, &|_| {}).expect("stop-and-copy");
     let rounds = std::sync::Mutex::new(Vec::new());
     let live = snapshot::save(&vm, &store, "live", &SaveOptions { live: true, ..Default::default() }, &|p| {
         rounds.lock().expect("lock").push(*p);

@@ -92,7 +92,11 @@ pub struct SnapshotArgs {
     /// The snapshot's name.
     #[arg(long)]
     pub name: Option<String>,
-    /// Copy memory while the guest runs; pause only for what it dirtied meanwhile.
+    /// How to copy memory: background (pause only to save state and write-protect RAM; the
+    /// default), stop (stop-and-copy) or live (dirty-log pre-copy).
+    #[arg(long, value_enum, requires = "snapshot_after_ms", conflicts_with = "live")]
+    pub mode: Option<snapshot::SaveMode>,
+    /// The same as `--mode live` (kept for old scripts).
     #[arg(long, requires = "snapshot_after_ms")]
     pub live: bool,
     /// Stop the VM once the snapshot is committed (exit status 0).
@@ -313,20 +317,26 @@ pub fn run(args: RunArgs) -> Result<ExitCode, CliError> {
 fn take_snapshot(vm: &Vm, store: &storage::Store, name: &str, a: &SnapshotArgs) -> Result<(), CliError> {
     // With --exit-after-snapshot the VM stays paused from the snapshot's final pause on, so
     // nothing the guest does (or prints) comes after the state it was saved in.
-    let opts = SaveOptions { live: a.live, stay_paused: a.exit_after_snapshot, ..Default::default() };
+    let opts = SaveOptions {
+        mode: a.mode.unwrap_or_default(),
+        live: a.live,
+        stay_paused: a.exit_after_snapshot,
+        ..Default::default()
+    };
     let report = snapshot::save(vm, store, name, &opts, &|p| {
         tracing::info!(round = p.round, bytes = p.bytes_copied, dirty = p.dirty_chunks, "snapshot progress");
     })
     .map_err(snapshot_error)?;
     eprintln!(
-        "snapvisor: snapshot '{}' committed: {} MiB of RAM in {:.1} ms ({} pause {:.1} ms, {} rounds), {} bytes stored",
+        "snapvisor: snapshot '{}' committed: {} MiB of RAM in {:.1} ms ({}, pause {:.1} ms, {} rounds), {} bytes stored{}",
         report.name,
         report.ram_bytes >> 20,
         report.total_ms,
-        if report.live { "live," } else { "stop-and-copy," },
+        report.mode.as_str(),
         report.pause_ms,
         report.rounds,
-        report.store.bytes_stored
+        report.store.bytes_stored,
+        report.mode_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
     );
     Ok(())
 }

@@ -201,6 +201,7 @@ pub enum Cmd {
     Snapshot {
         name: String,
         live: bool,
+        mode: crate::snapshot::SaveMode,
         progress: Option<super::ops::OpHandle>,
     },
     /// The daemon is stopping: snapshot the VM as `name` (stop-and-copy) if it is running or
@@ -391,16 +392,17 @@ impl Actor {
                 self.exit_reported = true;
             }
             Cmd::ShutdownSnapshot { name } => return self.shutdown_snapshot(name),
-            Cmd::Snapshot { name, live, progress } => {
+            Cmd::Snapshot { name, live, mode, progress } => {
                 let t0 = Instant::now();
                 let store = self.store.clone();
                 let vm = self.vm()?;
-                let report = snapshot::save(vm, &store, &name, &SaveOptions { live, ..Default::default() }, &|p| {
-                    if let Some(op) = &progress {
-                        op.progress(serde_json::json!(p));
-                    }
-                })
-                .map_err(|e| ApiError::from_snapshot(&e))?;
+                let report =
+                    snapshot::save(vm, &store, &name, &SaveOptions { live, mode, ..Default::default() }, &|p| {
+                        if let Some(op) = &progress {
+                            op.progress(serde_json::json!(p));
+                        }
+                    })
+                    .map_err(|e| ApiError::from_snapshot(&e))?;
                 self.metrics.snapshot_done(t0.elapsed());
                 return Ok(Reply::Snapshot(Box::new(report)));
             }
@@ -416,8 +418,10 @@ impl Actor {
         }
         let store = self.store.clone();
         let vm = self.vm()?;
-        let report = snapshot::save(vm, &store, &name, &SaveOptions::default(), &|_| {})
-            .map_err(|e| ApiError::from_snapshot(&e))?;
+        // Stop-and-copy: the daemon stops the VM next, so nothing would run beside a
+        // background copy.
+        let opts = SaveOptions { mode: snapshot::SaveMode::Stop, ..Default::default() };
+        let report = snapshot::save(vm, &store, &name, &opts, &|_| {}).map_err(|e| ApiError::from_snapshot(&e))?;
         // (save() leaves a VM that was paused paused.)
         tracing::info!(vm = %self.def.name, snapshot = %report.name, "VM snapshotted for the restart");
         // The new one is committed: the one it was resumed from can go.

@@ -79,6 +79,9 @@ struct SnapshotReq {
     name: String,
     #[serde(default)]
     live: bool,
+    /// background (the default), stop or live; `live: true` is the same as `mode: live`.
+    #[serde(default)]
+    mode: Option<crate::snapshot::SaveMode>,
     /// Return 202 with an operation id at once instead of waiting.
     #[serde(default, rename = "async")]
     background: bool,
@@ -244,11 +247,14 @@ async fn vm_snapshot(
     super::shutdown::check_user_snapshot_name(&s.name)?;
     d.info(&name).await?;
     let op = s.background.then(|| d.ops.start("snapshot"));
-    let cmd = Cmd::Snapshot { name: s.name, live: s.live, progress: op.clone() };
+    if s.live && s.mode.is_some_and(|m| m != crate::snapshot::SaveMode::Live) {
+        return Err(ApiError::BadRequest(format!("\"live\": true contradicts \"mode\": {:?}", s.mode)));
+    }
+    let cmd = Cmd::Snapshot { name: s.name, live: s.live, mode: s.mode.unwrap_or_default(), progress: op.clone() };
     let Some(op) = op else {
         return match d.call(&name, cmd).await? {
             Reply::Snapshot(r) => {
-                d.event(&name, "snapshot", serde_json::json!({ "snapshot": r.name, "live": r.live }));
+                d.event(&name, "snapshot", serde_json::json!({ "snapshot": r.name, "live": r.live, "mode": r.mode }));
                 Ok((StatusCode::CREATED, Json(r)).into_response())
             }
             _ => Err(ApiError::Internal("unexpected reply".into())),
@@ -258,7 +264,7 @@ async fn vm_snapshot(
     tokio::spawn(async move {
         op.finish(match d.call(&name, cmd).await {
             Ok(Reply::Snapshot(r)) => {
-                d.event(&name, "snapshot", serde_json::json!({ "snapshot": r.name, "live": r.live }));
+                d.event(&name, "snapshot", serde_json::json!({ "snapshot": r.name, "live": r.live, "mode": r.mode }));
                 serde_json::to_value(r).map_err(|e| e.to_string())
             }
             Ok(_) => Err("unexpected reply".into()),

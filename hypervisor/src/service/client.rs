@@ -95,8 +95,12 @@ pub enum SnapshotCommand {
     Create {
         vm: String,
         snapshot: String,
-        #[arg(long)]
+        /// The same as `--mode live` (kept for old scripts).
+        #[arg(long, conflicts_with = "mode")]
         live: bool,
+        /// background (default: the shortest pause), stop or live.
+        #[arg(long, value_enum)]
+        mode: Option<crate::snapshot::SaveMode>,
     },
     /// Restore SNAPSHOT as a new running VM.
     Restore {
@@ -277,8 +281,11 @@ pub fn vm(a: ClientArgs, cmd: VmCommand) -> Result<(), CliError> {
 
 pub fn snapshot(a: ClientArgs, cmd: SnapshotCommand) -> Result<(), CliError> {
     match cmd {
-        SnapshotCommand::Create { vm, snapshot, live } => {
-            let body = json!({ "name": snapshot, "live": live, "async": true });
+        SnapshotCommand::Create { vm, snapshot, live, mode } => {
+            let mut body = json!({ "name": snapshot, "live": live, "async": true });
+            if let Some(m) = mode {
+                body["mode"] = json!(m);
+            }
             let op = call(&a, "POST", &format!("/vms/{vm}/snapshot"), Some(body))?;
             let text = wait_operation(&a, &op, |p| {
                 format!(

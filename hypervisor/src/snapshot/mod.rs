@@ -4,14 +4,18 @@
 //! VM state file ([`migrate::snapshot::format`]) holding named fragments: `machine` (how to
 //! build the VM again), `vcpu/<n>`, `kvm/vm` (PIC, IOAPIC, PIT, kvmclock) and one per device.
 //!
-//! Saving pauses the vCPUs (stop-and-copy), or copies RAM while the guest runs and pauses only
+//! Saving pauses the vCPUs only to capture state and write-protect RAM, then copies RAM while
+//! the guest runs (background, the default; [`mode`] says when each mode runs), or pauses the
+//! vCPUs for the whole copy (stop-and-copy), or copies RAM while the guest runs and pauses only
 //! for the pages dirtied meanwhile (live). Restoring builds a VM of the same shape, checks
 //! every RAM block before writing anything, resizes the resizeable blocks, loads pages
 //! (eagerly, or lazily through userfaultfd), then device, VM and vCPU state.
 
 mod acpi_state;
+mod background;
 pub mod devices;
 pub mod lineage;
+pub mod mode;
 pub mod net_state;
 pub mod restore;
 pub mod save;
@@ -20,6 +24,7 @@ pub mod xsave;
 
 use thiserror::Error;
 
+pub use mode::{SaveHooks, SaveMode};
 pub use restore::{restore, RestoreMode, RestoreOptions, RestoreReport};
 pub use save::{save, SaveOptions, SaveProgress, SaveReport};
 
@@ -46,6 +51,8 @@ pub enum SnapshotError {
     Memory(#[from] crate::memory::MemoryError),
     #[error("lazy restore: {0}")]
     Lazy(#[from] migrate::lazy::LazyError),
+    #[error("background snapshot: {0}")]
+    WriteProtect(#[from] migrate::ram::wp::WpError),
     #[error("RAM block '{0}' resized during snapshot")]
     ResizedDuringSnapshot(String),
     #[error(

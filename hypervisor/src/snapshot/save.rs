@@ -1,5 +1,12 @@
-//! Taking a snapshot: stop-and-copy, or live with KVM's dirty log; full, or incremental
-//! against the VM's parent snapshot (see [`super::lineage`]).
+//! Taking a snapshot: background (userfaultfd write protection), stop-and-copy, or live with
+//! KVM's dirty log; full, or incremental against the VM's parent snapshot (see
+//! [`super::lineage`]). [`super::mode`] says which mode runs when.
+//!
+//! Background: the vCPUs pause, the chunks to save are chosen (all, or those dirtied since
+//! the parent), vCPU and device state are captured and those chunks write-protected; the
+//! guest resumes and the chunks are copied into the pipeline while it runs, each holding the
+//! bytes of the pause ([`super::background`]). The commit follows with the guest running. The
+//! pause reported is from the pause to the resume.
 //!
 //! RAM goes through the store's chunk pipeline ([`storage::put_pipelined`]): one thread copies
 //! chunks out of guest memory, `threads` workers zero-check, hash and compress them, and the
@@ -23,6 +30,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use migrate::ram::wp::WpStats;
 use migrate::ram::{RamBlock, RamBlockListener};
 use migrate::snapshot::check::describe;
 use migrate::snapshot::format::{serde_bytes_compat::Bytes, VmSnapshot};
@@ -30,6 +38,7 @@ use migrate::snapshot::ram_io::{block_specs, save_chunks};
 use storage::{ChunkJob, PipelineStats, SnapshotWriter, Store, StoreError, WriteStats};
 
 use super::devices::{check_all_saved, persistables};
+use super::mode::{resolve, SaveHooks, SaveMode};
 use super::vcpu_state::{save_vcpu, save_vm, HostVcpuCaps};
 use super::SnapshotError;
 use crate::control::RunState;
@@ -38,7 +47,10 @@ use crate::vm::Vm;
 /// How to take a snapshot.
 #[derive(Clone, Debug)]
 pub struct SaveOptions {
-    /// Copy RAM while the guest runs, pausing only at the end.
+    /// How to copy memory (see [`super::mode`]); the default, background, gives the shortest
+    /// pause.
+    pub mode: SaveMode,
+    /// The old flag for `mode: Live`; when set, it wins over `mode`.
     pub live: bool,
     /// Live: the most rounds of re-copying dirty chunks before the final pause.
     pub max_rounds: u32,
@@ -54,11 +66,16 @@ pub struct SaveOptions {
     /// Copy through the ordered chunk pipeline (reader, workers, writer); `false` is the
     /// previous path, kept as the benchmark's baseline.
     pub pipeline: bool,
+    /// Background: the most bytes of chunks copied ahead of the saver on a write fault.
+    pub wp_buffer_bytes: u64,
+    /// Test hooks.
+    pub hooks: SaveHooks,
 }
 
 impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions {
+            mode: SaveMode::Background,
             live: false,
             max_rounds: 8,
             final_chunks: 64,
@@ -66,9 +83,14 @@ impl Default for SaveOptions {
             stay_paused: false,
             incremental: true,
             pipeline: true,
+            wp_buffer_bytes: DEFAULT_WP_BUFFER,
+            hooks: SaveHooks::NONE,
         }
     }
 }
+
+/// Background snapshots' default bound of chunks copied on write faults ahead of the saver.
+pub const DEFAULT_WP_BUFFER: u64 = 64 << 20;
 
 /// Progress of a snapshot, after each round of copying.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -84,10 +106,16 @@ pub struct SaveProgress {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SaveReport {
     pub name: String,
+    /// The mode that ran.
+    pub mode: SaveMode,
+    /// Why it is not the mode asked for, if it is not.
+    pub mode_reason: Option<String>,
+    /// Live (kept for the old API): `mode == live`.
     pub live: bool,
     pub rounds: u32,
     pub total_ms: f64,
-    /// How long the vCPUs were paused for it.
+    /// How long the vCPUs were paused for it (background: until they resumed, before the
+    /// copy and the commit).
     pub pause_ms: f64,
     pub ram_bytes: u64,
     /// Bytes read out of guest memory (every round).
@@ -107,6 +135,10 @@ pub struct SaveReport {
     pub state_ms: f64,
     /// The store commit (syncs, manifest).
     pub commit_ms: f64,
+    /// Background: write-protecting RAM, within the pause.
+    pub protect_ms: f64,
+    /// Background: what the write-fault thread did.
+    pub wp: Option<WpStats>,
 }
 
 /// Notes resizes while a snapshot runs.
@@ -263,7 +295,11 @@ pub fn save(
     // Taken out for good: this snapshot consumes the dirty records, so unless it commits (and
     // becomes the new parent) the next one must be full. See lineage.rs.
     let parent = vm.lineage().take();
-    let live_mode = opts.live && was_running;
+    let (mut mode, mut mode_reason) = resolve(vm, opts.mode, opts.live, was_running, opts.stay_paused);
+    if let Some(r) = &mode_reason {
+        tracing::info!(snapshot = name, mode = mode.as_str(), "{r}");
+    }
+    let live_mode = mode == SaveMode::Live;
     let mut full_reason = match (&parent, opts.incremental, live_mode) {
         (_, false, _) => Some("incremental snapshots are switched off for this snapshot".to_string()),
         (_, _, true) => Some("a live snapshot copies all memory".to_string()),
@@ -322,6 +358,7 @@ pub fn save(
     watch.check()?;
     let copy_start = Instant::now();
     let mut incremental = false;
+    let mut background_todo = None;
     let writer = match live {
         Some((w, pending)) => {
             // What the last round left dirty, and what the guest dirtied until it paused.
@@ -365,7 +402,11 @@ pub fn save(
                     Err(e) => return Err(e.into()),
                 }
             }
-            bytes_copied += copy_round(&w, &blocks, &todo, opts, &mut pstats)?;
+            if mode == SaveMode::Background {
+                background_todo = Some(todo);
+            } else {
+                bytes_copied += copy_round(&w, &blocks, &todo, opts, &mut pstats)?;
+            }
             w
         }
     };
@@ -374,6 +415,42 @@ pub fn save(
     let state = capture_state(vm)?;
     let state_time = state_start.elapsed();
     watch.check()?;
+    let mut protect_time = Duration::ZERO;
+    let mut wp_stats = None;
+    let mut resumed_at = None;
+    if let Some(todo) = background_todo {
+        let protect_start = Instant::now();
+        match super::background::protect(&blocks, &todo, chunk, opts.wp_buffer_bytes, opts.hooks.broken_protection) {
+            Ok(wp) => {
+                protect_time = protect_start.elapsed();
+                if let Some(h) = &opts.hooks.after_protect {
+                    h(vm);
+                }
+                // The guest runs from here; the copy and the commit go on beside it.
+                if cleanup.resume {
+                    vm.resume();
+                    cleanup.resume = false;
+                }
+                resumed_at = Some(Instant::now());
+                tracing::info!(snapshot = name, pause_ms = ms(paused_at.elapsed()), "background copy started");
+                let cancelled = || watch.check();
+                bytes_copied +=
+                    super::background::copy(&writer, &blocks, &todo, &wp, opts.threads, &cancelled, &mut pstats)?;
+                wp_stats = Some(wp.stats());
+                // Unprotects what is left (nothing, when all went well) and unregisters.
+                drop(wp);
+            }
+            Err(e) => {
+                // Still paused: copy it all now.
+                let reason = format!("write protection could not start ({e}): stop-and-copy");
+                tracing::warn!(snapshot = name, "{reason}");
+                mode = SaveMode::Stop;
+                mode_reason = Some(reason);
+                bytes_copied += copy_round(&writer, &blocks, &todo, opts, &mut pstats)?;
+            }
+        }
+        watch.check()?;
+    }
     // A lazy restore that failed meanwhile has let go of the memory it could not serve (it
     // reads as zeros now): nothing copied from it may be committed.
     if let Some(e) = vm.page_server().and_then(|s| s.error()) {
@@ -387,16 +464,18 @@ pub fn save(
     // the pause on. Dirty logging stays on.
     vm.lineage().set(Arc::new(manifest));
     cleanup.dirty_log = false;
-    let pause = paused_at.elapsed();
+    let pause = resumed_at.unwrap_or_else(Instant::now).saturating_duration_since(paused_at);
     drop(cleanup);
     tracing::info!(
         snapshot = name,
+        mode = mode.as_str(),
         incremental,
         parent = parent.as_ref().filter(|_| incremental).map(|p| p.name.as_str()),
         full_reason = full_reason.as_deref().filter(|_| !incremental),
         pause_ms = ms(pause),
         paused_copy_ms = ms(paused_copy),
         state_ms = ms(state_time),
+        protect_ms = ms(protect_time),
         commit_ms = ms(commit_time),
         bytes_copied,
         read_ms = pstats.read_ns as f64 / 1e6,
@@ -407,6 +486,8 @@ pub fn save(
     progress(&SaveProgress { round: rounds, chunks_copied: 0, bytes_copied, dirty_chunks: 0 });
     Ok(SaveReport {
         name: name.to_string(),
+        mode,
+        mode_reason,
         live: live_mode,
         rounds,
         total_ms: ms(t0.elapsed()),
@@ -421,6 +502,8 @@ pub fn save(
         paused_copy_ms: ms(paused_copy),
         state_ms: ms(state_time),
         commit_ms: ms(commit_time),
+        protect_ms: ms(protect_time),
+        wp: wp_stats,
     })
 }
 

@@ -22,6 +22,7 @@ mod registry;
 #[cfg(test)]
 mod tests;
 mod vm_view;
+pub mod wp;
 
 pub use block::{RamBlock, RamBlockConfig, ResizedHook};
 pub use error::RamError;

@@ -1,0 +1,100 @@
+//! Which way a snapshot copies memory, and how the mode asked for becomes the mode that runs.
+//!
+//! | mode | guest pause | use it when |
+//! |---|---|---|
+//! | `background` (default) | vCPU and device state plus write-protecting RAM | the VM runs on after the snapshot: the shortest pause, whatever the guest writes |
+//! | `stop` | all of the copy and the commit | the VM stops or stays paused afterwards anyway, or memory is still served by a lazy restore |
+//! | `live` | the last dirty round and the commit | the host cannot write-protect (userfaultfd without write protection); a guest that writes little |
+//!
+//! Background falls back to stop-and-copy, and says why in the report and the log, when it
+//! cannot help or cannot work: the VM is paused or stays paused, or its memory is registered
+//! with a lazy restore's page server (a range can belong to one userfaultfd only; a lazily
+//! restored VM keeps its server for its whole life), or write protection fails to start.
+
+use std::sync::Arc;
+
+use crate::vm::Vm;
+
+/// How a snapshot copies memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SaveMode {
+    /// Pause to save vCPU and device state and write-protect RAM; copy RAM while the guest
+    /// runs (userfaultfd write protection: a first write copies its chunk first).
+    #[default]
+    Background,
+    /// Stop-and-copy: the guest is paused for the whole copy and the commit.
+    Stop,
+    /// Dirty-log pre-copy: copy while the guest runs, then pause for what it dirtied.
+    Live,
+}
+
+impl SaveMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaveMode::Background => "background",
+            SaveMode::Stop => "stop",
+            SaveMode::Live => "live",
+        }
+    }
+}
+
+/// A hook called with the VM.
+pub type VmHook = Arc<dyn Fn(&Vm) + Send + Sync>;
+
+/// Test hooks of a snapshot (`Default`: none).
+#[derive(Clone, Default)]
+pub struct SaveHooks {
+    /// Background: called with the VM still paused, right after its RAM is write-protected and
+    /// its state captured: memory now is exactly what the snapshot will hold.
+    pub after_protect: Option<VmHook>,
+    /// Background: a fault thread that unprotects without copying first (a broken protection,
+    /// for tests to show they catch it). Never set it outside tests.
+    pub broken_protection: bool,
+}
+
+impl SaveHooks {
+    pub const NONE: SaveHooks = SaveHooks { after_protect: None, broken_protection: false };
+}
+
+impl std::fmt::Debug for SaveHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaveHooks")
+            .field("after_protect", &self.after_protect.is_some())
+            .field("broken_protection", &self.broken_protection)
+            .finish()
+    }
+}
+
+/// The mode that runs for `asked` (with the old `live` flag), and why it differs if it does.
+pub(super) fn resolve(
+    vm: &Vm,
+    asked: SaveMode,
+    live_flag: bool,
+    running: bool,
+    stay_paused: bool,
+) -> (SaveMode, Option<String>) {
+    let asked = if live_flag { SaveMode::Live } else { asked };
+    match asked {
+        SaveMode::Stop => (SaveMode::Stop, None),
+        SaveMode::Live if running => (SaveMode::Live, None),
+        SaveMode::Live => (SaveMode::Stop, Some("live asked, but the VM is paused: stop-and-copy".into())),
+        SaveMode::Background if !running => {
+            (SaveMode::Stop, Some("the VM is paused: nothing runs beside the copy, so stop-and-copy".into()))
+        }
+        SaveMode::Background => match vm.page_server() {
+            Some(s) => (
+                SaveMode::Stop,
+                Some(format!(
+                    "the VM's memory is registered with its lazy restore's page server ({}), which a \
+                     write-protecting userfaultfd cannot share: stop-and-copy",
+                    if s.is_resident() { "fully resident" } else { "not yet resident" }
+                )),
+            ),
+            None if stay_paused => {
+                (SaveMode::Stop, Some("the VM stays paused after the snapshot, so stop-and-copy".into()))
+            }
+            None => (SaveMode::Background, None),
+        },
+    }
+}

@@ -1,0 +1,478 @@
+//! Write protection of RAM blocks for background snapshots: the memory a snapshot saves is
+//! the memory as it was when protection started, although the guest keeps running and
+//! writing it.
+//!
+//! Protocol. With the VM paused, [`WriteProtect::start`] registers each block's used length
+//! with a new userfaultfd in write-protect mode (created without `UFFD_USER_MODE_ONLY`, so a
+//! write KVM makes on the guest's behalf faults too, and with `UFFD_FEATURE_WP_UNPOPULATED`,
+//! so a page never touched yet is protected as well) and write-protects the chunks to save.
+//! The VM then resumes and two parties move chunks out:
+//!
+//! - the *saver* (the snapshot's pipeline reader) calls [`WriteProtect::take_chunk`] for each
+//!   chunk in order: a chunk nobody copied yet is read from guest memory (reads never fault)
+//!   and then unprotected; a chunk the fault thread copied first is taken from its buffer;
+//! - the *fault* thread reads write faults: the first write to a chunk not yet saved copies
+//!   that chunk into a bounded buffer, unprotects it and wakes the writer. A write to a chunk
+//!   already saved (the fault raced with its unprotection) only wakes the writer.
+//!
+//! A per-chunk state (protected, being copied, buffered, done) makes sure each chunk is copied
+//! exactly once and always before the first write to it lands. Writes by VMM threads (a
+//! device writing guest memory through [`super::GuestMemory`]) fault like the guest's and
+//! wait for the fault thread. The fault thread therefore takes no lock that such a thread may
+//! hold: it touches only its own state, the buffer's mutex (never held while guest memory is
+//! written) and guest memory by raw reads.
+//!
+//! Bound. The buffer holds at most `buffer_bytes`; when it is full, a faulting writer waits
+//! until the saver has taken buffered chunks, or has reached the faulting chunk itself (the
+//! fault thread never claims a chunk it cannot buffer, so the saver never waits on it). A
+//! guest that rewrites memory faster than the store takes it is slowed to the store's pace
+//! for the rest of the snapshot, never stopped.
+//!
+//! End. Dropping the [`WriteProtect`] (success, error or cancellation alike) unprotects every
+//! registered range, which wakes every waiting writer, stops the fault thread and unregisters:
+//! the VM is never left with protected memory.
+
+mod uffd;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::block::RamBlock;
+use uffd::{Uffd, UffdMsg, UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP};
+
+/// Errors of write protection.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum WpError {
+    #[error("userfaultfd write protection: {0}")]
+    Uffd(String),
+    #[error("write-protecting RAM block '{idstr}' ({len:#x} bytes): {reason}")]
+    Block { idstr: String, len: u64, reason: String },
+    #[error("chunk size {0:#x} is not a power of two multiple of 4 KiB")]
+    ChunkSize(u64),
+    #[error("write protection: no chunk {chunk} in block {block}")]
+    NoChunk { block: usize, chunk: u64 },
+    #[error("write protection: chunk {chunk} of RAM block '{idstr}' was taken twice")]
+    TakenTwice { idstr: String, chunk: u64 },
+    #[error("write protection's fault thread: {0}")]
+    Fault(String),
+}
+
+/// Page size protection works in.
+const PAGE: u64 = 4096;
+
+const PROTECTED: u8 = 0;
+const COPYING: u8 = 1;
+const BUFFERED: u8 = 2;
+const DONE: u8 = 3;
+
+/// A block to protect: the chunks (indexes of `chunk`-byte pieces of its used length) that
+/// the snapshot will save.
+pub struct WpBlock {
+    pub block: Arc<RamBlock>,
+    pub chunks: Vec<u64>,
+}
+
+struct Blk {
+    block: Arc<RamBlock>,
+    host: u64,
+    /// Registered bytes: the used length when protection started.
+    len: u64,
+    state: Vec<AtomicU8>,
+}
+
+/// What the fault thread did.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct WpStats {
+    /// Write faults taken.
+    pub faults: u64,
+    /// Chunks the fault thread copied ahead of the saver.
+    pub chunks_copied_on_fault: u64,
+    /// Times a writer waited for room in the buffer.
+    pub buffer_waits: u64,
+}
+
+struct Shared {
+    uffd: Uffd,
+    blocks: Vec<Blk>,
+    chunk: u64,
+    buffer_bytes: u64,
+    /// Chunks the fault thread copied, until the saver takes them: (block, chunk) -> bytes.
+    buffer: Mutex<HashMap<(usize, u64), Vec<u8>>>,
+    /// Signalled when the saver takes a buffered chunk or a chunk changes state.
+    room: Condvar,
+    stop: AtomicBool,
+    stop_fd: vmm_sys_util::eventfd::EventFd,
+    failed: OnceLock<WpError>,
+    faults: AtomicU64,
+    copied_on_fault: AtomicU64,
+    buffer_waits: AtomicU64,
+    /// Test only: the fault thread unprotects without copying (the bug the tests must catch).
+    skip_copy: bool,
+}
+
+/// Write protection of a VM's RAM while a background snapshot saves it. See the module doc.
+pub struct WriteProtect {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Shared {
+    fn find(&self, addr: u64) -> Option<(usize, u64)> {
+        self.blocks
+            .iter()
+            .position(|b| addr >= b.host && addr - b.host < b.len)
+            .map(|i| (i, (addr - self.blocks[i].host) / self.chunk))
+    }
+
+    fn range(&self, bi: usize, ci: u64) -> (u64, u64) {
+        let b = &self.blocks[bi];
+        let off = ci * self.chunk;
+        (b.host + off, self.chunk.min(b.len - off))
+    }
+
+    /// Copies chunk `ci` of block `bi` out of guest memory into `buf` (its length).
+    fn copy_out(&self, bi: usize, ci: u64, buf: &mut [u8]) {
+        let (start, len) = self.range(bi, ci);
+        let n = buf.len().min(len as usize);
+        // SAFETY: `start..start+len` lies inside the block's registered range, which is inside
+        // its mapping (alive as long as `blocks` holds the block); `buf` holds at least `n`
+        // bytes. Raw copy: other threads may read the same memory; writers wait on faults.
+        unsafe { std::ptr::copy_nonoverlapping(start as *const u8, buf.as_mut_ptr(), n) };
+    }
+
+    fn lock_buffer(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, u64), Vec<u8>>> {
+        self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fault_loop(&self) -> Result<(), WpError> {
+        let mut msgs = [UffdMsg::default(); 16];
+        loop {
+            let mut fds = [
+                libc::pollfd { fd: self.uffd.raw(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&self.stop_fd), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd structures.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(WpError::Fault(format!("poll: {e}")));
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let n = self.uffd.read_events(&mut msgs)?;
+            for m in &msgs[..n] {
+                if m.event != UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                let addr = m.address & !(PAGE - 1);
+                let Some((bi, ci)) = self.find(addr) else {
+                    return Err(WpError::Fault(format!(
+                        "fault at host address {addr:#x} outside every registered block"
+                    )));
+                };
+                if m.flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                    self.serve(bi, ci)?;
+                }
+                // The chunk is unprotected now, whoever did it; the writer may still sleep if
+                // it queued after that unprotection woke the range.
+                self.uffd.wake(addr, PAGE)?;
+            }
+        }
+    }
+
+    /// Makes chunk `ci` of block `bi` writable, copying it first if nobody has.
+    fn serve(&self, bi: usize, ci: u64) -> Result<(), WpError> {
+        let st = &self.blocks[bi].state[ci as usize];
+        let (start, len) = self.range(bi, ci);
+        loop {
+            match st.load(Ordering::Acquire) {
+                PROTECTED => {
+                    if self.skip_copy {
+                        return self.uffd.write_protect(start, len, false);
+                    }
+                    let mut buf = self.lock_buffer();
+                    let used: u64 = buf.values().map(|v| v.len() as u64).sum();
+                    if used + len > self.buffer_bytes {
+                        // Wait for the saver to take buffered chunks or to save this one
+                        // itself; never claim it while it cannot be buffered.
+                        self.buffer_waits.fetch_add(1, Ordering::Relaxed);
+                        let (g, _) = self
+                            .room
+                            .wait_timeout(buf, Duration::from_millis(50))
+                            .unwrap_or_else(PoisonError::into_inner);
+                        drop(g);
+                        if self.stop.load(Ordering::Acquire) {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    if st.compare_exchange(PROTECTED, COPYING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                        continue;
+                    }
+                    let mut data = vec![0u8; len as usize];
+                    self.copy_out(bi, ci, &mut data);
+                    buf.insert((bi, ci), data);
+                    st.store(BUFFERED, Ordering::Release);
+                    drop(buf);
+                    self.copied_on_fault.fetch_add(1, Ordering::Relaxed);
+                    return self.uffd.write_protect(start, len, false);
+                }
+                // The saver is copying it; it unprotects once done.
+                COPYING => std::thread::yield_now(),
+                _ => return Ok(()),
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl WriteProtect {
+    /// Registers `blocks` and write-protects their listed chunks (`chunk` bytes each), then
+    /// starts the fault thread. Call it with the VM paused.
+    pub fn start(blocks: Vec<WpBlock>, chunk: u64, buffer_bytes: u64) -> Result<WriteProtect, WpError> {
+        Self::start_inner(blocks, chunk, buffer_bytes, false)
+    }
+
+    /// `start`, with a fault thread that unprotects without copying: a broken protection for
+    /// tests to show that they catch it. Never use it to take a snapshot.
+    #[doc(hidden)]
+    pub fn start_broken_for_tests(
+        blocks: Vec<WpBlock>,
+        chunk: u64,
+        buffer_bytes: u64,
+    ) -> Result<WriteProtect, WpError> {
+        Self::start_inner(blocks, chunk, buffer_bytes, true)
+    }
+
+    fn start_inner(
+        blocks: Vec<WpBlock>,
+        chunk: u64,
+        buffer_bytes: u64,
+        skip_copy: bool,
+    ) -> Result<WriteProtect, WpError> {
+        if !chunk.is_power_of_two() || chunk < PAGE {
+            return Err(WpError::ChunkSize(chunk));
+        }
+        let uffd = Uffd::new()?;
+        let mut blks = Vec::with_capacity(blocks.len());
+        for b in &blocks {
+            let len = b.block.used_length();
+            let chunks = len.div_ceil(chunk);
+            blks.push(Blk {
+                block: b.block.clone(),
+                host: b.block.host_addr() as u64,
+                len,
+                state: (0..chunks).map(|_| AtomicU8::new(DONE)).collect(),
+            });
+        }
+        let stop_fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| WpError::Uffd(format!("stop eventfd: {e}")))?;
+        let shared = Shared {
+            uffd,
+            blocks: blks,
+            chunk,
+            buffer_bytes: buffer_bytes.max(chunk),
+            buffer: Mutex::new(HashMap::new()),
+            room: Condvar::new(),
+            stop: AtomicBool::new(false),
+            stop_fd,
+            failed: OnceLock::new(),
+            faults: AtomicU64::new(0),
+            copied_on_fault: AtomicU64::new(0),
+            buffer_waits: AtomicU64::new(0),
+            skip_copy,
+        };
+        // From the first registration on, a failure must undo what was done: `Armed` does.
+        let mut registered = Vec::new();
+        let result = (|| {
+            for (i, b) in blocks.iter().enumerate() {
+                let blk = &shared.blocks[i];
+                if blk.len == 0 {
+                    continue;
+                }
+                let fail = |e: WpError| WpError::Block {
+                    idstr: blk.block.idstr().to_string(),
+                    len: blk.len,
+                    reason: e.to_string(),
+                };
+                shared.uffd.register_wp(blk.host, blk.len).map_err(fail)?;
+                registered.push(i);
+                // Protect runs of consecutive chunks with one call each.
+                let mut run: Option<(u64, u64)> = None;
+                for &c in &b.chunks {
+                    if c >= blk.state.len() as u64 {
+                        continue;
+                    }
+                    blk.state[c as usize].store(PROTECTED, Ordering::Relaxed);
+                    run = match run {
+                        Some((first, last)) if last + 1 == c => Some((first, c)),
+                        Some((first, last)) => {
+                            protect_run(&shared, i, first, last).map_err(fail)?;
+                            Some((c, c))
+                        }
+                        None => Some((c, c)),
+                    };
+                }
+                if let Some((first, last)) = run {
+                    protect_run(&shared, i, first, last).map_err(fail)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for &i in &registered {
+                let b = &shared.blocks[i];
+                let _ = shared.uffd.write_protect(b.host, b.len, false);
+                let _ = shared.uffd.unregister(b.host, b.len);
+            }
+            return Err(e);
+        }
+        let shared = Arc::new(shared);
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("uffd-wp".into())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.fault_loop()))
+                    .unwrap_or_else(|_| Err(WpError::Fault("the thread panicked".into())));
+                if let Err(e) = r {
+                    tracing::error!("{e}");
+                    let _ = s.failed.set(e);
+                    // Nobody serves faults any more: let every writer through. The snapshot
+                    // sees the error and commits nothing.
+                    s.unprotect_all();
+                }
+            })
+            .map_err(|e| WpError::Fault(format!("starting the thread: {e}")));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                shared.unprotect_all();
+                shared.unregister_all();
+                return Err(e);
+            }
+        };
+        Ok(WriteProtect { shared, thread: Some(thread) })
+    }
+
+    /// The bytes chunk `ci` of block `bi` (indexes as given to `start`) had when protection
+    /// started, into `buf`; the chunk is writable afterwards. Each chunk may be taken once.
+    pub fn take_chunk(&self, bi: usize, ci: u64, buf: &mut [u8]) -> Result<(), WpError> {
+        let s = &self.shared;
+        if let Some(e) = s.failed.get() {
+            return Err(e.clone());
+        }
+        let b = s.blocks.get(bi).ok_or(WpError::NoChunk { block: bi, chunk: ci })?;
+        let st = b.state.get(ci as usize).ok_or(WpError::NoChunk { block: bi, chunk: ci })?;
+        loop {
+            match st.load(Ordering::Acquire) {
+                PROTECTED => {
+                    if st.compare_exchange(PROTECTED, COPYING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                        continue;
+                    }
+                    s.copy_out(bi, ci, buf);
+                    let (start, len) = s.range(bi, ci);
+                    let r = s.uffd.write_protect(start, len, false);
+                    st.store(DONE, Ordering::Release);
+                    s.room.notify_all();
+                    return r;
+                }
+                // The fault thread is copying it; should that thread have failed, it never will.
+                COPYING => match s.failed.get() {
+                    Some(e) => return Err(e.clone()),
+                    None => std::thread::yield_now(),
+                },
+                BUFFERED => {
+                    let data = s.lock_buffer().remove(&(bi, ci));
+                    st.store(DONE, Ordering::Release);
+                    s.room.notify_all();
+                    let data =
+                        data.ok_or_else(|| WpError::TakenTwice { idstr: b.block.idstr().to_string(), chunk: ci })?;
+                    let n = buf.len().min(data.len());
+                    buf[..n].copy_from_slice(&data[..n]);
+                    return Ok(());
+                }
+                _ => return Err(WpError::TakenTwice { idstr: b.block.idstr().to_string(), chunk: ci }),
+            }
+        }
+    }
+
+    /// The first error of the fault thread, if any: the snapshot must not commit then.
+    pub fn error(&self) -> Option<WpError> {
+        self.shared.failed.get().cloned()
+    }
+
+    pub fn stats(&self) -> WpStats {
+        let s = &self.shared;
+        WpStats {
+            faults: s.faults.load(Ordering::Relaxed),
+            chunks_copied_on_fault: s.copied_on_fault.load(Ordering::Relaxed),
+            buffer_waits: s.buffer_waits.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn protect_run(s: &Shared, bi: usize, first: u64, last: u64) -> Result<(), WpError> {
+    let (start, _) = s.range(bi, first);
+    let (end_start, end_len) = s.range(bi, last);
+    s.uffd.write_protect(start, end_start + end_len - start, true)
+}
+
+impl Shared {
+    fn unprotect_all(&self) {
+        for b in &self.blocks {
+            if b.len > 0 {
+                if let Err(e) = self.uffd.write_protect(b.host, b.len, false) {
+                    tracing::error!(block = b.block.idstr(), "unprotecting after a background snapshot: {e}");
+                }
+            }
+        }
+        self.room.notify_all();
+    }
+
+    fn unregister_all(&self) {
+        for b in &self.blocks {
+            if b.len > 0 {
+                if let Err(e) = self.uffd.unregister(b.host, b.len) {
+                    tracing::error!(block = b.block.idstr(), "unregistering after a background snapshot: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for WriteProtect {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        // Unprotect first: it wakes every writer, including one the fault thread waits on.
+        s.stop.store(true, Ordering::Release);
+        s.unprotect_all();
+        let _ = s.stop_fd.write(1);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the write-protect fault thread panicked");
+            }
+        }
+        // Faults queued meanwhile: their pages are writable now; wake them all.
+        for b in &s.blocks {
+            if b.len > 0 {
+                let _ = s.uffd.wake(b.host, b.len);
+            }
+        }
+        s.unregister_all();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,365 @@
+//! Background snapshots (userfaultfd write protection) on real KVM: the snapshot holds memory
+//! exactly as it was at the pause although the guest (and devices) kept writing it, full and
+//! incremental, restored eagerly and lazily; a resize cancels one with the VM running on; a
+//! process killed in the middle leaves the store as it was; a lazily restored VM falls back
+//! to stop-and-copy and says so.
+//!
+//! "At the pause" is seen through the `after_protect` hook, which runs with the vCPUs still
+//! paused right after RAM was write-protected: every RAM block is copied there and compared
+//! with the restored VM's, byte for byte.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{snapvisor, snapvisor_bin, start_builtin};
+use devices::bus::BusDevice;
+use devices::fw_cfg::{DMA_CTL_READ, DMA_CTL_SELECT, PORT_BASE, PORT_DMA};
+use hypervisor::guests::{idle, memfill, touch, BootInfo, Builtin, MemfillMode};
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveHooks, SaveMode, SaveOptions, SnapshotError};
+use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, SharedOutput, Vm, VmConfig};
+
+/// Every RAM block's used bytes, by idstr.
+type Ram = Vec<(String, Vec<u8>)>;
+
+fn ram_of(vm: &Vm) -> Ram {
+    let mut out: Ram = vm
+        .registry()
+        .blocks()
+        .iter()
+        .map(|b| {
+            let mut v = vec![0u8; b.used_length() as usize];
+            b.read(0, &mut v).expect("read block");
+            (b.idstr().to_string(), v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn assert_same_ram(got: &Ram, want: &Ram, what: &str) {
+    let names = |r: &Ram| r.iter().map(|(n, v)| (n.clone(), v.len())).collect::<Vec<_>>();
+    assert_eq!(names(got), names(want), "{what}: the same blocks and lengths");
+    for ((name, g), (_, w)) in got.iter().zip(want) {
+        if let Some(i) = (0..g.len()).find(|&i| g[i] != w[i]) {
+            let differ = (0..g.len()).filter(|&i| g[i] != w[i]).count();
+            panic!(
+                "{what}: block {name} differs from the memory at the pause from offset {i:#x} ({differ} bytes differ)"
+            );
+        }
+    }
+}
+
+fn wait_lines(out: &SharedOutput, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = out.text();
+        if t.lines().count() >= n || Instant::now() >= deadline {
+            return t;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `(pass, checksum, mismatches)` of each complete memfill line.
+fn passes(out: &str) -> Vec<(u64, u64, u64)> {
+    let complete = match out.rfind('\n') {
+        Some(i) => &out[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter(|l| l.starts_with("memfill pass "))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_eq!(f.len(), 9, "malformed line {l:?}");
+            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
+            (f[2].parse().expect("pass"), hex(f[6]), f[8].parse().expect("mismatches"))
+        })
+        .collect()
+}
+
+/// The restored guest's output continues the output at the pause exactly: consecutive passes
+/// from 0, each with the right checksum and the previous pattern intact (memfill's verify).
+fn check_continues(before: &str, after: &str, seed: u64, mem_mib: u64) {
+    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(mem_mib << 20));
+    let all = format!("{before}{after}");
+    let p = passes(&all);
+    assert!(p.len() > passes(before).len(), "the restored guest completed no pass:\n{before:?}\n{after:?}");
+    for (i, (pass, sum, mis)) in p.iter().enumerate() {
+        assert_eq!(*pass, i as u64, "passes run in order: {all}");
+        assert_eq!(*mis, 0, "pass {pass} found the previous pattern damaged: {all}");
+        assert_eq!(*sum, memfill::checksum(&ranges, seed + pass), "pass {pass} checksum");
+    }
+}
+
+/// What the hook saw at the pause: every block and the guest's output so far.
+type AtPause = Arc<Mutex<Option<(Ram, String)>>>;
+
+fn capturing(out: &SharedOutput) -> (SaveOptions, AtPause) {
+    let seen: AtPause = Arc::default();
+    let (s, o) = (seen.clone(), out.clone());
+    let hooks = SaveHooks {
+        after_protect: Some(Arc::new(move |vm: &Vm| {
+            *s.lock().expect("lock") = Some((ram_of(vm), o.text()));
+        })),
+        broken_protection: false,
+    };
+    (SaveOptions { hooks, ..Default::default() }, seen)
+}
+
+#[test]
+fn a_background_snapshot_of_a_guest_rewriting_all_memory_restores_to_the_pause_full_and_incremental() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let (mem, seed) = (128, 31);
+    let (mut vm, out) = start_builtin(
+        Builtin::Memfill,
+        mem,
+        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
+    );
+    wait_lines(&out, 1);
+    let mut taken = Vec::new();
+    for name in ["full", "incremental"] {
+        let (opts, seen) = capturing(&out);
+        let report = snapshot::save(&vm, &store, name, &opts, &|_| {}).expect("background snapshot");
+        assert_eq!(report.mode, SaveMode::Background, "{:?}", report.mode_reason);
+        assert_eq!(report.incremental, name == "incremental", "{:?}", report.full_reason);
+        // The guest wrote memory the snapshot had not saved yet: the protection was exercised.
+        let wp = report.wp.expect("write-protect stats");
+        assert!(wp.faults > 0, "{name}: no write met a protected chunk: {wp:?}");
+        taken.push((name, seen.lock().expect("lock").take().expect("the hook ran")));
+    }
+    // The guest ran on after each snapshot.
+    assert!(vm.control().exit_reason().is_none());
+    vm.stop("snapshots taken");
+    drop(vm);
+
+    for (name, (ram, before)) in &taken {
+        for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+            let out2 = SharedOutput::default();
+            let (mut vm2, _) =
+                snapshot::restore(&store, name, RestoreOptions::new(mode, Box::new(out2.clone()))).expect("restore");
+            assert_same_ram(&ram_of(&vm2), ram, &format!("{name} restored {mode:?}"));
+            vm2.start().expect("start");
+            let after = wait_lines(&out2, 2);
+            vm2.stop("test done");
+            check_continues(before, &after, seed, mem);
+        }
+    }
+}
+
+const FILE: &str = "opt/snapvisor/blob";
+const DESC: u64 = 0x40_0000;
+const BUF: u64 = 0x50_0000;
+
+#[test]
+fn fw_cfg_dma_during_a_background_snapshot_lands_in_the_vm_and_the_snapshot_keeps_the_bytes_of_the_pause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i * 7 + 1) as u8).collect();
+    let out = SharedOutput::default();
+    let mut cfg = VmConfig::new(
+        16,
+        1,
+        BootSource::Builtin { guest: Builtin::Idle, params: BuiltinParams::default() },
+        Box::new(out.clone()),
+    );
+    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: data.clone() }];
+    let mut vm = Vm::new(cfg).expect("vm");
+    vm.start().expect("start");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.text() != idle::READY {
+        assert!(Instant::now() < deadline, "the idle guest never got ready: {:?}", out.text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let fw_cfg = vm.devices().fw_cfg.clone();
+    let key = fw_cfg.lock().expect("fw_cfg").file(FILE).expect("listed").0;
+    let ram = vm.ram().block().clone();
+    let at_pause: Arc<Mutex<Option<Ram>>> = Arc::default();
+    let seen = at_pause.clone();
+    let (dma_data, dma_ram) = (data.clone(), ram.clone());
+    let hooks = SaveHooks {
+        after_protect: Some(Arc::new(move |vm: &Vm| {
+            *seen.lock().expect("lock") = Some(ram_of(vm));
+            // With RAM write-protected, the device fills the buffer by DMA, as a guest's request
+            // would have it do: its writes fault and wait until their chunks are saved.
+            let mut desc = Vec::new();
+            desc.extend_from_slice(&((u32::from(key) << 16) | DMA_CTL_SELECT | DMA_CTL_READ).to_be_bytes());
+            desc.extend_from_slice(&(dma_data.len() as u32).to_be_bytes());
+            desc.extend_from_slice(&BUF.to_be_bytes());
+            dma_ram.write(DESC, &desc).expect("descriptor");
+            let mut f = vm.devices().fw_cfg.lock().expect("fw_cfg");
+            f.write(PORT_BASE, PORT_DMA, &0u32.to_be_bytes());
+            f.write(PORT_BASE, PORT_DMA + 4, &(DESC as u32).to_be_bytes());
+        })),
+        broken_protection: false,
+    };
+    let report =
+        snapshot::save(&vm, &store, "bg", &SaveOptions { hooks, ..Default::default() }, &|_| {}).expect("snapshot");
+    assert_eq!(report.mode, SaveMode::Background, "{:?}", report.mode_reason);
+    // The VM has the new bytes: the DMA completed (zero status) into its buffer.
+    let mut status = [0xffu8; 4];
+    ram.read(DESC, &mut status).expect("status");
+    assert_eq!(status, [0; 4], "DMA succeeded");
+    let mut got = vec![0u8; data.len()];
+    ram.read(BUF, &mut got).expect("buffer");
+    assert_eq!(got, data, "the VM's buffer holds the file");
+    vm.stop("snapshot taken");
+    drop(vm);
+    let at_pause = at_pause.lock().expect("lock").take().expect("the hook ran");
+    let pc_ram = &at_pause.iter().find(|(n, _)| n == "pc.ram").expect("pc.ram").1;
+    assert!(pc_ram[BUF as usize..][..data.len()] != data[..], "the buffer did not hold the file at the pause");
+    // The snapshot has the bytes of the pause, not the DMA's.
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let (vm2, _) = snapshot::restore(&store, "bg", RestoreOptions::new(mode, Box::new(SharedOutput::default())))
+            .expect("restore");
+        assert_same_ram(&ram_of(&vm2), &at_pause, &format!("restored {mode:?}"));
+    }
+}
+
+#[test]
+fn a_resize_during_a_background_snapshot_cancels_it_and_the_vm_runs_on_unprotected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let out = SharedOutput::default();
+    let mut cfg = VmConfig::new(
+        64,
+        1,
+        BootSource::Builtin {
+            guest: Builtin::Memfill,
+            params: BuiltinParams { seed: 1, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
+        },
+        Box::new(out.clone()),
+    );
+    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: vec![5; 5000] }];
+    let mut vm = Vm::new(cfg).expect("vm");
+    vm.start().expect("start");
+    wait_lines(&out, 1);
+    let hooks = SaveHooks {
+        after_protect: Some(Arc::new(|vm: &Vm| {
+            vm.registry().resize("/rom@opt/snapvisor/blob", 9000).expect("resize");
+        })),
+        broken_protection: false,
+    };
+    let err = snapshot::save(&vm, &store, "cancelled", &SaveOptions { hooks, ..Default::default() }, &|_| {})
+        .expect_err("the resize must cancel the snapshot");
+    assert!(matches!(err, SnapshotError::ResizedDuringSnapshot(_)), "{err}");
+    assert_eq!(err.to_string(), "RAM block '/rom@opt/snapvisor/blob' resized during snapshot");
+    assert!(store.list().expect("list").is_empty(), "nothing committed");
+    // The guest runs on.
+    let n = out.text().lines().count();
+    wait_lines(&out, n + 1);
+    assert!(out.text().lines().count() > n, "the guest stopped");
+    assert!(vm.control().exit_reason().is_none());
+    // Nothing is protected any more: a device write goes through without anyone serving it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mem = vm.ram().device_memory().clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(mem.write(0x300_0000, &[0xab; 8192]));
+    });
+    let written = rx.recv_timeout(Duration::from_secs(30)).expect("a device write hung: memory still protected");
+    written.expect("device write");
+    // And a background snapshot without a resize then succeeds.
+    let r = snapshot::save(&vm, &store, "after", &SaveOptions::default(), &|_| {}).expect("snapshot");
+    assert_eq!(r.mode, SaveMode::Background);
+    vm.stop("done");
+}
+
+#[test]
+fn a_process_killed_during_a_background_save_leaves_no_snapshot_listed_and_the_store_sound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut child = Command::new(snapvisor_bin())
+        .args(["-v", "run", "--builtin", "memfill", "--mem-mib", "1024", "--passes", "0"])
+        .args(["--snapshot-after-ms", "300", "--name", "killed", "--store"])
+        .arg(&store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn snapvisor");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = String::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("stderr line");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("background copy started") {
+            break;
+        }
+        assert!(!line.contains("committed"), "committed before the copy was seen starting:\n{seen}");
+    }
+    assert!(seen.contains("background copy started"), "no background copy:\n{seen}");
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let list = snapvisor(&["store", "list", "--store", store.to_str().expect("utf-8"), "--json"]);
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{listed}");
+    assert!(!listed.contains("killed"), "a half snapshot is listed: {listed}");
+    let verify = snapvisor(&["store", "verify", "--store", store.to_str().expect("utf-8")]);
+    assert!(verify.status.success(), "verify: {}", String::from_utf8_lossy(&verify.stdout));
+}
+
+#[test]
+fn a_lazily_restored_vm_not_yet_resident_falls_back_to_stop_and_copy_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let (mut vm, _) = start_builtin(Builtin::Touch, 64, BuiltinParams { seed: 8, ..Default::default() });
+    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("touch filled its memory");
+    snapshot::save(
+        &vm,
+        &store,
+        "a",
+        &SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() },
+        &|_| {},
+    )
+    .expect("snapshot a");
+    vm.stop("snapshot taken");
+    drop(vm);
+    let opts = RestoreOptions {
+        background_fill: false,
+        ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default()))
+    };
+    let (mut vm2, _) = snapshot::restore(&store, "a", opts).expect("lazy restore");
+    vm2.start().expect("start");
+    // It waits for its go and touches nothing: most of memory is not resident.
+    let server = vm2.page_server().expect("a page server");
+    assert!(!server.is_resident());
+    let report = snapshot::save(&vm2, &store, "b", &SaveOptions { stay_paused: true, ..Default::default() }, &|_| {})
+        .expect("snapshot b");
+    assert_eq!(report.mode, SaveMode::Stop);
+    let reason = report.mode_reason.clone().expect("a reason");
+    assert!(reason.contains("page server") && reason.contains("not yet resident"), "{reason}");
+    // The snapshot is right: what the paused VM holds (read through its page server).
+    let paused = ram_of(&vm2);
+    vm2.stop("snapshot taken");
+    drop(vm2);
+    let (vm3, _) =
+        snapshot::restore(&store, "b", RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
+            .expect("restore b");
+    assert_same_ram(&ram_of(&vm3), &paused, "b restored eagerly");
+}
+
+#[test]
+fn the_daemon_snapshots_in_the_background_by_default_and_in_the_mode_asked_for() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = common::daemon::Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "start": true})));
+    let serial = d.wait_serial("m", "memfill pass 1 ", Duration::from_secs(60));
+    assert!(serial.contains("memfill pass 1 "), "{serial}");
+    let r = d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s1"})));
+    assert_eq!(r["mode"], "background", "{r}");
+    assert!(r["mode_reason"].is_null(), "{r}");
+    let r = d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s2", "mode": "stop"})));
+    assert_eq!(r["mode"], "stop", "{r}");
+    let r = d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s3", "live": true})));
+    assert_eq!((&r["mode"], &r["live"]), (&json!("live"), &json!(true)), "{r}");
+    let (code, body) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "s4", "live": true, "mode": "stop"})));
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "s4", "mode": "fast"})));
+    assert_eq!(code, 400, "{body}");
+}
