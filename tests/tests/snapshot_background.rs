@@ -2,7 +2,8 @@
 //! exactly as it was at the pause although the guest (and devices) kept writing it, full and
 //! incremental, restored eagerly and lazily; a resize cancels one with the VM running on; a
 //! process killed in the middle leaves the store as it was; a lazily restored VM falls back
-//! to stop-and-copy and says so.
+//! to stop-and-copy and says so while its page server still fills it, and snapshots in the
+//! background once it is resident.
 //!
 //! "At the pause" is seen through the `after_protect` hook, which runs with the vCPUs still
 //! paused right after RAM was write-protected: every RAM block is copied there and compared
@@ -341,6 +342,57 @@ fn a_lazily_restored_vm_not_yet_resident_falls_back_to_stop_and_copy_and_says_so
         snapshot::restore(&store, "b", RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
             .expect("restore b");
     assert_same_ram(&ram_of(&vm3), &paused, "b restored eagerly");
+}
+
+#[test]
+fn a_lazily_restored_vm_once_resident_snapshots_in_the_background_to_the_pause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let (mem, seed) = (64, 12);
+    let (mut vm, out) = start_builtin(
+        Builtin::Memfill,
+        mem,
+        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
+    );
+    wait_lines(&out, 1);
+    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
+    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
+    let before_a = out.text();
+    vm.stop("snapshot taken");
+    drop(vm);
+
+    // Restored lazily with the background fill: it becomes resident while it runs.
+    let out2 = SharedOutput::default();
+    let (mut vm2, _) = snapshot::restore(&store, "a", RestoreOptions::new(RestoreMode::Lazy, Box::new(out2.clone())))
+        .expect("lazy restore");
+    vm2.start().expect("start");
+    let server = vm2.page_server().expect("a page server");
+    assert!(server.wait_resident(Duration::from_secs(60)), "never resident: {:?}", server.error());
+    wait_lines(&out2, 1);
+    let (opts, seen) = capturing(&out2);
+    let report = snapshot::save(&vm2, &store, "b", &opts, &|_| {}).expect("snapshot b");
+    assert_eq!(report.mode, SaveMode::Background, "{:?}", report.mode_reason);
+    let wp = report.wp.expect("write-protect stats");
+    assert!(wp.faults > 0, "no write met a protected chunk: {wp:?}");
+    // A second one takes the ranges the first found free.
+    let (opts, _) = capturing(&out2);
+    let again = snapshot::save(&vm2, &store, "c", &opts, &|_| {}).expect("snapshot c");
+    assert_eq!(again.mode, SaveMode::Background, "{:?}", again.mode_reason);
+    assert!(vm2.control().exit_reason().is_none(), "the restored VM runs on");
+    vm2.stop("snapshots taken");
+    drop(vm2);
+
+    let (ram, after_restore) = seen.lock().expect("lock").take().expect("the hook ran");
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let out3 = SharedOutput::default();
+        let (mut vm3, _) =
+            snapshot::restore(&store, "b", RestoreOptions::new(mode, Box::new(out3.clone()))).expect("restore b");
+        assert_same_ram(&ram_of(&vm3), &ram, &format!("b restored {mode:?}"));
+        vm3.start().expect("start");
+        let after = wait_lines(&out3, 2);
+        vm3.stop("test done");
+        check_continues(&format!("{before_a}{after_restore}"), &after, seed, mem);
+    }
 }
 
 #[test]

@@ -8,8 +8,10 @@
 //!
 //! Background falls back to stop-and-copy, and says why in the report and the log, when it
 //! cannot help or cannot work: the VM is paused or stays paused, or its memory is registered
-//! with a lazy restore's page server (a range can belong to one userfaultfd only; a lazily
-//! restored VM keeps its server for its whole life), or write protection fails to start.
+//! with a lazy restore's page server that is still filling it (a range can belong to one
+//! userfaultfd only; once the VM is fully resident the server unregisters its ranges at the
+//! next snapshot, [`migrate::lazy::PageServer::release_ranges`]), or write protection fails to
+//! start.
 
 use std::sync::Arc;
 
@@ -82,19 +84,21 @@ pub(super) fn resolve(
         SaveMode::Background if !running => {
             (SaveMode::Stop, Some("the VM is paused: nothing runs beside the copy, so stop-and-copy".into()))
         }
-        SaveMode::Background => match vm.page_server() {
-            Some(s) => (
-                SaveMode::Stop,
-                Some(format!(
-                    "the VM's memory is registered with its lazy restore's page server ({}), which a \
-                     write-protecting userfaultfd cannot share: stop-and-copy",
-                    if s.is_resident() { "fully resident" } else { "not yet resident" }
-                )),
-            ),
-            None if stay_paused => {
+        SaveMode::Background => match vm.page_server().map(|s| s.release_ranges()) {
+            // Resident: the server gave its ranges up, so write protection can take them.
+            Some(Ok(true)) | None if stay_paused => {
                 (SaveMode::Stop, Some("the VM stays paused after the snapshot, so stop-and-copy".into()))
             }
-            None => (SaveMode::Background, None),
+            Some(Ok(true)) | None => (SaveMode::Background, None),
+            Some(Ok(false)) => (
+                SaveMode::Stop,
+                Some(
+                    "the VM's memory is still registered with its lazy restore's page server (not yet \
+                     resident), which a write-protecting userfaultfd cannot share: stop-and-copy"
+                        .into(),
+                ),
+            ),
+            Some(Err(e)) => (SaveMode::Stop, Some(format!("{e}: stop-and-copy"))),
         },
     }
 }

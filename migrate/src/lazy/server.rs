@@ -125,6 +125,8 @@ fn run_guarded(shared: &Arc<Shared>, thread: &'static str, f: impl FnOnce(&Share
 pub struct PageServer {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// The blocks' ranges were unregistered ([`PageServer::release_ranges`]).
+    released: Mutex<bool>,
 }
 
 impl PageServer {
@@ -243,7 +245,7 @@ impl PageServer {
                 );
             }
         }
-        Ok(PageServer { shared, threads })
+        Ok(PageServer { shared, threads, released: Mutex::new(false) })
     }
 
     /// Chunks in the checked prefetch list (see [`ServerOptions::prefetch`]): the entries
@@ -309,6 +311,33 @@ impl PageServer {
             .iter()
             .map(|&(bi, ci)| (self.shared.blocks[bi as usize].desc.idstr.clone(), ci * self.shared.chunk))
             .collect()
+    }
+
+    /// Once every chunk is resident, unregisters the blocks' ranges from the userfaultfd, so
+    /// that another userfaultfd (a background snapshot's write protection) may register them;
+    /// true if they are free (now or since an earlier call). False while chunks are still to
+    /// be served or after the server failed: the ranges stay registered, since a fault on an
+    /// unserved page must never map a zero page. Unregistering a resident range changes
+    /// nothing for the guest: every page is present, and no fault can reach the server.
+    pub fn release_ranges(&self) -> Result<bool, LazyError> {
+        let mut released = self.released.lock().unwrap_or_else(PoisonError::into_inner);
+        if *released {
+            return Ok(true);
+        }
+        if !self.is_resident() || self.shared.failed.get().is_some() {
+            return Ok(false);
+        }
+        for b in &self.shared.blocks {
+            self.shared.uffd.unregister(b.desc.host as *mut _, b.desc.len as usize).map_err(|e| {
+                LazyError::Register {
+                    idstr: b.desc.idstr.clone(),
+                    len: b.desc.len,
+                    reason: format!("unregistering the resident block: {e}"),
+                }
+            })?;
+        }
+        *released = true;
+        Ok(true)
     }
 
     /// A RAM-block listener that refuses resizes of blocks still being filled.
