@@ -104,7 +104,16 @@ impl Metrics {
 /// `StoreOptions::cache_capacity`, 64 MiB by default).
 pub fn render_process(out: &mut String) {
     let cache = crate::snapshot::restore::shared_cache();
-    let gauges: [(&str, &str, u64); 3] = [
+    let bases = crate::snapshot::shared_base::shared_bases().live();
+    let base_filled: u64 = bases.iter().map(|b| b.stats().bytes_filled).sum();
+    let gauges: [(&str, &str, u64); 6] = [
+        ("snapvisor_shared_bases", "Snapshots whose memory lazy clones share (one base each).", bases.len() as u64),
+        ("snapvisor_shared_base_filled_bytes", "Snapshot memory held in shared bases.", base_filled),
+        (
+            "snapvisor_lazy_store_read_bytes",
+            "Bytes lazy restores and shared bases have read from the store since the daemon started.",
+            migrate::snapshot::ram_io::LAZY_STORE_BYTES_READ.load(std::sync::atomic::Ordering::Relaxed),
+        ),
         ("snapvisor_chunk_cache_bytes", "Decompressed chunks held for lazy restores.", cache.bytes() as u64),
         (
             "snapvisor_chunk_cache_capacity_bytes",
@@ -120,6 +129,7 @@ pub fn render_process(out: &mut String) {
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
+    drop(bases);
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |key: &str| -> Option<u64> {
         status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())

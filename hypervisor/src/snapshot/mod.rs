@@ -15,6 +15,7 @@ pub mod lineage;
 pub mod net_state;
 pub mod restore;
 pub mod save;
+pub mod shared_base;
 pub mod vcpu_state;
 pub mod xsave;
 

@@ -66,7 +66,11 @@ fn first_present_page(host: usize, len: u64) -> Result<Option<u64>, String> {
     Ok(None)
 }
 
-fn run_guarded(shared: &Arc<Shared>, thread: &'static str, f: impl FnOnce(&Shared) -> Result<(), LazyError>) {
+pub(super) fn run_guarded(
+    shared: &Arc<Shared>,
+    thread: &'static str,
+    f: impl FnOnce(&Shared) -> Result<(), LazyError>,
+) {
     match catch_unwind(AssertUnwindSafe(|| f(shared))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => shared.fail(e),
@@ -171,6 +175,7 @@ impl PageServer {
             fault_order: Mutex::new(Vec::new()),
             record: opts.record_faults,
             hold: Mutex::new(None),
+            base: None,
         });
         if total == 0 {
             shared.stats.mark_resident();
@@ -204,6 +209,14 @@ impl PageServer {
             }
         }
         Ok(PageServer { shared, threads })
+    }
+
+    pub(super) fn from_parts(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> PageServer {
+        PageServer { shared, threads }
+    }
+
+    pub(super) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     pub fn stats(&self) -> &LazyStats {

@@ -72,6 +72,8 @@ pub(super) struct Shared {
     /// Dropped once every chunk is resident, the server fails or stops: the snapshot pin of
     /// the source (see [`super::server::PageServer::hold_until_resident`]).
     pub(super) hold: Mutex<Option<Box<dyn Send>>>,
+    /// A clone's shared base, when its blocks map one (base_server.rs).
+    pub(super) base: Option<super::base_server::BaseLink>,
 }
 
 #[derive(Clone, Copy)]
@@ -275,6 +277,9 @@ impl Shared {
     /// this runs, and a vCPU finds the stop (its kick signal pending) before it re-enters the
     /// guest. The VM is failed for good; its memory is thrown away with it.
     pub(super) fn release_faults(&self) {
+        if self.base.is_some() {
+            self.detach_from_base();
+        }
         for b in &self.blocks {
             if let Err(e) = self.uffd.unregister(b.desc.host as *mut libc::c_void, b.desc.len as usize) {
                 tracing::warn!("lazy restore failed: unregistering RAM block {}: {e}", b.desc.idstr);
