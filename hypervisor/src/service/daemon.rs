@@ -238,6 +238,7 @@ impl Daemon {
                 exit: None,
                 first_exit_ms: None,
                 lazy_faults: None,
+                lazy_resident_ms: None,
                 exits: 0,
                 macs: vm.as_ref().map(|v| v.spec().net.iter().filter_map(|n| n.mac).collect()).unwrap_or_default(),
             },

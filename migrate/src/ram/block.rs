@@ -60,6 +60,15 @@ impl std::fmt::Debug for RamBlock {
     }
 }
 
+/// Host mappings of every live RAM block in this process: start -> length. For measuring
+/// what guest memory costs (the daemon's guest-memory PSS), never for access.
+static LIVE_MAPPINGS: Mutex<std::collections::BTreeMap<usize, usize>> = Mutex::new(std::collections::BTreeMap::new());
+
+/// The host ranges (start, end) of every live RAM block in this process.
+pub fn live_ram_ranges() -> Vec<(usize, usize)> {
+    LIVE_MAPPINGS.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(&s, &l)| (s, s + l)).collect()
+}
+
 pub(super) fn host_page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -113,6 +122,7 @@ impl RamBlock {
             });
         }
         let pages = max / page_size;
+        LIVE_MAPPINGS.lock().unwrap_or_else(PoisonError::into_inner).insert(host as usize, len);
         Ok(RamBlock {
             idstr: cfg.idstr,
             host: host.cast(),
@@ -327,5 +337,6 @@ impl Drop for RamBlock {
         // SAFETY: `host` was mapped with `max_length` bytes in `new` and nothing refers to it
         // once the block is dropped (the KVM slot map deletes its slots on removal).
         unsafe { libc::munmap(self.host.cast(), self.max_length as usize) };
+        LIVE_MAPPINGS.lock().unwrap_or_else(PoisonError::into_inner).remove(&(self.host as usize));
     }
 }

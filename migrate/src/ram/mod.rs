@@ -23,7 +23,7 @@ mod registry;
 mod tests;
 mod vm_view;
 
-pub use block::{RamBlock, RamBlockConfig, ResizedHook};
+pub use block::{live_ram_ranges, RamBlock, RamBlockConfig, ResizedHook};
 pub use error::RamError;
 pub use guest::{GuestMemory, GuestMemoryError, GuestRegion};
 pub use registry::{ListenerId, RamBlockListener, RamRegistry};
