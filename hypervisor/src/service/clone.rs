@@ -19,7 +19,7 @@ use super::ops::OpHandle;
 use crate::snapshot::RestoreMode;
 
 /// How lazy clones hold the snapshot's memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CloneMemory {
     /// One copy of the snapshot's memory, decompressed once into a base every clone maps
