@@ -335,7 +335,7 @@ async fn clone_snapshot(
         let op = op.clone();
         async move {
             let (prefix, mode, memory) = (c.prefix, c.mode, c.memory);
-            d.clone_snapshot(&name, &prefix, c.count, mode, memory, c.network_overrides, op.as_ref()).await
+            d.clone_snapshot(&name, &prefix, c.count, (mode, memory), c.network_overrides, op.as_ref()).await
         }
     };
     let Some(op) = op else {

@@ -31,14 +31,14 @@ pub enum CloneMemory {
 }
 
 impl Daemon {
-    /// Restores `count` clones of `snapshot` as `<prefix>0`..; all of them or none.
+    /// Restores `count` clones of `snapshot` as `<prefix>0`..; all of them or none; each restored
+    /// in `mode`, lazy ones with `memory` shared or private.
     pub async fn clone_snapshot(
         self: &Arc<Self>,
         snapshot: &str,
         prefix: &str,
         count: usize,
-        mode: RestoreMode,
-        memory: CloneMemory,
+        (mode, memory): (RestoreMode, CloneMemory),
         network_overrides: Vec<Vec<crate::net::overrides::NetOverride>>,
         op: Option<&OpHandle>,
     ) -> Result<Vec<VmInfo>, ApiError> {
