@@ -59,7 +59,9 @@ pub struct FleetRound {
     /// `shared` (one base per snapshot) or `private` (a copy per clone: the baseline).
     pub memory: &'static str,
     pub all_running_ms: f64,
-    pub all_first_instruction_ms: f64,
+    /// Private clones: every clone had a page fault served or exited to the VMM. Shared
+    /// clones: none, since a clone whose pages the base already holds runs without either.
+    pub all_first_instruction_ms: Option<f64>,
     /// memfill: every clone finished a pass over its memory; touch: none (the clones wait).
     pub all_working_set_ms: Option<f64>,
     pub all_resident_ms: f64,
@@ -189,16 +191,20 @@ fn round(
         .as_array()
         .map(|a| a.iter().filter_map(|v| v["name"].as_str().map(String::from)).collect())
         .unwrap_or_default();
-    // A clone has run once its page server served a fault or it exited to the VMM.
-    let first = wait_until("every clone's first fault", || {
-        for name in &names {
-            let info = call(sock, "GET", &format!("/vms/{name}"), None)?;
-            if info["lazy_faults"].as_u64().unwrap_or(0) == 0 && info["first_exit_ms"].is_null() {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })?;
+    // A private clone has run once its page server served a fault or it exited to the VMM.
+    let first = (memory == "private")
+        .then(|| {
+            wait_until("every clone's first fault", || {
+                for name in &names {
+                    let info = call(sock, "GET", &format!("/vms/{name}"), None)?;
+                    if info["lazy_faults"].as_u64().unwrap_or(0) == 0 && info["first_exit_ms"].is_null() {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            })
+        })
+        .transpose()?;
     let ws = match guest {
         FleetGuest::Memfill => Some(wait_until("every clone's next full pass", || {
             for name in &names {
@@ -224,7 +230,7 @@ fn round(
         guest,
         memory,
         all_running_ms: ms(running),
-        all_first_instruction_ms: ms(first),
+        all_first_instruction_ms: first.map(ms),
         all_working_set_ms: ws.map(ms),
         all_resident_ms: ms(resident),
         daemon_rss_bytes: rss_kib(pid) * 1024,
@@ -260,9 +266,14 @@ pub fn measure(args: &FleetBenchArgs) -> Result<FleetReport, CliError> {
     for &guest in &args.guest {
         let snap = golden(&sock, guest, args.mem_mib)?;
         for &n in &args.counts {
-            rounds.push(round(&sock, pid, &snap, guest, n, "shared")?);
-            if args.baseline {
-                rounds.push(round(&sock, pid, &snap, guest, n, "private")?);
+            for memory in ["shared", "private"] {
+                if memory == "private" && !args.baseline {
+                    continue;
+                }
+                let r = round(&sock, pid, &snap, guest, n, memory)?;
+                // Each round as it ends, on stderr: a long run cut short keeps what it measured.
+                eprintln!("bench fleet: {}", serde_json::to_string(&r).map_err(|e| fail(e.to_string()))?);
+                rounds.push(r);
             }
         }
     }
@@ -313,15 +324,16 @@ pub fn run(args: FleetBenchArgs) -> Result<(), CliError> {
     );
     for x in &r.rounds {
         let ws = x.all_working_set_ms.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+        let first = x.all_first_instruction_ms.map_or("-".to_string(), |v| format!("{v:.0} ms"));
         // What the guests' memory costs against one guest's memory.
         let per = (x.guest_pss_bytes + x.base_bytes) as f64 / (r.mem_mib << 20) as f64;
         println!(
-            "{:>8} {:>7} {:>8} {:>7.0} ms {:>7.0} ms {:>10} {:>7.0} ms {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>6.2}x",
+            "{:>8} {:>7} {:>8} {:>7.0} ms {:>10} {:>10} {:>7.0} ms {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>6.2}x",
             format!("{:?}", x.guest).to_lowercase(),
             x.clones,
             x.memory,
             x.all_running_ms,
-            x.all_first_instruction_ms,
+            first,
             ws,
             x.all_resident_ms,
             mib(x.daemon_rss_bytes),
