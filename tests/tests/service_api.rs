@@ -459,11 +459,28 @@ fn bench_fleet_runs_small() {
     let o = common::snapvisor(&["bench", "fleet", "--counts", "2", "--mem-mib", "16", "--idle", "2", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).expect("json");
-    let r = &v["rounds"][0];
-    assert_eq!(r["clones"], 2);
+    let rounds = v["rounds"].as_array().expect("rounds");
+    let row = |guest: &str, memory: &str| {
+        rounds.iter().find(|r| r["guest"] == guest && r["memory"] == memory).unwrap_or_else(|| panic!("{v}"))
+    };
+    for r in rounds {
+        assert_eq!(r["clones"], 2);
+        for key in ["all_running_ms", "all_resident_ms", "daemon_rss_bytes", "guest_pss_bytes", "store_read_bytes"] {
+            assert!(r[key].as_f64().is_some(), "{key}: {r}");
+        }
+    }
+    // Private clones show their first fault; shared ones run without one once the base has
+    // their pages.
+    let r = row("memfill", "private");
     let (run, first, ws) =
         (r["all_running_ms"].as_f64(), r["all_first_instruction_ms"].as_f64(), r["all_working_set_ms"].as_f64());
     assert!(run <= first && first <= ws, "{v}");
+    let r = row("memfill", "shared");
+    assert!(r["all_running_ms"].as_f64() <= r["all_working_set_ms"].as_f64(), "{v}");
+    // touch clones wait for their go: no working set, and their memory is read, not written.
+    let r = row("touch", "shared");
+    assert!(r["all_working_set_ms"].is_null(), "{v}");
+    assert!(r["base_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
     assert!(v["idle_kib_per_vm"].as_f64().is_some());
 }
 

@@ -1,11 +1,16 @@
 //! `snapvisor bench fleet`: lazy clones through the daemon, many at once.
 //!
-//! Starts `snapvisor serve` on a temporary socket and state directory, runs a `memfill`
-//! guest there, snapshots it, and for each count asks the daemon for that many lazy clones in
-//! one request. Reported per count: time until the daemon answered with every clone running,
-//! until every clone had run (its first page fault served), and until every clone had finished a
-//! whole pass over its memory (its working set: memfill touches all of it); and the daemon's
-//! resident memory. Then: how much memory each of `--idle` idle VMs costs the daemon.
+//! Starts `snapvisor serve` on a temporary socket and state directory, and per guest
+//! (`--guest memfill,touch`) runs it there and snapshots it: memfill after a pass, touch
+//! with its memory filled, waiting for its go. For each count it asks the daemon for that many
+//! lazy clones in one request, once with shared memory (the default: one base per snapshot)
+//! and once with private copies (`"memory": "private"`, the baseline), each round on its own.
+//! Reported per round: time until the daemon answered with every clone running, until every
+//! clone had run (its first page fault served), until every memfill clone had finished a pass
+//! over its memory (its working set: memfill rewrites all of it; touch clones wait and write
+//! nothing), until every clone was fully resident; then the daemon's RSS, the Pss of its
+//! guest-memory mappings, the memory in shared bases, and the bytes read from the store
+//! (all from the daemon's /metrics). Then: how much memory each of `--idle` idle VMs costs.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -25,6 +30,13 @@ pub struct FleetBenchArgs {
     /// Memory of each VM, MiB.
     #[arg(long, default_value_t = 64)]
     pub mem_mib: u64,
+    /// Guests to clone: `memfill` (rewrites all its memory, a pass is its working set) and
+    /// `touch` (memory filled, waiting for its go: the clones only read).
+    #[arg(long, value_delimiter = ',', default_value = "memfill,touch")]
+    pub guest: Vec<FleetGuest>,
+    /// Also run each round with private-copy clones (today's baseline), in the same run.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub baseline: bool,
     /// Idle VMs for the density measurement (0 to skip).
     #[arg(long, default_value_t = 100)]
     pub idle: usize,
@@ -33,13 +45,33 @@ pub struct FleetBenchArgs {
     pub json: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FleetGuest {
+    Memfill,
+    Touch,
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct FleetRound {
     pub clones: usize,
+    pub guest: FleetGuest,
+    /// `shared` (one base per snapshot) or `private` (a copy per clone: the baseline).
+    pub memory: &'static str,
     pub all_running_ms: f64,
-    pub all_first_instruction_ms: f64,
-    pub all_working_set_ms: f64,
-    pub daemon_rss_mib: f64,
+    /// Private clones: every clone had a page fault served or exited to the VMM. Shared
+    /// clones: none, since a clone whose pages the base already holds runs without either.
+    pub all_first_instruction_ms: Option<f64>,
+    /// memfill: every clone finished a pass over its memory; touch: none (the clones wait).
+    pub all_working_set_ms: Option<f64>,
+    pub all_resident_ms: f64,
+    pub daemon_rss_bytes: u64,
+    /// Pss of every guest-memory mapping of the daemon (a page shared by N clones counts
+    /// 1/N in each), all clones resident.
+    pub guest_pss_bytes: u64,
+    /// Memory in shared bases (pages no clone maps are in no Pss and no RSS: add it).
+    pub base_bytes: u64,
+    pub store_read_bytes: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -83,6 +115,19 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A gauge from the daemon's /metrics (0 when missing).
+fn metric(sock: &Path, name: &str) -> Result<u64, CliError> {
+    let (status, text) = request(sock, "GET", "/metrics", None)?;
+    if status >= 300 {
+        return Err(fail(format!("GET /metrics: {status}")));
+    }
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64))
+}
+
 /// Completed memfill pass lines in a VM's serial log.
 fn passes(sock: &Path, vm: &str) -> Result<usize, CliError> {
     let v = call(sock, "GET", &format!("/vms/{vm}/serial"), None)?;
@@ -98,6 +143,105 @@ fn wait_until(what: &str, mut done: impl FnMut() -> Result<bool, CliError>) -> R
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(Instant::now())
+}
+
+/// Makes the golden snapshot of `guest`: memfill after its first pass, touch once it filled
+/// its memory and polls for its go (its exits climb: each poll is an MMIO read).
+fn golden(sock: &Path, guest: FleetGuest, mem_mib: u64) -> Result<String, CliError> {
+    let (name, snap) = match guest {
+        FleetGuest::Memfill => ("src-memfill", "golden-memfill"),
+        FleetGuest::Touch => ("src-touch", "golden-touch"),
+    };
+    let kind = if guest == FleetGuest::Memfill { "memfill" } else { "touch" };
+    call(
+        sock,
+        "POST",
+        "/vms",
+        Some(json!({"name": name, "guest": kind, "mem_mib": mem_mib, "seed": 3, "start": true})),
+    )?;
+    match guest {
+        FleetGuest::Memfill => wait_until("the source's first pass", || Ok(passes(sock, name)? >= 1))?,
+        FleetGuest::Touch => wait_until("the source to fill its memory", || {
+            Ok(call(sock, "GET", &format!("/vms/{name}"), None)?["exits"].as_u64().unwrap_or(0) >= 100)
+        })?,
+    };
+    call(sock, "POST", &format!("/vms/{name}/snapshot"), Some(json!({"name": snap})))?;
+    call(sock, "DELETE", &format!("/vms/{name}"), None)?;
+    Ok(snap.to_string())
+}
+
+fn round(
+    sock: &Path,
+    pid: u32,
+    snap: &str,
+    guest: FleetGuest,
+    n: usize,
+    memory: &'static str,
+) -> Result<FleetRound, CliError> {
+    let read0 = metric(sock, "snapvisor_lazy_store_read_bytes")?;
+    let t0 = Instant::now();
+    let clones = call(
+        sock,
+        "POST",
+        &format!("/snapshots/{snap}/clone"),
+        Some(json!({"prefix": format!("f{n}{memory}-"), "count": n, "mode": "lazy", "memory": memory})),
+    )?;
+    let running = Instant::now();
+    let names: Vec<String> = clones
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v["name"].as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    // A private clone has run once its page server served a fault or it exited to the VMM.
+    let first = (memory == "private")
+        .then(|| {
+            wait_until("every clone's first fault", || {
+                for name in &names {
+                    let info = call(sock, "GET", &format!("/vms/{name}"), None)?;
+                    if info["lazy_faults"].as_u64().unwrap_or(0) == 0 && info["first_exit_ms"].is_null() {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            })
+        })
+        .transpose()?;
+    let ws = match guest {
+        FleetGuest::Memfill => Some(wait_until("every clone's next full pass", || {
+            for name in &names {
+                if passes(sock, name)? == 0 {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?),
+        FleetGuest::Touch => None,
+    };
+    let resident = wait_until("every clone fully resident", || {
+        for name in &names {
+            if call(sock, "GET", &format!("/vms/{name}"), None)?["lazy_resident_ms"].is_null() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    let ms = |t: Instant| t.saturating_duration_since(t0).as_secs_f64() * 1e3;
+    let r = FleetRound {
+        clones: n,
+        guest,
+        memory,
+        all_running_ms: ms(running),
+        all_first_instruction_ms: first.map(ms),
+        all_working_set_ms: ws.map(ms),
+        all_resident_ms: ms(resident),
+        daemon_rss_bytes: rss_kib(pid) * 1024,
+        guest_pss_bytes: metric(sock, "snapvisor_guest_memory_pss_bytes")?,
+        base_bytes: metric(sock, "snapvisor_shared_base_filled_bytes")?,
+        store_read_bytes: metric(sock, "snapvisor_lazy_store_read_bytes")?.saturating_sub(read0),
+    };
+    for name in &names {
+        call(sock, "DELETE", &format!("/vms/{name}"), None)?;
+    }
+    Ok(r)
 }
 
 pub fn measure(args: &FleetBenchArgs) -> Result<FleetReport, CliError> {
@@ -118,61 +262,20 @@ pub fn measure(args: &FleetBenchArgs) -> Result<FleetReport, CliError> {
     let pid = daemon.0.id();
     wait_until("the daemon's socket", || Ok(sock.exists()))?;
 
-    call(
-        &sock,
-        "POST",
-        "/vms",
-        Some(json!({"name": "source", "guest": "memfill", "mem_mib": args.mem_mib, "seed": 3, "start": true})),
-    )?;
-    wait_until("the source's first pass", || Ok(passes(&sock, "source")? >= 1))?;
-    call(&sock, "POST", "/vms/source/snapshot", Some(json!({"name": "golden"})))?;
-    call(&sock, "DELETE", "/vms/source", None)?;
-
     let mut rounds = Vec::new();
-    for &n in &args.counts {
-        let t0 = Instant::now();
-        let clones = call(
-            &sock,
-            "POST",
-            "/snapshots/golden/clone",
-            Some(json!({"prefix": format!("f{n}-"), "count": n, "mode": "lazy"})),
-        )?;
-        let running = Instant::now();
-        let names: Vec<String> = clones
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v["name"].as_str().map(String::from)).collect())
-            .unwrap_or_default();
-        // A clone has run once its page server served a fault (memfill exits to the VMM only
-        // when it prints, at the end of a pass).
-        let first = wait_until("every clone's first fault", || {
-            for name in &names {
-                let info = call(&sock, "GET", &format!("/vms/{name}"), None)?;
-                if info["lazy_faults"].as_u64().unwrap_or(0) == 0 && info["first_exit_ms"].is_null() {
-                    return Ok(false);
+    for &guest in &args.guest {
+        let snap = golden(&sock, guest, args.mem_mib)?;
+        for &n in &args.counts {
+            for memory in ["shared", "private"] {
+                if memory == "private" && !args.baseline {
+                    continue;
                 }
+                let r = round(&sock, pid, &snap, guest, n, memory)?;
+                // Each round as it ends, on stderr: a long run cut short keeps what it measured.
+                eprintln!("bench fleet: {}", serde_json::to_string(&r).map_err(|e| fail(e.to_string()))?);
+                rounds.push(r);
             }
-            Ok(true)
-        })?;
-        let ws = wait_until("every clone's next full pass", || {
-            for name in &names {
-                if passes(&sock, name)? == 0 {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        })?;
-        let rss = rss_kib(pid);
-        for name in &names {
-            call(&sock, "DELETE", &format!("/vms/{name}"), None)?;
         }
-        let ms = |t: Instant| t.saturating_duration_since(t0).as_secs_f64() * 1e3;
-        rounds.push(FleetRound {
-            clones: n,
-            all_running_ms: ms(running),
-            all_first_instruction_ms: ms(first),
-            all_working_set_ms: ms(ws),
-            daemon_rss_mib: rss as f64 / 1024.0,
-        });
     }
 
     let before = rss_kib(pid);
@@ -202,17 +305,45 @@ pub fn run(args: FleetBenchArgs) -> Result<(), CliError> {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| fail(e.to_string()))?);
         return Ok(());
     }
-    println!("lazy clones of a {} MiB memfill guest through the daemon, all at once", r.mem_mib);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("lazy clones of a {} MiB guest through the daemon, all at once", r.mem_mib);
     println!(
-        "{:>7} {:>16} {:>18} {:>18} {:>16}",
-        "clones", "all running ms", "all 1st fault ms", "all ws done ms", "daemon RSS MiB"
+        "{:>8} {:>7} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7}",
+        "guest",
+        "clones",
+        "memory",
+        "running",
+        "1st fault",
+        "ws done",
+        "resident",
+        "RSS MiB",
+        "PSS MiB",
+        "base MiB",
+        "read MiB",
+        "mem/vm"
     );
     for x in &r.rounds {
+        let ws = x.all_working_set_ms.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+        let first = x.all_first_instruction_ms.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+        // What the guests' memory costs against one guest's memory.
+        let per = (x.guest_pss_bytes + x.base_bytes) as f64 / (r.mem_mib << 20) as f64;
         println!(
-            "{:>7} {:>16.0} {:>18.0} {:>18.0} {:>16.0}",
-            x.clones, x.all_running_ms, x.all_first_instruction_ms, x.all_working_set_ms, x.daemon_rss_mib
+            "{:>8} {:>7} {:>8} {:>7.0} ms {:>10} {:>10} {:>7.0} ms {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>6.2}x",
+            format!("{:?}", x.guest).to_lowercase(),
+            x.clones,
+            x.memory,
+            x.all_running_ms,
+            first,
+            ws,
+            x.all_resident_ms,
+            mib(x.daemon_rss_bytes),
+            mib(x.guest_pss_bytes),
+            mib(x.base_bytes),
+            mib(x.store_read_bytes),
+            per
         );
     }
+    println!("mem/vm: (guest PSS + base) against one guest's memory");
     if r.idle_vms > 0 {
         println!("idle density: {} idle VMs cost the daemon {:.0} KiB each", r.idle_vms, r.idle_kib_per_vm);
     }

@@ -185,6 +185,9 @@ pub struct VmInfo {
     pub first_exit_ms: Option<f64>,
     /// Lazy restores: page faults served so far (the guest runs once there is one).
     pub lazy_faults: Option<u64>,
+    /// Lazy restores: when every page had arrived (ms after the restore), once it has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_resident_ms: Option<f64>,
     /// Exits to the VMM (port I/O and MMIO) so far.
     pub exits: u64,
     /// The MACs its NICs have (picked ones included), in NIC order, once it has been built.
@@ -332,6 +335,11 @@ impl Actor {
             exit: self.vm.as_ref().and_then(|v| v.control().exit_reason()),
             first_exit_ms: self.vm.as_ref().and_then(|v| v.time_to_first_exit()).map(|d| d.as_secs_f64() * 1e3),
             lazy_faults: self.vm.as_ref().and_then(snapshot::restore::lazy_stats).map(|s| s.faults),
+            lazy_resident_ms: self
+                .vm
+                .as_ref()
+                .and_then(snapshot::restore::lazy_stats)
+                .and_then(|s| s.resident_after_ms),
             exits: self.vm.as_ref().map_or(0, |v| v.control().exits()),
             macs: self.vm.as_ref().map(|v| v.spec().net.iter().filter_map(|n| n.mac).collect()).unwrap_or_default(),
         }

@@ -117,6 +117,10 @@ struct CloneReq {
     /// A clone's NIC that no override gives a MAC gets a new one.
     #[serde(default)]
     network_overrides: Vec<Vec<NetOverride>>,
+    /// Lazy clones: `shared` (the default) maps one copy of the snapshot's memory into every
+    /// clone, copy-on-write; `private` gives each clone its own copy of every page.
+    #[serde(default)]
+    memory: super::clone::CloneMemory,
 }
 
 /// Decodes `bytes` as the JSON body of every route that takes one, with the types those
@@ -315,7 +319,7 @@ async fn restore_snapshot(
 ) -> Result<Response, ApiError> {
     let mut r = body(b)?;
     super::net_api::resolve_overrides(&mut r.network_overrides, &d.images)?;
-    let info = d.restore_as(&name, &r.vm, r.mode, false, r.network_overrides).await?;
+    let info = d.restore_as(&name, &r.vm, r.mode, false, false, r.network_overrides).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -335,7 +339,10 @@ async fn clone_snapshot(
     let op = c.background.then(|| d.ops.start("clone"));
     let run = {
         let op = op.clone();
-        async move { d.clone_snapshot(&name, &c.prefix, c.count, c.mode, c.network_overrides, op.as_ref()).await }
+        async move {
+            let (prefix, mode, memory) = (c.prefix, c.mode, c.memory);
+            d.clone_snapshot(&name, &prefix, c.count, (mode, memory), c.network_overrides, op.as_ref()).await
+        }
     };
     let Some(op) = op else {
         return Ok((StatusCode::CREATED, Json(run.await?)).into_response());

@@ -118,6 +118,9 @@ pub enum SnapshotCommand {
         count: usize,
         #[arg(long, value_enum, default_value_t = RestoreMode::Lazy)]
         mode: RestoreMode,
+        /// Lazy clones: share one copy of the snapshot's memory, or give each its own.
+        #[arg(long, value_enum, default_value_t = super::clone::CloneMemory::Shared)]
+        memory: super::clone::CloneMemory,
     },
     List,
     Delete {
@@ -312,8 +315,8 @@ pub fn snapshot(a: ClientArgs, cmd: SnapshotCommand) -> Result<(), CliError> {
                 call(&a, "POST", &format!("/snapshots/{snapshot}/restore"), Some(json!({ "vm": vm, "mode": mode })))?;
             print_vms(&a, &text)?;
         }
-        SnapshotCommand::Clone { snapshot, prefix, count, mode } => {
-            let body = json!({ "prefix": prefix, "count": count, "mode": mode, "async": true });
+        SnapshotCommand::Clone { snapshot, prefix, count, mode, memory } => {
+            let body = json!({ "prefix": prefix, "count": count, "mode": mode, "memory": memory, "async": true });
             let op = call(&a, "POST", &format!("/snapshots/{snapshot}/clone"), Some(body))?;
             let text = wait_operation(&a, &op, |p| format!("{} of {} clones running", p["restored"], p["of"]))?;
             print_vms(&a, &text)?;

@@ -4,6 +4,10 @@
 //! name fails the request with nothing made. The restores then run concurrently; if any
 //! fails (a name taken meanwhile, the store, KVM), the clones already made are deleted again
 //! and the error names the clone that failed, why, and the clones that were made and removed.
+//!
+//! Lazy clones share the snapshot's memory by default ([`CloneMemory::Shared`]): one base
+//! per snapshot, mapped copy-on-write by every clone; `"memory": "private"` gives each clone
+//! its own copy, as before (the benchmark's baseline). Eager clones always get their own.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -14,14 +18,27 @@ use super::error::ApiError;
 use super::ops::OpHandle;
 use crate::snapshot::RestoreMode;
 
+/// How lazy clones hold the snapshot's memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneMemory {
+    /// One copy of the snapshot's memory, decompressed once into a base every clone maps
+    /// copy-on-write (snapshot/shared_base.rs).
+    #[default]
+    Shared,
+    /// Every clone gets its own copy of every page (the page server copies each in).
+    Private,
+}
+
 impl Daemon {
-    /// Restores `count` clones of `snapshot` as `<prefix>0`..; all of them or none.
+    /// Restores `count` clones of `snapshot` as `<prefix>0`..; all of them or none; each restored
+    /// in `mode`, lazy ones with `memory` shared or private.
     pub async fn clone_snapshot(
         self: &Arc<Self>,
         snapshot: &str,
         prefix: &str,
         count: usize,
-        mode: RestoreMode,
+        (mode, memory): (RestoreMode, CloneMemory),
         network_overrides: Vec<Vec<crate::net::overrides::NetOverride>>,
         op: Option<&OpHandle>,
     ) -> Result<Vec<VmInfo>, ApiError> {
@@ -47,7 +64,7 @@ impl Daemon {
             tasks.push(tokio::spawn(async move {
                 // A clone is a new identity: it gets a new VMGenID generation (firmware VMs) and
                 // new MACs (unless its overrides give them).
-                let r = d.restore_as(&snap, &vm, mode, true, net).await;
+                let r = d.restore_as(&snap, &vm, mode, true, memory == CloneMemory::Shared, net).await;
                 let n = done.fetch_add(1, Relaxed) + 1;
                 if let Some(op) = &op {
                     op.progress(serde_json::json!({ "restored": n, "of": count }));

@@ -244,6 +244,7 @@ impl Daemon {
                 exit: None,
                 first_exit_ms: None,
                 lazy_faults: None,
+                lazy_resident_ms: None,
                 exits: 0,
                 macs: vm.as_ref().map(|v| v.spec().net.iter().filter_map(|n| n.mac).collect()).unwrap_or_default(),
             },
@@ -436,18 +437,20 @@ impl Daemon {
         name: &str,
         mode: RestoreMode,
     ) -> Result<VmInfo, ApiError> {
-        self.restore_as(snapshot_name, name, mode, false, Vec::new()).await
+        self.restore_as(snapshot_name, name, mode, false, false, Vec::new()).await
     }
 
     /// Restores `snapshot` as a new running VM `name`; `clone` gives it a new VMGenID
     /// generation and its NICs new MACs (unless an override sets one); `net_overrides` moves
-    /// NICs to other taps and/or MACs (`crate::net::overrides`).
+    /// NICs to other taps and/or MACs (`crate::net::overrides`); `share_memory` (lazy clones)
+    /// maps the snapshot's memory from a base shared with its other clones.
     pub async fn restore_as(
         self: &Arc<Self>,
         snapshot_name: &str,
         name: &str,
         mode: RestoreMode,
         clone: bool,
+        share_memory: bool,
         net_overrides: Vec<crate::net::overrides::NetOverride>,
     ) -> Result<VmInfo, ApiError> {
         validate_name("VM", name)?;
@@ -468,6 +471,7 @@ impl Daemon {
                 new_generation: clone,
                 new_macs: clone,
                 net_overrides,
+                shared_base: share_memory.then(snapshot::shared_base::shared_bases),
                 ..logs.restore_options(mode, pin_holder)
             };
             let (mut vm, _) = snapshot::restore(&this.store, &snap, opts).map_err(|e| ApiError::from_snapshot(&e))?;

@@ -104,7 +104,16 @@ impl Metrics {
 /// `StoreOptions::cache_capacity`, 64 MiB by default).
 pub fn render_process(out: &mut String) {
     let cache = crate::snapshot::restore::shared_cache();
-    let gauges: [(&str, &str, u64); 3] = [
+    let bases = crate::snapshot::shared_base::shared_bases().live();
+    let base_filled: u64 = bases.iter().map(|b| b.stats().bytes_filled).sum();
+    let gauges: [(&str, &str, u64); 6] = [
+        ("snapvisor_shared_bases", "Snapshots whose memory lazy clones share (one base each).", bases.len() as u64),
+        ("snapvisor_shared_base_filled_bytes", "Snapshot memory held in shared bases.", base_filled),
+        (
+            "snapvisor_lazy_store_read_bytes",
+            "Bytes lazy restores and shared bases have read from the store since the daemon started.",
+            migrate::snapshot::ram_io::LAZY_STORE_BYTES_READ.load(std::sync::atomic::Ordering::Relaxed),
+        ),
         ("snapvisor_chunk_cache_bytes", "Decompressed chunks held for lazy restores.", cache.bytes() as u64),
         (
             "snapvisor_chunk_cache_capacity_bytes",
@@ -120,6 +129,7 @@ pub fn render_process(out: &mut String) {
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
+    drop(bases);
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |key: &str| -> Option<u64> {
         status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
@@ -131,10 +141,49 @@ pub fn render_process(out: &mut String) {
             kib * 1024
         );
     }
+    let (rss, pss) = guest_memory_usage();
+    let _ = writeln!(
+        out,
+        "# HELP snapvisor_guest_memory_rss_bytes Resident guest memory (every VM's RAM blocks; pages shared between clones counted in each).\n# TYPE snapvisor_guest_memory_rss_bytes gauge\nsnapvisor_guest_memory_rss_bytes {rss}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP snapvisor_guest_memory_pss_bytes Proportional guest memory (a page shared by N mappings counts 1/N in each): what the VMs' memory costs the host.\n# TYPE snapvisor_guest_memory_pss_bytes gauge\nsnapvisor_guest_memory_pss_bytes {pss}"
+    );
     if let Some(n) = field("Threads:") {
         let _ = writeln!(out, "# HELP snapvisor_process_threads Threads of the daemon.\n# TYPE snapvisor_process_threads gauge\nsnapvisor_process_threads {n}");
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
         let _ = writeln!(out, "# HELP snapvisor_process_open_fds Open file descriptors of the daemon.\n# TYPE snapvisor_process_open_fds gauge\nsnapvisor_process_open_fds {}", fds.count());
     }
+}
+
+/// (Rss, Pss) in bytes of the mappings of every live RAM block in this process, from
+/// /proc/self/smaps.
+pub fn guest_memory_usage() -> (u64, u64) {
+    let ranges = migrate::ram::live_ram_ranges();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let (mut rss, mut pss) = (0, 0);
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                // A block's reservation may be split into several mappings (a base mapped
+                // over its start): each lies inside one reservation.
+                inside = ranges.iter().any(|&(s, e)| a >= s && b <= e);
+                continue;
+            }
+        }
+        if !inside {
+            continue;
+        }
+        let kib = |v: &str| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+        if let Some(v) = line.strip_prefix("Rss:") {
+            rss += kib(v);
+        } else if let Some(v) = line.strip_prefix("Pss:") {
+            pss += kib(v);
+        }
+    }
+    (rss, pss)
 }

@@ -19,6 +19,7 @@ pub mod mode;
 pub mod net_state;
 pub mod restore;
 pub mod save;
+pub mod shared_base;
 pub mod vcpu_state;
 pub mod xsave;
 

@@ -92,6 +92,9 @@ pub struct RestoreOptions {
     /// --track-dirty` turns it on): the VM's first snapshot is full, and from then on it keeps
     /// tracking and its repeat snapshots are incremental.
     pub track_dirty: bool,
+    /// Lazy: map the snapshot's memory from a base shared with the other clones of it in this
+    /// process (shared_base.rs) instead of giving this VM a private copy of every page.
+    pub shared_base: Option<Arc<migrate::lazy::BaseRegistry>>,
 }
 
 impl RestoreOptions {
@@ -112,6 +115,7 @@ impl RestoreOptions {
             fill_threads: migrate::lazy::default_fill_threads(),
             pin_holder: format!("a restore in process {}", std::process::id()),
             track_dirty: false,
+            shared_base: None,
         }
     }
 }
@@ -233,17 +237,30 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
                 .map(|b| LazyBlock { idstr: b.idstr().to_string(), host: b.host_addr() as usize, len: b.used_length() })
                 .collect();
             let control = vm.control().clone();
-            let server = PageServer::start(
-                lazy,
-                Arc::new(StorePageSource::new(reader.clone(), opts.cache.clone())),
-                ServerOptions {
-                    prefetch,
-                    background_fill: opts.background_fill,
-                    record_faults: true,
-                    fill_threads: opts.fill_threads,
-                },
-                Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() })),
-            )?;
+            let on_error: Box<dyn Fn(&migrate::lazy::LazyError) + Send + Sync> =
+                Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() }));
+            let server = match &opts.shared_base {
+                Some(bases) => {
+                    let base_opts = migrate::lazy::BaseOptions {
+                        prefetch,
+                        background_fill: opts.background_fill,
+                        ..Default::default()
+                    };
+                    let base = super::shared_base::base_for(bases, store, name, &reader, base_opts)?;
+                    super::shared_base::start_on_base(&blocks, base, on_error)?
+                }
+                None => PageServer::start(
+                    lazy,
+                    Arc::new(StorePageSource::new(reader.clone(), opts.cache.clone())),
+                    ServerOptions {
+                        prefetch,
+                        background_fill: opts.background_fill,
+                        record_faults: true,
+                        fill_threads: opts.fill_threads,
+                    },
+                    on_error,
+                )?,
+            };
             prefetch_chunks = server.prefetch_len();
             vm.registry().add_listener(server.resize_guard());
             server.hold_until_resident(Box::new(pin));

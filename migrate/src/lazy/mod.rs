@@ -46,13 +46,21 @@
 //!
 //! Resizes. While a block is not fully resident, a resize of it is refused (the server
 //! registers a RAM-block listener that vetoes it).
+//!
+//! Clones. Clones of one snapshot can instead share a *base* (base.rs): the snapshot's
+//! memory decompressed once into memfds that every clone maps copy-on-write, served on
+//! missing faults of the shared mapping (base_server.rs). The guarantees above hold there
+//! too; base.rs says how.
 
+mod base;
+mod base_server;
 mod cache;
 mod place;
 mod server;
 mod serving;
 mod stats;
 
+pub use base::{Base, BaseOptions, BaseRegistry, BaseStats};
 pub use cache::ChunkCache;
 pub use server::{default_fill_threads, LazyBlock, PageServer, ServerOptions, MAX_DEFAULT_FILL_THREADS};
 pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
@@ -101,6 +109,8 @@ pub enum LazyError {
     Panicked { thread: &'static str, message: String },
     #[error("lazy restore: the page server stopped before the prefetch list was loaded")]
     Stopped,
+    #[error("shared memory base of RAM block '{idstr}': {reason}")]
+    Base { idstr: String, reason: String },
     #[error("starting the page server's {thread} thread: {reason}")]
     Thread { thread: &'static str, reason: String },
 }

@@ -106,7 +106,11 @@ fn first_present_page(host: usize, len: u64) -> Result<Option<u64>, String> {
     Ok(None)
 }
 
-fn run_guarded(shared: &Arc<Shared>, thread: &'static str, f: impl FnOnce(&Shared) -> Result<(), LazyError>) {
+pub(super) fn run_guarded(
+    shared: &Arc<Shared>,
+    thread: &'static str,
+    f: impl FnOnce(&Shared) -> Result<(), LazyError>,
+) {
     match catch_unwind(AssertUnwindSafe(|| f(shared))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => shared.fail(e),
@@ -215,6 +219,7 @@ impl PageServer {
             hold: Mutex::new(None),
             prefetch,
             cursor: AtomicUsize::new(0),
+            base: None,
         });
         if total == 0 {
             shared.stats.mark_resident();
@@ -260,6 +265,14 @@ impl PageServer {
     /// server's failure, reported through `on_error` as well, and names the chunk.
     pub fn load_prefetch(&self) -> Result<(), LazyError> {
         self.shared.load_prefetch()
+    }
+
+    pub(super) fn from_parts(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> PageServer {
+        PageServer { shared, threads, released: Mutex::new(false) }
+    }
+
+    pub(super) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     pub fn stats(&self) -> &LazyStats {

@@ -78,6 +78,8 @@ pub(super) struct Shared {
     /// own thread when it loads the list before the first instruction) takes entries from it,
     /// so the list is loaded in order by as many threads as there are.
     pub(super) cursor: AtomicUsize,
+    /// A clone's shared base, when its blocks map one (base_server.rs).
+    pub(super) base: Option<super::base_server::BaseLink>,
 }
 
 #[derive(Clone, Copy)]
@@ -286,6 +288,9 @@ impl Shared {
     /// this runs, and a vCPU finds the stop (its kick signal pending) before it re-enters the
     /// guest. The VM is failed for good; its memory is thrown away with it.
     pub(super) fn release_faults(&self) {
+        if self.base.is_some() {
+            self.detach_from_base();
+        }
         for b in &self.blocks {
             if let Err(e) = self.uffd.unregister(b.desc.host as *mut libc::c_void, b.desc.len as usize) {
                 tracing::warn!("lazy restore failed: unregistering RAM block {}: {e}", b.desc.idstr);

@@ -1,6 +1,7 @@
 //! One RAM block: a host mapping reserved at `max_length`, of which `used_length` is in use.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::error::RamError;
@@ -36,6 +37,10 @@ pub struct RamBlock {
     dirty: Vec<AtomicU64>,
     /// Serialises resizes of this block.
     pub(super) resize_lock: Mutex<()>,
+    /// Part of the mapping is a private mapping of a shared file (a clone's base, see
+    /// [`RamBlock::map_base`]): dropping pages there would bring the file's bytes back, so
+    /// [`RamBlock::discard`] maps fresh anonymous memory instead.
+    file_backed: AtomicBool,
 }
 
 // SAFETY: `host` points at a private mapping owned by this block for its whole life; all
@@ -53,6 +58,15 @@ impl std::fmt::Debug for RamBlock {
             .field("resizeable", &self.resizeable)
             .finish()
     }
+}
+
+/// Host mappings of every live RAM block in this process: start -> length. For measuring
+/// what guest memory costs (the daemon's guest-memory PSS), never for access.
+static LIVE_MAPPINGS: Mutex<std::collections::BTreeMap<usize, usize>> = Mutex::new(std::collections::BTreeMap::new());
+
+/// The host ranges (start, end) of every live RAM block in this process.
+pub fn live_ram_ranges() -> Vec<(usize, usize)> {
+    LIVE_MAPPINGS.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(&s, &l)| (s, s + l)).collect()
 }
 
 pub(super) fn host_page_size() -> u64 {
@@ -108,6 +122,7 @@ impl RamBlock {
             });
         }
         let pages = max / page_size;
+        LIVE_MAPPINGS.lock().unwrap_or_else(PoisonError::into_inner).insert(host as usize, len);
         Ok(RamBlock {
             idstr: cfg.idstr,
             host: host.cast(),
@@ -119,6 +134,7 @@ impl RamBlock {
             hook: Mutex::new(None),
             dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             resize_lock: Mutex::new(()),
+            file_backed: AtomicBool::new(false),
         })
     }
 
@@ -184,6 +200,9 @@ impl RamBlock {
     /// zero afterwards and no longer hold host memory, and they are *missing*, so userfaultfd
     /// can serve them (a present page makes `UFFDIO_COPY` fail with `EEXIST`). The range is
     /// marked dirty, since its contents changed.
+    ///
+    /// A block backed by a base ([`RamBlock::map_base`]) behaves the same: `MADV_DONTNEED`
+    /// would bring back the base's bytes, not zeros, so the range gets fresh anonymous memory.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), RamError> {
         let host_page = host_page_size();
         let inside = offset.checked_add(len).is_some_and(|end| end <= self.max_length);
@@ -198,10 +217,32 @@ impl RamBlock {
         if len == 0 {
             return Ok(());
         }
-        // SAFETY: the range is page-aligned and inside this block's private anonymous mapping,
-        // which only this block owns; MADV_DONTNEED replaces its pages with zero-fill-on-demand
-        // memory and touches nothing outside the range. Concurrent readers see old or zero bytes.
-        let r = unsafe { libc::madvise(self.host.add(offset as usize).cast(), len as usize, libc::MADV_DONTNEED) };
+        let r = if self.file_backed.load(Ordering::Acquire) {
+            // SAFETY: the range is page-aligned and inside this block's reservation, which only
+            // this block owns; MAP_FIXED replaces exactly those pages with zero-fill-on-demand
+            // anonymous memory (KVM follows through its MMU notifier).
+            let p = unsafe {
+                libc::mmap(
+                    self.host.add(offset as usize).cast(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                -1
+            } else {
+                0
+            }
+        } else {
+            // SAFETY: the range is page-aligned and inside this block's private anonymous
+            // mapping, which only this block owns; MADV_DONTNEED replaces its pages with
+            // zero-fill-on-demand memory and touches nothing outside the range. Concurrent
+            // readers see old or zero bytes.
+            unsafe { libc::madvise(self.host.add(offset as usize).cast(), len as usize, libc::MADV_DONTNEED) }
+        };
         if r != 0 {
             return Err(RamError::Discard {
                 idstr: self.idstr.clone(),
@@ -212,6 +253,40 @@ impl RamBlock {
         }
         self.mark_dirty(offset, len);
         Ok(())
+    }
+
+    /// Maps `fd` (a clone's base, bytes `0..len`) copy-on-write over the start of the block:
+    /// reads see the file's pages, writes copy them into this block's own memory. `len` must
+    /// be page-aligned and within the reservation. The block keeps the mapping until it is
+    /// dropped or [`RamBlock::discard`]ed.
+    pub fn map_base(&self, fd: BorrowedFd<'_>, len: u64) -> Result<(), RamError> {
+        let err = |reason: String| RamError::Map { idstr: self.idstr.clone(), len, reason };
+        if len == 0 || len > self.max_length || !len.is_multiple_of(host_page_size()) {
+            return Err(err(format!("a base of {len:#x} bytes does not fit the {:#x}-byte mapping", self.max_length)));
+        }
+        self.file_backed.store(true, Ordering::Release);
+        // SAFETY: `host..host+len` is inside this block's reservation, which only this block
+        // owns; MAP_FIXED replaces exactly those pages with a private (copy-on-write) mapping
+        // of the caller's file, which the mapping keeps open by itself.
+        let p = unsafe {
+            libc::mmap(
+                self.host.cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(err(format!("mapping the base: {}", std::io::Error::last_os_error())));
+        }
+        Ok(())
+    }
+
+    /// True once part of the block is a private mapping of a base ([`RamBlock::map_base`]).
+    pub fn is_base_backed(&self) -> bool {
+        self.file_backed.load(Ordering::Acquire)
     }
 
     /// Sets the hook called after every resize (replacing any earlier one).
@@ -262,5 +337,6 @@ impl Drop for RamBlock {
         // SAFETY: `host` was mapped with `max_length` bytes in `new` and nothing refers to it
         // once the block is dropped (the KVM slot map deletes its slots on removal).
         unsafe { libc::munmap(self.host.cast(), self.max_length as usize) };
+        LIVE_MAPPINGS.lock().unwrap_or_else(PoisonError::into_inner).remove(&(self.host as usize));
     }
 }

@@ -24,7 +24,7 @@ mod tests;
 mod vm_view;
 pub mod wp;
 
-pub use block::{RamBlock, RamBlockConfig, ResizedHook};
+pub use block::{live_ram_ranges, RamBlock, RamBlockConfig, ResizedHook};
 pub use error::RamError;
 pub use guest::{GuestMemory, GuestMemoryError, GuestRegion};
 pub use registry::{ListenerId, RamBlockListener, RamRegistry};

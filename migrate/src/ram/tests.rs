@@ -246,3 +246,36 @@ fn discard_zeroes_pages_and_checks_its_range() {
     assert!(matches!(b.discard(100, PAGE), Err(RamError::Discard { .. })));
     assert!(matches!(b.discard(0, 5 * PAGE), Err(RamError::Discard { .. })));
 }
+
+/// A file of `len` bytes of `byte`, as a clone's base would be.
+fn base_file(len: u64, byte: u8) -> std::fs::File {
+    use std::io::Write;
+    let mut f = tempfile::tempfile().expect("tempfile");
+    f.write_all(&vec![byte; len as usize]).expect("fill");
+    f
+}
+
+#[test]
+fn a_base_backed_block_reads_the_base_writes_its_own_and_discards_to_zeros() {
+    use std::os::fd::AsFd;
+    let reg = RamRegistry::new();
+    let b = reg.add(cfg("pc.ram", 4 * PAGE, 4 * PAGE, false)).expect("add");
+    let file = base_file(4 * PAGE, 0x5a);
+    b.map_base(file.as_fd(), 4 * PAGE).expect("map base");
+    assert!(b.is_base_backed());
+    let mut got = vec![0u8; 4 * PAGE as usize];
+    b.read(0, &mut got).expect("read");
+    assert!(got.iter().all(|&x| x == 0x5a), "reads see the base");
+    b.write(0, &vec![0x11; PAGE as usize]).expect("write");
+    let mut on_disk = vec![0u8; PAGE as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_disk, 0).expect("read file");
+    assert!(on_disk.iter().all(|&x| x == 0x5a), "a write stays the block's own");
+    // Discarding must give zeros, as for a private block: not the base's bytes again.
+    b.take_dirty();
+    b.discard(0, 2 * PAGE).expect("discard");
+    b.read(0, &mut got).expect("read");
+    assert!(got[..2 * PAGE as usize].iter().all(|&x| x == 0), "discarded pages read zero");
+    assert!(got[2 * PAGE as usize..].iter().all(|&x| x == 0x5a), "the rest still maps the base");
+    assert_eq!(b.take_dirty(), vec![0, 1]);
+    assert!(matches!(b.map_base(file.as_fd(), 5 * PAGE), Err(RamError::Map { .. })), "larger than the block");
+}

@@ -123,6 +123,10 @@ pub fn load_block(reader: &SnapshotReader, block: &RamBlock) -> Result<u64, RamI
     Ok(bytes)
 }
 
+/// Bytes lazy restores and shared bases in this process have read from the store (compressed,
+/// as stored): the cost a fleet of clones puts on the store.
+pub static LAZY_STORE_BYTES_READ: AtomicU64 = AtomicU64::new(0);
+
 /// Serves lazy restores from a committed snapshot, through a cache of decompressed chunks
 /// shared with other restores when given one.
 pub struct StorePageSource {
@@ -153,6 +157,7 @@ impl PageSource for StorePageSource {
                     }
                 }
                 let n = self.reader.read_chunk(idstr, offset, buf).map_err(|e| e.to_string())?;
+                LAZY_STORE_BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
                 if let Some(cache) = &self.cache {
                     cache.insert(&hash.0, &buf[..n]);
                 }
