@@ -311,3 +311,35 @@ fn the_base_is_freed_with_its_last_clone() {
     assert!(snapshot::restore::wait_resident(&vm, Duration::from_secs(120)), "resident");
     assert_blocks_match(&vm, &store, "f", &[], "a clone of a new base");
 }
+
+#[test]
+fn a_clone_snapshots_in_the_background_once_its_base_is_complete_and_the_snapshot_holds_its_bytes() {
+    const MEM: u64 = 64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    touch_snapshot(&store, "t", MEM);
+    let bases = BaseRegistry::new();
+    let (mut vm, _) = snapshot::restore(&store, "t", clone_opts(&bases, &SharedOutput::default())).expect("clone");
+    vm.start().expect("start");
+    assert!(snapshot::restore::wait_resident(&vm, Duration::from_secs(120)), "resident");
+    // The clone's own bytes: one page of each MiB written by the host, so the snapshot holds
+    // private pages over shared ones.
+    let ram = vm.registry().get("pc.ram").expect("pc.ram");
+    for off in (0..ram.used_length()).step_by(MIB as usize) {
+        ram.write(off + 0x800, &0xc10e_u64.wrapping_add(off).to_le_bytes()).expect("write");
+    }
+    let report = snapshot::save(&vm, &store, "tc", &SaveOptions::default(), &|_| {}).expect("snapshot of the clone");
+    assert_eq!(report.mode, snapshot::SaveMode::Background, "{:?}", report.mode_reason);
+    assert!(vm.control().exit_reason().is_none(), "the clone runs on");
+    // The clone (still waiting for its go: it writes nothing) equals its snapshot.
+    assert_blocks_match(&vm, &store, "tc", &[], "the clone against its snapshot");
+    let (restored, _) =
+        snapshot::restore(&store, "tc", RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
+            .expect("restore the clone's snapshot");
+    assert_blocks_match(&restored, &store, "tc", &[], "the clone's snapshot restored");
+    let r = restored.registry().get("pc.ram").expect("pc.ram");
+    let mut word = [0u8; 8];
+    r.read(MIB + 0x800, &mut word).expect("read");
+    assert_eq!(u64::from_le_bytes(word), 0xc10e_u64.wrapping_add(MIB), "the clone's own write is in its snapshot");
+    vm.stop("test done");
+}
