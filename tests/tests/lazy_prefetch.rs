@@ -1,7 +1,8 @@
 //! The prefetch modes of lazy restore on real KVM: a prefetch list from the store is untrusted
 //! (bad entries are dropped, the guest still gets the snapshot's bytes), and a corrupt chunk in
 //! it stops the VM with an error naming the chunk, also when the list is loaded before the
-//! first instruction, where the restore itself fails instead of hanging.
+//! first instruction, where the restore itself fails instead of hanging; a damaged list (its
+//! crc) is dropped with a warning, and the restore goes on without it.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -115,4 +116,36 @@ fn a_corrupt_chunk_in_the_prefetch_list_stops_the_vm_naming_it_in_both_modes() {
     };
     assert!(detail.contains("pc.ram") && detail.contains("0x200000"), "{detail}");
     assert!(out.text().is_empty(), "{}", out.text());
+}
+
+#[test]
+fn a_damaged_prefetch_list_costs_the_head_start_not_the_restore() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    let expect = touch_snapshot(&store, "d");
+    let list = [0x20_0000, 0x2a_0000].map(|o| ("pc.ram".to_string(), o));
+    store.put_attachment("d", PREFETCH_ATTACHMENT, &encode_prefetch(&list)).expect("attachment");
+    drop(store);
+    // One bit of the stored list flipped: its crc no longer holds.
+    {
+        let db = sled::open(dir.path()).expect("the store's sled database");
+        let tree = db.open_tree("attachments").expect("attachments");
+        let key = [b"d".as_slice(), &[0], PREFETCH_ATTACHMENT.as_bytes()].concat();
+        let mut v = tree.get(&key).expect("get").expect("the attachment is stored").to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 1;
+        tree.insert(key, v).expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = storage::Store::open(dir.path()).expect("store");
+    assert!(store.attachment("d", PREFETCH_ATTACHMENT).is_err(), "the list is damaged");
+    for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
+        let out = SharedOutput::default();
+        let (mut vm, report) = snapshot::restore(&store, "d", opts(mode, &out)).expect("restore without the list");
+        assert_eq!(report.prefetch_chunks, 0, "{mode:?}: nothing prefetched");
+        vm.devices().go.store(true, Ordering::Release);
+        vm.start().expect("start");
+        assert_eq!(vm.wait(Some(Duration::from_secs(60))), ExitReason::GuestExit { status: 0 }, "{mode:?}");
+        assert_eq!(out.text(), expect, "{mode:?}: the snapshot's bytes all the same");
+    }
 }

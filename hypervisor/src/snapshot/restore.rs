@@ -223,7 +223,15 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
         }
         RestoreMode::Lazy | RestoreMode::LazyPrefetch | RestoreMode::LazyPrefetchBefore => {
             let prefetch = if opts.mode != RestoreMode::Lazy {
-                store.attachment(name, PREFETCH_ATTACHMENT)?.map(|b| decode_prefetch(&b)).unwrap_or_default()
+                // The list only orders loading: a damaged one costs the head start, not the
+                // restore (every chunk is still verified as it is served).
+                match store.attachment(name, PREFETCH_ATTACHMENT) {
+                    Ok(list) => list.map(|b| decode_prefetch(&b)).unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!("snapshot '{name}': prefetch list unreadable, restoring without it: {e}");
+                        Vec::new()
+                    }
+                }
             } else {
                 Vec::new()
             };
