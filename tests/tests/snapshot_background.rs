@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::memfill::{check_continues, wait_lines};
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{snapvisor, snapvisor_bin, start_builtin};
 use devices::bus::BusDevice;
 use devices::fw_cfg::{DMA_CTL_READ, DMA_CTL_SELECT, PORT_BASE, PORT_DMA};
-use hypervisor::guests::{idle, memfill, touch, BootInfo, Builtin, MemfillMode};
+use hypervisor::guests::{idle, touch, Builtin, MemfillMode};
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveHooks, SaveMode, SaveOptions, SnapshotError};
 use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, SharedOutput, Vm, VmConfig};
 
@@ -54,49 +56,6 @@ fn assert_same_ram(got: &Ram, want: &Ram, what: &str) {
     }
 }
 
-fn wait_lines(out: &SharedOutput, n: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let t = out.text();
-        if t.lines().count() >= n || Instant::now() >= deadline {
-            return t;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// `(pass, checksum, mismatches)` of each complete memfill line.
-fn passes(out: &str) -> Vec<(u64, u64, u64)> {
-    let complete = match out.rfind('\n') {
-        Some(i) => &out[..=i],
-        None => "",
-    };
-    complete
-        .lines()
-        .filter(|l| l.starts_with("memfill pass "))
-        .map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            assert_eq!(f.len(), 9, "malformed line {l:?}");
-            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
-            (f[2].parse().expect("pass"), hex(f[6]), f[8].parse().expect("mismatches"))
-        })
-        .collect()
-}
-
-/// The restored guest's output continues the output at the pause exactly: consecutive passes
-/// from 0, each with the right checksum and the previous pattern intact (memfill's verify).
-fn check_continues(before: &str, after: &str, seed: u64, mem_mib: u64) {
-    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(mem_mib << 20));
-    let all = format!("{before}{after}");
-    let p = passes(&all);
-    assert!(p.len() > passes(before).len(), "the restored guest completed no pass:\n{before:?}\n{after:?}");
-    for (i, (pass, sum, mis)) in p.iter().enumerate() {
-        assert_eq!(*pass, i as u64, "passes run in order: {all}");
-        assert_eq!(*mis, 0, "pass {pass} found the previous pattern damaged: {all}");
-        assert_eq!(*sum, memfill::checksum(&ranges, seed + pass), "pass {pass} checksum");
-    }
-}
-
 /// What the hook saw at the pause: every block and the guest's output so far.
 type AtPause = Arc<Mutex<Option<(Ram, String)>>>;
 
@@ -122,7 +81,7 @@ fn a_background_snapshot_of_a_guest_rewriting_all_memory_restores_to_the_pause_f
         mem,
         BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
     );
-    wait_lines(&out, 1);
+    wait_lines(&out, 1, Duration::from_secs(60));
     let mut taken = Vec::new();
     for name in ["full", "incremental"] {
         let (opts, seen) = capturing(&out);
@@ -146,7 +105,7 @@ fn a_background_snapshot_of_a_guest_rewriting_all_memory_restores_to_the_pause_f
                 snapshot::restore(&store, name, RestoreOptions::new(mode, Box::new(out2.clone()))).expect("restore");
             assert_same_ram(&ram_of(&vm2), ram, &format!("{name} restored {mode:?}"));
             vm2.start().expect("start");
-            let after = wait_lines(&out2, 2);
+            let after = wait_lines(&out2, 2, Duration::from_secs(60));
             vm2.stop("test done");
             check_continues(before, &after, seed, mem);
         }
@@ -239,7 +198,7 @@ fn a_resize_during_a_background_snapshot_cancels_it_and_the_vm_runs_on_unprotect
     cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: vec![5; 5000] }];
     let mut vm = Vm::new(cfg).expect("vm");
     vm.start().expect("start");
-    wait_lines(&out, 1);
+    wait_lines(&out, 1, Duration::from_secs(60));
     let hooks = SaveHooks {
         after_protect: Some(Arc::new(|vm: &Vm| {
             vm.registry().resize("/rom@opt/snapvisor/blob", 9000).expect("resize");
@@ -253,7 +212,7 @@ fn a_resize_during_a_background_snapshot_cancels_it_and_the_vm_runs_on_unprotect
     assert!(store.list().expect("list").is_empty(), "nothing committed");
     // The guest runs on.
     let n = out.text().lines().count();
-    wait_lines(&out, n + 1);
+    wait_lines(&out, n + 1, Duration::from_secs(60));
     assert!(out.text().lines().count() > n, "the guest stopped");
     assert!(vm.control().exit_reason().is_none());
     // Nothing is protected any more: a device write goes through without anyone serving it.
@@ -354,7 +313,7 @@ fn a_lazily_restored_vm_once_resident_snapshots_in_the_background_to_the_pause()
         mem,
         BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
     );
-    wait_lines(&out, 1);
+    wait_lines(&out, 1, Duration::from_secs(60));
     let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
     snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
     let before_a = out.text();
@@ -368,7 +327,7 @@ fn a_lazily_restored_vm_once_resident_snapshots_in_the_background_to_the_pause()
     vm2.start().expect("start");
     let server = vm2.page_server().expect("a page server");
     assert!(server.wait_resident(Duration::from_secs(60)), "never resident: {:?}", server.error());
-    wait_lines(&out2, 1);
+    wait_lines(&out2, 1, Duration::from_secs(60));
     let (opts, seen) = capturing(&out2);
     let report = snapshot::save(&vm2, &store, "b", &opts, &|_| {}).expect("snapshot b");
     assert_eq!(report.mode, SaveMode::Background, "{:?}", report.mode_reason);
@@ -389,7 +348,7 @@ fn a_lazily_restored_vm_once_resident_snapshots_in_the_background_to_the_pause()
             snapshot::restore(&store, "b", RestoreOptions::new(mode, Box::new(out3.clone()))).expect("restore b");
         assert_same_ram(&ram_of(&vm3), &ram, &format!("b restored {mode:?}"));
         vm3.start().expect("start");
-        let after = wait_lines(&out3, 2);
+        let after = wait_lines(&out3, 2, Duration::from_secs(60));
         vm3.stop("test done");
         check_continues(&format!("{before_a}{after_restore}"), &after, seed, mem);
     }

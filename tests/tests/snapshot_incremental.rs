@@ -6,10 +6,12 @@
 
 mod common;
 
+use common::memfill::{check_continues, wait_lines};
+
 use std::time::{Duration, Instant};
 
 use common::{snapvisor, start_builtin};
-use hypervisor::guests::{BootInfo, Builtin, MemfillMode};
+use hypervisor::guests::{Builtin, MemfillMode};
 use hypervisor::snapshot::restore::{encode_prefetch, lazy_stats, PREFETCH_ATTACHMENT};
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions, SaveReport};
 use hypervisor::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
@@ -69,47 +71,6 @@ fn assert_blocks_match(vm: &Vm, store: &Store, name: &str, what: &str) {
 
 fn paused() -> SaveOptions {
     SaveOptions { stay_paused: true, ..Default::default() }
-}
-
-fn wait_lines(out: &SharedOutput, n: usize, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let t = out.text();
-        if t.lines().count() >= n || Instant::now() >= deadline {
-            return t;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// `(pass, checksum, mismatches)` of each complete memfill line.
-fn passes(out: &str) -> Vec<(u64, u64, u64)> {
-    let complete = match out.rfind('\n') {
-        Some(i) => &out[..=i],
-        None => "",
-    };
-    complete
-        .lines()
-        .filter(|l| l.starts_with("memfill pass "))
-        .map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            assert_eq!(f.len(), 9, "malformed line {l:?}");
-            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
-            (f[2].parse().expect("pass"), hex(f[6]), f[8].parse().expect("mismatches"))
-        })
-        .collect()
-}
-
-fn check_continues(before: &str, after: &str, seed: u64, mem_mib: u64) {
-    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(mem_mib << 20));
-    let all = format!("{before}{after}");
-    let p = passes(&all);
-    assert!(p.len() > passes(before).len(), "the restored guest completed no pass:\n{before:?}\n{after:?}");
-    for (i, (pass, sum, mis)) in p.iter().enumerate() {
-        assert_eq!(*pass, i as u64, "passes in order: {all}");
-        assert_eq!(*mis, 0, "pass {pass} found the previous pattern damaged: {all}");
-        assert_eq!(*sum, hypervisor::guests::memfill::checksum(&ranges, seed + pass), "pass {pass} checksum");
-    }
 }
 
 fn assert_incremental(r: &SaveReport, parent: &str) {

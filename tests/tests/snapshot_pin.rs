@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::memfill::passes;
+
 use std::time::{Duration, Instant};
 
 use common::start_builtin;
@@ -16,21 +18,6 @@ use serde_json::json;
 
 const MEM: u64 = 256;
 const SEED: u64 = 31;
-
-/// Complete `memfill pass` lines of `out`: (pass, checksum, mismatches).
-fn passes(out: &str) -> Vec<(u64, u64, u64)> {
-    let complete = out.rfind('\n').map_or("", |i| &out[..=i]);
-    complete
-        .lines()
-        .filter(|l| l.starts_with("memfill pass "))
-        .map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            assert_eq!(f.len(), 9, "malformed line {l:?}");
-            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
-            (f[2].parse().expect("pass"), hex(f[6]), f[8].parse().expect("mismatches"))
-        })
-        .collect()
-}
 
 /// Waits until the restored guest has completed `extra` passes after the snapshot, and checks
 /// every pass: in order, the right checksum, the previous pattern intact.

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod iasl;
+pub mod memfill;
 pub mod mock_net;
 
 use std::path::PathBuf;
