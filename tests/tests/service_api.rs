@@ -191,6 +191,8 @@ fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
         ("POST", "/vms/a/snapshot", Some(json!({"name": "../x"})), 400, "../x"),
         ("POST", "/snapshots/none/restore", Some(json!({"vm": "z"})), 404, "not found"),
         ("POST", "/snapshots/none/clone", Some(json!({"prefix": "z", "count": 0})), 400, "count"),
+        ("POST", "/snapshots/none/clone", Some(json!({"prefix": "z", "count": 1, "memory": "both"})), 400, "both"),
+        ("POST", "/vms/a/snapshot", Some(json!({"name": "s", "mode": "sideways"})), 400, "sideways"),
         ("DELETE", "/snapshots/none", None, 404, "not found"),
         ("GET", "/no/such/route", None, 404, "no such route"),
     ];
