@@ -17,6 +17,9 @@ mod tap_tests;
 /// Bytes of the virtio-net header in front of every frame.
 pub const VNET_HDR_LEN: usize = 12;
 
+/// The most the default [`NetBackend::read_frame_iov`] reads per frame (more than any frame).
+pub const SCATTER_SCRATCH: usize = 128 * 1024;
+
 /// `TUNSETOFFLOAD` bits: what the backend may hand the guest (the guest's receive offloads).
 pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
@@ -28,6 +31,35 @@ pub const TUN_F_UFO: u32 = 0x10;
 pub trait NetBackend: Send {
     /// Reads one frame into `buf`; `WouldBlock` when none is waiting.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Reads one frame scattered over `iov` in order (the receive path reads frames straight
+    /// into the guest's buffers this way, one copy by the kernel instead of two); `WouldBlock`
+    /// when none is waiting. The default reads into a scratch buffer of at most
+    /// [`SCATTER_SCRATCH`] bytes and copies it out; a backend with a file descriptor does a
+    /// `readv`.
+    ///
+    /// # Safety
+    ///
+    /// Every `iov` entry must be valid for writes of `iov_len` bytes for the whole call, and
+    /// no Rust reference may point into that memory meanwhile (guest memory qualifies: it is
+    /// only ever accessed through raw pointers).
+    unsafe fn read_frame_iov(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let total: usize = iov.iter().map(|v| v.iov_len).fold(0, usize::saturating_add);
+        let mut scratch = vec![0u8; total.min(SCATTER_SCRATCH)];
+        let n = self.read_frame(&mut scratch)?;
+        let mut at = 0;
+        for v in iov {
+            if at == n {
+                break;
+            }
+            let k = v.iov_len.min(n - at);
+            // SAFETY: `scratch[at..at + k]` is inside `scratch` (at + k <= n <= its length),
+            // and the caller guarantees `iov_base` is valid for writes of `iov_len >= k` bytes
+            // and is not memory `scratch` owns.
+            unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr().add(at), v.iov_base.cast::<u8>(), k) };
+            at += k;
+        }
+        Ok(n)
+    }
     /// Sends one frame; `WouldBlock` when the backend cannot take it now.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
     /// Which `TUN_F_*` offloads [`NetBackend::set_offload`] accepts.

@@ -137,6 +137,18 @@ impl NetBackend for Tap {
         }
     }
 
+    unsafe fn read_frame_iov(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let count = libc::c_int::try_from(iov.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the caller guarantees every entry is valid for writes of its length; the
+        // kernel writes at most that much into each and reads `count` entries of `iov`.
+        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), count) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
         // SAFETY: writes `frame.len()` bytes from `frame`, which is valid for reads.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };

@@ -88,6 +88,9 @@ pub struct SizeReport {
     pub raw_read: Rate,
     pub host_to_guest: Rate,
     pub ratio_host_to_guest: f64,
+    /// CPU time of the device's I/O thread per frame it received (host to guest run), from the
+    /// device's counters: the device's per-frame cost, load-independent unlike the rates.
+    pub host_to_guest_device_ns_per_frame: Option<f64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -353,7 +356,7 @@ fn guest_tx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<(Rate, u6
     Ok((Rate::new(n, size, tsc as f64 / tsc_ms as f64 / 1000.0), got))
 }
 
-fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<Rate, NetBenchError> {
+fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<(Rate, Option<f64>), NetBenchError> {
     let mut child = netping_cmd(ns, "rx", frames, size)?;
     let mut stdout = child.stdout.take().ok_or_else(|| setup("snapvisor run", "no stdout"))?;
     let mut stderr = child.stderr.take().ok_or_else(|| setup("snapvisor run", "no stderr"))?;
@@ -367,9 +370,12 @@ fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<Rate, Net
     let log_reader = std::thread::spawn(move || {
         let mut all = String::new();
         let _ = stderr.read_to_string(&mut all);
+        let mut per_frame = None;
         for l in all.lines().filter_map(|l| l.find("I/O counters").map(|i| &l[i..])) {
             eprintln!("{size:<6} host -> guest, the device's {l}");
+            per_frame = device_ns_per_frame(l);
         }
+        per_frame
     });
     // The guest needs well under a second to come up and print `netping rx: ready`.
     let t0 = Instant::now();
@@ -381,13 +387,24 @@ fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<Rate, Net
     ns.within(|| inject(&ns.tap, frames, size))?;
     let status = child.wait().map_err(|e| setup("snapvisor run", e))?;
     let all = reader.join().map_err(|_| setup("stdout reader", "panicked"))?;
-    let _ = log_reader.join();
+    let per_frame = log_reader.join().ok().flatten();
     let (n, _, tsc) = parse_report(&all, "rx").ok_or_else(|| NetBenchError::Guest {
         mode: "rx",
         status: format!("{status} after {:.1} s", t0.elapsed().as_secs_f64()),
         output: all.clone(),
     })?;
-    Ok(Rate::new(n, size, tsc as f64 / tsc_ms as f64 / 1000.0))
+    Ok((Rate::new(n, size, tsc as f64 / tsc_ms as f64 / 1000.0), per_frame))
+}
+
+/// The I/O thread's CPU nanoseconds per received frame, from the device's counters line
+/// (`... rx_frames: N, ... io_cpu_ns: T ...`).
+pub fn device_ns_per_frame(line: &str) -> Option<f64> {
+    let field = |name: &str| -> Option<u64> {
+        let rest = &line[line.find(&format!("{name}: "))? + name.len() + 2..];
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let (frames, ns) = (field("rx_frames")?, field("io_cpu_ns")?);
+    (frames > 0 && ns > 0).then(|| ns as f64 / frames as f64)
 }
 
 pub fn measure(args: &NetBenchArgs) -> Result<NetReport, NetBenchError> {
@@ -403,7 +420,7 @@ pub fn measure(args: &NetBenchArgs) -> Result<NetReport, NetBenchError> {
         let (raw_write, _) = raw_write(&ns, args.frames, size)?;
         let (guest_to_host, host_received) = guest_tx(&ns, args.frames, size, tsc_per_ms)?;
         let raw_read = raw_read(&ns, args.frames, size)?;
-        let host_to_guest = guest_rx(&ns, args.frames, size, tsc_per_ms)?;
+        let (host_to_guest, host_to_guest_device_ns_per_frame) = guest_rx(&ns, args.frames, size, tsc_per_ms)?;
         sizes.push(SizeReport {
             frame_size: size,
             ratio_guest_to_host: guest_to_host.frames_per_s / raw_write.frames_per_s.max(1e-9),
@@ -413,6 +430,7 @@ pub fn measure(args: &NetBenchArgs) -> Result<NetReport, NetBenchError> {
             host_received,
             raw_read,
             host_to_guest,
+            host_to_guest_device_ns_per_frame,
         });
     }
     Ok(NetReport { frames: args.frames, tsc_per_ms, sizes })
@@ -445,6 +463,9 @@ pub fn run(args: NetBenchArgs) -> Result<(), CliError> {
             );
         }
         println!("{:<6} host received {} of the guest's frames", s.frame_size, s.host_received);
+        if let Some(ns) = s.host_to_guest_device_ns_per_frame {
+            println!("{:<6} host -> guest: the device's I/O thread used {ns:.0} ns of CPU per frame", s.frame_size);
+        }
     }
     Ok(())
 }
@@ -459,6 +480,15 @@ mod tests {
         assert_eq!(parse_report(out, "tx"), Some((10, 640, 12345)));
         assert_eq!(parse_report(out, "rx"), None);
         assert_eq!(parse_report("netping rx: frames x bytes 1 tsc 2\n", "rx"), None);
+    }
+
+    #[test]
+    fn parses_the_device_cost_per_frame() {
+        let l = "I/O counters at shutdown: NetStats { tx_frames: 0, rx_frames: 4000, rx_dropped: 0, \
+                 interrupts: 0, io_cpu_ns: 6000000 }, 7 rounds";
+        assert_eq!(device_ns_per_frame(l), Some(1500.0));
+        assert_eq!(device_ns_per_frame("I/O counters at shutdown: NetStats { rx_frames: 0, io_cpu_ns: 5 }"), None);
+        assert_eq!(device_ns_per_frame("I/O counters at shutdown: NetStats { rx_frames: 3 }"), None);
     }
 
     #[test]

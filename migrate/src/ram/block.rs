@@ -305,16 +305,34 @@ impl RamBlock {
         self.used_length.store(used, Ordering::Release);
     }
 
-    /// Marks the pages touching `offset..offset+len` dirty (clamped to the mapping).
+    /// Marks the pages touching `offset..offset+len` dirty (clamped to the mapping). Call it
+    /// after the writes it covers, never before: a [`RamBlock::take_dirty`] between a mark and
+    /// its write would copy the page too early and clear the bit.
+    ///
+    /// Device data paths call this per frame, so it is cheap: shifts (the page size is a
+    /// power of two), and no atomic read-modify-write for a page whose bit is already set.
+    /// Skipping is safe only with the fence below: without it the load could see a bit that
+    /// a concurrent `take_dirty` already cleared (and that copy could miss the caller's
+    /// writes), which is the store-buffering pattern. The fence orders the caller's writes
+    /// before the loads; `take_dirty`'s `SeqCst` swap orders its clear before its copy. A
+    /// single page takes the read-modify-write directly, which costs no more than the fence.
     pub fn mark_dirty(&self, offset: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || offset >= self.max_length {
             return;
         }
         let end = offset.saturating_add(len).min(self.max_length);
-        let first = offset / self.page_size;
-        let last = end.div_ceil(self.page_size);
-        for p in first..last {
-            self.dirty[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
+        let shift = self.page_size.trailing_zeros();
+        let (first, last) = (offset >> shift, (end - 1) >> shift);
+        if first == last {
+            self.dirty[(first >> 6) as usize].fetch_or(1 << (first & 63), Ordering::AcqRel);
+            return;
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        for p in first..=last {
+            let (word, bit) = (&self.dirty[(p >> 6) as usize], 1u64 << (p & 63));
+            if word.load(Ordering::Relaxed) & bit == 0 {
+                word.fetch_or(bit, Ordering::AcqRel);
+            }
         }
     }
 
@@ -322,7 +340,8 @@ impl RamBlock {
     pub fn take_dirty(&self) -> Vec<u64> {
         let mut out = Vec::new();
         for (i, w) in self.dirty.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
+            // SeqCst: pairs with the fence in `mark_dirty` (see there).
+            let mut bits = w.swap(0, Ordering::SeqCst);
             while bits != 0 {
                 out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
                 bits &= bits - 1;

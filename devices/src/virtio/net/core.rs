@@ -89,6 +89,10 @@ pub struct NetStats {
     pub rx_notifies: u64,
     /// Queue interrupts the device raised (MSI-X messages sent; none without a vector).
     pub interrupts: u64,
+    /// CPU time the I/O thread used, in nanoseconds (recorded when it stops): with the frame
+    /// counters, the device's cost per frame, whatever else the host runs.
+    #[serde(default)]
+    pub io_cpu_ns: u64,
 }
 
 /// At most one warning per this long about frames the backend refused.
@@ -187,6 +191,8 @@ pub struct Core {
     /// A frame read from the backend that is waiting for receive buffers (length, 0: none).
     pub rx_pending: usize,
     pub rx_buf: Vec<u8>,
+    /// The receive pass's working memory (see `rx`).
+    pub rx_scratch: super::rx::RxScratch,
     pub tx_buf: Vec<u8>,
     pub record: DriverRecord,
     /// Rounds the I/O thread made (each wake-up is one): shows a thread that spins.

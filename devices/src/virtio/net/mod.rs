@@ -26,6 +26,7 @@ pub mod core;
 pub mod features;
 mod queues;
 mod regs;
+mod rx;
 pub mod state;
 mod worker;
 
@@ -261,6 +262,7 @@ impl VirtioNet {
             rx_notify_off: false,
             rx_pending: 0,
             rx_buf: vec![0; MAX_FRAME + 4096],
+            rx_scratch: Default::default(),
             tx_buf: Vec::with_capacity(MAX_FRAME),
             record: DriverRecord::default(),
             rounds: 0,

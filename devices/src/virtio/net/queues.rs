@@ -8,22 +8,17 @@
 //! [`NetStats::tx_dropped`](super::core::NetStats), and warned about at most once per
 //! [`TX_DROP_WARN_INTERVAL`] with the count since the last warning.
 //!
-//! Receive (queue 0): a frame read from the backend is written into one chain (without
-//! `MRG_RXBUF`; a chain too small drops the frame and is left for the next one) or across as
-//! many chains as it needs (with `MRG_RXBUF`; `num_buffers` in the header says how many). The
-//! header's `num_buffers` is always set by the device (the tap leaves those two bytes alone).
-//! With no buffer available the frame waits in the device and the receive queue is marked
-//! starved: the I/O thread stops polling the backend until the driver notifies the queue.
-//! A pass publishes each frame's used entry as it goes and signals the driver once at its
-//! end; `VRING_USED_F_NO_NOTIFY` is set once while buffers last (not on every pass, which
-//! would store to guest RAM and dirty the used ring's page on every wake-up).
+//! Receive (queue 0) is in [`rx`](super::rx): a frame read from the backend is written into
+//! one chain (without `MRG_RXBUF`; a chain too small drops the frame and is left for the next
+//! one) or across as many chains as it needs (with `MRG_RXBUF`; `num_buffers` in the header
+//! says how many). The header's `num_buffers` is always set by the device (the tap leaves
+//! those two bytes alone).
 //!
 //! A chain that loops or runs past the queue size, links outside the descriptor table, has a
 //! descriptor outside guest RAM, of length zero, or of the wrong direction, a transmit frame
 //! shorter than the header or longer than [`MAX_FRAME`], or an available index that moved
 //! by more than the queue size, puts the device in its error state ([`Core::fail`]).
 
-use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -31,7 +26,6 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
 use super::core::{Core, MAX_FRAME, RX, TX, TX_DROP_WARN_INTERVAL};
-use super::features::MRG_RXBUF;
 use crate::net::VNET_HDR_LEN;
 
 /// Most chains or frames moved per call, so that the device mutex is released regularly.
@@ -41,27 +35,27 @@ pub const BATCH: usize = 256;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// One checked chain: its head and its descriptors (guest address, length).
-struct Chain {
-    head: u16,
-    descs: Vec<(u64, u32)>,
+pub(super) struct Chain {
+    pub head: u16,
+    pub descs: Vec<(u64, u32)>,
 }
 
 impl Chain {
-    fn capacity(&self) -> usize {
+    pub fn capacity(&self) -> usize {
         self.descs.iter().map(|&(_, l)| l as usize).sum()
     }
 }
 
-/// What became of a received frame.
-enum RxOutcome {
-    Delivered,
-    NoBuffers,
-    Dropped,
-}
-
 impl Core {
     /// Takes the next available chain of queue `qi`, checked; `Ok(None)` when none.
-    fn pop(&mut self, qi: usize) -> Result<Option<Chain>, String> {
+    pub(super) fn pop(&mut self, qi: usize) -> Result<Option<Chain>, String> {
+        let mut descs = Vec::new();
+        Ok(self.pop_into(qi, &mut descs)?.map(|head| Chain { head, descs }))
+    }
+
+    /// [`Core::pop`] into `descs` (cleared first, so a caller can reuse it): the head.
+    pub(super) fn pop_into(&mut self, qi: usize, descs: &mut Vec<(u64, u32)>) -> Result<Option<u16>, String> {
+        descs.clear();
         let writable = qi == RX;
         let mem = &self.mem;
         let Some(q) = self.queues[qi].queue.as_mut() else { return Ok(None) };
@@ -72,7 +66,6 @@ impl Core {
         if head >= size {
             return Err(format!("head descriptor index {head} is past the queue size {size}"));
         }
-        let mut descs = Vec::new();
         let mut links_on = false;
         for d in chain {
             let (addr, len) = (d.addr().0, d.len());
@@ -100,7 +93,7 @@ impl Core {
                 "chain at head {head} loops, links past the descriptor table, or is longer than the queue size {size}"
             ));
         }
-        Ok(Some(Chain { head, descs }))
+        Ok(Some(head))
     }
 
     fn add_used(&mut self, qi: usize, head: u16, len: u32) -> Result<(), String> {
@@ -111,7 +104,7 @@ impl Core {
 
     /// Raises queue `qi`'s interrupt unless the driver asked not to have it
     /// (`VRING_AVAIL_F_NO_INTERRUPT`).
-    fn notify_used(&mut self, qi: usize) {
+    pub(super) fn notify_used(&mut self, qi: usize) {
         let mem = &self.mem;
         let Some(q) = self.queues[qi].queue.as_mut() else { return };
         // virtio-queue handles EVENT_IDX (not offered here) but not VRING_AVAIL_F_NO_INTERRUPT.
@@ -230,144 +223,5 @@ impl Core {
             );
             self.tx_drops_unwarned = 0;
         }
-    }
-
-    /// Moves frames from the backend into the receive queue until the backend has none, the
-    /// queue has no buffers, or [`BATCH`] frames moved (the backend's fd, polled
-    /// level-triggered, brings the thread back for the rest). Returns the frames delivered.
-    pub fn process_rx(&mut self) -> usize {
-        if !self.running() || self.queues[RX].queue.is_none() {
-            return 0;
-        }
-        // While the device has buffers, the driver need not tell it about new ones: no
-        // notification (an exit for the vCPU) per refilled buffer. Re-enabled when it runs out.
-        if !self.rx_starved && !self.rx_notify_off {
-            if let Err(e) = self.rx_notifications(false) {
-                self.fail(RX, &e);
-                return 0;
-            }
-        }
-        let mut delivered = 0;
-        for _ in 0..BATCH {
-            if self.rx_pending == 0 {
-                match self.backend.read_frame(&mut self.rx_buf) {
-                    Ok(n) if (VNET_HDR_LEN..=MAX_FRAME).contains(&n) => self.rx_pending = n,
-                    Ok(n) => {
-                        self.stats.rx_dropped += 1;
-                        tracing::debug!("{}: dropped a {n}-byte frame from {}", self.name, self.backend.name());
-                        continue;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        self.stats.rx_empty_reads += 1;
-                        break;
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tracing::debug!("{}: reading {}: {e}", self.name, self.backend.name());
-                        break;
-                    }
-                }
-            }
-            match self.deliver() {
-                Ok(RxOutcome::Delivered) => {
-                    delivered += 1;
-                    self.rx_pending = 0;
-                }
-                Ok(RxOutcome::Dropped) => {
-                    self.stats.rx_dropped += 1;
-                    self.rx_pending = 0;
-                }
-                Ok(RxOutcome::NoBuffers) => match self.rx_notifications(true) {
-                    // Buffers came while notifications were off: take them.
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        self.rx_starved = true;
-                        break;
-                    }
-                    Err(e) => {
-                        self.fail(RX, &e);
-                        break;
-                    }
-                },
-                Err(p) => {
-                    self.fail(RX, &p);
-                    break;
-                }
-            }
-        }
-        if delivered > 0 {
-            self.stats.rx_frames += delivered as u64;
-            self.stats.rx_batches += 1;
-            self.notify_used(RX);
-        }
-        delivered
-    }
-
-    /// Turns the driver's notifications for the receive queue on or off (the used ring's
-    /// `VRING_USED_F_NO_NOTIFY`); turning them on returns whether buffers were added while
-    /// they were off, which the device must then take itself.
-    fn rx_notifications(&mut self, on: bool) -> Result<bool, String> {
-        let mem = &self.mem;
-        let Some(q) = self.queues[RX].queue.as_mut() else { return Ok(false) };
-        self.rx_notify_off = !on;
-        if on {
-            q.enable_notification(mem).map_err(|e| format!("used ring flags: {e}"))
-        } else {
-            q.disable_notification(mem).map(|()| false).map_err(|e| format!("used ring flags: {e}"))
-        }
-    }
-
-    fn deliver(&mut self) -> Result<RxOutcome, String> {
-        let len = self.rx_pending;
-        let mrg = self.has(MRG_RXBUF);
-        let Some(start) = self.queues[RX].queue.as_ref().map(|q| q.next_avail()) else {
-            return Ok(RxOutcome::NoBuffers);
-        };
-        let rewind = |c: &mut Core| {
-            if let Some(q) = c.queues[RX].queue.as_mut() {
-                q.set_next_avail(start);
-            }
-        };
-        let mut chains = Vec::new();
-        let mut cap = 0;
-        while cap < len {
-            match self.pop(RX)? {
-                Some(c) => {
-                    cap += c.capacity();
-                    chains.push(c);
-                }
-                None => {
-                    rewind(self);
-                    return Ok(RxOutcome::NoBuffers);
-                }
-            }
-            if !mrg {
-                break;
-            }
-        }
-        if cap < len {
-            rewind(self);
-            tracing::debug!("{}: dropped a {len}-byte frame: the receive buffer holds {cap}", self.name);
-            return Ok(RxOutcome::Dropped);
-        }
-        let n = chains.len() as u16;
-        self.rx_buf[10..12].copy_from_slice(&n.to_le_bytes());
-        let mut at = 0;
-        for c in &chains {
-            let mut written = 0u32;
-            for &(addr, dlen) in &c.descs {
-                if at == len {
-                    break;
-                }
-                let k = (dlen as usize).min(len - at);
-                self.mem
-                    .write_slice(&self.rx_buf[at..at + k], GuestAddress(addr))
-                    .map_err(|e| format!("chain at head {}: writing {addr:#x}: {e}", c.head))?;
-                at += k;
-                written += k as u32;
-            }
-            self.add_used(RX, c.head, written)?;
-        }
-        Ok(RxOutcome::Delivered)
     }
 }

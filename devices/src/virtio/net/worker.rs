@@ -79,6 +79,16 @@ fn raise_priority(name: &str) {
     }
 }
 
+/// CPU time the calling thread has used, in nanoseconds (0 if the clock cannot be read).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through the pointer, which lives across the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
 const STOP: u64 = 0;
 const WAKE: u64 = 1;
 const RX_NOTIFY: u64 = 2;
@@ -122,6 +132,7 @@ impl Worker {
         let handle = std::thread::Builder::new().name(thread_name).spawn(move || {
             raise_priority(&name);
             run(&core, &epoll, &wake, &notify, backend_fd);
+            lock(&core).stats.io_cpu_ns = thread_cpu_ns();
             tracing::debug!("{name}: I/O thread stopped");
         })?;
         Ok(Worker { stop, handle: Some(handle) })
