@@ -279,3 +279,40 @@ fn a_base_backed_block_reads_the_base_writes_its_own_and_discards_to_zeros() {
     assert_eq!(b.take_dirty(), vec![0, 1]);
     assert!(matches!(b.map_base(file.as_fd(), 5 * PAGE), Err(RamError::Map { .. })), "larger than the block");
 }
+
+/// `mark_dirty` marks exactly the pages a range touches: boundaries, ranges over pages whose
+/// bits are already set (skipped without a read-modify-write), the end of the mapping, and a
+/// block page size larger than the host's.
+#[test]
+fn mark_dirty_marks_exactly_the_pages_touched() {
+    let reg = RamRegistry::new();
+    let b = reg.add(cfg("r", 200 * PAGE, 200 * PAGE, false)).expect("add");
+    b.mark_dirty(PAGE - 1, 2);
+    assert_eq!(b.take_dirty(), vec![0, 1], "one byte each side of a boundary");
+    b.mark_dirty(PAGE, PAGE);
+    assert_eq!(b.take_dirty(), vec![1], "exactly one page");
+    b.mark_dirty(3 * PAGE, 0);
+    assert!(b.take_dirty().is_empty(), "nothing for an empty range");
+    // Bits already set in the middle and across a 64-page word boundary.
+    b.mark_dirty(62 * PAGE, 1);
+    b.mark_dirty(64 * PAGE, 1);
+    b.mark_dirty(60 * PAGE + 5, 7 * PAGE);
+    assert_eq!(b.take_dirty(), (60..=67).collect::<Vec<u64>>());
+    // Clamped to the mapping; a range starting beyond it marks nothing.
+    b.mark_dirty(199 * PAGE, 10 * PAGE);
+    b.mark_dirty(200 * PAGE, PAGE);
+    b.mark_dirty(u64::MAX - 3, 10);
+    assert_eq!(b.take_dirty(), vec![199]);
+    let big = reg
+        .add(RamBlockConfig {
+            idstr: "big".into(),
+            size: 0x40000,
+            max_size: 0x40000,
+            page_size: 0x10000,
+            resizeable: false,
+        })
+        .expect("64 KiB pages");
+    big.mark_dirty(0xffff, 2);
+    big.mark_dirty(0x30000, 0x10000);
+    assert_eq!(big.take_dirty(), vec![0, 1, 3], "pages of the block's own size");
+}

@@ -22,6 +22,8 @@
 //! state with the device paused ([`VirtioNet::pause`]) and the vCPUs stopped, so that the
 //! saved queue indices match guest memory.
 
+#[cfg(test)]
+mod bench_rx;
 pub mod core;
 pub mod features;
 mod queues;
@@ -38,6 +40,8 @@ mod tests;
 mod tests_io;
 #[cfg(test)]
 mod tests_queues;
+#[cfg(test)]
+mod tests_rx;
 
 use std::sync::{Arc, Mutex, PoisonError};
 

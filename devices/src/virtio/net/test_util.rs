@@ -36,6 +36,12 @@ pub struct FakeShared {
     pub offloads: Mutex<Vec<u32>>,
     /// While set, writes fail with this errno (a full or vanished tap).
     pub refuse_tx: Mutex<Option<i32>>,
+    /// The entry lengths of every scattered read (`read_frame_iov`), in order.
+    pub iov_reads: Mutex<Vec<Vec<usize>>>,
+    /// Called at every read, its results kept in `probed` (what the guest could see then).
+    #[allow(clippy::type_complexity)]
+    pub probe: Mutex<Option<Box<dyn Fn() -> u16 + Send>>>,
+    pub probed: Mutex<Vec<u16>>,
     evt: Mutex<Option<Arc<EventFd>>>,
 }
 
@@ -68,7 +74,25 @@ impl FakeBackend {
 }
 
 impl NetBackend for FakeBackend {
+    unsafe fn read_frame_iov(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        self.shared.iov_reads.lock().expect("lock").push(iov.iter().map(|v| v.iov_len).collect());
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let mut scratch = vec![0u8; total.min(1 << 17)];
+        let n = self.read_frame(&mut scratch)?;
+        let mut at = 0;
+        for v in iov {
+            let k = v.iov_len.min(n - at);
+            // SAFETY: the caller guarantees each entry is valid for writes of its length;
+            // `scratch[at..at + k]` is inside `scratch`.
+            unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr().add(at), v.iov_base.cast::<u8>(), k) };
+            at += k;
+        }
+        Ok(n)
+    }
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(p) = &*self.shared.probe.lock().expect("lock") {
+            self.shared.probed.lock().expect("lock").push(p());
+        }
         let mut rx = self.shared.rx.lock().expect("lock");
         let Some(f) = rx.pop_front() else {
             let _ = self.evt.read();
