@@ -65,7 +65,7 @@ fn send_all(s: &(OwnedFd, libc::sockaddr_ll), frame: &[u8], n: usize) {
 
 fn measure(size: usize) -> (f64, f64) {
     let name = format!("svb{}", std::process::id() % 1_000_000);
-    let tap = Tap::open(&name).expect("tap");
+    let mut tap = Tap::open(&name).expect("tap");
     // No IPv6 on the tap: the host's stack would send it router solicitations of its own.
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     let ok = Command::new("ip").args(["link", "set", "dev", &name, "up"]).status().expect("ip").success();
@@ -77,7 +77,6 @@ fn measure(size: usize) -> (f64, f64) {
     frame[12..14].copy_from_slice(&[0x88, 0xb5]);
 
     // Raw: read() of the tap into one buffer (the same tap, before the device takes it).
-    let mut tap = tap;
     let mut buf = vec![0u8; 65536];
     let mut raw = 0u64;
     for _ in 0..ROUNDS {

@@ -53,7 +53,7 @@ fn rx_pass_publishes_its_frames_together_in_order() {
         assert_eq!(guest_bytes(&r, BUF + 0x800 * i as u64, f.len()), with_num_buffers(f, 1), "frame {i}");
     }
     assert_eq!(r.routes.take(), vec![1], "one interrupt for the pass");
-    assert_eq!(r.core().queues[0].queue.as_ref().map(|q| virtio_queue::QueueT::next_used(q)), Some(4));
+    assert_eq!(r.core().queues[0].queue.as_ref().map(virtio_queue::QueueT::next_used), Some(4));
 }
 
 /// A frame is read from the backend straight into the chain's buffers (header and data
