@@ -4,11 +4,11 @@
 //! Why. A clone maps its base `MAP_PRIVATE`. A guest that reads a page and then writes it
 //! (memfill checks the last pass, then writes the next) costs two faults per page on this
 //! machine's paravirtual KVM: the read maps the base's page read-only, and the write makes
-//! the kernel copy it and KVM drop its mapping of the old page again (an MMU-notifier
-//! invalidation per page). Measured with `bench fleet --guest memfill --counts 1`: a pass
-//! of a shared clone took 1659 ms against 206 ms with a private copy placed writable by
-//! `UFFDIO_COPY`. A page the host makes writable *before* KVM maps it costs one fault and no
-//! invalidation, like a private clone's.
+//! the kernel copy it (and, as we read it, KVM drop its mapping of the old page: an
+//! MMU-notifier invalidation per page; not profiled). Measured with `bench fleet --guest
+//! memfill --counts 1`: a pass of a shared clone took 1659 ms against 206 ms with a private
+//! copy placed writable by `UFFDIO_COPY`. A page the host makes writable *before* KVM maps
+//! it costs one fault, like a private clone's.
 //!
 //! How. A thread per clone samples, every [`SAMPLE_EVERY`], which of its pages are mapped and
 //! which of those are its own (`/proc/self/pagemap`: present, and no longer the base's file
