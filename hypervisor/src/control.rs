@@ -89,7 +89,13 @@ pub struct VmControl {
     /// Progress marks the guest reported through the exit device, with when.
     marks: Mutex<Vec<(u32, Instant)>>,
     marked: Condvar,
+    /// Called with every kick: wakes vCPUs parked in the VMM (the exit device's wait
+    /// register), which a signal does not interrupt.
+    kick_hooks: Mutex<Vec<KickHook>>,
 }
+
+/// See [`VmControl::on_kick`].
+pub type KickHook = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// The signal that kicks a vCPU out of KVM_RUN.
 pub fn kick_signal() -> libc::c_int {
@@ -144,6 +150,7 @@ impl VmControl {
             profile: Default::default(),
             marks: Mutex::new(Vec::new()),
             marked: Condvar::new(),
+            kick_hooks: Mutex::new(Vec::new()),
             fast_state: AtomicU8::new(RunState::Running as u8),
             changed: Condvar::new(),
             vcpus,
@@ -170,6 +177,15 @@ impl VmControl {
             // before they exit, so the handle is valid while it is in the list.
             unsafe { libc::pthread_kill(*t, kick_signal()) };
         }
+        for hook in self.kick_hooks.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            hook();
+        }
+    }
+
+    /// Calls `hook` with every kick (after the run state has changed), to wake a vCPU thread
+    /// that waits in the VMM. Lock order: the hook runs under `inner` and must not call back.
+    pub fn on_kick(&self, hook: KickHook) {
+        self.kick_hooks.lock().unwrap_or_else(PoisonError::into_inner).push(hook);
     }
 
     pub fn state(&self) -> RunState {

@@ -132,7 +132,7 @@ pub struct Devices {
     /// COM1's interrupt, registered as an irqfd on GSI 4.
     pub serial_irq: EventFd,
     /// The exit device's go flag (see `devices::exit`).
-    pub go: Arc<std::sync::atomic::AtomicBool>,
+    pub go: Arc<devices::exit::Go>,
     /// CMOS, i8042, ACPI PM and the PCI bus.
     pub platform: crate::platform::Platform,
     /// Every device on the buses, in the order placed (PCI BARs come and go with the guest's
@@ -229,10 +229,17 @@ pub fn attach_devices(
     let ctl = control.clone();
     exit_dev.set_mark_callback(Arc::new(move |v| ctl.mark(v)));
     let go = exit_dev.go_flag();
+    // A vCPU parked in the wait register goes back to its loop as soon as the VM is to pause
+    // or stop: every kick also wakes it.
+    let ctl = control.clone();
+    exit_dev.set_wait_while(Arc::new(move || ctl.running()));
+    let g = go.clone();
+    control.on_kick(Arc::new(move || g.wake()));
     let exit = Arc::new(Mutex::new(exit_dev));
     let exit_len = devices::exit::LEN;
     insert(&mut placed, pio, BusKind::Pio, "exit device", exit.clone(), u64::from(layout::EXIT_PORT), exit_len)?;
-    insert(&mut placed, mmio, BusKind::Mmio, "exit device", exit.clone(), layout::EXIT_MMIO, exit_len)?;
+    let mmio_len = devices::exit::MMIO_LEN;
+    insert(&mut placed, mmio, BusKind::Mmio, "exit device", exit.clone(), layout::EXIT_MMIO, mmio_len)?;
 
     let mut fw = FwCfg::new(ram.device_memory().clone());
     let fw_err = |item: &str| {

@@ -156,6 +156,61 @@ fn clones_write_their_own_seeds_over_shared_pages_and_the_base_stays_intact() {
     assert_blocks_match(&late, &store, "m", &[], "a clone made after the others wrote");
 }
 
+/// Pages of `[host, host + len)` in this process that are mapped and the process's own (not
+/// a file's page: for a clone, written or copied, no longer the base's), from pagemap.
+fn own_pages(host: usize, len: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+    let mut entries = vec![0u8; (len / 4096 * 8) as usize];
+    pagemap.read_exact_at(&mut entries, host as u64 / 4096 * 8).expect("read pagemap");
+    entries
+        .chunks_exact(8)
+        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+        .filter(|e| e & (1 << 63) != 0 && e & (1 << 61) == 0)
+        .count() as u64
+}
+
+#[test]
+fn a_clone_that_writes_what_it_reads_gets_its_own_copy_and_the_base_stays_intact() {
+    const MEM: u64 = 32;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    let ranges = memfill_snapshot(&store, "w", MEM);
+    let bases = BaseRegistry::new();
+    let out = SharedOutput::default();
+    let (mut vm, _) = snapshot::restore(&store, "w", clone_opts(&bases, &out)).expect("clone");
+    let ram = vm.registry().get("pc.ram").expect("pc.ram");
+    ram.write(hypervisor::layout::BUILTIN_INFO + INFO_SEED, &200u64.to_le_bytes()).expect("seed");
+    let (host, len) = (ram.host_addr() as usize, ram.used_length());
+    vm.start().expect("start");
+    // memfill reads every word and then writes it: the clone is given its own copy of all
+    // its memory, including the pages the guest never touches (below the fill ranges).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut own = own_pages(host, len);
+    while own < len / 4096 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        own = own_pages(host, len);
+    }
+    assert_eq!(own, len / 4096, "pages of the clone's {MEM} MiB that are its own (the rest still map the base)");
+    assert_eq!(vm.wait(Some(Duration::from_secs(120))), ExitReason::GuestExit { status: 0 }, "{}", out.text());
+    let text = out.text();
+    assert!(
+        text.contains("memfill pass 1 seed 0xc9 checksum") && text.contains("mismatches 0"),
+        "the clone found its first pass intact in its second: {text}"
+    );
+    let mut word = [0u8; 8];
+    for &(s, e) in &ranges {
+        for a in (s..e).step_by(4096) {
+            ram.read(a, &mut word).expect("read");
+            assert_eq!(u64::from_le_bytes(word), memfill::pattern(a, 201), "the clone's own bytes at {a:#x}");
+        }
+    }
+    // Its copy is its own: a clone made now still sees the snapshot.
+    let (late, _) = snapshot::restore(&store, "w", clone_opts(&bases, &SharedOutput::default())).expect("clone");
+    assert!(Arc::ptr_eq(&base_of(&late), &base_of(&vm)), "the late clone maps the same base");
+    assert_blocks_match(&late, &store, "w", &[], "a clone made after another copied its memory");
+}
+
 /// Pss (bytes) of the mappings overlapping `ranges` in this process.
 fn pss_of(ranges: &[(usize, usize)]) -> u64 {
     let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");

@@ -146,7 +146,8 @@ fn wait_until(what: &str, mut done: impl FnMut() -> Result<bool, CliError>) -> R
 }
 
 /// Makes the golden snapshot of `guest`: memfill after its first pass, touch once it filled
-/// its memory and polls for its go (its exits climb: each poll is an MMIO read).
+/// its memory and waits for its go (its exits: the filled mark's write, then a read of the wait
+/// register every `devices::exit::WAIT_MAX` at most).
 fn golden(sock: &Path, guest: FleetGuest, mem_mib: u64) -> Result<String, CliError> {
     let (name, snap) = match guest {
         FleetGuest::Memfill => ("src-memfill", "golden-memfill"),
@@ -162,7 +163,7 @@ fn golden(sock: &Path, guest: FleetGuest, mem_mib: u64) -> Result<String, CliErr
     match guest {
         FleetGuest::Memfill => wait_until("the source's first pass", || Ok(passes(sock, name)? >= 1))?,
         FleetGuest::Touch => wait_until("the source to fill its memory", || {
-            Ok(call(sock, "GET", &format!("/vms/{name}"), None)?["exits"].as_u64().unwrap_or(0) >= 100)
+            Ok(call(sock, "GET", &format!("/vms/{name}"), None)?["exits"].as_u64().unwrap_or(0) >= 3)
         })?,
     };
     call(sock, "POST", &format!("/vms/{name}/snapshot"), Some(json!({"name": snap})))?;
@@ -244,6 +245,17 @@ fn round(
     Ok(r)
 }
 
+/// The daemon's stderr: the file `SNAPVISOR_BENCH_DAEMON_LOG` names (for a profile, with
+/// `SNAPVISOR_LOG` set), else nowhere.
+fn daemon_log() -> Result<Stdio, CliError> {
+    match std::env::var_os("SNAPVISOR_BENCH_DAEMON_LOG") {
+        Some(path) => std::fs::File::create(&path)
+            .map(Stdio::from)
+            .map_err(|e| fail(format!("creating the daemon's log {}: {e}", Path::new(&path).display()))),
+        None => Ok(Stdio::null()),
+    }
+}
+
 pub fn measure(args: &FleetBenchArgs) -> Result<FleetReport, CliError> {
     let dir = std::env::temp_dir().join(format!("snapvisor-bench-fleet-{}", std::process::id()));
     let sock = dir.join("api.sock");
@@ -255,7 +267,7 @@ pub fn measure(args: &FleetBenchArgs) -> Result<FleetReport, CliError> {
         .arg("--state-dir")
         .arg(dir.join("state"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(daemon_log()?)
         .spawn()
         .map_err(|e| fail(format!("starting the daemon: {e}")))?;
     let daemon = Daemon(child);

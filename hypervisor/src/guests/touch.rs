@@ -3,8 +3,10 @@
 //! 1. Fills every range in the [`BootInfo`] with data: the memfill pattern of `seed` in every
 //!    fourth word, zeros between (compressible, as real memory is), then reports mark
 //!    [`MARK_FILLED`].
-//! 2. Polls the exit device's *go* register until the VMM sets it (a snapshot taken here
-//!    restores into a VM whose first guest action is that poll), then reports [`MARK_GO`].
+//! 2. Reads the exit device's *wait* register until it gives the go (a snapshot taken here
+//!    restores into a VM whose first guest action is that read), then reports [`MARK_GO`].
+//!    The read parks the vCPU thread in the VMM until the go (or a pause) comes, as a halt
+//!    would: a waiting clone costs no CPU.
 //! 3. Touches its working set: `span` bytes, page by page (a read and a write back), every
 //!    `stride` bytes through all ranges, then reports [`MARK_TOUCHED`], prints
 //!    `touch: working set of <n> pages done, checksum 0x<sum>` and exits with status 0.
@@ -82,10 +84,9 @@ pub fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut go = a.create_label();
     a.set_label(&mut poll)?;
     a.mov(rbx, layout::EXIT_MMIO)?;
-    a.mov(eax, dword_ptr(rbx + devices::exit::REG_GO as i32))?;
+    a.mov(eax, dword_ptr(rbx + devices::exit::REG_WAIT as i32))?;
     a.test(eax, eax)?;
     a.jnz(go)?;
-    a.pause()?;
     a.jmp(poll)?;
     a.set_label(&mut go)?;
     mark(a, MARK_GO)?;

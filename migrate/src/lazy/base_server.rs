@@ -111,7 +111,15 @@ impl PageServer {
                 }
             })
             .map_err(|e| LazyError::Thread { thread: "fault", reason: e.to_string() })?;
-        Ok(PageServer::from_parts(shared, vec![thread]))
+        // Gives a clone that writes what it reads its own copy at once (privatize.rs). Not
+        // vital: without the thread the clone shares as before.
+        let s = shared.clone();
+        let mut threads = vec![thread];
+        match std::thread::Builder::new().name("uffd-cow".into()).spawn(move || s.privatize_loop()) {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::warn!("shared base: no copy thread for a clone, it shares whatever it writes: {e}"),
+        }
+        Ok(PageServer::from_parts(shared, threads))
     }
 
     /// The shared base this clone maps, if any.

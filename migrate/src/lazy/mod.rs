@@ -56,6 +56,7 @@ mod base;
 mod base_server;
 mod cache;
 mod place;
+mod privatize;
 mod server;
 mod serving;
 mod stats;
