@@ -6,6 +6,7 @@ use std::sync::MutexGuard;
 
 use super::{
     set_run, Shared, WpBlock, WpError, WpTestFaults, WriteProtect, DONE, PHASE_COPY, PHASE_TRACK, PROTECTED, REDIRTIED,
+    TRACK_RUN,
 };
 
 /// Consecutive chunks of one block that get the same change, applied with one call.
@@ -23,7 +24,10 @@ impl<'a> Runs<'a> {
     /// Adds chunk `ci`, to be protected (`protect`) or unprotected.
     fn push(&mut self, ci: u64, protect: bool) -> Result<(), WpError> {
         match self.run {
-            Some((first, last, p)) if p == protect && last + 1 == ci => self.run = Some((first, ci, p)),
+            // At most `TRACK_RUN` chunks a call: the guest stalls on the range being changed.
+            Some((first, last, p)) if p == protect && last + 1 == ci && ci - first < TRACK_RUN => {
+                self.run = Some((first, ci, p))
+            }
             _ => {
                 self.flush()?;
                 self.run = Some((ci, ci, protect));
