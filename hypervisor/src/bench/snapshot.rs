@@ -21,7 +21,8 @@
 //!
 //! Background rows also break the pause down (`stop_vcpus_ms`, `prep_ms`, `state_ms`,
 //! `protect_ms`) and say what pre-protection did before it (`pre_protect_ms`, `track_rounds`,
-//! `armed_chunks`: the chunks the pause itself had to protect).
+//! `armed_chunks`: the chunks the pause itself had to protect; `track_faults`: the writes
+//! that met pre-protected memory, a measure of how far the guest got meanwhile).
 //!
 //! `pause_vs_full` is a row's pause over the stop-and-copy pipeline's (`full`) pause, same guest
 //! and size: how much shorter the pause is than stop-and-copy's in the same run.
@@ -100,6 +101,8 @@ pub struct SnapshotRow {
     /// Background: pre-protection's rounds, and the chunks the pause itself protected.
     pub track_rounds: u64,
     pub armed_chunks: u64,
+    /// Background: write faults while RAM was pre-protected (the guest's writes then).
+    pub track_faults: u64,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -138,6 +141,7 @@ fn row(mode: &str, guest: &'static str, mem_mib: u64, r: &SaveReport) -> Snapsho
         pre_protect_ms: r.pre_protect_ms,
         track_rounds: r.wp.map_or(0, |w| w.track_rounds),
         armed_chunks: r.wp.map_or(0, |w| w.armed_chunks),
+        track_faults: r.wp.map_or(0, |w| w.track_faults),
     }
 }
 
@@ -170,6 +174,7 @@ fn restore_row(mode: &str, mem_mib: u64, first_ms: f64) -> SnapshotRow {
         pre_protect_ms: 0.0,
         track_rounds: 0,
         armed_chunks: 0,
+        track_faults: 0,
     }
 }
 
@@ -431,7 +436,7 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         );
     }
     println!(
-        "\n{:<19} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>7} {:>7}",
+        "\n{:<19} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>7} {:>7} {:>12}",
         "background pause",
         "guest",
         "MiB",
@@ -442,11 +447,12 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         "prot ms",
         "pre-prot ms",
         "rounds",
-        "armed"
+        "armed",
+        "track faults"
     );
     for r in rows.iter().filter(|r| r.save_mode == "background") {
         println!(
-            "{:<19} {:<8} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>12.1} {:>7} {:>7}",
+            "{:<19} {:<8} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>12.1} {:>7} {:>7} {:>12}",
             r.mode,
             r.guest,
             r.mem_mib,
@@ -457,7 +463,8 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
             r.protect_ms,
             r.pre_protect_ms,
             r.track_rounds,
-            r.armed_chunks
+            r.armed_chunks,
+            r.track_faults
         );
     }
     Ok(())
