@@ -67,6 +67,7 @@ fn capturing(out: &SharedOutput) -> (SaveOptions, AtPause) {
             *s.lock().expect("lock") = Some((ram_of(vm), o.text()));
         })),
         broken_protection: false,
+        ..SaveHooks::NONE
     };
     (SaveOptions { hooks, ..Default::default() }, seen)
 }
@@ -157,6 +158,7 @@ fn fw_cfg_dma_during_a_background_snapshot_lands_in_the_vm_and_the_snapshot_keep
             f.write(PORT_BASE, PORT_DMA + 4, &(DESC as u32).to_be_bytes());
         })),
         broken_protection: false,
+        ..SaveHooks::NONE
     };
     let report =
         snapshot::save(&vm, &store, "bg", &SaveOptions { hooks, ..Default::default() }, &|_| {}).expect("snapshot");
@@ -204,6 +206,7 @@ fn a_resize_during_a_background_snapshot_cancels_it_and_the_vm_runs_on_unprotect
             vm.registry().resize("/rom@opt/snapvisor/blob", 9000).expect("resize");
         })),
         broken_protection: false,
+        ..SaveHooks::NONE
     };
     let err = snapshot::save(&vm, &store, "cancelled", &SaveOptions { hooks, ..Default::default() }, &|_| {})
         .expect_err("the resize must cancel the snapshot");

@@ -8,13 +8,21 @@
 //!   hashing, compressing and appending their own chunks), `full` (stop-and-copy through the
 //!   pipeline), and `incremental-1pct` (the next snapshot after 1% of memory, every 100th
 //!   chunk above 16 MiB, was rewritten with random bytes by the VMM through device memory);
-//!   `background` (write-protect, resume, copy beside the running guest; full) and
+//!   `background` (write-protect, resume, copy beside the running guest; full),
+//!   `background-in-pause` (the same without pre-protection: all RAM write-protected in the
+//!   pause, the path before it, as the baseline for the pause) and
 //!   `background-inc-1pct` (the same 1% rewritten again, then a background incremental);
 //!   then eager and lazy restores of the full snapshot to the first guest instruction
 //!   (`restore-eager`, `restore-lazy`: `total_ms` is that time).
 //! - `memfill`, rewriting all of its memory with incompressible words the whole time:
-//!   `baseline`, `full`, `live` (dirty-log pre-copy; the worst case for it) and `background`
-//!   (the guest's writes fault and copy their chunk first; the worst case for it too).
+//!   `baseline`, `full`, `live` (dirty-log pre-copy; the worst case for it), `background-in-pause`
+//!   and `background` (the guest's writes fault and copy their chunk first; the worst case
+//!   for it too; pre-protection's rounds race the guest's writes).
+//!
+//! Background rows also break the pause down (`stop_vcpus_ms`, `prep_ms`, `state_ms`,
+//! `protect_ms`) and say what pre-protection did before it (`pre_protect_ms`, `track_rounds`,
+//! `armed_chunks`: the chunks the pause itself had to protect; `track_faults`: the writes
+//! that met pre-protected memory, a measure of how far the guest got meanwhile).
 //!
 //! `pause_vs_full` is a row's pause over the stop-and-copy pipeline's (`full`) pause, same guest
 //! and size: how much shorter the pause is than stop-and-copy's in the same run.
@@ -86,6 +94,15 @@ pub struct SnapshotRow {
     /// Background: write faults taken, and chunks they copied ahead of the saver.
     pub wp_faults: u64,
     pub wp_chunks_copied: u64,
+    /// Background: stopping the vCPUs, within the pause.
+    pub stop_vcpus_ms: f64,
+    /// Background: pre-protecting RAM and its rounds, before the pause (guest running).
+    pub pre_protect_ms: f64,
+    /// Background: pre-protection's rounds, and the chunks the pause itself protected.
+    pub track_rounds: u64,
+    pub armed_chunks: u64,
+    /// Background: write faults while RAM was pre-protected (the guest's writes then).
+    pub track_faults: u64,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -120,6 +137,11 @@ fn row(mode: &str, guest: &'static str, mem_mib: u64, r: &SaveReport) -> Snapsho
         protect_ms: r.protect_ms,
         wp_faults: r.wp.map_or(0, |w| w.faults),
         wp_chunks_copied: r.wp.map_or(0, |w| w.chunks_copied_on_fault),
+        stop_vcpus_ms: r.stop_vcpus_ms,
+        pre_protect_ms: r.pre_protect_ms,
+        track_rounds: r.wp.map_or(0, |w| w.track_rounds),
+        armed_chunks: r.wp.map_or(0, |w| w.armed_chunks),
+        track_faults: r.wp.map_or(0, |w| w.track_faults),
     }
 }
 
@@ -148,6 +170,11 @@ fn restore_row(mode: &str, mem_mib: u64, first_ms: f64) -> SnapshotRow {
         protect_ms: 0.0,
         wp_faults: 0,
         wp_chunks_copied: 0,
+        stop_vcpus_ms: 0.0,
+        pre_protect_ms: 0.0,
+        track_rounds: 0,
+        armed_chunks: 0,
+        track_faults: 0,
     }
 }
 
@@ -197,10 +224,12 @@ const BASELINE: SaveOptions = SaveOptions {
     incremental: false,
     pipeline: false,
     wp_buffer_bytes: snapshot::save::DEFAULT_WP_BUFFER,
+    pre_protect: true,
     hooks: SaveHooks::NONE,
 };
 const FULL: SaveOptions = SaveOptions { pipeline: true, ..BASELINE };
 const BACKGROUND: SaveOptions = SaveOptions { mode: SaveMode::Background, ..FULL };
+const IN_PAUSE: SaveOptions = SaveOptions { pre_protect: false, ..BACKGROUND };
 
 /// Rewrites 1% of the guest's memory (every 100th 64 KiB chunk above 16 MiB) with random
 /// bytes through device memory, as a device would.
@@ -266,6 +295,10 @@ fn touch_rows(store: &storage::Store, mem_mib: u64, thp: bool, rows: &mut Vec<Sn
     // Background rows go into a store of their own, so they deduplicate nothing against the
     // stop-and-copy snapshots kept for the restores below.
     let bg_store = fresh_store(store, "background")?;
+    let in_pause_name = format!("touch-bg-in-pause-{mem_mib}");
+    let in_pause = save(&vm, &bg_store, &in_pause_name, IN_PAUSE)?;
+    rows.push(row("background-in-pause", "touch", mem_mib, &in_pause));
+    discard(&bg_store, &in_pause_name)?;
     let bg_name = format!("touch-bg-{mem_mib}");
     let bg = save(&vm, &bg_store, &bg_name, BACKGROUND)?;
     rows.push(row("background", "touch", mem_mib, &bg));
@@ -315,6 +348,9 @@ fn memfill_rows(store: &storage::Store, mem_mib: u64, thp: bool, rows: &mut Vec<
     let live = save(&vm, store, &format!("memfill-live-{mem_mib}"), SaveOptions { live: true, ..FULL })?;
     rows.push(row("live", "memfill", mem_mib, &live));
     discard(store, &format!("memfill-live-{mem_mib}"))?;
+    let in_pause = save(&vm, store, &format!("memfill-bg-in-pause-{mem_mib}"), IN_PAUSE)?;
+    rows.push(row("background-in-pause", "memfill", mem_mib, &in_pause));
+    discard(store, &format!("memfill-bg-in-pause-{mem_mib}"))?;
     let bg = save(&vm, store, &format!("memfill-bg-{mem_mib}"), BACKGROUND)?;
     rows.push(row("background", "memfill", mem_mib, &bg));
     vm.stop("measured");
@@ -397,6 +433,38 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
             r.work_ms,
             r.write_ms,
             r.commit_ms
+        );
+    }
+    println!(
+        "\n{:<19} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>7} {:>7} {:>12}",
+        "background pause",
+        "guest",
+        "MiB",
+        "pause ms",
+        "stop ms",
+        "prep ms",
+        "state ms",
+        "prot ms",
+        "pre-prot ms",
+        "rounds",
+        "armed",
+        "track faults"
+    );
+    for r in rows.iter().filter(|r| r.save_mode == "background") {
+        println!(
+            "{:<19} {:<8} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>12.1} {:>7} {:>7} {:>12}",
+            r.mode,
+            r.guest,
+            r.mem_mib,
+            r.pause_ms,
+            r.stop_vcpus_ms,
+            r.prep_ms,
+            r.state_ms,
+            r.protect_ms,
+            r.pre_protect_ms,
+            r.track_rounds,
+            r.armed_chunks,
+            r.track_faults
         );
     }
     Ok(())

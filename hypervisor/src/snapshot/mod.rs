@@ -25,7 +25,7 @@ pub mod xsave;
 
 use thiserror::Error;
 
-pub use mode::{SaveHooks, SaveMode};
+pub use mode::{PreProtectFault, SaveHooks, SaveMode};
 pub use restore::{restore, RestoreMode, RestoreOptions, RestoreReport};
 pub use save::{save, SaveOptions, SaveProgress, SaveReport};
 

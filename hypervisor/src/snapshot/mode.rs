@@ -53,10 +53,30 @@ pub struct SaveHooks {
     /// Background: a fault thread that unprotects without copying first (a broken protection,
     /// for tests to show they catch it). Never set it outside tests.
     pub broken_protection: bool,
+    /// Background: called with the VM running and RAM pre-protected, after the re-protection
+    /// rounds, right before the pause.
+    pub during_pre_protect: Option<VmHook>,
+    /// Background: a failure (or a bug) to inject into pre-protection. Never set it outside
+    /// tests.
+    pub pre_protect_fault: Option<PreProtectFault>,
+}
+
+/// Failures and bugs tests inject into a background snapshot's pre-protection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreProtectFault {
+    /// A re-protection round fails while the guest runs.
+    Round,
+    /// The write-fault thread fails at its first fault in the track phase.
+    FaultThread,
+    /// Arming fails with the VM paused, after it protected what it had to.
+    Arm,
+    /// A bug, not a failure: arming leaves the chunks written since the last round writable.
+    ArmSkipsRedirtied,
 }
 
 impl SaveHooks {
-    pub const NONE: SaveHooks = SaveHooks { after_protect: None, broken_protection: false };
+    pub const NONE: SaveHooks =
+        SaveHooks { after_protect: None, broken_protection: false, during_pre_protect: None, pre_protect_fault: None };
 }
 
 impl std::fmt::Debug for SaveHooks {
@@ -64,6 +84,8 @@ impl std::fmt::Debug for SaveHooks {
         f.debug_struct("SaveHooks")
             .field("after_protect", &self.after_protect.is_some())
             .field("broken_protection", &self.broken_protection)
+            .field("during_pre_protect", &self.during_pre_protect.is_some())
+            .field("pre_protect_fault", &self.pre_protect_fault)
             .finish()
     }
 }

@@ -37,6 +37,7 @@ use migrate::snapshot::format::{serde_bytes_compat::Bytes, VmSnapshot};
 use migrate::snapshot::ram_io::{block_specs, save_chunks};
 use storage::{ChunkJob, PipelineStats, SnapshotWriter, Store, StoreError, WriteStats};
 
+use super::background::{self, PreProtect};
 use super::devices::{check_all_saved, persistables};
 use super::mode::{resolve, SaveHooks, SaveMode};
 use super::vcpu_state::{save_vcpu, save_vm, HostVcpuCaps};
@@ -52,9 +53,11 @@ pub struct SaveOptions {
     pub mode: SaveMode,
     /// The old flag for `mode: Live`; when set, it wins over `mode`.
     pub live: bool,
-    /// Live: the most rounds of re-copying dirty chunks before the final pause.
+    /// Live: the most rounds of re-copying dirty chunks before the final pause; background:
+    /// the most rounds of re-protecting written chunks before the pause.
     pub max_rounds: u32,
-    /// Live: pause once a round leaves this few dirty chunks.
+    /// Live: pause once a round leaves this few dirty chunks; background: once a round
+    /// re-protects this few.
     pub final_chunks: usize,
     /// Threads compressing chunks.
     pub threads: usize,
@@ -68,6 +71,10 @@ pub struct SaveOptions {
     pub pipeline: bool,
     /// Background: the most bytes of chunks copied ahead of the saver on a write fault.
     pub wp_buffer_bytes: u64,
+    /// Background: write-protect RAM while the guest still runs, so the pause only
+    /// re-protects what it wrote since ([`super::background`]); `false` protects all of it in
+    /// the pause (the benchmark's baseline).
+    pub pre_protect: bool,
     /// Test hooks.
     pub hooks: SaveHooks,
 }
@@ -84,6 +91,7 @@ impl Default for SaveOptions {
             incremental: true,
             pipeline: true,
             wp_buffer_bytes: DEFAULT_WP_BUFFER,
+            pre_protect: true,
             hooks: SaveHooks::NONE,
         }
     }
@@ -135,8 +143,14 @@ pub struct SaveReport {
     pub state_ms: f64,
     /// The store commit (syncs, manifest).
     pub commit_ms: f64,
-    /// Background: write-protecting RAM, within the pause.
+    /// Background: write-protecting RAM, within the pause (with pre-protection: arming it).
     pub protect_ms: f64,
+    /// Background: pre-protecting RAM and its rounds, before the pause, the guest running.
+    pub pre_protect_ms: f64,
+    /// Background: why RAM was not pre-protected, when it was asked for (also logged).
+    pub pre_protect_note: Option<String>,
+    /// Stopping the vCPUs (and NICs): the start of the pause.
+    pub stop_vcpus_ms: f64,
     /// Background: what the write-fault thread did.
     pub wp: Option<WpStats>,
 }
@@ -229,6 +243,11 @@ fn dirty_chunks(vm: &Vm, blocks: &[Arc<RamBlock>], chunk: u64) -> Result<Vec<Vec
         out.push(set.into_iter().collect());
     }
     Ok(out)
+}
+
+/// `a[i]` and `b[i]` merged, per block, sorted.
+fn union(a: Vec<Vec<u64>>, b: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
+    a.into_iter().zip(b).map(|(a, b)| a.into_iter().chain(b).collect::<BTreeSet<u64>>().into_iter().collect()).collect()
 }
 
 /// Copies `chunks[i]` of `blocks[i]` into the writer; returns the bytes read.
@@ -350,10 +369,39 @@ pub fn save(
         None
     };
 
+    // Background: protect RAM while the guest still runs; the pause re-protects what it
+    // wrote since. Dirty records so far are read now and after the rounds (kept for an
+    // incremental snapshot), so the pause reads only the last ones.
+    let pre_start = Instant::now();
+    let mut tracking = None;
+    let mut early_dirty = None;
+    let mut pre_protect_note = None;
+    if mode == SaveMode::Background && opts.pre_protect {
+        vm.slots().set_dirty_logging(true)?;
+        cleanup.dirty_log = true;
+        let early = dirty_chunks(vm, &blocks, chunk)?;
+        let set = if parent.is_some() { &early } else { &all };
+        let rounds = (opts.max_rounds, opts.final_chunks);
+        let cancelled = || watch.check();
+        match background::pre_protect(vm, &blocks, set, chunk, opts.wp_buffer_bytes, rounds, &opts.hooks, &cancelled)? {
+            PreProtect::Tracking(wp) => tracking = Some(wp),
+            PreProtect::Failed(e) => {
+                let note = format!("pre-protection failed ({e}): RAM protected in the pause");
+                tracing::warn!(snapshot = name, "{note}");
+                pre_protect_note = Some(note);
+            }
+        }
+        // Once more after the rounds, so the pause reads only what was dirtied since.
+        let late = dirty_chunks(vm, &blocks, chunk)?;
+        early_dirty = Some(union(early, late));
+    }
+    let pre_protect_time = pre_start.elapsed();
+
     let paused_at = Instant::now();
     if !vm.pause() {
         return Err(SnapshotError::NotRunning);
     }
+    let stop_vcpus = paused_at.elapsed();
     cleanup.resume = was_running && !opts.stay_paused;
     watch.check()?;
     let copy_start = Instant::now();
@@ -375,7 +423,10 @@ pub fn save(
             // is what this snapshot must copy.
             vm.slots().set_dirty_logging(true)?;
             cleanup.dirty_log = true;
-            let dirty = dirty_chunks(vm, &blocks, chunk)?;
+            let mut dirty = dirty_chunks(vm, &blocks, chunk)?;
+            if let Some(early) = early_dirty.take() {
+                dirty = union(dirty, early);
+            }
             let w = store.begin(name, block_specs(&blocks))?;
             let mut todo = all.clone();
             if let Some(p) = &parent {
@@ -420,7 +471,11 @@ pub fn save(
     let mut resumed_at = None;
     if let Some(todo) = background_todo {
         let protect_start = Instant::now();
-        match super::background::protect(&blocks, &todo, chunk, opts.wp_buffer_bytes, opts.hooks.broken_protection) {
+        let armed = match tracking.take() {
+            Some(wp) => background::arm(wp, &todo, &opts.hooks),
+            None => background::protect(&blocks, &todo, chunk, opts.wp_buffer_bytes, opts.hooks.broken_protection),
+        };
+        match armed {
             Ok(wp) => {
                 protect_time = protect_start.elapsed();
                 if let Some(h) = &opts.hooks.after_protect {
@@ -434,8 +489,7 @@ pub fn save(
                 resumed_at = Some(Instant::now());
                 tracing::info!(snapshot = name, pause_ms = ms(paused_at.elapsed()), "background copy started");
                 let cancelled = || watch.check();
-                bytes_copied +=
-                    super::background::copy(&writer, &blocks, &todo, &wp, opts.threads, &cancelled, &mut pstats)?;
+                bytes_copied += background::copy(&writer, &blocks, &todo, &wp, opts.threads, &cancelled, &mut pstats)?;
                 wp_stats = Some(wp.stats());
                 // Unprotects what is left (nothing, when all went well) and unregisters.
                 drop(wp);
@@ -476,6 +530,8 @@ pub fn save(
         paused_copy_ms = ms(paused_copy),
         state_ms = ms(state_time),
         protect_ms = ms(protect_time),
+        pre_protect_ms = ms(pre_protect_time),
+        stop_vcpus_ms = ms(stop_vcpus),
         commit_ms = ms(commit_time),
         bytes_copied,
         read_ms = pstats.read_ns as f64 / 1e6,
@@ -503,6 +559,9 @@ pub fn save(
         state_ms: ms(state_time),
         commit_ms: ms(commit_time),
         protect_ms: ms(protect_time),
+        pre_protect_ms: ms(pre_protect_time),
+        pre_protect_note,
+        stop_vcpus_ms: ms(stop_vcpus),
         wp: wp_stats,
     })
 }
