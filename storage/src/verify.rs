@@ -1,4 +1,5 @@
-//! Verification: every chunk of a snapshot is read, decompressed and checked against its hash.
+//! Verification: every chunk of a snapshot is read, decompressed and checked against its hash,
+//! and every attachment of it (e.g. the prefetch list) is read and checked against its crc32.
 
 use std::collections::HashSet;
 
@@ -16,6 +17,8 @@ pub struct VerifyReport {
     pub chunks: u64,
     /// Bytes of guest memory covered.
     pub bytes: u64,
+    /// Attachments checked (their crc).
+    pub attachments: u64,
     /// One message per problem, naming block and offset; empty when the snapshot is intact.
     pub errors: Vec<String>,
 }
@@ -69,6 +72,14 @@ impl Store {
                         Err(e) => report.errors.push(e.to_string()),
                     }
                 }
+            }
+        }
+        // Attachments (the prefetch list, ...) are part of the snapshot: each must read back
+        // with its crc intact. The error names the snapshot and the attachment.
+        for att in self.attachments(name)? {
+            report.attachments += 1;
+            if let Err(e) = self.attachment(name, &att) {
+                report.errors.push(e.to_string());
             }
         }
         if !report.ok() {
