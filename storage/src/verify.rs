@@ -88,3 +88,38 @@ impl Store {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::Store;
+    use crate::writer::BlockSpec;
+
+    #[test]
+    fn a_damaged_attachment_is_a_problem_naming_snapshot_and_attachment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let spec = BlockSpec {
+            idstr: "ram".into(),
+            used_length: 65536,
+            max_length: 65536,
+            page_size: 4096,
+            resizeable: false,
+        };
+        let w = store.begin("x", vec![spec]).expect("begin");
+        w.put("ram", 0, &[5u8; 65536]).expect("put");
+        w.commit(Vec::new()).expect("commit");
+        store.put_attachment("x", "prefetch", b"a working-set list").expect("attach");
+        let r = store.verify("x").expect("verify");
+        assert!(r.ok() && r.attachments == 1, "{r:?}");
+        // One bit of the stored attachment flipped: its crc no longer holds.
+        let key = [b"x".as_slice(), &[0], b"prefetch"].concat();
+        let mut v = store.inner.attachments.get(&key).expect("get").expect("stored").to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 1;
+        store.inner.attachments.insert(key, v).expect("insert");
+        for r in [store.verify("x").expect("verify"), store.verify_all().expect("verify all").remove(0)] {
+            assert!(!r.ok(), "a damaged attachment verified ok: {r:?}");
+            assert!(r.errors[0].contains("snapshot 'x' attachment 'prefetch' is corrupt: crc32"), "{r:?}");
+        }
+    }
+}
