@@ -63,6 +63,9 @@ fn a_stopped_vm_releases_its_memory_and_its_shared_base_and_starts_again() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!(
+        "daemon RSS: {rss_running} MiB with both VMs running ({fds_running} base memfds), {rss_stopped} MiB stopped"
+    );
     assert!(
         rss_stopped + MEM <= rss_running,
         "stopped VMs keep their memory: daemon RSS {rss_running} MiB running, {rss_stopped} MiB stopped"
@@ -110,6 +113,12 @@ fn a_snapshot_operation_reports_the_chunks_copied_while_it_runs() {
         );
         assert!(while_running.windows(2).all(|w| w[0] <= w[1]), "{mode}: progress went back: {while_running:?}");
         let total = last["progress"]["chunks_copied"].as_u64().unwrap_or(0);
+        eprintln!(
+            "{mode}: {} polls while running, chunks_copied {:?} .. {:?}, total {total}",
+            while_running.len(),
+            while_running.first(),
+            while_running.last()
+        );
         assert!(total > 0, "{mode}: the finished operation reports no chunks copied: {last}");
         assert!(while_running.iter().all(|&n| n <= total), "{mode}: {while_running:?} beyond the total {total}");
     }
