@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use common::daemon::Daemon;
 use serde_json::{json, Value};
 
-/// A tap name unique to this test process: `m<pid % 100000><what>` (at most 15 characters).
-fn tap(what: &str) -> String {
-    format!("m{}{what}", std::process::id() % 100_000)
+/// A tap name unique to this test process and test `t`: `m<pid % 100000><t><what>` (at most
+/// 15 characters; tests of one process run at once).
+fn tap_of(t: char, what: &str) -> String {
+    format!("m{}{t}{what}", std::process::id() % 100_000)
 }
 
 fn tap_exists(name: &str) -> bool {
@@ -71,6 +72,7 @@ fn assert_running_macs_unique(d: &Daemon, when: &str) {
 
 #[test]
 fn concurrent_clones_with_one_mac_never_both_run() {
+    let tap = |w: &str| tap_of('A', w);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     d.ok(
@@ -119,6 +121,7 @@ fn concurrent_clones_with_one_mac_never_both_run() {
 
 #[test]
 fn a_new_vm_with_a_running_vms_mac_is_refused_and_runs_once_that_vm_stops() {
+    let tap = |w: &str| tap_of('B', w);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     let mac = "52:54:00:bb:00:01";
@@ -147,6 +150,7 @@ fn a_new_vm_with_a_running_vms_mac_is_refused_and_runs_once_that_vm_stops() {
 
 #[test]
 fn a_stopped_vm_whose_mac_a_clone_took_cannot_start_until_the_clone_is_deleted() {
+    let tap = |w: &str| tap_of('C', w);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     let mac = "52:54:00:cc:00:01";
@@ -179,6 +183,7 @@ fn a_stopped_vm_whose_mac_a_clone_took_cannot_start_until_the_clone_is_deleted()
 
 #[test]
 fn restoring_a_snapshot_while_its_source_runs_is_refused_naming_the_source() {
+    let tap = |w: &str| tap_of('D', w);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     let mac = "52:54:00:dd:00:01";
@@ -204,6 +209,7 @@ fn restoring_a_snapshot_while_its_source_runs_is_refused_naming_the_source() {
 
 #[test]
 fn a_failed_start_and_a_guest_exit_give_the_mac_back() {
+    let tap = |w: &str| tap_of('E', w);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     let (m1, m2) = ("52:54:00:ee:00:01", "52:54:00:ee:00:02");
@@ -235,6 +241,7 @@ fn a_failed_start_and_a_guest_exit_give_the_mac_back() {
 
 #[test]
 fn one_new_tap_for_two_clones_is_refused_up_front_naming_both() {
+    let tap = |w: &str| tap_of('F', w);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     d.ok(
