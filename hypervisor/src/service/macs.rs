@@ -97,7 +97,7 @@ impl Daemon {
             let Some(m) = o.mac else { continue };
             if let Some((holder, nic)) = self.macs.holder(m) {
                 return Err(ApiError::Conflict(format!(
-                    "VM '{vm}': network_overrides[{k}].mac {m} is in use by running VM '{holder}' (its net[{nic}]); \
+                    "VM '{vm}': network_overrides[{k}].mac {m} is the MAC of running VM '{holder}' (its net[{nic}]); \
                      give another"
                 )));
             }
