@@ -44,6 +44,35 @@ pub struct WriteStats {
     pub inherited_chunks: u64,
 }
 
+impl WriteStats {
+    /// Chunks put so far (zero, deduplicated and new ones; not the inherited ones).
+    pub fn chunks_put(&self) -> u64 {
+        self.zero_chunks + self.dedup_chunks + self.new_chunks
+    }
+}
+
+fn stats_of(s: &WriterShared) -> WriteStats {
+    WriteStats {
+        bytes_in: s.bytes_in.load(Ordering::Relaxed),
+        zero_chunks: s.zero_chunks.load(Ordering::Relaxed),
+        dedup_chunks: s.dedup_chunks.load(Ordering::Relaxed),
+        new_chunks: s.new_chunks.load(Ordering::Relaxed),
+        bytes_stored: s.bytes_stored.load(Ordering::Relaxed),
+        bytes_hashed: s.bytes_hashed.load(Ordering::Relaxed),
+        bytes_compressed_in: s.bytes_compressed_in.load(Ordering::Relaxed),
+        inherited_chunks: s.inherited_chunks.load(Ordering::Relaxed),
+    }
+}
+
+impl Store {
+    /// The counters of the snapshot `name` being written now, if one is: for progress reports
+    /// from outside the writing thread.
+    pub fn writing_stats(&self, name: &str) -> Option<WriteStats> {
+        let writers = self.inner.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers.values().filter_map(std::sync::Weak::upgrade).find(|w| w.name == name).map(|w| stats_of(&w))
+    }
+}
+
 /// A chunk after [`SnapshotWriter::prepare`]: all-zero, or stored under `hash` with its
 /// compressed value (`None` when the index already held the hash).
 pub(crate) enum Prepared {
@@ -148,17 +177,7 @@ impl SnapshotWriter {
 
     /// Counters so far.
     pub fn stats(&self) -> WriteStats {
-        let s = &self.shared;
-        WriteStats {
-            bytes_in: s.bytes_in.load(Ordering::Relaxed),
-            zero_chunks: s.zero_chunks.load(Ordering::Relaxed),
-            dedup_chunks: s.dedup_chunks.load(Ordering::Relaxed),
-            new_chunks: s.new_chunks.load(Ordering::Relaxed),
-            bytes_stored: s.bytes_stored.load(Ordering::Relaxed),
-            bytes_hashed: s.bytes_hashed.load(Ordering::Relaxed),
-            bytes_compressed_in: s.bytes_compressed_in.load(Ordering::Relaxed),
-            inherited_chunks: s.inherited_chunks.load(Ordering::Relaxed),
-        }
+        stats_of(&self.shared)
     }
 
     fn block(&self, idstr: &str) -> Result<&WriterBlock> {

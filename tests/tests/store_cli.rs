@@ -104,6 +104,46 @@ fn verify_reports_corruption_with_exit_status() {
 }
 
 #[test]
+fn verify_reports_a_damaged_attachment_naming_snapshot_and_attachment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        let spec = BlockSpec {
+            idstr: "ram".into(),
+            used_length: 65536,
+            max_length: 65536,
+            page_size: 4096,
+            resizeable: false,
+        };
+        let w = store.begin("x", vec![spec]).expect("begin");
+        w.put("ram", 0, &[5u8; 65536]).expect("put");
+        w.commit(Vec::new()).expect("commit");
+        store.put_attachment("x", "prefetch", b"a working-set list").expect("attach");
+    }
+    let (out, r) = render(&["verify", "x", "--store", d]);
+    assert!(r.is_ok() && out.contains(" ok "), "intact before the damage: {out}");
+    // One bit of the stored attachment flipped: its crc no longer holds.
+    {
+        let db = sled::open(dir.path()).expect("the store's sled database");
+        let tree = db.open_tree("attachments").expect("attachments");
+        let key = [b"x".as_slice(), &[0], b"prefetch"].concat();
+        let mut v = tree.get(&key).expect("get").expect("the attachment is stored").to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 1;
+        tree.insert(key, v).expect("insert");
+        db.flush().expect("flush");
+    }
+    for argv in [&["verify", "x", "--store", d][..], &["verify", "--store", d][..]] {
+        let (out, r) = render(argv);
+        let e = r.expect_err("a damaged attachment is a problem, never ok");
+        assert_eq!(e.exit_code(), 1, "{argv:?}: {out}");
+        assert!(out.contains("CORRUPT"), "{argv:?}: {out}");
+        assert!(out.contains("snapshot 'x' attachment 'prefetch' is corrupt: crc32"), "{argv:?}: {out}");
+    }
+}
+
+#[test]
 fn bench_store_runs_small() {
     let args =
         match Cli::try_parse_from(["snapvisor", "bench-store", "--size-mib", "8", "--clones", "2"]).expect("parse") {

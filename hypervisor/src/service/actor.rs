@@ -24,6 +24,7 @@ use tokio::sync::{oneshot, watch};
 use super::error::ApiError;
 use super::events::Events;
 use super::images::ImageDir;
+use super::mac_claims::{MacClaim, MacClaims};
 use super::metrics::Metrics;
 use crate::boot::files::BootFile;
 use crate::boot::firmware;
@@ -312,6 +313,13 @@ pub struct Actor {
     pub cleanup: Option<String>,
     /// The VM's end was reported (as an event, or by the request that stopped it).
     pub exit_reported: bool,
+    /// The daemon's MAC registry, to claim this VM's MACs when it starts.
+    pub mac_claims: Arc<MacClaims>,
+    /// This VM's claim on its MACs while it runs (or is paused); `None` once it has stopped.
+    pub mac_claim: Option<MacClaim>,
+    /// What the VM looked like when it stopped and was let go of (its memory, taps and shared
+    /// base freed): a stopped VM holds no guest memory.
+    pub stopped: Option<Box<VmInfo>>,
 }
 
 impl Actor {
@@ -320,6 +328,7 @@ impl Actor {
             return VmState::Failed;
         }
         match &self.vm {
+            None if self.stopped.is_some() => VmState::Stopped,
             None => VmState::Created,
             Some(vm) if vm.control().exit_reason().is_some() => VmState::Stopped,
             Some(vm) if !vm.is_started() => VmState::Created,
@@ -329,6 +338,9 @@ impl Actor {
     }
 
     fn info(&self) -> VmInfo {
+        if let (None, Some(last)) = (&self.vm, &self.stopped) {
+            return VmInfo { def: self.def.clone(), state: self.state(), ..(**last).clone() };
+        }
         VmInfo {
             def: self.def.clone(),
             state: self.state(),
@@ -347,7 +359,51 @@ impl Actor {
 
     fn vm(&mut self) -> Result<&mut Vm, ApiError> {
         let name = self.def.name.clone();
-        self.vm.as_mut().ok_or_else(|| ApiError::Conflict(format!("VM '{name}' is not running")))
+        let why = if self.stopped.is_some() { "has stopped" } else { "is not running" };
+        self.vm.as_mut().ok_or_else(|| ApiError::Conflict(format!("VM '{name}' {why}")))
+    }
+
+    /// The VM has stopped (by request or on its own): lets go of it (its guest memory, its
+    /// reference to a shared base, its taps) and of its MACs, keeping what GET shows. A later
+    /// start boots it afresh from its definition, as after a daemon restart.
+    fn release_stopped_vm(&mut self) {
+        if self.vm.as_ref().is_some_and(|vm| vm.control().exit_reason().is_some()) {
+            self.stopped = Some(Box::new(self.info()));
+            self.vm = None;
+            tracing::info!(vm = %self.def.name, "stopped: its memory and MACs are released");
+        }
+        self.mac_claim = None;
+    }
+
+    /// Starts the VM: claims its MACs first (409 naming the holder of one another VM has,
+    /// nothing built), then builds it afresh unless a built, never-started one is there.
+    fn start(&mut self) -> Result<(), ApiError> {
+        if self.mac_claim.is_none() {
+            let macs: Vec<_> = self.def.net.iter().map(|n| n.mac).collect();
+            self.mac_claim = Some(self.mac_claims.claim(&self.def.name, &macs, &Default::default())?);
+        }
+        if !matches!(&self.vm, Some(vm) if !vm.is_started()) {
+            let params = self.def.builtin_params().map_err(ApiError::BadRequest)?;
+            let boot = self.def.boot(params, &self.images)?;
+            let mut cfg = VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
+            cfg.firmware = self.def.firmware_image(&self.images)?;
+            cfg.net = super::net_api::to_specs(&self.def.net, &self.images)?;
+            // The NICs get the MACs just claimed.
+            let claimed = self.mac_claim.as_ref().map(MacClaim::macs).unwrap_or_default();
+            for (nic, m) in cfg.net.iter_mut().zip(claimed) {
+                nic.mac = Some(*m);
+            }
+            cfg.debugcon_out = Some(Box::new(self.debugcon.clone()));
+            // The VM that ran before goes first: it holds its NICs' taps, which
+            // take one user each.
+            self.vm = None;
+            self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
+        }
+        self.failed = false;
+        self.exit_reported = false;
+        self.vm()?.start().map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.stopped = None;
+        Ok(())
     }
 
     fn handle(&mut self, cmd: Cmd) -> Result<Reply, ApiError> {
@@ -367,22 +423,11 @@ impl Actor {
                             self.def.name
                         )));
                     }
-                    if !matches!(&self.vm, Some(vm) if !vm.is_started()) {
-                        let params = self.def.builtin_params().map_err(ApiError::BadRequest)?;
-                        let boot = self.def.boot(params, &self.images)?;
-                        let mut cfg =
-                            VmConfig::new(self.def.mem_mib, self.def.vcpus, boot, Box::new(self.serial.clone()));
-                        cfg.firmware = self.def.firmware_image(&self.images)?;
-                        cfg.net = super::net_api::to_specs(&self.def.net, &self.images)?;
-                        cfg.debugcon_out = Some(Box::new(self.debugcon.clone()));
-                        // The VM that ran before goes first: it holds its NICs' taps, which
-                        // take one user each.
-                        self.vm = None;
-                        self.vm = Some(Vm::new(cfg).map_err(|e| ApiError::from_vm(&e))?);
+                    if let Err(e) = self.start() {
+                        // A start that fails gives its MACs back.
+                        self.mac_claim = None;
+                        return Err(e);
                     }
-                    self.failed = false;
-                    self.exit_reported = false;
-                    self.vm()?.start().map_err(|e| ApiError::Internal(e.to_string()))?;
                 }
             },
             Cmd::Pause => {
@@ -398,12 +443,16 @@ impl Actor {
                 vm.shutdown_nics();
                 // The API reports this stop itself.
                 self.exit_reported = true;
+                self.release_stopped_vm();
             }
             Cmd::ShutdownSnapshot { name } => return self.shutdown_snapshot(name),
             Cmd::Snapshot { name, live, mode, progress } => {
                 let t0 = Instant::now();
                 let store = self.store.clone();
                 let vm = self.vm()?;
+                // GET on the operation shows the chunks copied so far while the copy runs.
+                let _ticker =
+                    progress.clone().map(|op| super::progress::SnapshotProgress::start(vm, &store, &name, op));
                 let report =
                     snapshot::save(vm, &store, &name, &SaveOptions { live, mode, ..Default::default() }, &|p| {
                         if let Some(op) = &progress {
@@ -459,7 +508,9 @@ impl Actor {
         vm.shutdown_nics();
         tracing::info!(vm = %self.def.name, %reason, "VM ended");
         if let (ExitReason::Crash { .. }, Some(e)) = (&reason, vm.page_server().and_then(|s| s.error())) {
-            return Some(("lazy_restore_failed", serde_json::json!({ "error": e.to_string() })));
+            let event = ("lazy_restore_failed", serde_json::json!({ "error": e.to_string() }));
+            self.release_stopped_vm();
+            return Some(event);
         }
         let what = match &reason {
             ExitReason::GuestExit { .. } | ExitReason::PowerOff => "guest_exit",
@@ -467,15 +518,37 @@ impl Actor {
             ExitReason::Timeout { .. } => "timeout",
             ExitReason::Stopped { .. } => "stopped",
         };
-        Some((what, serde_json::json!(reason)))
+        let event = (what, serde_json::json!(reason));
+        self.release_stopped_vm();
+        Some(event)
+    }
+
+    /// A snapshot committed after its client stopped waiting (the connection was cut at the
+    /// daemon's shutdown deadline, the request timed out): the client was told it failed, so
+    /// it must not exist.
+    fn drop_unanswered_snapshot(&self, name: &str) {
+        match self.store.delete(name) {
+            Ok(()) => tracing::warn!(
+                vm = %self.def.name,
+                snapshot = name,
+                "snapshot committed after its client stopped waiting; deleted, as the client was told it failed"
+            ),
+            Err(e) => tracing::error!(vm = %self.def.name, snapshot = name, "deleting an unanswered snapshot: {e}"),
+        }
     }
 
     /// Deletes the shutdown snapshot this VM resumed from once nothing depends on it.
     fn clean_up_resume_snapshot(&mut self) {
         let Some(snap) = self.cleanup.as_deref() else { return };
-        let Some(vm) = self.vm.as_ref() else { return };
-        let resident = snapshot::restore::lazy_stats(vm).is_none_or(|s| s.resident_after_ms.is_some());
-        if !resident && vm.control().exit_reason().is_none() {
+        let done = match self.vm.as_ref() {
+            Some(vm) => {
+                let resident = snapshot::restore::lazy_stats(vm).is_none_or(|s| s.resident_after_ms.is_some());
+                resident || vm.control().exit_reason().is_some()
+            }
+            // Stopped and let go of: nothing reads the snapshot any more.
+            None => self.stopped.is_some(),
+        };
+        if !done {
             return;
         }
         match self.store.delete(snap) {
@@ -499,6 +572,7 @@ impl Actor {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.stop("failed");
                 }
+                self.mac_claim = None;
                 self.events.emit(&self.def.name, "failed", serde_json::json!({ "error": "a request panicked" }));
                 Err(ApiError::Internal(format!(
                     "VM '{}' failed while handling the request; it was stopped",
@@ -526,7 +600,9 @@ impl Actor {
                 self.events.emit(&self.def.name, what, detail);
             }
             if let Some((result, reply)) = result {
-                let _ = reply.send(result);
+                if let Err(Ok(Reply::Snapshot(r))) = reply.send(result) {
+                    self.drop_unanswered_snapshot(&r.name);
+                }
             }
         }
         if let Some(mut vm) = self.vm.take() {

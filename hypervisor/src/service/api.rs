@@ -256,6 +256,8 @@ async fn vm_snapshot(
     }
     let cmd = Cmd::Snapshot { name: s.name, live: s.live, mode: s.mode.unwrap_or_default(), progress: op.clone() };
     let Some(op) = op else {
+        // The client waits for the outcome: even a daemon that is stopping answers it.
+        let _owed = d.owe_answer();
         return match d.call(&name, cmd).await? {
             Reply::Snapshot(r) => {
                 d.event(&name, "snapshot", serde_json::json!({ "snapshot": r.name, "live": r.live, "mode": r.mode }));

@@ -290,13 +290,20 @@ pub fn snapshot(a: ClientArgs, cmd: SnapshotCommand) -> Result<(), CliError> {
                 body["mode"] = json!(m);
             }
             let op = call(&a, "POST", &format!("/vms/{vm}/snapshot"), Some(body))?;
-            let text = wait_operation(&a, &op, |p| {
-                format!(
+            let text = wait_operation(&a, &op, |p| match p["chunks_total"].as_u64() {
+                // While the copy runs (service/progress.rs).
+                Some(total) => format!(
+                    "{} of {total} chunks copied, {} MiB",
+                    p["chunks_copied"].as_u64().unwrap_or(0),
+                    p["bytes_copied"].as_u64().unwrap_or(0) >> 20
+                ),
+                // After a round (live) and at the end.
+                None => format!(
                     "round {}, {} MiB copied, {} chunks dirty",
                     p["round"],
                     p["bytes_copied"].as_u64().unwrap_or(0) >> 20,
                     p["dirty_chunks"]
-                )
+                ),
             })?;
             if a.json {
                 println!("{text}");

@@ -55,6 +55,7 @@ impl Daemon {
             }
         }
         self.check_clone_macs(&names, &network_overrides)?;
+        super::net_api::check_clone_taps(&names, &network_overrides)?;
         let done = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         let mut overrides = network_overrides.into_iter();

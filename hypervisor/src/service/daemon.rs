@@ -23,6 +23,7 @@ use super::error::ApiError;
 use super::events::Events;
 use super::images::ImageDir;
 use super::limits::MemoryBudget;
+use super::mac_claims::{MacClaim, MacClaims};
 use super::metrics::Metrics;
 use crate::control::ExitReason;
 use crate::snapshot::{self, RestoreMode, RestoreOptions};
@@ -78,6 +79,11 @@ pub struct Daemon {
     pub images: Arc<ImageDir>,
     /// The guest memory every VM together may hold.
     pub budget: Arc<MemoryBudget>,
+    /// Which running VM each MAC is on the wire for (mac_claims.rs).
+    pub(super) macs: Arc<MacClaims>,
+    /// Requests whose outcome a connected client waits for and must learn (a snapshot): the
+    /// daemon keeps their connections open while stopping (shutdown.rs).
+    pub(super) owed: watch::Sender<usize>,
 }
 
 /// What the operator configures about a daemon beyond its state directory.
@@ -116,6 +122,8 @@ impl Daemon {
             stopping: tokio::sync::watch::channel(false).0,
             images: Arc::new(config.images),
             budget: Arc::new(MemoryBudget::new(config.max_guest_mib)),
+            macs: Arc::new(MacClaims::default()),
+            owed: watch::channel(0).0,
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
         let mut resumed = Vec::new();
@@ -137,7 +145,7 @@ impl Daemon {
                     // own), saved below with the rest.
                     let mut def = def;
                     let keep: Vec<_> =
-                        vm.as_ref().map(|(v, _)| v.spec().net.iter().map(|n| n.mac).collect()).unwrap_or_default();
+                        vm.as_ref().map(|(v, _, _)| v.spec().net.iter().map(|n| n.mac).collect()).unwrap_or_default();
                     d.assign_macs(&mut def, &keep);
                     let def = match (&vm, &resume_from) {
                         // Resumed once: a later start must not go back to that snapshot.
@@ -171,25 +179,37 @@ impl Daemon {
 
     /// Restores a VM the daemon snapshotted at its last shutdown, lazily, and starts it.
     /// A VM that was paused comes back paused (its vCPUs park before their first instruction).
-    fn resume(&self, name: &str, snap: &str, paused: bool) -> Option<(crate::vm::Vm, Logs)> {
+    /// Its MACs are claimed first: one another resumed VM holds keeps this one stopped.
+    fn resume(&self, name: &str, snap: &str, paused: bool) -> Option<(crate::vm::Vm, Logs, MacClaim)> {
         let logs = Logs::new();
         let opts = logs.restore_options(RestoreMode::Lazy, format!("VM '{name}'"));
-        let restored = snapshot::restore(&self.store, snap, opts).map_err(|e| e.to_string()).and_then(|(mut vm, _)| {
+        let restored = self.snapshot_nics(snap).and_then(|nics| {
+            let macs: Vec<_> = nics.iter().map(|n| n.mac).collect();
+            let claim = self.claim_macs(name, &macs).map_err(|e| e.to_string())?;
+            let mut opts = opts;
+            opts.net = Some(claimed_nics(&nics, &claim));
+            let (mut vm, _) = snapshot::restore(&self.store, snap, opts).map_err(|e| e.to_string())?;
             if paused {
                 vm.pause();
             }
-            vm.start().map(|()| vm).map_err(|e| e.to_string())
+            vm.start().map(|()| (vm, claim)).map_err(|e| e.to_string())
         });
         match restored {
-            Ok(vm) => {
+            Ok((vm, claim)) => {
                 tracing::info!(vm = name, snapshot = snap, "VM resumed from its shutdown snapshot");
-                Some((vm, logs))
+                Some((vm, logs, claim))
             }
             Err(e) => {
                 tracing::error!(vm = name, snapshot = snap, "cannot resume VM: {e}; it stays stopped");
                 None
             }
         }
+    }
+
+    /// The NICs snapshot `snap` restores (checked as untrusted), with their saved MACs.
+    fn snapshot_nics(&self, snap: &str) -> Result<Vec<crate::net::NetSpec>, String> {
+        let spec = super::limits::snapshot_spec(&self.store, snap).map_err(|e| e.to_string())?;
+        snapshot::restore::restore_nics(snap, &spec.net, None, &[], false).map_err(|e| e.to_string())
     }
 
     /// Tells event subscribers that `what` happened to VM `vm` (no subscribers: nothing).
@@ -226,11 +246,17 @@ impl Daemon {
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
     }
 
-    fn spawn_actor(&self, def: VmDef, vm: Option<(crate::vm::Vm, Logs)>, cleanup: Option<String>) -> VmHandle {
+    /// A VM's actor; a running `vm` comes with its logs and the claim on its MACs.
+    fn spawn_actor(
+        &self,
+        def: VmDef,
+        vm: Option<(crate::vm::Vm, Logs, MacClaim)>,
+        cleanup: Option<String>,
+    ) -> VmHandle {
         let (tx, rx) = sync_channel(QUEUE);
-        let (vm, logs) = match vm {
-            Some((vm, logs)) => (Some(vm), logs),
-            None => (None, Logs::new()),
+        let (vm, logs, claim) = match vm {
+            Some((vm, logs, claim)) => (Some(vm), logs, Some(claim)),
+            None => (None, Logs::new(), None),
         };
         // What readers see until the actor's first publication.
         let first = Published {
@@ -264,6 +290,9 @@ impl Daemon {
             published: published_tx,
             cleanup,
             exit_reported: false,
+            mac_claims: self.macs.clone(),
+            mac_claim: claim,
+            stopped: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("vm-{}", def.name))
@@ -458,10 +487,16 @@ impl Daemon {
         if self.lock().contains_key(name) {
             return Err(ApiError::Conflict(format!("a VM named '{name}' already exists")));
         }
-        self.check_override_macs(name, &net_overrides)?;
         // The memory is held from here; a failure below gives it back when `held` drops.
         let t_req = Instant::now();
-        let held = super::limits::reserve_for_restore(self, snapshot_name, name).await?;
+        let (held, saved_nics) = super::limits::reserve_for_restore(self, snapshot_name, name).await?;
+        // The NICs as they will be (overrides applied, checked as untrusted), then their MACs
+        // claimed (a clone's picked now): a MAC a running VM holds refuses the restore here,
+        // before a tap is opened or memory mapped. The restore builds exactly these NICs.
+        let nics = snapshot::restore::restore_nics(snapshot_name, &saved_nics, None, &net_overrides, clone)
+            .map_err(|e| ApiError::from_snapshot(&e))?;
+        let claim = self.claim_macs(name, &nics.iter().map(|n| n.mac).collect::<Vec<_>>())?;
+        let nics = claimed_nics(&nics, &claim);
         let t0 = Instant::now();
         let this = self.clone();
         let (snap, vm_name) = (snapshot_name.to_string(), name.to_string());
@@ -471,8 +506,7 @@ impl Daemon {
             let logs = Logs::new();
             let opts = RestoreOptions {
                 new_generation: clone,
-                new_macs: clone,
-                net_overrides,
+                net: Some(nics),
                 shared_base: share_memory.then(snapshot::shared_base::shared_bases),
                 ..logs.restore_options(mode, pin_holder)
             };
@@ -514,7 +548,7 @@ impl Daemon {
                 return Err(ApiError::Conflict(format!("a VM named '{vm_name}' already exists")));
             }
             held.keep();
-            let h = self.spawn_actor(def.clone(), Some((vm, logs)), None);
+            let h = self.spawn_actor(def.clone(), Some((vm, logs, claim)), None);
             vms.insert(vm_name.clone(), h);
         }
         let t_actor = t0.elapsed();
@@ -537,6 +571,11 @@ impl Daemon {
         self.event(&vm_name, "restored", serde_json::json!({ "snapshot": snapshot_name, "mode": mode }));
         self.info(&vm_name).await
     }
+}
+
+/// `nics` with the MACs of `claim` (one per NIC, in order).
+fn claimed_nics(nics: &[crate::net::NetSpec], claim: &MacClaim) -> Vec<crate::net::NetSpec> {
+    nics.iter().zip(claim.macs()).map(|(n, m)| crate::net::NetSpec { mac: Some(*m), ..n.clone() }).collect()
 }
 
 /// VMs by state, for metrics.

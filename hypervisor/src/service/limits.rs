@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::daemon::Daemon;
 use super::error::ApiError;
+use crate::net::NetSpec;
 use crate::snapshot::SnapshotError;
 use crate::vm::MachineSpec;
 
@@ -168,18 +169,22 @@ impl Drop for Pending {
     }
 }
 
-/// Reads the machine shape of snapshot `snap` (no memory) and reserves its memory for VM `vm`.
-pub async fn reserve_for_restore(d: &Daemon, snap: &str, vm: &str) -> Result<Pending, ApiError> {
+/// Reads the machine shape of snapshot `snap` (no memory) and reserves its memory for VM `vm`;
+/// returns the reservation and the snapshot's NICs.
+pub async fn reserve_for_restore(d: &Daemon, snap: &str, vm: &str) -> Result<(Pending, Vec<NetSpec>), ApiError> {
     let (store, name) = (d.store.clone(), snap.to_string());
-    let spec = tokio::task::spawn_blocking(move || {
-        let reader = store.reader(&name)?;
-        let state = migrate::snapshot::format::VmSnapshot::decode(&reader.manifest().state)?;
-        Ok::<MachineSpec, SnapshotError>(state.get("machine")?)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::from_snapshot(&e))?;
-    Ok(d.budget.reserve_pending(vm, spec.mem_mib)?)
+    let spec = tokio::task::spawn_blocking(move || snapshot_spec(&store, &name))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::from_snapshot(&e))?;
+    Ok((d.budget.reserve_pending(vm, spec.mem_mib)?, spec.net))
+}
+
+/// The machine spec snapshot `snap` was taken of (snapshot bytes: untrusted).
+pub fn snapshot_spec(store: &storage::Store, snap: &str) -> Result<MachineSpec, SnapshotError> {
+    let reader = store.reader(snap)?;
+    let state = migrate::snapshot::format::VmSnapshot::decode(&reader.manifest().state)?;
+    Ok(state.get("machine")?)
 }
 
 #[cfg(test)]

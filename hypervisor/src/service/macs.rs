@@ -1,22 +1,49 @@
-//! MACs of the daemon's VMs: kept in their definitions, and never given twice.
+//! MACs of the daemon's VMs: kept in their definitions, claimed while they run, never twice.
 //!
 //! A NIC defined without a MAC gets one when the VM is defined (`POST /vms`), and the MAC is
 //! written into the stored definition (`STATE_DIR/vms/NAME.json`, the `net[i].mac` field), so
 //! the VM keeps its address across stop/start and daemon restarts, as a PC keeps its NIC's.
 //! Definitions written before MACs were kept (no `mac`) still load: the daemon gives their
 //! NICs a MAC at load (the one a VM resumed from its shutdown snapshot has, or a new one) and
-//! saves it. A picked MAC is one no live NIC and no other definition has
-//! ([`crate::net::mac::pick_free`]).
+//! saves it.
 //!
-//! Restores and clones may give NICs MACs (`network_overrides`): a MAC a running or paused VM
-//! of the daemon has is refused (409, naming the VM), and so is one MAC given to two clones of
-//! one clone request (400, naming both clones), before anything is restored.
+//! No two running (or paused) VMs of one daemon ever have one MAC: every way a VM comes to
+//! run (start, restore, clone, the daemon resuming a VM at its start) first claims all its
+//! MACs in the daemon-wide registry ([`super::mac_claims`]), atomically, and the VM gives the
+//! claim back when it stops, ends or is deleted, or when its start fails. A MAC another VM
+//! holds is a 409 naming the MAC, the NIC (`net[i]`) and the VM that holds it, and nothing of
+//! the refused VM is made (no VM record, no tap, no memory).
+//!
+//! A defined but stopped VM's MAC is **not reserved**: only frames on the wire can collide,
+//! and a stopped VM sends none. So `POST /vms` with a stopped VM's MAC is allowed (and so is
+//! a clone or restore override with it); whichever of the two starts second gets the 409.
+//! Reserving it instead would let a VM that is never started again block its MAC for good,
+//! and would make a plain restore of a stopped VM's snapshot (which keeps the snapshot's MAC)
+//! fail for no frame ever sent. What the daemon *picks* (a NIC defined without a MAC, a clone
+//! without a MAC override) is stricter: never a MAC a VM holds, nor one any definition has
+//! ([`crate::net::mac::pick_free`] and [`super::mac_claims::MacClaims::claim`]), so picking
+//! never creates a conflict that would show at a later start.
+//!
+//! One clone request giving one MAC to two clones is refused up front (400, naming both
+//! clones), and so is one `new_tap` given to two clones, before anything is restored.
 
-use super::actor::{VmDef, VmState};
+use std::collections::HashSet;
+
+use super::actor::VmDef;
 use super::daemon::Daemon;
 use super::error::ApiError;
+use super::mac_claims::{MacClaim, MacError};
 use crate::net::overrides::NetOverride;
 use crate::net::{mac, Mac};
+
+impl From<MacError> for ApiError {
+    fn from(e: MacError) -> ApiError {
+        match e {
+            MacError::Taken { .. } => ApiError::Conflict(e.to_string()),
+            MacError::Twice { .. } => ApiError::BadRequest(e.to_string()),
+        }
+    }
+}
 
 impl Daemon {
     /// Every MAC a VM of the daemon has or is defined with, and the VM.
@@ -32,13 +59,16 @@ impl Daemon {
         all
     }
 
-    /// The running or paused VM whose NICs have `m`, if any.
-    fn running_owner(&self, m: Mac) -> Option<String> {
-        self.lock().iter().find_map(|(name, h)| {
-            let p = h.published.borrow();
-            let live = matches!(p.info.state, VmState::Running | VmState::Paused);
-            (live && p.info.macs.contains(&m)).then(|| name.clone())
-        })
+    /// Claims MAC `macs[i]` for NIC i of VM `vm` (a `None` gets a MAC picked now, one no VM
+    /// holds and no definition has), all or none: 409 naming the holder of a taken one.
+    pub(super) fn claim_macs(&self, vm: &str, macs: &[Option<Mac>]) -> Result<MacClaim, ApiError> {
+        let avoid: HashSet<Mac> = if macs.iter().any(Option::is_none) {
+            self.defined_macs().into_iter().map(|(m, _)| m).collect()
+        } else {
+            HashSet::new()
+        };
+        let claim = self.macs.claim(vm, macs, &avoid)?;
+        Ok(claim)
     }
 
     /// Gives every NIC of `def` without a MAC one that no VM of the daemon has (nor another
@@ -48,6 +78,7 @@ impl Daemon {
             return;
         }
         let mut taken: Vec<Mac> = self.defined_macs().into_iter().map(|(m, _)| m).collect();
+        taken.extend(self.macs.claimed());
         taken.extend(def.net.iter().filter_map(|n| n.mac));
         for (i, nic) in def.net.iter_mut().enumerate() {
             if nic.mac.is_none() {
@@ -59,13 +90,15 @@ impl Daemon {
         }
     }
 
-    /// Refuses override MACs a running VM has (409), for a restore or clone as `vm`.
+    /// Refuses override MACs a running VM holds (409), for a clone as `vm`, early: a quick
+    /// answer before anything is restored (the claim at each clone's restore is what decides).
     pub(super) fn check_override_macs(&self, vm: &str, overrides: &[NetOverride]) -> Result<(), ApiError> {
         for (k, o) in overrides.iter().enumerate() {
             let Some(m) = o.mac else { continue };
-            if let Some(owner) = self.running_owner(m) {
+            if let Some((holder, nic)) = self.macs.holder(m) {
                 return Err(ApiError::Conflict(format!(
-                    "VM '{vm}': network_overrides[{k}].mac {m} is the MAC of running VM '{owner}'; give another"
+                    "VM '{vm}': network_overrides[{k}].mac {m} is the MAC of running VM '{holder}' (its net[{nic}]); \
+                     give another"
                 )));
             }
         }

@@ -22,10 +22,12 @@ pub mod housekeeping;
 pub mod images;
 pub mod images_api;
 pub mod limits;
+pub mod mac_claims;
 pub mod macs;
 pub mod metrics;
 pub mod net_api;
 pub mod ops;
+pub mod progress;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
@@ -201,7 +203,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
                 m.stop(grace).await;
             }
         };
-        tokio::join!(api_server.stop(grace), metrics);
+        // A snapshot request in progress keeps its connection until it is answered (or the
+        // deadline): its client learns whether the snapshot exists.
+        tokio::join!(api_server.stop_after(grace, daemon.answers_given(deadline)), metrics);
     };
     let snapshot = args.on_shutdown == OnShutdown::Snapshot;
     tokio::join!(conns, daemon.shutdown(snapshot, deadline));

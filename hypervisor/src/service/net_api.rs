@@ -127,3 +127,47 @@ pub fn to_specs(net: &[ApiNic], images: &ImageDir) -> Result<Vec<NetSpec>, ApiEr
     check_list(net).map_err(ApiError::BadRequest)?;
     net.iter().enumerate().map(|(i, n)| n.to_spec(i, images)).collect()
 }
+
+/// A clone request's `new_tap`s, before anything is restored: a tap holds one VM, so one tap
+/// given to two clones (or two NICs of one) is a bad request naming both, nothing cloned.
+pub fn check_clone_taps(
+    names: &[String],
+    overrides: &[Vec<crate::net::overrides::NetOverride>],
+) -> Result<(), ApiError> {
+    let mut given: Vec<(&str, usize, usize)> = Vec::new();
+    for (c, list) in overrides.iter().enumerate() {
+        for (k, o) in list.iter().enumerate() {
+            let Some(t) = o.new_tap.as_deref() else { continue };
+            if let Some(&(_, c0, k0)) = given.iter().find(|(g, _, _)| *g == t) {
+                let name = |i: usize| names.get(i).map_or("?", String::as_str);
+                let (a, b) = (name(c0), name(c));
+                let whom = if c0 == c { format!("two NICs of clone '{a}'") } else { format!("clones '{a}' and '{b}'") };
+                return Err(ApiError::BadRequest(format!(
+                    "new_tap '{t}' is given to {whom} (network_overrides[{c0}][{k0}].new_tap and \
+                     network_overrides[{c}][{k}].new_tap); a tap carries one NIC; nothing was cloned"
+                )));
+            }
+            given.push((t, c, k));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod clone_tap_tests {
+    use super::*;
+
+    #[test]
+    fn one_new_tap_for_two_clones_is_refused_naming_both() {
+        let names: Vec<String> = (0..3).map(|i| format!("c{i}")).collect();
+        let o = |tap: &str| -> Vec<crate::net::overrides::NetOverride> {
+            serde_json::from_value(serde_json::json!([{"nic": 0, "new_tap": tap}])).expect("override")
+        };
+        check_clone_taps(&names, &[o("t0"), o("t1"), o("t2")]).expect("distinct taps");
+        let e = check_clone_taps(&names, &[o("t0"), o("t1"), o("t1")]).expect_err("duplicate");
+        assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("new_tap 't1' is given to clones 'c1' and 'c2'"), "{e}");
+        assert!(e.contains("nothing was cloned"), "{e}");
+    }
+}

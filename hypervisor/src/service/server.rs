@@ -27,6 +27,8 @@ use super::error::ApiError;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request body once its headers are in.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an owed answer has to be written once it is ready, while the daemon stops.
+pub const FINAL_WRITE: Duration = Duration::from_millis(300);
 /// The largest request body read (every request body here is a small JSON object).
 const MAX_BODY: usize = 2 << 20;
 
@@ -85,9 +87,21 @@ impl Server {
     /// Stops accepting and closes every connection: at once when idle, after its response
     /// otherwise, and by force after `grace`.
     pub async fn stop(self, grace: Duration) {
+        self.stop_after(grace, std::future::ready(())).await;
+    }
+
+    /// Like [`Server::stop`], but connections still open after `grace` are dropped only once
+    /// `owed` resolves (every answer a client is owed was given, or the shutdown deadline)
+    /// and the answers had [`FINAL_WRITE`] to go out.
+    pub async fn stop_after(self, grace: Duration, owed: impl std::future::Future<Output = ()>) {
         let _ = self.stop.send(true);
         let abort = self.task.abort_handle();
-        if tokio::time::timeout(grace, self.task).await.is_err() {
+        let mut task = self.task;
+        if tokio::time::timeout(grace, &mut task).await.is_ok() {
+            return;
+        }
+        owed.await;
+        if tokio::time::timeout(FINAL_WRITE, &mut task).await.is_err() {
             abort.abort();
             tracing::warn!("connections still open {} ms after the shutdown began were dropped", grace.as_millis());
         }

@@ -12,6 +12,13 @@
 //!
 //! Then every actor is ended (which stops its VM). Whatever is not done by the deadline is
 //! left behind: the daemon exits anyway, and a snapshot cut short was never committed.
+//!
+//! A client waiting for a snapshot learns the truth: its connection stays open past the
+//! usual grace while the snapshot runs ([`OwedAnswer`], [`Daemon::answers_given`]), until the
+//! snapshot is done or the deadline, so a snapshot committed during the shutdown is answered
+//! with success. One whose client is gone by the time it commits (the deadline cut the
+//! connection, or the request timed out) is deleted again by its VM's actor: a client that
+//! was told "failed" never finds the snapshot afterwards.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,7 +68,31 @@ pub fn sweep_shutdown_snapshots(store: &storage::Store, keep: &[String]) {
     }
 }
 
+/// A request whose answer a client is owed; the count drops when the answer is given (or
+/// the request is dropped).
+pub struct OwedAnswer {
+    owed: tokio::sync::watch::Sender<usize>,
+}
+
+impl Drop for OwedAnswer {
+    fn drop(&mut self) {
+        self.owed.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 impl Daemon {
+    /// Marks a request whose answer the client must get even while the daemon stops.
+    pub fn owe_answer(&self) -> OwedAnswer {
+        self.owed.send_modify(|n| *n += 1);
+        OwedAnswer { owed: self.owed.clone() }
+    }
+
+    /// Resolves once every owed answer is given, or at `deadline`.
+    pub async fn answers_given(&self, deadline: Instant) {
+        let mut rx = self.owed.subscribe();
+        let _ = tokio::time::timeout_at(deadline.into(), rx.wait_for(|n| *n == 0)).await;
+    }
+
     /// Stops every VM, snapshotting running and paused ones first when `snapshot` is set, and
     /// returns by `deadline` whatever is still going on.
     pub async fn shutdown(self: &Arc<Self>, snapshot: bool, deadline: Instant) {

@@ -539,7 +539,7 @@ pub fn save(
         write_ms = pstats.write_ns as f64 / 1e6,
         "snapshot taken"
     );
-    progress(&SaveProgress { round: rounds, chunks_copied: 0, bytes_copied, dirty_chunks: 0 });
+    progress(&SaveProgress { round: rounds, chunks_copied: stats.chunks_put(), bytes_copied, dirty_chunks: 0 });
     Ok(SaveReport {
         name: name.to_string(),
         mode,

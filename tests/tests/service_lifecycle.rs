@@ -1,0 +1,167 @@
+//! The daemon's VM and operation lifecycle, against a real daemon: a stopped VM gives back its
+//! guest memory and its shared base and still starts again; a background snapshot operation
+//! shows real progress while it copies; a snapshot that commits while the daemon stops on
+//! SIGTERM is reported to its client as it ended (success and the snapshot exists, or a
+//! failure and it does not).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use serde_json::{json, Value};
+
+/// The daemon's open memfds of shared bases.
+fn base_memfds(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("/memfd:snapvisor-base"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn rss_mib(d: &Daemon) -> u64 {
+    d.proc_status("VmRSS:") / 1024
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_stopped_vm_releases_its_memory_and_its_shared_base_and_starts_again() {
+    const MEM: u64 = 512;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &["--cache-idle-secs", "1"]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": MEM, "start": true})));
+    d.wait_serial("m", "memfill pass 0 ", Duration::from_secs(120));
+    d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "ms"})));
+    let c = d.ok("POST", "/snapshots/ms/clone", Some(json!({"prefix": "c", "count": 1})));
+    assert_eq!(c[0]["state"], "running", "{c}");
+    wait_for("the clone resident", Duration::from_secs(120), || {
+        !d.ok("GET", "/vms/c0", None)["lazy_resident_ms"].is_null()
+    });
+    let (rss_running, fds_running) = (rss_mib(&d), base_memfds(&d));
+    assert!(fds_running >= 1, "the clone maps a shared base: {fds_running} memfds");
+    assert!(rss_running > MEM, "a {MEM} MiB memfill and its clone: daemon RSS {rss_running} MiB");
+
+    assert_eq!(d.ok("POST", "/vms/m/stop", None)["state"], "stopped");
+    assert_eq!(d.ok("POST", "/vms/c0/stop", None)["state"], "stopped");
+    // Both guests' memory goes (the VM's own, and the clone's base with its last clone).
+    let mut rss_stopped = rss_running;
+    let released = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < released {
+        rss_stopped = rss_mib(&d);
+        if rss_stopped + MEM <= rss_running && base_memfds(&d) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "daemon RSS: {rss_running} MiB with both VMs running ({fds_running} base memfds), {rss_stopped} MiB stopped"
+    );
+    assert!(
+        rss_stopped + MEM <= rss_running,
+        "stopped VMs keep their memory: daemon RSS {rss_running} MiB running, {rss_stopped} MiB stopped"
+    );
+    assert_eq!(base_memfds(&d), 0, "a stopped clone still holds its shared base");
+    let info = d.ok("GET", "/vms/c0", None);
+    assert_eq!(info["state"], "stopped", "{info}");
+    assert!(!info["exit"].is_null(), "a stopped VM still shows how it ended: {info}");
+
+    // A stopped clone starts again: a fresh boot of its guest from its definition.
+    assert_eq!(d.ok("POST", "/vms/c0/start", None)["state"], "running");
+    // (the whole line: the serial log may end mid-line)
+    let out = d.wait_serial("c0", "mismatches 0", Duration::from_secs(120));
+    assert!(out.contains("memfill pass 0 ") && out.contains("mismatches 0"), "{out}");
+    assert_eq!(d.ok("POST", "/vms/m/start", None)["state"], "running");
+}
+
+#[test]
+fn a_snapshot_operation_reports_the_chunks_copied_while_it_runs() {
+    const MEM: u64 = 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": MEM, "start": true})));
+    d.wait_serial("m", "memfill pass 0 ", Duration::from_secs(120));
+    for mode in ["background", "stop"] {
+        let (st, v) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": mode, "mode": mode, "async": true})));
+        assert_eq!(st, 202, "{v}");
+        let id = v["operation"].as_u64().expect("operation id");
+        let mut while_running: Vec<u64> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let last = loop {
+            let op = d.ok("GET", &format!("/operations/{id}"), None);
+            if op["state"] != "running" {
+                break op;
+            }
+            if let Some(n) = op["progress"]["chunks_copied"].as_u64() {
+                while_running.push(n);
+            }
+            assert!(Instant::now() < deadline, "{mode}: the snapshot never finished: {op}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(last["state"], "done", "{mode}: {last}");
+        assert!(
+            while_running.iter().any(|&n| n > 0),
+            "{mode}: no progress seen while the snapshot ran (chunks_copied: {while_running:?})"
+        );
+        assert!(while_running.windows(2).all(|w| w[0] <= w[1]), "{mode}: progress went back: {while_running:?}");
+        let total = last["progress"]["chunks_copied"].as_u64().unwrap_or(0);
+        eprintln!(
+            "{mode}: {} polls while running, chunks_copied {:?} .. {:?}, total {total}",
+            while_running.len(),
+            while_running.first(),
+            while_running.last()
+        );
+        assert!(total > 0, "{mode}: the finished operation reports no chunks copied: {last}");
+        assert!(while_running.iter().all(|&n| n <= total), "{mode}: {while_running:?} beyond the total {total}");
+    }
+}
+
+#[test]
+fn a_snapshot_committed_while_the_daemon_stops_is_reported_as_it_ended() {
+    // Big enough that the copy outlasts the connections' 2 s grace at shutdown.
+    const MEM: u64 = 2048;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": MEM, "start": true})));
+    d.wait_serial("m", "memfill pass 0 ", Duration::from_secs(120));
+    let t0 = Instant::now();
+    let answer = std::thread::scope(|s| {
+        let d = &d;
+        let request = s.spawn(move || {
+            d.call_within("POST", "/vms/m/snapshot", Some(&json!({"name": "t"})), Duration::from_secs(120))
+        });
+        // SIGTERM while the snapshot is being taken.
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+        request.join().expect("request thread")
+    });
+    let answered_after = t0.elapsed();
+    let (status, _) = d.terminate_within(Duration::from_secs(60));
+    assert!(status.is_some(), "the daemon did not exit");
+    drop(d);
+    let d = Daemon::start(dir.path(), &[]);
+    let exists = listed(&d).contains(&"t".to_string());
+    let succeeded = matches!(&answer, Ok((201, _)));
+    eprintln!("answer after {answered_after:?}: {answer:?}; snapshot exists afterwards: {exists}");
+    assert_eq!(
+        succeeded, exists,
+        "the client was told {answer:?} (after {answered_after:?}), but the snapshot exists afterwards: {exists}"
+    );
+    // The daemon had its 30 s to stop: the snapshot finished in them and the client heard so.
+    assert!(succeeded, "{answer:?}");
+}
+
+fn listed(d: &Daemon) -> Vec<String> {
+    let v: Value = d.ok("GET", "/snapshots", None);
+    v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(String::from)).collect()
+}
