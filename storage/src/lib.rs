@@ -38,8 +38,8 @@
 //! a fixed pool (8 MiB of chunks), copies its next chunk out of guest memory into it,
 //! zero-checks it (an all-zero chunk is recorded as the zero marker and never hashed), hashes,
 //! looks up and compresses it; the calling thread appends the values to the packs in the order
-//! the chunks were given, then hands the buffer back, and a thread of its own starts the
-//! packs' writeback every 16 MiB. Memory is bounded by the pool; the pack layout is address
+//! the chunks were given, then hands the buffer back, and starts the packs' writeback every
+//! 16 MiB. Memory is bounded by the pool; the pack layout is address
 //! order whatever the thread timing. `put_chunk` (one chunk, any thread) runs the same two
 //! halves (`prepare`, `record`) inline.
 //!
@@ -55,8 +55,10 @@
 //! showing up as work: a reader thread that copied every chunk and handed it on (a fourth
 //! busy thread on 2 cores, and a hand-off per chunk), and the writer starting writeback on its
 //! own thread (`sync_file_range` blocked for up to 190 ms on this disk), which with a pool of
-//! only `2 * workers + 2` buffers stopped every worker. Workers now read their own chunks,
-//! writeback has its own thread, and the pool is deep enough to ride out a stall. `encode`
+//! only `2 * workers + 2` buffers stopped every worker. Workers now read their own chunks and
+//! the pool is deep enough to ride out a stall. (Starting writeback on a thread of its own
+//! was tried and measured worse: see pipeline.rs.) Measured under the others' builds (load
+//! 9-16), `bench snapshot` could not show these changes in wall time: see the README. `encode`
 //! compresses into a per-thread scratch buffer and allocates each value at its size (it used
 //! to zero-fill a compression bound per chunk: a 1 GiB memset per GiB).
 //!

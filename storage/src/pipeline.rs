@@ -6,8 +6,8 @@
 //!  take a free buffer; claim chunk i; read() into it;  --->  reorder by i; append to the
 //!  zero check; blake3; index lookup; zstd if the             pack, index, record; buffer
 //!  index lacks the hash                                      back to the pool
-//!       ^                                                    |   every 16 MiB: kick the
-//!       '------------------- free buffers -------------------'   writeback thread
+//!       ^                                                    |   every 16 MiB: start the
+//!       '------------------- free buffers -------------------'   packs' writeback
 //! ```
 //!
 //! Each worker reads its own chunk: there is no reader thread, so a chunk is copied out of
@@ -28,10 +28,14 @@
 //! recognised by [`crate::chunk::is_zero`] and recorded as [`crate::ChunkRef::Zero`] without
 //! being hashed.
 //!
-//! Every 16 MiB of new values the writer asks a writeback thread to start the kernel's
-//! writeback of the packs (`sync_file_range`, which can block for tens of milliseconds on a
-//! busy disk: never on the writer's thread), so the disk writes while the workers compress
-//! and the commit's `fdatasync` finds most of the snapshot already on disk.
+//! Every 16 MiB of new values the writer starts the kernel's writeback of the packs
+//! (`sync_file_range`), so the disk writes while the workers compress and the commit's
+//! `fdatasync` finds most of the snapshot already on disk. It does so on its own thread and
+//! waits for the call (which can block for tens of milliseconds on a busy disk), while the
+//! buffer pool keeps the workers going: tried on a thread of its own that the writer only
+//! kicked, the writer ran ahead of the disk, the kernel throttled its pack appends instead
+//! (dirty-page balancing) and the write stage of incompressible memfill took 4x as long
+//! (`bench snapshot`, two runs each, alternated with the previous build).
 //!
 //! Errors: the first one (a worker's read or work, or the writer's) sets the stop flag, which
 //! every stage checks between chunks, and is returned; a panicking worker sets it too. The
@@ -40,7 +44,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError};
+use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -164,13 +168,6 @@ pub fn put_pipelined(
             }));
         }
         drop(done_tx);
-        // Starts pack writeback when kicked; a kick while it is busy is dropped.
-        let (kick_tx, kick_rx) = sync_channel::<()>(1);
-        let flusher = scope.spawn(move || {
-            while kick_rx.recv().is_ok() {
-                writer.store.start_writeback();
-            }
-        });
 
         // The writer, on this thread: chunks in job order.
         let mut pending: BTreeMap<usize, (Vec<u8>, Result<Prepared>)> = BTreeMap::new();
@@ -200,16 +197,16 @@ pub fn put_pipelined(
                 let stored = writer.stats().bytes_stored;
                 if stored >= written_back + WRITEBACK_STEP {
                     written_back = stored;
-                    let _ = kick_tx.try_send(());
+                    let t = Instant::now();
+                    writer.store.start_writeback();
+                    write_ns += t.elapsed().as_nanos() as u64;
                 }
             }
         }
-        // Ends the workers (no more free buffers, nobody to send to) and the writeback thread.
+        // Ends the workers (no more free buffers, nobody to send to).
         drop(free_tx);
         drop(done_rx);
-        drop(kick_tx);
         let panicked = pool.into_iter().map(|w| w.join().is_err()).fold(false, |a, b| a | b);
-        let panicked = flusher.join().is_err() | panicked;
         // A panic, or a stage that ended early without an error of its own.
         if panicked || next < jobs.len() {
             fail(StoreError::Pipeline { snapshot: name.clone() });
