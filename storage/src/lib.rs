@@ -34,13 +34,33 @@
 //!
 //! # Writing chunks: the pipeline
 //!
-//! [`put_pipelined`] is how snapshots write RAM (pipeline.rs): a reader thread copies chunks
-//! out of guest memory into a fixed pool of `2 * workers + 2` buffers, the workers zero-check
-//! (an all-zero chunk is recorded as the zero marker and never hashed), hash, look up and
-//! compress, and the calling thread appends the values to the packs in the order the chunks
-//! were given, then hands the buffer back. Memory is bounded by the pool; the pack layout is
-//! address order whatever the thread timing. `put_chunk` (one chunk, any thread) runs the same
-//! two halves (`prepare`, `record`) inline.
+//! [`put_pipelined`] is how snapshots write RAM (pipeline.rs): each worker takes a buffer from
+//! a fixed pool (8 MiB of chunks), copies its next chunk out of guest memory into it,
+//! zero-checks it (an all-zero chunk is recorded as the zero marker and never hashed), hashes,
+//! looks up and compresses it; the calling thread appends the values to the packs in the order
+//! the chunks were given, then hands the buffer back, and starts the packs' writeback every
+//! 16 MiB. Memory is bounded by the pool; the pack layout is address
+//! order whatever the thread timing. `put_chunk` (one chunk, any thread) runs the same two
+//! halves (`prepare`, `record`) inline.
+//!
+//! Where a full snapshot's time goes (`examples/pipeline_cost.rs`, 1 GiB, profiled with
+//! `perf record` and counted with callgrind): on the `touch` fill (one word in four set,
+//! compresses 4x) zstd is two thirds of all instructions (`ZSTD_compressBlock_fast`, sequence
+//! and Huffman encoding: the fill is one 8-byte literal and one 24-byte match per 32 bytes,
+//! 32 million sequences per GiB), blake3 a tenth, copies 7%; sled lookups and inserts, pack
+//! appends and crc32 are a few percent. So that fill costs 2.5-3.5 CPU-seconds per GiB on this
+//! machine whatever the pipeline does, and a full snapshot of it on 2 cores takes at least
+//! 1.3-1.8 s; incompressible memory costs ~1 CPU-second per GiB (hash, and zstd giving up)
+//! and is bound by the disk instead. Two things in the first pipeline cost wall time without
+//! showing up as work: a reader thread that copied every chunk and handed it on (a fourth
+//! busy thread on 2 cores, and a hand-off per chunk), and the writer starting writeback on its
+//! own thread (`sync_file_range` blocked for up to 190 ms on this disk), which with a pool of
+//! only `2 * workers + 2` buffers stopped every worker. Workers now read their own chunks and
+//! the pool is deep enough to ride out a stall. (Starting writeback on a thread of its own
+//! was tried and measured worse: see pipeline.rs.) Measured under the others' builds (load
+//! 9-16), `bench snapshot` could not show these changes in wall time: see the README. `encode`
+//! compresses into a per-thread scratch buffer and allocates each value at its size (it used
+//! to zero-fill a compression bound per chunk: a 1 GiB memset per GiB).
 //!
 //! # Incremental snapshots
 //!
@@ -164,32 +184,46 @@
 //! 2.7x: set `StoreOptions::chunk_size` to 16384 for fleets of many near-identical clones.
 //! Chunks above 64 KiB gain under 2% ratio and lose on latency and dedup.
 //!
-//! Default level: 1 (it was 3 until the snapshot pipeline; measured again for it with
-//! `cargo run --release -p storage --example chunk_costs -- 256 -1,1,3`, one thread, 64 KiB
-//! chunks, three runs on this 2-core machine while two other engineers compiled (load 5-7):
-//! absolute MB/s moved by up to 3x between runs, so the table gives each run's range and the
-//! ratios within a run, which held). Images: `memfill` (its pattern: pseudo-random words,
+//! Default level: -1, zstd's first fast level (it was 3 until the snapshot pipeline, then 1
+//! until December 2026). Measured with `cargo run --release -p storage --example chunk_costs
+//! -- 128 -5,-3,-2,-1,1,3`, one thread, 64 KiB chunks, now in CPU time of the measuring thread
+//! (the earlier wall-time table moved by up to 3x between runs under the others' builds; CPU
+//! time still moves by up to 1.3x, through shared caches), two runs at load average 9-10, and
+//! the instructions counted by `valgrind --tool=callgrind` (exact, load-free) for compressing
+//! and decompressing 16 MiB of each image. Images: `memfill` (pseudo-random words,
 //! incompressible), `touch` (the benchmarks' guest fill: one pattern word in four, zeros
 //! between), `mixed` (the `bench` module's image above).
 //!
-//! | image | level | compress MB/s | stored/in | decompress MB/s |
+//! | image | level | compress MB/s per CPU-second (run 1 / run 2) | stored/in | decompress MB/s per CPU-s |
 //! |-------|------:|--------------:|----------:|----------------:|
-//! | memfill | -1 / 1 / 3 | 487-2424 / 439-1921 / 345-1672 | 1.000 (stored raw) | (raw copy) |
-//! | touch | -1 | 165-337 | 0.255 | 778-1288 |
-//! | touch | 1 | 180-274 | 0.255 | 854-1254 |
-//! | touch | 3 | 114-241 | 0.262 | 484-951 |
-//! | mixed | -1 | 245-641 | 0.213-0.223 | 664-934 |
-//! | mixed | 1 | 264-626 | 0.209-0.218 | 796-1075 |
-//! | mixed | 3 | 271-623 | 0.203-0.212 | 1005-1130 |
+//! | memfill | -5 / -1 / 1 / 3 | 1197-1282 / 1039-1391 / 1025-1267 / 882 | 1.000 (stored raw) | (raw copy) |
+//! | touch | -5 | 488 / 647 | 0.345 | 829-915 |
+//! | touch | -2 | 527 | 0.282 | 1109 |
+//! | touch | -1 | 602 / 374 | 0.255 | 1916-2493 |
+//! | touch | 1 | 445 / 351 | 0.255 | 1455-2454 |
+//! | touch | 3 | 178 | 0.262 | 1130 |
+//! | mixed | -5 | 771 / 559 | 0.229 | 1484-2218 |
+//! | mixed | -1 | 730 / 444 | 0.223 | 944-2069 |
+//! | mixed | 1 | 588 / 457 | 0.218 | 1318-1436 |
+//! | mixed | 3 | 387 | 0.212 | 1686 |
 //!
-//! Within each run, level 1 compressed `touch` 1.14-1.58x faster than level 3, into 3% fewer
-//! bytes, and decompressed it 1.2-2.6x faster; on `mixed` it compressed 0.92-1.14x as fast
-//! (a wash), stored 3% more and decompressed 0.7-1.07x as fast. Level -1 was never clearly
-//! faster than 1 and stores more on `mixed`. Incompressible chunks cost all levels about the
-//! same (zstd gives up early; they are stored raw). So level 1: the snapshot (compression)
-//! is faster or equal everywhere, at 3% of size on mixed memory; a store whose snapshots are
-//! restored far more often than taken can set `StoreOptions::zstd_level` to 3. The level is
-//! per chunk value, not part of the format: stores written at level 3 read the same.
+//! Instructions for the three images together (compress + decompress, 48 MiB): level 1
+//! 807 M, -1 773 M (-4%), -3 744 M (-8%), -5 707 M (-12%), -7 700 M (-13%). blake3 is 4.3-9
+//! GB/s per CPU-second on the same chunks, so compression is what a snapshot pays for.
+//!
+//! So the fast levels buy little here: the touch fill is sequence-bound (one literal and one
+//! match per 32 bytes) and even -7 spends 87% of level 1's instructions, while -2 and below
+//! store 10-35% more of it (`touch` 0.282-0.345 against 0.255: more disk writes and a slower
+//! restore, since decompression slows too). Level -1 stores exactly what level 1 stores on
+//! `touch`, 2% more on `mixed` (0.223 against 0.218), and costs 4% fewer instructions and
+//! 0-35% less CPU time (it skips Huffman coding of literals, which random words do not
+//! shrink anyway); its decompression was as fast or faster in both runs on `touch`. So -1:
+//! the snapshot gets a little faster and the store 0-2% larger. Incompressible chunks cost
+//! all levels about the same (zstd gives up early; they are stored raw). A store whose
+//! snapshots are restored far more often than taken can set `StoreOptions::zstd_level` to 3
+//! (3% smaller on mixed memory, half the compression speed). The level is per chunk value,
+//! not part of the format: stores written at level 1 or 3 read the same (unit test
+//! `chunks_written_at_the_old_level_read_back_after_the_default_changed`).
 
 mod attachment;
 mod check;

@@ -15,14 +15,14 @@ use crate::writer::WriterShared;
 /// Default chunk size (see the crate docs for the measurement behind it).
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default zstd level (see the crate docs).
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+pub const DEFAULT_ZSTD_LEVEL: i32 = -1;
 
 /// Options for [`Store::open_with`].
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// Chunk size for new snapshots: a power of two, 4 KiB ..= 16 MiB.
     pub chunk_size: u32,
-    /// zstd level for new chunks (1..=22; negative levels are zstd's fast modes).
+    /// zstd level for new chunks (-7..=22; negative levels are zstd's fast modes).
     pub zstd_level: i32,
     /// sled page cache size in bytes.
     pub cache_capacity: u64,

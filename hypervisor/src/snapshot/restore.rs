@@ -137,6 +137,27 @@ pub struct RestoreReport {
     /// The new generation ID given (`new_generation`) and the guest address it was written at
     /// (0: the firmware had not placed it yet).
     pub new_generation: Option<(String, u64)>,
+    /// Where the time until ready went (wall clock).
+    pub phases: RestorePhases,
+    /// The restoring thread's CPU time in each phase (user and kernel): what the phases cost
+    /// apart from waiting for a core, on a loaded host.
+    pub phases_cpu: RestorePhases,
+}
+
+/// Milliseconds spent in each step of a restore, in order (their sum is about `ready_ms`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct RestorePhases {
+    /// Pinning the snapshot, reading and decoding its manifest and state.
+    pub manifest_ms: f64,
+    /// Building the VM: KVM VM, vCPUs, RAM mappings and memory slots, devices.
+    pub vm_ms: f64,
+    /// Checking and resizing the RAM blocks.
+    pub check_ms: f64,
+    /// Eager: loading every page; lazy: dropping the blocks' pages, registering them with
+    /// userfaultfd and starting the page server.
+    pub memory_ms: f64,
+    /// Device state, in-kernel VM state and vCPU state.
+    pub state_ms: f64,
 }
 
 /// Bytes of decompressed chunks the process-wide cache keeps.
@@ -173,9 +194,21 @@ pub fn encode_prefetch(list: &[(String, u64)]) -> Vec<u8> {
 /// server holds the pin).
 pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, RestoreReport), SnapshotError> {
     let t0 = Instant::now();
+    let cpu0 = thread_cpu_ms();
     let (reader, pin) = store.pinned_reader(name, &opts.pin_holder)?;
     let snap = VmSnapshot::decode(&reader.manifest().state)?;
     let spec: MachineSpec = snap.get("machine")?;
+    let mut lap = Instant::now();
+    let mut cpu_lap = thread_cpu_ms();
+    let mut phases =
+        RestorePhases { manifest_ms: lap.saturating_duration_since(t0).as_secs_f64() * 1e3, ..Default::default() };
+    let mut phases_cpu = RestorePhases { manifest_ms: cpu_lap - cpu0, ..Default::default() };
+    let mut mark = |pick: fn(&mut RestorePhases) -> &mut f64, phases: &mut RestorePhases, cpu: &mut RestorePhases| {
+        let (now, cpu_now) = (Instant::now(), thread_cpu_ms());
+        *pick(phases) = now.saturating_duration_since(lap).as_secs_f64() * 1e3;
+        *pick(cpu) = cpu_now - cpu_lap;
+        (lap, cpu_lap) = (now, cpu_now);
+    };
     let files = match opts.fw_cfg_files {
         Some(f) => f,
         None => spec
@@ -197,9 +230,8 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
         firmware::check_image(&f.name, f.size).map_err(|e| SnapshotError::Vm(e.into()))?;
         cfg.firmware = Some(BootFile { name: f.name.clone(), data: vec![0; f.size as usize] });
     }
-    let t_read = t0.elapsed();
     let mut vm = Vm::new(cfg)?;
-    let t_vm = t0.elapsed();
+    mark(|p| &mut p.vm_ms, &mut phases, &mut phases_cpu);
     vm.set_guest_description(spec.guest.clone());
     // The NICs' I/O waits until the VM starts: nothing touches guest memory or the queues
     // while their state is loaded.
@@ -210,6 +242,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     // Nothing is written before every block is known to fit.
     let plan = check_ram(&snap.ram, vm.registry())?;
     apply_resizes(&plan, vm.registry())?;
+    mark(|p| &mut p.check_ms, &mut phases, &mut phases_cpu);
 
     // Only the snapshot's blocks are loaded: a destination block it lacks passed the check
     // only if it is an option ROM, which keeps the destination's ROM file.
@@ -278,7 +311,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
         }
     }
 
-    let t_mem = t0.elapsed();
+    mark(|p| &mut p.memory_ms, &mut phases, &mut phases_cpu);
     // Memory now equals the snapshot's (lazily: by construction). Dirty tracking starts here,
     // before device state and a new generation ID write anything, so the next snapshot of
     // this VM can be incremental against this one (lineage.rs).
@@ -310,6 +343,9 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
         let fd = fd.lock().unwrap_or_else(PoisonError::into_inner);
         restore_vcpu(&fd, &state, &caps)?;
     }
+    mark(|p| &mut p.state_ms, &mut phases, &mut phases_cpu);
+    // Where a restore's time goes (the fleet profile: `SNAPVISOR_LOG=snapvisor::restore=debug`).
+    tracing::debug!(target: "snapvisor::restore", snapshot = name, mode = ?opts.mode, ?phases, ?phases_cpu, "restore phases (ms)");
     // The working set before the first instruction: the loading overlaps the device and vCPU
     // state above only in the fill threads; here the restoring thread joins them. A chunk that
     // cannot be read fails the restore, naming it; the VM is never started.
@@ -325,16 +361,6 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     } else {
         None
     };
-    // Where a restore's time goes (the fleet profile: `SNAPVISOR_LOG=snapvisor::restore=debug`).
-    tracing::debug!(
-        target: "snapvisor::restore",
-        snapshot = name,
-        read_ms = t_read.as_secs_f64() * 1e3,
-        vm_new_ms = (t_vm - t_read).as_secs_f64() * 1e3,
-        memory_ms = (t_mem - t_vm).as_secs_f64() * 1e3,
-        state_ms = (t0.elapsed() - t_mem).as_secs_f64() * 1e3,
-        "restore phases"
-    );
     Ok((
         vm,
         RestoreReport {
@@ -345,8 +371,20 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             resized: plan.0,
             prefetch_chunks,
             new_generation,
+            phases,
+            phases_cpu,
         },
     ))
+}
+
+/// CPU time of the calling thread so far, milliseconds (0 if the clock cannot be read).
+fn thread_cpu_ms() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
 }
 
 /// The NICs a restore builds: the snapshot's (untrusted: checked) with `overrides` applied,

@@ -98,12 +98,26 @@ fn first_present_page(host: usize, len: u64) -> Result<Option<u64>, String> {
         if r != 0 {
             return Err(format!("mincore: {}", std::io::Error::last_os_error()));
         }
-        if let Some(i) = vec[..n as usize].iter().position(|v| v & 1 != 0) {
+        if let Some(i) = first_resident(&vec[..n as usize]) {
             return Ok(Some((first + i as u64) * PAGE));
         }
         first += n;
     }
     Ok(None)
+}
+
+/// Index of the first byte of a `mincore` vector with bit 0 set (the page is resident). Scans
+/// 64 bytes at a time (the OR of a block vectorises): a byte at a time was 1 ms of the 4 GiB
+/// lazy restore's time to its first instruction.
+fn first_resident(vec: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    for block in vec.chunks(64) {
+        if block.iter().fold(0u8, |a, b| a | b) & 1 != 0 {
+            return block.iter().position(|v| v & 1 != 0).map(|i| at + i);
+        }
+        at += block.len();
+    }
+    None
 }
 
 pub(super) fn run_guarded(
@@ -395,6 +409,33 @@ impl RamBlockListener for ResizeGuard {
                 x.chunks
             )),
             _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod resident_tests {
+    use super::first_resident;
+
+    /// The block-wise scan finds the first resident page wherever it is: in the first, a
+    /// middle or the last (short) block, on block edges, and none when no bit 0 is set (the
+    /// other bits of a `mincore` byte are reserved and must not count).
+    #[test]
+    fn first_resident_finds_the_first_bit_zero() {
+        for len in [1usize, 63, 64, 65, 200, 16384] {
+            let mut v = vec![0xfeu8; len];
+            assert_eq!(first_resident(&v), None, "len {len}: no page resident");
+            for at in [0, 1, 62, 63, 64, 65, 127, 128, len / 2, len - 1] {
+                if at >= len {
+                    continue;
+                }
+                v.fill(0);
+                v[at] = 1;
+                if at + 1 < len {
+                    v[len - 1] = 1;
+                }
+                assert_eq!(first_resident(&v), Some(at), "len {len}, resident at {at}");
+            }
         }
     }
 }

@@ -316,3 +316,23 @@ fn mark_dirty_marks_exactly_the_pages_touched() {
     big.mark_dirty(0x30000, 0x10000);
     assert_eq!(big.take_dirty(), vec![0, 1, 3], "pages of the block's own size");
 }
+
+/// `mark_dirty` sets a word of 64 pages at a time: every range, starting and ending inside a
+/// word or on its edges, dirties exactly its pages.
+#[test]
+fn mark_dirty_sets_exactly_the_pages_of_the_range() {
+    let page = PAGE;
+    let reg = RamRegistry::new();
+    let b = reg.add(cfg("dirty", 300 * page, 300 * page, false)).expect("add");
+    for (first, pages) in
+        [(0, 1), (0, 64), (0, 300), (1, 63), (63, 2), (64, 64), (5, 200), (127, 1), (60, 140), (299, 1)]
+    {
+        b.take_dirty();
+        b.mark_dirty(first * page, pages * page);
+        let want: Vec<u64> = (first..first + pages).collect();
+        assert_eq!(b.take_dirty(), want, "pages {first}..{}", first + pages);
+    }
+    // A byte range dirties every page it touches.
+    b.mark_dirty(page - 1, 2);
+    assert_eq!(b.take_dirty(), vec![0, 1]);
+}
