@@ -12,6 +12,7 @@
 mod common;
 
 use common::memfill::{check_continues, wait_lines};
+use common::ram::{assert_same_ram, ram_of, Ram};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -24,37 +25,6 @@ use devices::fw_cfg::{DMA_CTL_READ, DMA_CTL_SELECT, PORT_BASE, PORT_DMA};
 use hypervisor::guests::{idle, touch, Builtin, MemfillMode};
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveHooks, SaveMode, SaveOptions, SnapshotError};
 use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, SharedOutput, Vm, VmConfig};
-
-/// Every RAM block's used bytes, by idstr.
-type Ram = Vec<(String, Vec<u8>)>;
-
-fn ram_of(vm: &Vm) -> Ram {
-    let mut out: Ram = vm
-        .registry()
-        .blocks()
-        .iter()
-        .map(|b| {
-            let mut v = vec![0u8; b.used_length() as usize];
-            b.read(0, &mut v).expect("read block");
-            (b.idstr().to_string(), v)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn assert_same_ram(got: &Ram, want: &Ram, what: &str) {
-    let names = |r: &Ram| r.iter().map(|(n, v)| (n.clone(), v.len())).collect::<Vec<_>>();
-    assert_eq!(names(got), names(want), "{what}: the same blocks and lengths");
-    for ((name, g), (_, w)) in got.iter().zip(want) {
-        if let Some(i) = (0..g.len()).find(|&i| g[i] != w[i]) {
-            let differ = (0..g.len()).filter(|&i| g[i] != w[i]).count();
-            panic!(
-                "{what}: block {name} differs from the memory at the pause from offset {i:#x} ({differ} bytes differ)"
-            );
-        }
-    }
-}
 
 /// What the hook saw at the pause: every block and the guest's output so far.
 type AtPause = Arc<Mutex<Option<(Ram, String)>>>;

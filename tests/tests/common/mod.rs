@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod iasl;
 pub mod memfill;
 pub mod mock_net;
+pub mod ram;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
