@@ -37,6 +37,9 @@ fn capturing(out: &SharedOutput) -> (SaveOptions, AtPause) {
             *s.lock().expect("lock") = Some((ram_of(vm), o.text()));
         })),
         broken_protection: false,
+        // The tests below assert that a guest write met a protected chunk; on a loaded host
+        // the saver could otherwise finish before the guest ran at all.
+        copy_after_first_fault: true,
         ..SaveHooks::NONE
     };
     (SaveOptions { hooks, ..Default::default() }, seen)

@@ -321,8 +321,20 @@ async fn restore_snapshot(
 ) -> Result<Response, ApiError> {
     let mut r = body(b)?;
     super::net_api::resolve_overrides(&mut r.network_overrides, &d.images)?;
-    let info = d.restore_as(&name, &r.vm, r.mode, false, false, r.network_overrides).await?;
+    let info =
+        to_completion(async move { d.restore_as(&name, &r.vm, r.mode, false, false, r.network_overrides).await })
+            .await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+/// Runs `work` as a task of its own, so a client that hangs up does not cut it short: a
+/// restore or clone holds its memory reservation and MAC claims until its VMs are registered
+/// (or, on failure, removed again), never just until the request goes away while the blocking
+/// part runs on. What the client missed is in `GET /vms`.
+async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work).await.map_err(|e| ApiError::Internal(format!("the request's task failed: {e}")))?
 }
 
 async fn clone_snapshot(
@@ -347,7 +359,7 @@ async fn clone_snapshot(
         }
     };
     let Some(op) = op else {
-        return Ok((StatusCode::CREATED, Json(run.await?)).into_response());
+        return Ok((StatusCode::CREATED, Json(to_completion(run).await?)).into_response());
     };
     let id = op.id();
     tokio::spawn(async move {

@@ -90,15 +90,16 @@ impl Daemon {
         }
     }
 
-    /// Refuses override MACs a running VM holds (409), for a clone as `vm`, early: a quick
-    /// answer before anything is restored (the claim at each clone's restore is what decides).
-    pub(super) fn check_override_macs(&self, vm: &str, overrides: &[NetOverride]) -> Result<(), ApiError> {
+    /// Refuses one clone's override MACs that a running VM holds (409), early: a quick answer
+    /// before anything is restored (the claim at each clone's restore is what decides).
+    /// `clone` is the clone's index in the request, whose `network_overrides` is a list per
+    /// clone: the error names the field as the client wrote it.
+    fn check_override_macs(&self, vm: &str, clone: usize, overrides: &[NetOverride]) -> Result<(), ApiError> {
         for (k, o) in overrides.iter().enumerate() {
             let Some(m) = o.mac else { continue };
             if let Some((holder, nic)) = self.macs.holder(m) {
                 return Err(ApiError::Conflict(format!(
-                    "VM '{vm}': network_overrides[{k}].mac {m} is the MAC of running VM '{holder}' (its net[{nic}]); \
-                     give another"
+                    "VM '{vm}': network_overrides[{clone}][{k}].mac {m} is the MAC of running VM '{holder}' (its net[{nic}]); give another"
                 )));
             }
         }
@@ -126,7 +127,7 @@ impl Daemon {
             }
         }
         for (c, list) in overrides.iter().enumerate() {
-            self.check_override_macs(names.get(c).map_or("?", String::as_str), list)?;
+            self.check_override_macs(names.get(c).map_or("?", String::as_str), c, list)?;
         }
         Ok(())
     }

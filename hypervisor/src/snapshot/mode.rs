@@ -59,6 +59,10 @@ pub struct SaveHooks {
     /// Background: a failure (or a bug) to inject into pre-protection. Never set it outside
     /// tests.
     pub pre_protect_fault: Option<PreProtectFault>,
+    /// Background: the saver starts copying only once the guest has written a protected chunk
+    /// (or after 10 s), so a test knows the copy-before-write path ran whatever the host's
+    /// load. Never set it outside tests.
+    pub copy_after_first_fault: bool,
 }
 
 /// Failures and bugs tests inject into a background snapshot's pre-protection.
@@ -75,8 +79,13 @@ pub enum PreProtectFault {
 }
 
 impl SaveHooks {
-    pub const NONE: SaveHooks =
-        SaveHooks { after_protect: None, broken_protection: false, during_pre_protect: None, pre_protect_fault: None };
+    pub const NONE: SaveHooks = SaveHooks {
+        after_protect: None,
+        broken_protection: false,
+        during_pre_protect: None,
+        pre_protect_fault: None,
+        copy_after_first_fault: false,
+    };
 }
 
 impl std::fmt::Debug for SaveHooks {
@@ -86,6 +95,7 @@ impl std::fmt::Debug for SaveHooks {
             .field("broken_protection", &self.broken_protection)
             .field("during_pre_protect", &self.during_pre_protect.is_some())
             .field("pre_protect_fault", &self.pre_protect_fault)
+            .field("copy_after_first_fault", &self.copy_after_first_fault)
             .finish()
     }
 }

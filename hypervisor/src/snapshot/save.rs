@@ -488,6 +488,12 @@ pub fn save(
                 }
                 resumed_at = Some(Instant::now());
                 tracing::info!(snapshot = name, pause_ms = ms(paused_at.elapsed()), "background copy started");
+                if opts.hooks.copy_after_first_fault {
+                    let until = Instant::now() + std::time::Duration::from_secs(10);
+                    while wp.stats().faults == 0 && Instant::now() < until {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
                 let cancelled = || watch.check();
                 bytes_copied += background::copy(&writer, &blocks, &todo, &wp, opts.threads, &cancelled, &mut pstats)?;
                 wp_stats = Some(wp.stats());
