@@ -211,3 +211,39 @@ fn a_restore_whose_client_hangs_up_completes_and_stays_in_the_budget() {
     wait_for("the abandoned restore's VM", Duration::from_secs(120), || d.call("GET", "/vms/r1", None).0 == 200);
     assert_eq!(d.ok("GET", "/vms/r1", None)["state"], "running");
 }
+
+/// A clone request whose client hangs up is still all or nothing: a clone that failed (here,
+/// over the memory budget) makes the request remove the clones it made, as when the client
+/// waits (a hostile finding: with the request gone, the made clones stayed and the failure was
+/// never rolled back).
+#[test]
+fn a_clone_request_whose_client_hangs_up_is_still_all_or_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &["--max-guest-memory", "700"]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 512, "start": true})));
+    d.wait_serial("m", "memfill pass 0 ", Duration::from_secs(120));
+    d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "ms", "mode": "stop"})));
+    let (code, body) = d.call("DELETE", "/vms/m", None);
+    assert!(code < 300, "{code} {body}");
+    // Two clones of 512 MiB cannot both fit 700 MiB: one fails, so none may stay.
+    let r = d.call_within(
+        "POST",
+        "/snapshots/ms/clone",
+        Some(&json!({"prefix": "k", "count": 2, "mode": "eager"})),
+        Duration::from_millis(50),
+    );
+    assert!(r.is_err(), "two eager clones of 512 MiB answered within 50 ms: {r:?}");
+    // Once the request has rolled back, the budget is free again for one 512 MiB VM.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, body) = d.call("POST", "/snapshots/ms/restore", Some(json!({"vm": "r", "mode": "lazy"})));
+        if code == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cut-short clone request kept its memory: {code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let vms = d.ok("GET", "/vms", None);
+    let names: Vec<&str> = vms.as_array().expect("a list").iter().filter_map(|v| v["name"].as_str()).collect();
+    assert_eq!(names, ["r"], "clones of a failed request stayed: {vms}");
+}
