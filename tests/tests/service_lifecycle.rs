@@ -189,12 +189,7 @@ fn serial_text(d: &Daemon, vm: &str) -> String {
 #[test]
 fn a_restore_whose_client_hangs_up_completes_and_stays_in_the_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path(), &["--max-guest-memory", "700"]);
-    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 512, "start": true})));
-    d.wait_serial("m", "memfill pass 0 ", Duration::from_secs(120));
-    d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "ms", "mode": "stop"})));
-    let (code, body) = d.call("DELETE", "/vms/m", None);
-    assert!(code < 300, "{code} {body}");
+    let d = budget_and_a_512_mib_snapshot(dir.path());
     // The client gives up long before an eager restore of 512 MiB is done.
     let r = d.call_within(
         "POST",
@@ -219,12 +214,7 @@ fn a_restore_whose_client_hangs_up_completes_and_stays_in_the_budget() {
 #[test]
 fn a_clone_request_whose_client_hangs_up_is_still_all_or_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path(), &["--max-guest-memory", "700"]);
-    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 512, "start": true})));
-    d.wait_serial("m", "memfill pass 0 ", Duration::from_secs(120));
-    d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "ms", "mode": "stop"})));
-    let (code, body) = d.call("DELETE", "/vms/m", None);
-    assert!(code < 300, "{code} {body}");
+    let d = budget_and_a_512_mib_snapshot(dir.path());
     // Two clones of 512 MiB cannot both fit 700 MiB: one fails, so none may stay.
     let r = d.call_within(
         "POST",
@@ -246,4 +236,16 @@ fn a_clone_request_whose_client_hangs_up_is_still_all_or_nothing() {
     let vms = d.ok("GET", "/vms", None);
     let names: Vec<&str> = vms.as_array().expect("a list").iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(names, ["r"], "clones of a failed request stayed: {vms}");
+}
+
+/// A daemon with a 700 MiB guest-memory budget, no VM, and `ms`: a stop-mode snapshot of a
+/// 512 MiB memfill guest (so one restore of it fits the budget and two do not).
+fn budget_and_a_512_mib_snapshot(dir: &std::path::Path) -> Daemon {
+    let d = Daemon::start(dir, &["--max-guest-memory", "700"]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 512, "start": true})));
+    d.wait_serial("m", "memfill pass 0 ", Duration::from_secs(120));
+    d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "ms", "mode": "stop"})));
+    let (code, body) = d.call("DELETE", "/vms/m", None);
+    assert!(code < 300, "{code} {body}");
+    d
 }
