@@ -4,37 +4,19 @@
 //! first instruction, where the restore itself fails instead of hanging; a damaged list (its
 //! crc) is dropped with a warning, and the restore goes on without it.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::touch::touch_snapshot;
 use hypervisor::control::ExitReason;
-use hypervisor::guests::{touch, BootInfo, Builtin};
 use hypervisor::snapshot::restore::{encode_prefetch, PREFETCH_ATTACHMENT};
-use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
-use hypervisor::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions};
+use hypervisor::vm::SharedOutput;
 use storage::ChunkRef;
 
 const MEM: u64 = 32;
-
-/// Snapshots a `touch` guest that has filled its memory and waits for go; returns what the
-/// guest prints once it has touched its working set.
-fn touch_snapshot(store: &storage::Store, name: &str) -> String {
-    let params = BuiltinParams { seed: 91, ..Default::default() };
-    let mut vm = Vm::new(VmConfig::new(
-        MEM,
-        1,
-        BootSource::Builtin { guest: Builtin::Touch, params },
-        Box::new(SharedOutput::default()),
-    ))
-    .expect("vm");
-    vm.start().expect("start");
-    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("filled");
-    snapshot::save(&vm, store, name, &SaveOptions::default(), &|_| {}).expect("snapshot");
-    vm.stop("snapshot taken");
-    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(MEM << 20));
-    let (sum, pages) = touch::checksum(&ranges, 91, params.stride, params.span);
-    format!("touch: working set of {pages} pages done, checksum {sum:#x}\n")
-}
 
 fn opts(mode: RestoreMode, out: &SharedOutput) -> RestoreOptions {
     RestoreOptions { background_fill: false, cache: None, ..RestoreOptions::new(mode, Box::new(out.clone())) }
@@ -44,7 +26,7 @@ fn opts(mode: RestoreMode, out: &SharedOutput) -> RestoreOptions {
 fn a_hostile_prefetch_list_is_checked_in_both_prefetch_modes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    let expect = touch_snapshot(&store, "t");
+    let expect = touch_snapshot(&store, "t", MEM, 91);
     let ram_len = store.manifest("t").expect("manifest").block("pc.ram").expect("pc.ram").used_length;
     let ram = |off: u64| ("pc.ram".to_string(), off);
     // Two chunks of the working set; everything else is a repeat, not served, or past the end.
@@ -79,7 +61,7 @@ fn a_hostile_prefetch_list_is_checked_in_both_prefetch_modes() {
 fn a_corrupt_chunk_in_the_prefetch_list_stops_the_vm_naming_it_in_both_modes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    touch_snapshot(&store, "c");
+    touch_snapshot(&store, "c", MEM, 91);
     let m = store.manifest("c").expect("manifest");
     let cs = u64::from(m.chunk_size);
     let offset = 0x20_0000;
@@ -122,7 +104,7 @@ fn a_corrupt_chunk_in_the_prefetch_list_stops_the_vm_naming_it_in_both_modes() {
 fn a_damaged_prefetch_list_costs_the_head_start_not_the_restore() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    let expect = touch_snapshot(&store, "d");
+    let expect = touch_snapshot(&store, "d", MEM, 91);
     let list = [0x20_0000, 0x2a_0000].map(|o| ("pc.ram".to_string(), o));
     store.put_attachment("d", PREFETCH_ATTACHMENT, &encode_prefetch(&list)).expect("attachment");
     drop(store);

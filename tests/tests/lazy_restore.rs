@@ -3,36 +3,18 @@
 //! the VM with an error that names it instead of handing the guest wrong bytes.
 
 mod common;
+use common::touch::touch_snapshot;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hypervisor::control::ExitReason;
-use hypervisor::guests::{touch, BootInfo, Builtin};
+use hypervisor::guests::Builtin;
 use hypervisor::snapshot::{self, restore::record_working_set, RestoreMode, RestoreOptions, SaveOptions};
 use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, SharedOutput, Vm, VmConfig};
 use storage::ChunkRef;
 
 const MEM: u64 = 64;
-
-/// Snapshots a `touch` guest that has filled its memory and waits for go.
-fn touch_snapshot(store: &storage::Store, name: &str) -> String {
-    let params = BuiltinParams { seed: 77, ..Default::default() };
-    let mut vm = Vm::new(VmConfig::new(
-        MEM,
-        1,
-        BootSource::Builtin { guest: Builtin::Touch, params },
-        Box::new(SharedOutput::default()),
-    ))
-    .expect("vm");
-    vm.start().expect("start");
-    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("filled");
-    snapshot::save(&vm, store, name, &SaveOptions::default(), &|_| {}).expect("snapshot");
-    vm.stop("snapshot taken");
-    let ranges = BootInfo::fill_ranges(&hypervisor::memory::e820_map(MEM << 20));
-    let (sum, pages) = touch::checksum(&ranges, 77, params.stride, params.span);
-    format!("touch: working set of {pages} pages done, checksum {sum:#x}\n")
-}
 
 fn lazy(background_fill: bool, out: &SharedOutput) -> RestoreOptions {
     RestoreOptions { background_fill, ..RestoreOptions::new(RestoreMode::Lazy, Box::new(out.clone())) }
@@ -42,7 +24,7 @@ fn lazy(background_fill: bool, out: &SharedOutput) -> RestoreOptions {
 fn working_set_is_recorded_then_prefetched() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    let expect = touch_snapshot(&store, "t");
+    let expect = touch_snapshot(&store, "t", MEM, 77);
 
     let out = SharedOutput::default();
     let (mut vm, _) = snapshot::restore(&store, "t", lazy(false, &out)).expect("restore");
@@ -76,7 +58,7 @@ fn working_set_is_recorded_then_prefetched() {
 fn a_corrupt_chunk_stops_the_vm_with_its_name_and_never_maps_wrong_bytes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    touch_snapshot(&store, "c");
+    touch_snapshot(&store, "c", MEM, 77);
     // The first span of the working set starts at 2 MiB: corrupt the chunk there.
     let m = store.manifest("c").expect("manifest");
     let cs = u64::from(m.chunk_size);
@@ -188,7 +170,7 @@ fn clones_restored_together_share_decompressed_chunks() {
 fn a_vm_stopped_before_it_is_resident_tears_down_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    touch_snapshot(&store, "s");
+    touch_snapshot(&store, "s", MEM, 77);
     for _ in 0..3 {
         let t0 = std::time::Instant::now();
         let out = SharedOutput::default();

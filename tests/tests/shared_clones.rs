@@ -4,13 +4,14 @@
 //! guest's memory between them, not N.
 
 mod common;
+use common::touch::touch_snapshot;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::control::ExitReason;
-use hypervisor::guests::{memfill, touch, BootInfo, Builtin, INFO_SEED};
+use hypervisor::guests::{memfill, BootInfo, Builtin, INFO_SEED};
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
 use hypervisor::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
 use migrate::lazy::{Base, BaseRegistry};
@@ -87,22 +88,6 @@ fn memfill_snapshot(store: &storage::Store, name: &str, mem: u64) -> Vec<(u64, u
     }
     snapshot::save(&vm, store, name, &SaveOptions::default(), &|_| {}).expect("snapshot");
     ranges
-}
-
-/// Snapshots a `touch` guest that has filled its memory and waits for go.
-fn touch_snapshot(store: &storage::Store, name: &str, mem: u64) {
-    let params = BuiltinParams { seed: 77, ..Default::default() };
-    let mut vm = Vm::new(VmConfig::new(
-        mem,
-        1,
-        BootSource::Builtin { guest: Builtin::Touch, params },
-        Box::new(SharedOutput::default()),
-    ))
-    .expect("vm");
-    vm.start().expect("start");
-    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(60)).expect("filled");
-    snapshot::save(&vm, store, name, &SaveOptions::default(), &|_| {}).expect("snapshot");
-    vm.stop("snapshot taken");
 }
 
 #[test]
@@ -239,7 +224,7 @@ fn waiting_clones_share_one_copy_of_memory() {
     const N: usize = 4;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    touch_snapshot(&store, "t", MEM);
+    touch_snapshot(&store, "t", MEM, 77);
     let bases = BaseRegistry::new();
     let mut clones = Vec::new();
     for _ in 0..N {
@@ -272,7 +257,7 @@ fn a_corrupt_chunk_in_the_base_stops_only_the_clones_that_touch_it() {
     const MEM: u64 = 64;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    touch_snapshot(&store, "c", MEM);
+    touch_snapshot(&store, "c", MEM, 77);
     // The working set's first span starts at 2 MiB: corrupt the chunk there.
     let m = store.manifest("c").expect("manifest");
     let offset = 0x20_0000;
@@ -372,7 +357,7 @@ fn a_clone_snapshots_in_the_background_once_its_base_is_complete_and_the_snapsho
     const MEM: u64 = 64;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
-    touch_snapshot(&store, "t", MEM);
+    touch_snapshot(&store, "t", MEM, 77);
     let bases = BaseRegistry::new();
     let (mut vm, _) = snapshot::restore(&store, "t", clone_opts(&bases, &SharedOutput::default())).expect("clone");
     vm.start().expect("start");

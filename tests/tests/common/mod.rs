@@ -6,6 +6,7 @@ pub mod iasl;
 pub mod memfill;
 pub mod mock_net;
 pub mod ram;
+pub mod touch;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
