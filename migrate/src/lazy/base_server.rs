@@ -152,14 +152,8 @@ impl Shared {
             libc::pollfd { fd: complete.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         while !self.stop.load(Ordering::Acquire) {
-            // SAFETY: `fds` is a valid array of three pollfds for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, 1000) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(LazyError::Events(e.to_string()));
+            if !super::serving::poll_events(&mut fds)? {
+                continue;
             }
             if fds[1].revents != 0 {
                 break;

@@ -232,14 +232,8 @@ impl Shared {
             libc::pollfd { fd: self.stop_fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         while !self.stop.load(Ordering::Acquire) {
-            // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(LazyError::Events(e.to_string()));
+            if !poll_events(&mut fds)? {
+                continue;
             }
             if fds[1].revents != 0 {
                 break;
@@ -360,4 +354,19 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// Waits up to a second for any of `fds`; false when interrupted by a signal (poll again).
+/// A fault thread's wait: its userfaultfd, its stop eventfd, and whatever else it watches.
+pub(super) fn poll_events(fds: &mut [libc::pollfd]) -> Result<bool, LazyError> {
+    // SAFETY: `fds` is a valid slice of pollfds for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(LazyError::Events(e.to_string()));
+    }
+    Ok(true)
 }
