@@ -3,7 +3,7 @@
 //! empty store. Runs the store's own code, so `perf record` on it profiles the snapshot path
 //! without a VM:
 //!
-//!     cargo run --release -p storage --example pipeline_cost -- DIR [MiB] [touch|memfill|mixed] [level] [workers]
+//!     cargo run --release -p storage --example pipeline_cost -- DIR [MiB] [touch|memfill|mixed] [level|lz4] [workers]
 
 use std::time::Instant;
 
@@ -35,15 +35,17 @@ fn cpu_secs() -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = args.get(1).ok_or("usage: pipeline_cost DIR [MiB] [touch|memfill|mixed] [level] [workers]")?;
+    let dir = args.get(1).ok_or("usage: pipeline_cost DIR [MiB] [touch|memfill|mixed] [level|lz4] [workers]")?;
     let mib: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let kind = args.get(3).map_or("touch", String::as_str);
+    // A zstd level, or `lz4`.
+    let lz4 = args.get(4).is_some_and(|s| s == "lz4");
     let level: i32 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(storage::DEFAULT_ZSTD_LEVEL);
     let workers: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(2);
     let size = mib << 20;
     let img = image(kind, size);
     let _ = std::fs::remove_dir_all(dir);
-    let store = Store::open_with(dir, StoreOptions { zstd_level: level, ..Default::default() })?;
+    let store = Store::open_with(dir, StoreOptions { zstd_level: level, lz4, ..Default::default() })?;
     let spec = BlockSpec {
         idstr: "pc.ram".into(),
         used_length: size as u64,
@@ -67,8 +69,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     w.commit(Vec::new())?;
     let (c2, t2) = (cpu_secs(), Instant::now());
     println!(
-        "{kind} {mib} MiB level {level} workers {workers}: pipeline {:.0} ms wall {:.0} ms cpu; commit {:.0} ms wall \
+        "{kind} {mib} MiB {} workers {workers}: pipeline {:.0} ms wall {:.0} ms cpu; commit {:.0} ms wall \
          {:.0} ms cpu; read/work/write {:.0}/{:.0}/{:.0} ms; hashed {} MiB, stored {} MiB",
+        if lz4 { "lz4".to_owned() } else { format!("level {level}") },
         (t1 - t0).as_secs_f64() * 1e3,
         (c1 - c0) * 1e3,
         (t2 - t1).as_secs_f64() * 1e3,

@@ -228,6 +228,8 @@
 mod attachment;
 mod check;
 mod chunk;
+#[cfg(test)]
+mod codec_tests;
 mod consistency;
 mod debug;
 mod error;
@@ -253,7 +255,10 @@ mod verify;
 mod writer;
 
 pub use check::IndexCheck;
-pub use chunk::{encode as encode_chunk, is_zero as chunk_is_zero, ChunkError, ChunkRef, Hash};
+pub use chunk::{
+    encode as encode_chunk, encode_with as encode_chunk_with, is_zero as chunk_is_zero, ChunkError, ChunkRef, Codec,
+    Hash,
+};
 pub use error::{Result, StoreError};
 pub use gc::GcReport;
 pub use manifest::{BlockManifest, Manifest, ManifestError};

@@ -192,6 +192,53 @@ fn chunks_written_at_the_old_level_read_back_after_the_default_changed() {
     assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()), "verify");
 }
 
+/// A store written with LZ4 (codec 3) reads back and verifies when reopened with zstd, and
+/// holds both codecs side by side; a flipped byte in an LZ4 value is a verify error naming
+/// the snapshot, block and offset.
+#[test]
+fn lz4_snapshots_read_back_beside_zstd_ones_and_verify_catches_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = 24;
+    let mut lz4_hash = None;
+    {
+        let opts = crate::StoreOptions { lz4: true, ..Default::default() };
+        let store = Store::open_with(dir.path(), opts).expect("open with lz4");
+        let w = store.begin("lz4", vec![spec("ram", n * CS)]).expect("begin");
+        put_pipelined(&w, &jobs(n), 2, &read(7)).expect("pipeline");
+        let m = w.commit(Vec::new()).expect("commit");
+        // Chunk 2 is text: compressed, so its value is codec 3.
+        let ChunkRef::Stored(h) = m.blocks[0].chunks[2] else { panic!("chunk 2 is stored") };
+        lz4_hash = Some(h);
+    }
+    let store = Store::open(dir.path()).expect("reopen with zstd");
+    assert!(!store.options().lz4, "zstd is the default");
+    let w = store.begin("zstd", vec![spec("ram", n * CS)]).expect("begin");
+    put_pipelined(&w, &jobs(n), 2, &read(8)).expect("pipeline");
+    w.commit(Vec::new()).expect("commit");
+    let mut buf = vec![0u8; CS as usize];
+    for (name, seed) in [("lz4", 7), ("zstd", 8)] {
+        for i in 0..n {
+            store.read_chunk(name, "ram", i * CS, &mut buf).expect("read");
+            assert!(buf == chunk(i, seed), "{name} chunk {i} reads back different bytes");
+        }
+    }
+    assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()), "verify");
+
+    let h = lz4_hash.expect("hash");
+    let loc = store.debug_chunk_location(&h).expect("index").expect("indexed");
+    let pack = dir.path().join("packs").join(format!("{:08}.pack", loc.pack));
+    let mut bytes = std::fs::read(&pack).expect("read pack");
+    let at = (loc.offset + 5) as usize;
+    assert_eq!(bytes[at - 5], crate::chunk::CODEC_LZ4, "the value at the index's offset is an LZ4 one");
+    bytes[at + 3] ^= 0x40;
+    std::fs::write(&pack, &bytes).expect("write pack");
+    let report = store.verify("lz4").expect("verify");
+    assert!(!report.ok(), "a flipped LZ4 payload byte must fail verify");
+    let msg = report.errors.join("; ");
+    assert!(msg.contains("ram") && msg.contains(&format!("{:x}", 2 * CS)), "names block and offset: {msg}");
+    assert!(store.verify("zstd").expect("verify").ok(), "the other snapshot is intact");
+}
+
 /// An incremental child takes its parent's references, survives the parent's deletion and a
 /// GC, and reads back the parent's bytes where it did not write and its own where it did.
 #[test]

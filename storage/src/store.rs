@@ -24,6 +24,10 @@ pub struct StoreOptions {
     pub chunk_size: u32,
     /// zstd level for new chunks (-7..=22; negative levels are zstd's fast modes).
     pub zstd_level: i32,
+    /// Compress new chunks with LZ4 (codec 3) instead of zstd (`zstd_level` is then unused):
+    /// about a quarter less CPU per byte on compressible memory, 1.2-1.4x the bytes stored,
+    /// and snapshots that builds before codec 3 cannot read (see the crate docs).
+    pub lz4: bool,
     /// sled page cache size in bytes.
     pub cache_capacity: u64,
     /// Writes fail with [`StoreError::Full`] when the filesystem would have less free space
@@ -39,6 +43,7 @@ impl Default for StoreOptions {
         StoreOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            lz4: false,
             cache_capacity: 64 << 20,
             min_free_bytes: 4 << 20,
             pack_max: crate::PACK_MAX,

@@ -258,7 +258,9 @@ impl SnapshotWriter {
     fn encode(&self, block: &str, offset: u64, data: &[u8]) -> Result<Vec<u8>> {
         let s = &self.shared;
         s.bytes_compressed_in.fetch_add(data.len() as u64, Ordering::Relaxed);
-        chunk::encode(data, self.store.inner.opts.zstd_level).map_err(|source| StoreError::Chunk {
+        let opts = &self.store.inner.opts;
+        let codec = if opts.lz4 { chunk::Codec::Lz4 } else { chunk::Codec::Zstd(opts.zstd_level) };
+        chunk::encode_with(data, codec).map_err(|source| StoreError::Chunk {
             snapshot: s.name.clone(),
             block: block.to_owned(),
             offset,
