@@ -16,7 +16,7 @@
 //! then entries back to back, each:
 //!     entry header, 48 bytes: magic "SVCE", value length u32 LE, blake3 hash of the
 //!         uncompressed chunk (32 B), crc32 of the value u32 LE, crc32 of bytes 0..44 u32 LE
-//!     value: codec u8 (1 zstd, 2 raw), uncompressed length u32 LE, payload (chunk.rs)
+//!     value: codec u8 (1 zstd, 2 raw, 3 LZ4), uncompressed length u32 LE, payload (chunk.rs)
 //! ```
 //!
 //! The index (sled tree `index`, key = 32-byte hash) holds pack id u32 LE, offset u64 LE,

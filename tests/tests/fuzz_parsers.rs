@@ -1,6 +1,7 @@
 //! Fuzzing the parsers an attacker reaches, on the stable toolchain: API request bodies (decoded
 //! in process, and sent to a real daemon over its socket), the snapshot state file, the store
-//! manifest, and fw_cfg's port and DMA interface as a guest drives it.
+//! manifest, stored chunk values (every codec), and fw_cfg's port and DMA interface as a guest
+//! drives it.
 //!
 //! Each target mutates valid seeds (bit flips, byte sets, insertions, deletions, duplicated
 //! and spliced ranges, JSON/CBOR tokens) with a seeded RNG for `SNAPVISOR_FUZZ_SECS` seconds
@@ -293,6 +294,38 @@ fn fuzz_checksummed(
     }
     eprintln!("fuzz target {name}: {n} inputs in {:?} (SNAPVISOR_FUZZ_SEED={rseed})", budget());
     n
+}
+
+/// A stored chunk value (codec byte, length, payload: zstd, raw or LZ4) read from a pack:
+/// whatever the bytes, decoding never panics, and it succeeds only with bytes that hash to
+/// the chunk; on an error the buffer is zeroed.
+#[test]
+fn fuzz_store_chunk_values() {
+    use storage::{Codec, Hash};
+    const LEN: usize = 4096;
+    let data: Vec<u8> =
+        (0..LEN as u64 / 8).flat_map(|i| if i % 4 == 0 { (i * 0x9e37_79b9_7f4a_7c15).to_le_bytes() } else { [0; 8] }).collect();
+    let hash = Hash::of(&data);
+    let noise: Vec<u8> = (0..LEN as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let seeds = vec![
+        storage::encode_chunk_with(&data, Codec::Lz4).expect("lz4"),
+        storage::encode_chunk_with(&data, Codec::Zstd(-1)).expect("zstd"),
+        storage::encode_chunk_with(&noise, Codec::Lz4).expect("raw"),
+    ];
+    let ok = std::cell::Cell::new(0u64);
+    let mut buf = vec![0u8; LEN];
+    let n = fuzz("store-chunk-value", seeds, |input| {
+        buf.fill(0x5a);
+        match storage::decode_chunk_into(&hash, input, LEN, &mut buf) {
+            Ok(()) => {
+                ok.set(ok.get() + 1);
+                assert!(buf == data, "a value decoded to bytes other than the chunk's");
+            }
+            Err(_) => assert!(buf.iter().all(|b| *b == 0), "the buffer is zeroed after an error"),
+        }
+    });
+    assert!(n > 100, "only {n} inputs");
+    eprintln!("store-chunk-value: {} of {n} inputs decoded (to the right bytes)", ok.get());
 }
 
 #[test]

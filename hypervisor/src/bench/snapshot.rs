@@ -61,6 +61,10 @@ pub struct SnapshotBenchArgs {
     /// touch, as QEMU does): write-protecting RAM then works on 2 MiB entries, not 4 KiB ones.
     #[arg(long)]
     pub thp: bool,
+    /// Compress new chunks with LZ4 (chunk codec 3) instead of zstd, to compare the two in
+    /// one run against a run without it.
+    #[arg(long)]
+    pub lz4: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -194,7 +198,8 @@ fn first_instruction(store: &storage::Store, name: &str, mode: RestoreMode) -> R
 fn fresh_store(store: &storage::Store, sub: &str) -> Result<storage::Store, CliError> {
     let dir = beside(store, sub);
     let _ = std::fs::remove_dir_all(&dir);
-    storage::Store::open(&dir).map_err(|e| internal(format!("opening {}: {e}", dir.display())))
+    storage::Store::open_with(&dir, store.options().clone())
+        .map_err(|e| internal(format!("opening {}: {e}", dir.display())))
 }
 
 fn beside(store: &storage::Store, sub: &str) -> PathBuf {
@@ -363,8 +368,9 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         .dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("snapvisor-bench-snapshot-{}", std::process::id())));
-    let store =
-        storage::Store::open(&dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
+    let opts = storage::StoreOptions { lz4: args.lz4, ..Default::default() };
+    let store = storage::Store::open_with(&dir, opts)
+        .map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
     let mut rows = Vec::new();
     let mut result = Ok(());
     for &m in &args.mem_mib {
