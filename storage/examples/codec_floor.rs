@@ -109,6 +109,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::hint::black_box(d.decompress_to_buffer(v, &mut buf[..c.len()]).unwrap_or(0));
             0
         });
+        if std::env::args().nth(3).is_some_and(|s| s == "zstd -1 minmatch 7 decompress") {
+            let mut c = zstd::bulk::Compressor::new(-1)?;
+            c.set_parameter(zstd::zstd_safe::CParameter::MinMatch(7))?;
+            let zs: Vec<Vec<u8>> = img.chunks(CHUNK).map(|ch| c.compress(ch).unwrap_or_default()).collect();
+            let mut it = zs.iter();
+            row(kind, "zstd -1 minmatch 7 decompress", &img, &mut |ch| {
+                let v = it.next().map_or(&[][..], Vec::as_slice);
+                std::hint::black_box(d.decompress_to_buffer(v, &mut buf[..ch.len()]).unwrap_or(0));
+                0
+            });
+        }
+        for min in [6, 7] {
+            use zstd::zstd_safe::CParameter as P;
+            let mut c = zstd::bulk::Compressor::new(-1)?;
+            c.set_parameter(P::MinMatch(min))?;
+            zstd_row(kind, &img, &format!("zstd -1 minmatch {min}"), c);
+        }
     }
     Ok(())
 }

@@ -317,8 +317,8 @@ mod writer;
 
 pub use check::IndexCheck;
 pub use chunk::{
-    decode_into as decode_chunk_into, encode as encode_chunk, encode_with as encode_chunk_with, is_zero as chunk_is_zero, ChunkError, ChunkRef, Codec,
-    Hash,
+    decode_into as decode_chunk_into, encode as encode_chunk, encode_with as encode_chunk_with,
+    is_zero as chunk_is_zero, ChunkError, ChunkRef, Codec, Hash,
 };
 pub use error::{Result, StoreError};
 pub use gc::GcReport;

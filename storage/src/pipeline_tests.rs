@@ -199,8 +199,7 @@ fn chunks_written_at_the_old_level_read_back_after_the_default_changed() {
 fn lz4_snapshots_read_back_beside_zstd_ones_and_verify_catches_damage() {
     let dir = tempfile::tempdir().expect("tempdir");
     let n = 24;
-    let mut lz4_hash = None;
-    {
+    let lz4_hash = {
         let opts = crate::StoreOptions { lz4: true, ..Default::default() };
         let store = Store::open_with(dir.path(), opts).expect("open with lz4");
         let w = store.begin("lz4", vec![spec("ram", n * CS)]).expect("begin");
@@ -208,8 +207,8 @@ fn lz4_snapshots_read_back_beside_zstd_ones_and_verify_catches_damage() {
         let m = w.commit(Vec::new()).expect("commit");
         // Chunk 2 is text: compressed, so its value is codec 3.
         let ChunkRef::Stored(h) = m.blocks[0].chunks[2] else { panic!("chunk 2 is stored") };
-        lz4_hash = Some(h);
-    }
+        h
+    };
     let store = Store::open(dir.path()).expect("reopen with zstd");
     assert!(!store.options().lz4, "zstd is the default");
     let w = store.begin("zstd", vec![spec("ram", n * CS)]).expect("begin");
@@ -224,7 +223,7 @@ fn lz4_snapshots_read_back_beside_zstd_ones_and_verify_catches_damage() {
     }
     assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()), "verify");
 
-    let h = lz4_hash.expect("hash");
+    let h = lz4_hash;
     let loc = store.debug_chunk_location(&h).expect("index").expect("indexed");
     let pack = dir.path().join("packs").join(format!("{:08}.pack", loc.pack));
     let mut bytes = std::fs::read(&pack).expect("read pack");

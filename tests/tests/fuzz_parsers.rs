@@ -303,8 +303,9 @@ fn fuzz_checksummed(
 fn fuzz_store_chunk_values() {
     use storage::{Codec, Hash};
     const LEN: usize = 4096;
-    let data: Vec<u8> =
-        (0..LEN as u64 / 8).flat_map(|i| if i % 4 == 0 { (i * 0x9e37_79b9_7f4a_7c15).to_le_bytes() } else { [0; 8] }).collect();
+    let data: Vec<u8> = (0..LEN as u64 / 8)
+        .flat_map(|i| if i % 4 == 0 { i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes() } else { [0; 8] })
+        .collect();
     let hash = Hash::of(&data);
     let noise: Vec<u8> = (0..LEN as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let seeds = vec![
