@@ -64,7 +64,7 @@ fn send(tap: &Tap, n: usize) {
     addr.sll_ifindex = index as i32;
     addr.sll_halen = 6;
     addr.sll_addr[..6].fill(0xff);
-    let mut frame = vec![0u8; 200];
+    let mut frame = [0u8; 200];
     frame[..6].fill(0xff);
     frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
     frame[12..14].copy_from_slice(&hypervisor::guests::netping::TX_ETHERTYPE.to_be_bytes());
