@@ -37,6 +37,8 @@ pub type WaitWhile = Arc<dyn Fn() -> bool + Send + Sync>;
 pub struct Latch {
     flag: AtomicBool,
     waiters: AtomicUsize,
+    /// Waits that ended because the flag was set (not a predicate, not the bound).
+    hits: AtomicUsize,
     lock: Mutex<()>,
     changed: Condvar,
 }
@@ -81,6 +83,12 @@ impl Latch {
         self.waiters.load(Ordering::SeqCst)
     }
 
+    /// Waits so far that ended because the flag was set, not because of their predicate or
+    /// bound (for tests and diagnostics: whether sets, rather than timeouts, woke the waiters).
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+
     /// Waits until the flag is set (true; the flag stays set), `keep_waiting` returns false,
     /// or `max` has passed (false for both).
     pub fn wait(&self, keep_waiting: &dyn Fn() -> bool, max: Duration) -> bool {
@@ -109,6 +117,9 @@ impl Latch {
         };
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         drop(g);
+        if got {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
         got
     }
 }
@@ -166,6 +177,7 @@ mod tests {
         until("the waiter parking", || l.waiters() == 1);
         l.set();
         assert!(waiter.join().expect("waiter"), "the set woke the waiter");
+        assert_eq!(l.hits(), 1);
         assert!(!l.load(Ordering::SeqCst), "the wait consumed the flag");
         // A set with nobody waiting is kept for the next wait, which then does not park.
         l.set();

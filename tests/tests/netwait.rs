@@ -120,10 +120,13 @@ fn the_rx_guest_parks_between_frames_and_a_pause_takes_it_out() {
     let tap = Tap::new("p");
     let (mut vm, out) = rx_vm(&tap, 300);
     until("the guest parking before its first frame", &out, || parked(&vm) == 1);
+    let hits = vm.devices().irq_router.line().hits();
     send(&tap, 100);
     until("the device delivering the frames", &out, || rx_frames(&vm) >= 100);
-    // Woken by the device's interrupt, the guest took the frames and parked again.
+    // Woken by the device's interrupt (not the wait's bound), the guest took the frames and
+    // parked again.
     until("the guest parking again", &out, || parked(&vm) == 1);
+    assert!(vm.devices().irq_router.line().hits() > hits, "no park was ended by the device's interrupt");
 
     assert!(vm.pause(), "the pause completed with the vCPU parked in the register");
     assert_eq!(parked(&vm), 0, "a paused VM's vCPU is not parked in the register");
@@ -158,8 +161,10 @@ fn a_snapshot_of_a_parked_rx_guest_restores_eagerly_and_lazily_and_goes_on_recei
         vm2.start().expect("start");
         until("the restored guest parking", &out2, || parked(&vm2) == 1);
         // It had 100 frames; 200 more end its count of 300.
+        let hits = vm2.devices().irq_router.line().hits();
         send(&tap, 200);
         let reason = vm2.wait(Some(LONG));
+        assert!(vm2.devices().irq_router.line().hits() > hits, "{mode:?}: no park was ended by the interrupt");
         let text = out2.text();
         assert_eq!(reason, ExitReason::GuestExit { status: 0 }, "{mode:?}: {text}");
         let report = hypervisor::bench::net::parse_report(&text, "rx").expect("rx report");
