@@ -7,16 +7,27 @@
 //!
 //! Lock order: the bus's `RwLock` (read side, held only to find the device), then the device's
 //! `Mutex` (held for the access). A device never calls back into a bus while locked.
+//!
+//! A read may park its vCPU thread in the VMM (the exit device's wait registers): the device
+//! then returns the wait from [`BusDevice::take_park`] and the bus runs it after releasing
+//! the device's `Mutex`, so that other vCPUs' accesses to the device do not wait behind it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use thiserror::Error;
 
+use crate::latch::Park;
+
 /// A device on a bus.
 pub trait BusDevice: Send {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]);
     fn write(&mut self, base: u64, offset: u64, data: &[u8]);
+    /// A park the last read asked for (see the module doc): run by the bus, unlocked, and it
+    /// gives the read's bytes.
+    fn take_park(&mut self) -> Option<Park> {
+        None
+    }
 }
 
 /// Errors of bus accesses and of mapping devices.
@@ -86,7 +97,14 @@ impl Bus {
 
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
         let (base, dev) = self.find(addr, data.len())?;
-        dev.lock().unwrap_or_else(PoisonError::into_inner).read(base, addr - base, data);
+        let park = {
+            let mut d = dev.lock().unwrap_or_else(PoisonError::into_inner);
+            d.read(base, addr - base, data);
+            d.take_park()
+        };
+        if let Some(p) = park {
+            p.finish(data);
+        }
         Ok(())
     }
 

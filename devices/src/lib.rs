@@ -12,6 +12,7 @@ pub mod exit;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod irq;
+pub mod latch;
 pub mod net;
 pub mod pci;
 pub mod pm;

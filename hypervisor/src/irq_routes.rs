@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use devices::latch::Latch;
 use devices::virtio::{MsiMessage, MsiRoutes};
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
@@ -58,10 +59,13 @@ struct RouterInner {
     msi: BTreeMap<u32, Option<MsiMessage>>,
 }
 
-/// A VM's GSI routing table.
+/// A VM's GSI routing table, and its paravirtual interrupt line.
 pub struct GsiRouter {
     vm: Arc<VmFd>,
     inner: Mutex<RouterInner>,
+    /// Raised by devices whose MSI-X is disabled; waited for through the exit device's
+    /// interrupt-wait register (see `devices::exit`). Not an interrupt controller input.
+    line: Arc<Latch>,
 }
 
 fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
@@ -94,7 +98,16 @@ pub fn default_routes() -> Vec<kvm_irq_routing_entry> {
 
 impl GsiRouter {
     pub fn new(vm: Arc<VmFd>) -> Arc<GsiRouter> {
-        Arc::new(GsiRouter { vm, inner: Mutex::new(RouterInner { msi: BTreeMap::new() }) })
+        Arc::new(GsiRouter {
+            vm,
+            inner: Mutex::new(RouterInner { msi: BTreeMap::new() }),
+            line: Arc::new(Latch::default()),
+        })
+    }
+
+    /// The VM's paravirtual interrupt line (see the field).
+    pub fn line(&self) -> Arc<Latch> {
+        self.line.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RouterInner> {
@@ -226,6 +239,10 @@ impl MsiRoutes for KvmMsiRoutes {
             }
             None => tracing::debug!("{}: MSI vector {index} raised but never routed; dropped", self.owner),
         }
+    }
+
+    fn raise_line(&self) {
+        self.router.line.set();
     }
 }
 

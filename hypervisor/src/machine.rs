@@ -235,6 +235,12 @@ pub fn attach_devices(
     exit_dev.set_wait_while(Arc::new(move || ctl.running()));
     let g = go.clone();
     control.on_kick(Arc::new(move || g.wake()));
+    // Devices whose MSI-X is off raise the VM's interrupt line; CPL3 guests wait for it in
+    // the exit device's interrupt-wait register, which kicks end like the go wait.
+    let irq_router = crate::irq_routes::GsiRouter::new(vm.clone());
+    let line = irq_router.line();
+    exit_dev.set_irq_line(line.clone());
+    control.on_kick(Arc::new(move || line.wake()));
     let exit = Arc::new(Mutex::new(exit_dev));
     let exit_len = devices::exit::LEN;
     insert(&mut placed, pio, BusKind::Pio, "exit device", exit.clone(), u64::from(layout::EXIT_PORT), exit_len)?;
@@ -279,7 +285,7 @@ pub fn attach_devices(
         placed,
         acpi: None,
         vmgenid: None,
-        irq_router: crate::irq_routes::GsiRouter::new(vm.clone()),
+        irq_router,
         nics: Vec::new(),
     })
 }

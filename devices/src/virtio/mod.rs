@@ -57,4 +57,9 @@ pub trait MsiRoutes: Send + Sync {
     fn set_route(&self, index: u16, msg: Option<MsiMessage>) -> Result<(), String>;
     /// Raises vector `index` (writes its irqfd). Called from the device's I/O thread.
     fn trigger(&self, index: u16);
+    /// Raises the function's interrupt while MSI-X is disabled: the VM's paravirtual
+    /// interrupt line (what INTx would be; CPL3 guests wait for it through the exit device's
+    /// interrupt-wait register). Called from the device's I/O thread and vCPU threads; must
+    /// be cheap (it runs on every receive pass the driver wants to hear of).
+    fn raise_line(&self);
 }

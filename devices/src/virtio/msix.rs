@@ -13,8 +13,10 @@
 //! unmasked, MSI-X enabled or the function masked) calls [`MsiRoutes::set_route`] for the
 //! vectors concerned, with `None` while they cannot deliver. Raising a vector that is masked
 //! (itself or by the function mask) sets its pending bit; unmasking delivers it once and
-//! clears the bit. With MSI-X disabled nothing is delivered or made pending (the function has
-//! no INTx pin; drivers that poll, such as iPXE, read the ISR instead).
+//! clears the bit. With MSI-X disabled no message is delivered or made pending; the function
+//! raises the VM's paravirtual interrupt line instead ([`MsiRoutes::raise_line`]: no INTx pin
+//! in config space and no interrupt controller input, only a latch that CPL3 guests wait on;
+//! drivers that poll, such as iPXE, read the ISR and never look at it).
 
 use std::sync::Arc;
 
@@ -142,9 +144,15 @@ impl Msix {
     }
 
     /// Raises vector `v` (virtio's [`NO_VECTOR`] and vectors past the table do nothing).
+    /// With MSI-X disabled, whatever the vector, the function's interrupt line is raised
+    /// instead ([`MsiRoutes::raise_line`]).
     pub fn notify(&mut self, v: u16) {
+        if !self.enabled {
+            self.routes.raise_line();
+            return;
+        }
         let i = usize::from(v);
-        if v == NO_VECTOR || i >= self.table.len() || !self.enabled {
+        if v == NO_VECTOR || i >= self.table.len() {
             return;
         }
         if self.masked(i) {

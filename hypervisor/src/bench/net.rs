@@ -15,7 +15,16 @@
 //!   an AF_PACKET socket bound to it, another reads them from the tap's file descriptor as
 //!   the VMM would; measured from the first frame read to the last.
 //! - **host to guest**: `netping --mode rx` on the tap counts what arrives while this process
-//!   sends the frames with AF_PACKET; the guest times first to last frame (TSC).
+//!   sends the frames with AF_PACKET; the guest times first to last frame (TSC). The guest
+//!   behaves like an interrupt-driven driver, not a poll-mode one: it polls its used ring with
+//!   the device's interrupt suppressed while frames come, and when the ring is empty it allows
+//!   the interrupt and waits for it (the exit device's interrupt-wait register parks its vCPU
+//!   thread, as a halt would; a CPL3 guest cannot halt here). So its vCPU does not take a
+//!   core from the device's I/O thread and the sender, as a spinning one did, and it is no
+//!   faster than a real guest could be: each wake-up costs it an exit, as an interrupt would.
+//!   Besides the rate the bench prints, from the device's counters, the I/O thread's CPU time
+//!   per frame and the frames per receive pass, and the CPU time of the whole VM process
+//!   (`getrusage` of the child): these depend less on the host's load than the rates.
 //!
 //! Rates are frames/s and Gbit/s of frame bytes; the ratios are guest / raw per direction.
 //! Frames the tap drops (a reader slower than the writer) do not count: rates are of frames
@@ -91,6 +100,12 @@ pub struct SizeReport {
     /// CPU time of the device's I/O thread per frame it received (host to guest run), from the
     /// device's counters: the device's per-frame cost, load-independent unlike the rates.
     pub host_to_guest_device_ns_per_frame: Option<f64>,
+    /// Frames per receive pass that delivered any (host to guest run): how much each wake-up
+    /// of the I/O thread moved.
+    pub host_to_guest_frames_per_pass: Option<f64>,
+    /// CPU time of the whole `snapvisor run` process of the host to guest run (vCPU, I/O
+    /// thread and the rest, from start to exit), in milliseconds: what the VM cost the host.
+    pub host_to_guest_vm_cpu_ms: Option<f64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -356,8 +371,29 @@ fn guest_tx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<(Rate, u6
     Ok((Rate::new(n, size, tsc as f64 / tsc_ms as f64 / 1000.0), got))
 }
 
-fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<(Rate, Option<f64>), NetBenchError> {
+/// What the host to guest run measured besides its rate.
+#[derive(Default)]
+struct RxCosts {
+    device_ns_per_frame: Option<f64>,
+    frames_per_pass: Option<f64>,
+    vm_cpu_ms: Option<f64>,
+}
+
+/// User and system CPU time of this process's waited-for children so far, in milliseconds.
+fn children_cpu_ms() -> Option<f64> {
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_CHILDREN with a valid out pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
+        return None;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    Some(ms(u.ru_utime) + ms(u.ru_stime))
+}
+
+fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<(Rate, RxCosts), NetBenchError> {
     let mut child = netping_cmd(ns, "rx", frames, size)?;
+    let cpu_before = children_cpu_ms();
     let mut stdout = child.stdout.take().ok_or_else(|| setup("snapvisor run", "no stdout"))?;
     let mut stderr = child.stderr.take().ok_or_else(|| setup("snapvisor run", "no stderr"))?;
     let reader = std::thread::spawn(move || {
@@ -370,12 +406,13 @@ fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<(Rate, Op
     let log_reader = std::thread::spawn(move || {
         let mut all = String::new();
         let _ = stderr.read_to_string(&mut all);
-        let mut per_frame = None;
+        let mut costs = RxCosts::default();
         for l in all.lines().filter_map(|l| l.find("I/O counters").map(|i| &l[i..])) {
             eprintln!("{size:<6} host -> guest, the device's {l}");
-            per_frame = device_ns_per_frame(l);
+            costs.device_ns_per_frame = device_ns_per_frame(l);
+            costs.frames_per_pass = frames_per_pass(l);
         }
-        per_frame
+        costs
     });
     // The guest needs well under a second to come up and print `netping rx: ready`.
     let t0 = Instant::now();
@@ -386,24 +423,35 @@ fn guest_rx(ns: &Netns, frames: u64, size: u64, tsc_ms: u64) -> Result<(Rate, Op
     }
     ns.within(|| inject(&ns.tap, frames, size))?;
     let status = child.wait().map_err(|e| setup("snapvisor run", e))?;
+    let cpu_after = children_cpu_ms();
     let all = reader.join().map_err(|_| setup("stdout reader", "panicked"))?;
-    let per_frame = log_reader.join().ok().flatten();
+    let mut costs = log_reader.join().unwrap_or_default();
+    // Only this child was reaped in between (the namespace's `ip` runs happen before and after).
+    costs.vm_cpu_ms = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
     let (n, _, tsc) = parse_report(&all, "rx").ok_or_else(|| NetBenchError::Guest {
         mode: "rx",
         status: format!("{status} after {:.1} s", t0.elapsed().as_secs_f64()),
         output: all.clone(),
     })?;
-    Ok((Rate::new(n, size, tsc as f64 / tsc_ms as f64 / 1000.0), per_frame))
+    Ok((Rate::new(n, size, tsc as f64 / tsc_ms as f64 / 1000.0), costs))
+}
+
+/// A counter of the device's counters line (`... name: N, ...`).
+fn counter(line: &str, name: &str) -> Option<u64> {
+    let rest = &line[line.find(&format!("{name}: "))? + name.len() + 2..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// Frames per receive pass that delivered any, from the device's counters line.
+pub fn frames_per_pass(line: &str) -> Option<f64> {
+    let (frames, passes) = (counter(line, "rx_frames")?, counter(line, "rx_batches")?);
+    (passes > 0).then(|| frames as f64 / passes as f64)
 }
 
 /// The I/O thread's CPU nanoseconds per received frame, from the device's counters line
 /// (`... rx_frames: N, ... io_cpu_ns: T ...`).
 pub fn device_ns_per_frame(line: &str) -> Option<f64> {
-    let field = |name: &str| -> Option<u64> {
-        let rest = &line[line.find(&format!("{name}: "))? + name.len() + 2..];
-        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-    };
-    let (frames, ns) = (field("rx_frames")?, field("io_cpu_ns")?);
+    let (frames, ns) = (counter(line, "rx_frames")?, counter(line, "io_cpu_ns")?);
     (frames > 0 && ns > 0).then(|| ns as f64 / frames as f64)
 }
 
@@ -420,7 +468,7 @@ pub fn measure(args: &NetBenchArgs) -> Result<NetReport, NetBenchError> {
         let (raw_write, _) = raw_write(&ns, args.frames, size)?;
         let (guest_to_host, host_received) = guest_tx(&ns, args.frames, size, tsc_per_ms)?;
         let raw_read = raw_read(&ns, args.frames, size)?;
-        let (host_to_guest, host_to_guest_device_ns_per_frame) = guest_rx(&ns, args.frames, size, tsc_per_ms)?;
+        let (host_to_guest, costs) = guest_rx(&ns, args.frames, size, tsc_per_ms)?;
         sizes.push(SizeReport {
             frame_size: size,
             ratio_guest_to_host: guest_to_host.frames_per_s / raw_write.frames_per_s.max(1e-9),
@@ -430,7 +478,9 @@ pub fn measure(args: &NetBenchArgs) -> Result<NetReport, NetBenchError> {
             host_received,
             raw_read,
             host_to_guest,
-            host_to_guest_device_ns_per_frame,
+            host_to_guest_device_ns_per_frame: costs.device_ns_per_frame,
+            host_to_guest_frames_per_pass: costs.frames_per_pass,
+            host_to_guest_vm_cpu_ms: costs.vm_cpu_ms,
         });
     }
     Ok(NetReport { frames: args.frames, tsc_per_ms, sizes })
@@ -466,6 +516,16 @@ pub fn run(args: NetBenchArgs) -> Result<(), CliError> {
         if let Some(ns) = s.host_to_guest_device_ns_per_frame {
             println!("{:<6} host -> guest: the device's I/O thread used {ns:.0} ns of CPU per frame", s.frame_size);
         }
+        if let Some(f) = s.host_to_guest_frames_per_pass {
+            println!("{:<6} host -> guest: {f:.1} frames per receive pass of the I/O thread", s.frame_size);
+        }
+        if let Some(ms) = s.host_to_guest_vm_cpu_ms {
+            println!(
+                "{:<6} host -> guest: the VM's process used {ms:.0} ms of CPU from start to exit (vCPU, I/O thread \
+                 and the rest)",
+                s.frame_size
+            );
+        }
     }
     Ok(())
 }
@@ -489,6 +549,9 @@ mod tests {
         assert_eq!(device_ns_per_frame(l), Some(1500.0));
         assert_eq!(device_ns_per_frame("I/O counters at shutdown: NetStats { rx_frames: 0, io_cpu_ns: 5 }"), None);
         assert_eq!(device_ns_per_frame("I/O counters at shutdown: NetStats { rx_frames: 3 }"), None);
+        let l = "NetStats { rx_frames: 300, rx_dropped: 0, rx_batches: 20, rx_empty_reads: 4 }";
+        assert_eq!(frames_per_pass(l), Some(15.0));
+        assert_eq!(frames_per_pass("NetStats { rx_frames: 3, rx_batches: 0 }"), None);
     }
 
     #[test]

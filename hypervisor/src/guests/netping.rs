@@ -6,7 +6,8 @@
 //! The guest does the protocol work itself: it resolves the peer's MAC with ARP, builds echo
 //! requests (IP and ICMP checksums computed in the guest), matches replies by id, sequence and
 //! payload, and answers ARP requests for its own address in every mode. The driver part
-//! ([`super::netping_virtio`]) polls the used rings: MSI-X vectors stay at `0xffff`.
+//! ([`super::netping_virtio`]) polls the used rings: MSI-X stays disabled and vectors at
+//! `0xffff`; `rx` mode waits for the device's interrupt on the VM's interrupt line.
 //!
 //! Modes ([`NetMode`], `--mode`):
 //! - `ping`: ARP who-has the peer (retried every [`RETRY_MS`] ms), then echo requests, one
@@ -23,9 +24,11 @@
 //! - `tx`: sends `--count` frames of `--frame-size` bytes (broadcast, ethertype 0x88b5) as
 //!   fast as the ring allows, waits until the device has consumed them all and prints
 //!   `netping tx: frames N bytes B tsc T`.
-//! - `rx`: counts received frames of ethertype 0x88b5 (others are dropped); after `--count` frames, or [`RX_IDLE_MS`] ms without a
-//!   frame once one arrived, prints `netping rx: frames N bytes B tsc T` (T: TSC cycles from
-//!   the first frame to the last) and exits 0.
+//! - `rx`: counts received frames of ethertype 0x88b5 (others are dropped); after `--count`
+//!   frames, or [`RX_IDLE_MS`] ms without a frame once one arrived, prints `netping rx: frames
+//!   N bytes B tsc T` (T: TSC cycles from the first frame to the last) and exits 0. Between
+//!   bursts it waits for the device's interrupt as an interrupt-driven driver halts (the exit
+//!   device's interrupt-wait register), instead of spinning on the used ring.
 //!
 //! Guest memory (all below the RAM the other guests fill is left alone; netping needs 4 MiB):
 //!
@@ -428,7 +431,20 @@ fn emit_tx(a: &mut CodeAssembler, rt: &Runtime, d: &drv::Driver, s: &mut Strings
     emit_report(a, rt, s, "netping tx: frames ")
 }
 
+/// Available-ring flag `VRING_AVAIL_F_NO_INTERRUPT`: the driver does not want the used-buffer
+/// interrupt.
+const AVAIL_NO_INTERRUPT: u32 = 1;
+
 /// `rx`: counts frames until `count` (if non-zero) or until idle after the first frame.
+///
+/// It waits for frames as an interrupt-driven driver does (NAPI), not by spinning: while
+/// frames come it polls the used ring with the device's interrupt suppressed
+/// (`VRING_AVAIL_F_NO_INTERRUPT`); when the ring is empty it gives its buffers back, allows
+/// the interrupt, looks at the used index once more (a frame published before the flag was
+/// seen raised no interrupt: without this look it would wait for the next frame) and reads
+/// the exit device's interrupt-wait register, which parks its vCPU until the device raises
+/// the interrupt (or a pause, or `WAIT_MAX`, after which it looks again); awake, it
+/// suppresses the interrupt again.
 fn emit_rx(a: &mut CodeAssembler, rt: &Runtime, d: &drv::Driver, s: &mut Strings) -> Result<(), IcedError> {
     let s_go = s.add(a, "netping rx: ready\n");
     let mut top = a.create_label();
@@ -437,7 +453,10 @@ fn emit_rx(a: &mut CodeAssembler, rt: &Runtime, d: &drv::Driver, s: &mut Strings
     let mut done = a.create_label();
     let mut no_release = a.create_label();
     let mut foreign = a.create_label();
+    let mut park = a.create_label();
+    let mut awake = a.create_label();
     print(a, rt, s_go)?;
+    a.mov(word_ptr(r15 + RX_AVAIL), AVAIL_NO_INTERRUPT)?;
     a.set_label(&mut top)?;
     a.call(d.rx_next)?;
     a.test(rdi, rdi)?;
@@ -448,12 +467,23 @@ fn emit_rx(a: &mut CodeAssembler, rt: &Runtime, d: &drv::Driver, s: &mut Strings
     a.call(d.rx_kick)?;
     a.set_label(&mut no_release)?;
     a.cmp(qword_ptr(r15 + S_FRAMES), 0)?;
-    a.je(top)?;
+    a.je(park)?;
     rdtsc64(a)?;
     a.sub(rax, qword_ptr(r15 + S_LAST_RX_TSC))?;
     a.cmp(rax, qword_ptr(r15 + S_IDLE_TSC))?;
     a.jae(done)?;
-    a.pause()?;
+    // Allow the interrupt, look again (the store must be visible before the load: MFENCE;
+    // the device fences between publishing and reading the flag), and wait for it.
+    a.set_label(&mut park)?;
+    a.mov(word_ptr(r15 + RX_AVAIL), 0u32)?;
+    a.mfence()?;
+    a.movzx(eax, word_ptr(r15 + RX_USED + 2))?;
+    a.cmp(ax, word_ptr(r15 + S_RX_USED))?;
+    a.jne(awake)?;
+    a.mov(rbx, crate::layout::EXIT_MMIO)?;
+    a.mov(eax, dword_ptr(rbx + devices::exit::REG_IRQ_WAIT as i32))?;
+    a.set_label(&mut awake)?;
+    a.mov(word_ptr(r15 + RX_AVAIL), AVAIL_NO_INTERRUPT)?;
     a.jmp(top)?;
 
     // Only the benchmark's frames count (ethertype 0x88b5): not what the host's stack sends

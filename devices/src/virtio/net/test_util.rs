@@ -132,6 +132,8 @@ impl NetBackend for FakeBackend {
 pub struct FakeRoutes {
     pub routes: Mutex<HashMap<u16, Option<MsiMessage>>>,
     pub triggered: Mutex<Vec<u16>>,
+    /// Times the interrupt line was raised (MSI-X disabled).
+    pub lines: std::sync::atomic::AtomicU64,
 }
 
 impl MsiRoutes for FakeRoutes {
@@ -141,6 +143,9 @@ impl MsiRoutes for FakeRoutes {
     }
     fn trigger(&self, index: u16) {
         self.triggered.lock().expect("lock").push(index);
+    }
+    fn raise_line(&self) {
+        self.lines.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -156,3 +156,27 @@ impl Rig {
         self.net.iov_reads.lock().expect("lock").iter().filter_map(|v| v.first().copied()).collect()
     }
 }
+
+/// With MSI-X disabled (netping, CPL3 guests) a receive pass raises the VM's interrupt line
+/// instead of a vector, and only when the driver has not suppressed the interrupt
+/// (`VRING_AVAIL_F_NO_INTERRUPT`): the driver that waits for it is woken, the one that polls
+/// costs nothing.
+#[test]
+fn rx_without_msix_raises_the_interrupt_line_unless_suppressed() {
+    use std::sync::atomic::Ordering;
+    let r = rig();
+    r.init(VERSION_1 | MAC);
+    let lines = || r.routes.lines.load(Ordering::SeqCst);
+    for i in 0..2u16 {
+        r.add(RXQ, &[(BUF + 0x1000 * u64::from(i), 2048, WRITE, 0)], i);
+    }
+    r.set_avail_flags(RXQ, 1);
+    r.net.push_rx(frame(100, 1));
+    assert_eq!(r.core().process_rx(), 1);
+    assert_eq!(lines(), 0, "the driver suppressed the interrupt");
+    r.set_avail_flags(RXQ, 0);
+    r.net.push_rx(frame(100, 2));
+    assert_eq!(r.core().process_rx(), 1);
+    assert_eq!(lines(), 1, "one pass, one raise");
+    assert!(r.routes.take().is_empty(), "no MSI-X vector fired");
+}

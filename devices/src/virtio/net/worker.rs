@@ -11,8 +11,9 @@
 //! so it cannot make the thread spin.
 //!
 //! Priority: the thread runs [`IO_NICE_BOOST`] nice levels above the VM's threads. A guest
-//! that polls its rings (netping, DPDK-style drivers, a busy guest) keeps its vCPU thread on
-//! the CPU all the time; on a host with fewer cores than busy threads, an I/O thread of the
+//! that polls its rings (netping's ping, echo and tx modes, DPDK-style drivers, a busy guest;
+//! netping `rx` waits for the interrupt instead) keeps its vCPU thread on the CPU all the
+//! time; on a host with fewer cores than busy threads, an I/O thread of the
 //! same priority that sleeps between bursts then waits behind it for a CPU at every wake-up
 //! (measured here: hundreds of microseconds, with 40-60 frames piling up per wake-up and the
 //! tap dropping the rest). Five levels (about three times a vCPU thread's weight) let it run
