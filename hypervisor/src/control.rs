@@ -78,6 +78,8 @@ pub struct VmControl {
     vcpus: usize,
     /// When a vCPU first exited to the VMM (guest I/O or MMIO): the guest is running.
     first_exit: OnceLock<Instant>,
+    /// Called once, at the first exit (a lazy restore's page server starts its fill threads).
+    first_exit_hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Exits to the VMM (port I/O and MMIO) so far.
     exits: std::sync::atomic::AtomicU64,
     /// Resets the machine in place when the guest asks for a reset; none: a reset ends the VM.
@@ -146,6 +148,7 @@ impl VmControl {
             reset_handler: OnceLock::new(),
             resets: std::sync::atomic::AtomicU64::new(0),
             first_exit: OnceLock::new(),
+            first_exit_hook: OnceLock::new(),
             exits: std::sync::atomic::AtomicU64::new(0),
             profile: Default::default(),
             marks: Mutex::new(Vec::new()),
@@ -370,7 +373,24 @@ impl VmControl {
     /// Notes the first exit of any vCPU to the VMM.
     pub fn note_exit(&self) {
         self.exits.fetch_add(1, Ordering::Relaxed);
-        self.first_exit.get_or_init(Instant::now);
+        if self.first_exit.get().is_none() {
+            let mut first = false;
+            self.first_exit.get_or_init(|| {
+                first = true;
+                Instant::now()
+            });
+            if first {
+                if let Some(hook) = self.first_exit_hook.get() {
+                    hook();
+                }
+            }
+        }
+    }
+
+    /// Runs `hook` at the VM's first exit to the VMM (set before the VM starts; only the first
+    /// hook given is kept). A hook set after the first exit never runs.
+    pub fn on_first_exit(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.first_exit_hook.set(hook);
     }
 
     /// Exits to the VMM so far.

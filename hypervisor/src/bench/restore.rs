@@ -58,6 +58,10 @@ pub struct RestoreBenchArgs {
     /// (best of N: the machine's other work only ever adds time).
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// Measure only these rows (labels as in the table, e.g. `lazy,lazy+prefetch`); the
+    /// `resident` floor is always measured. Default: every row.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -261,12 +265,14 @@ fn bench_size(
     let expect = format!("touch: working set of {pages} pages done, checksum {sum:#x}\n");
 
     let rep = args.repeat;
+    let wanted = |c: &Case| c.resident || args.only.is_empty() || args.only.iter().any(|l| l == c.label());
     let floor = || Case { mode: RestoreMode::Eager, resident: true, warm: None };
-    let mut runs = vec![
-        best(rep, || measure(store, &name, mem_mib, floor(), &expect, threads))?,
-        best(rep, || measure(store, &name, mem_mib, Case::cold(RestoreMode::Eager), &expect, threads))?,
-        best(rep, || measure(store, &name, mem_mib, Case::cold(RestoreMode::Lazy), &expect, threads))?,
-    ];
+    let mut runs = vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, threads))?];
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        if wanted(&Case::cold(mode)) {
+            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads))?);
+        }
+    }
     // Record the working set with a lazy run, then measure with it.
     let (mut rec, _) = snapshot::restore(
         store,
@@ -286,11 +292,17 @@ fn bench_size(
     record_working_set(&rec, store, &name).map_err(snapshot_error)?;
     rec.stop("working set recorded");
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
-        runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads))?);
+        if wanted(&Case::cold(mode)) {
+            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads))?);
+        }
     }
     // The same with the working set already decompressed in memory (a daemon's chunk cache
     // after an earlier restore of the snapshot), each with a cache of its own.
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
+        let shape = Case { mode, resident: false, warm: Some(ChunkCache::new(0)) };
+        if !wanted(&shape) {
+            continue;
+        }
         runs.push(best(rep, || {
             let warm = Some(warm_cache(store, &name)?);
             measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, threads)
