@@ -9,7 +9,9 @@
 //!
 //! The destination's blocks are not blank (its fw_cfg files are written into theirs), so a
 //! restore replaces every byte: eager zeroes the snapshot's all-zero chunks, lazy drops every
-//! page of a block before registering it, since userfaultfd serves only missing pages.
+//! present page of a block before registering it, since userfaultfd serves only missing pages.
+//! A lazy restore's fill threads wait for the guest's first exit (at most [`FILL_HOLD_OFF`]),
+//! so that the restore and the first instruction have the cores (migrate's lazy/gate.rs).
 
 use std::io::Write;
 use std::sync::{Arc, PoisonError};
@@ -92,6 +94,10 @@ pub struct RestoreOptions {
     /// --track-dirty` turns it on): the VM's first snapshot is full, and from then on it keeps
     /// tracking and its repeat snapshots are incremental.
     pub track_dirty: bool,
+    /// Lazy: the fill threads wait for the guest's first exit, at most this long, before they
+    /// load anything (gate.rs in migrate::lazy); `None`: they start with the page server.
+    /// Default [`FILL_HOLD_OFF`].
+    pub fill_hold_off: Option<Duration>,
     /// Lazy: map the snapshot's memory from a base shared with the other clones of it in this
     /// process (shared_base.rs) instead of giving this VM a private copy of every page.
     pub shared_base: Option<Arc<migrate::lazy::BaseRegistry>>,
@@ -116,6 +122,7 @@ impl RestoreOptions {
             pin_holder: format!("a restore in process {}", std::process::id()),
             track_dirty: false,
             shared_base: None,
+            fill_hold_off: Some(FILL_HOLD_OFF),
         }
     }
 }
@@ -312,7 +319,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
                         background_fill: opts.background_fill,
                         record_faults: true,
                         fill_threads: opts.fill_threads,
-                        fill_hold_off: Some(FILL_HOLD_OFF),
+                        fill_hold_off: opts.fill_hold_off,
                     },
                     on_error,
                 )?,
