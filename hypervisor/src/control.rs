@@ -78,6 +78,10 @@ pub struct VmControl {
     vcpus: usize,
     /// When a vCPU first exited to the VMM (guest I/O or MMIO): the guest is running.
     first_exit: OnceLock<Instant>,
+    /// The process's CPU time at the first exit (ms, see [`process_cpu_ms`]).
+    first_exit_cpu: OnceLock<f64>,
+    /// Called once, at the first exit (a lazy restore's page server starts its fill threads).
+    first_exit_hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Exits to the VMM (port I/O and MMIO) so far.
     exits: std::sync::atomic::AtomicU64,
     /// Resets the machine in place when the guest asks for a reset; none: a reset ends the VM.
@@ -86,8 +90,9 @@ pub struct VmControl {
     resets: std::sync::atomic::AtomicU64,
     /// Per-port and per-page exit counts and costs, when enabled (benchmarks).
     pub profile: crate::exit_profile::ExitProfile,
-    /// Progress marks the guest reported through the exit device, with when.
-    marks: Mutex<Vec<(u32, Instant)>>,
+    /// Progress marks the guest reported through the exit device, with when and the
+    /// process's CPU time then (ms).
+    marks: Mutex<Vec<(u32, Instant, f64)>>,
     marked: Condvar,
     /// Called with every kick: wakes vCPUs parked in the VMM (the exit device's wait
     /// register), which a signal does not interrupt.
@@ -146,6 +151,8 @@ impl VmControl {
             reset_handler: OnceLock::new(),
             resets: std::sync::atomic::AtomicU64::new(0),
             first_exit: OnceLock::new(),
+            first_exit_hook: OnceLock::new(),
+            first_exit_cpu: OnceLock::new(),
             exits: std::sync::atomic::AtomicU64::new(0),
             profile: Default::default(),
             marks: Mutex::new(Vec::new()),
@@ -370,7 +377,25 @@ impl VmControl {
     /// Notes the first exit of any vCPU to the VMM.
     pub fn note_exit(&self) {
         self.exits.fetch_add(1, Ordering::Relaxed);
-        self.first_exit.get_or_init(Instant::now);
+        if self.first_exit.get().is_none() {
+            let mut first = false;
+            self.first_exit.get_or_init(|| {
+                first = true;
+                Instant::now()
+            });
+            if first {
+                let _ = self.first_exit_cpu.set(process_cpu_ms());
+                if let Some(hook) = self.first_exit_hook.get() {
+                    hook();
+                }
+            }
+        }
+    }
+
+    /// Runs `hook` at the VM's first exit to the VMM (set before the VM starts; only the first
+    /// hook given is kept). A hook set after the first exit never runs.
+    pub fn on_first_exit(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.first_exit_hook.set(hook);
     }
 
     /// Exits to the VMM so far.
@@ -380,7 +405,8 @@ impl VmControl {
 
     /// Records a progress mark from the guest.
     pub fn mark(&self, value: u32) {
-        self.marks.lock().unwrap_or_else(PoisonError::into_inner).push((value, Instant::now()));
+        let cpu = process_cpu_ms();
+        self.marks.lock().unwrap_or_else(PoisonError::into_inner).push((value, Instant::now(), cpu));
         self.marked.notify_all();
     }
 
@@ -390,7 +416,7 @@ impl VmControl {
         let deadline = Instant::now() + timeout;
         let mut g = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some((_, t)) = g.iter().find(|(v, _)| *v == value) {
+            if let Some((_, t, _)) = g.iter().find(|(v, _, _)| *v == value) {
                 return Some(*t);
             }
             let now = Instant::now();
@@ -402,6 +428,17 @@ impl VmControl {
         }
     }
 
+    /// The process's CPU time (ms, every thread) when the guest first reported `value`: with
+    /// [`process_cpu_ms`] before, what reaching the mark cost, whatever else the host ran.
+    pub fn mark_cpu_ms(&self, value: u32) -> Option<f64> {
+        self.marks.lock().unwrap_or_else(PoisonError::into_inner).iter().find(|m| m.0 == value).map(|m| m.2)
+    }
+
+    /// The process's CPU time at the first exit, ms (see [`process_cpu_ms`]).
+    pub fn first_exit_cpu_ms(&self) -> Option<f64> {
+        self.first_exit_cpu.get().copied()
+    }
+
     pub fn first_exit(&self) -> Option<Instant> {
         self.first_exit.get().copied()
     }
@@ -409,4 +446,15 @@ impl VmControl {
     pub fn vcpu_count(&self) -> usize {
         self.vcpus
     }
+}
+
+/// CPU time of this process so far (every thread, user and kernel), milliseconds; 0 if the
+/// clock cannot be read.
+pub fn process_cpu_ms() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
 }

@@ -153,6 +153,27 @@ fn bench_restore_reports_every_mode() {
     assert!(runs[6]["bytes_read"].as_u64().expect("bytes") < runs[4]["bytes_read"].as_u64().expect("bytes"));
 }
 
+/// `--only` measures the rows named (and the floor), with and without the fill gate, and
+/// each row has the process's CPU time to its first instruction and to its working set.
+#[test]
+fn bench_restore_measures_only_the_rows_asked_with_their_cpu_time() {
+    for gate in [&[][..], &["--no-fill-gate"][..]] {
+        let mut args = vec!["bench", "restore", "--mem-mib", "32", "--only", "lazy+prefetch", "--json"];
+        args.extend_from_slice(gate);
+        let o = common::snapvisor(&args);
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        let runs = v["runs"].as_array().expect("runs");
+        let modes: Vec<&str> = runs.iter().filter_map(|r| r["mode"].as_str()).collect();
+        assert_eq!(modes, vec!["resident", "lazy+prefetch"], "{gate:?}");
+        for r in runs {
+            let (first, ws) = (r["first_cpu_ms"].as_f64().expect("cpu"), r["ws_cpu_ms"].as_f64().expect("cpu"));
+            assert!(first > 0.0 && first <= ws, "{gate:?}: {r}");
+            assert!(r["cpu_floor"].as_f64().expect("ratio") > 0.0, "{r}");
+        }
+    }
+}
+
 #[test]
 fn clones_restored_together_share_decompressed_chunks() {
     let o = common::snapvisor(&["bench", "clones", "--count", "3", "--mem-mib", "32", "--json"]);

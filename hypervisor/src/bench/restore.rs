@@ -21,6 +21,9 @@
 //! bytes: 10% of memory by default). Reported per run: request to first guest instruction
 //! (its first exit, the go poll), request to working set done, request to fully resident,
 //! faults served and bytes read from the store. The guest's checksum is checked every time.
+//! Also the process's CPU time (every thread) from the request to the first instruction and
+//! to working set done: on a loaded host the wall clock grows with the others' work, this
+//! does not, and on an idle host with `c` cores the wall time cannot beat it over `c`.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -58,6 +61,14 @@ pub struct RestoreBenchArgs {
     /// (best of N: the machine's other work only ever adds time).
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// Measure only these rows (labels as in the table, e.g. `lazy,lazy+prefetch`); the
+    /// `resident` floor is always measured. Default: every row.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Start the fill threads with the page server instead of at the guest's first exit (the
+    /// behaviour before the fill gate), to compare the two in one run.
+    #[arg(long)]
+    pub no_fill_gate: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -76,6 +87,17 @@ pub struct Run {
     pub resident_ms: f64,
     /// Working set done against the resident floor of the same size in the same run.
     pub ws_floor: f64,
+    /// CPU time of the whole process from the request to the first instruction, ms: what
+    /// the restore and the threads it started spent before the guest ran (the fill threads
+    /// wait at their gate until then).
+    pub first_cpu_ms: f64,
+    /// CPU time of the whole process (every thread: restore, vCPU, fault and fill threads)
+    /// from the request to working set done, ms: unlike the wall clock, it does not grow
+    /// while other work on the host has the cores. On an idle host with `c` cores the wall
+    /// time is at least this over `c`, and at least the vCPU's own share.
+    pub ws_cpu_ms: f64,
+    /// `ws_cpu_ms` against the resident floor's.
+    pub cpu_floor: f64,
     pub faults: u64,
     /// Chunks the fault thread loaded (for a prefetch mode: the fill threads were behind).
     pub chunks_on_fault: u64,
@@ -176,16 +198,22 @@ fn measure(
     case: Case,
     expect: &str,
     fill_threads: usize,
+    gate: bool,
 ) -> Result<Run, CliError> {
     let (mode, resident) = (case.mode, case.resident);
     let out = SharedOutput::default();
+    let cpu0 = crate::control::process_cpu_ms();
     let t0 = Instant::now();
     // Each mode is measured cold unless `case` says: no chunk cache shared with the runs
     // before it.
-    let opts =
+    let mut opts =
         RestoreOptions { cache: case.warm.clone(), fill_threads, ..RestoreOptions::new(mode, Box::new(out.clone())) };
+    if !gate {
+        opts.fill_hold_off = None;
+    }
     let (mut vm, report) = snapshot::restore(store, name, opts).map_err(snapshot_error)?;
     let t0 = if resident { Instant::now() } else { t0 };
+    let cpu0 = if resident { crate::control::process_cpu_ms() } else { cpu0 };
     let loaded_at = Instant::now();
     vm.devices().go.store(true, Ordering::Release);
     vm.start().map_err(vm_error)?;
@@ -194,6 +222,8 @@ fn measure(
         .wait_mark(touch::MARK_TOUCHED, TIMEOUT)
         .ok_or_else(|| internal("the working set was never touched"))?;
     let first = vm.control().first_exit().ok_or_else(|| internal("the guest never ran"))?;
+    let first_cpu_ms = vm.control().first_exit_cpu_ms().map_or(0.0, |c| c - cpu0);
+    let ws_cpu_ms = vm.control().mark_cpu_ms(touch::MARK_TOUCHED).map_or(0.0, |c| c - cpu0);
     let stats = snapshot::restore::lazy_stats(&vm);
     let resident_at = if snapshot::restore::wait_resident(&vm, TIMEOUT) {
         stats.as_ref().map_or(loaded_at, |_| Instant::now())
@@ -215,6 +245,9 @@ fn measure(
         working_set_ms: ms(touched.saturating_duration_since(t0)),
         resident_ms: ms(resident_at.saturating_duration_since(t0)),
         ws_floor: 0.0,
+        first_cpu_ms,
+        ws_cpu_ms,
+        cpu_floor: 0.0,
         faults: stats.as_ref().map_or(0, |s| s.faults),
         chunks_on_fault: stats.as_ref().map_or(0, |s| s.chunks_on_fault),
         bytes_read: stats.as_ref().map_or(report.bytes_loaded, |s| s.bytes_stored_read),
@@ -261,12 +294,15 @@ fn bench_size(
     let expect = format!("touch: working set of {pages} pages done, checksum {sum:#x}\n");
 
     let rep = args.repeat;
+    let gate = !args.no_fill_gate;
+    let wanted = |c: &Case| c.resident || args.only.is_empty() || args.only.iter().any(|l| l == c.label());
     let floor = || Case { mode: RestoreMode::Eager, resident: true, warm: None };
-    let mut runs = vec![
-        best(rep, || measure(store, &name, mem_mib, floor(), &expect, threads))?,
-        best(rep, || measure(store, &name, mem_mib, Case::cold(RestoreMode::Eager), &expect, threads))?,
-        best(rep, || measure(store, &name, mem_mib, Case::cold(RestoreMode::Lazy), &expect, threads))?,
-    ];
+    let mut runs = vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, threads, gate))?];
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        if wanted(&Case::cold(mode)) {
+            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate))?);
+        }
+    }
     // Record the working set with a lazy run, then measure with it.
     let (mut rec, _) = snapshot::restore(
         store,
@@ -286,19 +322,27 @@ fn bench_size(
     record_working_set(&rec, store, &name).map_err(snapshot_error)?;
     rec.stop("working set recorded");
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
-        runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads))?);
+        if wanted(&Case::cold(mode)) {
+            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate))?);
+        }
     }
     // The same with the working set already decompressed in memory (a daemon's chunk cache
     // after an earlier restore of the snapshot), each with a cache of its own.
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
+        let shape = Case { mode, resident: false, warm: Some(ChunkCache::new(0)) };
+        if !wanted(&shape) {
+            continue;
+        }
         runs.push(best(rep, || {
             let warm = Some(warm_cache(store, &name)?);
-            measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, threads)
+            measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, threads, gate)
         })?);
     }
     let floor = runs[0].working_set_ms.max(1e-3);
+    let cpu_floor = runs[0].ws_cpu_ms.max(1e-3);
     for r in &mut runs {
         r.ws_floor = r.working_set_ms / floor;
+        r.cpu_floor = r.ws_cpu_ms / cpu_floor;
     }
     Ok((
         Snap { mem_mib, snapshot_ms: save.total_ms, bytes_stored: save.store.bytes_stored, working_set_pages: pages },
@@ -380,13 +424,16 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
         r.fill_threads, r.repeat, r.load_average.0, r.load_average.1
     );
     println!(
-        "{:>8} {:<21} {:>12} {:>12} {:>12} {:>8} {:>7} {:>9} {:>10} {:>10} {:>9}",
+        "{:>8} {:<21} {:>12} {:>9} {:>12} {:>12} {:>8} {:>9} {:>9} {:>7} {:>9} {:>10} {:>10} {:>9}",
         "mem MiB",
         "mode",
         "first ins ms",
+        "1st cpu",
         "ws done ms",
         "resident ms",
         "ws/floor",
+        "ws cpu ms",
+        "cpu/floor",
         "faults",
         "on fault",
         "read MiB",
@@ -395,13 +442,16 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
     );
     for run in &r.runs {
         println!(
-            "{:>8} {:<21} {:>12.2} {:>12.2} {:>12.2} {:>7.2}x {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1}",
+            "{:>8} {:<21} {:>12.2} {:>9.2} {:>12.2} {:>12.2} {:>7.2}x {:>9.2} {:>8.2}x {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1}",
             run.mem_mib,
             run.mode,
             run.first_instruction_ms,
+            run.first_cpu_ms,
             run.working_set_ms,
             run.resident_ms,
             run.ws_floor,
+            run.ws_cpu_ms,
+            run.cpu_floor,
             run.faults,
             run.chunks_on_fault,
             run.bytes_read as f64 / (1 << 20) as f64,

@@ -97,6 +97,8 @@ impl PageServer {
             prefetch: Vec::new(),
             cursor: AtomicUsize::new(0),
             base: Some(BaseLink { base, index }),
+            gate: Arc::new(super::gate::FillGate::new_open()),
+            fill_deadline: std::time::Instant::now(),
         });
         if total == 0 {
             shared.stats.mark_resident();

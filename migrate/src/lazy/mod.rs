@@ -11,7 +11,8 @@
 //!   `UFFDIO_COPY` it (`UFFDIO_ZEROPAGE` for all-zero chunks), waking the faulting thread;
 //! - the *fill* threads (one per core by default) first load the prefetch list (chunks in the
 //!   order a previous run first faulted them), then every chunk not yet resident, until the
-//!   VM is fully resident.
+//!   VM is fully resident. With a hold-off they first wait at a gate (gate.rs) until the
+//!   guest runs, so that they do not take the cores the first instruction needs.
 //!
 //! Prefetch. The list is read from the store, so it is checked first: entries naming a block
 //! not served or an offset past its length are dropped, and so are repeats. Its loaders take
@@ -55,6 +56,7 @@
 mod base;
 mod base_server;
 mod cache;
+mod gate;
 mod place;
 mod privatize;
 mod server;
@@ -63,6 +65,7 @@ mod stats;
 
 pub use base::{Base, BaseOptions, BaseRegistry, BaseStats};
 pub use cache::ChunkCache;
+pub use gate::FillGate;
 pub use server::{default_fill_threads, LazyBlock, PageServer, ServerOptions, MAX_DEFAULT_FILL_THREADS};
 pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use userfaultfd::{IoctlFlags, UffdBuilder};
 
+use super::gate::FillGate;
 use super::serving::{Block, Shared, PAGE};
 use super::stats::LazyStats;
 use super::{LazyError, PageSource};
@@ -34,6 +35,9 @@ pub struct ServerOptions {
     pub record_faults: bool,
     /// Threads loading the prefetch list and the background fill (0 is taken as 1).
     pub fill_threads: usize,
+    /// `None`: the fill threads start loading at once. `Some(d)`: they wait until the gate
+    /// ([`PageServer::fill_gate`]) is opened, at most `d` after the start (gate.rs).
+    pub fill_hold_off: Option<Duration>,
 }
 
 /// Fill threads by default: one per core, at least two (one keeps loading while the other
@@ -53,6 +57,7 @@ impl Default for ServerOptions {
             background_fill: false,
             record_faults: false,
             fill_threads: default_fill_threads(),
+            fill_hold_off: None,
         }
     }
 }
@@ -234,6 +239,11 @@ impl PageServer {
             prefetch,
             cursor: AtomicUsize::new(0),
             base: None,
+            gate: Arc::new(match opts.fill_hold_off {
+                Some(_) => FillGate::default(),
+                None => FillGate::new_open(),
+            }),
+            fill_deadline: Instant::now() + opts.fill_hold_off.unwrap_or_default(),
         });
         if total == 0 {
             shared.stats.mark_resident();
@@ -279,6 +289,12 @@ impl PageServer {
     /// server's failure, reported through `on_error` as well, and names the chunk.
     pub fn load_prefetch(&self) -> Result<(), LazyError> {
         self.shared.load_prefetch()
+    }
+
+    /// The gate the fill threads wait at when started with a hold-off: open it once the
+    /// guest runs (gate.rs).
+    pub fn fill_gate(&self) -> Arc<FillGate> {
+        self.shared.gate.clone()
     }
 
     pub(super) fn from_parts(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> PageServer {
@@ -375,6 +391,7 @@ impl PageServer {
     /// Stops the server threads. The userfaultfd stays registered until the server is dropped.
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.gate.open();
         let _ = self.shared.stop_fd.write(1);
         for t in self.threads.drain(..) {
             if t.join().is_err() {

@@ -80,6 +80,9 @@ pub(super) struct Shared {
     pub(super) cursor: AtomicUsize,
     /// A clone's shared base, when its blocks map one (base_server.rs).
     pub(super) base: Option<super::base_server::BaseLink>,
+    /// Fill threads start loading once this is open, or at `fill_deadline` (gate.rs).
+    pub(super) gate: Arc<super::gate::FillGate>,
+    pub(super) fill_deadline: Instant,
 }
 
 #[derive(Clone, Copy)]
@@ -96,6 +99,7 @@ impl Shared {
             (self.on_error)(&e);
         }
         self.stop.store(true, Ordering::Release);
+        self.gate.open();
         self.release_hold();
     }
 
@@ -313,6 +317,8 @@ impl Shared {
     /// returned; a failure of this thread's own load is reported like any other.
     pub(super) fn load_prefetch(&self) -> Result<(), LazyError> {
         let failed = || self.failed.get().cloned();
+        // Every core on the list now: the first instruction waits for it anyway.
+        self.gate.open();
         let mut buf = vec![0u8; self.chunk as usize];
         if let Err(e) = self.load_list(&mut buf) {
             self.fail(e.clone());
@@ -336,6 +342,7 @@ impl Shared {
     /// every `n`-th chunk of the blocks from its `k`-th.
     pub(super) fn fill_loop(&self, background: bool, k: usize, n: usize) -> Result<(), LazyError> {
         let mut buf = vec![0u8; self.chunk as usize];
+        self.gate.wait(self.fill_deadline);
         self.load_list(&mut buf)?;
         if !background || self.stop.load(Ordering::Acquire) {
             return Ok(());

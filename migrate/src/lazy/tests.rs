@@ -109,6 +109,7 @@ fn background_fill_makes_everything_resident_and_prefetch_goes_first() {
         background_fill: true,
         record_faults: false,
         fill_threads: 2,
+        fill_hold_off: None,
     };
     let server = PageServer::start(vec![block(&m)], src, opts, Box::new(|_| {})).expect("start");
     assert!(server.wait_resident(Duration::from_secs(20)));
@@ -352,4 +353,72 @@ fn the_pin_is_released_when_serving_fails() {
     assert!(server.error().is_some());
     std::mem::forget(server);
     std::mem::forget(toucher);
+}
+
+/// Every word of a resident mapping of `TestSource` chunks holds its offset (chunk 3: zero).
+fn assert_source_bytes(m: &Mapping) {
+    for off in (0..m.1 as u64).step_by(512) {
+        let want = if off / CHUNK == 3 { 0 } else { off };
+        assert_eq!(m.word(off), want, "word at {off:#x}");
+    }
+}
+
+/// With a hold-off, the fill threads load nothing until the gate opens, faults are served
+/// meanwhile, and once it is opened every chunk arrives with its bytes. Fails if the fill
+/// threads ignore the gate, or never start after it opens.
+#[test]
+fn fill_threads_wait_at_the_gate_until_it_opens() {
+    let m = Mapping::new(16 * CHUNK as usize);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let opts = ServerOptions {
+        prefetch: vec![("b".into(), 5 * CHUNK), ("b".into(), 6 * CHUNK)],
+        background_fill: true,
+        fill_threads: 2,
+        fill_hold_off: Some(Duration::from_secs(600)),
+        ..Default::default()
+    };
+    let server = PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
+    assert_eq!(m.word(9 * CHUNK + 8), 9 * CHUNK + 8, "a fault is served while the gate is shut");
+    std::thread::sleep(Duration::from_millis(100));
+    let s = server.stats().snapshot();
+    assert_eq!((s.chunks_prefetched, s.chunks_background), (0, 0), "nothing loaded before the gate opened");
+    assert_eq!(src.reads.load(Ordering::Relaxed), 1, "only the faulted chunk was read");
+    server.fill_gate().open();
+    assert!(server.wait_resident(Duration::from_secs(10)), "the fill threads start once the gate opens");
+    assert_eq!(server.stats().snapshot().chunks_prefetched, 2);
+    assert_source_bytes(&m);
+}
+
+/// A gate nobody opens opens itself after the hold-off: a guest that never exits still gets
+/// all its memory (and the snapshot pin is let go). Fails if the fill waits for ever.
+#[test]
+fn a_gate_nobody_opens_opens_after_the_hold_off() {
+    let m = Mapping::new(8 * CHUNK as usize);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let opts = ServerOptions {
+        background_fill: true,
+        fill_threads: 1,
+        fill_hold_off: Some(Duration::from_millis(20)),
+        ..Default::default()
+    };
+    let server = PageServer::start(vec![block(&m)], src, opts, Box::new(|_| {})).expect("start");
+    assert!(server.wait_resident(Duration::from_secs(10)), "resident without anyone opening the gate");
+    assert!(server.fill_gate().is_open());
+    assert_source_bytes(&m);
+}
+
+/// Stopping a server whose gate is shut ends its fill threads at once (stop opens the gate).
+#[test]
+fn stop_releases_fill_threads_waiting_at_the_gate() {
+    let m = Mapping::new(8 * CHUNK as usize);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let opts = ServerOptions {
+        background_fill: true,
+        fill_threads: 2,
+        fill_hold_off: Some(Duration::from_secs(600)),
+        ..Default::default()
+    };
+    let mut server = PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
+    server.stop();
+    assert_eq!(src.reads.load(Ordering::Relaxed), 0, "stopped before loading anything");
 }

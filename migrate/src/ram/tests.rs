@@ -247,6 +247,41 @@ fn discard_zeroes_pages_and_checks_its_range() {
     assert!(matches!(b.discard(0, 5 * PAGE), Err(RamError::Discard { .. })));
 }
 
+/// Pages of `b` that are present (mincore), by index.
+fn present_pages(b: &RamBlock) -> Vec<u64> {
+    let pages = b.max_length() / PAGE;
+    let mut vec = vec![0u8; pages as usize];
+    // SAFETY: the block's reservation is page-aligned and `pages` long; mincore writes one
+    // byte per page into `vec`.
+    let r = unsafe { libc::mincore(b.host_addr().cast(), b.max_length() as usize, vec.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    (0..pages).filter(|&i| vec[i as usize] & 1 != 0).collect()
+}
+
+/// `discard_present` leaves no page present wherever the present ones were (first and last
+/// page, runs crossing a 64-page scan block and a 16384-page mincore batch), drops only
+/// those, and marks the block dirty like `discard`. Fails if a run or its last page is missed.
+#[test]
+fn discard_present_drops_every_present_page_and_only_those() {
+    let pages = 16384 + 200;
+    let reg = RamRegistry::new();
+    let b = reg.add(cfg("pc.ram", pages * PAGE, pages * PAGE, false)).expect("add");
+    assert_eq!(b.discard_present().expect("nothing present"), 0);
+    let runs = [(0, 1), (3, 2), (60, 10), (127, 1), (16380, 8), (pages - 1, 1)];
+    for (start, n) in runs {
+        b.write(start * PAGE, &vec![0xcd; (n * PAGE) as usize]).expect("write");
+    }
+    let written: u64 = runs.iter().map(|r| r.1).sum();
+    assert_eq!(present_pages(&b).len() as u64, written);
+    b.take_dirty();
+    assert_eq!(b.discard_present().expect("discard"), written * PAGE);
+    assert_eq!(present_pages(&b), Vec::<u64>::new(), "a present page survived");
+    let mut got = vec![0xffu8; (pages * PAGE) as usize];
+    b.read(0, &mut got).expect("read");
+    assert!(got.iter().all(|&x| x == 0), "discarded pages read zero");
+    assert_eq!(b.take_dirty().len() as u64, pages, "the whole block is marked dirty");
+}
+
 /// A file of `len` bytes of `byte`, as a clone's base would be.
 fn base_file(len: u64, byte: u8) -> std::fs::File {
     use std::io::Write;
