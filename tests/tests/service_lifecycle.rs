@@ -233,6 +233,43 @@ fn deleting_a_vm_cancels_its_background_snapshot_and_keeps_the_store_intact() {
     assert!(index.ok(), "{index:?}");
 }
 
+/// The `seed 0x...` of memfill's first `pass 0` line in `text`, once it is there.
+fn pass0_seed(text: &str) -> Option<String> {
+    let line = text.lines().find(|l| l.starts_with("memfill pass 0 ") && l.contains(" checksum "))?;
+    line.split_whitespace().skip_while(|w| *w != "seed").nth(1).map(str::to_string)
+}
+
+/// A VM restored from a snapshot of a memfill VM, stopped and started again, boots memfill with
+/// the seed it was defined with: the snapshot records the guest's parameters and the restored
+/// VM's definition takes them. (Before, the restored definition had seed 0, so the fresh boot
+/// filled memory with another pattern.)
+#[test]
+fn a_restored_memfill_vm_started_again_keeps_its_seed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    let def = json!({"name": "m", "guest": "memfill", "mem_mib": 32, "seed": 7, "passes": 0, "start": true});
+    d.ok("POST", "/vms", Some(def));
+    let mut seed = None;
+    wait_for("memfill's first pass", Duration::from_secs(120), || {
+        seed = pass0_seed(&serial_text(&d, "m"));
+        seed.is_some()
+    });
+    let seed = seed.expect("seed");
+    let (st, v) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "s", "mode": "stop"})));
+    assert_eq!(st, 201, "{v}");
+    let r = d.ok("POST", "/snapshots/s/restore", Some(json!({"vm": "r"})));
+    assert_eq!((r["seed"].as_u64(), r["passes"].as_u64()), (Some(7), Some(0)), "the restored definition: {r}");
+    d.ok("POST", "/vms/r/stop", None);
+    let before = serial_text(&d, "r").len();
+    assert_eq!(d.ok("POST", "/vms/r/start", None)["state"], "running");
+    let mut again = None;
+    wait_for("the fresh boot's first pass", Duration::from_secs(120), || {
+        again = pass0_seed(serial_text(&d, "r").get(before..).unwrap_or_default());
+        again.is_some()
+    });
+    assert_eq!(again.as_deref(), Some(seed.as_str()), "the fresh boot of the restored VM ran with another seed");
+}
+
 #[test]
 fn a_snapshot_committed_while_the_daemon_stops_is_reported_as_it_ended() {
     // Big enough that the copy outlasts the connections' 2 s grace at shutdown.

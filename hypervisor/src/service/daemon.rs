@@ -547,8 +547,10 @@ impl Daemon {
             firmware,
             mem_mib: spec.mem_mib,
             vcpus: spec.vcpus,
-            seed: 0,
-            passes: 0,
+            // The guest's parameters as the snapshot recorded them, so a fresh boot after a
+            // stop runs it as defined (none in snapshots taken before they were recorded).
+            seed: spec.builtin.map_or(0, |b| b.seed),
+            passes: spec.builtin.map_or(0, |b| b.passes),
             restored_from: Some(snapshot_name.to_string()),
             resume_from: None,
             resume_paused: false,
