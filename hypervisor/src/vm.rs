@@ -158,6 +158,18 @@ pub struct MachineSpec {
     /// a restore rebuilds them (on the same taps unless `restore --net` says otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<crate::net::NetSpec>,
+    /// A built-in guest's parameters that a VM definition gives, so that a VM restored from
+    /// the snapshot and then booted afresh (the daemon's start of a stopped restored VM) runs
+    /// the guest as it was defined. Snapshots taken before it was recorded have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinSpec>,
+}
+
+/// The parameters of a built-in guest that a snapshot records ([`MachineSpec::builtin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BuiltinSpec {
+    pub seed: u64,
+    pub passes: u64,
 }
 
 /// A VM's firmware image as its snapshots record it (the bytes are in the `pc.bios` block).
@@ -309,6 +321,10 @@ impl Vm {
             acpi_tables: cfg.acpi_tables.clone(),
             uuid: cfg.uuid,
             net: devices.nics.iter().map(|n| n.spec.clone()).collect(),
+            builtin: match &cfg.boot {
+                BootSource::Builtin { params, .. } => Some(BuiltinSpec { seed: params.seed, passes: params.passes }),
+                _ => None,
+            },
         };
 
         // Load the guest and decide where vCPU 0 starts.
@@ -505,9 +521,10 @@ impl Vm {
         &self.spec
     }
 
-    /// A restored VM describes the guest it was restored from.
-    pub fn set_guest_description(&mut self, guest: String) {
+    /// A restored VM describes the guest it was restored from, with its parameters.
+    pub fn set_guest_description(&mut self, guest: String, builtin: Option<BuiltinSpec>) {
         self.spec.guest = guest;
+        self.spec.builtin = builtin;
     }
 
     /// Attaches the page server of a lazy restore; it lives as long as the VM.

@@ -1,5 +1,6 @@
-//! `store verify`'s structural half: the index against the packs, and the manifest files
-//! against the sled manifests. Chunk contents are checked by [`Store::verify_all`].
+//! `store verify`'s structural half: the index against the packs, the manifest files
+//! against the sled manifests, and sled's settings file (sledfiles.rs). Chunk contents are
+//! checked by [`Store::verify_all`].
 
 use std::os::unix::fs::FileExt;
 
@@ -86,6 +87,11 @@ impl Store {
             }
         }
         self.check_manifest_files(&mut c)?;
+        // sled itself accepts a damaged crc in its settings file (sledfiles.rs).
+        let path = &inner.path;
+        if let Err(e) = crate::sledfiles::check_conf(path, &crate::open::sled_config(path, inner.opts.cache_capacity)) {
+            c.problem(e.to_string());
+        }
         if !c.ok() {
             tracing::warn!(problems = c.problems, "verify: index and packs disagree");
         }

@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! <dir>/snapvisor-store      marker: "snapvisor store\nformat 2\n" (layout.rs)
+//! <dir>/snapvisor-closed     present only while the store is closed cleanly (sledfiles.rs)
 //! <dir>/conf, db, snap.*     sled 0.34: the index, rebuildable by `store repair`; trees:
 //!     index        blake3 hash (32 B) -> pack id u32, offset u64, length u32 (LE) of the value
 //!     manifests    snapshot name -> "SVMF" header + CBOR manifest (see manifest.rs)
@@ -311,6 +312,7 @@ mod pipeline_tests;
 mod reader;
 mod repair;
 mod scan;
+mod sledfiles;
 mod store;
 mod usage;
 mod verify;

@@ -10,6 +10,7 @@ use crate::error::{Result, StoreError};
 use crate::layout::{self, Layout};
 use crate::manifest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::pack::Packs;
+use crate::sledfiles;
 use crate::store::{Inner, Store, StoreOptions, CLEAN};
 
 /// How to open.
@@ -40,15 +41,15 @@ pub(crate) fn is_lock_error(e: &sled::Error) -> bool {
 /// measured under load this was tens of milliseconds.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The sled configuration of every store (its persisted part is checked by sledfiles.rs).
+pub(crate) fn sled_config(path: &Path, cache_capacity: u64) -> sled::Config {
+    sled::Config::new().path(path).cache_capacity(cache_capacity).use_compression(false).mode(sled::Mode::LowSpace)
+}
+
 pub(crate) fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db> {
     let start = std::time::Instant::now();
     loop {
-        let r = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_capacity)
-            .use_compression(false)
-            .mode(sled::Mode::LowSpace)
-            .open();
+        let r = sled_config(path, cache_capacity).open();
         match r {
             Ok(db) => return Ok(db),
             Err(e) if is_lock_error(&e) && start.elapsed() < LOCK_WAIT => {
@@ -73,7 +74,7 @@ pub(crate) fn open(path: &Path, opts: StoreOptions, mode: Mode) -> Result<Store>
     }
     let path = path.to_path_buf();
     match layout::classify(&path)? {
-        Layout::Store => {}
+        Layout::Store => sledfiles::check_conf(&path, &sled_config(&path, opts.cache_capacity))?,
         Layout::Absent if mode == Mode::Create => layout::create(&path)?,
         Layout::Absent => return Err(StoreError::NoStore(path)),
     }
@@ -105,10 +106,16 @@ pub(crate) fn open(path: &Path, opts: StoreOptions, mode: Mode) -> Result<Store>
     let store = Store { inner: Arc::new(inner) };
     let inner = &store.inner;
     let was_clean = inner.meta.contains_key(CLEAN).map_err(store.db_err("read clean marker"))?;
+    if sledfiles::read_witness(&inner.path)? && !was_clean {
+        return Err(sledfiles::lost_tail(&inner.path));
+    }
     store.reconcile_manifests()?;
     if read_only {
         store.check_index_not_emptied()?;
     } else {
+        // Witness first: a crash between the two leaves a clean index without a witness, which
+        // is accepted (sledfiles.rs).
+        sledfiles::remove_witness(&inner.path)?;
         inner.meta.remove(CLEAN).map_err(store.db_err("clear clean marker"))?;
         store.flush()?;
         if was_clean {

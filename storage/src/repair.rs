@@ -1,8 +1,9 @@
 //! `store repair`: rebuilds the sled index from the pack files and the manifest files.
 //!
 //! 1. The old sled database is opened if it still opens, only to salvage manifests that
-//!    decode (crc-checked) and attachments; then its files (`conf`, `db`, `snap.*`, `blobs`)
-//!    are moved into `damaged-index-<unix ms>/` (never deleted).
+//!    decode (crc-checked) and attachments; then its files (`conf`, `db`, `snap.*`, `blobs`,
+//!    and the clean-close witness `snapvisor-closed`) are moved into `damaged-index-<unix ms>/`
+//!    (never deleted).
 //! 2. A fresh database is created; every pack is scanned entry by entry (scan.rs, with
 //!    decompression and hash check) and each intact chunk is indexed (the first copy wins).
 //!    A pack whose header is damaged but whose entries are intact gets its header rewritten;
@@ -100,7 +101,7 @@ fn move_aside(dir: &Path) -> Result<Option<PathBuf>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io(dir, "list store directory"))?.flatten() {
         let n = entry.file_name().to_string_lossy().into_owned();
-        if n == "conf" || n == "db" || n == "blobs" || n.starts_with("snap.") {
+        if n == "conf" || n == "db" || n == "blobs" || n == crate::sledfiles::WITNESS || n.starts_with("snap.") {
             names.push(n);
         }
     }

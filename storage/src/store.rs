@@ -89,7 +89,10 @@ impl Drop for Inner {
             self.meta.insert(CLEAN, &[1u8][..]).map_err(|e| e.to_string())?;
             self.db.flush().map_err(|e| e.to_string())
         });
-        if let Err(e) = marked {
+        // The witness of the clean close comes after the mark is durable (sledfiles.rs).
+        let witnessed =
+            marked.and_then(|_| crate::sledfiles::write_witness(&self.path).map_err(|e| format!("witness: {e}")));
+        if let Err(e) = witnessed {
             tracing::warn!(path = %self.path.display(), error = %e, "store not closed cleanly");
         }
     }

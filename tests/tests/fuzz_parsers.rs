@@ -237,6 +237,7 @@ fn fuzz_snapshot_state_file() {
         acpi_tables: Vec::new(),
         uuid: None,
         net: Vec::new(),
+        builtin: Some(hypervisor::vm::BuiltinSpec { seed: 7, passes: 0 }),
     };
     snap.put("machine", &spec).expect("put");
     snap.put("fw_cfg", &devices::fw_cfg::FwCfgState { selector: Some(0x19), offset: 3, dma_high: 0 }).expect("put");

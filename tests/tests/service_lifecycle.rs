@@ -135,6 +135,141 @@ fn a_snapshot_operation_reports_the_chunks_copied_while_it_runs() {
     }
 }
 
+/// The keys of an operation's progress, sorted (none when it is not an object).
+fn progress_keys(op: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = op["progress"].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+/// A snapshot operation's progress has every key from the `202` on and the same keys at every
+/// poll, and a finished snapshot's counts add up: `chunks_copied + chunks_inherited ==
+/// chunks_total`, an incremental one's chunks taken from its parent being `chunks_inherited`.
+/// (Before: the progress was null until the copy started, then its keys changed between the
+/// copy and the end, and an incremental snapshot ended with `chunks_copied` below the total.)
+#[test]
+fn snapshot_progress_keeps_one_shape_and_a_finished_incremental_snapshot_adds_up() {
+    const KEYS: [&str; 6] =
+        ["bytes_copied", "chunks_copied", "chunks_inherited", "chunks_total", "dirty_chunks", "round"];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "i", "guest": "idle", "mem_mib": 256, "start": true})));
+    d.wait_serial("i", "idle guest ready", Duration::from_secs(60));
+    for (snap, mode, incremental) in
+        [("full", "background", false), ("inc", "background", true), ("inc-stop", "stop", true)]
+    {
+        let (st, v) = d.call("POST", "/vms/i/snapshot", Some(json!({"name": snap, "mode": mode, "async": true})));
+        assert_eq!(st, 202, "{v}");
+        let id = v["operation"].as_u64().expect("operation id");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut polls = 0;
+        let last = loop {
+            let op = d.ok("GET", &format!("/operations/{id}"), None);
+            polls += 1;
+            assert_eq!(progress_keys(&op), KEYS, "{snap}: poll {polls}: {op}");
+            if op["state"] != "running" {
+                break op;
+            }
+            assert!(Instant::now() < deadline, "{snap}: the snapshot never finished: {op}");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(last["state"], "done", "{snap}: {last}");
+        assert_eq!(last["result"]["incremental"], incremental, "{snap}: {last}");
+        let p = &last["progress"];
+        let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{snap}: {k} is no count: {last}"));
+        assert!(n("chunks_total") >= 256 * 16, "{snap}: 256 MiB of RAM in 64 KiB chunks at least: {last}");
+        assert_eq!(n("chunks_copied") + n("chunks_inherited"), n("chunks_total"), "{snap}: {last}");
+        if incremental {
+            assert!(
+                n("chunks_inherited") > n("chunks_total") / 2,
+                "{snap}: an idle guest's chunks are inherited: {last}"
+            );
+        } else {
+            assert_eq!(n("chunks_inherited"), 0, "{snap}: {last}");
+        }
+        eprintln!("{snap}: {polls} polls, progress at the end {p}");
+    }
+}
+
+/// DELETE of a VM whose background snapshot is copying cancels the snapshot and returns: the
+/// operation fails saying so, nothing of the snapshot is in the store, and the store stays
+/// intact. The daemon's test hook holds the copy until the snapshot is cancelled (or for
+/// 60 s), so the DELETE can only return within this test's 30 s by cancelling it. (Before,
+/// DELETE waited for the whole snapshot, which then committed.)
+#[test]
+fn deleting_a_vm_cancels_its_background_snapshot_and_keeps_the_store_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = Daemon::start(dir.path(), &["--test-hold-snapshot-copy"]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "start": true})));
+    d.wait_serial("m", "memfill pass 0 ", Duration::from_secs(120));
+    // A snapshot committed before: the cancelled one must leave it as it was.
+    let (st, v) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "kept", "mode": "stop"})));
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "held", "mode": "background", "async": true})));
+    assert_eq!(st, 202, "{v}");
+    let op = format!("/operations/{}", v["operation"].as_u64().expect("operation id"));
+    wait_for("the snapshot to start", Duration::from_secs(60), || {
+        d.ok("GET", &op, None)["progress"]["chunks_total"].as_u64().is_some_and(|n| n > 0)
+    });
+    let (st, v) =
+        d.call_within("DELETE", "/vms/m", None, Duration::from_secs(30)).expect("DELETE answered within 30 s");
+    assert_eq!(st, 204, "{v}");
+    assert_eq!(d.call("GET", "/vms/m", None).0, 404);
+    let mut last = Value::Null;
+    wait_for("the operation to end", Duration::from_secs(30), || {
+        last = d.ok("GET", &op, None);
+        last["state"] != "running"
+    });
+    assert_eq!(last["state"], "failed", "{last}");
+    assert!(last["error"].as_str().is_some_and(|e| e.contains("cancelled")), "{last}");
+    assert_eq!(d.ok("GET", "/snapshots", None), json!(["kept"]));
+    let (status, _) = d.terminate_within(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let store = storage::Store::open_read_only(d.state.join("store")).expect("open the store");
+    assert_eq!(store.list().expect("list"), ["kept"]);
+    let reports = store.verify_all().expect("verify");
+    assert!(reports.iter().all(|r| r.ok()), "{reports:?}");
+    let index = store.check_index().expect("check index");
+    assert!(index.ok(), "{index:?}");
+}
+
+/// The `seed 0x...` of memfill's first `pass 0` line in `text`, once it is there.
+fn pass0_seed(text: &str) -> Option<String> {
+    let line = text.lines().find(|l| l.starts_with("memfill pass 0 ") && l.contains(" checksum "))?;
+    line.split_whitespace().skip_while(|w| *w != "seed").nth(1).map(str::to_string)
+}
+
+/// A VM restored from a snapshot of a memfill VM, stopped and started again, boots memfill with
+/// the seed it was defined with: the snapshot records the guest's parameters and the restored
+/// VM's definition takes them. (Before, the restored definition had seed 0, so the fresh boot
+/// filled memory with another pattern.)
+#[test]
+fn a_restored_memfill_vm_started_again_keeps_its_seed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    let def = json!({"name": "m", "guest": "memfill", "mem_mib": 32, "seed": 7, "passes": 0, "start": true});
+    d.ok("POST", "/vms", Some(def));
+    let mut seed = None;
+    wait_for("memfill's first pass", Duration::from_secs(120), || {
+        seed = pass0_seed(&serial_text(&d, "m"));
+        seed.is_some()
+    });
+    let seed = seed.expect("seed");
+    let (st, v) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "s", "mode": "stop"})));
+    assert_eq!(st, 201, "{v}");
+    let r = d.ok("POST", "/snapshots/s/restore", Some(json!({"vm": "r"})));
+    assert_eq!((r["seed"].as_u64(), r["passes"].as_u64()), (Some(7), Some(0)), "the restored definition: {r}");
+    d.ok("POST", "/vms/r/stop", None);
+    let before = serial_text(&d, "r").len();
+    assert_eq!(d.ok("POST", "/vms/r/start", None)["state"], "running");
+    let mut again = None;
+    wait_for("the fresh boot's first pass", Duration::from_secs(120), || {
+        again = pass0_seed(serial_text(&d, "r").get(before..).unwrap_or_default());
+        again.is_some()
+    });
+    assert_eq!(again.as_deref(), Some(seed.as_str()), "the fresh boot of the restored VM ran with another seed");
+}
+
 #[test]
 fn a_snapshot_committed_while_the_daemon_stops_is_reported_as_it_ended() {
     // Big enough that the copy outlasts the connections' 2 s grace at shutdown.

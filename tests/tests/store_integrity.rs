@@ -457,3 +457,75 @@ fn damaged_pack_header_is_an_error_and_repair_rewrites_it() {
     assert!(out.contains("pack header rewritten") && out.contains("3 snapshots"), "{out}");
     check_all(&Store::open_with(dir.path(), opts()).expect("open"));
 }
+
+/// Flips one bit at byte `at` of file `rel` of the store in `dir` (`at` counts from the end
+/// when negative).
+fn flip(dir: &Path, rel: &str, at: i64) {
+    let path = dir.join(rel);
+    let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let i = if at < 0 { bytes.len() - at.unsigned_abs() as usize } else { at as usize };
+    bytes[i] ^= 0x01;
+    std::fs::write(&path, bytes).expect("write");
+}
+
+/// One damaged byte in any file of a cleanly closed store fails `store verify` (exit 1) with
+/// an error naming the file. Before, verify passed a damaged crc of sled's `conf` (sled only
+/// warns about it) and a damaged last record of sled's `db` (sled drops a log tail whose crc
+/// fails as a torn write, here the clean mark); the files whose damage the open itself finds
+/// (marker, `conf`, `db`'s tail, the clean-close witness) fail the open too. Which byte of
+/// each file matters to whom: storage/src/sledfiles.rs.
+#[test]
+fn a_flipped_byte_in_any_file_of_the_store_is_an_error_naming_it() {
+    // (file, byte, also refused by the open, what the error names)
+    let cases: [(&str, i64, bool, &str); 11] = [
+        ("snapvisor-store", -1, true, "snapvisor-store"),
+        ("snapvisor-store", 0, true, "snapvisor-store"),
+        ("conf", -1, true, "conf"),
+        ("conf", -4, true, "conf"),
+        ("conf", 0, true, "conf"),
+        ("conf", 20, true, "conf"),
+        ("db", -1, true, "db"),
+        ("snapvisor-closed", -1, true, "snapvisor-closed"),
+        ("manifests/beta", -1, false, "manifests/beta"),
+        ("packs/00000000.pack", -1, false, "pack 0 "),
+        ("packs/00000000.pack", 3, false, "pack 0:"),
+    ];
+    for (rel, at, at_open, names) in cases {
+        let dir = populated();
+        let d = dir.path().to_str().expect("utf-8");
+        flip(dir.path(), rel, at);
+        let (code, msg) =
+            cli(&["verify", "--store", d]).expect_err(&format!("verify passed a flipped byte {at} of {rel}"));
+        assert_eq!(code, 1, "{rel} byte {at}: {msg}");
+        assert!(msg.contains(names), "{rel} byte {at}: the error does not name {names}: {msg}");
+        if at_open {
+            let e = Store::open_with(dir.path(), opts()).expect_err(&format!("open with byte {at} of {rel} flipped"));
+            assert!(e.to_string().contains(names), "{rel} byte {at}: {e}");
+        }
+    }
+}
+
+/// sled treats a `conf` of 8 bytes or less as absent and writes a new one; a store whose
+/// `conf` was truncated or deleted is refused instead, and repair rebuilds the index.
+#[test]
+fn a_truncated_or_missing_sled_conf_is_refused_and_repair_fixes_it() {
+    for damage in ["truncate", "delete"] {
+        let dir = populated();
+        let d = dir.path().to_str().expect("utf-8");
+        let conf = dir.path().join("conf");
+        if damage == "truncate" {
+            std::fs::OpenOptions::new().write(true).open(&conf).expect("open conf").set_len(8).expect("truncate");
+        } else {
+            std::fs::remove_file(&conf).expect("delete conf");
+        }
+        let (code, msg) = cli(&["verify", "--store", d]).expect_err(&format!("verify after {damage} of conf"));
+        assert_eq!(code, 1, "{damage}: {msg}");
+        assert!(msg.contains("conf") && msg.contains("repair"), "{damage}: {msg}");
+        let e = Store::open_with(dir.path(), opts()).expect_err("open").to_string();
+        assert!(e.contains("conf"), "{damage}: {e}");
+        let out = cli(&["repair", "--store", d]).unwrap_or_else(|(c, m)| panic!("repair after {damage}: {c}: {m}"));
+        assert!(out.contains("3 snapshots"), "{out}");
+        check_all(&Store::open_with(dir.path(), opts()).expect("open after repair"));
+        cli(&["verify", "--store", d]).unwrap_or_else(|(c, m)| panic!("verify after repair ({damage}): {c}: {m}"));
+    }
+}

@@ -230,6 +230,7 @@ const BASELINE: SaveOptions = SaveOptions {
     pipeline: false,
     wp_buffer_bytes: snapshot::save::DEFAULT_WP_BUFFER,
     pre_protect: true,
+    cancel: None,
     hooks: SaveHooks::NONE,
 };
 const FULL: SaveOptions = SaveOptions { pipeline: true, ..BASELINE };

@@ -14,6 +14,7 @@
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -312,6 +313,10 @@ impl Write for SerialLog {
 /// The state an actor thread keeps.
 pub struct Actor {
     pub def: VmDef,
+    /// Set by the daemon when the VM is removed: a snapshot under way is cancelled.
+    pub cancel: Arc<AtomicBool>,
+    /// Tests only: background snapshots hold their copy until cancelled.
+    pub hold_snapshot_copy: bool,
     pub vm: Option<Vm>,
     pub serial: SerialLog,
     /// What the guest wrote to the debug console (port 0x402).
@@ -470,17 +475,17 @@ impl Actor {
             Cmd::Snapshot { name, live, mode, progress } => {
                 let t0 = Instant::now();
                 let store = self.store.clone();
+                let mut opts = SaveOptions { live, mode, cancel: Some(self.cancel.clone()), ..Default::default() };
+                opts.hooks.hold_copy = self.hold_snapshot_copy;
                 let vm = self.vm()?;
                 // GET on the operation shows the chunks copied so far while the copy runs.
-                let _ticker =
-                    progress.clone().map(|op| super::progress::SnapshotProgress::start(vm, &store, &name, op));
-                let report =
-                    snapshot::save(vm, &store, &name, &SaveOptions { live, mode, ..Default::default() }, &|p| {
-                        if let Some(op) = &progress {
-                            op.progress(serde_json::json!(p));
-                        }
-                    })
-                    .map_err(|e| ApiError::from_snapshot(&e))?;
+                let ticker = progress.map(|op| super::progress::SnapshotProgress::start(vm, &store, &name, op));
+                let report = snapshot::save(vm, &store, &name, &opts, &|p| {
+                    if let Some(t) = &ticker {
+                        t.report(p);
+                    }
+                })
+                .map_err(|e| ApiError::from_snapshot(&e))?;
                 self.metrics.snapshot_done(t0.elapsed());
                 return Ok(Reply::Snapshot(Box::new(report)));
             }

@@ -250,7 +250,7 @@ async fn vm_snapshot(
         .map_err(|e| ApiError::BadRequest(format!("snapshot name {:?}: {e}", s.name)))?;
     super::shutdown::check_user_snapshot_name(&s.name)?;
     d.info(&name).await?;
-    let op = s.background.then(|| d.ops.start("snapshot"));
+    let op = s.background.then(|| d.ops.start("snapshot", super::progress::initial()));
     if s.live && s.mode.is_some_and(|m| m != crate::snapshot::SaveMode::Live) {
         return Err(ApiError::BadRequest(format!("\"live\": true contradicts \"mode\": {:?}", s.mode)));
     }
@@ -350,7 +350,7 @@ async fn clone_snapshot(
         return Err(ApiError::BadRequest(format!("clone count {}: 1 to {MAX_CLONES} allowed", c.count)));
     }
     check_overrides(&c).map_err(ApiError::BadRequest)?;
-    let op = c.background.then(|| d.ops.start("clone"));
+    let op = c.background.then(|| d.ops.start("clone", super::clone::initial_progress(c.count)));
     let run = {
         let op = op.clone();
         async move {

@@ -290,20 +290,22 @@ pub fn snapshot(a: ClientArgs, cmd: SnapshotCommand) -> Result<(), CliError> {
                 body["mode"] = json!(m);
             }
             let op = call(&a, "POST", &format!("/vms/{vm}/snapshot"), Some(body))?;
-            let text = wait_operation(&a, &op, |p| match p["chunks_total"].as_u64() {
-                // While the copy runs (service/progress.rs).
-                Some(total) => format!(
-                    "{} of {total} chunks copied, {} MiB",
-                    p["chunks_copied"].as_u64().unwrap_or(0),
-                    p["bytes_copied"].as_u64().unwrap_or(0) >> 20
-                ),
-                // After a round (live) and at the end.
-                None => format!(
-                    "round {}, {} MiB copied, {} chunks dirty",
-                    p["round"],
-                    p["bytes_copied"].as_u64().unwrap_or(0) >> 20,
-                    p["dirty_chunks"]
-                ),
+            let text = wait_operation(&a, &op, |p| {
+                // One shape throughout (service/progress.rs).
+                let n = |k: &str| p[k].as_u64().unwrap_or(0);
+                let mut line = format!(
+                    "{} of {} chunks copied, {} MiB",
+                    n("chunks_copied"),
+                    n("chunks_total"),
+                    n("bytes_copied") >> 20
+                );
+                if n("chunks_inherited") > 0 {
+                    line += &format!(", {} taken from the parent", n("chunks_inherited"));
+                }
+                if n("round") > 0 {
+                    line += &format!(", round {}, {} chunks dirty", n("round"), n("dirty_chunks"));
+                }
+                line
             })?;
             if a.json {
                 println!("{text}");

@@ -68,7 +68,7 @@ impl Daemon {
                 let r = d.restore_as(&snap, &vm, mode, true, memory == CloneMemory::Shared, net).await;
                 let n = done.fetch_add(1, Relaxed) + 1;
                 if let Some(op) = &op {
-                    op.progress(serde_json::json!({ "restored": n, "of": count }));
+                    op.progress(progress(n, count));
                 }
                 r
             }));
@@ -108,4 +108,14 @@ impl Daemon {
             ApiError::Internal(_) | ApiError::SlowClient(_) => ApiError::Internal(msg),
         })
     }
+}
+
+/// A clone operation's progress: clones restored so far (made or failed) of how many.
+fn progress(restored: usize, of: impl serde::Serialize) -> serde_json::Value {
+    serde_json::json!({ "restored": restored, "of": of })
+}
+
+/// A clone operation's progress before any clone is restored (the shape every later report has).
+pub fn initial_progress(count: impl serde::Serialize) -> serde_json::Value {
+    progress(0, count)
 }

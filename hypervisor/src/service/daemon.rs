@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -63,6 +64,8 @@ pub(super) struct VmHandle {
     pub(super) thread: JoinHandle<()>,
     pub(super) published: watch::Receiver<Published>,
     logs: Logs,
+    /// Set when the VM is removed: cancels a snapshot its actor is taking.
+    cancel: Arc<AtomicBool>,
 }
 
 pub struct Daemon {
@@ -84,6 +87,8 @@ pub struct Daemon {
     /// Requests whose outcome a connected client waits for and must learn (a snapshot): the
     /// daemon keeps their connections open while stopping (shutdown.rs).
     pub(super) owed: watch::Sender<usize>,
+    /// Tests only (`DaemonConfig::hold_snapshot_copy`).
+    hold_snapshot_copy: bool,
 }
 
 /// What the operator configures about a daemon beyond its state directory.
@@ -92,6 +97,8 @@ pub struct DaemonConfig {
     pub images: ImageDir,
     /// Guest memory budget in MiB.
     pub max_guest_mib: u64,
+    /// Tests only: background snapshots hold their copy until cancelled (`SaveHooks::hold_copy`).
+    pub hold_snapshot_copy: bool,
 }
 
 /// VM and snapshot names: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot (they become
@@ -124,6 +131,7 @@ impl Daemon {
             budget: Arc::new(MemoryBudget::new(config.max_guest_mib)),
             macs: Arc::new(MacClaims::default()),
             owed: watch::channel(0).0,
+            hold_snapshot_copy: config.hold_snapshot_copy,
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
         let mut resumed = Vec::new();
@@ -277,7 +285,10 @@ impl Daemon {
             control: vm.as_ref().map(|v| v.control().clone()),
         };
         let (published_tx, published) = watch::channel(first);
+        let cancel = Arc::new(AtomicBool::new(false));
         let actor = Actor {
+            cancel: cancel.clone(),
+            hold_snapshot_copy: self.hold_snapshot_copy,
             def: def.clone(),
             vm,
             serial: logs.serial.clone(),
@@ -301,7 +312,7 @@ impl Daemon {
                 tracing::error!("cannot start the actor thread of VM '{}': {e}", def.name);
                 std::thread::spawn(|| {})
             });
-        VmHandle { tx, thread, published, logs }
+        VmHandle { tx, thread, published, logs, cancel }
     }
 
     /// Sends `cmd` to VM `name` and waits for the answer, at most the command's deadline.
@@ -423,11 +434,13 @@ impl Daemon {
         h
     }
 
-    /// Removes VM `name`: stops it (at once, even while its actor is busy), ends its actor and
-    /// deletes its definition. Waits up to [`DELETE_WAIT`] for the actor thread to end; one
-    /// stuck in a call that never returns is left behind (and logged).
+    /// Removes VM `name`: cancels a snapshot it is taking (nothing of it is committed), stops
+    /// it (at once, even while its actor is busy), ends its actor and deletes its definition.
+    /// Waits up to [`DELETE_WAIT`] for the actor thread to end; one stuck in a call that never
+    /// returns is left behind (and logged).
     async fn forget(&self, name: &str, why: &str) -> bool {
         let Some(h) = self.remove(name) else { return false };
+        h.cancel.store(true, Ordering::Release);
         if let Some(control) = h.published.borrow().control.clone() {
             control.stop(ExitReason::Stopped { detail: format!("VM removed: {why}") });
         }
@@ -534,8 +547,10 @@ impl Daemon {
             firmware,
             mem_mib: spec.mem_mib,
             vcpus: spec.vcpus,
-            seed: 0,
-            passes: 0,
+            // The guest's parameters as the snapshot recorded them, so a fresh boot after a
+            // stop runs it as defined (none in snapshots taken before they were recorded).
+            seed: spec.builtin.map_or(0, |b| b.seed),
+            passes: spec.builtin.map_or(0, |b| b.passes),
             restored_from: Some(snapshot_name.to_string()),
             resume_from: None,
             resume_paused: false,

@@ -144,8 +144,11 @@ mod tests {
 
     fn daemon(dir: &std::path::Path) -> std::sync::Arc<Daemon> {
         let images = super::super::images::ImageDir::open(&dir.join("images"), 1 << 20).expect("images");
-        Daemon::open(&dir.join("state"), super::super::daemon::DaemonConfig { images, max_guest_mib: 1024 })
-            .expect("daemon")
+        Daemon::open(
+            &dir.join("state"),
+            super::super::daemon::DaemonConfig { images, max_guest_mib: 1024, hold_snapshot_copy: false },
+        )
+        .expect("daemon")
     }
 
     #[test]

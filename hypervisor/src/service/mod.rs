@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// fill together share them; an idle daemon gives the memory back).
     #[arg(long, default_value_t = 10)]
     pub cache_idle_secs: u64,
+    /// Tests only: a background snapshot waits before copying until it is cancelled (or 60 s
+    /// pass), so a test can act while it surely runs.
+    #[arg(long, hide = true)]
+    pub test_hold_snapshot_copy: bool,
 }
 
 /// What happens to running VMs when the daemon stops.
@@ -164,7 +168,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let image_dir = args.image_dir.clone().unwrap_or_else(|| args.state_dir.join("images"));
     let images = images::ImageDir::open(&image_dir, args.max_image_size).map_err(input)?;
     tracing::info!(image_dir = %image_dir.display(), max_guest_mib, "limits");
-    let config = daemon::DaemonConfig { images, max_guest_mib };
+    let config = daemon::DaemonConfig { images, max_guest_mib, hold_snapshot_copy: args.test_hold_snapshot_copy };
     let daemon = daemon::Daemon::open(&args.state_dir, config)
         .map_err(|e| CliError::Input(format!("state directory {}: {e}", args.state_dir.display())))?;
     let group = args.socket_group.as_deref().map(socket::lookup_group).transpose().map_err(input)?;

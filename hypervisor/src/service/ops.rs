@@ -45,20 +45,15 @@ pub struct OpHandle {
 }
 
 impl Ops {
-    pub fn start(self: &Arc<Self>, kind: &str) -> OpHandle {
+    /// Starts an operation of `kind` whose progress is `progress` until it reports more; every
+    /// report of one kind has the shape of its first (service/progress.rs, clone.rs).
+    pub fn start(self: &Arc<Self>, kind: &str, progress: Value) -> OpHandle {
         let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         g.0 += 1;
         let id = g.0;
         g.1.insert(
             id,
-            Operation {
-                id,
-                kind: kind.into(),
-                state: OpState::Running,
-                progress: Value::Null,
-                result: None,
-                error: None,
-            },
+            Operation { id, kind: kind.into(), state: OpState::Running, progress, result: None, error: None },
         );
         while g.1.len() > KEEP {
             let Some(old) = g.1.iter().find(|(_, o)| !matches!(o.state, OpState::Running)).map(|(k, _)| *k) else {

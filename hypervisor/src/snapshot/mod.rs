@@ -56,6 +56,8 @@ pub enum SnapshotError {
     WriteProtect(#[from] migrate::ram::wp::WpError),
     #[error("RAM block '{0}' resized during snapshot")]
     ResizedDuringSnapshot(String),
+    #[error("the snapshot was cancelled (its VM is being deleted); nothing was committed")]
+    Cancelled,
     #[error(
         "device '{device}' ({bus} {addr:#x}) has no snapshot fragment, so its state would be lost: \
          give it an adapter in snapshot::devices::fragments"

@@ -63,6 +63,10 @@ pub struct SaveHooks {
     /// (or after 10 s), so a test knows the copy-before-write path ran whatever the host's
     /// load. Never set it outside tests.
     pub copy_after_first_fault: bool,
+    /// Background: the saver waits before copying, the guest running, until the snapshot is
+    /// cancelled (or 60 s pass), so a test can act on a snapshot that is surely still running.
+    /// Never set it outside tests.
+    pub hold_copy: bool,
 }
 
 /// Failures and bugs tests inject into a background snapshot's pre-protection.
@@ -85,6 +89,7 @@ impl SaveHooks {
         during_pre_protect: None,
         pre_protect_fault: None,
         copy_after_first_fault: false,
+        hold_copy: false,
     };
 }
 
@@ -96,6 +101,7 @@ impl std::fmt::Debug for SaveHooks {
             .field("during_pre_protect", &self.during_pre_protect.is_some())
             .field("pre_protect_fault", &self.pre_protect_fault)
             .field("copy_after_first_fault", &self.copy_after_first_fault)
+            .field("hold_copy", &self.hold_copy)
             .finish()
     }
 }

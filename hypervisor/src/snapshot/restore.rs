@@ -243,7 +243,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     }
     let mut vm = Vm::new(cfg)?;
     mark(|p| &mut p.vm_ms, &mut phases, &mut phases_cpu);
-    vm.set_guest_description(spec.guest.clone());
+    vm.set_guest_description(spec.guest.clone(), spec.builtin);
     // The NICs' I/O waits until the VM starts: nothing touches guest memory or the queues
     // while their state is loaded.
     for nic in &vm.devices().nics {

@@ -27,6 +27,7 @@
 //! keeps running.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,11 @@ pub struct SaveOptions {
     /// re-protects what it wrote since ([`super::background`]); `false` protects all of it in
     /// the pause (the benchmark's baseline).
     pub pre_protect: bool,
+    /// Set from another thread to cancel the snapshot (the daemon does when the VM is
+    /// deleted): it fails with [`SnapshotError::Cancelled`] at the next check, between live
+    /// rounds, after every chunk of a background copy and before the commit, and nothing is
+    /// committed. A stop-and-copy round under way finishes its copy first.
+    pub cancel: Option<Arc<AtomicBool>>,
     /// Test hooks.
     pub hooks: SaveHooks,
 }
@@ -92,6 +98,7 @@ impl Default for SaveOptions {
             pipeline: true,
             wp_buffer_bytes: DEFAULT_WP_BUFFER,
             pre_protect: true,
+            cancel: None,
             hooks: SaveHooks::NONE,
         }
     }
@@ -100,13 +107,24 @@ impl Default for SaveOptions {
 /// Background snapshots' default bound of chunks copied on write faults ahead of the saver.
 pub const DEFAULT_WP_BUFFER: u64 = 64 << 20;
 
-/// Progress of a snapshot, after each round of copying.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+/// Progress of a snapshot: reported after each round of copying (live), once an incremental
+/// snapshot knows which chunks it takes from its parent, and at the end. Every field is always
+/// there (it is also the JSON of a snapshot operation's progress, see service/progress.rs).
+/// When the snapshot is done, `chunks_copied + chunks_inherited == chunks_total`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SaveProgress {
+    /// Live copying rounds finished before this report (0 in the other modes).
     pub round: u32,
+    /// Chunks of all RAM blocks.
+    pub chunks_total: u64,
+    /// Chunks of this snapshot copied so far, each counted once: a live snapshot's later
+    /// rounds copy dirty chunks again, which shows in `bytes_copied` and `dirty_chunks`.
     pub chunks_copied: u64,
+    /// Chunks an incremental snapshot takes by reference from its parent (never copied).
+    pub chunks_inherited: u64,
+    /// Bytes read out of guest memory so far, every round.
     pub bytes_copied: u64,
-    /// Chunks found dirty for the next round.
+    /// Live: chunks found dirty for the next round; 0 otherwise.
     pub dirty_chunks: u64,
 }
 
@@ -298,7 +316,8 @@ pub(super) fn start_tracking(vm: &Vm, chunk: u64) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// Snapshots `vm` into `store` as `name`. `progress` is called after each round.
+/// Snapshots `vm` into `store` as `name`. `progress` is called after each round, once an
+/// incremental snapshot has taken its parent's chunks, and at the end ([`SaveProgress`]).
 pub fn save(
     vm: &Vm,
     store: &Store,
@@ -330,12 +349,22 @@ pub fn save(
     };
     let parent = if full_reason.is_none() { parent } else { None };
     let watch = Arc::new(ResizeWatch::default());
+    // Every cancellation point: a resize of a RAM block, or a cancel from outside.
+    let check = || -> Result<(), SnapshotError> {
+        watch.check()?;
+        match &opts.cancel {
+            Some(c) if c.load(Ordering::Acquire) => Err(SnapshotError::Cancelled),
+            _ => Ok(()),
+        }
+    };
     let mut cleanup =
         Cleanup { vm, resume: false, watch: Some(vm.registry().add_listener(watch.clone())), dirty_log: false };
     let blocks = vm.registry().blocks();
     let chunk = u64::from(store.options().chunk_size);
     let all: Vec<Vec<u64>> = blocks.iter().map(|b| (0..b.used_length().div_ceil(chunk)).collect()).collect();
     let ram_bytes: u64 = blocks.iter().map(|b| b.used_length()).sum();
+    let chunks_total: u64 = all.iter().map(|c| c.len() as u64).sum();
+    let mut chunks_inherited = 0;
     let mut rounds = 0;
     let mut bytes_copied = 0;
     let mut pstats = PipelineStats::default();
@@ -353,9 +382,17 @@ pub fn save(
             let copied: u64 = todo.iter().map(|c| c.len() as u64).sum();
             todo = dirty_chunks(vm, &blocks, chunk)?;
             let dirty: u64 = todo.iter().map(|c| c.len() as u64).sum();
-            progress(&SaveProgress { round: rounds, chunks_copied: copied, bytes_copied, dirty_chunks: dirty });
+            // Round 0 copies every chunk: later rounds copy some of them again.
+            progress(&SaveProgress {
+                round: rounds,
+                chunks_total,
+                chunks_copied: chunks_total,
+                chunks_inherited: 0,
+                bytes_copied,
+                dirty_chunks: dirty,
+            });
             rounds += 1;
-            watch.check()?;
+            check()?;
             // Stop when few chunks remain, when out of rounds, or when a round did not shrink
             // the dirty set by a tenth: the guest dirties memory as fast as it is copied, and
             // more rounds would only copy it again.
@@ -382,7 +419,7 @@ pub fn save(
         let early = dirty_chunks(vm, &blocks, chunk)?;
         let set = if parent.is_some() { &early } else { &all };
         let rounds = (opts.max_rounds, opts.final_chunks);
-        let cancelled = || watch.check();
+        let cancelled = || check();
         match background::pre_protect(vm, &blocks, set, chunk, opts.wp_buffer_bytes, rounds, &opts.hooks, &cancelled)? {
             PreProtect::Tracking(wp) => tracking = Some(wp),
             PreProtect::Failed(e) => {
@@ -403,7 +440,7 @@ pub fn save(
     }
     let stop_vcpus = paused_at.elapsed();
     cleanup.resume = was_running && !opts.stay_paused;
-    watch.check()?;
+    check()?;
     let copy_start = Instant::now();
     let mut incremental = false;
     let mut background_todo = None;
@@ -445,6 +482,15 @@ pub fn save(
                             }
                         }
                         incremental = true;
+                        chunks_inherited = chunks_total - todo.iter().map(|c| c.len() as u64).sum::<u64>();
+                        progress(&SaveProgress {
+                            round: 0,
+                            chunks_total,
+                            chunks_copied: 0,
+                            chunks_inherited,
+                            bytes_copied,
+                            dirty_chunks: 0,
+                        });
                     }
                     Err(e @ StoreError::ParentChanged { .. }) => {
                         tracing::info!(snapshot = name, "full snapshot: {e}");
@@ -465,7 +511,7 @@ pub fn save(
     let state_start = Instant::now();
     let state = capture_state(vm)?;
     let state_time = state_start.elapsed();
-    watch.check()?;
+    check()?;
     let mut protect_time = Duration::ZERO;
     let mut wp_stats = None;
     let mut resumed_at = None;
@@ -488,13 +534,19 @@ pub fn save(
                 }
                 resumed_at = Some(Instant::now());
                 tracing::info!(snapshot = name, pause_ms = ms(paused_at.elapsed()), "background copy started");
+                if opts.hooks.hold_copy {
+                    let until = Instant::now() + std::time::Duration::from_secs(60);
+                    while check().is_ok() && Instant::now() < until {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
                 if opts.hooks.copy_after_first_fault {
                     let until = Instant::now() + std::time::Duration::from_secs(10);
                     while wp.stats().faults == 0 && Instant::now() < until {
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
                 }
-                let cancelled = || watch.check();
+                let cancelled = || check();
                 bytes_copied += background::copy(&writer, &blocks, &todo, &wp, opts.threads, &cancelled, &mut pstats)?;
                 wp_stats = Some(wp.stats());
                 // Unprotects what is left (nothing, when all went well) and unregisters.
@@ -509,13 +561,14 @@ pub fn save(
                 bytes_copied += copy_round(&writer, &blocks, &todo, opts, &mut pstats)?;
             }
         }
-        watch.check()?;
+        check()?;
     }
     // A lazy restore that failed meanwhile has let go of the memory it could not serve (it
     // reads as zeros now): nothing copied from it may be committed.
     if let Some(e) = vm.page_server().and_then(|s| s.error()) {
         return Err(SnapshotError::LazyFailed(e.to_string()));
     }
+    check()?;
     let stats = writer.stats();
     let commit_start = Instant::now();
     let manifest = writer.commit(state.encode()?)?;
@@ -545,7 +598,15 @@ pub fn save(
         write_ms = pstats.write_ns as f64 / 1e6,
         "snapshot taken"
     );
-    progress(&SaveProgress { round: rounds, chunks_copied: stats.chunks_put(), bytes_copied, dirty_chunks: 0 });
+    // Commit took every chunk: the ones not inherited were all copied.
+    progress(&SaveProgress {
+        round: rounds,
+        chunks_total,
+        chunks_copied: chunks_total - chunks_inherited,
+        chunks_inherited,
+        bytes_copied,
+        dirty_chunks: 0,
+    });
     Ok(SaveReport {
         name: name.to_string(),
         mode,
