@@ -260,9 +260,21 @@ impl RamBlock {
     /// the kernel, and KVM, a walk of all of it. Afterwards no page of the block is present,
     /// as with `discard`, and the whole reservation is marked dirty the same way. A block
     /// backed by a base is discarded whole (mincore reports the base file's pages).
+    ///
+    /// `mincore` says whether a page is in RAM, not whether it is mapped: an anonymous page
+    /// that was swapped out reads as absent, would not be dropped, and would come back from
+    /// swap with the old bytes instead of faulting to the page server (and the server's own
+    /// check after registering, also `mincore`, cannot see it either). So the walk is only
+    /// used while no swap device is configured (`/proc/swaps` read before and after the walk:
+    /// a page can only go to swap while one is); otherwise the whole reservation is dropped.
     /// Returns the bytes dropped.
     pub fn discard_present(&self) -> Result<u64, RamError> {
-        if self.file_backed.load(Ordering::Acquire) {
+        self.discard_present_unless(swap_configured)
+    }
+
+    /// [`RamBlock::discard_present`] with the swap probe given (tests).
+    pub fn discard_present_unless(&self, swap_configured: fn() -> bool) -> Result<u64, RamError> {
+        if self.file_backed.load(Ordering::Acquire) || swap_configured() {
             self.discard(0, self.max_length)?;
             return Ok(self.max_length);
         }
@@ -298,6 +310,11 @@ impl RamBlock {
                 i = end;
             }
             first += n;
+        }
+        if swap_configured() {
+            // Swap came on during the walk: a page passed over may be in it now.
+            self.discard(0, self.max_length)?;
+            return Ok(self.max_length);
         }
         self.mark_dirty(0, self.max_length);
         Ok(dropped)
@@ -412,6 +429,15 @@ impl Drop for RamBlock {
         // once the block is dropped (the KVM slot map deletes its slots on removal).
         unsafe { libc::munmap(self.host.cast(), self.max_length as usize) };
         LIVE_MAPPINGS.lock().unwrap_or_else(PoisonError::into_inner).remove(&(self.host as usize));
+    }
+}
+
+/// Whether the host has a swap device or file on (`/proc/swaps` lists one besides its header
+/// line). Unreadable counts as yes: the caller then takes the slow, always-correct way.
+pub fn swap_configured() -> bool {
+    match std::fs::read_to_string("/proc/swaps") {
+        Ok(s) => s.lines().skip(1).any(|l| !l.trim().is_empty()),
+        Err(_) => true,
     }
 }
 

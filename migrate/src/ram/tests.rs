@@ -266,7 +266,7 @@ fn discard_present_drops_every_present_page_and_only_those() {
     let pages = 16384 + 200;
     let reg = RamRegistry::new();
     let b = reg.add(cfg("pc.ram", pages * PAGE, pages * PAGE, false)).expect("add");
-    assert_eq!(b.discard_present().expect("nothing present"), 0);
+    assert_eq!(b.discard_present_unless(|| false).expect("nothing present"), 0);
     let runs = [(0, 1), (3, 2), (60, 10), (127, 1), (16380, 8), (pages - 1, 1)];
     for (start, n) in runs {
         b.write(start * PAGE, &vec![0xcd; (n * PAGE) as usize]).expect("write");
@@ -274,12 +274,39 @@ fn discard_present_drops_every_present_page_and_only_those() {
     let written: u64 = runs.iter().map(|r| r.1).sum();
     assert_eq!(present_pages(&b).len() as u64, written);
     b.take_dirty();
-    assert_eq!(b.discard_present().expect("discard"), written * PAGE);
+    assert_eq!(b.discard_present_unless(|| false).expect("discard"), written * PAGE);
     assert_eq!(present_pages(&b), Vec::<u64>::new(), "a present page survived");
     let mut got = vec![0xffu8; (pages * PAGE) as usize];
     b.read(0, &mut got).expect("read");
     assert!(got.iter().all(|&x| x == 0), "discarded pages read zero");
     assert_eq!(b.take_dirty().len() as u64, pages, "the whole block is marked dirty");
+}
+
+/// With swap on, `discard_present` cannot trust `mincore` (a swapped-out page reads absent
+/// and would come back with its old bytes): it drops the whole reservation, also when swap
+/// comes on during the walk. Fails if the walk is used while the probe says swap is on.
+#[test]
+fn discard_present_drops_everything_when_swap_is_or_comes_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    fn on() -> bool {
+        true
+    }
+    fn on_from_second_call() -> bool {
+        CALLS.fetch_add(1, Ordering::SeqCst) >= 1
+    }
+    let pages = 64;
+    let reg = RamRegistry::new();
+    let b = reg.add(cfg("pc.ram", pages * PAGE, pages * PAGE, false)).expect("add");
+    b.write(5 * PAGE, &vec![0xcd; PAGE as usize]).expect("write");
+    assert_eq!(b.discard_present_unless(on).expect("discard"), pages * PAGE, "swap on: all dropped");
+    assert_eq!(present_pages(&b), Vec::<u64>::new());
+    b.write(7 * PAGE, &vec![0xcd; PAGE as usize]).expect("write");
+    assert_eq!(b.discard_present_unless(on_from_second_call).expect("discard"), pages * PAGE, "swap came on");
+    assert_eq!(CALLS.load(Ordering::SeqCst), 2, "probed before and after the walk");
+    assert_eq!(present_pages(&b), Vec::<u64>::new());
+    b.write(9 * PAGE, &vec![0xcd; PAGE as usize]).expect("write");
+    assert_eq!(b.discard_present_unless(|| false).expect("discard"), PAGE, "no swap: only the present page");
 }
 
 /// A file of `len` bytes of `byte`, as a clone's base would be.
