@@ -529,3 +529,20 @@ fn a_truncated_or_missing_sled_conf_is_refused_and_repair_fixes_it() {
         cli(&["verify", "--store", d]).unwrap_or_else(|(c, m)| panic!("verify after repair ({damage}): {c}: {m}"));
     }
 }
+
+/// Hostile: a symlink planted at the clean-close witness's temporary name must not be
+/// followed. Today the clean close writes the witness text through it (overwriting the file
+/// it points to) and renames the symlink into place as `snapvisor-closed`, so the store no
+/// longer opens ("is a symlink").
+#[test]
+fn a_symlink_at_the_witness_temporary_is_not_followed_and_the_store_reopens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("s");
+    drop(Store::open_with(&store_dir, opts()).expect("create"));
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious\n").expect("victim");
+    std::os::unix::fs::symlink(&victim, store_dir.join(".snapvisor-closed.tmp")).expect("symlink");
+    drop(Store::open_with(&store_dir, opts()).expect("reopen"));
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious\n", "the close wrote through the symlink");
+    drop(Store::open_with(&store_dir, opts()).expect("the store opens after its clean close"));
+}
