@@ -132,9 +132,25 @@ pub(crate) fn read_witness(dir: &Path) -> Result<bool> {
 
 /// Writes the witness (temporary file, fsync, rename, directory fsync).
 pub(crate) fn write_witness(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!(".{WITNESS}.tmp"));
-    std::fs::write(&tmp, WITNESS_TEXT)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
+    // Whatever is at the temporary name (a crash's leftover, or a symlink planted there) goes
+    // first, unfollowed, and the file is created new without following links: the close must
+    // never write through a link, nor rename one into place.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    f.write_all(WITNESS_TEXT.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
     std::fs::rename(&tmp, dir.join(WITNESS))?;
     sync_dir(dir)
 }

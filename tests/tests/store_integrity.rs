@@ -530,10 +530,10 @@ fn a_truncated_or_missing_sled_conf_is_refused_and_repair_fixes_it() {
     }
 }
 
-/// Hostile: a symlink planted at the clean-close witness's temporary name must not be
-/// followed. Today the clean close writes the witness text through it (overwriting the file
-/// it points to) and renames the symlink into place as `snapvisor-closed`, so the store no
-/// longer opens ("is a symlink").
+/// A symlink planted at the clean-close witness's temporary name is not followed: the close
+/// neither writes the witness text through it (the file it points to stays as it was) nor
+/// renames it into place as `snapvisor-closed` (after which the store no longer opened: "is a
+/// symlink"). Found by a hostile tester.
 #[test]
 fn a_symlink_at_the_witness_temporary_is_not_followed_and_the_store_reopens() {
     let dir = tempfile::tempdir().expect("tempdir");
