@@ -13,10 +13,11 @@
 //!
 //! All-zero chunks are never stored; the manifest records them as [`ChunkRef::Zero`].
 //!
-//! Codec 3 (LZ4) was added in December 2026 and is what new chunks are written with by
-//! default ([`Codec`], the crate docs have the measurement). Builds before it refuse an LZ4
-//! value with "unknown codec 3" (a clean error, never wrong bytes), so a store written by
-//! this build cannot be read by older ones; this build reads every codec ever written. The
+//! Codec 3 (LZ4) was added in December 2026. New chunks are written with zstd unless
+//! `StoreOptions::lz4` asks for LZ4 ([`Codec`]; the crate docs have the measurement that
+//! kept zstd the default). Builds before it refuse an LZ4 value with "unknown codec 3" (a
+//! clean error, never wrong bytes), so a store holding LZ4 chunks cannot be read by older
+//! ones; this build reads every codec ever written. The
 //! codec is per value: one store, even one snapshot, may hold zstd, LZ4 and raw values side
 //! by side, and dedup does not care (the hash is of the uncompressed bytes).
 

@@ -93,8 +93,11 @@ impl Daemon {
             }
         }
         let msg = format!(
-            "clone '{name}' of snapshot '{snapshot}' failed: {e}; {} clones were made and removed again{}",
-            removed.len(),
+            "clone '{name}' of snapshot '{snapshot}' failed: {e}; {} made and removed again{}",
+            match removed.len() {
+                1 => "1 clone was".to_string(),
+                n => format!("{n} clones were"),
+            },
             if removed.is_empty() { String::new() } else { format!(" ({})", removed.join(", ")) }
         );
         tracing::warn!("{msg}");
