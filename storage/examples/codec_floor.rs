@@ -15,19 +15,6 @@ use std::time::Instant;
 
 const CHUNK: usize = 64 * 1024;
 
-fn image(kind: &str, size: usize) -> Vec<u8> {
-    if kind == "mixed" {
-        return storage::bench::guest_image(size, 1);
-    }
-    let mut v = Vec::with_capacity(size);
-    for a in (0..size as u64).step_by(8) {
-        let x = (a ^ 4).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let w = if kind == "memfill" || a % 32 == 0 { x ^ (x >> 29) } else { 0 };
-        v.extend_from_slice(&w.to_le_bytes());
-    }
-    v
-}
-
 /// CPU time of the calling thread, seconds.
 fn cpu_now() -> f64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -66,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| image | stage | CPU-s per GiB (wall) | stored/in |");
     println!("|---|---|---:|---:|");
     for kind in kinds {
-        let img = image(kind, mib << 20);
+        let img = storage::bench::fill_image(kind, mib << 20);
         let mut buf = vec![0u8; CHUNK];
         row(kind, "copy", &img, &mut |c| {
             buf[..c.len()].copy_from_slice(c);

@@ -9,20 +9,6 @@ use std::time::Instant;
 
 use storage::{BlockSpec, ChunkJob, Store, StoreOptions};
 
-/// memfill's word at address `a` for seed `s`; `touch` keeps every fourth word, zeros between.
-fn image(kind: &str, size: usize) -> Vec<u8> {
-    if kind == "mixed" {
-        return storage::bench::guest_image(size, 1);
-    }
-    let mut v = Vec::with_capacity(size);
-    for a in (0..size as u64).step_by(8) {
-        let x = (a ^ 4).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let w = if kind == "memfill" || a % 32 == 0 { x ^ (x >> 29) } else { 0 };
-        v.extend_from_slice(&w.to_le_bytes());
-    }
-    v
-}
-
 /// User + system CPU seconds of this process so far.
 fn cpu_secs() -> f64 {
     // SAFETY: an all-zero rusage is a valid value; getrusage only writes into it.
@@ -43,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let level: i32 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(storage::DEFAULT_ZSTD_LEVEL);
     let workers: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(2);
     let size = mib << 20;
-    let img = image(kind, size);
+    let img = storage::bench::fill_image(kind, size);
     let _ = std::fs::remove_dir_all(dir);
     let store = Store::open_with(dir, StoreOptions { zstd_level: level, lz4, ..Default::default() })?;
     let spec = BlockSpec {

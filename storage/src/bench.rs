@@ -112,6 +112,22 @@ pub struct BenchResult {
     pub after_gc_disk_overhead: f64,
 }
 
+/// A benchmark image of `size` bytes by kind: `mixed` ([`guest_image`]), `memfill` (every
+/// 8-byte word a hash of its address: incompressible) or `touch` (one word in four so, the
+/// rest zero: compresses about 4x, like the `touch` guest's fill).
+pub fn fill_image(kind: &str, size: usize) -> Vec<u8> {
+    if kind == "mixed" {
+        return guest_image(size, 1);
+    }
+    let mut v = Vec::with_capacity(size);
+    for a in (0..size as u64).step_by(8) {
+        let x = (a ^ 4).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let w = if kind == "memfill" || a % 32 == 0 { x ^ (x >> 29) } else { 0 };
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    v
+}
+
 /// Fills a guest-like memory image of `size` bytes (see the module docs for the mix).
 pub fn guest_image(size: usize, seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
