@@ -359,6 +359,34 @@ mod tests {
         assert!(waited < LONG / 2, "the pause did not end the park: it waited {waited:?}");
     }
 
+    /// A guest's misuse of the interrupt-wait register: a write neither raises nor takes the
+    /// line, an unaligned read inside it neither parks nor takes it, and a 1-byte read takes it
+    /// like a 4-byte one. Fails if a write or a stray offset reaches the line.
+    #[test]
+    fn the_interrupt_wait_register_ignores_writes_and_stray_reads() {
+        let line = Arc::new(Latch::default());
+        let mut d = ExitDevice::new(Arc::new(|_| {}));
+        d.set_irq_line(line.clone());
+        d.set_wait_while(Arc::new(|| true));
+        d.set_wait_max(LONG);
+        let (bus, _d) = on_bus(d);
+        bus.write(REG_IRQ_WAIT, &[1, 0, 0, 0]).expect("write");
+        assert!(!line.load(Ordering::SeqCst), "a write raised the line");
+        line.set();
+        bus.write(REG_IRQ_WAIT, &[0, 0, 0, 0]).expect("write");
+        assert!(line.load(Ordering::SeqCst), "a write took the line");
+        for off in REG_IRQ_WAIT + 1..MMIO_LEN {
+            let mut b = [9u8; 1];
+            bus.read(off, &mut b).expect("read");
+            assert_eq!(b, [0], "offset {off}");
+            assert!(line.load(Ordering::SeqCst), "a read at offset {off} took the line");
+        }
+        let mut b = [9u8; 1];
+        bus.read(REG_IRQ_WAIT, &mut b).expect("read");
+        assert_eq!(b, [1], "a 1-byte read gives the interrupt");
+        assert!(!line.load(Ordering::SeqCst), "and takes it");
+    }
+
     #[test]
     fn a_parked_read_does_not_hold_the_device_for_other_accesses() {
         let marks = Arc::new(Mutex::new(Vec::new()));

@@ -2,17 +2,8 @@
 //! (bad lengths, truncated or flipped payloads, a wrong codec byte) is an error naming the
 //! chunk, never a panic and never wrong bytes in the caller's buffer.
 
+use crate::bench::fill_image;
 use crate::chunk::{decode_into, encode, encode_with, ChunkError, Codec, Hash, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD};
-
-/// The `touch` guest's fill: one pseudo-random word in four, zeros between.
-fn touch(len: usize) -> Vec<u8> {
-    (0..len as u64 / 8)
-        .flat_map(|i| {
-            let x = (i * 8).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            if i % 4 == 0 { x ^ (x >> 29) } else { 0 }.to_le_bytes()
-        })
-        .collect()
-}
 
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -31,7 +22,7 @@ fn lz4_values_round_trip_and_incompressible_chunks_are_stored_raw() {
     let text: Vec<u8> = (0..65536u32).map(|i| b"hello world "[(i % 12) as usize]).collect();
     for (what, data, codec) in [
         ("text", text, CODEC_LZ4),
-        ("touch", touch(65536), CODEC_LZ4),
+        ("touch", fill_image("touch", 65536), CODEC_LZ4),
         ("noise", noise(65536, 7), CODEC_RAW),
         ("short", vec![3u8; 100], CODEC_LZ4),
     ] {
@@ -43,14 +34,17 @@ fn lz4_values_round_trip_and_incompressible_chunks_are_stored_raw() {
         decode_into(&hash, &value, data.len(), &mut buf).expect("decode");
         assert!(buf[..data.len()] == data[..], "{what}: bytes differ after the round trip");
     }
-    assert!(encode_with(&touch(65536), Codec::Lz4).expect("encode").len() < 65536 / 2, "touch compresses");
+    assert!(
+        encode_with(&fill_image("touch", 65536), Codec::Lz4).expect("encode").len() < 65536 / 2,
+        "touch compresses"
+    );
 }
 
 /// Values written with zstd (codec 1) and raw (codec 2) read back beside LZ4 ones: the
 /// decoder keeps every codec it ever wrote.
 #[test]
 fn every_codec_decodes() {
-    let data = touch(65536);
+    let data = fill_image("touch", 65536);
     let hash = Hash::of(&data);
     for (value, codec) in [
         (encode(&data, -1).expect("zstd"), CODEC_ZSTD),
@@ -74,7 +68,7 @@ fn decode_err(hash: &Hash, value: &[u8], len: usize) -> ChunkError {
 
 #[test]
 fn bad_lz4_values_are_errors_naming_the_chunk() {
-    let data = touch(65536);
+    let data = fill_image("touch", 65536);
     let hash = Hash::of(&data);
     let value = encode_with(&data, Codec::Lz4).expect("encode");
     assert_eq!(value[0], CODEC_LZ4);
@@ -119,7 +113,7 @@ fn bad_lz4_values_are_errors_naming_the_chunk() {
 /// success with bytes that do not hash to the chunk.
 #[test]
 fn mutated_lz4_values_never_decode_to_wrong_bytes() {
-    let data = touch(16384);
+    let data = fill_image("touch", 16384);
     let hash = Hash::of(&data);
     let value = encode_with(&data, Codec::Lz4).expect("encode");
     let mut rng = 0x2545_f491_4f6c_dd1du64;
