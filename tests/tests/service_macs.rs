@@ -38,6 +38,19 @@ fn define(d: &Daemon, name: &str, guest: &str, net: Value, start: bool) -> (u16,
     d.call("POST", "/vms", Some(json!({"name": name, "guest": guest, "mem_mib": 16, "net": [net], "start": start})))
 }
 
+/// Defines and starts an idle VM `name` with `net`: it must run.
+fn run_idle(d: &Daemon, name: &str, net: Value) {
+    let (status, v) = define(d, name, "idle", net, true);
+    assert_eq!(status, 201, "starting '{name}': {v}");
+}
+
+/// Runs an idle VM `src` on `tap` with `mac` (None: the daemon's choice) and snapshots it as
+/// `s`, the snapshot the clones and restores below are made from.
+fn snapshot_source(d: &Daemon, tap: &str, mac: Option<&str>) {
+    run_idle(d, "src", nic(tap, mac));
+    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+}
+
 /// The 409 of a MAC conflict: names the MAC, the NIC and the VM holding it.
 fn assert_conflict(r: (u16, Value), mac: &str, holder: &str, what: &str) {
     let (status, body) = r;
@@ -75,12 +88,7 @@ fn concurrent_clones_with_one_mac_never_both_run() {
     let tap = |w: &str| tap_of('A', w);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
-    d.ok(
-        "POST",
-        "/vms",
-        Some(json!({"name": "src", "guest": "idle", "mem_mib": 16, "net": [nic(&tap("s"), None)], "start": true})),
-    );
-    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+    snapshot_source(&d, &tap("s"), None);
     let rounds = 20;
     let mut conflicts = 0;
     for r in 0..rounds {
@@ -125,11 +133,7 @@ fn a_new_vm_with_a_running_vms_mac_is_refused_and_runs_once_that_vm_stops() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     let mac = "52:54:00:bb:00:01";
-    d.ok(
-        "POST",
-        "/vms",
-        Some(json!({"name": "a", "guest": "idle", "mem_mib": 16, "net": [nic(&tap("a"), Some(mac))], "start": true})),
-    );
+    run_idle(&d, "a", nic(&tap("a"), Some(mac)));
     // Defined and started in one request: refused, nothing defined, no tap.
     assert_conflict(define(&d, "b", "idle", nic(&tap("b"), Some(mac)), true), mac, "a", "POST /vms start");
     assert_eq!(d.call("GET", "/vms/b", None).0, 404, "a refused VM is not left defined");
@@ -154,18 +158,9 @@ fn a_stopped_vm_whose_mac_a_clone_took_cannot_start_until_the_clone_is_deleted()
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     let mac = "52:54:00:cc:00:01";
-    d.ok(
-        "POST",
-        "/vms",
-        Some(json!({"name": "p", "guest": "idle", "mem_mib": 16, "net": [nic(&tap("p"), Some(mac))], "start": true})),
-    );
+    run_idle(&d, "p", nic(&tap("p"), Some(mac)));
     d.ok("POST", "/vms/p/stop", None);
-    d.ok(
-        "POST",
-        "/vms",
-        Some(json!({"name": "src", "guest": "idle", "mem_mib": 16, "net": [nic(&tap("s"), None)], "start": true})),
-    );
-    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+    snapshot_source(&d, &tap("s"), None);
     // 'p' is stopped: its MAC is free on the wire, a clone may take it.
     let c = d.ok(
         "POST",
@@ -187,12 +182,7 @@ fn restoring_a_snapshot_while_its_source_runs_is_refused_naming_the_source() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     let mac = "52:54:00:dd:00:01";
-    d.ok(
-        "POST",
-        "/vms",
-        Some(json!({"name": "src", "guest": "idle", "mem_mib": 16, "net": [nic(&tap("s"), Some(mac))], "start": true})),
-    );
-    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+    snapshot_source(&d, &tap("s"), Some(mac));
     // On another tap (no MAC override: the restore keeps the snapshot's MAC), and as saved.
     let moved = json!({"vm": "r", "network_overrides": [{"nic": 0, "new_tap": tap("r")}]});
     assert_conflict(d.call("POST", "/snapshots/s/restore", Some(moved.clone())), mac, "src", "restore on a new tap");
@@ -213,11 +203,7 @@ fn a_failed_start_and_a_guest_exit_give_the_mac_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
     let (m1, m2) = ("52:54:00:ee:00:01", "52:54:00:ee:00:02");
-    d.ok(
-        "POST",
-        "/vms",
-        Some(json!({"name": "a", "guest": "idle", "mem_mib": 16, "net": [nic(&tap("a"), Some(m1))], "start": true})),
-    );
+    run_idle(&d, "a", nic(&tap("a"), Some(m1)));
     // 'b' claims m2, then fails to start: its tap is 'a''s, in use.
     let (st, v) = define(&d, "b", "idle", nic(&tap("a"), Some(m2)), false);
     assert_eq!(st, 201, "{v}");
@@ -244,12 +230,7 @@ fn one_new_tap_for_two_clones_is_refused_up_front_naming_both() {
     let tap = |w: &str| tap_of('F', w);
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Daemon::start(dir.path(), &[]);
-    d.ok(
-        "POST",
-        "/vms",
-        Some(json!({"name": "src", "guest": "idle", "mem_mib": 16, "net": [nic(&tap("s"), None)], "start": true})),
-    );
-    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+    snapshot_source(&d, &tap("s"), None);
     let t = tap("t");
     let body = json!({"prefix": "x", "count": 2,
         "network_overrides": [[{"nic": 0, "new_tap": t}], [{"nic": 0, "new_tap": t}]]});
