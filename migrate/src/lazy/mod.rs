@@ -72,13 +72,17 @@ pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
 use thiserror::Error;
 
 /// What a chunk read gave.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fill {
     /// `buf` holds the chunk's bytes; `stored` bytes were read from the store (0 when the
     /// chunk came from a cache shared with other restores).
     Data { stored: u64 },
     /// The chunk is all zeros (nothing stored; `buf` untouched).
     Zero,
+    /// The chunk's bytes, verified, held by a cache shared with other restores (`buf`
+    /// untouched): they are placed from there, without a copy into `buf` first. Its length
+    /// must be the chunk's; the server refuses any other.
+    Shared(std::sync::Arc<[u8]>),
 }
 
 /// Where lazily restored pages come from.

@@ -422,3 +422,92 @@ fn stop_releases_fill_threads_waiting_at_the_gate() {
     server.stop();
     assert_eq!(src.reads.load(Ordering::Relaxed), 0, "stopped before loading anything");
 }
+
+/// Hands out chunks the way a shared cache does ([`Fill::Shared`]): offset-patterned bytes
+/// built once and shared, never written into the server's buffer; `short_at` hands out one
+/// a page short (a cache entry that does not fit the chunk).
+struct SharedSource {
+    short_at: Option<u64>,
+    chunks: Vec<Arc<[u8]>>,
+}
+
+impl SharedSource {
+    fn new(chunks: u64, short_at: Option<u64>) -> SharedSource {
+        let chunks = (0..chunks)
+            .map(|c| {
+                let bytes: Vec<u8> =
+                    (0..CHUNK / 8).flat_map(|i| (c * CHUNK + 8 * i).wrapping_mul(3).to_le_bytes()).collect();
+                Arc::from(bytes)
+            })
+            .collect();
+        SharedSource { short_at, chunks }
+    }
+}
+
+impl PageSource for SharedSource {
+    fn chunk_size(&self) -> u64 {
+        CHUNK
+    }
+    fn read_chunk(&self, _idstr: &str, offset: u64, buf: &mut [u8]) -> Result<Fill, String> {
+        // Poison the server's buffer: bytes from it would show up in the guest's memory.
+        buf.fill(0xee);
+        let data = self.chunks[(offset / CHUNK) as usize].clone();
+        if Some(offset) == self.short_at {
+            return Ok(Fill::Shared(Arc::from(&data[..data.len() - 4096])));
+        }
+        Ok(Fill::Shared(data))
+    }
+}
+
+/// Chunks a cache holds are placed from the cache's own bytes: byte-exact on faults, from
+/// the prefetch list and from the background fill.
+#[test]
+fn shared_chunks_are_placed_byte_exact() {
+    let n = 24u64;
+    let m = Mapping::new((n * CHUNK) as usize);
+    let src = Arc::new(SharedSource::new(n, None));
+    let opts = ServerOptions {
+        prefetch: vec![("b".into(), 9 * CHUNK), ("b".into(), 2 * CHUNK)],
+        background_fill: true,
+        fill_threads: 2,
+        ..Default::default()
+    };
+    let server = PageServer::start(vec![block(&m)], src, opts, Box::new(|_| {})).expect("start");
+    assert_eq!(m.word(17 * CHUNK + 64), (17 * CHUNK + 64).wrapping_mul(3), "on a fault");
+    assert!(server.wait_resident(Duration::from_secs(20)));
+    assert!(server.error().is_none());
+    for off in (0..n * CHUNK).step_by(8) {
+        assert_eq!(m.word(off), off.wrapping_mul(3), "word at {off:#x}");
+    }
+}
+
+/// A shared chunk whose length is not the chunk's is refused: the server fails naming the
+/// chunk, and the faulting thread never sees its bytes (nor the server's buffer).
+#[test]
+fn a_shared_chunk_of_the_wrong_length_is_an_error_and_never_mapped() {
+    let m = Arc::new(Mapping::new(8 * CHUNK as usize));
+    let src = Arc::new(SharedSource::new(8, Some(4 * CHUNK)));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e2 = errors.clone();
+    let mut server = PageServer::start(
+        vec![block(&m)],
+        src,
+        ServerOptions::default(),
+        Box::new(move |e| e2.lock().expect("lock").push(e.to_string())),
+    )
+    .expect("start");
+    assert_eq!(m.word(CHUNK), CHUNK.wrapping_mul(3));
+    let m2 = m.clone();
+    let toucher = std::thread::spawn(move || m2.word(4 * CHUNK + 8));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while errors.lock().expect("lock").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let errs = errors.lock().expect("lock").clone();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("offset 0x40000") && errs[0].contains("cached chunk has"), "{errs:?}");
+    let word = toucher.join().expect("the faulting thread is released");
+    assert_ne!(word, (4 * CHUNK + 8).wrapping_mul(3), "bytes of the refused chunk");
+    assert_ne!(word, 0xeeee_eeee_eeee_eeee, "bytes of the server's buffer");
+    server.stop();
+}
