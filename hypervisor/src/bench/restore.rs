@@ -71,6 +71,10 @@ pub struct RestoreBenchArgs {
     /// behaviour before the fill gate), to compare the two in one run.
     #[arg(long)]
     pub no_fill_gate: bool,
+    /// Fill threads that start with the page server despite the gate (default: one per core
+    /// but one); 0 holds them all at the gate until the first exit (the behaviour before).
+    #[arg(long)]
+    pub ungated_fill_threads: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -204,6 +208,7 @@ fn measure(
     expect: &str,
     fill_threads: usize,
     gate: bool,
+    ungated: Option<usize>,
 ) -> Result<Run, CliError> {
     let (mode, resident) = (case.mode, case.resident);
     let out = SharedOutput::default();
@@ -215,6 +220,9 @@ fn measure(
         RestoreOptions { cache: case.warm.clone(), fill_threads, ..RestoreOptions::new(mode, Box::new(out.clone())) };
     if !gate {
         opts.fill_hold_off = None;
+    }
+    if let Some(n) = ungated {
+        opts.fill_ungated = n;
     }
     let (mut vm, report) = snapshot::restore(store, name, opts).map_err(snapshot_error)?;
     let t0 = if resident { Instant::now() } else { t0 };
@@ -306,10 +314,13 @@ fn bench_size(
     let gate = !args.no_fill_gate;
     let wanted = |c: &Case| c.resident || args.only.is_empty() || args.only.iter().any(|l| l == c.label());
     let floor = || Case { mode: RestoreMode::Eager, resident: true, warm: None };
-    let mut runs = vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, threads, gate))?];
+    let mut runs =
+        vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, threads, gate, args.ungated_fill_threads))?];
     for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
         if wanted(&Case::cold(mode)) {
-            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate))?);
+            runs.push(best(rep, || {
+                measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate, args.ungated_fill_threads)
+            })?);
         }
     }
     // Record the working set with a lazy run, then measure with it.
@@ -332,7 +343,9 @@ fn bench_size(
     rec.stop("working set recorded");
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
         if wanted(&Case::cold(mode)) {
-            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate))?);
+            runs.push(best(rep, || {
+                measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate, args.ungated_fill_threads)
+            })?);
         }
     }
     // The same with the working set already decompressed in memory (a daemon's chunk cache
@@ -344,7 +357,16 @@ fn bench_size(
         }
         runs.push(best(rep, || {
             let warm = Some(warm_cache(store, &name)?);
-            measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, threads, gate)
+            measure(
+                store,
+                &name,
+                mem_mib,
+                Case { mode, resident: false, warm },
+                &expect,
+                threads,
+                gate,
+                args.ungated_fill_threads,
+            )
         })?);
     }
     let floor = runs[0].working_set_ms.max(1e-3);

@@ -38,6 +38,17 @@ pub struct ServerOptions {
     /// `None`: the fill threads start loading at once. `Some(d)`: they wait until the gate
     /// ([`PageServer::fill_gate`]) is opened, at most `d` after the start (gate.rs).
     pub fill_hold_off: Option<Duration>,
+    /// With a hold-off, this many fill threads (the first ones) start loading at once anyway;
+    /// the others wait at the gate. See [`default_ungated_fill_threads`].
+    pub fill_ungated: usize,
+}
+
+/// Fill threads that need not wait at the gate by default: one per core but one. The first
+/// instruction waits on one core's worth of work (the restoring thread, then the vCPU and
+/// the fault thread); a fill thread on each other core takes nothing from it, and starts the
+/// prefetch list a restore's length earlier (gate.rs).
+pub fn default_ungated_fill_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1))
 }
 
 /// Fill threads by default: one per core, at least two (one keeps loading while the other
@@ -58,6 +69,7 @@ impl Default for ServerOptions {
             record_faults: false,
             fill_threads: default_fill_threads(),
             fill_hold_off: None,
+            fill_ungated: 0,
         }
     }
 }
@@ -244,6 +256,7 @@ impl PageServer {
                 None => FillGate::new_open(),
             }),
             fill_deadline: Instant::now() + opts.fill_hold_off.unwrap_or_default(),
+            fill_ungated: opts.fill_ungated,
         });
         if total == 0 {
             shared.stats.mark_resident();

@@ -83,6 +83,8 @@ pub(super) struct Shared {
     /// Fill threads start loading once this is open, or at `fill_deadline` (gate.rs).
     pub(super) gate: Arc<super::gate::FillGate>,
     pub(super) fill_deadline: Instant,
+    /// Fill threads `0..fill_ungated` do not wait at the gate.
+    pub(super) fill_ungated: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -361,7 +363,9 @@ impl Shared {
     /// every `n`-th chunk of the blocks from its `k`-th.
     pub(super) fn fill_loop(&self, background: bool, k: usize, n: usize) -> Result<(), LazyError> {
         let mut buf = vec![0u8; self.chunk as usize];
-        self.gate.wait(self.fill_deadline);
+        if k >= self.fill_ungated {
+            self.gate.wait(self.fill_deadline);
+        }
         self.load_list_timed(&mut buf)?;
         if !background || self.stop.load(Ordering::Acquire) {
             return Ok(());

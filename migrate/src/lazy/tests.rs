@@ -110,6 +110,7 @@ fn background_fill_makes_everything_resident_and_prefetch_goes_first() {
         record_faults: false,
         fill_threads: 2,
         fill_hold_off: None,
+        fill_ungated: 0,
     };
     let server = PageServer::start(vec![block(&m)], src, opts, Box::new(|_| {})).expect("start");
     assert!(server.wait_resident(Duration::from_secs(20)));
@@ -386,6 +387,38 @@ fn fill_threads_wait_at_the_gate_until_it_opens() {
     server.fill_gate().open();
     assert!(server.wait_resident(Duration::from_secs(10)), "the fill threads start once the gate opens");
     assert_eq!(server.stats().snapshot().chunks_prefetched, 2);
+    assert_source_bytes(&m);
+}
+
+/// An ungated fill thread loads the prefetch list and the rest of memory while the gate is
+/// shut, byte-exact; the gated one waits. Fails if `fill_ungated` is ignored (nothing loads
+/// until the gate opens) or lets every thread through (the gate stays shut throughout here,
+/// so only the count of threads that ran can tell: one).
+#[test]
+fn ungated_fill_threads_load_while_the_gate_is_shut() {
+    let m = Mapping::new(16 * CHUNK as usize);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let opts = ServerOptions {
+        prefetch: vec![("b".into(), 5 * CHUNK), ("b".into(), 6 * CHUNK)],
+        background_fill: true,
+        fill_threads: 2,
+        fill_hold_off: Some(Duration::from_secs(600)),
+        fill_ungated: 1,
+        ..Default::default()
+    };
+    let server = PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.stats().snapshot().chunks_prefetched < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!server.fill_gate().is_open());
+    let s = server.stats().snapshot();
+    assert_eq!(s.chunks_prefetched, 2, "the ungated thread loads the list with the gate shut");
+    // Thread 0 (ungated) fills every second chunk from 0; thread 1 (gated) those from 1.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!server.is_resident(), "the gated thread's chunks wait for the gate");
+    server.fill_gate().open();
+    assert!(server.wait_resident(Duration::from_secs(10)));
     assert_source_bytes(&m);
 }
 
