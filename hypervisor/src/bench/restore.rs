@@ -199,6 +199,14 @@ fn warm_cache(store: &storage::Store, name: &str) -> Result<Arc<ChunkCache>, Cli
     Ok(cache)
 }
 
+/// How the lazy restores' fill threads run: how many, gated or not, how many ungated.
+#[derive(Clone, Copy)]
+struct FillSetup {
+    threads: usize,
+    gate: bool,
+    ungated: Option<usize>,
+}
+
 /// Restores `name` as `case` says, lets it touch its working set, and measures.
 fn measure(
     store: &storage::Store,
@@ -206,10 +214,9 @@ fn measure(
     mem_mib: u64,
     case: Case,
     expect: &str,
-    fill_threads: usize,
-    gate: bool,
-    ungated: Option<usize>,
+    fill: &FillSetup,
 ) -> Result<Run, CliError> {
+    let FillSetup { threads: fill_threads, gate, ungated } = *fill;
     let (mode, resident) = (case.mode, case.resident);
     let out = SharedOutput::default();
     let cpu0 = crate::control::process_cpu_ms();
@@ -311,16 +318,13 @@ fn bench_size(
     let expect = format!("touch: working set of {pages} pages done, checksum {sum:#x}\n");
 
     let rep = args.repeat;
-    let gate = !args.no_fill_gate;
+    let fill = FillSetup { threads, gate: !args.no_fill_gate, ungated: args.ungated_fill_threads };
     let wanted = |c: &Case| c.resident || args.only.is_empty() || args.only.iter().any(|l| l == c.label());
     let floor = || Case { mode: RestoreMode::Eager, resident: true, warm: None };
-    let mut runs =
-        vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, threads, gate, args.ungated_fill_threads))?];
+    let mut runs = vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, &fill))?];
     for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
         if wanted(&Case::cold(mode)) {
-            runs.push(best(rep, || {
-                measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate, args.ungated_fill_threads)
-            })?);
+            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, &fill))?);
         }
     }
     // Record the working set with a lazy run, then measure with it.
@@ -343,9 +347,7 @@ fn bench_size(
     rec.stop("working set recorded");
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
         if wanted(&Case::cold(mode)) {
-            runs.push(best(rep, || {
-                measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate, args.ungated_fill_threads)
-            })?);
+            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, &fill))?);
         }
     }
     // The same with the working set already decompressed in memory (a daemon's chunk cache
@@ -357,16 +359,7 @@ fn bench_size(
         }
         runs.push(best(rep, || {
             let warm = Some(warm_cache(store, &name)?);
-            measure(
-                store,
-                &name,
-                mem_mib,
-                Case { mode, resident: false, warm },
-                &expect,
-                threads,
-                gate,
-                args.ungated_fill_threads,
-            )
+            measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, &fill)
         })?);
     }
     let floor = runs[0].working_set_ms.max(1e-3);
