@@ -71,8 +71,8 @@ pub struct RestoreBenchArgs {
     /// behaviour before the fill gate), to compare the two in one run.
     #[arg(long)]
     pub no_fill_gate: bool,
-    /// Fill threads that start with the page server despite the gate (default: one per core
-    /// but one); 0 holds them all at the gate until the first exit (the behaviour before).
+    /// Fill threads that start with the page server despite the gate (default 0: all wait
+    /// for the first exit), to compare in separate runs.
     #[arg(long)]
     pub ungated_fill_threads: Option<usize>,
     /// Print JSON instead of a table.

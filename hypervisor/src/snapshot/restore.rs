@@ -98,8 +98,8 @@ pub struct RestoreOptions {
     /// load anything (gate.rs in migrate::lazy); `None`: they start with the page server.
     /// Default [`FILL_HOLD_OFF`].
     pub fill_hold_off: Option<Duration>,
-    /// Lazy, with a hold-off: fill threads that start loading at once all the same (default:
-    /// one per core but one, [`migrate::lazy::default_ungated_fill_threads`]).
+    /// Lazy, with a hold-off: fill threads that start loading at once all the same (default
+    /// 0: every one waits; gate.rs in migrate::lazy has what was measured).
     pub fill_ungated: usize,
     /// Lazy: map the snapshot's memory from a base shared with the other clones of it in this
     /// process (shared_base.rs) instead of giving this VM a private copy of every page.
@@ -126,7 +126,7 @@ impl RestoreOptions {
             track_dirty: false,
             shared_base: None,
             fill_hold_off: Some(FILL_HOLD_OFF),
-            fill_ungated: migrate::lazy::default_ungated_fill_threads(),
+            fill_ungated: 0,
         }
     }
 }

@@ -12,8 +12,8 @@
 //! - the *fill* threads (one per core by default) first load the prefetch list (chunks in the
 //!   order a previous run first faulted them), then every chunk not yet resident, until the
 //!   VM is fully resident. With a hold-off they first wait at a gate (gate.rs) until the
-//!   guest runs, so that they do not take the cores the first instruction needs; all but
-//!   the first `fill_ungated` of them (by default one per core but one).
+//!   guest runs, so that they do not take the cores the first instruction needs (all but
+//!   the first `fill_ungated` of them; by default all).
 //!
 //! Prefetch. The list is read from the store, so it is checked first: entries naming a block
 //! not served or an offset past its length are dropped, and so are repeats. Its loaders take
@@ -67,9 +67,7 @@ mod stats;
 pub use base::{Base, BaseOptions, BaseRegistry, BaseStats};
 pub use cache::ChunkCache;
 pub use gate::FillGate;
-pub use server::{
-    default_fill_threads, default_ungated_fill_threads, LazyBlock, PageServer, ServerOptions, MAX_DEFAULT_FILL_THREADS,
-};
+pub use server::{default_fill_threads, LazyBlock, PageServer, ServerOptions, MAX_DEFAULT_FILL_THREADS};
 pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
 
 use thiserror::Error;

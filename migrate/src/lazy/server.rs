@@ -39,16 +39,8 @@ pub struct ServerOptions {
     /// ([`PageServer::fill_gate`]) is opened, at most `d` after the start (gate.rs).
     pub fill_hold_off: Option<Duration>,
     /// With a hold-off, this many fill threads (the first ones) start loading at once anyway;
-    /// the others wait at the gate. See [`default_ungated_fill_threads`].
+    /// the others wait at the gate (gate.rs).
     pub fill_ungated: usize,
-}
-
-/// Fill threads that need not wait at the gate by default: one per core but one. The first
-/// instruction waits on one core's worth of work (the restoring thread, then the vCPU and
-/// the fault thread); a fill thread on each other core takes nothing from it, and starts the
-/// prefetch list a restore's length earlier (gate.rs).
-pub fn default_ungated_fill_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1))
 }
 
 /// Fill threads by default: one per core, at least two (one keeps loading while the other
