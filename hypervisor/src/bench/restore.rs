@@ -16,6 +16,10 @@
 //! measured again *warm* (`lazy+prefetch warm`, `lazy+prefetch-before warm`): with the
 //! working set already decompressed in a chunk cache, as in a daemon that restored the
 //! snapshot before, so that a chunk costs a copy and no store read, decompression or hash.
+//! Only while the working set fits the cache ([`SHARED_CACHE_BYTES`]): at 4 GiB (410 MiB of
+//! working set) the cache keeps the list's tail, the restore reads it from the front, and
+//! every chunk misses and is inserted again (`read MiB` shows the whole memory read): the
+//! warm rows are then cold rows that also pay for filling the cache.
 //!
 //! Each restored guest is told *go* and touches its working set (`span` bytes every `stride`
 //! bytes: 10% of memory by default). Reported per run: request to first guest instruction
