@@ -131,6 +131,57 @@ fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
     }
 }
 
+/// A lazy restore whose chunks all come from a cache of decompressed chunks (a daemon that
+/// restored the snapshot before) holds the snapshot's bytes: the cache's own bytes are placed
+/// (`Fill::Shared`), never the page server's buffer. A snapshot of that VM holds them too.
+#[test]
+fn a_restore_from_a_warm_chunk_cache_holds_the_snapshots_bytes_and_snapshots_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let mut a = noise(64 * 1024, 11);
+    a.extend(vec![0u8; 64 * 1024]);
+    a.extend(noise(64 * 1024 + 5000, 12));
+    let mut cfg = VmConfig::new(
+        16,
+        1,
+        BootSource::Builtin { guest: Builtin::Hello, params: BuiltinParams::default() },
+        Box::new(SharedOutput::default()),
+    );
+    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: a.clone() }];
+    let vm = Vm::new(cfg).expect("vm");
+    snapshot::save(&vm, &store, "s", &SaveOptions::default(), &|_| {}).expect("snapshot");
+    drop(vm);
+    let prefetch = vec![(BLOCK.to_string(), 0), (BLOCK.to_string(), 0x20000), ("pc.ram".to_string(), 0x10000)];
+    store.put_attachment("s", PREFETCH_ATTACHMENT, &encode_prefetch(&prefetch)).expect("attachment");
+
+    for mode in [RestoreMode::Lazy, RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
+        let cache = migrate::lazy::ChunkCache::new(64 << 20);
+        let restore = || {
+            let mut opts = RestoreOptions::new(mode, Box::new(SharedOutput::default()));
+            opts.fw_cfg_files =
+                Some(vec![FwCfgFile { name: FILE.into(), data: noise(a.len(), 13).iter().map(|x| x | 1).collect() }]);
+            opts.cache = Some(cache.clone());
+            snapshot::restore(&store, "s", opts).expect("restore").0
+        };
+        // The first restore fills the cache with every stored chunk.
+        let first = restore();
+        assert!(snapshot::restore::wait_resident(&first, Duration::from_secs(60)), "{mode:?}: first resident");
+        drop(first);
+        let (hits0, _) = cache.counters();
+        let vm2 = restore();
+        assert!(snapshot::restore::wait_resident(&vm2, Duration::from_secs(60)), "{mode:?}: resident");
+        let s = lazy_stats(&vm2).expect("lazy");
+        assert_eq!(s.bytes_stored_read, 0, "{mode:?}: every chunk from the cache: {s:?}");
+        assert!(cache.counters().0 > hits0, "{mode:?}: cache hits");
+        assert_eq!(vm2.page_server().and_then(|p| p.error()), None, "{mode:?}");
+        assert_blocks_match(&vm2, &store, "s", &format!("{mode:?} restore from a warm cache"));
+        let again = format!("s-{mode:?}");
+        snapshot::save(&vm2, &store, &again, &SaveOptions::default(), &|_| {}).expect("snapshot of the restored VM");
+        assert_blocks_match(&vm2, &store, &again, &format!("{mode:?}: snapshot of the restored VM"));
+        assert_blocks_match(&vm2, &store, "s", &format!("{mode:?}: after its snapshot"));
+    }
+}
+
 /// Runs `snapvisor ARGS` and returns its stdout, asserting exit status 0.
 fn run_ok(args: &[&str]) -> String {
     let o = snapvisor(args);

@@ -16,6 +16,10 @@
 //! measured again *warm* (`lazy+prefetch warm`, `lazy+prefetch-before warm`): with the
 //! working set already decompressed in a chunk cache, as in a daemon that restored the
 //! snapshot before, so that a chunk costs a copy and no store read, decompression or hash.
+//! Only while the working set fits the cache ([`SHARED_CACHE_BYTES`]): at 4 GiB (410 MiB of
+//! working set) the cache keeps the list's tail, the restore reads it from the front, and
+//! every chunk misses and is inserted again (`read MiB` shows the whole memory read): the
+//! warm rows are then cold rows that also pay for filling the cache.
 //!
 //! Each restored guest is told *go* and touches its working set (`span` bytes every `stride`
 //! bytes: 10% of memory by default). Reported per run: request to first guest instruction
@@ -24,6 +28,8 @@
 //! Also the process's CPU time (every thread) from the request to the first instruction and
 //! to working set done: on a loaded host the wall clock grows with the others' work, this
 //! does not, and on an idle host with `c` cores the wall time cannot beat it over `c`.
+//! `list cpu µs`: the CPU time the prefetch list's loaders (their own threads) spent per
+//! chunk they loaded from it, the per-chunk cost that bounds a prefetch mode on few cores.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -69,6 +75,10 @@ pub struct RestoreBenchArgs {
     /// behaviour before the fill gate), to compare the two in one run.
     #[arg(long)]
     pub no_fill_gate: bool,
+    /// Fill threads that start with the page server despite the gate (default 0: all wait
+    /// for the first exit), to compare in separate runs.
+    #[arg(long)]
+    pub ungated_fill_threads: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -108,6 +118,9 @@ pub struct Run {
     pub source_us: f64,
     /// Mean per working-set chunk: placing it into guest memory (`UFFDIO_COPY`), µs.
     pub place_us: f64,
+    /// CPU time (the loaders' own threads) per chunk the prefetch list's loaders loaded, µs:
+    /// reading, decompressing, checking and placing it, whatever else the host runs.
+    pub list_cpu_us: f64,
 }
 
 /// One size's snapshot.
@@ -190,6 +203,14 @@ fn warm_cache(store: &storage::Store, name: &str) -> Result<Arc<ChunkCache>, Cli
     Ok(cache)
 }
 
+/// How the lazy restores' fill threads run: how many, gated or not, how many ungated.
+#[derive(Clone, Copy)]
+struct FillSetup {
+    threads: usize,
+    gate: bool,
+    ungated: Option<usize>,
+}
+
 /// Restores `name` as `case` says, lets it touch its working set, and measures.
 fn measure(
     store: &storage::Store,
@@ -197,9 +218,9 @@ fn measure(
     mem_mib: u64,
     case: Case,
     expect: &str,
-    fill_threads: usize,
-    gate: bool,
+    fill: &FillSetup,
 ) -> Result<Run, CliError> {
+    let FillSetup { threads: fill_threads, gate, ungated } = *fill;
     let (mode, resident) = (case.mode, case.resident);
     let out = SharedOutput::default();
     let cpu0 = crate::control::process_cpu_ms();
@@ -210,6 +231,9 @@ fn measure(
         RestoreOptions { cache: case.warm.clone(), fill_threads, ..RestoreOptions::new(mode, Box::new(out.clone())) };
     if !gate {
         opts.fill_hold_off = None;
+    }
+    if let Some(n) = ungated {
+        opts.fill_ungated = n;
     }
     let (mut vm, report) = snapshot::restore(store, name, opts).map_err(snapshot_error)?;
     let t0 = if resident { Instant::now() } else { t0 };
@@ -254,6 +278,10 @@ fn measure(
         prefetch_chunks: report.prefetch_chunks,
         source_us: stats.as_ref().map_or(0.0, |s| s.mean_source_us),
         place_us: stats.as_ref().map_or(0.0, |s| s.mean_place_us),
+        list_cpu_us: stats
+            .as_ref()
+            .filter(|s| s.chunks_prefetched > 0)
+            .map_or(0.0, |s| s.list_cpu_ms * 1e3 / s.chunks_prefetched as f64),
     })
 }
 
@@ -294,13 +322,13 @@ fn bench_size(
     let expect = format!("touch: working set of {pages} pages done, checksum {sum:#x}\n");
 
     let rep = args.repeat;
-    let gate = !args.no_fill_gate;
+    let fill = FillSetup { threads, gate: !args.no_fill_gate, ungated: args.ungated_fill_threads };
     let wanted = |c: &Case| c.resident || args.only.is_empty() || args.only.iter().any(|l| l == c.label());
     let floor = || Case { mode: RestoreMode::Eager, resident: true, warm: None };
-    let mut runs = vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, threads, gate))?];
+    let mut runs = vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, &fill))?];
     for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
         if wanted(&Case::cold(mode)) {
-            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate))?);
+            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, &fill))?);
         }
     }
     // Record the working set with a lazy run, then measure with it.
@@ -323,7 +351,7 @@ fn bench_size(
     rec.stop("working set recorded");
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
         if wanted(&Case::cold(mode)) {
-            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, threads, gate))?);
+            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, &fill))?);
         }
     }
     // The same with the working set already decompressed in memory (a daemon's chunk cache
@@ -335,7 +363,7 @@ fn bench_size(
         }
         runs.push(best(rep, || {
             let warm = Some(warm_cache(store, &name)?);
-            measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, threads, gate)
+            measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, &fill)
         })?);
     }
     let floor = runs[0].working_set_ms.max(1e-3);
@@ -424,7 +452,7 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
         r.fill_threads, r.repeat, r.load_average.0, r.load_average.1
     );
     println!(
-        "{:>8} {:<21} {:>12} {:>9} {:>12} {:>12} {:>8} {:>9} {:>9} {:>7} {:>9} {:>10} {:>10} {:>9}",
+        "{:>8} {:<21} {:>12} {:>9} {:>12} {:>12} {:>8} {:>9} {:>9} {:>7} {:>9} {:>10} {:>10} {:>9} {:>11}",
         "mem MiB",
         "mode",
         "first ins ms",
@@ -438,11 +466,12 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
         "on fault",
         "read MiB",
         "source µs",
-        "place µs"
+        "place µs",
+        "list cpu µs"
     );
     for run in &r.runs {
         println!(
-            "{:>8} {:<21} {:>12.2} {:>9.2} {:>12.2} {:>12.2} {:>7.2}x {:>9.2} {:>8.2}x {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1}",
+            "{:>8} {:<21} {:>12.2} {:>9.2} {:>12.2} {:>12.2} {:>7.2}x {:>9.2} {:>8.2}x {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1} {:>11.1}",
             run.mem_mib,
             run.mode,
             run.first_instruction_ms,
@@ -456,7 +485,8 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
             run.chunks_on_fault,
             run.bytes_read as f64 / (1 << 20) as f64,
             run.source_us,
-            run.place_us
+            run.place_us,
+            run.list_cpu_us
         );
     }
     Ok(())

@@ -98,6 +98,9 @@ pub struct RestoreOptions {
     /// load anything (gate.rs in migrate::lazy); `None`: they start with the page server.
     /// Default [`FILL_HOLD_OFF`].
     pub fill_hold_off: Option<Duration>,
+    /// Lazy, with a hold-off: fill threads that start loading at once all the same (default
+    /// 0: every one waits; gate.rs in migrate::lazy has what was measured).
+    pub fill_ungated: usize,
     /// Lazy: map the snapshot's memory from a base shared with the other clones of it in this
     /// process (shared_base.rs) instead of giving this VM a private copy of every page.
     pub shared_base: Option<Arc<migrate::lazy::BaseRegistry>>,
@@ -123,6 +126,7 @@ impl RestoreOptions {
             track_dirty: false,
             shared_base: None,
             fill_hold_off: Some(FILL_HOLD_OFF),
+            fill_ungated: 0,
         }
     }
 }
@@ -320,6 +324,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
                         record_faults: true,
                         fill_threads: opts.fill_threads,
                         fill_hold_off: opts.fill_hold_off,
+                        fill_ungated: opts.fill_ungated,
                     },
                     on_error,
                 )?,

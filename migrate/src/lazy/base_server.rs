@@ -99,6 +99,7 @@ impl PageServer {
             base: Some(BaseLink { base, index }),
             gate: Arc::new(super::gate::FillGate::new_open()),
             fill_deadline: std::time::Instant::now(),
+            fill_ungated: 0,
         });
         if total == 0 {
             shared.stats.mark_resident();

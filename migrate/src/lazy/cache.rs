@@ -55,6 +55,17 @@ impl ChunkCache {
 
     /// Copies the chunk into `buf` if cached; returns its length.
     pub fn get(&self, hash: &[u8; 32], buf: &mut [u8]) -> Option<usize> {
+        let data = self.get_shared(hash)?;
+        if data.len() > buf.len() {
+            return None;
+        }
+        buf[..data.len()].copy_from_slice(&data);
+        Some(data.len())
+    }
+
+    /// The cached chunk itself, if cached: a reference to the entry's bytes rather than a copy
+    /// (a lazy restore places them straight from here).
+    pub fn get_shared(&self, hash: &[u8; 32]) -> Option<Arc<[u8]>> {
         let data = {
             let mut s = self.shard(hash);
             s.tick += 1;
@@ -76,12 +87,8 @@ impl ChunkCache {
             s.lru.insert(tick, *hash);
             data
         };
-        if data.len() > buf.len() {
-            return None;
-        }
-        buf[..data.len()].copy_from_slice(&data);
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Some(data.len())
+        Some(data)
     }
 
     /// Keeps a copy of a verified chunk.

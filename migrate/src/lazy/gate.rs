@@ -9,6 +9,16 @@
 //! running), until the hold-off passes (a guest that is halted or never exits still gets its
 //! memory), or until the server stops, fails, or is asked to load the prefetch list now.
 //!
+//! The first `fill_ungated` fill threads may be let start with the server (0 by default):
+//! the first instruction needs one core, and on the others a fill thread would take nothing
+//! from it and start the prefetch list while the restore still loads device and vCPU state.
+//! Measured on the 2-core machines under load 5-8 from other work, the wall clocks of
+//! `bench restore --ungated-fill-threads 0|1` and `--no-fill-gate` did not tell the three
+//! apart (each ranged 2-3x from run to run; the gate was never shown to help or hurt the
+//! working set); the CPU to the first instruction was 3-5 ms gated, 6-8 ms with one thread
+//! ungated (the list's first chunks), 7-20 ms ungated. Until a quiet host shows a gain, the
+//! default stays as it was.
+//!
 //! The gate only delays loading that nobody waits for: faults are served from the start,
 //! and every chunk still goes through the claims of serving.rs, so what the guest sees is
 //! the same whether the gate is open or not.

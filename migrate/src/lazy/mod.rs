@@ -12,7 +12,8 @@
 //! - the *fill* threads (one per core by default) first load the prefetch list (chunks in the
 //!   order a previous run first faulted them), then every chunk not yet resident, until the
 //!   VM is fully resident. With a hold-off they first wait at a gate (gate.rs) until the
-//!   guest runs, so that they do not take the cores the first instruction needs.
+//!   guest runs, so that they do not take the cores the first instruction needs (all but
+//!   the first `fill_ungated` of them; by default all).
 //!
 //! Prefetch. The list is read from the store, so it is checked first: entries naming a block
 //! not served or an offset past its length are dropped, and so are repeats. Its loaders take
@@ -72,13 +73,17 @@ pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
 use thiserror::Error;
 
 /// What a chunk read gave.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fill {
     /// `buf` holds the chunk's bytes; `stored` bytes were read from the store (0 when the
     /// chunk came from a cache shared with other restores).
     Data { stored: u64 },
     /// The chunk is all zeros (nothing stored; `buf` untouched).
     Zero,
+    /// The chunk's bytes, verified, held by a cache shared with other restores (`buf`
+    /// untouched): they are placed from there, without a copy into `buf` first. Its length
+    /// must be the chunk's; the server refuses any other.
+    Shared(std::sync::Arc<[u8]>),
 }
 
 /// Where lazily restored pages come from.

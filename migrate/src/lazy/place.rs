@@ -2,6 +2,16 @@
 //! as the serving code needs them. On `EAGAIN` the kernel reports how many bytes it placed
 //! before stopping; the userfaultfd crate keeps that count for copies but drops it for
 //! zero-fills, so zero-fills issue the ioctl here.
+//!
+//! Why a copy. What a page costs to place is its allocation and mapping, not the copy: on
+//! the development machines (kvm_pvm, 2 cores), CPU time per 64 KiB chunk placed into fresh
+//! memory was 17-25 µs for `UFFDIO_COPY`; 21-29 µs for `MADV_POPULATE_WRITE` alone (allocate
+//! and zero, nothing copied yet); 29-32 µs to `pwrite` it into a memfd, plus ~7.5 µs for
+//! `UFFDIO_CONTINUE` to map it; 56 µs to populate a shared alias of the memfd, copy into it
+//! and `UFFDIO_CONTINUE`; a plain copy into pages already present, 4-6 µs. So decompressing
+//! straight into a file-backed guest memory (MINOR faults) would cost more per chunk than
+//! decompressing into a buffer and copying, and copies of 256 KiB at once saved 10-20%
+//! over 64 KiB ones (a working set's chunks are rarely adjacent).
 
 use std::os::fd::AsRawFd;
 

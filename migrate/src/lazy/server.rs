@@ -38,6 +38,9 @@ pub struct ServerOptions {
     /// `None`: the fill threads start loading at once. `Some(d)`: they wait until the gate
     /// ([`PageServer::fill_gate`]) is opened, at most `d` after the start (gate.rs).
     pub fill_hold_off: Option<Duration>,
+    /// With a hold-off, this many fill threads (the first ones) start loading at once anyway;
+    /// the others wait at the gate (gate.rs).
+    pub fill_ungated: usize,
 }
 
 /// Fill threads by default: one per core, at least two (one keeps loading while the other
@@ -58,6 +61,7 @@ impl Default for ServerOptions {
             record_faults: false,
             fill_threads: default_fill_threads(),
             fill_hold_off: None,
+            fill_ungated: 0,
         }
     }
 }
@@ -244,6 +248,7 @@ impl PageServer {
                 None => FillGate::new_open(),
             }),
             fill_deadline: Instant::now() + opts.fill_hold_off.unwrap_or_default(),
+            fill_ungated: opts.fill_ungated,
         });
         if total == 0 {
             shared.stats.mark_resident();

@@ -10,7 +10,7 @@ use userfaultfd::{Event, Uffd};
 
 use super::place::{copy_result, zeropage, Placed};
 use super::server::LazyBlock;
-use super::stats::LazyStats;
+use super::stats::{thread_cpu_ns, LazyStats};
 use super::{Fill, LazyError, PageSource};
 
 /// Host page size the copy fallback works in.
@@ -83,6 +83,8 @@ pub(super) struct Shared {
     /// Fill threads start loading once this is open, or at `fill_deadline` (gate.rs).
     pub(super) gate: Arc<super::gate::FillGate>,
     pub(super) fill_deadline: Instant,
+    /// Fill threads `0..fill_ungated` do not wait at the gate.
+    pub(super) fill_ungated: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -196,6 +198,14 @@ impl Shared {
             Fill::Data { stored } => {
                 self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
                 self.place(b, off, len, Some(&buf[..len as usize]))?
+            }
+            Fill::Shared(data) if data.len() as u64 == len => self.place(b, off, len, Some(&data))?,
+            Fill::Shared(data) => {
+                return Err(LazyError::Source {
+                    idstr: b.desc.idstr.clone(),
+                    offset: off,
+                    reason: format!("the cached chunk has {} bytes, expected {len}", data.len()),
+                })
             }
             Fill::Zero => {
                 self.stats.zero_chunks.fetch_add(1, Ordering::Relaxed);
@@ -311,6 +321,17 @@ impl Shared {
         }
     }
 
+    /// [`Shared::load_list`], adding this thread's CPU time on it to the stats.
+    fn load_list_timed(&self, buf: &mut [u8]) -> Result<(), LazyError> {
+        if self.prefetch.is_empty() {
+            return Ok(());
+        }
+        let cpu0 = thread_cpu_ns();
+        let r = self.load_list(buf);
+        self.stats.record_list_cpu(thread_cpu_ns().saturating_sub(cpu0));
+        r
+    }
+
     /// The restore's own thread, before the first instruction: loads entries of the prefetch
     /// list alongside the fill threads, then waits until every listed chunk is resident (a
     /// chunk another thread claimed may still be arriving). The first error of any thread is
@@ -320,7 +341,7 @@ impl Shared {
         // Every core on the list now: the first instruction waits for it anyway.
         self.gate.open();
         let mut buf = vec![0u8; self.chunk as usize];
-        if let Err(e) = self.load_list(&mut buf) {
+        if let Err(e) = self.load_list_timed(&mut buf) {
             self.fail(e.clone());
             return Err(failed().unwrap_or(e));
         }
@@ -342,8 +363,10 @@ impl Shared {
     /// every `n`-th chunk of the blocks from its `k`-th.
     pub(super) fn fill_loop(&self, background: bool, k: usize, n: usize) -> Result<(), LazyError> {
         let mut buf = vec![0u8; self.chunk as usize];
-        self.gate.wait(self.fill_deadline);
-        self.load_list(&mut buf)?;
+        if k >= self.fill_ungated {
+            self.gate.wait(self.fill_deadline);
+        }
+        self.load_list_timed(&mut buf)?;
         if !background || self.stop.load(Ordering::Acquire) {
             return Ok(());
         }

@@ -110,6 +110,7 @@ fn background_fill_makes_everything_resident_and_prefetch_goes_first() {
         record_faults: false,
         fill_threads: 2,
         fill_hold_off: None,
+        fill_ungated: 0,
     };
     let server = PageServer::start(vec![block(&m)], src, opts, Box::new(|_| {})).expect("start");
     assert!(server.wait_resident(Duration::from_secs(20)));
@@ -389,6 +390,38 @@ fn fill_threads_wait_at_the_gate_until_it_opens() {
     assert_source_bytes(&m);
 }
 
+/// An ungated fill thread loads the prefetch list and the rest of memory while the gate is
+/// shut, byte-exact; the gated one waits. Fails if `fill_ungated` is ignored (nothing loads
+/// until the gate opens) or lets every thread through (the gate stays shut throughout here,
+/// so only the count of threads that ran can tell: one).
+#[test]
+fn ungated_fill_threads_load_while_the_gate_is_shut() {
+    let m = Mapping::new(16 * CHUNK as usize);
+    let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+    let opts = ServerOptions {
+        prefetch: vec![("b".into(), 5 * CHUNK), ("b".into(), 6 * CHUNK)],
+        background_fill: true,
+        fill_threads: 2,
+        fill_hold_off: Some(Duration::from_secs(600)),
+        fill_ungated: 1,
+        ..Default::default()
+    };
+    let server = PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.stats().snapshot().chunks_prefetched < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!server.fill_gate().is_open());
+    let s = server.stats().snapshot();
+    assert_eq!(s.chunks_prefetched, 2, "the ungated thread loads the list with the gate shut");
+    // Thread 0 (ungated) fills every second chunk from 0; thread 1 (gated) those from 1.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!server.is_resident(), "the gated thread's chunks wait for the gate");
+    server.fill_gate().open();
+    assert!(server.wait_resident(Duration::from_secs(10)));
+    assert_source_bytes(&m);
+}
+
 /// A gate nobody opens opens itself after the hold-off: a guest that never exits still gets
 /// all its memory (and the snapshot pin is let go). Fails if the fill waits for ever.
 #[test]
@@ -421,4 +454,93 @@ fn stop_releases_fill_threads_waiting_at_the_gate() {
     let mut server = PageServer::start(vec![block(&m)], src.clone(), opts, Box::new(|_| {})).expect("start");
     server.stop();
     assert_eq!(src.reads.load(Ordering::Relaxed), 0, "stopped before loading anything");
+}
+
+/// Hands out chunks the way a shared cache does ([`Fill::Shared`]): offset-patterned bytes
+/// built once and shared, never written into the server's buffer; `short_at` hands out one
+/// a page short (a cache entry that does not fit the chunk).
+struct SharedSource {
+    short_at: Option<u64>,
+    chunks: Vec<Arc<[u8]>>,
+}
+
+impl SharedSource {
+    fn new(chunks: u64, short_at: Option<u64>) -> SharedSource {
+        let chunks = (0..chunks)
+            .map(|c| {
+                let bytes: Vec<u8> =
+                    (0..CHUNK / 8).flat_map(|i| (c * CHUNK + 8 * i).wrapping_mul(3).to_le_bytes()).collect();
+                Arc::from(bytes)
+            })
+            .collect();
+        SharedSource { short_at, chunks }
+    }
+}
+
+impl PageSource for SharedSource {
+    fn chunk_size(&self) -> u64 {
+        CHUNK
+    }
+    fn read_chunk(&self, _idstr: &str, offset: u64, buf: &mut [u8]) -> Result<Fill, String> {
+        // Poison the server's buffer: bytes from it would show up in the guest's memory.
+        buf.fill(0xee);
+        let data = self.chunks[(offset / CHUNK) as usize].clone();
+        if Some(offset) == self.short_at {
+            return Ok(Fill::Shared(Arc::from(&data[..data.len() - 4096])));
+        }
+        Ok(Fill::Shared(data))
+    }
+}
+
+/// Chunks a cache holds are placed from the cache's own bytes: byte-exact on faults, from
+/// the prefetch list and from the background fill.
+#[test]
+fn shared_chunks_are_placed_byte_exact() {
+    let n = 24u64;
+    let m = Mapping::new((n * CHUNK) as usize);
+    let src = Arc::new(SharedSource::new(n, None));
+    let opts = ServerOptions {
+        prefetch: vec![("b".into(), 9 * CHUNK), ("b".into(), 2 * CHUNK)],
+        background_fill: true,
+        fill_threads: 2,
+        ..Default::default()
+    };
+    let server = PageServer::start(vec![block(&m)], src, opts, Box::new(|_| {})).expect("start");
+    assert_eq!(m.word(17 * CHUNK + 64), (17 * CHUNK + 64).wrapping_mul(3), "on a fault");
+    assert!(server.wait_resident(Duration::from_secs(20)));
+    assert!(server.error().is_none());
+    for off in (0..n * CHUNK).step_by(8) {
+        assert_eq!(m.word(off), off.wrapping_mul(3), "word at {off:#x}");
+    }
+}
+
+/// A shared chunk whose length is not the chunk's is refused: the server fails naming the
+/// chunk, and the faulting thread never sees its bytes (nor the server's buffer).
+#[test]
+fn a_shared_chunk_of_the_wrong_length_is_an_error_and_never_mapped() {
+    let m = Arc::new(Mapping::new(8 * CHUNK as usize));
+    let src = Arc::new(SharedSource::new(8, Some(4 * CHUNK)));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let e2 = errors.clone();
+    let mut server = PageServer::start(
+        vec![block(&m)],
+        src,
+        ServerOptions::default(),
+        Box::new(move |e| e2.lock().expect("lock").push(e.to_string())),
+    )
+    .expect("start");
+    assert_eq!(m.word(CHUNK), CHUNK.wrapping_mul(3));
+    let m2 = m.clone();
+    let toucher = std::thread::spawn(move || m2.word(4 * CHUNK + 8));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while errors.lock().expect("lock").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let errs = errors.lock().expect("lock").clone();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("offset 0x40000") && errs[0].contains("cached chunk has"), "{errs:?}");
+    let word = toucher.join().expect("the faulting thread is released");
+    assert_ne!(word, (4 * CHUNK + 8).wrapping_mul(3), "bytes of the refused chunk");
+    assert_ne!(word, 0xeeee_eeee_eeee_eeee, "bytes of the server's buffer");
+    server.stop();
 }

@@ -151,10 +151,8 @@ impl PageSource for StorePageSource {
         match m.chunks.get(index) {
             Some(ChunkRef::Zero) => Ok(Fill::Zero),
             Some(ChunkRef::Stored(hash)) => {
-                if let Some(cache) = &self.cache {
-                    if cache.get(&hash.0, buf).is_some() {
-                        return Ok(Fill::Data { stored: 0 });
-                    }
+                if let Some(data) = self.cache.as_ref().and_then(|c| c.get_shared(&hash.0)) {
+                    return Ok(Fill::Shared(data));
                 }
                 let n = self.reader.read_chunk(idstr, offset, buf).map_err(|e| e.to_string())?;
                 LAZY_STORE_BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
