@@ -87,8 +87,20 @@ fn check_prefetch(list: &[(String, u64)], blocks: &[Block], chunk: u64) -> (Vec<
     (out, dropped)
 }
 
-/// The offset of the first page of `host..host+len` that is present (mapped), if any.
+/// The offset of the first page of `host..host+len` that is present (mapped), if any. Asks
+/// the page tables (`crate::ram::used_pages`: microseconds for gigabytes nobody touched, and
+/// swapped-out pages count), or, where they cannot answer, `mincore` (per page).
 fn first_present_page(host: usize, len: u64) -> Result<Option<u64>, String> {
+    match crate::ram::used_pages(host, len, true) {
+        Ok(Some(runs)) => return Ok(runs.first().map(|r| r.start)),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("lazy restore: finding the pages in use: {e}; asking mincore instead"),
+    }
+    first_present_page_mincore(host, len)
+}
+
+/// [`first_present_page`] by `mincore`.
+fn first_present_page_mincore(host: usize, len: u64) -> Result<Option<u64>, String> {
     /// Pages asked about per `mincore` call.
     const BATCH: u64 = 16 * 1024;
     let pages = len / PAGE;
