@@ -238,7 +238,8 @@ mod tests {
             }
         }
         assert_eq!(m.used(false), Some(want.clone()));
-        assert_eq!(m.used(true), Some(vec![0..PAGE as u64]));
+        let first: Range<u64> = 0..PAGE as u64;
+        assert_eq!(m.used(true), Some([first].to_vec()));
         // A read of an untouched page maps the zero page: in use too (a fault would not come).
         // SAFETY: inside the mapping.
         let _ = unsafe { m.0.add(50 * PAGE).read_volatile() };
@@ -255,7 +256,8 @@ mod tests {
         // SAFETY: inside the mapping.
         assert_eq!(unsafe { libc::mprotect(m.0.add(4 * PAGE).cast(), 4 * PAGE, libc::PROT_READ) }, 0);
         m.touch(12);
-        assert_eq!(m.used(false), Some(vec![(12 * PAGE) as u64..(13 * PAGE) as u64]));
+        let page12: Range<u64> = (12 * PAGE) as u64..(13 * PAGE) as u64;
+        assert_eq!(m.used(false), Some([page12].to_vec()));
     }
 
     #[test]
