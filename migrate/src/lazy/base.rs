@@ -61,7 +61,7 @@ const BACKGROUND_NICE: libc::c_int = 10;
 #[derive(Clone, Debug)]
 pub struct BaseOptions {
     /// Chunks to fill first, in order: (block idstr, offset).
-    pub prefetch: Vec<(String, u64)>,
+    pub prefetch: Vec<(Arc<str>, u64)>,
     /// Fill every chunk after the prefetch list, until complete.
     pub background_fill: bool,
     /// Fill threads (0 is taken as 1).
@@ -186,7 +186,7 @@ impl Base {
             .prefetch
             .iter()
             .filter_map(|(idstr, off)| {
-                let bi = state.iter().position(|b| &b.idstr == idstr)?;
+                let bi = state.iter().position(|b| *b.idstr == **idstr)?;
                 (*off < state[bi].len).then_some((bi, off / chunk))
             })
             .collect();

@@ -31,8 +31,12 @@
 //!
 //! Registration. A block must have no page present when it is registered, or the guest would
 //! see whatever was there (the destination's own fw_cfg file, say) instead of the snapshot's
-//! bytes. The owner drops the pages first (`RamBlock::discard`); the server checks with
-//! `mincore` and refuses a block that still has any.
+//! bytes. The owner drops the pages first (`RamBlock::discard_present`); the server checks
+//! after registering and refuses a block that still has any. Both ask the page tables
+//! (`ram::used_pages`, `PAGEMAP_SCAN`: empty levels are skipped whole, so a block nobody
+//! touched costs microseconds whatever its size, and a swapped-out page counts as present),
+//! or `mincore` page by page where the kernel cannot answer or the mapping is not private
+//! anonymous memory.
 //!
 //! Failure. A read error or hash mismatch from the source is reported through the server's
 //! error callback, which stops the VM; the chunk is never mapped, so the guest never sees

@@ -24,14 +24,14 @@ impl PageSource for SlowSource {
 
 /// A list with every kind of bad entry: a repeat, the same chunk at an unaligned offset, an
 /// unknown block, offsets at and past the block's end.
-fn hostile_list() -> Vec<(String, u64)> {
-    let b = |off: u64| ("b".to_string(), off);
+fn hostile_list() -> Vec<(Arc<str>, u64)> {
+    let b = |off: u64| -> (Arc<str>, u64) { ("b".into(), off) };
     vec![
         b(20 * CHUNK),
         b(7 * CHUNK),
         b(7 * CHUNK),
         b(7 * CHUNK + 4096 + 5),
-        ("nope".to_string(), 0),
+        ("nope".into(), 0),
         b(32 * CHUNK),
         b(u64::MAX),
         b(3 * CHUNK),

@@ -257,6 +257,29 @@ fn a_block_with_a_present_page_is_refused_at_registration() {
     assert!(reason.contains("offset 0x20000 is already present"), "{reason}");
 }
 
+/// The registration check sees a page wherever it is in a large block (here the last page of
+/// 1 GiB, past every 16 MiB `mincore` batch and page-table level boundary), and a page only
+/// read (the shared zero page is mapped there: a fault would never come either).
+#[test]
+fn a_page_at_the_end_of_a_large_block_or_only_read_is_refused_at_registration() {
+    let len = 1u64 << 30;
+    for (off, write) in [(len - 4096, true), (5 * CHUNK + 4096, false)] {
+        let m = Mapping::new(len as usize);
+        if write {
+            m.poke(off, 1);
+        } else {
+            // SAFETY: inside the mapping, which is not registered yet.
+            let _ = unsafe { std::ptr::read_volatile(m.0.add(off as usize)) };
+        }
+        let src = Arc::new(TestSource { fail_at: None, reads: AtomicU64::new(0) });
+        let r = PageServer::start(vec![block(&m)], src, ServerOptions::default(), Box::new(|_| {}));
+        let Err(LazyError::Register { reason, .. }) = r else {
+            panic!("a block with a page at {off:#x} must be refused, got {:?}", r.err());
+        };
+        assert!(reason.contains(&format!("offset {off:#x} is already present")), "{reason}");
+    }
+}
+
 #[test]
 fn eexist_on_an_unclaimed_chunk_is_an_error_not_residency() {
     let m = Mapping::new(8 * CHUNK as usize);

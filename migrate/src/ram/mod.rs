@@ -18,6 +18,7 @@
 mod block;
 mod error;
 mod guest;
+mod present;
 mod registry;
 #[cfg(test)]
 mod tests;
@@ -27,5 +28,6 @@ pub mod wp;
 pub use block::{live_ram_ranges, RamBlock, RamBlockConfig, ResizedHook};
 pub use error::RamError;
 pub use guest::{GuestMemory, GuestMemoryError, GuestRegion};
+pub use present::used_pages;
 pub use registry::{ListenerId, RamBlockListener, RamRegistry};
 pub use vm_view::{BlockDirty, TrackedMemory, VmViewError};
