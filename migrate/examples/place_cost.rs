@@ -83,7 +83,7 @@ fn run(src: Arc<Source>, chunks: u64) -> f64 {
     };
     assert_ne!(host, libc::MAP_FAILED, "mmap");
     let opts = ServerOptions {
-        prefetch: (0..chunks).map(|c| ("b".to_string(), c * CHUNK)).collect(),
+        prefetch: (0..chunks).map(|c| ("b".into(), c * CHUNK)).collect(),
         background_fill: false,
         fill_threads: 1,
         ..Default::default()
