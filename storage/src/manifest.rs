@@ -186,7 +186,7 @@ pub(crate) mod byte_string {
         s.serialize_bytes(v)
     }
 
-    struct BytesVisitor;
+    pub(super) struct BytesVisitor;
 
     impl<'de> Visitor<'de> for BytesVisitor {
         type Value = Vec<u8>;
@@ -216,7 +216,7 @@ pub(crate) mod byte_string {
 /// Serde helper: a chunk table as one tagged byte string.
 mod chunk_table {
     use super::{byte_string, ChunkRef, Hash};
-    use serde::de::Error;
+    use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[ChunkRef], s: S) -> Result<S::Ok, S::Error> {
@@ -233,27 +233,56 @@ mod chunk_table {
         s.serialize_bytes(&out)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ChunkRef>, D::Error> {
-        let raw = byte_string::deserialize(d)?;
-        let mut out = Vec::new();
-        let mut rest = &raw[..];
+    /// Parses a table: counted first, so that the table is allocated once at its size.
+    fn parse<E: Error>(raw: &[u8]) -> Result<Vec<ChunkRef>, E> {
+        let mut count = 0usize;
+        let mut at = 0usize;
+        while let Some(&tag) = raw.get(at) {
+            at += match tag {
+                0 => 1,
+                1 if raw.len() - at > 32 => 33,
+                1 => return Err(E::custom("chunk table ends inside a hash")),
+                t => return Err(E::custom(format!("chunk table has unknown tag {t}"))),
+            };
+            count += 1;
+        }
+        let mut out = Vec::with_capacity(count);
+        let mut rest = raw;
         while let Some((&tag, tail)) = rest.split_first() {
-            match tag {
-                0 => {
-                    out.push(ChunkRef::Zero);
-                    rest = tail;
-                }
-                1 => {
-                    let (h, tail) = tail
-                        .split_first_chunk::<32>()
-                        .ok_or_else(|| D::Error::custom("chunk table ends inside a hash"))?;
-                    out.push(ChunkRef::Stored(Hash(*h)));
-                    rest = tail;
-                }
-                t => return Err(D::Error::custom(format!("chunk table has unknown tag {t}"))),
+            if tag == 0 {
+                out.push(ChunkRef::Zero);
+                rest = tail;
+            } else {
+                let (h, tail) =
+                    tail.split_first_chunk::<32>().ok_or_else(|| E::custom("chunk table ends inside a hash"))?;
+                out.push(ChunkRef::Stored(Hash(*h)));
+                rest = tail;
             }
         }
         Ok(out)
+    }
+
+    struct TableVisitor;
+
+    impl<'de> Visitor<'de> for TableVisitor {
+        type Value = Vec<ChunkRef>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a chunk table (byte string)")
+        }
+        // Parsed from the decoder's own buffer: no copy of the table's bytes first.
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<ChunkRef>, E> {
+            parse(v)
+        }
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<ChunkRef>, E> {
+            parse(&v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<ChunkRef>, A::Error> {
+            parse(&byte_string::BytesVisitor.visit_seq(seq)?)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ChunkRef>, D::Error> {
+        d.deserialize_byte_buf(TableVisitor)
     }
 }
 
@@ -301,6 +330,32 @@ mod tests {
         let mut m = sample();
         m.blocks.push(m.blocks[0].clone());
         assert!(Manifest::decode(&m.encode().expect("encode")).expect_err("dup").to_string().contains("twice"));
+    }
+
+    /// `sample()` encoded, with its chunk table's bytes changed by `edit` and the crc fixed.
+    fn with_table(edit: impl Fn(&mut [u8])) -> Vec<u8> {
+        let mut enc = sample().encode().expect("encode");
+        let mut table = vec![0x58, 35, 0, 1];
+        table.extend_from_slice(&[7; 32]);
+        table.push(0);
+        let at = enc.windows(table.len()).position(|w| w == table.as_slice()).expect("the table as one byte string");
+        edit(&mut enc[at + 2..at + table.len()]);
+        let crc = crc32fast::hash(&enc[HEADER_LEN..]);
+        enc[12..16].copy_from_slice(&crc.to_le_bytes());
+        enc
+    }
+
+    #[test]
+    fn a_damaged_chunk_table_is_an_error_naming_the_damage() {
+        assert_eq!(Manifest::decode(&with_table(|_| {})).expect("unchanged"), sample());
+        let e = Manifest::decode(&with_table(|t| t[0] = 2)).expect_err("tag 2").to_string();
+        assert!(e.contains("unknown tag 2"), "{e}");
+        // The last entry's tag says a hash follows, and the table ends there.
+        let e = Manifest::decode(&with_table(|t| t[34] = 1)).expect_err("cut hash").to_string();
+        assert!(e.contains("ends inside a hash"), "{e}");
+        // A hash's first byte taken for a tag: the table no longer lines up.
+        let e = Manifest::decode(&with_table(|t| t[1] = 0)).expect_err("shifted").to_string();
+        assert!(e.contains("unknown tag 7"), "{e}");
     }
 
     #[test]
