@@ -48,6 +48,11 @@ impl SnapshotReader {
         &self.manifest
     }
 
+    /// The snapshot's manifest, shared (no copy of its chunk tables).
+    pub fn manifest_shared(&self) -> Arc<Manifest> {
+        Arc::clone(&self.manifest)
+    }
+
     /// Chunk size of this snapshot.
     pub fn chunk_size(&self) -> u32 {
         self.manifest.chunk_size

@@ -371,7 +371,7 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
     // this VM can be incremental against this one (lineage.rs).
     if opts.track_dirty {
         super::save::start_tracking(&vm, u64::from(reader.chunk_size()))?;
-        vm.lineage().set(Arc::new(reader.manifest().clone()));
+        vm.lineage().set(reader.manifest_shared());
     }
 
     for mut p in persistables(vm.devices()) {
