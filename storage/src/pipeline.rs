@@ -42,7 +42,7 @@
 //! snapshot is not committed by anyone after an error, and its chunks are reclaimed by the
 //! next GC.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Mutex, PoisonError};
@@ -50,17 +50,23 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::chunk::Hash;
 use crate::error::{Result, StoreError};
+use crate::pack::ENTRY_HEADER;
 use crate::writer::{Prepared, SnapshotWriter};
 
 /// Bytes appended between two starts of pack writeback: the commit's final sync then has at
 /// most about this much left to flush, and the disk writes while the workers compress.
 const WRITEBACK_STEP: u64 = 16 << 20;
 
-/// Bytes of chunk buffers in flight (at least `2 * workers + 2` buffers whatever this says).
-const IN_FLIGHT_BYTES: usize = 8 << 20;
+/// Chunks in flight (claimed, not yet stored), in bytes of chunks: at least `2 * workers + 2`
+/// chunks whatever this says.
+const IN_FLIGHT_BYTES: usize = 16 << 20;
 
-/// How often the writer, waiting for the next chunk, checks whether a stage has stopped.
+/// Entry buffers a worker keeps for its next chunks (the rest are freed).
+const SPARES: usize = 8;
+
+/// How often a worker waiting for a slot in the window checks whether another has stopped.
 const STOP_POLL: Duration = Duration::from_millis(20);
 
 /// One chunk to store: a block and a chunk-aligned offset in it.
@@ -79,7 +85,8 @@ pub struct PipelineStats {
     pub read_ns: u64,
     /// Zero check, hash, index lookup and compression.
     pub work_ns: u64,
-    /// Pack appends, index inserts and recording references.
+    /// Storing chunks in order: reserving their place, pack writes, index inserts, recording
+    /// references and starting writeback, summed over the workers that did it.
     pub write_ns: u64,
 }
 
@@ -87,8 +94,36 @@ pub struct PipelineStats {
 /// says why it cannot.
 pub type ReadChunk<'a> = dyn Fn(&str, u64, &mut [u8]) -> std::result::Result<(), String> + Sync + 'a;
 
-/// Stores `jobs` with `workers` threads that read, hash and compress, reading each chunk with
-/// `read(block, offset, buf)` (which fills `buf`, whose length is the chunk's).
+/// A prepared chunk waiting for its turn, with a copy of its bytes if it was
+/// [`Prepared::Known`] (see [`SnapshotWriter::record`]).
+type Done = (Result<Prepared>, Vec<u8>);
+
+/// The order of storing: chunks done out of order wait here until every chunk before them
+/// is done.
+struct Sequencer {
+    pending: BTreeMap<usize, Done>,
+    /// The next chunk to store, in job order.
+    next: usize,
+    /// Hashes of the new chunks given a place in this run: a second chunk with the same
+    /// bytes is recorded as a duplicate, not written again.
+    placed: HashSet<Hash>,
+    /// Bytes placed so far, and where the next writeback starts.
+    placed_bytes: u64,
+    writeback_at: u64,
+}
+
+/// What the worker that drained it does with a chunk whose turn came.
+enum Turn {
+    Zero,
+    Known { hash: Hash, keep: Vec<u8> },
+    New { hash: Hash, entry: Vec<u8>, at: (u32, u64) },
+    Duplicate { hash: Hash, entry: Vec<u8> },
+    Failed(StoreError),
+}
+
+/// Stores `jobs` with `workers` threads that each read, hash, compress and store chunks,
+/// reading each chunk with `read(block, offset, buf)` (which fills `buf`, whose length is
+/// the chunk's).
 pub fn put_pipelined(
     writer: &SnapshotWriter,
     jobs: &[ChunkJob],
@@ -108,6 +143,7 @@ pub fn put_pipelined(
     }
     let read_ns = AtomicU64::new(0);
     let work_ns = AtomicU64::new(0);
+    let write_ns = AtomicU64::new(0);
     let bytes_read = AtomicU64::new(0);
     let claimed = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -116,35 +152,153 @@ pub fn put_pipelined(
         stop.store(true, Ordering::Relaxed);
         first_error.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
     };
-    let buffers = (2 * workers + 2).max(IN_FLIGHT_BYTES / cs.max(1)).min(jobs.len().max(1));
-    let (free_tx, free_rx) = channel::<Vec<u8>>();
-    for _ in 0..buffers {
+    let window = (2 * workers + 2).max(IN_FLIGHT_BYTES / cs.max(1)).min(jobs.len().max(1));
+    let (free_tx, free_rx) = channel::<()>();
+    for _ in 0..window {
         // The receiver is alive here; a send cannot fail.
-        let _ = free_tx.send(vec![0u8; cs]);
+        let _ = free_tx.send(());
     }
     let free_rx = Mutex::new(free_rx);
-    let (done_tx, done_rx) = channel::<(usize, Vec<u8>, Result<Prepared>)>();
-    let mut write_ns = 0u64;
+    let start = writer.stats().bytes_stored;
+    let seq = Mutex::new(Sequencer {
+        pending: BTreeMap::new(),
+        next: 0,
+        placed: HashSet::new(),
+        placed_bytes: start,
+        writeback_at: start + WRITEBACK_STEP,
+    });
     let name = writer.name().to_owned();
+    let inner = &writer.store.inner;
+
+    // Stores the chunks whose turn has come, the worker's own `done` first in line: called
+    // by every worker after preparing a chunk. Returns the entry buffers it is done with.
+    let store_turns = |index: usize, done: Done, spares: &mut Vec<Vec<u8>>| {
+        let t = Instant::now();
+        // Lock order: the GC lock (shared) before the sequencer, never the other way (a GC
+        // waiting for the lock would otherwise stop a worker holding the sequencer).
+        let gc = inner.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
+        let mut turns = Vec::new();
+        let mut writeback = false;
+        {
+            let mut q = seq.lock().unwrap_or_else(PoisonError::into_inner);
+            q.pending.insert(index, done);
+            while let Some((prepared, keep)) = {
+                let n = q.next;
+                q.pending.remove(&n)
+            } {
+                let i = q.next;
+                q.next += 1;
+                let turn = match prepared {
+                    Ok(Prepared::Zero) => Turn::Zero,
+                    Ok(Prepared::Known { hash }) => Turn::Known { hash, keep },
+                    Ok(Prepared::New { hash, entry }) if !q.placed.insert(hash) => Turn::Duplicate { hash, entry },
+                    Ok(Prepared::New { hash, entry }) => match inner.packs.reserve(entry.len() as u64) {
+                        Ok(at) => {
+                            q.placed_bytes += entry.len() as u64 - ENTRY_HEADER;
+                            Turn::New { hash, entry, at }
+                        }
+                        Err(source) => Turn::Failed(StoreError::Io {
+                            path: inner.packs.dir().to_path_buf(),
+                            op: "append chunk",
+                            source,
+                        }),
+                    },
+                    Err(e) => Turn::Failed(e),
+                };
+                turns.push((i, turn));
+            }
+            if q.placed_bytes >= q.writeback_at {
+                q.writeback_at = q.placed_bytes + WRITEBACK_STEP;
+                writeback = true;
+            }
+        }
+        // Outside the sequencer: the other workers place their chunks while these are
+        // written. Every chunk given a place is written there, even after a failure, so no
+        // reservation is left as a gap the next chunk's header cannot be found behind.
+        let placed: u64 =
+            turns.iter().map(|(_, t)| if let Turn::New { entry, .. } = t { entry.len() as u64 } else { 0 }).sum();
+        let space = if placed > 0 { writer.store.ensure_space(placed) } else { Ok(()) };
+        let mut known = Vec::new();
+        let mut result = space;
+        let turns_len = turns.len();
+        for (i, turn) in turns {
+            let (b, slot, _) = checked[i];
+            let block = writer.block_at(b);
+            let r = match turn {
+                // (`record` takes no lock for a zero chunk.)
+                Turn::Zero => writer.record(block, slot, jobs[i].offset, Prepared::Zero, &[]).map(drop),
+                Turn::Known { hash, keep } => {
+                    known.push((i, hash, keep));
+                    Ok(())
+                }
+                Turn::New { hash, entry, at } => {
+                    let r = match &result {
+                        Ok(()) => writer.store_reserved(block, slot, &hash, &entry, at),
+                        // Filled all the same (and never indexed): see above.
+                        Err(_) => inner.packs.write_entry_at(at.0, at.1, &entry).map(drop).map_err(|source| {
+                            StoreError::Io { path: inner.packs.dir().to_path_buf(), op: "append chunk", source }
+                        }),
+                    };
+                    spares.push(entry);
+                    r
+                }
+                Turn::Duplicate { hash, entry } => {
+                    writer.record_duplicate(block, slot, &hash);
+                    spares.push(entry);
+                    Ok(())
+                }
+                Turn::Failed(e) => Err(e),
+            };
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        drop(gc);
+        // Chunks the index held: `record` looks again under the GC lock of its own.
+        for (i, hash, keep) in known {
+            let (b, slot, _) = checked[i];
+            let r = writer.record(writer.block_at(b), slot, jobs[i].offset, Prepared::Known { hash }, &keep);
+            if let (Ok(()), Err(e)) = (&result, r) {
+                result = Err(e);
+            }
+        }
+        if writeback && result.is_ok() {
+            writer.store.start_writeback();
+        }
+        write_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result.map(|()| turns_len)
+    };
 
     std::thread::scope(|scope| {
         let mut pool = Vec::with_capacity(workers);
         for _ in 0..workers {
-            let done_tx = done_tx.clone();
-            let (free_rx, claimed, read_ns, work_ns, bytes_read, stop, checked, fail, name) =
-                (&free_rx, &claimed, &read_ns, &work_ns, &bytes_read, &stop, &checked, &fail, &name);
+            let (free_rx, free_tx, claimed, read_ns, work_ns, bytes_read, stop, checked, fail, name) =
+                (&free_rx, free_tx.clone(), &claimed, &read_ns, &work_ns, &bytes_read, &stop, &checked, &fail, &name);
+            let store_turns = &store_turns;
             pool.push(scope.spawn(move || {
                 let _guard = StopOnPanic(stop);
+                // This worker's only chunk buffer: it stays in the core's cache.
+                let mut buf = vec![0u8; cs];
+                // Entry buffers this worker's stores are done with, for its next entries.
+                let mut spares: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    // A buffer first, then a chunk: every claimed chunk has a buffer.
-                    let next = free_rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    let Ok(mut buf) = next else { return };
+                    // A slot in the window first, then a chunk: every claimed chunk has one,
+                    // so the chunk next in line is always being worked on.
+                    // With a timeout: after a failure the others may all be waiting here for
+                    // slots nobody will free; the stop flag ends the wait.
+                    loop {
+                        match free_rx.lock().unwrap_or_else(PoisonError::into_inner).recv_timeout(STOP_POLL) {
+                            Ok(()) => break,
+                            Err(RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
+                            Err(_) => return,
+                        }
+                    }
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let seq = claimed.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = jobs.get(seq) else { return };
-                    let len = checked[seq].2;
+                    let index = claimed.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(index) else { return };
+                    let len = checked[index].2;
                     let t = Instant::now();
                     let res = read(&job.block, job.offset, &mut buf[..len]);
                     let t_read = Instant::now();
@@ -159,55 +313,35 @@ pub fn put_pipelined(
                         return;
                     }
                     bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                    let prepared = writer.prepare(&job.block, job.offset, &buf[..len]);
+                    let mut spare = spares.pop().unwrap_or_default();
+                    let prepared = writer.prepare(&job.block, job.offset, &buf[..len], &mut spare);
+                    if spare.capacity() > 0 {
+                        spares.push(spare);
+                    }
+                    // A chunk the index held goes with a copy of its bytes, compressed should
+                    // a GC remove that entry before the chunk is recorded.
+                    let keep =
+                        if matches!(prepared, Ok(Prepared::Known { .. })) { buf[..len].to_vec() } else { Vec::new() };
                     work_ns.fetch_add(t_read.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    if done_tx.send((seq, buf, prepared)).is_err() {
-                        return;
+                    let stored = store_turns(index, (prepared, keep), &mut spares);
+                    spares.truncate(SPARES);
+                    match stored {
+                        // Every chunk stored frees its slot in the window.
+                        Ok(n) => (0..n).for_each(|_| {
+                            let _ = free_tx.send(());
+                        }),
+                        Err(e) => {
+                            fail(e);
+                            return;
+                        }
                     }
                 }
             }));
         }
-        drop(done_tx);
-
-        // The writer, on this thread: chunks in job order.
-        let mut pending: BTreeMap<usize, (Vec<u8>, Result<Prepared>)> = BTreeMap::new();
-        let mut next = 0usize;
-        let mut written_back = writer.stats().bytes_stored;
-        while next < jobs.len() && !stop.load(Ordering::Relaxed) {
-            // With a timeout: a worker that failed or panicked never sends its chunk, and
-            // the others may all be waiting for buffers; the stop flag ends the wait.
-            let (seq, buf, prepared) = match done_rx.recv_timeout(STOP_POLL) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            pending.insert(seq, (buf, prepared));
-            while let Some((buf, prepared)) = pending.remove(&next) {
-                let t = Instant::now();
-                let (b, slot, len) = checked[next];
-                let res =
-                    prepared.and_then(|p| writer.record(writer.block_at(b), slot, jobs[next].offset, p, &buf[..len]));
-                write_ns += t.elapsed().as_nanos() as u64;
-                if let Err(e) = res {
-                    fail(e);
-                    break;
-                }
-                let _ = free_tx.send(buf);
-                next += 1;
-                let stored = writer.stats().bytes_stored;
-                if stored >= written_back + WRITEBACK_STEP {
-                    written_back = stored;
-                    let t = Instant::now();
-                    writer.store.start_writeback();
-                    write_ns += t.elapsed().as_nanos() as u64;
-                }
-            }
-        }
-        // Ends the workers (no more free buffers, nobody to send to).
         drop(free_tx);
-        drop(done_rx);
         let panicked = pool.into_iter().map(|w| w.join().is_err()).fold(false, |a, b| a | b);
-        // A panic, or a stage that ended early without an error of its own.
+        let next = seq.lock().unwrap_or_else(PoisonError::into_inner).next;
+        // A panic, or a worker that ended early without an error of its own.
         if panicked || next < jobs.len() {
             fail(StoreError::Pipeline { snapshot: name.clone() });
         }
@@ -220,7 +354,7 @@ pub fn put_pipelined(
         bytes_read: bytes_read.into_inner(),
         read_ns: read_ns.into_inner(),
         work_ns: work_ns.into_inner(),
-        write_ns,
+        write_ns: write_ns.into_inner(),
     })
 }
 
