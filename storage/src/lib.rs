@@ -35,14 +35,15 @@
 //!
 //! # Writing chunks: the pipeline
 //!
-//! [`put_pipelined`] is how snapshots write RAM (pipeline.rs): each worker takes a buffer from
-//! a fixed pool (8 MiB of chunks), copies its next chunk out of guest memory into it,
-//! zero-checks it (an all-zero chunk is recorded as the zero marker and never hashed), hashes,
-//! looks up and compresses it; the calling thread appends the values to the packs in the order
-//! the chunks were given, then hands the buffer back, and starts the packs' writeback every
-//! 16 MiB. Memory is bounded by the pool; the pack layout is address
-//! order whatever the thread timing. `put_chunk` (one chunk, any thread) runs the same two
-//! halves (`prepare`, `record`) inline.
+//! [`put_pipelined`] is how snapshots write RAM (pipeline.rs): each worker claims its next
+//! chunk (at most 16 MiB of chunks in flight), copies it out of guest memory into a buffer of
+//! its own, zero-checks it (an all-zero chunk is recorded as the zero marker and never
+//! hashed), hashes, looks up and compresses it into a complete pack entry, then stores it
+//! itself: a short sequencer gives the new chunks their places in the packs in the order the
+//! chunks were given, and the worker writes and indexes them outside it. There is no writer
+//! thread; the pack layout is address order whatever the thread timing; writeback starts
+//! every 16 MiB. `put_chunk` (one chunk, any thread) runs the same two halves (`prepare`,
+//! `record`) inline.
 //!
 //! Where a full snapshot's time goes (`examples/pipeline_cost.rs`, 1 GiB, profiled with
 //! `perf record` and counted with callgrind): on the `touch` fill (one word in four set,
@@ -307,6 +308,8 @@ mod open;
 mod pack;
 mod pin;
 mod pipeline;
+#[cfg(test)]
+mod pipeline_store_tests;
 #[cfg(test)]
 mod pipeline_tests;
 mod reader;

@@ -1,46 +1,64 @@
-//! The snapshot pipeline: chunks copied, hashed and compressed on several threads at once,
-//! and stored in order.
+//! The snapshot pipeline: chunks copied, hashed, compressed and stored on several threads at
+//! once, in order.
 //!
 //! ```text
-//!  worker threads (n)                                      the calling thread
-//!  take a free buffer; claim chunk i; read() into it;  --->  reorder by i; append to the
-//!  zero check; blake3; index lookup; zstd if the             pack, index, record; buffer
-//!  index lacks the hash                                      back to the pool
-//!       ^                                                    |   every 16 MiB: start the
-//!       '------------------- free buffers -------------------'   packs' writeback
+//!  each of n worker threads, in a loop:
+//!    take a slot in the window; claim chunk i; read() it into the worker's own buffer;
+//!    zero check; blake3; index lookup; zstd (if the index lacks the hash) straight into a
+//!    recycled entry buffer, entry header and crc included;
+//!    GC lock (shared) -> sequencer: i joins the chunks waiting; the worker drains every
+//!        chunk whose turn has come (i, and those after it that others finished), giving
+//!        each new one its place in the pack (a reservation: arithmetic under a short lock)
+//!    <- sequencer; pwrite each drained entry at its place, index it (compare-and-swap),
+//!        record the references; every 16 MiB placed, start the packs' writeback;
+//!        free one window slot per chunk stored
 //! ```
 //!
-//! Each worker reads its own chunk: there is no reader thread, so a chunk is copied out of
-//! guest memory by the core that hashes and compresses it, while it is in that core's cache,
-//! and no hand-off sits between the copy and the work. (Until December 2026 a reader thread
-//! copied every chunk and passed it on: on 2 cores its hand-offs and the writer's stalls
-//! made the pipeline slower than the serial path it replaced; see the crate docs.)
+//! Every worker stores chunks; there is no writer thread. The order of the packs is decided
+//! in the sequencer, in job order, so a snapshot's new chunks sit in its packs in address
+//! order (restores read them in that order) and the layout does not depend on thread timing;
+//! the bytes are written outside it, by whichever worker drained them, in parallel with the
+//! other worker's compression and writes.
 //!
-//! Memory stays bounded: there are `max(2 * workers + 2, 8 MiB / chunk size)` chunk buffers;
-//! a worker takes a free buffer *before* it claims the next chunk, so every claimed chunk has
-//! one and the chunk the writer waits for is always being worked on, and the writer hands a
-//! buffer back only after it has stored that chunk; at most that many chunks (and their
-//! compressed values) are in flight, however uneven the workers are. The pool is deep enough
-//! to ride out a writer stall (a sled flush, a pack append the kernel throttles) without
-//! idling the workers. The writer stores chunks in the order they were given, so a
-//! snapshot's new chunks sit in its packs in address order (restores read them in that
-//! order) and the pack layout does not depend on thread timing. An all-zero chunk is
-//! recognised by [`crate::chunk::is_zero`] and recorded as [`crate::ChunkRef::Zero`] without
-//! being hashed.
+//! Why (December 2026, issue 13): the pipeline before this one had the calling thread store
+//! every chunk. On 2 cores that made three busy threads for two cores, a hand-off per chunk,
+//! and one thread doing all the kernel's page-cache work serially: 0.96 CPU-s per GiB of
+//! incompressible memfill on that thread alone (`examples/pipeline_cost.rs`, thread CPU
+//! time), more than the two workers' hashing (0.38 CPU-s each), so its wall time was bound
+//! by the writer; for touch the writer took 0.54 CPU-s against 0.9 per worker. The per-thread
+//! path (`put_chunk` from each thread, the benchmark's baseline) has no such thread and was
+//! faster. Now each worker does what the per-thread path does (read, hash, compress, append,
+//! index), and only the choice of places is serial.
 //!
-//! Every 16 MiB of new values the writer starts the kernel's writeback of the packs
-//! (`sync_file_range`), so the disk writes while the workers compress and the commit's
-//! `fdatasync` finds most of the snapshot already on disk. It does so on its own thread and
-//! waits for the call (which can block for tens of milliseconds on a busy disk), while the
-//! buffer pool keeps the workers going: tried on a thread of its own that the writer only
-//! kicked, the writer ran ahead of the disk, the kernel throttled its pack appends instead
-//! (dirty-page balancing) and the write stage of incompressible memfill took 4x as long
-//! (`bench snapshot`, two runs each, alternated with the previous build).
+//! Memory stays bounded: at most `max(2 * workers + 2, 16 MiB / chunk size)` chunks are in
+//! flight (claimed and not yet stored: the window). A worker takes a slot *before* it claims
+//! the next chunk, so every claimed chunk has one and the chunk whose turn is next is always
+//! being worked on; a slot is freed only when its chunk is stored. A worker reads into one
+//! buffer of its own, which stays in its core's cache; what waits in the sequencer is the
+//! compressed entry (and, for a chunk the index already held, a copy of its bytes: see
+//! [`SnapshotWriter::record`]). Entry buffers are recycled by the worker that stored them.
+//! An all-zero chunk is recognised by [`crate::chunk::is_zero`] and recorded as
+//! [`crate::ChunkRef::Zero`] without being hashed. A chunk that occurs twice in one run is
+//! placed once: the second is recorded as a duplicate of the first (whose write the commit
+//! waits for, as it waits for every chunk).
 //!
-//! Errors: the first one (a worker's read or work, or the writer's) sets the stop flag, which
-//! every stage checks between chunks, and is returned; a panicking worker sets it too. The
-//! snapshot is not committed by anyone after an error, and its chunks are reclaimed by the
-//! next GC.
+//! Locks: the GC lock (shared) is taken before the sequencer and held until the drained
+//! entries are written and indexed, so a GC never sees a place reserved and not yet
+//! written, and never waits for compression. Never the other way round: a GC waiting for the
+//! lock would otherwise block a worker that holds the sequencer.
+//!
+//! Every 16 MiB of new values placed, the worker that crosses the mark starts the kernel's
+//! writeback of the packs (`sync_file_range`) after its writes, so the disk writes while the
+//! workers compress and the commit's `fdatasync` finds most of the snapshot already on disk.
+//! The call can block for tens of milliseconds on a busy disk; the other workers go on
+//! meanwhile. (A thread of its own for it was tried with the old writer and measured worse:
+//! the kernel throttled the appends instead.)
+//!
+//! Errors: the first one (a worker's read, work or store) sets the stop flag, which every
+//! worker checks between chunks (also while it waits for a slot), and is returned; a
+//! panicking worker sets it too. Places drained after an error are left unwritten (a gap,
+//! like a punched hole). The snapshot is not committed by anyone after an error, and its
+//! chunks are reclaimed by the next GC.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -213,8 +231,9 @@ pub fn put_pipelined(
             }
         }
         // Outside the sequencer: the other workers place their chunks while these are
-        // written. Every chunk given a place is written there, even after a failure, so no
-        // reservation is left as a gap the next chunk's header cannot be found behind.
+        // written. After a failure the places left are not written: a gap in a pack is what
+        // a punched hole or a torn write leaves too (scans resynchronise on the next entry,
+        // GC punches it).
         let placed: u64 =
             turns.iter().map(|(_, t)| if let Turn::New { entry, .. } = t { entry.len() as u64 } else { 0 }).sum();
         let space = if placed > 0 { writer.store.ensure_space(placed) } else { Ok(()) };
@@ -234,10 +253,7 @@ pub fn put_pipelined(
                 Turn::New { hash, entry, at } => {
                     let r = match &result {
                         Ok(()) => writer.store_reserved(block, slot, &hash, &entry, at),
-                        // Filled all the same (and never indexed): see above.
-                        Err(_) => inner.packs.write_entry_at(at.0, at.1, &entry).map(drop).map_err(|source| {
-                            StoreError::Io { path: inner.packs.dir().to_path_buf(), op: "append chunk", source }
-                        }),
+                        Err(_) => Ok(()),
                     };
                     spares.push(entry);
                     r
