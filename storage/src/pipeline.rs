@@ -106,6 +106,9 @@ pub struct PipelineStats {
     /// Storing chunks in order: reserving their place, pack writes, index inserts, recording
     /// references and starting writeback, summed over the workers that did it.
     pub write_ns: u64,
+    /// CPU time of the workers (their thread CPU clocks, user and system), summed: what the
+    /// stages above cost without the time the workers waited or were preempted.
+    pub cpu_ns: u64,
 }
 
 /// Reads chunk `offset` of a block into the buffer (whose length is the chunk's); the error
@@ -162,6 +165,7 @@ pub fn put_pipelined(
     let read_ns = AtomicU64::new(0);
     let work_ns = AtomicU64::new(0);
     let write_ns = AtomicU64::new(0);
+    let cpu_ns = AtomicU64::new(0);
     let bytes_read = AtomicU64::new(0);
     let claimed = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -291,8 +295,10 @@ pub fn put_pipelined(
             let (free_rx, free_tx, claimed, read_ns, work_ns, bytes_read, stop, checked, fail, name) =
                 (&free_rx, free_tx.clone(), &claimed, &read_ns, &work_ns, &bytes_read, &stop, &checked, &fail, &name);
             let store_turns = &store_turns;
+            let cpu_ns = &cpu_ns;
             pool.push(scope.spawn(move || {
                 let _guard = StopOnPanic(stop);
+                let _cpu = CpuTime(cpu_ns);
                 // This worker's only chunk buffer: it stays in the core's cache.
                 let mut buf = vec![0u8; cs];
                 // Entry buffers this worker's stores are done with, for its next entries.
@@ -371,7 +377,22 @@ pub fn put_pipelined(
         read_ns: read_ns.into_inner(),
         work_ns: work_ns.into_inner(),
         write_ns: write_ns.into_inner(),
+        cpu_ns: cpu_ns.into_inner(),
     })
+}
+
+/// Adds the CPU time of the thread holding it to the sum when dropped (the thread ends).
+struct CpuTime<'a>(&'a AtomicU64);
+
+impl Drop for CpuTime<'_> {
+    fn drop(&mut self) {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+            self.0.fetch_add(ns, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Sets the stop flag if the worker holding it panics, so the writer stops waiting for the
