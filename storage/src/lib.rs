@@ -288,6 +288,35 @@
 //!   frames 26% fewer to decompress) and changes nothing on touch, but the thread CPU time
 //!   fell only 1-6% (1.20 and 1.36 against 1.22 and 1.45 CPU-s per GiB: fewer instructions
 //!   at a lower IPC) while storing 2.3% more (0.218 against 0.213): not taken.
+//!
+//! # Why the pipeline lost to the per-thread path, and what changed (December 2026)
+//!
+//! Measured with `examples/pipeline_cost.rs` (1 GiB, 64 KiB chunks, process CPU time, and
+//! each thread's CPU clock) and `perf record`, alternated with the previous build, load
+//! average 3-8 (the other engineers' builds):
+//!
+//! - The calling thread stored every chunk: 0.54 CPU-s per GiB on touch and 0.96 on memfill,
+//!   nearly all of it the kernel's page-cache work for `pwrite` (copying, ext4 delayed
+//!   allocation per 4 KiB block, folio accounting) plus sled's index inserts, on one thread.
+//!   On memfill that thread needed more CPU than each worker (0.38 CPU-s), so it set the
+//!   pace; on touch it made three busy threads for two cores. The per-thread path (each
+//!   thread appends its own chunks) has neither problem, which is why it won.
+//! - Per chunk, the writer also copied each value again (entry header + value into a new
+//!   buffer: 1 GiB of copies for memfill), computed its crc32, and every value was a fresh
+//!   allocation, freed by another thread: glibc returned the memory and the next allocations
+//!   faulted it in again (page faults and page clearing showed in the workers' profile).
+//!
+//! Now every worker stores its own chunks (pipeline.rs): a sequencer gives new chunks their
+//! places in chunk order and the pwrites, index inserts and references happen outside it, in
+//! parallel; a worker builds the complete pack entry (header and crc) itself, zstd compresses
+//! straight into a recycled entry buffer, and each worker reads into one buffer of its own
+//! that stays in its cache. Process CPU per GiB, three runs each, alternated: touch 2.58-2.65
+//! before, 2.15-2.55 after; memfill 1.82-2.08 before, 1.59-1.83 after. zstd is now 55-60% of
+//! the pipeline's samples on touch, blake3 7%, copies 6%, sled 4-5%, the kernel's pack writes
+//! a few percent: what is left is the codec. Wall time could not be compared fairly under
+//! that load: with its two threads instead of three the new pipeline gets a smaller share of
+//! a contended machine, and its wall time was as often worse as better. `bench snapshot`
+//! now reports the workers' CPU time (`cpu_ms`) beside the stages' wall times.
 
 mod attachment;
 mod check;
