@@ -308,10 +308,15 @@ pub fn put_pipelined(
                     // so the chunk next in line is always being worked on.
                     // With a timeout: after a failure the others may all be waiting here for
                     // slots nobody will free; the stop flag ends the wait.
+                    // Likewise once every chunk is claimed (the workers holding them store them).
                     loop {
                         match free_rx.lock().unwrap_or_else(PoisonError::into_inner).recv_timeout(STOP_POLL) {
                             Ok(()) => break,
-                            Err(RecvTimeoutError::Timeout) if !stop.load(Ordering::Relaxed) => continue,
+                            Err(RecvTimeoutError::Timeout)
+                                if !stop.load(Ordering::Relaxed) && claimed.load(Ordering::Relaxed) < jobs.len() =>
+                            {
+                                continue
+                            }
                             Err(_) => return,
                         }
                     }
@@ -319,7 +324,12 @@ pub fn put_pipelined(
                         return;
                     }
                     let index = claimed.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = jobs.get(index) else { return };
+                    let Some(job) = jobs.get(index) else {
+                        // Nothing left to claim: the slot goes back, so a worker waiting for
+                        // one wakes up and finds that out too.
+                        let _ = free_tx.send(());
+                        return;
+                    };
                     let len = checked[index].2;
                     let t = Instant::now();
                     let res = read(&job.block, job.offset, &mut buf[..len]);

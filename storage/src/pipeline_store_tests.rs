@@ -120,3 +120,22 @@ fn a_failed_run_leaves_the_store_as_it_was() {
     }
     assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()), "verify");
 }
+
+/// A run with no chunks at all (an incremental snapshot of memory nobody wrote), or with
+/// fewer chunks than workers, returns: no worker waits for a slot in the window forever.
+#[test]
+fn runs_with_no_chunks_or_fewer_chunks_than_workers_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    for (seed, (n, workers)) in [(0, 2), (0, 4), (1, 2), (1, 4), (3, 8)].into_iter().enumerate() {
+        let read = |_: &str, off: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&chunk(off / CS, 10 + seed as u64));
+            Ok(())
+        };
+        let name = format!("n{n}w{workers}");
+        let w = store.begin(&name, vec![spec("ram", 8 * CS)]).expect("begin");
+        let st = put_pipelined(&w, &jobs(n), workers, &read).expect("pipeline");
+        assert_eq!(st.chunks, n, "{name}");
+        assert_eq!(w.stats().new_chunks, n, "{name}");
+    }
+}
