@@ -57,8 +57,8 @@
 //! showing up as work: a reader thread that copied every chunk and handed it on (a fourth
 //! busy thread on 2 cores, and a hand-off per chunk), and the writer starting writeback on its
 //! own thread (`sync_file_range` blocked for up to 190 ms on this disk), which with a pool of
-//! only `2 * workers + 2` buffers stopped every worker. Workers now read their own chunks and
-//! the pool is deep enough to ride out a stall. (Starting writeback on a thread of its own
+//! only `2 * workers + 2` buffers stopped every worker. Workers then read their own chunks and
+//! the pool grew deep enough to ride out a stall (the next section has what came after). (Starting writeback on a thread of its own
 //! was tried and measured worse: see pipeline.rs.) Measured under the others' builds (load
 //! 9-16), `bench snapshot` could not show these changes in wall time: see the README. `encode`
 //! compresses into a per-thread scratch buffer and allocates each value at its size (it used
@@ -310,13 +310,31 @@
 //! places in chunk order and the pwrites, index inserts and references happen outside it, in
 //! parallel; a worker builds the complete pack entry (header and crc) itself, zstd compresses
 //! straight into a recycled entry buffer, and each worker reads into one buffer of its own
-//! that stays in its cache. Process CPU per GiB, three runs each, alternated: touch 2.58-2.65
-//! before, 2.15-2.55 after; memfill 1.82-2.08 before, 1.59-1.83 after. zstd is now 55-60% of
-//! the pipeline's samples on touch, blake3 7%, copies 6%, sled 4-5%, the kernel's pack writes
-//! a few percent: what is left is the codec. Wall time could not be compared fairly under
-//! that load: with its two threads instead of three the new pipeline gets a smaller share of
-//! a contended machine, and its wall time was as often worse as better. `bench snapshot`
+//! that stays in its cache. Alternated with the previous build, three runs each, 1 GiB:
+//!
+//! | load | image | pipeline wall ms before / after | process CPU-s before / after |
+//! |-----:|-------|--------------------------------:|-----------------------------:|
+//! | 2.5-2.8 | touch | 1080-1639 / 949-1077 | 1.88-2.93 / 1.74-1.95 |
+//! | 2.5-2.8 | memfill | 1024-1126 / 805-893 | 1.65-1.77 / 1.30-1.36 |
+//! | 7 | touch | 3002-3584 / 3381-4321 | 2.58-2.65 / 2.15-2.55 |
+//! | 7 | memfill | 2235-4361 / 3566-4862 | 1.82-2.08 / 1.59-1.83 |
+//!
+//! zstd is now 55-60% of the pipeline's samples on touch, blake3 7%, copies 6%, sled 4-5%,
+//! the kernel's pack writes a few percent: what is left is the codec. At load 7 (two other
+//! engineers building) the CPU still fell but the wall time rose; writeback was ruled out
+//! (a build without it was as slow), and the cause was not found: the wall times there moved
+//! by 2x between runs of the same build. `bench snapshot`
 //! now reports the workers' CPU time (`cpu_ms`) beside the stages' wall times.
+//!
+//! `bench snapshot --mem-mib 1024`, three runs each alternated with the previous build, load
+//! 2.3-3.1, `total_ms`: `full` touch 1100-1246 before, 1020-1140 after (the workers' CPU
+//! 1.82-2.01 s); `full` memfill 1186-1302 before, 932-1111 after (CPU 1.41-1.67 s; commit
+//! 8-10 ms), against `dd bs=1M conv=fdatasync` of 1 GiB onto the same filesystem in the same
+//! minutes: 0.63-2.84 s; `background` touch 1433-1729 / 1364-1502, memfill 1790-1969 /
+//! 1717-1945 (its copy goes through the write protection: 0.4-0.9 s of its read stage);
+//! `baseline` (the per-thread path, unchanged but for the codec's buffers) touch 980-1174 /
+//! 943-1066. The 1 s for a full snapshot of touch is within 2-14% on this shared
+//! machine; what stands in its way is the codec's CPU time.
 
 mod attachment;
 mod check;
