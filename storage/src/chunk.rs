@@ -130,13 +130,58 @@ pub enum Codec {
 /// at its exact size; stored raw (codec 2) when the codec does not shrink it.
 pub fn encode_with(data: &[u8], codec: Codec) -> Result<Vec<u8>, ChunkError> {
     match codec {
-        Codec::Zstd(level) => encode(data, level),
-        Codec::Lz4 => encode_lz4(data),
+        Codec::Zstd(level) => encode_zstd(data, level, 0),
+        Codec::Lz4 => encode_lz4(data, 0),
     }
 }
 
+/// [`encode_with`] into `out` (cleared first, its allocation reused): `reserve` zero bytes
+/// (room for the pack entry header, which the pipeline's workers fill in: see pack.rs), then
+/// the value. zstd compresses straight into `out`, so a recycled `out` costs neither an
+/// allocation nor a copy; LZ4 goes through the per-thread scratch buffer.
+pub(crate) fn encode_into(data: &[u8], codec: Codec, reserve: usize, out: &mut Vec<u8>) -> Result<(), ChunkError> {
+    let level = match codec {
+        Codec::Zstd(level) => level,
+        Codec::Lz4 => {
+            *out = encode_lz4(data, reserve)?;
+            return Ok(());
+        }
+    };
+    let len = u32::try_from(data.len())
+        .map_err(|_| ChunkError::Compress { level, reason: format!("chunk of {} bytes", data.len()) })?;
+    let start = reserve + VALUE_HEADER;
+    out.clear();
+    out.resize(reserve, 0);
+    out.push(CODEC_ZSTD);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    // The frame goes right after the header, into `out`'s spare capacity (the cursor's
+    // position): zstd writes only there and sets the length to what it wrote.
+    let mut cursor = std::io::Cursor::new(std::mem::take(out));
+    cursor.set_position(start as u64);
+    let written = COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            let c = zstd::bulk::Compressor::new(level)
+                .map_err(|e| ChunkError::Compress { level, reason: e.to_string() })?;
+            *slot = Some((level, c));
+        }
+        let (_, c) = slot.as_mut().ok_or(ChunkError::Compress { level, reason: "no context".into() })?;
+        c.compress_to_buffer(data, &mut cursor).map_err(|e| ChunkError::Compress { level, reason: e.to_string() })
+    });
+    *out = cursor.into_inner();
+    let written = written?;
+    if written >= data.len() || out.len() != start + written {
+        // Stored raw when zstd does not shrink it.
+        out.truncate(start);
+        out[reserve] = CODEC_RAW;
+        out.extend_from_slice(data);
+    }
+    Ok(())
+}
+
 /// LZ4-compresses `data` into a stored value (codec 3, or raw when it does not shrink).
-fn encode_lz4(data: &[u8]) -> Result<Vec<u8>, ChunkError> {
+fn encode_lz4(data: &[u8], reserve: usize) -> Result<Vec<u8>, ChunkError> {
     let len =
         u32::try_from(data.len()).map_err(|_| ChunkError::Lz4 { reason: format!("chunk of {} bytes", data.len()) })?;
     let bound = lz4_flex::block::get_maximum_output_size(data.len());
@@ -148,13 +193,15 @@ fn encode_lz4(data: &[u8]) -> Result<Vec<u8>, ChunkError> {
         let written = lz4_flex::block::compress_into(data, &mut scratch[..bound])
             .map_err(|e| ChunkError::Lz4 { reason: e.to_string() })?;
         let (codec, payload) = if written >= data.len() { (CODEC_RAW, data) } else { (CODEC_LZ4, &scratch[..written]) };
-        Ok(value(codec, len, payload))
+        Ok(value(reserve, codec, len, payload))
     })
 }
 
-/// A stored value: header, then `payload`, allocated at its exact size.
-fn value(codec: u8, len: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(VALUE_HEADER + payload.len());
+/// `reserve` zero bytes, then a stored value: header, then `payload`; allocated at its exact
+/// size.
+fn value(reserve: usize, codec: u8, len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(reserve + VALUE_HEADER + payload.len());
+    out.resize(reserve, 0);
     out.push(codec);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(payload);
@@ -164,6 +211,10 @@ fn value(codec: u8, len: u32, payload: &[u8]) -> Vec<u8> {
 /// Compresses `data` with zstd at `level` into a complete stored value (header + payload),
 /// allocated at its exact size.
 pub fn encode(data: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
+    encode_zstd(data, level, 0)
+}
+
+fn encode_zstd(data: &[u8], level: i32, reserve: usize) -> Result<Vec<u8>, ChunkError> {
     let len = u32::try_from(data.len())
         .map_err(|_| ChunkError::Compress { level, reason: format!("chunk of {} bytes", data.len()) })?;
     let bound = zstd::zstd_safe::compress_bound(data.len());
@@ -185,7 +236,7 @@ pub fn encode(data: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
         })?;
         let (codec, payload) =
             if written >= data.len() { (CODEC_RAW, data) } else { (CODEC_ZSTD, &scratch[..written]) };
-        Ok(value(codec, len, payload))
+        Ok(value(reserve, codec, len, payload))
     })
 }
 
@@ -295,6 +346,27 @@ mod tests {
             );
         }
         assert!(encode(&text, 1).expect("encode").len() < 4096, "text compresses");
+    }
+
+    /// `encode_into` (the pipeline's encoder, into a recycled entry buffer) gives exactly
+    /// `encode_with`'s value after the reserved bytes, for compressed, raw and LZ4 values,
+    /// whatever the buffer held before (a longer, stale entry leaves no byte behind).
+    #[test]
+    fn encode_into_a_recycled_buffer_gives_the_value_of_encode_with() {
+        let text: Vec<u8> = (0..65536u32).map(|i| b"hello world "[(i % 12) as usize]).collect();
+        let noise: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut out = vec![0xee; 200_000];
+        for codec in [Codec::Zstd(-1), Codec::Zstd(3), Codec::Lz4] {
+            for (what, data) in [("text", &text), ("noise", &noise), ("short text", &text[..1000].to_vec())] {
+                encode_into(data, codec, 48, &mut out).expect("encode_into");
+                let want = encode_with(data, codec).expect("encode_with");
+                assert!(out[..48].iter().all(|b| *b == 0), "{codec:?} {what}: reserved bytes not zero");
+                assert!(out[48..] == want[..], "{codec:?} {what}: value differs from encode_with's");
+                let mut back = vec![0u8; data.len()];
+                decode_into(&Hash::of(data), &out[48..], data.len(), &mut back).expect("decode");
+                assert!(back == **data, "{codec:?} {what}: does not decode to the chunk");
+            }
+        }
     }
 
     #[test]

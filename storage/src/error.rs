@@ -95,6 +95,11 @@ pub enum StoreError {
     Source { snapshot: String, block: String, offset: u64, reason: String },
     #[error("snapshot '{snapshot}': a chunk pipeline thread panicked")]
     Pipeline { snapshot: String },
+    #[error(
+        "snapshot '{snapshot}' block '{block}' offset 0x{offset:x}: the chunk to compress again (its \
+         index entry was collected meanwhile) is not the chunk that was hashed"
+    )]
+    ChunkChanged { snapshot: String, block: String, offset: u64 },
     #[error("store '{path}': cannot query free space: {source}")]
     Statvfs { path: PathBuf, source: std::io::Error },
     #[error("store '{path}': {op}: {source}")]

@@ -35,14 +35,15 @@
 //!
 //! # Writing chunks: the pipeline
 //!
-//! [`put_pipelined`] is how snapshots write RAM (pipeline.rs): each worker takes a buffer from
-//! a fixed pool (8 MiB of chunks), copies its next chunk out of guest memory into it,
-//! zero-checks it (an all-zero chunk is recorded as the zero marker and never hashed), hashes,
-//! looks up and compresses it; the calling thread appends the values to the packs in the order
-//! the chunks were given, then hands the buffer back, and starts the packs' writeback every
-//! 16 MiB. Memory is bounded by the pool; the pack layout is address
-//! order whatever the thread timing. `put_chunk` (one chunk, any thread) runs the same two
-//! halves (`prepare`, `record`) inline.
+//! [`put_pipelined`] is how snapshots write RAM (pipeline.rs): each worker claims its next
+//! chunk (at most 16 MiB of chunks in flight), copies it out of guest memory into a buffer of
+//! its own, zero-checks it (an all-zero chunk is recorded as the zero marker and never
+//! hashed), hashes, looks up and compresses it into a complete pack entry, then stores it
+//! itself: a short sequencer gives the new chunks their places in the packs in the order the
+//! chunks were given, and the worker writes and indexes them outside it. There is no writer
+//! thread; the pack layout is address order whatever the thread timing; writeback starts
+//! every 16 MiB. `put_chunk` (one chunk, any thread) runs the same two halves (`prepare`,
+//! `record`) inline.
 //!
 //! Where a full snapshot's time goes (`examples/pipeline_cost.rs`, 1 GiB, profiled with
 //! `perf record` and counted with callgrind): on the `touch` fill (one word in four set,
@@ -56,8 +57,8 @@
 //! showing up as work: a reader thread that copied every chunk and handed it on (a fourth
 //! busy thread on 2 cores, and a hand-off per chunk), and the writer starting writeback on its
 //! own thread (`sync_file_range` blocked for up to 190 ms on this disk), which with a pool of
-//! only `2 * workers + 2` buffers stopped every worker. Workers now read their own chunks and
-//! the pool is deep enough to ride out a stall. (Starting writeback on a thread of its own
+//! only `2 * workers + 2` buffers stopped every worker. Workers then read their own chunks and
+//! the pool grew deep enough to ride out a stall (the next section has what came after). (Starting writeback on a thread of its own
 //! was tried and measured worse: see pipeline.rs.) Measured under the others' builds (load
 //! 9-16), `bench snapshot` could not show these changes in wall time: see the README. `encode`
 //! compresses into a per-thread scratch buffer and allocates each value at its size (it used
@@ -287,6 +288,53 @@
 //!   frames 26% fewer to decompress) and changes nothing on touch, but the thread CPU time
 //!   fell only 1-6% (1.20 and 1.36 against 1.22 and 1.45 CPU-s per GiB: fewer instructions
 //!   at a lower IPC) while storing 2.3% more (0.218 against 0.213): not taken.
+//!
+//! # Why the pipeline lost to the per-thread path, and what changed (December 2026)
+//!
+//! Measured with `examples/pipeline_cost.rs` (1 GiB, 64 KiB chunks, process CPU time, and
+//! each thread's CPU clock) and `perf record`, alternated with the previous build, load
+//! average 3-8 (the other engineers' builds):
+//!
+//! - The calling thread stored every chunk: 0.54 CPU-s per GiB on touch and 0.96 on memfill,
+//!   nearly all of it the kernel's page-cache work for `pwrite` (copying, ext4 delayed
+//!   allocation per 4 KiB block, folio accounting) plus sled's index inserts, on one thread.
+//!   On memfill that thread needed more CPU than each worker (0.38 CPU-s), so it set the
+//!   pace; on touch it made three busy threads for two cores. The per-thread path (each
+//!   thread appends its own chunks) has neither problem, which is why it won.
+//! - Per chunk, the writer also copied each value again (entry header + value into a new
+//!   buffer: 1 GiB of copies for memfill), computed its crc32, and every value was a fresh
+//!   allocation, freed by another thread: glibc returned the memory and the next allocations
+//!   faulted it in again (page faults and page clearing showed in the workers' profile).
+//!
+//! Now every worker stores its own chunks (pipeline.rs): a sequencer gives new chunks their
+//! places in chunk order and the pwrites, index inserts and references happen outside it, in
+//! parallel; a worker builds the complete pack entry (header and crc) itself, zstd compresses
+//! straight into a recycled entry buffer, and each worker reads into one buffer of its own
+//! that stays in its cache. Alternated with the previous build, three runs each, 1 GiB:
+//!
+//! | load | image | pipeline wall ms before / after | process CPU-s before / after |
+//! |-----:|-------|--------------------------------:|-----------------------------:|
+//! | 2.5-2.8 | touch | 1080-1639 / 949-1077 | 1.88-2.93 / 1.74-1.95 |
+//! | 2.5-2.8 | memfill | 1024-1126 / 805-893 | 1.65-1.77 / 1.30-1.36 |
+//! | 7 | touch | 3002-3584 / 3381-4321 | 2.58-2.65 / 2.15-2.55 |
+//! | 7 | memfill | 2235-4361 / 3566-4862 | 1.82-2.08 / 1.59-1.83 |
+//!
+//! zstd is now 55-60% of the pipeline's samples on touch, blake3 7%, copies 6%, sled 4-5%,
+//! the kernel's pack writes a few percent: what is left is the codec. At load 7 (two other
+//! engineers building) the CPU still fell but the wall time rose; writeback was ruled out
+//! (a build without it was as slow), and the cause was not found: the wall times there moved
+//! by 2x between runs of the same build. `bench snapshot`
+//! now reports the workers' CPU time (`cpu_ms`) beside the stages' wall times.
+//!
+//! `bench snapshot --mem-mib 1024`, three runs each alternated with the previous build, load
+//! 2.3-3.1, `total_ms`: `full` touch 1100-1246 before, 1020-1140 after (the workers' CPU
+//! 1.82-2.01 s); `full` memfill 1186-1302 before, 932-1111 after (CPU 1.41-1.67 s; commit
+//! 8-10 ms), against `dd bs=1M conv=fdatasync` of 1 GiB onto the same filesystem in the same
+//! minutes: 0.63-2.84 s; `background` touch 1433-1729 / 1364-1502, memfill 1790-1969 /
+//! 1717-1945 (its copy goes through the write protection: 0.4-0.9 s of its read stage);
+//! `baseline` (the per-thread path, unchanged but for the codec's buffers) touch 980-1174 /
+//! 943-1066. The 1 s for a full snapshot of touch is within 2-14% on this shared
+//! machine; what stands in its way is the codec's CPU time.
 
 mod attachment;
 mod check;
@@ -307,6 +355,8 @@ mod open;
 mod pack;
 mod pin;
 mod pipeline;
+#[cfg(test)]
+mod pipeline_store_tests;
 #[cfg(test)]
 mod pipeline_tests;
 mod reader;

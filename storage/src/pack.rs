@@ -157,6 +157,18 @@ pub(crate) fn entry_header(hash: &Hash, value: &[u8], len: u32) -> [u8; ENTRY_HE
     h
 }
 
+/// Fills the first [`ENTRY_HEADER`] bytes of `entry` with the header of chunk `hash` whose
+/// value is the rest of `entry`: a complete entry, appended by [`Packs::append_entry`]
+/// without another copy. (The pipeline's workers build entries so; the crc is theirs to pay.)
+pub(crate) fn seal_entry(hash: &Hash, entry: &mut [u8]) -> std::io::Result<()> {
+    let (head, value) = entry
+        .split_at_mut_checked(ENTRY_HEADER as usize)
+        .ok_or_else(|| std::io::Error::other("pack entry shorter than its header"))?;
+    let len = u32::try_from(value.len()).map_err(|_| std::io::Error::other("chunk value over 4 GiB"))?;
+    head.copy_from_slice(&entry_header(hash, value, len));
+    Ok(())
+}
+
 /// Decodes an entry header; `None` unless magic and header crc are right.
 pub(crate) fn parse_entry_header(h: &[u8]) -> Option<EntryHeader> {
     let h = h.get(..ENTRY_HEADER as usize)?;
@@ -269,32 +281,55 @@ impl Packs {
     }
 
     /// Appends chunk `hash`'s `value` (with its entry header) to the active pack.
+    #[cfg(test)]
     pub fn append(&self, hash: &Hash, value: &[u8]) -> std::io::Result<Location> {
+        let mut entry = Vec::with_capacity(ENTRY_HEADER as usize + value.len());
+        entry.resize(ENTRY_HEADER as usize, 0);
+        entry.extend_from_slice(value);
+        seal_entry(hash, &mut entry)?;
+        self.append_entry(&entry)
+    }
+
+    /// Appends a complete entry (header and value, see [`seal_entry`]) to the active pack
+    /// with one `pwrite`; returns where its value is.
+    pub fn append_entry(&self, entry: &[u8]) -> std::io::Result<Location> {
+        let (id, offset) = self.reserve(entry.len() as u64)?;
+        self.write_entry_at(id, offset, entry)
+    }
+
+    /// Reserves `total` bytes (one whole entry) at the end of the active pack, rotating to a
+    /// new pack when it would pass the size limit; returns the pack and the offset. The
+    /// caller holds the GC lock shared until it has written the entry there
+    /// ([`Packs::write_entry_at`]): a GC never sees a reservation that was not filled.
+    pub fn reserve(&self, total: u64) -> std::io::Result<(u32, u64)> {
         if self.read_only {
             return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "store is open read-only"));
         }
-        let len = u32::try_from(value.len()).map_err(|_| std::io::Error::other("chunk value over 4 GiB"))?;
-        let total = ENTRY_HEADER + u64::from(len);
-        let (id, offset) = {
-            let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            if a.len > 0 && a.len + total > self.max {
-                a.id += 1;
-                a.len = 0;
-            }
-            if a.len == 0 {
-                self.create(a.id)?;
-                a.len = PACK_HEADER;
-            }
-            let off = a.len;
-            a.len += total;
-            (a.id, off)
-        };
-        let mut buf = Vec::with_capacity(total as usize);
-        buf.extend_from_slice(&entry_header(hash, value, len));
-        buf.extend_from_slice(value);
+        let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if a.len > 0 && a.len + total > self.max {
+            a.id += 1;
+            a.len = 0;
+        }
+        if a.len == 0 {
+            self.create(a.id)?;
+            a.len = PACK_HEADER;
+        }
+        let off = a.len;
+        a.len += total;
+        Ok((a.id, off))
+    }
+
+    /// Writes a complete entry into the space [`Packs::reserve`] gave for it; returns where
+    /// its value is.
+    pub fn write_entry_at(&self, id: u32, offset: u64, entry: &[u8]) -> std::io::Result<Location> {
+        let total = entry.len() as u64;
+        let len = total
+            .checked_sub(ENTRY_HEADER)
+            .and_then(|l| u32::try_from(l).ok())
+            .ok_or_else(|| std::io::Error::other(format!("pack entry of {total} bytes")))?;
         // Marked before the write (and again after): see the module doc.
         self.mark(id);
-        self.file(id)?.write_all_at(&buf, offset)?;
+        self.file(id)?.write_all_at(entry, offset)?;
         self.mark(id);
         Ok(Location { pack: id, offset: offset + ENTRY_HEADER, len })
     }

@@ -1,48 +1,66 @@
-//! The snapshot pipeline: chunks copied, hashed and compressed on several threads at once,
-//! and stored in order.
+//! The snapshot pipeline: chunks copied, hashed, compressed and stored on several threads at
+//! once, in order.
 //!
 //! ```text
-//!  worker threads (n)                                      the calling thread
-//!  take a free buffer; claim chunk i; read() into it;  --->  reorder by i; append to the
-//!  zero check; blake3; index lookup; zstd if the             pack, index, record; buffer
-//!  index lacks the hash                                      back to the pool
-//!       ^                                                    |   every 16 MiB: start the
-//!       '------------------- free buffers -------------------'   packs' writeback
+//!  each of n worker threads, in a loop:
+//!    take a slot in the window; claim chunk i; read() it into the worker's own buffer;
+//!    zero check; blake3; index lookup; zstd (if the index lacks the hash) straight into a
+//!    recycled entry buffer, entry header and crc included;
+//!    GC lock (shared) -> sequencer: i joins the chunks waiting; the worker drains every
+//!        chunk whose turn has come (i, and those after it that others finished), giving
+//!        each new one its place in the pack (a reservation: arithmetic under a short lock)
+//!    <- sequencer; pwrite each drained entry at its place, index it (compare-and-swap),
+//!        record the references; every 16 MiB placed, start the packs' writeback;
+//!        free one window slot per chunk stored
 //! ```
 //!
-//! Each worker reads its own chunk: there is no reader thread, so a chunk is copied out of
-//! guest memory by the core that hashes and compresses it, while it is in that core's cache,
-//! and no hand-off sits between the copy and the work. (Until December 2026 a reader thread
-//! copied every chunk and passed it on: on 2 cores its hand-offs and the writer's stalls
-//! made the pipeline slower than the serial path it replaced; see the crate docs.)
+//! Every worker stores chunks; there is no writer thread. The order of the packs is decided
+//! in the sequencer, in job order, so a snapshot's new chunks sit in its packs in address
+//! order (restores read them in that order) and the layout does not depend on thread timing;
+//! the bytes are written outside it, by whichever worker drained them, in parallel with the
+//! other worker's compression and writes.
 //!
-//! Memory stays bounded: there are `max(2 * workers + 2, 8 MiB / chunk size)` chunk buffers;
-//! a worker takes a free buffer *before* it claims the next chunk, so every claimed chunk has
-//! one and the chunk the writer waits for is always being worked on, and the writer hands a
-//! buffer back only after it has stored that chunk; at most that many chunks (and their
-//! compressed values) are in flight, however uneven the workers are. The pool is deep enough
-//! to ride out a writer stall (a sled flush, a pack append the kernel throttles) without
-//! idling the workers. The writer stores chunks in the order they were given, so a
-//! snapshot's new chunks sit in its packs in address order (restores read them in that
-//! order) and the pack layout does not depend on thread timing. An all-zero chunk is
-//! recognised by [`crate::chunk::is_zero`] and recorded as [`crate::ChunkRef::Zero`] without
-//! being hashed.
+//! Why (December 2026, issue 13): the pipeline before this one had the calling thread store
+//! every chunk. On 2 cores that made three busy threads for two cores, a hand-off per chunk,
+//! and one thread doing all the kernel's page-cache work serially: 0.96 CPU-s per GiB of
+//! incompressible memfill on that thread alone (`examples/pipeline_cost.rs`, thread CPU
+//! time), more than the two workers' hashing (0.38 CPU-s each), so its wall time was bound
+//! by the writer; for touch the writer took 0.54 CPU-s against 0.9 per worker. The per-thread
+//! path (`put_chunk` from each thread, the benchmark's baseline) has no such thread and was
+//! faster. Now each worker does what the per-thread path does (read, hash, compress, append,
+//! index), and only the choice of places is serial.
 //!
-//! Every 16 MiB of new values the writer starts the kernel's writeback of the packs
-//! (`sync_file_range`), so the disk writes while the workers compress and the commit's
-//! `fdatasync` finds most of the snapshot already on disk. It does so on its own thread and
-//! waits for the call (which can block for tens of milliseconds on a busy disk), while the
-//! buffer pool keeps the workers going: tried on a thread of its own that the writer only
-//! kicked, the writer ran ahead of the disk, the kernel throttled its pack appends instead
-//! (dirty-page balancing) and the write stage of incompressible memfill took 4x as long
-//! (`bench snapshot`, two runs each, alternated with the previous build).
+//! Memory stays bounded: at most `max(2 * workers + 2, 16 MiB / chunk size)` chunks are in
+//! flight (claimed and not yet stored: the window). A worker takes a slot *before* it claims
+//! the next chunk, so every claimed chunk has one and the chunk whose turn is next is always
+//! being worked on; a slot is freed only when its chunk is stored. A worker reads into one
+//! buffer of its own, which stays in its core's cache; what waits in the sequencer is the
+//! compressed entry (and, for a chunk the index already held, a copy of its bytes: see
+//! [`SnapshotWriter::record`]). Entry buffers are recycled by the worker that stored them.
+//! An all-zero chunk is recognised by [`crate::chunk::is_zero`] and recorded as
+//! [`crate::ChunkRef::Zero`] without being hashed. A chunk that occurs twice in one run is
+//! placed once: the second is recorded as a duplicate of the first (whose write the commit
+//! waits for, as it waits for every chunk).
 //!
-//! Errors: the first one (a worker's read or work, or the writer's) sets the stop flag, which
-//! every stage checks between chunks, and is returned; a panicking worker sets it too. The
-//! snapshot is not committed by anyone after an error, and its chunks are reclaimed by the
-//! next GC.
+//! Locks: the GC lock (shared) is taken before the sequencer and held until the drained
+//! entries are written and indexed, so a GC never sees a place reserved and not yet
+//! written, and never waits for compression. Never the other way round: a GC waiting for the
+//! lock would otherwise block a worker that holds the sequencer.
+//!
+//! Every 16 MiB of new values placed, the worker that crosses the mark starts the kernel's
+//! writeback of the packs (`sync_file_range`) after its writes, so the disk writes while the
+//! workers compress and the commit's `fdatasync` finds most of the snapshot already on disk.
+//! The call can block for tens of milliseconds on a busy disk; the other workers go on
+//! meanwhile. (A thread of its own for it was tried with the old writer and measured worse:
+//! the kernel throttled the appends instead.)
+//!
+//! Errors: the first one (a worker's read, work or store) sets the stop flag, which every
+//! worker checks between chunks (also while it waits for a slot), and is returned; a
+//! panicking worker sets it too. Places drained after an error are left unwritten (a gap,
+//! like a punched hole). The snapshot is not committed by anyone after an error, and its
+//! chunks are reclaimed by the next GC.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Mutex, PoisonError};
@@ -50,17 +68,23 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::chunk::Hash;
 use crate::error::{Result, StoreError};
+use crate::pack::ENTRY_HEADER;
 use crate::writer::{Prepared, SnapshotWriter};
 
 /// Bytes appended between two starts of pack writeback: the commit's final sync then has at
 /// most about this much left to flush, and the disk writes while the workers compress.
 const WRITEBACK_STEP: u64 = 16 << 20;
 
-/// Bytes of chunk buffers in flight (at least `2 * workers + 2` buffers whatever this says).
-const IN_FLIGHT_BYTES: usize = 8 << 20;
+/// Chunks in flight (claimed, not yet stored), in bytes of chunks: at least `2 * workers + 2`
+/// chunks whatever this says.
+const IN_FLIGHT_BYTES: usize = 16 << 20;
 
-/// How often the writer, waiting for the next chunk, checks whether a stage has stopped.
+/// Entry buffers a worker keeps for its next chunks (the rest are freed).
+const SPARES: usize = 8;
+
+/// How often a worker waiting for a slot in the window checks whether another has stopped.
 const STOP_POLL: Duration = Duration::from_millis(20);
 
 /// One chunk to store: a block and a chunk-aligned offset in it.
@@ -79,16 +103,48 @@ pub struct PipelineStats {
     pub read_ns: u64,
     /// Zero check, hash, index lookup and compression.
     pub work_ns: u64,
-    /// Pack appends, index inserts and recording references.
+    /// Storing chunks in order: reserving their place, pack writes, index inserts, recording
+    /// references and starting writeback, summed over the workers that did it.
     pub write_ns: u64,
+    /// CPU time of the workers (their thread CPU clocks, user and system), summed: what the
+    /// stages above cost without the time the workers waited or were preempted.
+    pub cpu_ns: u64,
 }
 
 /// Reads chunk `offset` of a block into the buffer (whose length is the chunk's); the error
 /// says why it cannot.
 pub type ReadChunk<'a> = dyn Fn(&str, u64, &mut [u8]) -> std::result::Result<(), String> + Sync + 'a;
 
-/// Stores `jobs` with `workers` threads that read, hash and compress, reading each chunk with
-/// `read(block, offset, buf)` (which fills `buf`, whose length is the chunk's).
+/// A prepared chunk waiting for its turn, with a copy of its bytes if it was
+/// [`Prepared::Known`] (see [`SnapshotWriter::record`]).
+type Done = (Result<Prepared>, Vec<u8>);
+
+/// The order of storing: chunks done out of order wait here until every chunk before them
+/// is done.
+struct Sequencer {
+    pending: BTreeMap<usize, Done>,
+    /// The next chunk to store, in job order.
+    next: usize,
+    /// Hashes of the new chunks given a place in this run: a second chunk with the same
+    /// bytes is recorded as a duplicate, not written again.
+    placed: HashSet<Hash>,
+    /// Bytes placed so far, and where the next writeback starts.
+    placed_bytes: u64,
+    writeback_at: u64,
+}
+
+/// What the worker that drained it does with a chunk whose turn came.
+enum Turn {
+    Zero,
+    Known { hash: Hash, keep: Vec<u8> },
+    New { hash: Hash, entry: Vec<u8>, at: (u32, u64) },
+    Duplicate { hash: Hash, entry: Vec<u8> },
+    Failed(StoreError),
+}
+
+/// Stores `jobs` with `workers` threads that each read, hash, compress and store chunks,
+/// reading each chunk with `read(block, offset, buf)` (which fills `buf`, whose length is
+/// the chunk's).
 pub fn put_pipelined(
     writer: &SnapshotWriter,
     jobs: &[ChunkJob],
@@ -108,6 +164,8 @@ pub fn put_pipelined(
     }
     let read_ns = AtomicU64::new(0);
     let work_ns = AtomicU64::new(0);
+    let write_ns = AtomicU64::new(0);
+    let cpu_ns = AtomicU64::new(0);
     let bytes_read = AtomicU64::new(0);
     let claimed = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -116,35 +174,163 @@ pub fn put_pipelined(
         stop.store(true, Ordering::Relaxed);
         first_error.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
     };
-    let buffers = (2 * workers + 2).max(IN_FLIGHT_BYTES / cs.max(1)).min(jobs.len().max(1));
-    let (free_tx, free_rx) = channel::<Vec<u8>>();
-    for _ in 0..buffers {
+    let window = (2 * workers + 2).max(IN_FLIGHT_BYTES / cs.max(1)).min(jobs.len().max(1));
+    let (free_tx, free_rx) = channel::<()>();
+    for _ in 0..window {
         // The receiver is alive here; a send cannot fail.
-        let _ = free_tx.send(vec![0u8; cs]);
+        let _ = free_tx.send(());
     }
     let free_rx = Mutex::new(free_rx);
-    let (done_tx, done_rx) = channel::<(usize, Vec<u8>, Result<Prepared>)>();
-    let mut write_ns = 0u64;
+    let start = writer.stats().bytes_stored;
+    let seq = Mutex::new(Sequencer {
+        pending: BTreeMap::new(),
+        next: 0,
+        placed: HashSet::new(),
+        placed_bytes: start,
+        writeback_at: start + WRITEBACK_STEP,
+    });
     let name = writer.name().to_owned();
+    let inner = &writer.store.inner;
+
+    // Stores the chunks whose turn has come, the worker's own `done` first in line: called
+    // by every worker after preparing a chunk. Returns the entry buffers it is done with.
+    let store_turns = |index: usize, done: Done, spares: &mut Vec<Vec<u8>>| {
+        let t = Instant::now();
+        // Lock order: the GC lock (shared) before the sequencer, never the other way (a GC
+        // waiting for the lock would otherwise stop a worker holding the sequencer).
+        let gc = inner.gc_lock.read().unwrap_or_else(PoisonError::into_inner);
+        let mut turns = Vec::new();
+        let mut writeback = false;
+        {
+            let mut q = seq.lock().unwrap_or_else(PoisonError::into_inner);
+            q.pending.insert(index, done);
+            while let Some((prepared, keep)) = {
+                let n = q.next;
+                q.pending.remove(&n)
+            } {
+                let i = q.next;
+                q.next += 1;
+                let turn = match prepared {
+                    Ok(Prepared::Zero) => Turn::Zero,
+                    Ok(Prepared::Known { hash }) => Turn::Known { hash, keep },
+                    Ok(Prepared::New { hash, entry }) if !q.placed.insert(hash) => Turn::Duplicate { hash, entry },
+                    Ok(Prepared::New { hash, entry }) => match inner.packs.reserve(entry.len() as u64) {
+                        Ok(at) => {
+                            q.placed_bytes += entry.len() as u64 - ENTRY_HEADER;
+                            Turn::New { hash, entry, at }
+                        }
+                        Err(source) => Turn::Failed(StoreError::Io {
+                            path: inner.packs.dir().to_path_buf(),
+                            op: "append chunk",
+                            source,
+                        }),
+                    },
+                    Err(e) => Turn::Failed(e),
+                };
+                turns.push((i, turn));
+            }
+            if q.placed_bytes >= q.writeback_at {
+                q.writeback_at = q.placed_bytes + WRITEBACK_STEP;
+                writeback = true;
+            }
+        }
+        // Outside the sequencer: the other workers place their chunks while these are
+        // written. After a failure the places left are not written: a gap in a pack is what
+        // a punched hole or a torn write leaves too (scans resynchronise on the next entry,
+        // GC punches it).
+        let placed: u64 =
+            turns.iter().map(|(_, t)| if let Turn::New { entry, .. } = t { entry.len() as u64 } else { 0 }).sum();
+        let space = if placed > 0 { writer.store.ensure_space(placed) } else { Ok(()) };
+        let mut known = Vec::new();
+        let mut result = space;
+        let turns_len = turns.len();
+        for (i, turn) in turns {
+            let (b, slot, _) = checked[i];
+            let block = writer.block_at(b);
+            let r = match turn {
+                // (`record` takes no lock for a zero chunk.)
+                Turn::Zero => writer.record(block, slot, jobs[i].offset, Prepared::Zero, &[]).map(drop),
+                Turn::Known { hash, keep } => {
+                    known.push((i, hash, keep));
+                    Ok(())
+                }
+                Turn::New { hash, entry, at } => {
+                    let r = match &result {
+                        Ok(()) => writer.store_reserved(block, slot, &hash, &entry, at),
+                        Err(_) => Ok(()),
+                    };
+                    spares.push(entry);
+                    r
+                }
+                Turn::Duplicate { hash, entry } => {
+                    writer.record_duplicate(block, slot, &hash);
+                    spares.push(entry);
+                    Ok(())
+                }
+                Turn::Failed(e) => Err(e),
+            };
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        drop(gc);
+        // Chunks the index held: `record` looks again under the GC lock of its own.
+        for (i, hash, keep) in known {
+            let (b, slot, _) = checked[i];
+            let r = writer.record(writer.block_at(b), slot, jobs[i].offset, Prepared::Known { hash }, &keep);
+            if let (Ok(()), Err(e)) = (&result, r) {
+                result = Err(e);
+            }
+        }
+        if writeback && result.is_ok() {
+            writer.store.start_writeback();
+        }
+        write_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result.map(|()| turns_len)
+    };
 
     std::thread::scope(|scope| {
         let mut pool = Vec::with_capacity(workers);
         for _ in 0..workers {
-            let done_tx = done_tx.clone();
-            let (free_rx, claimed, read_ns, work_ns, bytes_read, stop, checked, fail, name) =
-                (&free_rx, &claimed, &read_ns, &work_ns, &bytes_read, &stop, &checked, &fail, &name);
+            let (free_rx, free_tx, claimed, read_ns, work_ns, bytes_read, stop, checked, fail, name) =
+                (&free_rx, free_tx.clone(), &claimed, &read_ns, &work_ns, &bytes_read, &stop, &checked, &fail, &name);
+            let store_turns = &store_turns;
+            let cpu_ns = &cpu_ns;
             pool.push(scope.spawn(move || {
                 let _guard = StopOnPanic(stop);
+                let _cpu = CpuTime(cpu_ns);
+                // This worker's only chunk buffer: it stays in the core's cache.
+                let mut buf = vec![0u8; cs];
+                // Entry buffers this worker's stores are done with, for its next entries.
+                let mut spares: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    // A buffer first, then a chunk: every claimed chunk has a buffer.
-                    let next = free_rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    let Ok(mut buf) = next else { return };
+                    // A slot in the window first, then a chunk: every claimed chunk has one,
+                    // so the chunk next in line is always being worked on.
+                    // With a timeout: after a failure the others may all be waiting here for
+                    // slots nobody will free; the stop flag ends the wait.
+                    // Likewise once every chunk is claimed (the workers holding them store them).
+                    loop {
+                        match free_rx.lock().unwrap_or_else(PoisonError::into_inner).recv_timeout(STOP_POLL) {
+                            Ok(()) => break,
+                            Err(RecvTimeoutError::Timeout)
+                                if !stop.load(Ordering::Relaxed) && claimed.load(Ordering::Relaxed) < jobs.len() =>
+                            {
+                                continue
+                            }
+                            Err(_) => return,
+                        }
+                    }
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let seq = claimed.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = jobs.get(seq) else { return };
-                    let len = checked[seq].2;
+                    let index = claimed.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(index) else {
+                        // Nothing left to claim: the slot goes back, so a worker waiting for
+                        // one wakes up and finds that out too.
+                        let _ = free_tx.send(());
+                        return;
+                    };
+                    let len = checked[index].2;
                     let t = Instant::now();
                     let res = read(&job.block, job.offset, &mut buf[..len]);
                     let t_read = Instant::now();
@@ -159,55 +345,35 @@ pub fn put_pipelined(
                         return;
                     }
                     bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                    let prepared = writer.prepare(&job.block, job.offset, &buf[..len]);
+                    let mut spare = spares.pop().unwrap_or_default();
+                    let prepared = writer.prepare(&job.block, job.offset, &buf[..len], &mut spare);
+                    if spare.capacity() > 0 {
+                        spares.push(spare);
+                    }
+                    // A chunk the index held goes with a copy of its bytes, compressed should
+                    // a GC remove that entry before the chunk is recorded.
+                    let keep =
+                        if matches!(prepared, Ok(Prepared::Known { .. })) { buf[..len].to_vec() } else { Vec::new() };
                     work_ns.fetch_add(t_read.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    if done_tx.send((seq, buf, prepared)).is_err() {
-                        return;
+                    let stored = store_turns(index, (prepared, keep), &mut spares);
+                    spares.truncate(SPARES);
+                    match stored {
+                        // Every chunk stored frees its slot in the window.
+                        Ok(n) => (0..n).for_each(|_| {
+                            let _ = free_tx.send(());
+                        }),
+                        Err(e) => {
+                            fail(e);
+                            return;
+                        }
                     }
                 }
             }));
         }
-        drop(done_tx);
-
-        // The writer, on this thread: chunks in job order.
-        let mut pending: BTreeMap<usize, (Vec<u8>, Result<Prepared>)> = BTreeMap::new();
-        let mut next = 0usize;
-        let mut written_back = writer.stats().bytes_stored;
-        while next < jobs.len() && !stop.load(Ordering::Relaxed) {
-            // With a timeout: a worker that failed or panicked never sends its chunk, and
-            // the others may all be waiting for buffers; the stop flag ends the wait.
-            let (seq, buf, prepared) = match done_rx.recv_timeout(STOP_POLL) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            pending.insert(seq, (buf, prepared));
-            while let Some((buf, prepared)) = pending.remove(&next) {
-                let t = Instant::now();
-                let (b, slot, len) = checked[next];
-                let res =
-                    prepared.and_then(|p| writer.record(writer.block_at(b), slot, jobs[next].offset, p, &buf[..len]));
-                write_ns += t.elapsed().as_nanos() as u64;
-                if let Err(e) = res {
-                    fail(e);
-                    break;
-                }
-                let _ = free_tx.send(buf);
-                next += 1;
-                let stored = writer.stats().bytes_stored;
-                if stored >= written_back + WRITEBACK_STEP {
-                    written_back = stored;
-                    let t = Instant::now();
-                    writer.store.start_writeback();
-                    write_ns += t.elapsed().as_nanos() as u64;
-                }
-            }
-        }
-        // Ends the workers (no more free buffers, nobody to send to).
         drop(free_tx);
-        drop(done_rx);
         let panicked = pool.into_iter().map(|w| w.join().is_err()).fold(false, |a, b| a | b);
-        // A panic, or a stage that ended early without an error of its own.
+        let next = seq.lock().unwrap_or_else(PoisonError::into_inner).next;
+        // A panic, or a worker that ended early without an error of its own.
         if panicked || next < jobs.len() {
             fail(StoreError::Pipeline { snapshot: name.clone() });
         }
@@ -220,8 +386,23 @@ pub fn put_pipelined(
         bytes_read: bytes_read.into_inner(),
         read_ns: read_ns.into_inner(),
         work_ns: work_ns.into_inner(),
-        write_ns,
+        write_ns: write_ns.into_inner(),
+        cpu_ns: cpu_ns.into_inner(),
     })
+}
+
+/// Adds the CPU time of the thread holding it to the sum when dropped (the thread ends).
+struct CpuTime<'a>(&'a AtomicU64);
+
+impl Drop for CpuTime<'_> {
+    fn drop(&mut self) {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+            self.0.fetch_add(ns, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Sets the stop flag if the worker holding it panics, so the writer stops waiting for the

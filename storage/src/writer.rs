@@ -11,6 +11,7 @@ use crate::chunk::{self, ChunkRef, Hash};
 use crate::error::{Result, StoreError};
 use crate::manifest::{chunk_count, BlockManifest, Manifest};
 use crate::name::validate_snapshot_name;
+use crate::pack::ENTRY_HEADER;
 use crate::store::Store;
 
 /// A RAM block as declared when a snapshot begins.
@@ -73,11 +74,15 @@ impl Store {
     }
 }
 
-/// A chunk after [`SnapshotWriter::prepare`]: all-zero, or stored under `hash` with its
-/// compressed value (`None` when the index already held the hash).
+/// A chunk after [`SnapshotWriter::prepare`].
 pub(crate) enum Prepared {
+    /// All bytes zero: recorded as the zero marker.
     Zero,
-    Stored { hash: Hash, value: Option<Vec<u8>> },
+    /// The index lacked `hash`: `entry` is its complete pack entry (header with crc, then
+    /// the compressed value), ready to append.
+    New { hash: Hash, entry: Vec<u8> },
+    /// The index held `hash` when it was looked up.
+    Known { hash: Hash },
 }
 
 pub(crate) struct WriterBlock {
@@ -193,8 +198,8 @@ impl SnapshotWriter {
     /// again replaces the earlier content.
     pub fn put_chunk(&self, block: &str, offset: u64, data: &[u8]) -> Result<()> {
         let (b, slot) = self.check_chunk(block, offset, data.len())?;
-        let prepared = self.prepare(block, offset, data)?;
-        self.record(b, slot, offset, prepared, data)
+        let prepared = self.prepare(block, offset, data, &mut Vec::new())?;
+        self.record(b, slot, offset, prepared, data).map(drop)
     }
 
     /// Index of `block` among this writer's blocks, for [`SnapshotWriter::put_pipelined`].
@@ -240,7 +245,8 @@ impl SnapshotWriter {
 
     /// The CPU work on one chunk, safe to run on any thread: the zero check (an all-zero
     /// chunk is never hashed), the hash, and compression unless the index already holds it.
-    pub(crate) fn prepare(&self, block: &str, offset: u64, data: &[u8]) -> Result<Prepared> {
+    /// A new chunk's entry is built in `spare` (taken; pass an empty or a recycled buffer).
+    pub(crate) fn prepare(&self, block: &str, offset: u64, data: &[u8], spare: &mut Vec<u8>) -> Result<Prepared> {
         let s = &self.shared;
         s.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
         if chunk::is_zero(data) {
@@ -249,28 +255,41 @@ impl SnapshotWriter {
         s.bytes_hashed.fetch_add(data.len() as u64, Ordering::Relaxed);
         let hash = Hash::of(data);
         let inner = &self.store.inner;
-        let present = inner.index.contains_key(hash.0).map_err(self.store.db_err("look up chunk"))?;
-        // Compressed before the GC lock is taken, so GC never waits for compression.
-        let value = if present { None } else { Some(self.encode(block, offset, data)?) };
-        Ok(Prepared::Stored { hash, value })
+        if inner.index.contains_key(hash.0).map_err(self.store.db_err("look up chunk"))? {
+            return Ok(Prepared::Known { hash });
+        }
+        // Compressed (and its entry sealed) before the GC lock is taken, so GC never waits
+        // for compression, and on the calling thread, so the pipeline's writer only appends.
+        let mut entry = std::mem::take(spare);
+        self.encode_entry(&hash, block, offset, data, &mut entry)?;
+        Ok(Prepared::New { hash, entry })
     }
 
-    fn encode(&self, block: &str, offset: u64, data: &[u8]) -> Result<Vec<u8>> {
+    /// The complete pack entry of chunk `hash` (`data`) into `entry`: header, then the
+    /// compressed value.
+    fn encode_entry(&self, hash: &Hash, block: &str, offset: u64, data: &[u8], entry: &mut Vec<u8>) -> Result<()> {
         let s = &self.shared;
         s.bytes_compressed_in.fetch_add(data.len() as u64, Ordering::Relaxed);
         let opts = &self.store.inner.opts;
         let codec = if opts.lz4 { chunk::Codec::Lz4 } else { chunk::Codec::Zstd(opts.zstd_level) };
-        chunk::encode_with(data, codec).map_err(|source| StoreError::Chunk {
+        chunk::encode_into(data, codec, ENTRY_HEADER as usize, entry).map_err(|source| StoreError::Chunk {
             snapshot: s.name.clone(),
             block: block.to_owned(),
             offset,
             source: Box::new(source),
+        })?;
+        crate::pack::seal_entry(hash, entry).map_err(|source| StoreError::Io {
+            path: self.store.inner.packs.dir().to_path_buf(),
+            op: "seal chunk entry",
+            source,
         })
     }
 
     /// Stores a prepared chunk (if the index still lacks it) and records the reference in
-    /// `slot` of block `b`. `data` is the chunk again, compressed anew only if a GC removed
-    /// the index entry that `prepare` found.
+    /// `slot` of block `b`. `data` is the chunk again, read only for a [`Prepared::Known`]
+    /// chunk whose index entry a GC removed since `prepare` (it is compressed anew then, and
+    /// must hash to the same value, or this is an error). Returns the buffer of the entry, if
+    /// one was built, for the next [`SnapshotWriter::prepare`].
     pub(crate) fn record(
         &self,
         b: &WriterBlock,
@@ -278,28 +297,43 @@ impl SnapshotWriter {
         offset: u64,
         prepared: Prepared,
         data: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Option<Vec<u8>>> {
         let s = &self.shared;
-        let (hash, mut value) = match prepared {
+        let (hash, mut entry) = match prepared {
             Prepared::Zero => {
                 s.zero_chunks.fetch_add(1, Ordering::Relaxed);
                 b.chunks.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(ChunkRef::Zero);
-                return Ok(());
+                return Ok(None);
             }
-            Prepared::Stored { hash, value } => (hash, value),
+            Prepared::New { hash, entry } => (hash, Some(entry)),
+            Prepared::Known { hash } => (hash, None),
         };
         let inner = &self.store.inner;
         let _gc = inner.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         if inner.index.contains_key(hash.0).map_err(self.store.db_err("look up chunk"))? {
             s.dedup_chunks.fetch_add(1, Ordering::Relaxed);
         } else {
-            let value = match value.take() {
-                Some(v) => v,
-                None => self.encode(&b.spec.idstr, offset, data)?, // removed by a GC since `prepare`
+            let entry = match &mut entry {
+                Some(e) => e,
+                None => {
+                    // Removed by a GC since `prepare`: compressed anew from `data`, which
+                    // must be the chunk that was hashed.
+                    if Hash::of(data) != hash {
+                        return Err(StoreError::ChunkChanged {
+                            snapshot: s.name.clone(),
+                            block: b.spec.idstr.clone(),
+                            offset,
+                        });
+                    }
+                    let mut e = Vec::new();
+                    self.encode_entry(&hash, &b.spec.idstr, offset, data, &mut e)?;
+                    entry.insert(e)
+                }
             };
-            self.store.ensure_space(value.len() as u64)?;
-            if self.store.store_new_chunk(&hash, &value)? {
-                s.bytes_stored.fetch_add(value.len() as u64, Ordering::Relaxed);
+            let stored = entry.len() as u64 - ENTRY_HEADER;
+            self.store.ensure_space(stored)?;
+            if self.store.store_new_entry(&hash, entry)? {
+                s.bytes_stored.fetch_add(stored, Ordering::Relaxed);
                 s.new_chunks.fetch_add(1, Ordering::Relaxed);
             } else {
                 s.dedup_chunks.fetch_add(1, Ordering::Relaxed);
@@ -308,7 +342,50 @@ impl SnapshotWriter {
         // Recorded while the GC lock is held: a GC either ran before the lookup above or
         // marks this reference live.
         b.chunks.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(ChunkRef::Stored(hash));
+        Ok(entry)
+    }
+
+    /// Writes new chunk `hash`'s complete pack `entry` into the space reserved for it at
+    /// `offset` of pack `pack` ([`crate::pack::Packs::reserve`]), indexes it (unless another
+    /// writer indexed the hash meanwhile: the first copy wins, see
+    /// [`Store::store_new_entry`]) and records the reference in `slot` of block `b`. The
+    /// caller holds the GC lock shared, since before the reservation.
+    pub(crate) fn store_reserved(
+        &self,
+        b: &WriterBlock,
+        slot: usize,
+        hash: &Hash,
+        entry: &[u8],
+        (pack, offset): (u32, u64),
+    ) -> Result<()> {
+        let s = &self.shared;
+        let inner = &self.store.inner;
+        let loc = inner.packs.write_entry_at(pack, offset, entry).map_err(|source| StoreError::Io {
+            path: inner.packs.dir().to_path_buf(),
+            op: "append chunk",
+            source,
+        })?;
+        let won = inner
+            .index
+            .compare_and_swap(hash.0, None::<&[u8]>, Some(&loc.encode()[..]))
+            .map_err(self.store.db_err("index chunk"))?
+            .is_ok();
+        if won {
+            s.bytes_stored.fetch_add(u64::from(loc.len), Ordering::Relaxed);
+            s.new_chunks.fetch_add(1, Ordering::Relaxed);
+        } else {
+            s.dedup_chunks.fetch_add(1, Ordering::Relaxed);
+        }
+        b.chunks.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(ChunkRef::Stored(*hash));
         Ok(())
+    }
+
+    /// Records chunk `hash`, which this writer is storing under another slot, in `slot` of
+    /// block `b` (counted as deduplicated). The caller holds the GC lock shared, and the copy
+    /// it refers to is written before the snapshot can commit (or the snapshot fails).
+    pub(crate) fn record_duplicate(&self, b: &WriterBlock, slot: usize, hash: &Hash) {
+        self.shared.dedup_chunks.fetch_add(1, Ordering::Relaxed);
+        b.chunks.lock().unwrap_or_else(|p| p.into_inner())[slot] = Some(ChunkRef::Stored(*hash));
     }
 
     /// Convenience: stores `data` at chunk-aligned `offset` of `block`, cut into chunks.
@@ -389,14 +466,28 @@ impl SnapshotWriter {
 }
 
 impl Store {
-    /// Appends a new chunk value and indexes it, unless another writer indexed the same hash
-    /// meanwhile: the first index entry wins (compare-and-swap) and is never replaced, so a
-    /// commit that deduplicated against it keeps pointing at bytes that its own sync covered.
-    /// Returns whether this call's bytes became the indexed copy (the loser's bytes are dead
-    /// and reclaimed by GC). Caller holds the GC lock shared.
+    /// [`Store::store_new_entry`] for a bare chunk value (its entry built here).
+    #[cfg(test)]
     pub(crate) fn store_new_chunk(&self, hash: &Hash, value: &[u8]) -> Result<bool> {
+        let mut entry = vec![0u8; ENTRY_HEADER as usize];
+        entry.extend_from_slice(value);
+        crate::pack::seal_entry(hash, &mut entry).map_err(|source| StoreError::Io {
+            path: self.inner.packs.dir().to_path_buf(),
+            op: "seal chunk entry",
+            source,
+        })?;
+        self.store_new_entry(hash, &entry)
+    }
+
+    /// Appends a new chunk's complete pack entry (see [`crate::pack::seal_entry`]) and
+    /// indexes it, unless another writer indexed the same hash meanwhile: the first index
+    /// entry wins (compare-and-swap) and is never replaced, so a commit that deduplicated
+    /// against it keeps pointing at bytes that its own sync covered. Returns whether this
+    /// call's bytes became the indexed copy (the loser's bytes are dead and reclaimed by GC).
+    /// Caller holds the GC lock shared.
+    pub(crate) fn store_new_entry(&self, hash: &Hash, entry: &[u8]) -> Result<bool> {
         let inner = &self.inner;
-        let loc = inner.packs.append(hash, value).map_err(|source| StoreError::Io {
+        let loc = inner.packs.append_entry(entry).map_err(|source| StoreError::Io {
             path: inner.packs.dir().to_path_buf(),
             op: "append chunk",
             source,

@@ -32,7 +32,9 @@
 //! vCPUs were stopped, `total_ms` the whole call; bytes read (out of guest memory), hashed
 //! (non-zero chunks), compressed (chunks the store lacked) and written (compressed values
 //! appended to packs); `read_ms`/`work_ms`/`write_ms` are the pipeline's stages summed over
-//! their threads; `commit_ms` the store commit (pack and index syncs, manifest).
+//! their threads (wall time, waits and preemption included); `cpu_ms` (added December 2026)
+//! the CPU time of the pipeline's workers, summed, which a busy machine inflates far less;
+//! `commit_ms` the store commit (pack and index syncs, manifest).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -85,6 +87,9 @@ pub struct SnapshotRow {
     pub read_ms: f64,
     pub work_ms: f64,
     pub write_ms: f64,
+    /// CPU time of the pipeline's workers, summed (thread CPU clocks): the stages' cost
+    /// without waits and preemption, so it holds on a busy machine. 0 for the baseline.
+    pub cpu_ms: f64,
     pub commit_ms: f64,
     /// `total_ms` over the baseline's, same guest and size (1.0 for the baseline).
     pub vs_baseline: Option<f64>,
@@ -133,6 +138,7 @@ fn row(mode: &str, guest: &'static str, mem_mib: u64, r: &SaveReport) -> Snapsho
         read_ms: ns(r.pipeline.read_ns),
         work_ms: ns(r.pipeline.work_ns),
         write_ms: ns(r.pipeline.write_ns),
+        cpu_ms: ns(r.pipeline.cpu_ns),
         commit_ms: r.commit_ms,
         vs_baseline: None,
         pause_vs_full: None,
@@ -166,6 +172,7 @@ fn restore_row(mode: &str, mem_mib: u64, first_ms: f64) -> SnapshotRow {
         read_ms: 0.0,
         work_ms: 0.0,
         write_ms: 0.0,
+        cpu_ms: 0.0,
         commit_ms: 0.0,
         vs_baseline: None,
         pause_vs_full: None,
@@ -404,7 +411,7 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{:<19} {:<8} {:>5} {:>9} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}",
+        "{:<19} {:<8} {:>5} {:>9} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "mode",
         "guest",
         "MiB",
@@ -419,12 +426,13 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         "read ms",
         "work ms",
         "write ms",
+        "cpu ms",
         "commit ms"
     );
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     for r in &rows {
         println!(
-            "{:<19} {:<8} {:>5} {:>9.1} {:>8} {:>9.1} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.0} {:>8.0} {:>8.0} {:>8.1}",
+            "{:<19} {:<8} {:>5} {:>9.1} {:>8} {:>9.1} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.1}",
             r.mode,
             r.guest,
             r.mem_mib,
@@ -439,6 +447,7 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
             r.read_ms,
             r.work_ms,
             r.write_ms,
+            r.cpu_ms,
             r.commit_ms
         );
     }

@@ -163,5 +163,6 @@ pub(super) fn copy(
     stats.read_ns += st.read_ns;
     stats.work_ns += st.work_ns;
     stats.write_ns += st.write_ns;
+    stats.cpu_ns += st.cpu_ns;
     Ok(st.bytes_read)
 }

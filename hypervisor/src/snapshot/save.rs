@@ -8,11 +8,11 @@
 //! bytes of the pause ([`super::background`]). The commit follows with the guest running. The
 //! pause reported is from the pause to the resume.
 //!
-//! RAM goes through the store's chunk pipeline ([`storage::put_pipelined`]): one thread copies
-//! chunks out of guest memory, `threads` workers zero-check, hash and compress them, and the
-//! calling thread stores them in order. `SaveOptions::pipeline = false` keeps the previous
-//! path (each of `threads` threads reads, hashes, compresses and appends its own chunks) as
-//! the benchmark's baseline.
+//! RAM goes through the store's chunk pipeline ([`storage::put_pipelined`]): `threads`
+//! workers each copy chunks out of guest memory, zero-check, hash, compress and store them,
+//! the packs in chunk order. `SaveOptions::pipeline = false` keeps the previous path (each of
+//! `threads` threads reads, hashes, compresses and appends its own chunks, in no set order)
+//! as the benchmark's baseline.
 //!
 //! Live: dirty logging is switched on, every chunk is copied while the guest runs (round 0),
 //! then the chunks dirtied meanwhile are copied again, round after round, until few remain,
@@ -67,8 +67,8 @@ pub struct SaveOptions {
     /// Stop-and-copy: copy only the chunks dirtied since the VM's parent snapshot and take the
     /// rest from the parent's manifest, when the VM has a usable parent.
     pub incremental: bool,
-    /// Copy through the ordered chunk pipeline (reader, workers, writer); `false` is the
-    /// previous path, kept as the benchmark's baseline.
+    /// Copy through the ordered chunk pipeline (workers that store in chunk order); `false`
+    /// is the previous path, kept as the benchmark's baseline.
     pub pipeline: bool,
     /// Background: the most bytes of chunks copied ahead of the saver on a write fault.
     pub wp_buffer_bytes: u64,
@@ -304,6 +304,7 @@ fn copy_round(
     stats.read_ns += st.read_ns;
     stats.work_ns += st.work_ns;
     stats.write_ns += st.write_ns;
+    stats.cpu_ns += st.cpu_ns;
     Ok(st.bytes_read)
 }
 
