@@ -358,6 +358,8 @@ mod pipeline;
 #[cfg(test)]
 mod pipeline_store_tests;
 #[cfg(test)]
+mod pipeline_hostile_tests;
+#[cfg(test)]
 mod pipeline_tests;
 mod reader;
 mod repair;
