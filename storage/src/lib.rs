@@ -360,6 +360,8 @@ mod pipeline_store_tests;
 #[cfg(test)]
 mod pipeline_hostile_tests;
 #[cfg(test)]
+mod manifest_hostile_tests;
+#[cfg(test)]
 mod pipeline_tests;
 mod reader;
 mod repair;
