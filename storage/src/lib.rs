@@ -349,6 +349,8 @@ mod gc;
 mod inherit;
 mod layout;
 mod manifest;
+#[cfg(test)]
+mod manifest_hostile_tests;
 mod mfiles;
 mod name;
 mod open;
@@ -356,11 +358,9 @@ mod pack;
 mod pin;
 mod pipeline;
 #[cfg(test)]
-mod pipeline_store_tests;
-#[cfg(test)]
 mod pipeline_hostile_tests;
 #[cfg(test)]
-mod manifest_hostile_tests;
+mod pipeline_store_tests;
 #[cfg(test)]
 mod pipeline_tests;
 mod reader;

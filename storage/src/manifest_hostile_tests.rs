@@ -11,7 +11,8 @@ const CS: u64 = 4096;
 #[test]
 fn randomly_damaged_manifests_with_a_fixed_crc_never_panic_or_miscount() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open_with(dir.path(), StoreOptions { chunk_size: CS as u32, ..Default::default() }).expect("open");
+    let store =
+        Store::open_with(dir.path(), StoreOptions { chunk_size: CS as u32, ..Default::default() }).expect("open");
     let len = 40 * CS + 100;
     let spec = BlockSpec { idstr: "ram".into(), used_length: len, max_length: len, page_size: 4096, resizeable: false };
     let w = store.begin("m", vec![spec]).expect("begin");

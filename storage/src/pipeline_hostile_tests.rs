@@ -105,3 +105,72 @@ fn concurrent_snapshots_with_delete_gc_and_verify_read_back_exact() {
     }
     assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()), "verify at the end");
 }
+
+/// Sets this process's file size limit (RLIMIT_FSIZE, soft) to `bytes`: a write past it fails
+/// with EFBIG (SIGXFSZ ignored), as a disk that filled up between the space check and the write.
+fn limit_file_size(bytes: u64) {
+    // SAFETY: ignoring SIGXFSZ and setting a resource limit of this process only.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut r), 0);
+        r.rlim_cur = bytes.min(r.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &r), 0, "setrlimit");
+    }
+}
+
+/// A pack write that fails halfway through a run (here: the file size limit, as a disk that
+/// fills after the space check passed) fails the run; the torn entry and the places reserved
+/// after it stay in the pack, and the store still works: the earlier snapshot reads back
+/// exact and verifies, GC runs, and the next snapshot (in a new pack) reads back exact.
+#[test]
+fn a_pack_write_failing_mid_run_leaves_a_working_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = StoreOptions { chunk_size: CS as u32, ..Default::default() };
+    let store = Store::open_with(dir.path(), opts.clone()).expect("open");
+    let n = 3 * N;
+    let jobs: Vec<ChunkJob> = (0..n).map(|i| ChunkJob { block: "ram".into(), offset: i * CS }).collect();
+    let snap = |name: &str, round: u64| {
+        let w = store.begin(name, vec![spec(n * CS)]).expect("begin");
+        let read = |_: &str, off: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&chunk(off / CS, 7, round));
+            Ok(())
+        };
+        put_pipelined(&w, &jobs, 2, &read).and_then(|_| w.commit(Vec::new()))
+    };
+    let check_all = |name: &str, round: u64| {
+        let mut buf = vec![0u8; CS as usize];
+        for i in 0..n {
+            store.read_chunk(name, "ram", i * CS, &mut buf).unwrap_or_else(|e| panic!("{name} chunk {i}: {e}"));
+            assert!(buf == chunk(i, 7, round), "{name}: chunk {i} reads back different bytes");
+        }
+    };
+    snap("before", 1).expect("first snapshot");
+    let packs = dir.path().join("packs");
+    let biggest =
+        std::fs::read_dir(&packs).expect("packs").map(|e| e.expect("entry").metadata().expect("meta").len()).max();
+    // Room for about a third of the next run's new chunks in a new pack.
+    limit_file_size(biggest.expect("a pack") / 6);
+    let err = snap("failed", 2).expect_err("the pack write must fail");
+    limit_file_size(u64::MAX);
+    assert!(err.to_string().contains("append chunk"), "{err}");
+    assert_eq!(store.list().expect("list"), vec!["before".to_string()]);
+    check_all("before", 1);
+    assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()), "verify after the failed run");
+    store.gc().expect("gc");
+    check_all("before", 1);
+    snap("after", 2).expect("the next snapshot");
+    check_all("after", 2);
+    assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()), "verify at the end");
+    // And once more from a fresh handle, as after a restart.
+    drop(store);
+    let store = Store::open_with(dir.path(), opts).expect("reopen");
+    let mut buf = vec![0u8; CS as usize];
+    for (name, round) in [("before", 1), ("after", 2)] {
+        for i in 0..n {
+            store.read_chunk(name, "ram", i * CS, &mut buf).expect("read");
+            assert!(buf == chunk(i, 7, round), "{name}: chunk {i} after reopening");
+        }
+    }
+    assert!(store.verify_all().expect("verify").iter().all(|r| r.ok()), "verify after reopening");
+}
