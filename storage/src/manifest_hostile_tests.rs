@@ -20,7 +20,7 @@ fn randomly_damaged_manifests_with_a_fixed_crc_never_panic_or_miscount() {
     let read = |_: &str, off: u64, buf: &mut [u8]| {
         // Every third chunk zero, the rest distinct.
         let i = off / CS;
-        buf.iter_mut().enumerate().for_each(|(j, b)| *b = if i % 3 == 0 { 0 } else { (i as u8) ^ (j as u8) });
+        buf.iter_mut().enumerate().for_each(|(j, b)| *b = if i.is_multiple_of(3) { 0 } else { (i as u8) ^ (j as u8) });
         Ok(())
     };
     put_pipelined(&w, &jobs, 2, &read).expect("pipeline");

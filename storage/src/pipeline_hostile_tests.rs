@@ -21,7 +21,7 @@ fn chunk(i: u64, writer: u64, round: u64) -> Vec<u8> {
     let key = match (i % 8, i % 3) {
         (0, _) => (0, writer, round),
         (_, 0) => (i, 99, 0),
-        (_, 1) => (i, writer, 1000 + (round + 1) / 2),
+        (_, 1) => (i, writer, 1000 + round.div_ceil(2)),
         _ => (i, writer, round),
     };
     let mut x = (key.0 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (key.1 << 20) ^ (key.2 << 40);
