@@ -400,11 +400,12 @@ fn mark_dirty_sets_exactly_the_pages_of_the_range() {
 }
 
 /// The pages a destination can have in use in odd ways are dropped too: zero pages mapped by
-/// reads, transparent huge pages (written and read), and a written page under another
-/// protection (the block split into several VMAs). After `discard_present` no page of any of
+/// reads, transparent huge pages (written and read), a written page under another
+/// protection (the block split into several VMAs), and a page the host wrote through
+/// /proc/self/mem. After `discard_present` no page of any of
 /// them is present (mincore, a second oracle) and every byte reads zero.
 #[test]
-fn discard_present_drops_zero_pages_huge_pages_and_split_mappings() {
+fn discard_present_drops_zero_huge_split_and_foreign_written_pages() {
     const HUGE: u64 = 2 << 20;
     let pages = 4 * HUGE / PAGE;
     let reg = RamRegistry::new();
@@ -429,7 +430,15 @@ fn discard_present_drops_zero_pages_huge_pages_and_split_mappings() {
     let r =
         unsafe { libc::mprotect((host + last as usize) as *mut libc::c_void, (4 * PAGE) as usize, libc::PROT_READ) };
     assert_eq!(r, 0, "mprotect: {}", std::io::Error::last_os_error());
+    // A page written by the host through another path than the mapping (/proc/self/mem, as a
+    // debugger or a process_vm_writev would).
+    {
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::OpenOptions::new().write(true).open("/proc/self/mem").expect("/proc/self/mem");
+        mem.write_all_at(&[0xef; 8], host as u64 + 9 * PAGE).expect("write through /proc/self/mem");
+    }
     let before = present_pages(&b);
+    assert!(before.contains(&9), "{before:?}");
     assert!(before.contains(&3) && before.contains(&((aligned + 5 * PAGE) / PAGE)), "{before:?}");
     assert!(before.contains(&((last + PAGE) / PAGE)), "{before:?}");
     b.discard_present_unless(|| false).expect("discard");
