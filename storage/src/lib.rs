@@ -349,12 +349,16 @@ mod gc;
 mod inherit;
 mod layout;
 mod manifest;
+#[cfg(test)]
+mod manifest_hostile_tests;
 mod mfiles;
 mod name;
 mod open;
 mod pack;
 mod pin;
 mod pipeline;
+#[cfg(test)]
+mod pipeline_hostile_tests;
 #[cfg(test)]
 mod pipeline_store_tests;
 #[cfg(test)]

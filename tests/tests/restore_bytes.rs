@@ -311,3 +311,45 @@ fn fw_cfg_dma_during_a_live_snapshot_is_in_the_snapshot() {
         assert_eq!(first, None, "{mode:?}: restored pc.ram differs from the paused source");
     }
 }
+
+/// Clones on a shared base (the base's memfd mapped over each block) hold the snapshot's
+/// bytes too, although the destination put its own fw_cfg file (present pages, different
+/// everywhere) in a block first: the first clone from a cold base, the second from the base
+/// the first filled, both with the chunk cache warm or cold.
+#[test]
+fn shared_base_clones_hold_the_snapshots_bytes_over_the_destinations_own_pages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let mut a = noise(64 * 1024, 21);
+    a.extend(vec![0u8; 64 * 1024]);
+    a.extend(noise(64 * 1024 + 5000, 22));
+    let mut cfg = VmConfig::new(
+        16,
+        1,
+        BootSource::Builtin { guest: Builtin::Hello, params: BuiltinParams::default() },
+        Box::new(SharedOutput::default()),
+    );
+    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: a.clone() }];
+    let vm = Vm::new(cfg).expect("vm");
+    snapshot::save(&vm, &store, "s", &SaveOptions::default(), &|_| {}).expect("snapshot");
+    drop(vm);
+    for warm_cache in [false, true] {
+        let bases = migrate::lazy::BaseRegistry::new();
+        let cache = migrate::lazy::ChunkCache::new(64 << 20);
+        let clone = |seed: u64| {
+            let mut opts = RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default()));
+            opts.shared_base = Some(bases.clone());
+            opts.new_generation = true;
+            opts.fw_cfg_files =
+                Some(vec![FwCfgFile { name: FILE.into(), data: noise(a.len(), seed).iter().map(|x| x | 1).collect() }]);
+            opts.cache = warm_cache.then(|| cache.clone());
+            snapshot::restore(&store, "s", opts).expect("restore").0
+        };
+        let first = clone(23);
+        assert_blocks_match(&first, &store, "s", &format!("first clone (cache {warm_cache})"));
+        assert!(snapshot::restore::wait_resident(&first, Duration::from_secs(60)), "first resident");
+        let second = clone(24);
+        assert_blocks_match(&second, &store, "s", &format!("second clone (cache {warm_cache})"));
+        assert_blocks_match(&first, &store, "s", &format!("first clone after the second (cache {warm_cache})"));
+    }
+}

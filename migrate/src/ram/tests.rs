@@ -398,3 +398,52 @@ fn mark_dirty_sets_exactly_the_pages_of_the_range() {
     b.mark_dirty(page - 1, 2);
     assert_eq!(b.take_dirty(), vec![0, 1]);
 }
+
+/// The pages a destination can have in use in odd ways are dropped too: zero pages mapped by
+/// reads, transparent huge pages (written and read), a written page under another
+/// protection (the block split into several VMAs), and a page the host wrote through
+/// /proc/self/mem. After `discard_present` no page of any of
+/// them is present (mincore, a second oracle) and every byte reads zero.
+#[test]
+fn discard_present_drops_zero_huge_split_and_foreign_written_pages() {
+    const HUGE: u64 = 2 << 20;
+    let pages = 4 * HUGE / PAGE;
+    let reg = RamRegistry::new();
+    let b = reg.add(cfg("pc.ram", pages * PAGE, pages * PAGE, false)).expect("add");
+    let host = b.host_addr() as usize;
+    // The first 2 MiB-aligned address inside the block, and huge pages asked for from there.
+    let aligned = (host as u64).next_multiple_of(HUGE) - host as u64;
+    // SAFETY: inside the block's reservation; MADV_HUGEPAGE only changes how faults fill it.
+    let r = unsafe {
+        libc::madvise((host + aligned as usize) as *mut libc::c_void, (2 * HUGE) as usize, libc::MADV_HUGEPAGE)
+    };
+    assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+    // A huge page written, one only read (the huge zero page), a 4 KiB zero page read.
+    b.write(aligned + 5 * PAGE, &[0xab; 16]).expect("write");
+    let mut got = vec![0u8; 16];
+    b.read(aligned + HUGE + 7 * PAGE, &mut got).expect("read");
+    b.read(3 * PAGE, &mut got).expect("read");
+    // A written page in a read-only stretch (written first, then protected: its own VMA).
+    let last = pages * PAGE - 8 * PAGE;
+    b.write(last + PAGE, &[0xcd; 16]).expect("write");
+    // SAFETY: inside the reservation; only the protection of those pages changes.
+    let r =
+        unsafe { libc::mprotect((host + last as usize) as *mut libc::c_void, (4 * PAGE) as usize, libc::PROT_READ) };
+    assert_eq!(r, 0, "mprotect: {}", std::io::Error::last_os_error());
+    // A page written by the host through another path than the mapping (/proc/self/mem, as a
+    // debugger or a process_vm_writev would).
+    {
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::OpenOptions::new().write(true).open("/proc/self/mem").expect("/proc/self/mem");
+        mem.write_all_at(&[0xef; 8], host as u64 + 9 * PAGE).expect("write through /proc/self/mem");
+    }
+    let before = present_pages(&b);
+    assert!(before.contains(&9), "{before:?}");
+    assert!(before.contains(&3) && before.contains(&((aligned + 5 * PAGE) / PAGE)), "{before:?}");
+    assert!(before.contains(&((last + PAGE) / PAGE)), "{before:?}");
+    b.discard_present_unless(|| false).expect("discard");
+    assert_eq!(present_pages(&b), Vec::<u64>::new(), "a page in use survived");
+    let mut all = vec![0xffu8; (pages * PAGE) as usize];
+    b.read(0, &mut all).expect("read");
+    assert!(all.iter().all(|&x| x == 0), "discarded pages read zero");
+}
