@@ -328,8 +328,11 @@ pub fn save(
 ) -> Result<SaveReport, SnapshotError> {
     let t0 = Instant::now();
     let was_running = vm.control().state() == RunState::Running;
+    let cancelled = || opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Acquire));
     if vm.control().exit_reason().is_some() {
-        return Err(SnapshotError::NotRunning);
+        // A VM deleted before its snapshot got here is stopped after the snapshot is
+        // cancelled: say that.
+        return Err(if cancelled() { SnapshotError::Cancelled } else { SnapshotError::NotRunning });
     }
     // Taken out for good: this snapshot consumes the dirty records, so unless it commits (and
     // becomes the new parent) the next one must be full. See lineage.rs.
@@ -437,6 +440,8 @@ pub fn save(
 
     let paused_at = Instant::now();
     if !vm.pause() {
+        // Likewise for a VM deleted meanwhile.
+        check()?;
         return Err(SnapshotError::NotRunning);
     }
     let stop_vcpus = paused_at.elapsed();
