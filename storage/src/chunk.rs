@@ -159,16 +159,7 @@ pub(crate) fn encode_into(data: &[u8], codec: Codec, reserve: usize, out: &mut V
     // position): zstd writes only there and sets the length to what it wrote.
     let mut cursor = std::io::Cursor::new(std::mem::take(out));
     cursor.set_position(start as u64);
-    let written = COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            let c = zstd::bulk::Compressor::new(level)
-                .map_err(|e| ChunkError::Compress { level, reason: e.to_string() })?;
-            *slot = Some((level, c));
-        }
-        let (_, c) = slot.as_mut().ok_or(ChunkError::Compress { level, reason: "no context".into() })?;
-        c.compress_to_buffer(data, &mut cursor).map_err(|e| ChunkError::Compress { level, reason: e.to_string() })
-    });
+    let written = with_compressor(level, |c| c.compress_to_buffer(data, &mut cursor));
     *out = cursor.into_inner();
     let written = written?;
     if written >= data.len() || out.len() != start + written {
@@ -208,6 +199,24 @@ fn value(reserve: usize, codec: u8, len: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Runs `f` with this thread's zstd compression context at `level` (made, or remade for
+/// another level, on first use).
+fn with_compressor<R>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<R>,
+) -> Result<R, ChunkError> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            let c = zstd::bulk::Compressor::new(level)
+                .map_err(|e| ChunkError::Compress { level, reason: e.to_string() })?;
+            *slot = Some((level, c));
+        }
+        let (_, c) = slot.as_mut().ok_or(ChunkError::Compress { level, reason: "no context".into() })?;
+        f(c).map_err(|e| ChunkError::Compress { level, reason: e.to_string() })
+    })
+}
+
 /// Compresses `data` with zstd at `level` into a complete stored value (header + payload),
 /// allocated at its exact size.
 pub fn encode(data: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
@@ -223,17 +232,7 @@ fn encode_zstd(data: &[u8], level: i32, reserve: usize) -> Result<Vec<u8>, Chunk
         if scratch.len() < bound {
             scratch.resize(bound, 0);
         }
-        let written = COMPRESSOR.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-                let c = zstd::bulk::Compressor::new(level)
-                    .map_err(|e| ChunkError::Compress { level, reason: e.to_string() })?;
-                *slot = Some((level, c));
-            }
-            let (_, c) = slot.as_mut().ok_or(ChunkError::Compress { level, reason: "no context".into() })?;
-            c.compress_to_buffer(data, &mut scratch[..bound])
-                .map_err(|e| ChunkError::Compress { level, reason: e.to_string() })
-        })?;
+        let written = with_compressor(level, |c| c.compress_to_buffer(data, &mut scratch[..bound]))?;
         let (codec, payload) =
             if written >= data.len() { (CODEC_RAW, data) } else { (CODEC_ZSTD, &scratch[..written]) };
         Ok(value(reserve, codec, len, payload))

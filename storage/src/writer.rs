@@ -365,12 +365,7 @@ impl SnapshotWriter {
             op: "append chunk",
             source,
         })?;
-        let won = inner
-            .index
-            .compare_and_swap(hash.0, None::<&[u8]>, Some(&loc.encode()[..]))
-            .map_err(self.store.db_err("index chunk"))?
-            .is_ok();
-        if won {
+        if self.store.index_first(hash, &loc)? {
             s.bytes_stored.fetch_add(u64::from(loc.len), Ordering::Relaxed);
             s.new_chunks.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -492,12 +487,18 @@ impl Store {
             op: "append chunk",
             source,
         })?;
-        let won = inner
+        self.index_first(hash, &loc)
+    }
+
+    /// Indexes chunk `hash` at `loc` unless it is indexed already (the first copy wins and is
+    /// never replaced); whether this call's copy became the indexed one.
+    pub(crate) fn index_first(&self, hash: &Hash, loc: &crate::pack::Location) -> Result<bool> {
+        Ok(self
+            .inner
             .index
             .compare_and_swap(hash.0, None::<&[u8]>, Some(&loc.encode()[..]))
             .map_err(self.db_err("index chunk"))?
-            .is_ok();
-        Ok(won)
+            .is_ok())
     }
 }
 

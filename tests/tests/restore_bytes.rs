@@ -73,14 +73,12 @@ fn assert_blocks_match(vm: &Vm, store: &storage::Store, name: &str, what: &str) 
     }
 }
 
-#[test]
-fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = storage::Store::open(dir.path().join("store")).expect("store");
-    // The snapshot's file: data, an all-zero 64 KiB chunk, data, a short tail of data.
-    let mut a = noise(64 * 1024, 1);
+/// Snapshots a 16 MiB `hello` VM as "s" whose fw_cfg file `FILE` holds data (seeded by
+/// `seed`), an all-zero 64 KiB chunk, data and a short tail of data; returns the file.
+fn snapshot_with_file(store: &storage::Store, seed: u64) -> Vec<u8> {
+    let mut a = noise(64 * 1024, seed);
     a.extend(vec![0u8; 64 * 1024]);
-    a.extend(noise(64 * 1024 + 5000, 2));
+    a.extend(noise(64 * 1024 + 5000, seed + 1));
     let mut cfg = VmConfig::new(
         16,
         1,
@@ -89,8 +87,15 @@ fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
     );
     cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: a.clone() }];
     let vm = Vm::new(cfg).expect("vm");
-    snapshot::save(&vm, &store, "s", &SaveOptions::default(), &|_| {}).expect("snapshot");
-    drop(vm);
+    snapshot::save(&vm, store, "s", &SaveOptions::default(), &|_| {}).expect("snapshot");
+    a
+}
+
+#[test]
+fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let a = snapshot_with_file(&store, 1);
     let manifest = store.manifest("s").expect("manifest");
     let chunks = &manifest.block(BLOCK).expect("file block").chunks;
     assert!(matches!(chunks[1], ChunkRef::Zero) && matches!(chunks[0], ChunkRef::Stored(_)));
@@ -138,19 +143,7 @@ fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
 fn a_restore_from_a_warm_chunk_cache_holds_the_snapshots_bytes_and_snapshots_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path().join("store")).expect("store");
-    let mut a = noise(64 * 1024, 11);
-    a.extend(vec![0u8; 64 * 1024]);
-    a.extend(noise(64 * 1024 + 5000, 12));
-    let mut cfg = VmConfig::new(
-        16,
-        1,
-        BootSource::Builtin { guest: Builtin::Hello, params: BuiltinParams::default() },
-        Box::new(SharedOutput::default()),
-    );
-    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: a.clone() }];
-    let vm = Vm::new(cfg).expect("vm");
-    snapshot::save(&vm, &store, "s", &SaveOptions::default(), &|_| {}).expect("snapshot");
-    drop(vm);
+    let a = snapshot_with_file(&store, 11);
     let prefetch = vec![(BLOCK.to_string(), 0), (BLOCK.to_string(), 0x20000), ("pc.ram".to_string(), 0x10000)];
     store.put_attachment("s", PREFETCH_ATTACHMENT, &encode_prefetch(&prefetch)).expect("attachment");
 
@@ -320,19 +313,7 @@ fn fw_cfg_dma_during_a_live_snapshot_is_in_the_snapshot() {
 fn shared_base_clones_hold_the_snapshots_bytes_over_the_destinations_own_pages() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path().join("store")).expect("store");
-    let mut a = noise(64 * 1024, 21);
-    a.extend(vec![0u8; 64 * 1024]);
-    a.extend(noise(64 * 1024 + 5000, 22));
-    let mut cfg = VmConfig::new(
-        16,
-        1,
-        BootSource::Builtin { guest: Builtin::Hello, params: BuiltinParams::default() },
-        Box::new(SharedOutput::default()),
-    );
-    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: a.clone() }];
-    let vm = Vm::new(cfg).expect("vm");
-    snapshot::save(&vm, &store, "s", &SaveOptions::default(), &|_| {}).expect("snapshot");
-    drop(vm);
+    let a = snapshot_with_file(&store, 21);
     for warm_cache in [false, true] {
         let bases = migrate::lazy::BaseRegistry::new();
         let cache = migrate::lazy::ChunkCache::new(64 << 20);
