@@ -47,8 +47,16 @@ fn a_hostile_prefetch_list_is_checked_in_both_prefetch_modes() {
         let out = SharedOutput::default();
         let (mut vm, report) = snapshot::restore(&store, "t", opts(mode, &out)).expect("restore");
         assert_eq!(report.prefetch_chunks, 2, "{mode:?}: the list's usable chunks, each once");
-        vm.devices().go.store(true, Ordering::Release);
+        // The guest touches its working set only after its go: let the loader finish first,
+        // so the two listed chunks are loaded by it (a loaded host could otherwise let the
+        // guest fault one of them first, and the count below would say nothing).
         vm.start().expect("start");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while snapshot::restore::lazy_stats(&vm).expect("lazy").chunks_prefetched < 2 {
+            assert!(std::time::Instant::now() < deadline, "{mode:?}: the list was not loaded in 60 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        vm.devices().go.store(true, Ordering::Release);
         assert_eq!(vm.wait(Some(Duration::from_secs(60))), ExitReason::GuestExit { status: 0 }, "{mode:?}");
         assert_eq!(out.text(), expect, "{mode:?}");
         let s = snapshot::restore::lazy_stats(&vm).expect("lazy");
