@@ -7,8 +7,11 @@
 //!   before `Fill::Shared`);
 //! - `decoded`: the stored value decompressed (zstd level 1) into the buffer, its blake3
 //!   hash checked, then placed: a cold chunk less the store's index lookup and read;
-//! - `decoded+kept`: the same, and a copy kept in a chunk cache, as a restore with the
-//!   daemon's shared cache (the default) does with every chunk it reads.
+//! - `decoded+heap`: the same, and a copy kept in a fresh heap allocation per chunk: what a
+//!   restore with the shared chunk cache (the default) did with every chunk it read before
+//!   the cache kept its chunks in slab slots;
+//! - `decoded+slot`: decompressed and checked straight into a cache slot and placed from
+//!   there, as a default restore does now (`StorePageSource`).
 //!
 //! Chunks hold the `touch` guest's fill (`storage::bench::fill_image`); one loader thread,
 //! no guest: every chunk is in the prefetch list of a fresh anonymous mapping.
@@ -16,10 +19,10 @@
 //!     cargo run --release -p migrate --example place_cost -- [chunks] [rounds]
 //!
 //! On the 2-core development machine (load 5-8 from other work; medians of 8 rounds, µs per
-//! chunk): shared 29, copied 31, decoded 67, decoded+kept 106. Outliers of 100-250 µs in
+//! chunk): shared 29, copied 31, decoded 67, decoded+heap 106. Outliers of 100-250 µs in
 //! any row come with the load; read the medians.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use migrate::lazy::{ChunkCache, Fill, LazyBlock, PageServer, PageSource, ServerOptions};
@@ -31,7 +34,8 @@ enum Way {
     Shared,
     Copied,
     Decoded,
-    DecodedKept,
+    DecodedHeap,
+    DecodedSlot,
 }
 
 struct Source {
@@ -39,7 +43,9 @@ struct Source {
     cache: Arc<ChunkCache>,
     hashes: Vec<storage::Hash>,
     values: Vec<Vec<u8>>,
-    /// Where `DecodedKept` keeps its copies (fresh each run: every chunk is a miss).
+    /// Where `DecodedHeap` keeps its copies.
+    heap: Mutex<Vec<Arc<[u8]>>>,
+    /// Where `DecodedSlot` keeps its chunks (fresh each run: every chunk is a miss).
     keep: Arc<ChunkCache>,
 }
 
@@ -51,17 +57,30 @@ impl PageSource for Source {
         let i = (offset / CHUNK) as usize;
         let hash = &self.hashes[i];
         match self.way {
-            Way::Shared => self.cache.get_shared(&hash.0).map(Fill::Shared).ok_or_else(|| "not cached".into()),
+            Way::Shared => {
+                let data = self.cache.get_shared(&hash.0).ok_or("not cached")?;
+                Ok(Fill::Shared { data, stored: 0 })
+            }
             Way::Copied => {
                 self.cache.get(&hash.0, buf).ok_or("not cached")?;
                 Ok(Fill::Data { stored: 0 })
             }
-            Way::Decoded | Way::DecodedKept => {
+            Way::Decoded | Way::DecodedHeap => {
                 storage::decode_chunk_into(hash, &self.values[i], buf.len(), buf).map_err(|e| e.to_string())?;
-                if self.way == Way::DecodedKept {
-                    self.keep.insert(&hash.0, buf);
+                if self.way == Way::DecodedHeap {
+                    self.heap.lock().map_err(|_| "poisoned")?.push(Arc::from(&*buf));
                 }
                 Ok(Fill::Data { stored: self.values[i].len() as u64 })
+            }
+            Way::DecodedSlot => {
+                let mut slot = self.keep.slot(buf.len()).ok_or("no slot")?;
+                let len = buf.len();
+                storage::decode_chunk_into(hash, &self.values[i], len, &mut slot.bytes_mut()[..len])
+                    .map_err(|e| e.to_string())?;
+                Ok(Fill::Shared {
+                    data: self.keep.insert_slot(&hash.0, slot, len),
+                    stored: self.values[i].len() as u64,
+                })
             }
         }
     }
@@ -115,20 +134,21 @@ fn main() {
         hashes.push(h);
     }
     let (hashes, values) = (Arc::new(hashes), Arc::new(values));
-    println!("| round | shared µs | copied µs | decoded µs | decoded+kept µs |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| round | shared µs | copied µs | decoded µs | decoded+heap µs | decoded+slot µs |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for r in 0..rounds {
         let mut row = Vec::new();
-        for way in [Way::Shared, Way::Copied, Way::Decoded, Way::DecodedKept] {
+        for way in [Way::Shared, Way::Copied, Way::Decoded, Way::DecodedHeap, Way::DecodedSlot] {
             let src = Source {
                 way,
                 cache: cache.clone(),
                 hashes: (*hashes).clone(),
                 values: (*values).clone(),
+                heap: Mutex::new(Vec::new()),
                 keep: ChunkCache::new(2 * image.len()),
             };
             row.push(run(Arc::new(src), chunks));
         }
-        println!("| {} | {:.1} | {:.1} | {:.1} | {:.1} |", r + 1, row[0], row[1], row[2], row[3]);
+        println!("| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |", r + 1, row[0], row[1], row[2], row[3], row[4]);
     }
 }

@@ -70,17 +70,8 @@ fn a_corrupt_chunk_in_the_prefetch_list_stops_the_vm_naming_it_in_both_modes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path()).expect("store");
     touch_snapshot(&store, "c", MEM, 91);
-    let m = store.manifest("c").expect("manifest");
-    let cs = u64::from(m.chunk_size);
     let offset = 0x20_0000;
-    let ChunkRef::Stored(hash) = m.block("pc.ram").expect("pc.ram").chunks[(offset / cs) as usize] else {
-        panic!("the chunk at 2 MiB holds data");
-    };
-    let loc = store.debug_chunk_location(&hash).expect("location").expect("indexed");
-    let path = store.debug_pack_path(loc.pack);
-    let mut pack = std::fs::read(&path).expect("pack");
-    pack[(loc.offset + u64::from(loc.len) / 2) as usize] ^= 0xff;
-    std::fs::write(&path, &pack).expect("write pack");
+    damage_chunk(&store, "c", offset);
     let list = [0x2a_0000, 0x34_0000, offset, 0x3e_0000].map(|o| ("pc.ram".to_string(), o));
     store.put_attachment("c", PREFETCH_ATTACHMENT, &encode_prefetch(&list)).expect("attachment");
 
@@ -106,6 +97,67 @@ fn a_corrupt_chunk_in_the_prefetch_list_stops_the_vm_naming_it_in_both_modes() {
     };
     assert!(detail.contains("pc.ram") && detail.contains("0x200000"), "{detail}");
     assert!(out.text().is_empty(), "{}", out.text());
+}
+
+/// The hash of the chunk of `pc.ram` at `offset` in snapshot `name`.
+fn chunk_hash(store: &storage::Store, name: &str, offset: u64) -> storage::Hash {
+    let m = store.manifest(name).expect("manifest");
+    let cs = u64::from(m.chunk_size);
+    let ChunkRef::Stored(hash) = m.block("pc.ram").expect("pc.ram").chunks[(offset / cs) as usize] else {
+        panic!("the chunk at {offset:#x} holds data");
+    };
+    hash
+}
+
+/// Flips a byte in the middle of the stored value of the chunk of `pc.ram` at `offset`.
+fn damage_chunk(store: &storage::Store, name: &str, offset: u64) -> storage::Hash {
+    let hash = chunk_hash(store, name, offset);
+    let loc = store.debug_chunk_location(&hash).expect("location").expect("indexed");
+    let path = store.debug_pack_path(loc.pack);
+    let mut pack = std::fs::read(&path).expect("pack");
+    pack[(loc.offset + u64::from(loc.len) / 2) as usize] ^= 0xff;
+    std::fs::write(&path, &pack).expect("write pack");
+    hash
+}
+
+#[test]
+fn a_corrupt_chunk_is_never_kept_in_the_chunk_cache_and_what_is_kept_is_the_snapshots() {
+    // A default restore reads each missed chunk straight into a slot of the chunk cache and
+    // publishes it only once its hash holds: the damaged chunk must never be published, for
+    // this restore or the next one sharing the cache.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    touch_snapshot(&store, "k", MEM, 91);
+    let (good, bad) = (0x2a_0000, 0x20_0000);
+    let good_hash = chunk_hash(&store, "k", good);
+    let mut expect = vec![0u8; 64 << 10];
+    store.reader("k").expect("reader").read_chunk("pc.ram", good, &mut expect).expect("the good chunk");
+    let bad_hash = damage_chunk(&store, "k", bad);
+    let cache = migrate::lazy::ChunkCache::new(64 << 20);
+    // The good chunk, loaded before the first instruction: kept, with the snapshot's bytes.
+    let list = [("pc.ram".to_string(), good)];
+    store.put_attachment("k", PREFETCH_ATTACHMENT, &encode_prefetch(&list)).expect("attachment");
+    let out = SharedOutput::default();
+    let o = RestoreOptions { cache: Some(cache.clone()), ..opts(RestoreMode::LazyPrefetchBefore, &out) };
+    drop(snapshot::restore(&store, "k", o).expect("restore"));
+    let kept = cache.get_shared(&good_hash.0).expect("the good chunk is kept");
+    assert!(*kept == expect[..], "the kept chunk is not the snapshot's");
+    drop(kept);
+    // Then both: each restore stops on the bad one, which is never kept.
+    let list = [good, bad].map(|o| ("pc.ram".to_string(), o));
+    store.put_attachment("k", PREFETCH_ATTACHMENT, &encode_prefetch(&list)).expect("attachment");
+    for round in 0..2 {
+        let out = SharedOutput::default();
+        let o = RestoreOptions { cache: Some(cache.clone()), ..opts(RestoreMode::LazyPrefetch, &out) };
+        let (mut vm, _) = snapshot::restore(&store, "k", o).expect("restore");
+        vm.start().expect("start");
+        let reason = vm.wait(Some(Duration::from_secs(60)));
+        let ExitReason::Crash { detail } = &reason else {
+            panic!("round {round}: expected the VM to stop on the bad chunk, got {reason:?}")
+        };
+        assert!(detail.contains("pc.ram") && detail.contains("0x200000"), "round {round}: {detail}");
+        assert!(cache.get_shared(&bad_hash.0).is_none(), "round {round}: the damaged chunk was kept");
+    }
 }
 
 #[test]

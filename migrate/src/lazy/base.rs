@@ -352,10 +352,13 @@ impl Inner {
                     self.bytes_filled.fetch_add(len as u64, Ordering::Relaxed);
                 })
             }
-            Ok(Fill::Shared(data)) if data.len() == len => pwrite_all(b.fd.as_fd(), &data, off).map(|()| {
-                self.bytes_filled.fetch_add(len as u64, Ordering::Relaxed);
-            }),
-            Ok(Fill::Shared(data)) => Err(format!("the cached chunk has {} bytes, expected {len}", data.len())),
+            Ok(Fill::Shared { data, stored }) if data.len() == len => {
+                self.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
+                pwrite_all(b.fd.as_fd(), &data, off).map(|()| {
+                    self.bytes_filled.fetch_add(len as u64, Ordering::Relaxed);
+                })
+            }
+            Ok(Fill::Shared { data, .. }) => Err(format!("the cached chunk has {} bytes, expected {len}", data.len())),
             Ok(Fill::Zero) => fallocate(b.fd.as_fd(), off, len as u64),
             Err(reason) => Err(reason),
         };

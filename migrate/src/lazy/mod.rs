@@ -66,12 +66,14 @@ mod place;
 mod privatize;
 mod server;
 mod serving;
+mod slab;
 mod stats;
 
 pub use base::{Base, BaseOptions, BaseRegistry, BaseStats};
 pub use cache::ChunkCache;
 pub use gate::FillGate;
 pub use server::{default_fill_threads, LazyBlock, PageServer, ServerOptions, MAX_DEFAULT_FILL_THREADS};
+pub use slab::{ChunkBytes, SlotMut};
 pub use stats::{LazyStats, StatsSnapshot, FAULT_BUCKETS_US};
 
 use thiserror::Error;
@@ -86,8 +88,9 @@ pub enum Fill {
     Zero,
     /// The chunk's bytes, verified, held by a cache shared with other restores (`buf`
     /// untouched): they are placed from there, without a copy into `buf` first. Its length
-    /// must be the chunk's; the server refuses any other.
-    Shared(std::sync::Arc<[u8]>),
+    /// must be the chunk's; the server refuses any other. `stored` bytes were read from the
+    /// store for it (0 on a cache hit; a miss is read straight into the cache).
+    Shared { data: ChunkBytes, stored: u64 },
 }
 
 /// Where lazily restored pages come from.

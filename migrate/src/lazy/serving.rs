@@ -199,8 +199,11 @@ impl Shared {
                 self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
                 self.place(b, off, len, Some(&buf[..len as usize]))?
             }
-            Fill::Shared(data) if data.len() as u64 == len => self.place(b, off, len, Some(&data))?,
-            Fill::Shared(data) => {
+            Fill::Shared { data, stored } if data.len() as u64 == len => {
+                self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
+                self.place(b, off, len, Some(&data))?
+            }
+            Fill::Shared { data, .. } => {
                 return Err(LazyError::Source {
                     idstr: b.desc.idstr.clone(),
                     offset: off,

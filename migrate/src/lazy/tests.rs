@@ -509,9 +509,9 @@ impl PageSource for SharedSource {
         buf.fill(0xee);
         let data = self.chunks[(offset / CHUNK) as usize].clone();
         if Some(offset) == self.short_at {
-            return Ok(Fill::Shared(Arc::from(&data[..data.len() - 4096])));
+            return Ok(Fill::Shared { data: data[..data.len() - 4096].into(), stored: 0 });
         }
-        Ok(Fill::Shared(data))
+        Ok(Fill::Shared { data: data.into(), stored: 0 })
     }
 }
 

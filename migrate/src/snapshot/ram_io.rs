@@ -140,6 +140,18 @@ impl StorePageSource {
     }
 }
 
+impl StorePageSource {
+    /// Reads and verifies a stored chunk into `buf`; returns the bytes read from the store.
+    fn read_stored(&self, idstr: &str, offset: u64, buf: &mut [u8]) -> Result<u64, String> {
+        let n = self.reader.read_chunk(idstr, offset, buf).map_err(|e| e.to_string())?;
+        if n != buf.len() {
+            return Err(format!("the stored chunk has {n} bytes, expected {}", buf.len()));
+        }
+        LAZY_STORE_BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n as u64)
+    }
+}
+
 impl PageSource for StorePageSource {
     fn chunk_size(&self) -> u64 {
         u64::from(self.reader.chunk_size())
@@ -151,15 +163,20 @@ impl PageSource for StorePageSource {
         match m.chunks.get(index) {
             Some(ChunkRef::Zero) => Ok(Fill::Zero),
             Some(ChunkRef::Stored(hash)) => {
-                if let Some(data) = self.cache.as_ref().and_then(|c| c.get_shared(&hash.0)) {
-                    return Ok(Fill::Shared(data));
+                let Some(cache) = &self.cache else {
+                    return self.read_stored(idstr, offset, buf).map(|stored| Fill::Data { stored });
+                };
+                if let Some(data) = cache.get_shared(&hash.0) {
+                    return Ok(Fill::Shared { data, stored: 0 });
                 }
-                let n = self.reader.read_chunk(idstr, offset, buf).map_err(|e| e.to_string())?;
-                LAZY_STORE_BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
-                if let Some(cache) = &self.cache {
-                    cache.insert(&hash.0, &buf[..n]);
-                }
-                Ok(Fill::Data { stored: n as u64 })
+                // A miss is read straight into a cache slot and placed from there; only a
+                // verified chunk is published (an error drops the slot unpublished).
+                let Some(mut slot) = cache.slot(buf.len()) else {
+                    return self.read_stored(idstr, offset, buf).map(|stored| Fill::Data { stored });
+                };
+                let len = buf.len();
+                let stored = self.read_stored(idstr, offset, &mut slot.bytes_mut()[..len])?;
+                Ok(Fill::Shared { data: cache.insert_slot(&hash.0, slot, len), stored })
             }
             None => Err(format!("offset {offset:#x} is beyond the snapshot's copy of '{idstr}'")),
         }
