@@ -88,7 +88,7 @@ impl WriteProtect {
         let s = self.shared.clone();
         s.stop.store(true, Ordering::Release);
         let _ = s.stop_fd.write(1);
-        let Some(t) = self.thread.take() else { return None };
+        let t = self.thread.take()?;
         if t.join().is_err() {
             tracing::error!("the write-protect fault thread panicked");
             // `Drop` unprotects everything (the thread is gone already).
