@@ -307,10 +307,14 @@ impl Shared {
                     let mut data = vec![0u8; len as usize];
                     self.copy_out(bi, ci, &mut data);
                     buf.insert((bi, ci), data);
-                    st.store(BUFFERED, Ordering::Release);
                     drop(buf);
                     self.copied_on_fault.fetch_add(1, Ordering::Relaxed);
-                    return self.uffd.write_protect(start, len, false);
+                    // Unprotected before it is marked: a chunk the saver has taken (`DONE`) is
+                    // writable, whoever copied it ([`WriteProtect::finish`] relies on it).
+                    // The saver waits on `COPYING` meanwhile.
+                    let r = self.uffd.write_protect(start, len, false);
+                    st.store(BUFFERED, Ordering::Release);
+                    return r;
                 }
                 // The saver is copying it; it unprotects once done.
                 COPYING => std::thread::yield_now(),
