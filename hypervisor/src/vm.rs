@@ -234,6 +234,9 @@ pub struct Vm {
     page_server: Option<PageServer>,
     /// The snapshot this VM's memory was last equal to, for incremental snapshots.
     lineage: crate::snapshot::lineage::Lineage,
+    /// RAM registered for write protection by the last background snapshot, nothing of it
+    /// protected, for the next one to reuse ([`migrate::ram::wp::WpRegistration`]).
+    wp_registration: Mutex<Option<migrate::ram::wp::WpRegistration>>,
     control: Arc<VmControl>,
     threads: Vec<JoinHandle<()>>,
     /// vCPUs not started yet.
@@ -412,6 +415,7 @@ impl Vm {
             spec,
             page_server: None,
             lineage: Default::default(),
+            wp_registration: Mutex::new(None),
             control,
             threads: Vec::new(),
             vcpus,
@@ -534,6 +538,17 @@ impl Vm {
 
     pub fn page_server(&self) -> Option<&PageServer> {
         self.page_server.as_ref()
+    }
+
+    /// The write-protect registration the last background snapshot kept, taken out (the next
+    /// background snapshot reuses it; see [`crate::snapshot::background`]).
+    pub fn take_wp_registration(&self) -> Option<migrate::ram::wp::WpRegistration> {
+        self.wp_registration.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+
+    /// Keeps a background snapshot's write-protect registration for the next one.
+    pub fn keep_wp_registration(&self, reg: migrate::ram::wp::WpRegistration) {
+        *self.wp_registration.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reg);
     }
 
     /// The VM's snapshot lineage (incremental snapshots).

@@ -44,10 +44,17 @@
 //! `retrack`/`arm` check for that after protecting, and undo, so nothing stays protected
 //! without a thread to serve it.
 //!
-//! End. Dropping the [`WriteProtect`] (success, error or cancellation alike) unprotects every
+//! End. Dropping the [`WriteProtect`] (an error or a cancellation) unprotects every
 //! registered range, which wakes every waiting writer, stops the fault thread and unregisters:
-//! the VM is never left with protected memory.
+//! the VM is never left with protected memory. A snapshot whose saver took every chunk ends
+//! with [`WriteProtect::finish`] instead, which costs nothing per page: every chunk it
+//! protected has been unprotected one by one already, so it stops the fault thread and keeps
+//! the registration ([`WpRegistration`], see [`keep`]) for the next snapshot. Unprotecting
+//! or unregistering all of RAM walks every page table entry of it and makes KVM drop all its
+//! mappings (~40 ms per GiB here, each), which is what a repeat snapshot would otherwise
+//! spend most of its time on.
 
+mod keep;
 mod track;
 mod uffd;
 
@@ -60,6 +67,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::block::RamBlock;
+pub use keep::WpRegistration;
 use uffd::{Uffd, UffdMsg, UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP};
 
 /// Errors of write protection.
@@ -147,7 +155,8 @@ pub struct WpStats {
 }
 
 struct Shared {
-    uffd: Uffd,
+    /// Shared with the [`WpRegistration`] a clean finish hands on.
+    uffd: Arc<Uffd>,
     blocks: Vec<Blk>,
     chunk: u64,
     buffer_bytes: u64,
@@ -177,6 +186,9 @@ struct Shared {
 pub struct WriteProtect {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Set by [`WriteProtect::finish`] once nothing is protected and the registration has been
+    /// handed on: dropping then has nothing left to undo.
+    finished: bool,
 }
 
 impl Shared {
@@ -295,10 +307,14 @@ impl Shared {
                     let mut data = vec![0u8; len as usize];
                     self.copy_out(bi, ci, &mut data);
                     buf.insert((bi, ci), data);
-                    st.store(BUFFERED, Ordering::Release);
                     drop(buf);
                     self.copied_on_fault.fetch_add(1, Ordering::Relaxed);
-                    return self.uffd.write_protect(start, len, false);
+                    // Unprotected before it is marked: a chunk the saver has taken (`DONE`) is
+                    // writable, whoever copied it ([`WriteProtect::finish`] relies on it).
+                    // The saver waits on `COPYING` meanwhile.
+                    let r = self.uffd.write_protect(start, len, false);
+                    st.store(BUFFERED, Ordering::Release);
+                    return r;
                 }
                 // The saver is copying it; it unprotects once done.
                 COPYING => std::thread::yield_now(),
@@ -315,7 +331,20 @@ impl WriteProtect {
     /// Registers `blocks` and write-protects their listed chunks (`chunk` bytes each), then
     /// starts the fault thread. Call it with the VM paused.
     pub fn start(blocks: Vec<WpBlock>, chunk: u64, buffer_bytes: u64) -> Result<WriteProtect, WpError> {
-        Self::start_inner(blocks, chunk, buffer_bytes, PHASE_COPY, WpTestFaults::default())
+        Self::start_inner(blocks, chunk, buffer_bytes, PHASE_COPY, WpTestFaults::default(), None)
+    }
+
+    /// `start` on the registration a previous snapshot of the same blocks kept (see
+    /// [`WriteProtect::finish`]): no registering. A registration of other blocks or lengths
+    /// (a block was resized since) is dropped and the blocks registered anew.
+    pub fn start_on(
+        kept: Option<WpRegistration>,
+        blocks: Vec<WpBlock>,
+        chunk: u64,
+        buffer_bytes: u64,
+        test: WpTestFaults,
+    ) -> Result<WriteProtect, WpError> {
+        Self::start_inner(blocks, chunk, buffer_bytes, PHASE_COPY, test, kept)
     }
 
     /// `start`, with a fault thread that unprotects without copying: a broken protection for
@@ -332,6 +361,7 @@ impl WriteProtect {
             buffer_bytes,
             PHASE_COPY,
             WpTestFaults { skip_copy: true, ..Default::default() },
+            None,
         )
     }
 
@@ -341,11 +371,16 @@ impl WriteProtect {
         buffer_bytes: u64,
         phase: u8,
         test: WpTestFaults,
+        kept: Option<WpRegistration>,
     ) -> Result<WriteProtect, WpError> {
         if !chunk.is_power_of_two() || chunk < PAGE {
             return Err(WpError::ChunkSize(chunk));
         }
-        let uffd = Uffd::new()?;
+        // A kept registration of exactly these blocks and lengths saves registering them.
+        let (uffd, already) = match kept.and_then(|k| k.take_if_covers(&blocks)) {
+            Some(uffd) => (uffd, true),
+            None => (Arc::new(Uffd::new()?), false),
+        };
         let mut blks = Vec::with_capacity(blocks.len());
         for b in &blocks {
             let len = b.block.used_length();
@@ -393,7 +428,9 @@ impl WriteProtect {
                     len: blk.len,
                     reason: e.to_string(),
                 };
-                shared.uffd.register_wp(blk.host, blk.len).map_err(fail)?;
+                if !already {
+                    shared.uffd.register_wp(blk.host, blk.len).map_err(fail)?;
+                }
                 registered.push(i);
                 // Protect runs of consecutive chunks with one call each.
                 let mut run: Option<(u64, u64)> = None;
@@ -451,7 +488,7 @@ impl WriteProtect {
                 return Err(e);
             }
         };
-        Ok(WriteProtect { shared, thread: Some(thread) })
+        Ok(WriteProtect { shared, thread: Some(thread), finished: false })
     }
 
     /// The bytes chunk `ci` of block `bi` (indexes as given to `start`) had when protection
@@ -551,6 +588,9 @@ impl Shared {
 
 impl Drop for WriteProtect {
     fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
         let s = &self.shared;
         // Unprotect first: it wakes every writer, including one the fault thread waits on.
         s.stop.store(true, Ordering::Release);

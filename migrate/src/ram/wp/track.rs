@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 
 use super::{
-    set_run, Shared, WpBlock, WpError, WpTestFaults, WriteProtect, DONE, PHASE_COPY, PHASE_TRACK, PROTECTED, REDIRTIED,
-    TRACK_RUN,
+    set_run, Shared, WpBlock, WpError, WpRegistration, WpTestFaults, WriteProtect, DONE, PHASE_COPY, PHASE_TRACK,
+    PROTECTED, REDIRTIED, TRACK_RUN,
 };
 
 /// Consecutive chunks of one block that get the same change, applied with one call.
@@ -100,7 +100,18 @@ impl WriteProtect {
         buffer_bytes: u64,
         test: WpTestFaults,
     ) -> Result<WriteProtect, WpError> {
-        Self::start_inner(blocks, chunk, buffer_bytes, PHASE_TRACK, test)
+        Self::start_inner(blocks, chunk, buffer_bytes, PHASE_TRACK, test, None)
+    }
+
+    /// `start_tracking_with_faults` on a kept registration (see [`WriteProtect::start_on`]).
+    pub fn start_tracking_on(
+        kept: Option<WpRegistration>,
+        blocks: Vec<WpBlock>,
+        chunk: u64,
+        buffer_bytes: u64,
+        test: WpTestFaults,
+    ) -> Result<WriteProtect, WpError> {
+        Self::start_inner(blocks, chunk, buffer_bytes, PHASE_TRACK, test, kept)
     }
 
     /// Track phase: re-protects the chunks written since the last call (or since tracking
