@@ -137,7 +137,17 @@ fn run_tracked(test: WpTestFaults) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, super::WpStat
         .expect("writer");
     };
     write_all((0..n).collect(), 0x11);
-    assert_eq!(wp.retrack().expect("retrack"), n, "every chunk was written once since tracking started");
+    // The fault thread unprotects a chunk (waking its writer) before it marks it: the last
+    // marks may land just after the writer is done, so a round may miss them; the next gets
+    // them. Every chunk written once, so exactly `n` in all.
+    let (mut retracked, mut rounds) = (0, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while retracked < n && std::time::Instant::now() < deadline {
+        retracked += wp.retrack().expect("retrack");
+        rounds += 1;
+    }
+    assert_eq!(retracked, n, "every chunk was written once since tracking started");
+    assert_eq!(wp.stats().track_rounds, rounds);
     write_all((0..n).step_by(2).collect(), 0x22);
     // The pause: nothing writes; memory now is what the snapshot must hold.
     let mut at_arm = Vec::new();
@@ -167,7 +177,7 @@ fn a_tracked_then_armed_protection_saves_the_bytes_at_arm() {
     for (c, (s, a)) in saved.iter().zip(&at_arm).enumerate() {
         assert!(s == a, "chunk {c} saved with bytes other than those at arm");
     }
-    assert_eq!(stats.track_rounds, 1);
+    assert_eq!(stats.retracked_chunks, 64, "{stats:?}");
     assert_eq!(stats.armed_chunks, 32, "the chunks written after the last retrack are protected at arm");
     assert!(stats.track_faults >= 64 + 32, "{stats:?}");
 }
