@@ -74,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             if batch == 0 {
                 "one pwrite each".to_owned()
             } else {
-                format!("pwritev of {per} ({} KiB)", per * entry >> 10)
+                format!("pwritev of {per} ({} KiB)", (per * entry) >> 10)
             },
             c1 - c0,
             (t1 - t0).as_secs_f64() * 1e3,

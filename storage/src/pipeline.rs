@@ -9,8 +9,10 @@
 //!    GC lock (shared) -> sequencer: i joins the chunks waiting; the worker drains every
 //!        chunk whose turn has come (i, and those after it that others finished); new ones
 //!        join the batch; a batch of 512 KiB (or 128 chunks, or the run's last chunk) is
-//!        given its place in the pack (one reservation: arithmetic under a short lock)
-//!    <- sequencer; pwritev the batch at its place, index its entries (compare-and-swap),
+//!        given its places, back to back (reservations: arithmetic under a short lock; a
+//!        pack rotates between entries, never inside one)
+//!    <- sequencer; pwritev the batch (one call per pack it landed in), index its entries
+//!        (compare-and-swap),
 //!        record the references (repeats of this run's chunks after the batch); every
 //!        16 MiB placed, start the packs' writeback; free one window slot per chunk stored
 //! ```
@@ -171,13 +173,20 @@ enum Turn {
     Failed(StoreError),
 }
 
-/// New chunks placed back to back at `offset` of pack `pack` (`place` is `None` when there
-/// are none), to be written with one `pwritev` by the worker that placed them, and the
-/// repeats to record after them.
+/// A batch of new chunks given their places, to be written by the worker that placed them
+/// (one `pwritev` per run), and the repeats to record after them.
 struct Batch {
-    place: Option<(u32, u64)>,
-    entries: Vec<(usize, Hash, Vec<u8>)>,
+    runs: Vec<Run>,
     dups: Vec<(usize, Hash, Vec<u8>)>,
+}
+
+/// New chunks placed back to back from `offset` to `end` of pack `pack` (a batch is one run
+/// unless its pack rotated, or another writer reserved, between two of its places).
+struct Run {
+    pack: u32,
+    offset: u64,
+    end: u64,
+    entries: Vec<(usize, Hash, Vec<u8>)>,
 }
 
 /// Stores `jobs` with `workers` threads that each read, hash, compress and store chunks,
@@ -272,22 +281,43 @@ pub fn put_pipelined(
                 };
                 turns.push((i, turn));
             }
-            // The batch is placed (one reservation, entries back to back in job order) once
-            // it is large enough or the run's last chunk joined it.
+            // The batch is placed (entries back to back in job order) once it is large
+            // enough or the run's last chunk joined it.
             let held = q.batch.len() + q.dups.len();
             let full = q.batch_bytes >= BATCH_BYTES || held >= batch_chunks;
             if held > 0 && (full || q.next == jobs.len()) {
                 let entries = std::mem::take(&mut q.batch);
                 let dups = std::mem::take(&mut q.dups);
-                let total = std::mem::take(&mut q.batch_bytes);
-                let place = if entries.is_empty() { Ok(None) } else { inner.packs.reserve(total).map(Some) };
-                match place {
-                    Ok(place) => {
-                        q.placed_bytes += total - ENTRY_HEADER * entries.len() as u64;
-                        batch = Some(Batch { place, entries, dups });
+                q.batch_bytes = 0;
+                // Each entry reserved on its own (a pack rotates at its size limit between
+                // entries, never inside a batch), consecutive places joined into runs.
+                let mut runs: Vec<Run> = Vec::new();
+                let mut failed = None;
+                for (i, hash, entry) in entries {
+                    let len = entry.len() as u64;
+                    match inner.packs.reserve(len) {
+                        Ok((pack, offset)) => {
+                            q.placed_bytes += len - ENTRY_HEADER;
+                            match runs.last_mut() {
+                                Some(r) if r.pack == pack && r.end == offset => {
+                                    r.end += len;
+                                    r.entries.push((i, hash, entry));
+                                }
+                                _ => {
+                                    runs.push(Run { pack, offset, end: offset + len, entries: vec![(i, hash, entry)] })
+                                }
+                            }
+                        }
+                        Err(source) => {
+                            failed = Some((i, source));
+                            break;
+                        }
                     }
-                    Err(source) => turns.push((
-                        entries[0].0,
+                }
+                match failed {
+                    None => batch = Some(Batch { runs, dups }),
+                    Some((i, source)) => turns.push((
+                        i,
                         Turn::Failed(StoreError::Io {
                             path: inner.packs.dir().to_path_buf(),
                             op: "append chunk",
@@ -307,23 +337,24 @@ pub fn put_pipelined(
         // GC punches it).
         let mut result = Ok(());
         let mut stored = turns.len();
-        if let Some(Batch { place, entries, dups }) = batch {
-            stored += entries.len() + dups.len();
-            let total: u64 = entries.iter().map(|(_, _, e)| e.len() as u64).sum();
-            result = place.map_or(Ok(()), |(pack, offset)| {
-                writer.store.ensure_space(total)?;
-                let bufs: Vec<&[u8]> = entries.iter().map(|(_, _, e)| &e[..]).collect();
-                let locs = inner.packs.write_entries_at(pack, offset, &bufs).map_err(|source| StoreError::Io {
-                    path: inner.packs.dir().to_path_buf(),
-                    op: "append chunk",
-                    source,
-                })?;
-                for ((i, hash, _), loc) in entries.iter().zip(&locs) {
-                    let (b, slot, _) = checked[*i];
-                    writer.index_written(writer.block_at(b), slot, hash, loc)?;
+        if let Some(Batch { runs, dups }) = batch {
+            stored += runs.iter().map(|r| r.entries.len()).sum::<usize>() + dups.len();
+            for run in &runs {
+                if result.is_err() {
+                    break;
                 }
-                Ok(())
-            });
+                result = writer.store.ensure_space(run.end - run.offset).and_then(|()| {
+                    let bufs: Vec<&[u8]> = run.entries.iter().map(|(_, _, e)| &e[..]).collect();
+                    let locs = inner.packs.write_entries_at(run.pack, run.offset, &bufs).map_err(|source| {
+                        StoreError::Io { path: inner.packs.dir().to_path_buf(), op: "append chunk", source }
+                    })?;
+                    for ((i, hash, _), loc) in run.entries.iter().zip(&locs) {
+                        let (b, slot, _) = checked[*i];
+                        writer.index_written(writer.block_at(b), slot, hash, loc)?;
+                    }
+                    Ok(())
+                });
+            }
             // A repeat's copy is in this batch or an earlier one: written and indexed now
             // (or the run fails).
             if result.is_ok() {
@@ -332,7 +363,7 @@ pub fn put_pipelined(
                     writer.record_duplicate(writer.block_at(b), slot, hash);
                 }
             }
-            spares.extend(entries.into_iter().chain(dups).map(|(_, _, e)| e));
+            spares.extend(runs.into_iter().flat_map(|r| r.entries).chain(dups).map(|(_, _, e)| e));
         }
         let mut known = Vec::new();
         for (i, turn) in turns {
