@@ -358,9 +358,10 @@
 //! entry, back to back, so each 16 KiB write started at an unaligned offset and the kernel
 //! did its per-write and per-folio work for every one. `examples/pack_writes.rs`: 261 MiB
 //! (what touch stores) in 16432-byte writes 0.17-0.18 CPU-s, in 512 KiB writes 0.06-0.08.
-//! Now new entries are written in batches of up to 512 KiB (or 128 chunks) with one
-//! `pwritev` (pipeline.rs); in the same profile after the change the pack writes were 5.7%
-//! (0.11 CPU-s) and writeback 1.0%. Not changed, and why: sled (its per-operation cost is
+//! Now new entries are written in batches of up to 512 KiB (or 128 chunks), one `pwritev`
+//! per pack a batch lands in (pipeline.rs); in the same profile after the change (a run
+//! with a build beside it: 1.99 CPU-s) the pack writes were 5.7% (0.11 CPU-s) and
+//! writeback 1.0%. Not changed, and why: sled (its per-operation cost is
 //! the tree walk and node updates, which batching does not remove; an in-memory filter
 //! in front of the lookup would be a second copy of the index to keep right through GC and
 //! recovery), zstd's level (see above: the fill is sequence-bound), the copy out of guest

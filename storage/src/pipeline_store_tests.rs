@@ -167,9 +167,9 @@ fn mixed_chunk(i: u64, seed: u64) -> Vec<u8> {
 
 /// New entries are written in batches (pipeline.rs): tiny entries and raw 64 KiB ones,
 /// batches that cross pack boundaries (256 KiB packs), repeats recorded after their batch,
-/// one worker and several. Every chunk reads back bit-exact, the store verifies, and the
-/// packs hold exactly their headers and the new entries: no byte of a recycled buffer and no
-/// entry twice.
+/// one worker and several. Every chunk reads back bit-exact, the store verifies, the packs
+/// hold exactly their headers and the new entries (no byte of a recycled buffer and no
+/// entry twice), and no pack grows past its size limit.
 #[test]
 fn batched_entries_of_every_size_read_back_exact_across_packs() {
     for workers in [1, 3] {
@@ -187,6 +187,10 @@ fn batched_entries_of_every_size_read_back_exact_across_packs() {
         w.commit(Vec::new()).expect("commit");
         let packs = std::fs::read_dir(dir.path().join("packs")).expect("packs").count() as u64;
         assert!(packs > 3, "{workers} workers: the test must cross pack boundaries ({packs} packs)");
+        for e in std::fs::read_dir(dir.path().join("packs")).expect("packs") {
+            let len = e.expect("entry").metadata().expect("metadata").len();
+            assert!(len <= 256 << 10, "{workers} workers: a pack of {len} bytes: a batch went past the size limit");
+        }
         assert_eq!(
             pack_bytes(dir.path()),
             16 * packs + 48 * st.new_chunks + st.bytes_stored,
