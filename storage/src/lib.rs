@@ -368,14 +368,18 @@
 //! memory (a stop-and-copy snapshot could hash and compress guest memory in place, but live
 //! and background copies must not, and it would save at most 0.1 CPU-s).
 //!
-//! Alternated runs, old and new binary, `bench snapshot --mem-mib 1024`, the workers' CPU
-//! (`cpu_ms`), under the other engineers' builds (load 6.5-9.9, so wall times moved 2x
-//! between runs of one binary and are not the measure here): `full` touch 2085, 1817, 1788
-//! before, 1671, 1594, 1623 after; `background` touch 2705, 2000, 2049 before, 1960, 1866,
-//! 1740 after; `full` memfill 1630, 1371, 1408 before, 1751, 1565, 1970 after. memfill
-//! (incompressible: 64 KiB raw entries, which were large writes already) showed no
-//! difference beyond the noise in 5 more alternations of `examples/pipeline_cost.rs`
-//! (process CPU 1193-1683 ms before, median 1384; 1244-1820 after, median 1405).
+//! Alternated runs, old and new binary, `bench snapshot --mem-mib 1024`, five each, the
+//! workers' CPU (`cpu_ms`), under the other engineers' builds (load 6.5-11, so wall times
+//! moved 2x between runs of one binary and are not the measure here): `full` touch 2085,
+//! 1817, 1788, 1868, 1977 before (mean 1907), 1671, 1594, 1623, 1658, 1800 after (mean
+//! 1669, -12%). memfill (incompressible: 64 KiB raw entries, large writes already) did not
+//! gain and may have lost: `full` memfill 1630, 1371, 1408, 2176, 1442 before (mean 1605),
+//! 1751, 1565, 1970, 1918, 1658 after (mean 1772); `background` memfill means 1465 / 1621;
+//! in `examples/pipeline_cost.rs` (five more alternations) the medians were 1384 / 1405 ms.
+//! `perf` of the example showed the kernel's copy into the page cache
+//! (`copy_folio_from_iter_atomic`) at 8% of samples before and 32-37% after on memfill,
+//! also with batches of a single entry, which `examples/pack_writes.rs` (a hot buffer) does
+//! not reproduce: not understood yet, see the README of issue 13.
 
 mod attachment;
 mod check;
