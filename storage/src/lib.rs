@@ -379,7 +379,7 @@
 //! `perf` of the example showed the kernel's copy into the page cache
 //! (`copy_folio_from_iter_atomic`) at 8% of samples before and 32-37% after on memfill,
 //! also with batches of a single entry, which `examples/pack_writes.rs` (a hot buffer) does
-//! not reproduce: not understood yet, see the README of issue 13.
+//! not reproduce: not understood yet (an open question for the next change here).
 
 mod attachment;
 mod check;
