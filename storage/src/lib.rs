@@ -335,6 +335,51 @@
 //! `baseline` (the per-thread path, unchanged but for the codec's buffers) touch 980-1174 /
 //! 943-1066. The 1 s for a full snapshot of touch is within 2-14% on this shared
 //! machine; what stands in its way is the codec's CPU time.
+//!
+//! # Where the rest of a full snapshot's CPU went, and batched pack writes (December 2026)
+//!
+//! `perf record -g` (kernel stacks included) on `snapvisor bench snapshot --mem-mib 1024`,
+//! the two pipeline workers of the `full` touch row (found by thread id; 3748 samples, 1.87
+//! CPU-s), samples by where they fell, with the examples' profiles (`pipeline_cost` built
+//! with frame pointers) for the callers:
+//!
+//! | share | CPU-s | what |
+//! |------:|------:|------|
+//! | 53% | 0.99 | zstd -1 (the fill's 32 M sequences per GiB: see above) |
+//! | 11.5% | 0.22 | pack `pwrite`s: the kernel's page-cache work (ext4 delayed allocation, folio allocation and accounting, the copy) |
+//! | 9.7% | 0.18 | blake3 |
+//! | 8.4% | 0.16 | sled: the index lookup before compressing and the compare-and-swap after writing (half each) |
+//! | 5.7% | 0.11 | copying chunks out of guest memory |
+//! | 5.2% | 0.10 | malloc and free (mostly sled's nodes; entry buffers are recycled) |
+//! | 1.8% | 0.04 | starting writeback (`sync_file_range` every 16 MiB) |
+//! | 0.9% | 0.02 | page faults (guest memory was resident; buffers are not faulted in per chunk) |
+//!
+//! The pack writes were the one large cost the pipeline's shape chose: one `pwrite` per
+//! entry, back to back, so each 16 KiB write started at an unaligned offset and the kernel
+//! did its per-write and per-folio work for every one. `examples/pack_writes.rs`: 261 MiB
+//! (what touch stores) in 16432-byte writes 0.17-0.18 CPU-s, in 512 KiB writes 0.06-0.08.
+//! Now new entries are written in batches of up to 512 KiB (or 128 chunks), one `pwritev`
+//! per pack a batch lands in (pipeline.rs); in the same profile after the change (a run
+//! with a build beside it: 1.99 CPU-s) the pack writes were 5.7% (0.11 CPU-s) and
+//! writeback 1.0%. Not changed, and why: sled (its per-operation cost is
+//! the tree walk and node updates, which batching does not remove; an in-memory filter
+//! in front of the lookup would be a second copy of the index to keep right through GC and
+//! recovery), zstd's level (see above: the fill is sequence-bound), the copy out of guest
+//! memory (a stop-and-copy snapshot could hash and compress guest memory in place, but live
+//! and background copies must not, and it would save at most 0.1 CPU-s).
+//!
+//! Alternated runs, old and new binary, `bench snapshot --mem-mib 1024`, five each, the
+//! workers' CPU (`cpu_ms`), under the other engineers' builds (load 6.5-11, so wall times
+//! moved 2x between runs of one binary and are not the measure here): `full` touch 2085,
+//! 1817, 1788, 1868, 1977 before (mean 1907), 1671, 1594, 1623, 1658, 1800 after (mean
+//! 1669, -12%). memfill (incompressible: 64 KiB raw entries, large writes already) did not
+//! gain and may have lost: `full` memfill 1630, 1371, 1408, 2176, 1442 before (mean 1605),
+//! 1751, 1565, 1970, 1918, 1658 after (mean 1772); `background` memfill means 1465 / 1621;
+//! in `examples/pipeline_cost.rs` (five more alternations) the medians were 1384 / 1405 ms.
+//! `perf` of the example showed the kernel's copy into the page cache
+//! (`copy_folio_from_iter_atomic`) at 8% of samples before and 32-37% after on memfill,
+//! also with batches of a single entry, which `examples/pack_writes.rs` (a hot buffer) does
+//! not reproduce: not understood yet (an open question for the next change here).
 
 mod attachment;
 mod check;

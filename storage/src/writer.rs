@@ -345,27 +345,19 @@ impl SnapshotWriter {
         Ok(entry)
     }
 
-    /// Writes new chunk `hash`'s complete pack `entry` into the space reserved for it at
-    /// `offset` of pack `pack` ([`crate::pack::Packs::reserve`]), indexes it (unless another
-    /// writer indexed the hash meanwhile: the first copy wins, see
-    /// [`Store::store_new_entry`]) and records the reference in `slot` of block `b`. The
-    /// caller holds the GC lock shared, since before the reservation.
-    pub(crate) fn store_reserved(
+    /// Indexes new chunk `hash`, whose entry is written at `loc` (unless another writer
+    /// indexed the hash meanwhile: the first copy wins, see [`Store::store_new_entry`]), and
+    /// records the reference in `slot` of block `b`. The caller holds the GC lock shared,
+    /// since before the entry's place was reserved.
+    pub(crate) fn index_written(
         &self,
         b: &WriterBlock,
         slot: usize,
         hash: &Hash,
-        entry: &[u8],
-        (pack, offset): (u32, u64),
+        loc: &crate::pack::Location,
     ) -> Result<()> {
         let s = &self.shared;
-        let inner = &self.store.inner;
-        let loc = inner.packs.write_entry_at(pack, offset, entry).map_err(|source| StoreError::Io {
-            path: inner.packs.dir().to_path_buf(),
-            op: "append chunk",
-            source,
-        })?;
-        if self.store.index_first(hash, &loc)? {
+        if self.store.index_first(hash, loc)? {
             s.bytes_stored.fetch_add(u64::from(loc.len), Ordering::Relaxed);
             s.new_chunks.fetch_add(1, Ordering::Relaxed);
         } else {
