@@ -97,12 +97,6 @@ pub trait PageSource: Send + Sync {
     /// Reads the chunk of block `idstr` at `offset` (a multiple of the chunk size) into `buf`
     /// (the chunk's length: the chunk size, or less for a block's last chunk).
     fn read_chunk(&self, idstr: &str, offset: u64, buf: &mut [u8]) -> Result<Fill, String>;
-    /// Readies the calling thread for reads (its decompression context, its buffers, `buf`
-    /// itself: a chunk's size), so that the first fault served does not pay for that. It
-    /// places nothing and reports nothing: an error shows when a fault reads that chunk.
-    /// The fault thread calls it as it starts, while the restore is still loading device
-    /// state.
-    fn warm_up(&self, _buf: &mut [u8]) {}
 }
 
 /// Errors of the page server.

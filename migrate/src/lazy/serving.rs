@@ -240,9 +240,6 @@ impl Shared {
 
     pub(super) fn fault_loop(&self) -> Result<(), LazyError> {
         let mut buf = vec![0u8; self.chunk as usize];
-        // Cold, the first fault served was 100-200 µs slower than the next (page faults on
-        // fresh buffers, a new decompression context), with the guest waiting on it.
-        self.source.warm_up(&mut buf);
         let mut events = userfaultfd::EventBuffer::new(64);
         let mut fds = [
             libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },

@@ -164,20 +164,4 @@ impl PageSource for StorePageSource {
             None => Err(format!("offset {offset:#x} is beyond the snapshot's copy of '{idstr}'")),
         }
     }
-
-    /// Reads (and forgets) the snapshot's first stored chunk: its decompression context,
-    /// buffers and index path are then warm on this thread.
-    fn warm_up(&self, buf: &mut [u8]) {
-        let m = self.reader.manifest();
-        let cs = self.chunk_size();
-        let first = m.blocks.iter().find_map(|b| {
-            let i = b.chunks.iter().position(|c| matches!(c, ChunkRef::Stored(_)))?;
-            Some((b.idstr.as_str(), i as u64 * cs))
-        });
-        if let Some((idstr, offset)) = first {
-            let _ = self.reader.read_chunk(idstr, offset, buf);
-        } else {
-            buf.fill(0);
-        }
-    }
 }
