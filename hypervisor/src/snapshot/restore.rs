@@ -2,7 +2,8 @@
 //! (pages served by userfaultfd as the guest touches them, optionally prefetching the working
 //! set a previous restore recorded).
 //!
-//! Order: build a VM of the snapshot's shape; check every RAM block against it and refuse,
+//! Order: build a VM of the snapshot's shape (while the manifest is read and checked on
+//! another thread: see `restore`); check every RAM block against it and refuse,
 //! listing every problem, before anything is written; resize the resizeable blocks (their
 //! hooks run, so fw_cfg reports the snapshot's sizes); load or register pages; then device,
 //! in-kernel device and vCPU state. The VM is returned ready to start.
@@ -155,7 +156,8 @@ pub struct RestoreReport {
     pub phases_cpu: RestorePhases,
 }
 
-/// Milliseconds spent in each step of a restore, in order (their sum is about `ready_ms`).
+/// Milliseconds spent in each step of a restore (their sum is about `ready_ms`; the VM is
+/// built first, then the manifest thread is waited for).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct RestorePhases {
     /// Waiting, once the VM is built, for the thread that reads, checks and pins the manifest
