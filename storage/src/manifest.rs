@@ -177,6 +177,106 @@ impl Manifest {
     }
 }
 
+/// The snapshot state (the `state` field) of an encoded manifest, found without checking
+/// the crc and without decoding the rest: the chunk tables are skipped, not read. For a
+/// restore that builds its VM while the whole manifest is read and checked on another thread
+/// (hypervisor's snapshot/restore.rs): the bytes are *unchecked*, for speculative work only,
+/// and must equal the state of a checked decode ([`Manifest::decode`]) before anything relies
+/// on them. `None` unless the header is whole and the payload has the shape this build
+/// writes (a CBOR map of definite length with text keys, one `state` byte string); a
+/// manifest of any other shape is then read the ordinary way.
+pub fn peek_state(bytes: &[u8]) -> Option<&[u8]> {
+    let (header, payload) = bytes.split_at_checked(HEADER_LEN)?;
+    if &header[0..4] != MAGIC || u16::from_le_bytes([header[4], header[5]]) != VERSION {
+        return None;
+    }
+    let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    if len != payload.len() {
+        return None;
+    }
+    let mut c = Cbor { buf: payload, at: 0 };
+    let (major, fields) = c.head()?;
+    if major != 5 {
+        return None;
+    }
+    let mut state = None;
+    for _ in 0..fields {
+        let (major, len) = c.head()?;
+        if major != 3 {
+            return None;
+        }
+        if c.take(len)? == b"state" {
+            let (major, len) = c.head()?;
+            if major != 2 || state.is_some() {
+                return None;
+            }
+            state = Some(c.take(len)?);
+        } else {
+            c.skip(0)?;
+        }
+    }
+    state
+}
+
+/// A forward-only reader of definite-length CBOR, for [`peek_state`].
+struct Cbor<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cbor<'a> {
+    /// Deepest nesting [`Cbor::skip`] follows (a manifest nests three deep).
+    const MAX_DEPTH: usize = 8;
+
+    /// An item's major type and argument; `None` for an indefinite length or a reserved
+    /// argument.
+    fn head(&mut self) -> Option<(u8, u64)> {
+        let b = *self.buf.get(self.at)?;
+        self.at += 1;
+        let (major, info) = (b >> 5, b & 31);
+        let n = match info {
+            0..=23 => return Some((major, u64::from(info))),
+            24 => 1,
+            25 => 2,
+            26 => 4,
+            27 => 8,
+            _ => return None,
+        };
+        let bytes = self.buf.get(self.at..self.at + n)?;
+        self.at += n;
+        Some((major, bytes.iter().fold(0u64, |v, &b| v << 8 | u64::from(b))))
+    }
+
+    fn take(&mut self, len: u64) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(usize::try_from(len).ok()?)?;
+        let out = self.buf.get(self.at..end)?;
+        self.at = end;
+        Some(out)
+    }
+
+    /// Steps over one item (whatever it holds).
+    fn skip(&mut self, depth: usize) -> Option<()> {
+        if depth > Self::MAX_DEPTH {
+            return None;
+        }
+        let (major, n) = self.head()?;
+        match major {
+            0 | 1 | 7 => {}
+            2 | 3 => {
+                self.take(n)?;
+            }
+            4 | 5 => {
+                let items = if major == 5 { n.checked_mul(2)? } else { n };
+                for _ in 0..items {
+                    self.skip(depth + 1)?;
+                }
+            }
+            _ => self.skip(depth + 1)?,
+        }
+        Some(())
+    }
+}
+
 /// Serde helper: `Vec<u8>` as one CBOR byte string (not an array of integers).
 pub(crate) mod byte_string {
     use serde::de::{Error, SeqAccess, Visitor};
@@ -356,6 +456,50 @@ mod tests {
         // A hash's first byte taken for a tag: the table no longer lines up.
         let e = Manifest::decode(&with_table(|t| t[1] = 0)).expect_err("shifted").to_string();
         assert!(e.contains("unknown tag 7"), "{e}");
+    }
+
+    #[test]
+    fn peek_state_finds_the_state_without_the_crc() {
+        let mut m = sample();
+        m.state = (0..3000).map(|i| (i % 251) as u8).collect();
+        m.blocks.push(BlockManifest { idstr: "b2".into(), ..m.blocks[0].clone() });
+        let mut enc = m.encode().expect("encode");
+        assert_eq!(peek_state(&enc), Some(m.state.as_slice()));
+        // Unchecked: a damaged table does not stop the peek (the checked decode catches it).
+        let last = enc.len() - 1;
+        enc[last] ^= 1;
+        assert_eq!(peek_state(&enc), Some(m.state.as_slice()));
+        assert!(Manifest::decode(&enc).is_err());
+        // Not this build's shape or header: nothing, never a guess.
+        assert_eq!(peek_state(&enc[..enc.len() - 1]), None, "length differs from the header");
+        let mut v2 = m.encode().expect("encode");
+        v2[4] = 2;
+        assert_eq!(peek_state(&v2), None);
+        for cut in [HEADER_LEN, HEADER_LEN + 1, HEADER_LEN + 30] {
+            let mut short = m.encode().expect("encode");
+            short.truncate(cut);
+            let len = (cut - HEADER_LEN) as u32;
+            short[8..12].copy_from_slice(&len.to_le_bytes());
+            assert_eq!(peek_state(&short), None, "cut at {cut}");
+        }
+    }
+
+    /// Every truncation and every single-byte change of an encoded manifest: the peek never
+    /// panics, and whenever it finds a state while the checked decode succeeds, the two agree.
+    #[test]
+    fn peek_state_agrees_with_the_checked_decode() {
+        let enc = sample().encode().expect("encode");
+        for i in HEADER_LEN..enc.len() {
+            for x in [1u8, 0x20, 0x80, 0xff] {
+                let mut e = enc.clone();
+                e[i] ^= x;
+                let crc = crc32fast::hash(&e[HEADER_LEN..]);
+                e[12..16].copy_from_slice(&crc.to_le_bytes());
+                if let (Some(p), Ok(m)) = (peek_state(&e), Manifest::decode(&e)) {
+                    assert_eq!(p, m.state.as_slice(), "byte {i} ^ {x:#x}");
+                }
+            }
+        }
     }
 
     #[test]

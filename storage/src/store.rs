@@ -230,6 +230,16 @@ impl Store {
         Ok(m)
     }
 
+    /// The device and vCPU state of snapshot `name` as stored, *unchecked* (no crc, no
+    /// decode of the chunk tables; see [`crate::manifest::peek_state`]): for work that a
+    /// checked read of the same manifest confirms before anything relies on it. `None` if
+    /// the snapshot is missing, unreadable or not of the shape this build writes.
+    pub fn unchecked_state(&self, name: &str) -> Option<Vec<u8>> {
+        validate_snapshot_name(name).ok()?;
+        let raw = self.inner.manifests.get(name).ok()??;
+        crate::manifest::peek_state(&raw).map(<[u8]>::to_vec)
+    }
+
     /// Opens snapshot `name` for random-access chunk reads (decodes the manifest once).
     pub fn reader(&self, name: &str) -> Result<SnapshotReader> {
         let m = self.manifest(name)?;

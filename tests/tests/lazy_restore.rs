@@ -92,6 +92,43 @@ fn a_corrupt_chunk_stops_the_vm_with_its_name_and_never_maps_wrong_bytes() {
     assert!(err.to_string().contains("pc.ram") && err.to_string().contains("0x200000"), "{err}");
 }
 
+/// A restore builds its VM from the state read unchecked while the manifest is checked on
+/// another thread: a damaged manifest is still the restore's error, naming the snapshot,
+/// whether the damage is in the state the VM was built from or in a chunk table the early
+/// read skips; and the snapshot restores exactly once it is whole again.
+#[test]
+fn a_damaged_manifest_fails_the_restore_though_the_vm_was_built_from_its_unchecked_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    let expect = touch_snapshot(&store, "m", MEM, 77);
+    let raw = store.debug_raw_manifest("m").expect("read").expect("stored");
+    let state = store.unchecked_state("m").expect("the early read finds the state");
+    let at = raw.windows(state.len()).position(|w| w == state.as_slice()).expect("the state in the manifest");
+    let in_state = at + state.len() / 2;
+    // The last byte is in the last block's chunk table (its last field).
+    for (damaged, what) in [(in_state, "state"), (raw.len() - 1, "chunk table")] {
+        let mut bad = raw.clone();
+        bad[damaged] ^= 0x5a;
+        store.debug_put_raw_manifest("m", &bad).expect("damage");
+        let early = store.unchecked_state("m").expect("the early read does not check the crc");
+        assert_eq!(early == state, what == "chunk table", "{what}");
+        for mode in [RestoreMode::Lazy, RestoreMode::LazyPrefetch, RestoreMode::Eager] {
+            let e = snapshot::restore(&store, "m", RestoreOptions::new(mode, Box::new(SharedOutput::default())))
+                .err()
+                .unwrap_or_else(|| panic!("{mode:?} restore with a damaged {what} succeeded"))
+                .to_string();
+            assert!(e.contains("'m'") && e.contains("manifest is corrupt") && e.contains("crc32"), "{what}: {e}");
+        }
+    }
+    store.debug_put_raw_manifest("m", &raw).expect("repair");
+    let out = SharedOutput::default();
+    let (mut vm, _) = snapshot::restore(&store, "m", lazy(true, &out)).expect("restore");
+    vm.devices().go.store(true, Ordering::Release);
+    vm.start().expect("start");
+    assert_eq!(vm.wait(Some(Duration::from_secs(60))), ExitReason::GuestExit { status: 0 });
+    assert_eq!(out.text(), expect);
+}
+
 #[test]
 fn a_resize_is_refused_while_the_lazy_restore_is_filling() {
     let dir = tempfile::tempdir().expect("tempdir");

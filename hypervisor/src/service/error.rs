@@ -84,7 +84,7 @@ impl ApiError {
             | SnapshotError::NetCount { .. }
             | SnapshotError::NetSpec { .. } => ApiError::BadRequest(e.to_string()),
             SnapshotError::Vm(v) => ApiError::from_vm(v),
-            SnapshotError::Cancelled => ApiError::Conflict(e.to_string()),
+            SnapshotError::Cancelled | SnapshotError::Replaced { .. } => ApiError::Conflict(e.to_string()),
             _ => ApiError::Internal(e.to_string()),
         }
     }

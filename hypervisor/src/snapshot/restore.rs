@@ -2,7 +2,8 @@
 //! (pages served by userfaultfd as the guest touches them, optionally prefetching the working
 //! set a previous restore recorded).
 //!
-//! Order: build a VM of the snapshot's shape; check every RAM block against it and refuse,
+//! Order: build a VM of the snapshot's shape (while the manifest is read and checked on
+//! another thread: see `restore`); check every RAM block against it and refuse,
 //! listing every problem, before anything is written; resize the resizeable blocks (their
 //! hooks run, so fw_cfg reports the snapshot's sizes); load or register pages; then device,
 //! in-kernel device and vCPU state. The VM is returned ready to start.
@@ -155,12 +156,15 @@ pub struct RestoreReport {
     pub phases_cpu: RestorePhases,
 }
 
-/// Milliseconds spent in each step of a restore, in order (their sum is about `ready_ms`).
+/// Milliseconds spent in each step of a restore (their sum is about `ready_ms`; the VM is
+/// built first, then the manifest thread is waited for).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct RestorePhases {
-    /// Pinning the snapshot, reading and decoding its manifest and state.
+    /// Waiting, once the VM is built, for the thread that reads, checks and pins the manifest
+    /// (and reads the prefetch list): what of that work the VM's building did not cover.
     pub manifest_ms: f64,
-    /// Building the VM: KVM VM, vCPUs, RAM mappings and memory slots, devices.
+    /// Decoding the snapshot's state and building the VM: KVM VM, vCPUs, RAM mappings and
+    /// memory slots, devices.
     pub vm_ms: f64,
     /// Checking and resizing the RAM blocks.
     pub check_ms: f64,
@@ -221,46 +225,64 @@ pub fn encode_prefetch(list: &[(String, u64)]) -> Vec<u8> {
 /// The snapshot is pinned for `opts.pin_holder` while it is read (storage's pin.rs): until
 /// the restore returns (eager), or until the VM is fully resident or gone (lazy: the page
 /// server holds the pin).
-pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, RestoreReport), SnapshotError> {
+pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(Vm, RestoreReport), SnapshotError> {
     let t0 = Instant::now();
     let cpu0 = thread_cpu_ms();
-    let (reader, pin) = store.pinned_reader(name, &opts.pin_holder)?;
-    let snap = VmSnapshot::decode(&reader.manifest().state)?;
-    let spec: MachineSpec = snap.get("machine")?;
+    let wants_list = matches!(opts.mode, RestoreMode::LazyPrefetch | RestoreMode::LazyPrefetchBefore);
+    let holder = opts.pin_holder.clone();
+    // The manifest (a 4 GiB guest's chunk tables are 2 MiB) is read, checked and pinned on a
+    // thread of its own, with the prefetch list, while this one builds the VM (its memory
+    // slots are most of that) from the state read from the same stored bytes unchecked
+    // (storage's `peek_state`). Those bytes build nothing but the VM, and only stand once
+    // the checked manifest holds the same state: otherwise the restore fails, and a VM built
+    // from them is dropped unstarted. Without that read (an unusual manifest) the VM is
+    // built from the checked state, after the thread.
+    let (opened, early, waited) = std::thread::scope(|s| {
+        let open = || -> Result<_, SnapshotError> {
+            let (reader, pin) = store.pinned_reader(name, &holder)?;
+            let prefetch = if wants_list { read_prefetch_list(store, name) } else { Vec::new() };
+            Ok((reader, pin, prefetch))
+        };
+        let thread = std::thread::Builder::new().name("restore-manifest".into()).spawn_scoped(s, open);
+        let early = match (&thread, store.unchecked_state(name)) {
+            (Ok(_), Some(state)) => Some((build_vm(name, &state, &mut opts), state)),
+            _ => None,
+        };
+        let waited = Instant::now();
+        let opened = match thread {
+            Ok(t) => t.join().unwrap_or_else(|p| {
+                let message = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(SnapshotError::ManifestThread { name: name.to_string(), message })
+            }),
+            Err(_) => open(),
+        };
+        (opened, early, waited)
+    });
+    let (reader, pin, prefetch) = opened?;
+    let (snap, spec, mut vm) = match early {
+        Some((built, state)) if state == reader.manifest().state => built?,
+        Some(_) => return Err(SnapshotError::Replaced { name: name.to_string() }),
+        None => build_vm(name, &reader.manifest().state, &mut opts)?,
+    };
     let mut lap = Instant::now();
     let mut cpu_lap = thread_cpu_ms();
-    let mut phases =
-        RestorePhases { manifest_ms: lap.saturating_duration_since(t0).as_secs_f64() * 1e3, ..Default::default() };
-    let mut phases_cpu = RestorePhases { manifest_ms: cpu_lap - cpu0, ..Default::default() };
+    let wait_ms = lap.saturating_duration_since(waited).as_secs_f64() * 1e3;
+    let mut phases = RestorePhases {
+        vm_ms: lap.saturating_duration_since(t0).as_secs_f64() * 1e3 - wait_ms,
+        manifest_ms: wait_ms,
+        ..Default::default()
+    };
+    let mut phases_cpu = RestorePhases { vm_ms: cpu_lap - cpu0, ..Default::default() };
     let mut mark = |pick: fn(&mut RestorePhases) -> &mut f64, phases: &mut RestorePhases, cpu: &mut RestorePhases| {
         let (now, cpu_now) = (Instant::now(), thread_cpu_ms());
         *pick(phases) = now.saturating_duration_since(lap).as_secs_f64() * 1e3;
         *pick(cpu) = cpu_now - cpu_lap;
         (lap, cpu_lap) = (now, cpu_now);
     };
-    let files = match opts.fw_cfg_files {
-        Some(f) => f,
-        None => spec
-            .fw_cfg_files
-            .iter()
-            .map(|(n, size)| FwCfgFile { name: n.clone(), data: vec![0; (*size).min(64 << 20) as usize] })
-            .collect(),
-    };
-    let net = restore_nics(name, &spec.net, opts.net.as_deref(), &opts.net_overrides, opts.new_macs)?;
-    let mut cfg = VmConfig::new(opts.mem_mib.unwrap_or(spec.mem_mib), spec.vcpus, BootSource::Restore, opts.serial_out);
-    cfg.net = net;
-    cfg.fw_cfg_files = files;
-    cfg.debugcon_out = opts.debugcon_out;
-    cfg.acpi_tables = opts.acpi_tables.unwrap_or_else(|| spec.acpi_tables.clone());
-    cfg.uuid = spec.uuid;
-    // The firmware's contents come from the snapshot's pc.bios; the block is built blank, of a
-    // size checked before anything is allocated (the spec is snapshot bytes, untrusted).
-    if let Some(f) = &spec.firmware {
-        firmware::check_image(&f.name, f.size).map_err(|e| SnapshotError::Vm(e.into()))?;
-        cfg.firmware = Some(BootFile { name: f.name.clone(), data: vec![0; f.size as usize] });
-    }
-    let mut vm = Vm::new(cfg)?;
-    mark(|p| &mut p.vm_ms, &mut phases, &mut phases_cpu);
     vm.set_guest_description(spec.guest.clone(), spec.builtin);
     // The NICs' I/O waits until the VM starts: nothing touches guest memory or the queues
     // while their state is loaded.
@@ -286,20 +308,6 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             }
         }
         RestoreMode::Lazy | RestoreMode::LazyPrefetch | RestoreMode::LazyPrefetchBefore => {
-            let sub0 = (Instant::now(), thread_cpu_ms());
-            let prefetch = if opts.mode != RestoreMode::Lazy {
-                // The list only orders loading: a damaged one costs the head start, not the
-                // restore (every chunk is still verified as it is served).
-                match store.attachment(name, PREFETCH_ATTACHMENT) {
-                    Ok(list) => list.map(|b| decode_prefetch(&b)).unwrap_or_default(),
-                    Err(e) => {
-                        tracing::warn!("snapshot '{name}': prefetch list unreadable, restoring without it: {e}");
-                        Vec::new()
-                    }
-                }
-            } else {
-                Vec::new()
-            };
             let sub1 = (Instant::now(), thread_cpu_ms());
             // Whatever the destination put in its blocks (its fw_cfg files) goes: a present
             // page would never be served, and the guest would see it instead of the snapshot.
@@ -354,7 +362,6 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
                 snapshot = name,
                 discard_ms = sub2.0.saturating_duration_since(sub1.0).as_secs_f64() * 1e3,
                 discard_cpu_ms = sub2.1 - sub1.1,
-                prefetch_list_cpu_ms = sub1.1 - sub0.1,
                 server_start_cpu_ms = sub3.1 - sub2.1,
                 "restore memory phase (ms)"
             );
@@ -429,6 +436,54 @@ pub fn restore(store: &Store, name: &str, opts: RestoreOptions) -> Result<(Vm, R
             phases_cpu,
         },
     ))
+}
+
+/// The VM a restore of snapshot `name` builds from its device and vCPU state `state`: of the
+/// snapshot's shape (memory, vCPUs, fw_cfg files, firmware, NICs) unless `opts` says
+/// otherwise. Takes the parts of `opts` that go into the VM (its outputs, files, tables, NICs).
+fn build_vm(
+    name: &str,
+    state: &[u8],
+    opts: &mut RestoreOptions,
+) -> Result<(VmSnapshot, MachineSpec, Vm), SnapshotError> {
+    let snap = VmSnapshot::decode(state)?;
+    let spec: MachineSpec = snap.get("machine")?;
+    let files = match opts.fw_cfg_files.take() {
+        Some(f) => f,
+        None => spec
+            .fw_cfg_files
+            .iter()
+            .map(|(n, size)| FwCfgFile { name: n.clone(), data: vec![0; (*size).min(64 << 20) as usize] })
+            .collect(),
+    };
+    let net = restore_nics(name, &spec.net, opts.net.as_deref(), &opts.net_overrides, opts.new_macs)?;
+    let serial_out = std::mem::replace(&mut opts.serial_out, Box::new(std::io::sink()));
+    let mut cfg = VmConfig::new(opts.mem_mib.unwrap_or(spec.mem_mib), spec.vcpus, BootSource::Restore, serial_out);
+    cfg.net = net;
+    cfg.fw_cfg_files = files;
+    cfg.debugcon_out = opts.debugcon_out.take();
+    cfg.acpi_tables = opts.acpi_tables.take().unwrap_or_else(|| spec.acpi_tables.clone());
+    cfg.uuid = spec.uuid;
+    // The firmware's contents come from the snapshot's pc.bios; the block is built blank, of a
+    // size checked before anything is allocated (the spec is snapshot bytes, untrusted).
+    if let Some(f) = &spec.firmware {
+        firmware::check_image(&f.name, f.size).map_err(|e| SnapshotError::Vm(e.into()))?;
+        cfg.firmware = Some(BootFile { name: f.name.clone(), data: vec![0; f.size as usize] });
+    }
+    let vm = Vm::new(cfg)?;
+    Ok((snap, spec, vm))
+}
+
+/// The recorded working set of snapshot `name`. The list only orders loading: a damaged one
+/// costs the head start, not the restore (every chunk is still verified as it is served).
+fn read_prefetch_list(store: &Store, name: &str) -> Vec<(Arc<str>, u64)> {
+    match store.attachment(name, PREFETCH_ATTACHMENT) {
+        Ok(list) => list.map(|b| decode_prefetch(&b)).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!("snapshot '{name}': prefetch list unreadable, restoring without it: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// CPU time of the calling thread so far, milliseconds (0 if the clock cannot be read).
