@@ -195,7 +195,10 @@ pub fn shared_cache() -> Arc<ChunkCache> {
 /// once and shared by its entries: a 4 GiB working set is thousands of lines naming `pc.ram`.
 pub fn decode_prefetch(bytes: &[u8]) -> Vec<(Arc<str>, u64)> {
     let mut names: std::collections::HashMap<&[u8], Arc<str>> = std::collections::HashMap::new();
-    let mut out = Vec::with_capacity(bytes.iter().filter(|&&b| b == b'\n').count() + 1);
+    // One entry per line, and a usable line holds at least "h n\n": a list of bare newlines
+    // (untrusted bytes) must not reserve 24 bytes of entries for each byte.
+    let lines = bytes.iter().filter(|&&b| b == b'\n').count() + 1;
+    let mut out = Vec::with_capacity(lines.min(bytes.len() / 4 + 1));
     for line in bytes.split_inclusive(|&b| b == b'\n') {
         // As `str::lines`: a line ends in "\n" or "\r\n", the last one maybe in neither.
         let line = match line.strip_suffix(b"\n") {
