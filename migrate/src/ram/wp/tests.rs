@@ -6,9 +6,9 @@ use std::sync::Arc;
 use super::super::block::{RamBlock, RamBlockConfig};
 use super::{WpBlock, WpTestFaults, WriteProtect};
 
-const CHUNK: u64 = 64 * 1024;
+pub(super) const CHUNK: u64 = 64 * 1024;
 
-fn block(chunks: u64) -> Arc<RamBlock> {
+pub(super) fn block(chunks: u64) -> Arc<RamBlock> {
     Arc::new(
         RamBlock::new(RamBlockConfig {
             idstr: "ram".into(),

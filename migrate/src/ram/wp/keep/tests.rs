@@ -8,26 +8,13 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::super::super::block::{RamBlock, RamBlockConfig};
+use super::super::super::block::RamBlock;
+use super::super::tests::{block, CHUNK};
 use super::super::{WpBlock, WpTestFaults, WriteProtect};
 
-const CHUNK: u64 = 64 * 1024;
 const PAGE: u64 = 4096;
 /// `/proc/pid/pagemap`: the page (or its pte marker) is userfaultfd write-protected.
 const PM_UFFD_WP: u64 = 1 << 57;
-
-fn block(chunks: u64) -> Arc<RamBlock> {
-    Arc::new(
-        RamBlock::new(RamBlockConfig {
-            idstr: "ram".into(),
-            size: chunks * CHUNK,
-            max_size: 0,
-            page_size: 0,
-            resizeable: false,
-        })
-        .expect("block"),
-    )
-}
 
 fn fill(b: &RamBlock, chunks: impl Iterator<Item = u64>, byte: u8) {
     for c in chunks {
