@@ -115,3 +115,55 @@ fn a_lazily_restored_guest_snapshotted_in_the_background_among_stop_and_live_sna
         assert_same_ram(&ram_of(&vm2), ram, &format!("{name} restored"));
     }
 }
+
+/// A clone on a shared base (its RAM a private mapping of the base's memfd) snapshotted in
+/// the background again and again on its kept registration, the host writing between and
+/// right after snapshots: nothing stays protected, no write stalls, each snapshot holds the
+/// clone's bytes at its pause.
+#[test]
+fn a_shared_base_clone_snapshotted_in_the_background_repeatedly_stays_writable_and_exact() {
+    use common::touch::touch_snapshot;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path()).expect("store");
+    touch_snapshot(&store, "t", 64, 77);
+    let bases = migrate::lazy::BaseRegistry::new();
+    let opts = RestoreOptions {
+        shared_base: Some(bases.clone()),
+        new_generation: true,
+        ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default()))
+    };
+    let (mut vm, _) = snapshot::restore(&store, "t", opts).expect("clone");
+    vm.start().expect("start");
+    assert!(snapshot::restore::wait_resident(&vm, Duration::from_secs(120)), "resident");
+    let ram = vm.registry().get("pc.ram").expect("pc.ram");
+    let mut taken = Vec::new();
+    for i in 0..5u64 {
+        // Host writes over shared pages (a fresh private copy each) and over earlier ones,
+        // from a thread: a write that stalled on a page left protected would never return.
+        let r = ram.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for off in (0..r.used_length()).step_by((MIB / 2) as usize) {
+                r.write(off + 0x800 + i * 8, &(0xc10e_u64 + off + i).to_le_bytes()).expect("write");
+            }
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(30)).expect("a host write stalled");
+        let name = format!("c{i}");
+        let (opts, seen) = background();
+        let report = snapshot::save(&vm, &store, &name, &opts, &|_| {}).expect("snapshot of the clone");
+        assert_eq!(report.mode, SaveMode::Background, "{name}: {:?}", report.mode_reason);
+        assert_eq!(protected_pages(&vm), 0, "{name}: pages left write-protected");
+        taken.push((name, seen.lock().expect("lock").take().expect("the hook ran")));
+    }
+    assert!(vm.control().exit_reason().is_none(), "the clone runs on");
+    vm.stop("test done");
+    drop(vm);
+    for (name, ram) in &taken {
+        let (vm2, _) =
+            snapshot::restore(&store, name, RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
+                .expect("restore");
+        assert_same_ram(&ram_of(&vm2), ram, &format!("{name} restored"));
+    }
+}
