@@ -35,7 +35,11 @@ fn assert_blocks_match(vm: &Vm, store: &storage::Store, name: &str, what: &str) 
                 }
             }
             b.read(off, &mut got[..len]).expect("read block");
-            assert!(got[..len] == want[..len], "{what}: {} differs from the snapshot in the chunk at {off:#x}", b.idstr());
+            assert!(
+                got[..len] == want[..len],
+                "{what}: {} differs from the snapshot in the chunk at {off:#x}",
+                b.idstr()
+            );
         }
     }
 }
