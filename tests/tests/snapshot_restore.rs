@@ -134,6 +134,14 @@ fn live_snapshot_pauses_briefly_and_restores() {
         last.dirty_chunks * 64 * 1024 * 100 < stop_copy.bytes_copied,
         "the live pause copies a small part of what the stop-and-copy pause copies: {rounds:?}"
     );
+    // What the live pause did copy: the bytes read after the last live round's report (the
+    // chunks that round left dirty would not show a pause that copied more than them).
+    let paused_bytes = live.bytes_copied - last.bytes_copied;
+    assert!(
+        paused_bytes * 100 < stop_copy.bytes_copied,
+        "the live pause copied {paused_bytes} bytes, not a small part of the stop-and-copy pause's {}: {rounds:?}",
+        stop_copy.bytes_copied
+    );
     eprintln!("pause: live {:.1} ms, stop-and-copy {:.1} ms", live.pause_ms, stop_copy.pause_ms);
 
     // The live snapshot restores: given go, the guest touches its working set on the
