@@ -428,3 +428,55 @@ fn restored_blob_contents_are_the_snapshots() {
     block.read(0, &mut got).expect("read");
     assert_eq!(got, blob(6000));
 }
+
+#[test]
+fn a_snapshot_asking_for_too_many_fw_cfg_bytes_is_refused_before_anything_is_allocated() {
+    // The machine spec is snapshot bytes: its fw_cfg file sizes are untrusted. Five files of
+    // 64 MiB (each under the per-file cut) make 320 MiB, over what a restore accepts in all.
+    use migrate::snapshot::format::{RamBlockDesc, VmSnapshot};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store(&dir);
+    let mut snap = VmSnapshot::default();
+    snap.ram.push(RamBlockDesc {
+        idstr: "pc.ram".into(),
+        used_length: 64 << 20,
+        unaligned_length: 64 << 20,
+        max_length: 64 << 20,
+        page_size: 4096,
+        resizeable: false,
+    });
+    let spec = hypervisor::vm::MachineSpec {
+        mem_mib: 64,
+        vcpus: 1,
+        guest: "builtin:memfill".into(),
+        fw_cfg_files: (0..5).map(|i| (format!("opt/big{i}"), 64 << 20)).collect(),
+        firmware: None,
+        acpi_tables: Vec::new(),
+        uuid: None,
+        net: Vec::new(),
+        builtin: None,
+    };
+    snap.put("machine", &spec).expect("put");
+    let block = storage::BlockSpec {
+        idstr: "pc.ram".into(),
+        used_length: 64 << 20,
+        max_length: 64 << 20,
+        page_size: 4096,
+        resizeable: false,
+    };
+    let w = store.begin("big", vec![block]).expect("begin");
+    let zeros = vec![0u8; 64 << 10];
+    for off in (0..64u64 << 20).step_by(zeros.len()) {
+        w.put_chunk("pc.ram", off, &zeros).expect("chunk");
+    }
+    w.commit(snap.encode().expect("encode")).expect("commit");
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let err = match snapshot::restore(&store, "big", RestoreOptions::new(mode, Box::new(SharedOutput::default()))) {
+            Ok(_) => panic!("{mode:?}: a restore of 320 MiB of fw_cfg files was accepted"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, SnapshotError::FwCfgFiles { .. }), "{mode:?}: {err}");
+        let msg = err.to_string();
+        assert!(msg.contains("'big'") && msg.contains(&(320u64 << 20).to_string()), "{mode:?}: {msg}");
+    }
+}

@@ -240,7 +240,8 @@ pub fn snapshot_error(e: SnapshotError) -> CliError {
         SnapshotError::Check(_)
         | SnapshotError::Format(_)
         | SnapshotError::NetCount { .. }
-        | SnapshotError::NetSpec { .. } => CliError::Input(e.to_string()),
+        | SnapshotError::NetSpec { .. }
+        | SnapshotError::FwCfgFiles { .. } => CliError::Input(e.to_string()),
         SnapshotError::Store(
             storage::StoreError::Name(_)
             | storage::StoreError::Exists(_)

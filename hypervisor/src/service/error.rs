@@ -82,7 +82,8 @@ impl ApiError {
             | SnapshotError::Check(_)
             | SnapshotError::Format(_)
             | SnapshotError::NetCount { .. }
-            | SnapshotError::NetSpec { .. } => ApiError::BadRequest(e.to_string()),
+            | SnapshotError::NetSpec { .. }
+            | SnapshotError::FwCfgFiles { .. } => ApiError::BadRequest(e.to_string()),
             SnapshotError::Vm(v) => ApiError::from_vm(v),
             SnapshotError::Cancelled | SnapshotError::Replaced { .. } => ApiError::Conflict(e.to_string()),
             _ => ApiError::Internal(e.to_string()),

@@ -78,6 +78,8 @@ pub enum SnapshotError {
     NetCount { name: String, snapshot: usize, given: usize },
     #[error("snapshot '{name}': its NIC list: {reason}")]
     NetSpec { name: String, reason: String },
+    #[error("snapshot '{name}': its fw_cfg files: {reason}")]
+    FwCfgFiles { name: String, reason: String },
     #[error("snapshot '{name}' was deleted and taken again while it was being restored; restore it again")]
     Replaced { name: String },
     #[error("restoring snapshot '{name}': the thread reading its manifest panicked: {message}")]

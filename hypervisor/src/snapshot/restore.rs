@@ -441,6 +441,9 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
     ))
 }
 
+/// Most bytes of fw_cfg files a snapshot may ask a restore to allocate, all files together.
+pub const MAX_FW_CFG_TOTAL: u64 = 256 << 20;
+
 /// The VM a restore of snapshot `name` builds from its device and vCPU state `state`: of the
 /// snapshot's shape (memory, vCPUs, fw_cfg files, firmware, NICs) unless `opts` says
 /// otherwise. Takes the parts of `opts` that go into the VM (its outputs, files, tables, NICs).
@@ -453,11 +456,24 @@ fn build_vm(
     let spec: MachineSpec = snap.get("machine")?;
     let files = match opts.fw_cfg_files.take() {
         Some(f) => f,
-        None => spec
-            .fw_cfg_files
-            .iter()
-            .map(|(n, size)| FwCfgFile { name: n.clone(), data: vec![0; (*size).min(64 << 20) as usize] })
-            .collect(),
+        None => {
+            // The sizes are snapshot bytes, untrusted: bounded in all before anything is
+            // allocated (each file is also cut at 64 MiB, as fw_cfg blobs are).
+            let total = spec.fw_cfg_files.iter().fold(0u64, |t, (_, size)| t.saturating_add((*size).min(64 << 20)));
+            if total > MAX_FW_CFG_TOTAL {
+                return Err(SnapshotError::FwCfgFiles {
+                    name: name.to_string(),
+                    reason: format!(
+                        "{} files of {total} bytes in all, more than the {MAX_FW_CFG_TOTAL} a restore accepts",
+                        spec.fw_cfg_files.len()
+                    ),
+                });
+            }
+            spec.fw_cfg_files
+                .iter()
+                .map(|(n, size)| FwCfgFile { name: n.clone(), data: vec![0; (*size).min(64 << 20) as usize] })
+                .collect()
+        }
     };
     let net = restore_nics(name, &spec.net, opts.net.as_deref(), &opts.net_overrides, opts.new_macs)?;
     let serial_out = std::mem::replace(&mut opts.serial_out, Box::new(std::io::sink()));
