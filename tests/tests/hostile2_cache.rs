@@ -5,44 +5,15 @@
 
 mod common;
 
+use common::ram::assert_blocks_match;
+
 use std::time::Duration;
 
 use common::memfill::wait_lines;
 use common::start_builtin;
 use hypervisor::guests::{Builtin, MemfillMode};
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveMode, SaveOptions};
-use hypervisor::vm::{BuiltinParams, SharedOutput, Vm};
-use storage::ChunkRef;
-
-/// Every byte of every block of `vm` equals the snapshot's copy in `store`.
-fn assert_blocks_match(vm: &Vm, store: &storage::Store, name: &str, what: &str) {
-    let reader = store.reader(name).expect("reader");
-    let manifest = reader.manifest().clone();
-    let cs = u64::from(manifest.chunk_size);
-    let mut want = vec![0u8; cs as usize];
-    let mut got = vec![0u8; cs as usize];
-    for b in &vm.registry().blocks() {
-        let m = manifest.block(b.idstr()).expect("in the manifest");
-        assert_eq!(b.used_length(), m.used_length, "{what}: used length of {}", b.idstr());
-        for (i, c) in m.chunks.iter().enumerate() {
-            let off = i as u64 * cs;
-            let len = cs.min(m.used_length - off) as usize;
-            match c {
-                ChunkRef::Zero => want[..len].fill(0),
-                ChunkRef::Stored(_) => {
-                    let n = reader.read_chunk(b.idstr(), off, &mut want).expect("read chunk");
-                    assert_eq!(n, len);
-                }
-            }
-            b.read(off, &mut got[..len]).expect("read block");
-            assert!(
-                got[..len] == want[..len],
-                "{what}: {} differs from the snapshot in the chunk at {off:#x}",
-                b.idstr()
-            );
-        }
-    }
-}
+use hypervisor::vm::{BuiltinParams, SharedOutput};
 
 #[test]
 fn concurrent_lazy_restores_of_different_snapshots_through_one_tiny_cache_hold_their_own_bytes() {

@@ -6,10 +6,8 @@
 mod common;
 
 use common::memfill::wait_lines;
-use common::ram::{assert_same_ram, ram_of, Ram};
+use common::ram::{assert_same_ram, protected_pages, ram_of, Ram};
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,23 +15,6 @@ use common::start_builtin;
 use hypervisor::guests::{Builtin, MemfillMode};
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveHooks, SaveMode, SaveOptions};
 use hypervisor::vm::{BuiltinParams, SharedOutput, Vm};
-
-const PM_UFFD_WP: u64 = 1 << 57;
-
-fn protected_pages(vm: &Vm) -> u64 {
-    let pagemap = File::open("/proc/self/pagemap").expect("pagemap");
-    let mut n = 0;
-    for b in vm.registry().blocks() {
-        let pages = b.used_length() / 4096;
-        let mut raw = vec![0u8; pages as usize * 8];
-        pagemap.read_exact_at(&mut raw, b.host_addr() as u64 / 4096 * 8).expect("read pagemap");
-        n += raw
-            .chunks_exact(8)
-            .filter(|e| u64::from_le_bytes((*e).try_into().expect("8 bytes")) & PM_UFFD_WP != 0)
-            .count() as u64;
-    }
-    n
-}
 
 /// Open descriptors other than the store's pack files (a new pack opens as packs fill).
 fn fds() -> usize {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::ram::assert_blocks_match;
+
 use std::time::{Duration, Instant};
 
 use common::snapvisor;
@@ -30,47 +32,6 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-/// Every byte of every block of `vm` equals the snapshot's copy in `store`.
-fn assert_blocks_match(vm: &Vm, store: &storage::Store, name: &str, what: &str) {
-    let reader = store.reader(name).expect("reader");
-    let manifest = reader.manifest().clone();
-    let cs = u64::from(manifest.chunk_size);
-    let blocks = vm.registry().blocks();
-    let mut names: Vec<&str> = blocks.iter().map(|b| b.idstr()).collect();
-    let mut listed: Vec<&str> = manifest.blocks.iter().map(|b| b.idstr.as_str()).collect();
-    names.sort_unstable();
-    listed.sort_unstable();
-    assert_eq!(names, listed, "{what}: the same blocks");
-    let mut want = vec![0u8; cs as usize];
-    let mut got = vec![0u8; cs as usize];
-    for b in &blocks {
-        let m = manifest.block(b.idstr()).expect("in the manifest");
-        assert_eq!(b.used_length(), m.used_length, "{what}: used length of {}", b.idstr());
-        for (i, c) in m.chunks.iter().enumerate() {
-            let off = i as u64 * cs;
-            let len = cs.min(m.used_length - off) as usize;
-            match c {
-                ChunkRef::Zero => want[..len].fill(0),
-                ChunkRef::Stored(_) => {
-                    let n = reader.read_chunk(b.idstr(), off, &mut want).expect("read chunk");
-                    assert_eq!(n, len);
-                }
-            }
-            b.read(off, &mut got[..len]).expect("read block");
-            if got[..len] != want[..len] {
-                let at = (0..len).find(|&k| got[k] != want[k]).unwrap_or(0);
-                panic!(
-                    "{what}: {} differs from the snapshot at offset {:#x}: {:#04x} != {:#04x}",
-                    b.idstr(),
-                    off + at as u64,
-                    got[at],
-                    want[at]
-                );
-            }
-        }
-    }
 }
 
 /// Snapshots a 16 MiB `hello` VM as "s" whose fw_cfg file `FILE` holds data (seeded by
