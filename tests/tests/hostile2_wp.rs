@@ -83,8 +83,17 @@ fn a_lazily_restored_guest_snapshotted_in_the_background_among_stop_and_live_sna
         }
     }
     // The kept registration holds a userfaultfd and the last fault thread's eventfd; beyond
-    // the first snapshot, no snapshot may add descriptors.
-    assert!(counts.iter().all(|&c| c <= counts[1]), "descriptors from {fds0}: {counts:?}");
+    // the first snapshot, no snapshot may add descriptors for good. The count is the whole
+    // process's, taken while other threads open and close files (a descriptor closed a moment
+    // later was seen once in CI), so it must come back to the level after the second
+    // snapshot, not stay there at every sample: a leak of one per snapshot never does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut now = fds();
+    while now > counts[1] && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        now = fds();
+    }
+    assert!(now <= counts[1], "descriptors from {fds0}: {counts:?}, now {now}");
     assert!(vm.control().exit_reason().is_none());
     vm.stop("snapshots taken");
     drop(vm);
