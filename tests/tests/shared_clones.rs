@@ -4,6 +4,7 @@
 //! guest's memory between them, not N.
 
 mod common;
+use common::ram::assert_blocks_match_except;
 use common::touch::touch_snapshot;
 
 use std::sync::atomic::Ordering;
@@ -29,43 +30,6 @@ fn clone_opts(bases: &Arc<BaseRegistry>, out: &SharedOutput) -> RestoreOptions {
 
 fn base_of(vm: &Vm) -> Arc<Base> {
     vm.page_server().and_then(|s| s.base()).expect("the clone maps a shared base").clone()
-}
-
-/// Every byte of every block of `vm` equals the snapshot's, except the chunks in `skip`
-/// ((idstr, offset)): reading them would touch what the test keeps away from.
-fn assert_blocks_match(vm: &Vm, store: &storage::Store, name: &str, skip: &[(&str, u64)], what: &str) {
-    let reader = store.reader(name).expect("reader");
-    let manifest = reader.manifest().clone();
-    let cs = u64::from(manifest.chunk_size);
-    let blocks = vm.registry().blocks();
-    assert_eq!(blocks.len(), manifest.blocks.len(), "{what}: the same blocks");
-    let mut want = vec![0u8; cs as usize];
-    let mut got = vec![0u8; cs as usize];
-    for b in &blocks {
-        let m = manifest.block(b.idstr()).expect("in the manifest");
-        assert_eq!(b.used_length(), m.used_length, "{what}: used length of {}", b.idstr());
-        for (i, c) in m.chunks.iter().enumerate() {
-            let off = i as u64 * cs;
-            if skip.contains(&(b.idstr(), off)) {
-                continue;
-            }
-            let len = cs.min(m.used_length - off) as usize;
-            match c {
-                ChunkRef::Zero => want[..len].fill(0),
-                ChunkRef::Stored(_) => assert_eq!(reader.read_chunk(b.idstr(), off, &mut want).expect("chunk"), len),
-            }
-            b.read(off, &mut got[..len]).expect("read block");
-            if let Some(at) = (0..len).find(|&k| got[k] != want[k]) {
-                panic!(
-                    "{what}: {} differs from the snapshot at {:#x}: {:#04x} != {:#04x}",
-                    b.idstr(),
-                    off + at as u64,
-                    got[at],
-                    want[at]
-                );
-            }
-        }
-    }
 }
 
 /// Snapshots a `memfill` guest before its first instruction, its RAM filled by the host with
@@ -138,7 +102,7 @@ fn clones_write_their_own_seeds_over_shared_pages_and_the_base_stays_intact() {
     // The clones' writes stayed theirs: a clone made now still sees the snapshot.
     let (late, _) = snapshot::restore(&store, "m", clone_opts(&bases, &SharedOutput::default())).expect("clone");
     assert!(Arc::ptr_eq(&base_of(&late), &base_of(&clones[0].0)), "the late clone maps the same base");
-    assert_blocks_match(&late, &store, "m", &[], "a clone made after the others wrote");
+    assert_blocks_match_except(&late, &store, "m", &[], "a clone made after the others wrote");
 }
 
 /// Pages of `[host, host + len)` in this process that are mapped and the process's own (not
@@ -193,7 +157,7 @@ fn a_clone_that_writes_what_it_reads_gets_its_own_copy_and_the_base_stays_intact
     // Its copy is its own: a clone made now still sees the snapshot.
     let (late, _) = snapshot::restore(&store, "w", clone_opts(&bases, &SharedOutput::default())).expect("clone");
     assert!(Arc::ptr_eq(&base_of(&late), &base_of(&vm)), "the late clone maps the same base");
-    assert_blocks_match(&late, &store, "w", &[], "a clone made after another copied its memory");
+    assert_blocks_match_except(&late, &store, "w", &[], "a clone made after another copied its memory");
 }
 
 /// Pss (bytes) of the mappings overlapping `ranges` in this process.
@@ -293,7 +257,7 @@ fn a_corrupt_chunk_in_the_base_stops_only_the_clones_that_touch_it() {
     assert!(!base.holds(), "nothing left to read: the snapshot's pin is released");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(b.control().exit_reason(), None, "clone b keeps running");
-    assert_blocks_match(&b, &store, "c", &[("pc.ram", offset)], "clone b");
+    assert_blocks_match_except(&b, &store, "c", &[("pc.ram", offset)], "clone b");
     assert_eq!(b.control().exit_reason(), None, "clone b still runs after its memory was read");
     b.stop("test done");
 }
@@ -333,7 +297,7 @@ fn the_base_is_freed_with_its_last_clone() {
     }
     for vm in &clones {
         assert!(snapshot::restore::wait_resident(vm, Duration::from_secs(120)), "resident");
-        assert_blocks_match(vm, &store, "f", &[], "clone");
+        assert_blocks_match_except(vm, &store, "f", &[], "clone");
     }
     let (fds, maps) = memfds();
     assert!(fds >= 1 && maps >= 3, "the base's memfds ({fds}) and the clones' mappings of them ({maps})");
@@ -349,7 +313,7 @@ fn the_base_is_freed_with_its_last_clone() {
     // A clone made now gets a base of its own, complete again.
     let (vm, _) = snapshot::restore(&store, "f", clone_opts(&bases, &SharedOutput::default())).expect("clone");
     assert!(snapshot::restore::wait_resident(&vm, Duration::from_secs(120)), "resident");
-    assert_blocks_match(&vm, &store, "f", &[], "a clone of a new base");
+    assert_blocks_match_except(&vm, &store, "f", &[], "a clone of a new base");
 }
 
 #[test]
@@ -372,11 +336,11 @@ fn a_clone_snapshots_in_the_background_once_its_base_is_complete_and_the_snapsho
     assert_eq!(report.mode, snapshot::SaveMode::Background, "{:?}", report.mode_reason);
     assert!(vm.control().exit_reason().is_none(), "the clone runs on");
     // The clone (still waiting for its go: it writes nothing) equals its snapshot.
-    assert_blocks_match(&vm, &store, "tc", &[], "the clone against its snapshot");
+    assert_blocks_match_except(&vm, &store, "tc", &[], "the clone against its snapshot");
     let (restored, _) =
         snapshot::restore(&store, "tc", RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
             .expect("restore the clone's snapshot");
-    assert_blocks_match(&restored, &store, "tc", &[], "the clone's snapshot restored");
+    assert_blocks_match_except(&restored, &store, "tc", &[], "the clone's snapshot restored");
     let r = restored.registry().get("pc.ram").expect("pc.ram");
     let mut word = [0u8; 8];
     r.read(MIB + 0x800, &mut word).expect("read");

@@ -19,7 +19,6 @@ mod common;
 use common::memfill::{check_continues, wait_lines};
 use common::ram::{assert_same_ram, ram_of, Ram};
 
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,26 +29,10 @@ use hypervisor::snapshot::{
 };
 use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, SharedOutput, Vm, VmConfig};
 
-/// Pagemap's "pte is uffd-wp write-protected" bit (also set on the markers that protect pages
-/// not populated yet).
-const PM_UFFD_WP: u64 = 1 << 57;
-
-/// (write-protected pages, all pages) over every RAM block's used length, from this process's
-/// pagemap.
+/// (write-protected pages, all pages) over every RAM block's used length.
 fn protected_pages(vm: &Vm) -> (u64, u64) {
-    let pagemap = std::fs::File::open("/proc/self/pagemap").expect("open pagemap");
-    let (mut wp, mut all) = (0, 0);
-    for b in vm.registry().blocks() {
-        let pages = b.used_length() / 4096;
-        let mut buf = vec![0u8; pages as usize * 8];
-        pagemap.read_exact_at(&mut buf, b.host_addr() as u64 / 4096 * 8).expect("read pagemap");
-        wp += buf
-            .chunks_exact(8)
-            .filter(|e| u64::from_le_bytes((*e).try_into().expect("8 bytes")) & PM_UFFD_WP != 0)
-            .count() as u64;
-        all += pages;
-    }
-    (wp, all)
+    let all = vm.registry().blocks().iter().map(|b| b.used_length() / 4096).sum();
+    (common::ram::protected_pages(vm), all)
 }
 
 /// Offsets of the chunks the "device" writes after the last pre-protection round.
