@@ -322,16 +322,8 @@ impl Packs {
     /// Writes a complete entry into the space [`Packs::reserve`] gave for it; returns where
     /// its value is.
     pub fn write_entry_at(&self, id: u32, offset: u64, entry: &[u8]) -> std::io::Result<Location> {
-        let total = entry.len() as u64;
-        let len = total
-            .checked_sub(ENTRY_HEADER)
-            .and_then(|l| u32::try_from(l).ok())
-            .ok_or_else(|| std::io::Error::other(format!("pack entry of {total} bytes")))?;
-        // Marked before the write (and again after): see the module doc.
-        self.mark(id);
-        self.file(id)?.write_all_at(entry, offset)?;
-        self.mark(id);
-        Ok(Location { pack: id, offset: offset + ENTRY_HEADER, len })
+        let locs = self.write_entries_at(id, offset, &[entry])?;
+        locs.into_iter().next().ok_or_else(|| std::io::Error::other("no pack entry written"))
     }
 
     /// Writes complete entries back to back into the space [`Packs::reserve`] gave for all
