@@ -605,6 +605,14 @@ mod tests {
     }
 
     #[test]
+    fn a_list_of_bare_newlines_reserves_little() {
+        // Untrusted bytes: 1 MiB of newlines has no entry, and must not reserve one per byte.
+        let list = decode_prefetch(&vec![b'\n'; 1 << 20]);
+        assert!(list.is_empty());
+        assert!(list.capacity() <= (1 << 20) / 4 + 1, "reserved {} entries", list.capacity());
+    }
+
+    #[test]
     fn file_block_name() {
         assert_eq!(crate::machine::fw_cfg_file_block("opt/x"), "/rom@opt/x");
     }
