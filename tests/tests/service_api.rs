@@ -444,8 +444,17 @@ fn running_vms_are_snapshotted_at_shutdown_and_resumed_at_start() {
     let info = d.ok("GET", "/vms/m", None);
     assert_eq!(info["state"], "running", "{info}");
     assert!(info["resume_from"].is_null(), "resumed once, then forgotten: {info}");
-    // The resumed guest carries on: its next pass finds the previous pattern intact.
-    let after = wait_serial(&d, "m", "\n");
+    // The resumed guest carries on: its next pass finds the previous pattern intact. Its
+    // first bytes may end a line the snapshot cut ("atches 0\n"): wait for a whole pass line.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let t = wait_serial(&d, "m", "memfill pass ");
+        let whole = t.split_once("memfill pass ").is_some_and(|(_, rest)| rest.contains('\n'));
+        if whole || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(after.contains("mismatches 0") && !after.contains("memfill pass 0 "), "before {before:?} after {after:?}");
     // Resident again, it no longer needs its shutdown snapshot: the daemon deletes it.
     let deadline = Instant::now() + Duration::from_secs(30);
