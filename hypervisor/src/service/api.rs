@@ -14,10 +14,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::actor::{Cmd, Reply, VmDef};
+use super::actor::{Cmd, Reply};
 use super::daemon::Daemon;
 use super::error::ApiError;
 use super::server::read_body_in_time;
+use super::vm_def::VmDef;
 use crate::guests::Builtin;
 use crate::net::overrides::NetOverride;
 use crate::snapshot::RestoreMode;
@@ -146,7 +147,7 @@ pub fn decode_bodies(bytes: &[u8]) -> usize {
             netping: c.netping.clone(),
             net: c.net.clone(),
         };
-        let firmware = def.firmware.clone().filter(|f| f != super::actor::SEABIOS);
+        let firmware = def.firmware.clone().filter(|f| f != super::vm_def::SEABIOS);
         let images_ok = [&def.kernel, &def.initrd, &firmware]
             .into_iter()
             .flatten()

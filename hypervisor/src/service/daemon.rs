@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::actor::{Actor, Cmd, Published, Reply, Request, SerialLog, VmDef, VmInfo, VmState};
+use super::actor::{Actor, Cmd, Published, Reply, Request, SerialLog, VmInfo, VmState};
 use super::error::ApiError;
 use super::events::Events;
 use super::images::ImageDir;
 use super::limits::MemoryBudget;
 use super::mac_claims::{MacClaim, MacClaims};
 use super::metrics::Metrics;
+use super::vm_def::VmDef;
 use crate::control::ExitReason;
 use crate::snapshot::{self, RestoreMode, RestoreOptions};
 
@@ -42,12 +43,12 @@ pub(super) struct Logs {
 }
 
 impl Logs {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Logs { serial: SerialLog::new(SERIAL_LOG), debugcon: SerialLog::new(DEBUGCON_LOG) }
     }
 
     /// Restore options that send the restored VM's output to these logs.
-    fn restore_options(&self, mode: RestoreMode, pin_holder: String) -> RestoreOptions {
+    pub(super) fn restore_options(&self, mode: RestoreMode, pin_holder: String) -> RestoreOptions {
         let mut opts = RestoreOptions::new(mode, Box::new(self.serial.clone()));
         opts.debugcon_out = Some(Box::new(self.debugcon.clone()));
         opts.pin_holder = pin_holder;
@@ -195,7 +196,7 @@ impl Daemon {
             let macs: Vec<_> = nics.iter().map(|n| n.mac).collect();
             let claim = self.claim_macs(name, &macs).map_err(|e| e.to_string())?;
             let mut opts = opts;
-            opts.net = Some(claimed_nics(&nics, &claim));
+            opts.net = Some(super::restore::claimed_nics(&nics, &claim));
             let (mut vm, _) = snapshot::restore(&self.store, snap, opts).map_err(|e| e.to_string())?;
             if paused {
                 vm.pause();
@@ -255,7 +256,7 @@ impl Daemon {
     }
 
     /// A VM's actor; a running `vm` comes with its logs and the claim on its MACs.
-    fn spawn_actor(
+    pub(super) fn spawn_actor(
         &self,
         def: VmDef,
         vm: Option<(crate::vm::Vm, Logs, MacClaim)>,
@@ -438,7 +439,7 @@ impl Daemon {
     /// it (at once, even while its actor is busy), ends its actor and deletes its definition.
     /// Waits up to [`DELETE_WAIT`] for the actor thread to end; one stuck in a call that never
     /// returns is left behind (and logged).
-    async fn forget(&self, name: &str, why: &str) -> bool {
+    pub(super) async fn forget(&self, name: &str, why: &str) -> bool {
         let Some(h) = self.remove(name) else { return false };
         h.cancel.store(true, Ordering::Release);
         if let Some(control) = h.published.borrow().control.clone() {
@@ -471,126 +472,6 @@ impl Daemon {
             Err(ApiError::NotFound(format!("no VM '{name}'")))
         }
     }
-
-    /// Restores `snapshot` as a new running VM `name`.
-    pub async fn restore(
-        self: &Arc<Self>,
-        snapshot_name: &str,
-        name: &str,
-        mode: RestoreMode,
-    ) -> Result<VmInfo, ApiError> {
-        self.restore_as(snapshot_name, name, mode, false, false, Vec::new()).await
-    }
-
-    /// Restores `snapshot` as a new running VM `name`; `clone` gives it a new VMGenID
-    /// generation and its NICs new MACs (unless an override sets one); `net_overrides` moves
-    /// NICs to other taps and/or MACs (`crate::net::overrides`); `share_memory` (lazy clones)
-    /// maps the snapshot's memory from a base shared with its other clones.
-    pub async fn restore_as(
-        self: &Arc<Self>,
-        snapshot_name: &str,
-        name: &str,
-        mode: RestoreMode,
-        clone: bool,
-        share_memory: bool,
-        net_overrides: Vec<crate::net::overrides::NetOverride>,
-    ) -> Result<VmInfo, ApiError> {
-        validate_name("VM", name)?;
-        validate_name("snapshot", snapshot_name)?;
-        if self.lock().contains_key(name) {
-            return Err(ApiError::Conflict(format!("a VM named '{name}' already exists")));
-        }
-        // The memory is held from here; a failure below gives it back when `held` drops.
-        let t_req = Instant::now();
-        let (held, saved_nics) = super::limits::reserve_for_restore(self, snapshot_name, name).await?;
-        // The NICs as they will be (overrides applied, checked as untrusted), then their MACs
-        // claimed (a clone's picked now): a MAC a running VM holds refuses the restore here,
-        // before a tap is opened or memory mapped. The restore builds exactly these NICs.
-        let nics = snapshot::restore::restore_nics(snapshot_name, &saved_nics, None, &net_overrides, clone)
-            .map_err(|e| ApiError::from_snapshot(&e))?;
-        let claim = self.claim_macs(name, &nics.iter().map(|n| n.mac).collect::<Vec<_>>())?;
-        let nics = claimed_nics(&nics, &claim);
-        let t0 = Instant::now();
-        let this = self.clone();
-        let (snap, vm_name) = (snapshot_name.to_string(), name.to_string());
-        let pin_holder = format!("VM '{name}'");
-        let (vm, logs, spec, t_blocking) = tokio::task::spawn_blocking(move || {
-            let t_blocking = t0.elapsed();
-            let logs = Logs::new();
-            let opts = RestoreOptions {
-                new_generation: clone,
-                net: Some(nics),
-                shared_base: share_memory.then(snapshot::shared_base::shared_bases),
-                ..logs.restore_options(mode, pin_holder)
-            };
-            let (mut vm, _) = snapshot::restore(&this.store, &snap, opts).map_err(|e| ApiError::from_snapshot(&e))?;
-            vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
-            let spec = vm.spec().clone();
-            Ok::<_, ApiError>((vm, logs, spec, t_blocking))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
-        let t_restored = t0.elapsed();
-        self.metrics.restore_done(t_restored);
-        let (guest, kernel) = match spec.guest.split_once(':') {
-            Some(("builtin", g)) => (g.parse().ok(), None),
-            Some(("kernel", image)) => (None, Some(image.to_string())),
-            _ => (None, None),
-        };
-        let firmware = spec.firmware.as_ref().map(|f| f.name.clone());
-        let def = VmDef {
-            name: vm_name.clone(),
-            guest,
-            kernel,
-            initrd: None,
-            cmdline: None,
-            firmware,
-            mem_mib: spec.mem_mib,
-            vcpus: spec.vcpus,
-            // The guest's parameters as the snapshot recorded them, so a fresh boot after a
-            // stop runs it as defined (none in snapshots taken before they were recorded).
-            seed: spec.builtin.map_or(0, |b| b.seed),
-            passes: spec.builtin.map_or(0, |b| b.passes),
-            restored_from: Some(snapshot_name.to_string()),
-            resume_from: None,
-            resume_paused: false,
-            netping: None,
-            net: spec.net.iter().map(super::net_api::ApiNic::from_spec).collect(),
-        };
-        {
-            let mut vms = self.lock();
-            if vms.contains_key(&vm_name) {
-                return Err(ApiError::Conflict(format!("a VM named '{vm_name}' already exists")));
-            }
-            held.keep();
-            let h = self.spawn_actor(def.clone(), Some((vm, logs, claim)), None);
-            vms.insert(vm_name.clone(), h);
-        }
-        let t_actor = t0.elapsed();
-        if let Err(e) = self.save_def(def.clone()).await {
-            self.forget(&vm_name, "its definition could not be saved").await;
-            return Err(e);
-        }
-        // Where a request's time goes, per VM (the fleet profile; the restore's own phases are
-        // logged by snapshot::restore).
-        tracing::debug!(
-            target: "snapvisor::restore",
-            vm = %vm_name,
-            reserve_ms = (t0 - t_req).as_secs_f64() * 1e3,
-            queued_ms = t_blocking.as_secs_f64() * 1e3,
-            restore_start_ms = (t_restored - t_blocking).as_secs_f64() * 1e3,
-            actor_ms = (t_actor - t_restored).as_secs_f64() * 1e3,
-            save_def_ms = (t0.elapsed() - t_actor).as_secs_f64() * 1e3,
-            "restore request phases"
-        );
-        self.event(&vm_name, "restored", serde_json::json!({ "snapshot": snapshot_name, "mode": mode }));
-        self.info(&vm_name).await
-    }
-}
-
-/// `nics` with the MACs of `claim` (one per NIC, in order).
-fn claimed_nics(nics: &[crate::net::NetSpec], claim: &MacClaim) -> Vec<crate::net::NetSpec> {
-    nics.iter().zip(claim.macs()).map(|(n, m)| crate::net::NetSpec { mac: Some(*m), ..n.clone() }).collect()
 }
 
 /// VMs by state, for metrics.

@@ -29,10 +29,10 @@
 
 use std::collections::HashSet;
 
-use super::actor::VmDef;
 use super::daemon::Daemon;
 use super::error::ApiError;
 use super::mac_claims::{MacClaim, MacError};
+use super::vm_def::VmDef;
 use crate::net::overrides::NetOverride;
 use crate::net::{mac, Mac};
 

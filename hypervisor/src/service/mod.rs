@@ -28,9 +28,11 @@ pub mod metrics;
 pub mod net_api;
 pub mod ops;
 pub mod progress;
+mod restore;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+pub mod vm_def;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -24,9 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::actor::{Cmd, Reply, VmDef};
+use super::actor::{Cmd, Reply};
 use super::daemon::Daemon;
 use super::error::ApiError;
+use super::vm_def::VmDef;
 
 /// The namespace of snapshots the daemon takes for itself.
 pub const RESERVED_PREFIX: &str = "__";
