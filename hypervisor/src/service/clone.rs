@@ -46,14 +46,12 @@ impl Daemon {
         for n in &names {
             validate_name("VM", n)?;
         }
-        {
-            let vms = self.lock();
-            if let Some(taken) = names.iter().find(|n| vms.contains_key(n.as_str())) {
-                return Err(ApiError::Conflict(format!(
-                    "clone '{taken}' of snapshot '{snapshot}': a VM named '{taken}' already exists; nothing was cloned"
-                )));
-            }
-        }
+        // Held until every clone is in `vms` or removed again: a second clone of the same
+        // prefix (or a create or restore of one of the names) fails here, not both requests.
+        let _names = self.claim_names(&names).map_err(|t| {
+            let taken = t.name();
+            ApiError::Conflict(format!("clone '{taken}' of snapshot '{snapshot}': {}; nothing was cloned", t.message()))
+        })?;
         self.check_clone_macs(&names, &network_overrides)?;
         super::net_api::check_clone_taps(&names, &network_overrides)?;
         let done = Arc::new(AtomicUsize::new(0));
@@ -65,7 +63,7 @@ impl Daemon {
             tasks.push(tokio::spawn(async move {
                 // A clone is a new identity: it gets a new VMGenID generation (firmware VMs) and
                 // new MACs (unless its overrides give them).
-                let r = d.restore_as(&snap, &vm, mode, true, memory == CloneMemory::Shared, net).await;
+                let r = d.restore_claimed(&snap, &vm, mode, true, memory == CloneMemory::Shared, net).await;
                 let n = done.fetch_add(1, Relaxed) + 1;
                 if let Some(op) = &op {
                     op.progress(progress(n, count));

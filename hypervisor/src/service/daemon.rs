@@ -71,6 +71,8 @@ pub(super) struct VmHandle {
 
 pub struct Daemon {
     vms: Mutex<BTreeMap<String, VmHandle>>,
+    /// Names of VMs requests are making (names.rs); taken after `vms`.
+    pub(super) making: Mutex<std::collections::BTreeSet<String>>,
     pub store: storage::Store,
     state_dir: PathBuf,
     pub metrics: Arc<Metrics>,
@@ -122,6 +124,7 @@ impl Daemon {
         let store = storage::Store::open(state_dir.join("store")).map_err(|e| e.to_string())?;
         let d = Arc::new(Daemon {
             vms: Mutex::new(BTreeMap::new()),
+            making: Mutex::default(),
             store,
             state_dir: state_dir.to_path_buf(),
             metrics: Arc::new(Metrics::default()),
@@ -401,13 +404,11 @@ impl Daemon {
             return Err(ApiError::BadRequest(format!("{} vCPUs requested: 1 to 255 allowed", def.vcpus)));
         }
         def.check_images(&self.images)?;
+        let _name = self.claim_names(std::slice::from_ref(&def.name)).map_err(|t| ApiError::Conflict(t.message()))?;
         // Its NICs keep the MACs they get now, across stops and daemon restarts.
         self.assign_macs(&mut def, &[]);
         {
             let mut vms = self.lock();
-            if vms.contains_key(&def.name) {
-                return Err(ApiError::Conflict(format!("a VM named '{}' already exists", def.name)));
-            }
             self.budget.reserve(&def.name, def.mem_mib)?;
             let h = self.spawn_actor(def.clone(), None, None);
             vms.insert(def.name.clone(), h);

@@ -25,6 +25,7 @@ pub mod limits;
 pub mod mac_claims;
 pub mod macs;
 pub mod metrics;
+mod names;
 pub mod net_api;
 pub mod ops;
 pub mod progress;

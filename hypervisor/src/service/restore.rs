@@ -38,10 +38,22 @@ impl Daemon {
         net_overrides: Vec<crate::net::overrides::NetOverride>,
     ) -> Result<VmInfo, ApiError> {
         validate_name("VM", name)?;
+        let _name = self.claim_names(&[name.to_string()]).map_err(|t| ApiError::Conflict(t.message()))?;
+        self.restore_claimed(snapshot_name, name, mode, clone, share_memory, net_overrides).await
+    }
+
+    /// [`Self::restore_as`] of a VM whose name the caller has claimed ([`Self::claim_names`]).
+    pub(super) async fn restore_claimed(
+        self: &Arc<Self>,
+        snapshot_name: &str,
+        name: &str,
+        mode: RestoreMode,
+        clone: bool,
+        share_memory: bool,
+        net_overrides: Vec<crate::net::overrides::NetOverride>,
+    ) -> Result<VmInfo, ApiError> {
+        validate_name("VM", name)?;
         validate_name("snapshot", snapshot_name)?;
-        if self.lock().contains_key(name) {
-            return Err(ApiError::Conflict(format!("a VM named '{name}' already exists")));
-        }
         // The memory is held from here; a failure below gives it back when `held` drops.
         let t_req = Instant::now();
         let (held, saved_nics) = super::limits::reserve_for_restore(self, snapshot_name, name).await?;
