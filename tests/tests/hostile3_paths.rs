@@ -127,8 +127,10 @@ fn hostile_names_through_the_api_get_one_clear_error_each() {
     let o = common::snapvisor(&["snapshot", "delete", "--socket", &sock, "--", "--help"]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     // Nothing was written outside the state directory, whose VM files are the one VM's.
-    let mut top: Vec<String> =
-        std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name().into_string().expect("utf-8")).collect();
+    let mut top: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
     top.sort();
     assert!(top.iter().all(|n| n == "state" || n.starts_with("api.sock")), "{top:?}");
     let vms: Vec<String> = std::fs::read_dir(d.state.join("vms"))

@@ -147,9 +147,11 @@ pub fn fw_cfg_files(args: &[String]) -> Result<Vec<FwCfgFile>, CliError> {
         .map(|a| {
             let (name, path) =
                 a.split_once('=').ok_or_else(|| CliError::Input(format!("--fw-cfg-file {a:?}: expected NAME=PATH")))?;
-            let data = std::fs::read(path)
-                .map_err(|e| CliError::Input(format!("--fw-cfg-file {name}: reading {path}: {e}")))?;
-            Ok(FwCfgFile { name: name.to_string(), data })
+            // A regular file of at most MAX_FW_CFG_FILE bytes: a FIFO would block the read for
+            // ever and a device (/dev/zero) or a huge file would fill memory.
+            let file = BootFile::read_path("fw_cfg file", std::path::Path::new(path), crate::machine::MAX_FW_CFG_FILE)
+                .map_err(|e| CliError::Input(format!("--fw-cfg-file {name}: {e}")))?;
+            Ok(FwCfgFile { name: name.to_string(), data: file.data })
         })
         .collect()
 }
