@@ -93,10 +93,11 @@ pub struct SnapshotArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// How to copy memory: background (pause only to save state and write-protect RAM; the
-    /// default), stop (stop-and-copy) or live (dirty-log pre-copy).
-    #[arg(long, value_enum, requires = "snapshot_after_ms", conflicts_with = "live")]
+    /// default), stop (stop-and-copy) or live (dirty-log pre-copy). Not `--mode`: that is
+    /// the guest's (memfill, netping).
+    #[arg(id = "snapshot_mode", long = "snapshot-mode", value_enum, requires = "snapshot_after_ms", conflicts_with = "live")]
     pub mode: Option<snapshot::SaveMode>,
-    /// The same as `--mode live` (kept for old scripts).
+    /// The same as `--snapshot-mode live` (kept for old scripts).
     #[arg(long, requires = "snapshot_after_ms")]
     pub live: bool,
     /// Stop the VM once the snapshot is committed (exit status 0).
