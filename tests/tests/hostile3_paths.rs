@@ -140,3 +140,50 @@ fn hostile_names_through_the_api_get_one_clear_error_each() {
     assert_eq!(vms, vec!["src.json".to_string()], "VM definitions");
     d.ok("GET", "/vms", None);
 }
+
+/// Kernel images that are FIFOs, symlinks (to a file, a device, a directory), directories or
+/// missing are each refused by name; an upload over a symlink replaces the link, never
+/// writes through it; an upload whose rename fails (a directory holds the name) is an error
+/// and leaves no hidden upload file behind (it was left, up to --max-image-size each).
+#[test]
+fn image_paths_that_are_not_regular_files_are_refused_and_failed_uploads_leave_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = dir.path().join("state").join("images");
+    std::fs::create_dir_all(&images).expect("images");
+    let outside = dir.path().join("outside");
+    std::fs::write(&outside, b"not yours").expect("outside");
+    mkfifo(&images.join("fifo"));
+    symlink(&outside, images.join("link")).expect("link");
+    symlink("/dev/zero", images.join("zero")).expect("zero");
+    symlink(dir.path(), images.join("dirlink")).expect("dirlink");
+    std::fs::create_dir(images.join("dir")).expect("dir");
+    let d = Daemon::start(dir.path(), &[]);
+    for (name, what) in [
+        ("fifo", "FIFO"),
+        ("link", "symlink"),
+        ("zero", "symlink"),
+        ("dirlink", "symlink"),
+        ("dir", "directory"),
+        ("missing", "no such file"),
+    ] {
+        let (s, v) = d.call("POST", "/vms", Some(json!({"name": "k", "kernel": name, "mem_mib": 16})));
+        assert_eq!(s, 400, "kernel {name}: {v}");
+        assert!(v.to_string().contains(name) && v.to_string().contains(what), "kernel {name}: {v}");
+    }
+    // An upload over the symlink replaces it; the file it pointed to is untouched.
+    let (s, v) = d.call("PUT", "/images/link", Some(&json!("new")).cloned());
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(std::fs::read(&outside).expect("outside"), b"not yours");
+    assert!(!std::fs::symlink_metadata(images.join("link")).expect("link").file_type().is_symlink());
+    // An upload onto a directory's name fails, and leaves no hidden file.
+    let (s, v) = d.call("PUT", "/images/dir", Some(&json!("x".repeat(1000))).cloned());
+    assert!((400..600).contains(&s), "{s} {v}");
+    assert!(v.to_string().contains("dir"), "{v}");
+    let hidden: Vec<String> = std::fs::read_dir(&images)
+        .expect("images")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert_eq!(hidden, Vec::<String>::new(), "a failed upload left its file");
+    d.ok("GET", "/images", None);
+}
