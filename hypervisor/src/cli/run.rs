@@ -95,7 +95,13 @@ pub struct SnapshotArgs {
     /// How to copy memory: background (pause only to save state and write-protect RAM; the
     /// default), stop (stop-and-copy) or live (dirty-log pre-copy). Not `--mode`: that is
     /// the guest's (memfill, netping).
-    #[arg(id = "snapshot_mode", long = "snapshot-mode", value_enum, requires = "snapshot_after_ms", conflicts_with = "live")]
+    #[arg(
+        id = "snapshot_mode",
+        long = "snapshot-mode",
+        value_enum,
+        requires = "snapshot_after_ms",
+        conflicts_with = "live"
+    )]
     pub mode: Option<snapshot::SaveMode>,
     /// The same as `--snapshot-mode live` (kept for old scripts).
     #[arg(long, requires = "snapshot_after_ms")]
