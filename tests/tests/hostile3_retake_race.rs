@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::daemon::Daemon;
 use serde_json::json;
 
-const ROUNDS: u64 = 30;
+const ROUNDS: u64 = 32;
 
 #[test]
 fn delete_and_retake_during_restores_never_mixes_two_snapshots() {
@@ -39,13 +39,13 @@ fn delete_and_retake_during_restores_never_mixes_two_snapshots() {
     };
     let (mut made, mut refused, mut retaken) = (0, 0, 0);
     for round in 0..ROUNDS {
-        let mode = ["eager", "lazy", "lazy-prefetch"][(round % 3) as usize];
+        let mode = ["eager", "lazy", "lazy-prefetch", "clone"][(round % 4) as usize];
         // Odd rounds: the retake starts first and the restore comes 0-10 ms later (it meets a
         // deleted, half-retaken or new snapshot); even rounds the other way round.
         let delay = Duration::from_micros(rnd() % 10_000);
         let (retake_delay, restore_delay) =
-            if round % 4 < 2 { (delay, Duration::ZERO) } else { (Duration::ZERO, delay) };
-        let source = if round % 8 < 4 { "b" } else { "a" };
+            if round % 8 < 4 { (delay, Duration::ZERO) } else { (Duration::ZERO, delay) };
+        let source = if round % 16 < 8 { "b" } else { "a" };
         let d2 = d.clone();
         let retake = std::thread::spawn(move || {
             std::thread::sleep(retake_delay);
@@ -67,27 +67,40 @@ fn delete_and_retake_during_restores_never_mixes_two_snapshots() {
         });
         let vm = format!("r{round}");
         std::thread::sleep(restore_delay);
-        let (s, v) = d.call("POST", "/snapshots/s/restore", Some(json!({"vm": vm, "mode": mode})));
+        let (s, v) = if mode == "clone" {
+            // Two clones sharing one base (the default memory), named `r{round}c0`, `r{round}c1`.
+            d.call("POST", "/snapshots/s/clone", Some(json!({"prefix": format!("{vm}c"), "count": 2})))
+        } else {
+            d.call("POST", "/snapshots/s/restore", Some(json!({"vm": vm, "mode": mode})))
+        };
+        let vms: Vec<String> =
+            if mode == "clone" { (0..2).map(|i| format!("{vm}c{i}")).collect() } else { vec![vm.clone()] };
         match s {
             200..=299 => {
                 made += 1;
-                // Two complete passes, each checking the whole of RAM.
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let (_, out) = d.call("GET", &format!("/vms/{vm}/serial"), None);
-                    let text = out.as_str().map(String::from).unwrap_or_default();
-                    let p = common::memfill::passes(&text);
-                    if p.len() >= 2 {
-                        assert!(
-                            p.iter().all(|(_, _, mis)| *mis == 0),
-                            "round {round} ({mode}, retake after {delay:?}): the restored guest found mixed memory: {text}"
+                for vm in &vms {
+                    // Two complete passes, each checking the whole of RAM.
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        let (_, out) = d.call("GET", &format!("/vms/{vm}/serial"), None);
+                        let text = out.as_str().map(String::from).unwrap_or_default();
+                        let p = common::memfill::passes(&text);
+                        if p.len() >= 2 {
+                            assert!(
+                                p.iter().all(|(_, _, mis)| *mis == 0),
+                                "round {round} ({mode}, {vm}, retake after {delay:?}): the restored guest found mixed memory: {text}"
+                            );
+                            break;
+                        }
+                        let info = d.ok("GET", &format!("/vms/{vm}"), None);
+                        assert_eq!(
+                            info.get("state").and_then(|s| s.as_str()),
+                            Some("running"),
+                            "round {round}: {info}"
                         );
-                        break;
+                        assert!(Instant::now() < deadline, "round {round}: no passes: {text}");
+                        std::thread::sleep(Duration::from_millis(10));
                     }
-                    let info = d.ok("GET", &format!("/vms/{vm}"), None);
-                    assert_eq!(info.get("state").and_then(|s| s.as_str()), Some("running"), "round {round}: {info}");
-                    assert!(Instant::now() < deadline, "round {round}: no passes: {text}");
-                    std::thread::sleep(Duration::from_millis(10));
                 }
             }
             409 | 404 => {
@@ -100,7 +113,9 @@ fn delete_and_retake_during_restores_never_mixes_two_snapshots() {
         }
         retake.join().expect("retake thread");
         retaken += 1;
-        d.call("DELETE", &format!("/vms/{vm}"), None);
+        for vm in &vms {
+            d.call("DELETE", &format!("/vms/{vm}"), None);
+        }
     }
     eprintln!("{made} restores ran, {refused} refused, {retaken} retakes");
     assert!(made > 0, "no restore ran");
