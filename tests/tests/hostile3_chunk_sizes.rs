@@ -62,11 +62,25 @@ fn restore_all(store: &Store, name: &str, want: &Ram, what: &str) {
             assert_eq!(s.error(), None, "{what}: {mode:?}");
         }
     }
+    // Lazily through a chunk cache (the daemon's: 2 MiB slabs, whatever the chunk size),
+    // twice: cold, then every chunk from the cache.
+    let cache = migrate::lazy::ChunkCache::new(64 << 20);
+    for pass in ["cold", "warm"] {
+        for mode in [RestoreMode::Lazy, RestoreMode::LazyPrefetchBefore] {
+            let mut o = RestoreOptions::new(mode, Box::new(SharedOutput::default()));
+            o.cache = Some(cache.clone());
+            let (vm, _) =
+                snapshot::restore(store, name, o).unwrap_or_else(|e| panic!("{what}: {pass} cache {mode:?}: {e}"));
+            assert_same_ram(&ram_of(&vm), want, &format!("{what}: {mode:?} restore, {pass} chunk cache"));
+            assert_eq!(vm.page_server().and_then(|s| s.error()), None, "{what}: {pass} cache {mode:?}");
+        }
+    }
     let bases = migrate::lazy::BaseRegistry::new();
     let mut clones = Vec::new();
     for i in 0..2 {
         let mut o = RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default()));
         o.shared_base = Some(bases.clone());
+        o.cache = Some(cache.clone());
         o.new_generation = true;
         let (vm, _) = snapshot::restore(store, name, o).unwrap_or_else(|e| panic!("{what}: clone {i}: {e}"));
         vm.pause();

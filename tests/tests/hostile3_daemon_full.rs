@@ -38,8 +38,9 @@ impl Drop for Mount {
 
 fn free_bytes(dir: &Path) -> u64 {
     let c = std::ffi::CString::new(dir.to_str().expect("utf-8")).expect("path");
-    // SAFETY: statvfs into a zeroed struct we own, on a NUL-terminated path.
+    // SAFETY: statvfs is plain old data; all zeros is a valid value.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs into a struct we own, on a NUL-terminated path.
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0, "statvfs");
     s.f_bavail * s.f_frsize
 }
@@ -79,7 +80,7 @@ fn a_disk_filling_during_a_daemon_snapshot_is_a_clear_error_and_gc_gives_the_spa
     );
     d.wait_serial("m", "memfill pass 1 ", Duration::from_secs(60));
     let mut committed = Vec::new();
-    let mut free_before = free_bytes(outer.path());
+    let mut free_before;
     let err = loop {
         assert!(committed.len() < 20, "the 64 MiB disk never filled");
         let name = format!("s{}", committed.len());

@@ -32,8 +32,11 @@ impl Rng {
     }
 }
 
+/// (idstr, used length, hash of the bytes) of every RAM block.
+type BlockHashes = Vec<(String, usize, Hash)>;
+
 /// Every RAM block of an eager restore of `name`, hashed.
-fn ram_hashes(store: &Store, name: &str) -> Vec<(String, usize, Hash)> {
+fn ram_hashes(store: &Store, name: &str) -> BlockHashes {
     let (vm, _) =
         snapshot::restore(store, name, RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
             .unwrap_or_else(|e| panic!("restore {name}: {e}"));
@@ -72,12 +75,7 @@ fn kill_during_writes(pid: u32, packs: &Path, base: u64, delay: Duration, alive:
 /// Checks the store after a kill and cleans up: see the module doc.
 /// Returns how many snapshots the killed process committed and whether it had written pack
 /// bytes that GC then reclaimed (a kill in the middle of the writes when nothing committed).
-fn check_after_kill(
-    dir: &Path,
-    kept: &[(&str, Vec<(String, usize, Hash)>)],
-    baseline: u64,
-    what: &str,
-) -> (usize, bool) {
+fn check_after_kill(dir: &Path, kept: &[(&str, BlockHashes)], baseline: u64, what: &str) -> (usize, bool) {
     let before_gc = disk_bytes(&dir.join("packs")).expect("du");
     let mut committed = 0;
     let store = Store::open(dir).unwrap_or_else(|e| panic!("{what}: the store does not open: {e}"));
@@ -147,7 +145,7 @@ fn sigkill_during_cli_and_daemon_snapshots_leaves_earlier_snapshots_exact_and_gc
         let delay = Duration::from_micros(rng.next() % 60_000);
         let packs = store_dir.join("packs");
         let base = pack_len(&packs);
-        let background = rng.next() % 2 == 0;
+        let background = rng.next().is_multiple_of(2);
         let mode = if background { "background" } else { "stop" };
         let what;
         if round % 2 == 0 {
