@@ -48,6 +48,9 @@ pub fn fw_cfg_file_block(name: &str) -> String {
     format!("/rom@{name}")
 }
 
+/// Largest fw_cfg file a VM is given (a restore cuts a snapshot's file sizes here too).
+pub const MAX_FW_CFG_FILE: u64 = 64 << 20;
+
 /// Room reserved for a fw_cfg file of `len` bytes to grow into on a later restore: the power
 /// of two at or above it, at least 64 KiB.
 pub fn fw_cfg_file_max(len: u64) -> u64 {

@@ -125,3 +125,22 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Acpi(cmd) => acpi::run(cmd).map(|()| ExitCode::SUCCESS),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// The snapshot mode of `run` is reachable next to the guest's mode. Both were `--mode`
+    /// (one flattened in from `SnapshotArgs`): clap, whose duplicate check runs only in debug
+    /// builds, parsed `--mode stop` as the guest's mode and refused it, so the README's
+    /// `run ... --snapshot-after-ms N --mode stop` never worked.
+    #[test]
+    fn run_takes_a_snapshot_mode_and_a_guest_mode() {
+        let args = ["snapvisor", "run", "--builtin", "memfill", "--mem-mib", "16", "--mode", "verify"];
+        let snap = ["--snapshot-after-ms", "5", "--store", "S", "--name", "n", "--snapshot-mode", "stop"];
+        let cli = super::Cli::try_parse_from(args.iter().chain(snap.iter())).expect("parses");
+        let super::Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.mode, Some(super::guest_args::GuestMode::Verify));
+        assert_eq!(run.snapshot.mode, Some(crate::snapshot::SaveMode::Stop));
+    }
+}

@@ -93,10 +93,17 @@ pub struct SnapshotArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// How to copy memory: background (pause only to save state and write-protect RAM; the
-    /// default), stop (stop-and-copy) or live (dirty-log pre-copy).
-    #[arg(long, value_enum, requires = "snapshot_after_ms", conflicts_with = "live")]
+    /// default), stop (stop-and-copy) or live (dirty-log pre-copy). Not `--mode`: that is
+    /// the guest's (memfill, netping).
+    #[arg(
+        id = "snapshot_mode",
+        long = "snapshot-mode",
+        value_enum,
+        requires = "snapshot_after_ms",
+        conflicts_with = "live"
+    )]
     pub mode: Option<snapshot::SaveMode>,
-    /// The same as `--mode live` (kept for old scripts).
+    /// The same as `--snapshot-mode live` (kept for old scripts).
     #[arg(long, requires = "snapshot_after_ms")]
     pub live: bool,
     /// Stop the VM once the snapshot is committed (exit status 0).
@@ -147,9 +154,11 @@ pub fn fw_cfg_files(args: &[String]) -> Result<Vec<FwCfgFile>, CliError> {
         .map(|a| {
             let (name, path) =
                 a.split_once('=').ok_or_else(|| CliError::Input(format!("--fw-cfg-file {a:?}: expected NAME=PATH")))?;
-            let data = std::fs::read(path)
-                .map_err(|e| CliError::Input(format!("--fw-cfg-file {name}: reading {path}: {e}")))?;
-            Ok(FwCfgFile { name: name.to_string(), data })
+            // A regular file of at most MAX_FW_CFG_FILE bytes: a FIFO would block the read for
+            // ever and a device (/dev/zero) or a huge file would fill memory.
+            let file = BootFile::read_path("fw_cfg file", std::path::Path::new(path), crate::machine::MAX_FW_CFG_FILE)
+                .map_err(|e| CliError::Input(format!("--fw-cfg-file {name}: {e}")))?;
+            Ok(FwCfgFile { name: name.to_string(), data: file.data })
         })
         .collect()
 }

@@ -223,10 +223,13 @@ impl Upload {
             let name = self.name.clone();
             move |source| ImageError::Io { name, what, source }
         };
-        if let Some(file) = self.file.take() {
+        // The file stays `Some` until the rename is done: a failure on the way leaves the
+        // upload to `Drop`, which removes the temporary file.
+        if let Some(file) = &self.file {
             file.sync_all().map_err(io("syncing"))?;
         }
         std::fs::rename(&self.tmp, &self.dest).map_err(io("renaming into place"))?;
+        self.file = None;
         Ok(self.written)
     }
 }

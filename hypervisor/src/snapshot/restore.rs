@@ -459,7 +459,10 @@ fn build_vm(
         None => {
             // The sizes are snapshot bytes, untrusted: bounded in all before anything is
             // allocated (each file is also cut at 64 MiB, as fw_cfg blobs are).
-            let total = spec.fw_cfg_files.iter().fold(0u64, |t, (_, size)| t.saturating_add((*size).min(64 << 20)));
+            let total = spec
+                .fw_cfg_files
+                .iter()
+                .fold(0u64, |t, (_, size)| t.saturating_add((*size).min(crate::machine::MAX_FW_CFG_FILE)));
             if total > MAX_FW_CFG_TOTAL {
                 return Err(SnapshotError::FwCfgFiles {
                     name: name.to_string(),
@@ -471,7 +474,10 @@ fn build_vm(
             }
             spec.fw_cfg_files
                 .iter()
-                .map(|(n, size)| FwCfgFile { name: n.clone(), data: vec![0; (*size).min(64 << 20) as usize] })
+                .map(|(n, size)| FwCfgFile {
+                    name: n.clone(),
+                    data: vec![0; (*size).min(crate::machine::MAX_FW_CFG_FILE) as usize],
+                })
                 .collect()
         }
     };
