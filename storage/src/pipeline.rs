@@ -105,8 +105,17 @@ const BATCH_BYTES: u64 = 512 << 10;
 /// hold every slot: see [`put_pipelined`]).
 const BATCH_CHUNKS: usize = 128;
 
-/// Entry buffers a worker keeps for its next chunks (the rest are freed).
-const SPARES: usize = 8;
+/// Entry buffers a worker keeps for its next chunks (the rest are freed). A worker gets back
+/// every buffer of the batch it wrote (32 on the `touch` guest: 512 KiB of 16 KiB entries)
+/// and needs one per chunk it compresses before its next batch, so it keeps two batches'
+/// worth: at most 64 buffers of the compression bound (66 KiB for 64 KiB chunks), 4 MiB per
+/// worker. With 8 (until December 2026) most buffers were freed and allocated again: on
+/// `touch`, 1 GiB through `examples/pipeline_cost.rs` made glibc return its arenas' free
+/// memory to the kernel 100 times (`madvise(MADV_DONTNEED)`, `strace -c`) and fault the
+/// pages back in; with 64, 13 times, and 2500-6000 fewer page faults (10-24 MiB; `perf
+/// stat`, three runs each). Under 1% of the pipeline's CPU time: too little to see in its
+/// CPU column on this shared machine.
+const SPARES: usize = 64;
 
 /// How often a worker waiting for a slot in the window checks whether another has stopped.
 const STOP_POLL: Duration = Duration::from_millis(20);
