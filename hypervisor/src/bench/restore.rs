@@ -245,14 +245,29 @@ fn measure(
     let t0 = if resident { Instant::now() } else { t0 };
     let cpu0 = if resident { crate::control::process_cpu_ms() } else { cpu0 };
     let loaded_at = Instant::now();
+    let cpu_ready = crate::control::process_cpu_ms();
     vm.devices().go.store(true, Ordering::Release);
     vm.start().map_err(vm_error)?;
+    let (started_at, cpu_started) = (Instant::now(), crate::control::process_cpu_ms());
     let touched = vm
         .control()
         .wait_mark(touch::MARK_TOUCHED, TIMEOUT)
         .ok_or_else(|| internal("the working set was never touched"))?;
     let first = vm.control().first_exit().ok_or_else(|| internal("the guest never ran"))?;
     let first_cpu_ms = vm.control().first_exit_cpu_ms().map_or(0.0, |c| c - cpu0);
+    // Where the time to the first instruction went: the restore, starting the vCPUs, and
+    // from there to the guest's first exit (`SNAPVISOR_LOG=snapvisor::bench=debug`).
+    tracing::debug!(
+        target: "snapvisor::bench",
+        mode = case.label(),
+        restore_ms = ms(loaded_at.saturating_duration_since(t0)),
+        restore_cpu_ms = cpu_ready - cpu0,
+        start_ms = ms(started_at.saturating_duration_since(loaded_at)),
+        start_cpu_ms = cpu_started - cpu_ready,
+        to_first_exit_ms = ms(first.saturating_duration_since(started_at)),
+        to_first_exit_cpu_ms = vm.control().first_exit_cpu_ms().map_or(0.0, |c| c - cpu_started),
+        "restore to first instruction (ms)"
+    );
     let ws_cpu_ms = vm.control().mark_cpu_ms(touch::MARK_TOUCHED).map_or(0.0, |c| c - cpu0);
     let stats = snapshot::restore::lazy_stats(&vm);
     let resident_at = if snapshot::restore::wait_resident(&vm, TIMEOUT) {

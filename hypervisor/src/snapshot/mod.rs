@@ -14,6 +14,7 @@
 mod acpi_state;
 mod background;
 pub mod devices;
+mod handoff;
 pub mod lineage;
 pub mod mode;
 pub mod net_state;

@@ -25,6 +25,7 @@ use migrate::snapshot::ram_io::{load_block, StorePageSource};
 use storage::Store;
 
 use super::devices::persistables;
+use super::handoff::Handoff;
 use super::vcpu_state::{restore_vcpu, restore_vm, HostVcpuCaps, VcpuState, VmKvmState};
 use super::SnapshotError;
 use crate::boot::files::BootFile;
@@ -160,8 +161,10 @@ pub struct RestoreReport {
 /// built first, then the manifest thread is waited for).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct RestorePhases {
-    /// Waiting, once the VM is built, for the thread that reads, checks and pins the manifest
-    /// (and reads the prefetch list): what of that work the VM's building did not cover.
+    /// Once the VM is built, what of the manifest's reading, checking and pinning (and the
+    /// prefetch list's reading) the helper thread had not done: waited for, or done by the
+    /// restoring thread where the helper had not begun it (handoff.rs). Its CPU time is that
+    /// of the work done here.
     pub manifest_ms: f64,
     /// Decoding the snapshot's state and building the VM: KVM VM, vCPUs, RAM mappings and
     /// memory slots, devices.
@@ -239,33 +242,55 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
     // (storage's `peek_state`). Those bytes build nothing but the VM, and only stand once
     // the checked manifest holds the same state: otherwise the restore fails, and a VM built
     // from them is dropped unstarted. Without that read (an unusual manifest) the VM is
-    // built from the checked state, after the thread.
-    let (opened, early, waited) = std::thread::scope(|s| {
-        let open = || -> Result<_, SnapshotError> {
-            let (reader, pin) = store.pinned_reader(name, &holder)?;
-            let prefetch = if wants_list { read_prefetch_list(store, name) } else { Vec::new() };
-            Ok((reader, pin, prefetch))
-        };
-        let thread = std::thread::Builder::new().name("restore-manifest".into()).spawn_scoped(s, open);
-        let early = match (&thread, store.unchecked_state(name)) {
-            (Ok(_), Some(state)) => Some((build_vm(name, &state, &mut opts), state)),
-            _ => None,
-        };
-        let waited = Instant::now();
-        let opened = match thread {
-            Ok(t) => t.join().unwrap_or_else(|p| {
-                let message = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(SnapshotError::ManifestThread { name: name.to_string(), message })
-            }),
-            Err(_) => open(),
-        };
-        (opened, early, waited)
-    });
-    let (reader, pin, prefetch) = opened?;
+    // built from the checked state, after the thread. Both pieces of the thread's work are
+    // handed off (handoff.rs): whatever the thread has not begun once the VM is built, this
+    // thread does itself, so a restore never waits for a thread the host has not yet run.
+    let manifest = {
+        let (store, name, holder) = (store.clone(), name.to_string(), holder.clone());
+        Handoff::new(move || -> Result<_, SnapshotError> {
+            let (start, cpu) = (Instant::now(), thread_cpu_ms());
+            let opened = store.pinned_reader(&name, &holder)?;
+            tracing::debug!(
+                target: "snapvisor::restore",
+                snapshot = name,
+                thread = std::thread::current().name().unwrap_or("?"),
+                started_ms = start.saturating_duration_since(t0).as_secs_f64() * 1e3,
+                ms = start.elapsed().as_secs_f64() * 1e3,
+                cpu_ms = thread_cpu_ms() - cpu,
+                "restore manifest read, checked and pinned"
+            );
+            Ok(opened)
+        })
+    };
+    let list = {
+        let (store, name) = (store.clone(), name.to_string());
+        Handoff::new(move || if wants_list { read_prefetch_list(&store, &name) } else { Vec::new() })
+    };
+    let helper = {
+        let (manifest, list) = (manifest.clone(), list.clone());
+        std::thread::Builder::new().name("restore-manifest".into()).spawn(move || {
+            manifest.run();
+            list.run();
+        })
+    };
+    // Not joined: once both pieces are taken below, the thread holds nothing.
+    drop(helper);
+    let early = store.unchecked_state(name).map(|state| (build_vm(name, &state, &mut opts), state));
+    let (waited, cpu_waited) = (Instant::now(), thread_cpu_ms());
+    let panicked = |p: Box<dyn std::any::Any + Send>| {
+        let message = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        SnapshotError::ManifestThread { name: name.to_string(), message }
+    };
+    // The list first: this thread loads it while the helper is still on the manifest. Both
+    // are taken before either result is looked at, so that nothing is left to the helper.
+    let prefetch = list.take();
+    let opened = manifest.take();
+    let prefetch = prefetch.map_err(panicked)?;
+    let (reader, pin) = opened.map_err(panicked)??;
     let (snap, spec, mut vm) = match early {
         Some((built, state)) if state == reader.manifest().state => built?,
         Some(_) => return Err(SnapshotError::Replaced { name: name.to_string() }),
@@ -279,7 +304,8 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
         manifest_ms: wait_ms,
         ..Default::default()
     };
-    let mut phases_cpu = RestorePhases { vm_ms: cpu_lap - cpu0, ..Default::default() };
+    let mut phases_cpu =
+        RestorePhases { vm_ms: cpu_waited - cpu0, manifest_ms: cpu_lap - cpu_waited, ..Default::default() };
     let mut mark = |pick: fn(&mut RestorePhases) -> &mut f64, phases: &mut RestorePhases, cpu: &mut RestorePhases| {
         let (now, cpu_now) = (Instant::now(), thread_cpu_ms());
         *pick(phases) = now.saturating_duration_since(lap).as_secs_f64() * 1e3;
