@@ -21,18 +21,6 @@ use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, SharedOutput, Vm, VmC
 const FILE: &str = "opt/h3/blob";
 const BLOCK: &str = "/rom@opt/h3/blob";
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Pages write-protected per the page tables, over every block's whole reserved length.
 fn protected_pages(vm: &Vm) -> Vec<(String, u64)> {
     let pagemap = File::open("/proc/self/pagemap").expect("pagemap");
@@ -74,7 +62,7 @@ fn bg(vm: &Vm, store: &storage::Store, name: &str, during: Option<Hook>, paused:
 fn resize(vm: &Vm, len: usize, seed: u64) {
     vm.registry().resize(BLOCK, len as u64).expect("resize");
     let b = vm.registry().get(BLOCK).expect("block");
-    b.write(0, &noise(len, seed)).expect("write file");
+    b.write(0, &common::noise(len, seed)).expect("write file");
 }
 
 #[test]
@@ -91,7 +79,7 @@ fn resizes_between_and_during_kept_registration_snapshots_restore_exact_and_leav
         },
         Box::new(out.clone()),
     );
-    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: noise(100_000, 1) }];
+    cfg.fw_cfg_files = vec![FwCfgFile { name: FILE.into(), data: common::noise(100_000, 1) }];
     let mut vm = Vm::new(cfg).expect("vm");
     vm.start().expect("start");
     common::memfill::wait_lines(&out, 1, std::time::Duration::from_secs(60));

@@ -21,25 +21,12 @@ use storage::ChunkRef;
 const FILE: &str = "opt/snapvisor/blob";
 const BLOCK: &str = "/rom@opt/snapvisor/blob";
 
-/// `len` bytes from a xorshift generator seeded with `seed` (never all zero).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Snapshots a 16 MiB `hello` VM as "s" whose fw_cfg file `FILE` holds data (seeded by
 /// `seed`), an all-zero 64 KiB chunk, data and a short tail of data; returns the file.
 fn snapshot_with_file(store: &storage::Store, seed: u64) -> Vec<u8> {
-    let mut a = noise(64 * 1024, seed);
+    let mut a = common::noise(64 * 1024, seed);
     a.extend(vec![0u8; 64 * 1024]);
-    a.extend(noise(64 * 1024 + 5000, seed + 1));
+    a.extend(common::noise(64 * 1024 + 5000, seed + 1));
     let mut cfg = VmConfig::new(
         16,
         1,
@@ -70,8 +57,10 @@ fn restored_ram_blocks_hold_the_snapshots_bytes_in_every_mode() {
     for mode in [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
         // The destination's own file: as long, different everywhere, zero nowhere.
         let mut opts = RestoreOptions::new(mode, Box::new(SharedOutput::default()));
-        opts.fw_cfg_files =
-            Some(vec![FwCfgFile { name: FILE.into(), data: noise(a.len(), 3).iter().map(|x| x | 1).collect() }]);
+        opts.fw_cfg_files = Some(vec![FwCfgFile {
+            name: FILE.into(),
+            data: common::noise(a.len(), 3).iter().map(|x| x | 1).collect(),
+        }]);
         opts.background_fill = false;
         opts.cache = None;
         let (vm2, report) = snapshot::restore(&store, "s", opts).expect("restore");
@@ -112,8 +101,10 @@ fn a_restore_from_a_warm_chunk_cache_holds_the_snapshots_bytes_and_snapshots_the
         let cache = migrate::lazy::ChunkCache::new(64 << 20);
         let restore = || {
             let mut opts = RestoreOptions::new(mode, Box::new(SharedOutput::default()));
-            opts.fw_cfg_files =
-                Some(vec![FwCfgFile { name: FILE.into(), data: noise(a.len(), 13).iter().map(|x| x | 1).collect() }]);
+            opts.fw_cfg_files = Some(vec![FwCfgFile {
+                name: FILE.into(),
+                data: common::noise(a.len(), 13).iter().map(|x| x | 1).collect(),
+            }]);
             opts.cache = Some(cache.clone());
             snapshot::restore(&store, "s", opts).expect("restore").0
         };
@@ -147,7 +138,7 @@ fn run_ok(args: &[&str]) -> String {
 #[test]
 fn fwcfg_checksums_of_a_restored_vm_are_the_snapshots_from_the_command_line() {
     // (snapshot's file, destination's file): different data and size; all zeros against data.
-    let cases = [(noise(70_000, 5), noise(90_000, 6)), (vec![0u8; 70_000], noise(70_000, 7))];
+    let cases = [(common::noise(70_000, 5), common::noise(90_000, 6)), (vec![0u8; 70_000], common::noise(70_000, 7))];
     for (i, (a, b)) in cases.iter().enumerate() {
         let dir = tempfile::tempdir().expect("tempdir");
         let st = dir.path().join("store");
@@ -197,7 +188,7 @@ const BUF: u64 = 0x50_0000;
 fn fw_cfg_dma_during_a_live_snapshot_is_in_the_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path().join("store")).expect("store");
-    let data = noise(3 * 4096 + 100, 9);
+    let data = common::noise(3 * 4096 + 100, 9);
     let out = SharedOutput::default();
     let mut cfg = VmConfig::new(
         16,
@@ -282,8 +273,10 @@ fn shared_base_clones_hold_the_snapshots_bytes_over_the_destinations_own_pages()
             let mut opts = RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default()));
             opts.shared_base = Some(bases.clone());
             opts.new_generation = true;
-            opts.fw_cfg_files =
-                Some(vec![FwCfgFile { name: FILE.into(), data: noise(a.len(), seed).iter().map(|x| x | 1).collect() }]);
+            opts.fw_cfg_files = Some(vec![FwCfgFile {
+                name: FILE.into(),
+                data: common::noise(a.len(), seed).iter().map(|x| x | 1).collect(),
+            }]);
             opts.cache = warm_cache.then(|| cache.clone());
             snapshot::restore(&store, "s", opts).expect("restore").0
         };

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use super::actor::{Cmd, Reply};
 use super::daemon::Daemon;
 use super::error::ApiError;
+use super::restore::RestoreAs;
 use super::server::read_body_in_time;
 use super::vm_def::VmDef;
 use crate::guests::Builtin;
@@ -322,9 +323,11 @@ async fn restore_snapshot(
 ) -> Result<Response, ApiError> {
     let mut r = body(b)?;
     super::net_api::resolve_overrides(&mut r.network_overrides, &d.images)?;
-    let info =
-        to_completion(async move { d.restore_as(&name, &r.vm, r.mode, false, false, r.network_overrides).await })
-            .await?;
+    let info = to_completion(async move {
+        d.restore_as(&name, &r.vm, RestoreAs { mode: r.mode, net_overrides: r.network_overrides, ..Default::default() })
+            .await
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 

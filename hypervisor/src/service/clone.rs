@@ -16,6 +16,7 @@ use super::actor::VmInfo;
 use super::daemon::{validate_name, Daemon};
 use super::error::ApiError;
 use super::ops::OpHandle;
+use super::restore::RestoreAs;
 use crate::snapshot::RestoreMode;
 
 /// How lazy clones hold the snapshot's memory.
@@ -63,7 +64,9 @@ impl Daemon {
             tasks.push(tokio::spawn(async move {
                 // A clone is a new identity: it gets a new VMGenID generation (firmware VMs) and
                 // new MACs (unless its overrides give them).
-                let r = d.restore_claimed(&snap, &vm, mode, true, memory == CloneMemory::Shared, net).await;
+                let how =
+                    RestoreAs { mode, clone: true, share_memory: memory == CloneMemory::Shared, net_overrides: net };
+                let r = d.restore_claimed(&snap, &vm, how).await;
                 let n = done.fetch_add(1, Relaxed) + 1;
                 if let Some(op) = &op {
                     op.progress(progress(n, count));

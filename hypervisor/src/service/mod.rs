@@ -29,7 +29,7 @@ mod names;
 pub mod net_api;
 pub mod ops;
 pub mod progress;
-mod restore;
+pub mod restore;
 pub mod server;
 pub mod shutdown;
 pub mod socket;

@@ -13,33 +13,29 @@ use super::mac_claims::MacClaim;
 use super::vm_def::VmDef;
 use crate::snapshot::{self, RestoreMode, RestoreOptions};
 
-impl Daemon {
-    /// Restores `snapshot` as a new running VM `name`.
-    pub async fn restore(
-        self: &Arc<Self>,
-        snapshot_name: &str,
-        name: &str,
-        mode: RestoreMode,
-    ) -> Result<VmInfo, ApiError> {
-        self.restore_as(snapshot_name, name, mode, false, false, Vec::new()).await
-    }
+/// How a snapshot becomes a new VM, beyond the snapshot's and the VM's names.
+#[derive(Debug, Default)]
+pub struct RestoreAs {
+    pub mode: RestoreMode,
+    /// A clone: a new VMGenID generation, and new MACs for its NICs unless an override sets one.
+    pub clone: bool,
+    /// Lazy clones: the snapshot's memory is mapped from a base shared with its other clones.
+    pub share_memory: bool,
+    /// NICs moved to other taps and/or MACs (`crate::net::overrides`).
+    pub net_overrides: Vec<crate::net::overrides::NetOverride>,
+}
 
-    /// Restores `snapshot` as a new running VM `name`; `clone` gives it a new VMGenID
-    /// generation and its NICs new MACs (unless an override sets one); `net_overrides` moves
-    /// NICs to other taps and/or MACs (`crate::net::overrides`); `share_memory` (lazy clones)
-    /// maps the snapshot's memory from a base shared with its other clones.
+impl Daemon {
+    /// Restores `snapshot_name` as a new running VM `name`.
     pub async fn restore_as(
         self: &Arc<Self>,
         snapshot_name: &str,
         name: &str,
-        mode: RestoreMode,
-        clone: bool,
-        share_memory: bool,
-        net_overrides: Vec<crate::net::overrides::NetOverride>,
+        how: RestoreAs,
     ) -> Result<VmInfo, ApiError> {
         validate_name("VM", name)?;
         let _name = self.claim_names(&[name.to_string()]).map_err(|t| ApiError::Conflict(t.message()))?;
-        self.restore_claimed(snapshot_name, name, mode, clone, share_memory, net_overrides).await
+        self.restore_claimed(snapshot_name, name, how).await
     }
 
     /// [`Self::restore_as`] of a VM whose name the caller has claimed ([`Self::claim_names`]).
@@ -47,11 +43,9 @@ impl Daemon {
         self: &Arc<Self>,
         snapshot_name: &str,
         name: &str,
-        mode: RestoreMode,
-        clone: bool,
-        share_memory: bool,
-        net_overrides: Vec<crate::net::overrides::NetOverride>,
+        how: RestoreAs,
     ) -> Result<VmInfo, ApiError> {
+        let RestoreAs { mode, clone, share_memory, net_overrides } = how;
         validate_name("VM", name)?;
         validate_name("snapshot", snapshot_name)?;
         // The memory is held from here; a failure below gives it back when `held` drops.

@@ -35,6 +35,21 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
+/// `len` bytes from a xorshift generator seeded with `seed`: incompressible, and a different
+/// stream for every seed (the start state is a bijection of the seed, zero only for
+/// `u64::MAX`, which is not used).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// A one-byte register: state a snapshot would have to carry (and a BAR can serve).
 pub struct Scratch(pub u8);
 
