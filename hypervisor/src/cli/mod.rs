@@ -16,6 +16,7 @@ pub mod guest_args;
 pub mod restore;
 pub mod run;
 pub mod store;
+pub mod store_codec;
 
 use std::process::ExitCode;
 

@@ -100,6 +100,8 @@ pub struct DaemonConfig {
     pub images: ImageDir,
     /// Guest memory budget in MiB.
     pub max_guest_mib: u64,
+    /// How the store is opened (the codec of new chunks).
+    pub store: storage::StoreOptions,
     /// Tests only: background snapshots hold their copy until cancelled (`SaveHooks::hold_copy`).
     pub hold_snapshot_copy: bool,
 }
@@ -121,7 +123,8 @@ impl Daemon {
     pub fn open(state_dir: &Path, config: DaemonConfig) -> Result<Arc<Daemon>, String> {
         let vms_dir = state_dir.join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(|e| format!("creating {}: {e}", vms_dir.display()))?;
-        let store = storage::Store::open(state_dir.join("store")).map_err(|e| e.to_string())?;
+        let store =
+            storage::Store::open_with(state_dir.join("store"), config.store.clone()).map_err(|e| e.to_string())?;
         let d = Arc::new(Daemon {
             vms: Mutex::new(BTreeMap::new()),
             making: Mutex::default(),

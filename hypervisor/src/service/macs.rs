@@ -146,7 +146,12 @@ mod tests {
         let images = super::super::images::ImageDir::open(&dir.join("images"), 1 << 20).expect("images");
         Daemon::open(
             &dir.join("state"),
-            super::super::daemon::DaemonConfig { images, max_guest_mib: 1024, hold_snapshot_copy: false },
+            super::super::daemon::DaemonConfig {
+                images,
+                max_guest_mib: 1024,
+                store: Default::default(),
+                hold_snapshot_copy: false,
+            },
         )
         .expect("daemon")
     }

@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Also serve `GET /metrics` (only) on this loopback TCP address, e.g. 127.0.0.1:9101.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How the store compresses the chunks new snapshots add: zstd (fewer bytes) or lz4 (less
+    /// CPU per snapshot, ~1.4x the bytes; see `cli/store_codec.rs`).
+    #[arg(long, value_enum, default_value_t = crate::cli::store_codec::StoreCodec::Zstd)]
+    pub store_codec: crate::cli::store_codec::StoreCodec,
     /// On SIGTERM, stop running VMs, or snapshot them and resume them (lazily) at the next start.
     #[arg(long, value_enum, default_value_t = OnShutdown::Stop)]
     pub on_shutdown: OnShutdown,
@@ -171,7 +175,12 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let image_dir = args.image_dir.clone().unwrap_or_else(|| args.state_dir.join("images"));
     let images = images::ImageDir::open(&image_dir, args.max_image_size).map_err(input)?;
     tracing::info!(image_dir = %image_dir.display(), max_guest_mib, "limits");
-    let config = daemon::DaemonConfig { images, max_guest_mib, hold_snapshot_copy: args.test_hold_snapshot_copy };
+    let config = daemon::DaemonConfig {
+        images,
+        max_guest_mib,
+        store: args.store_codec.options(),
+        hold_snapshot_copy: args.test_hold_snapshot_copy,
+    };
     let daemon = daemon::Daemon::open(&args.state_dir, config)
         .map_err(|e| CliError::Input(format!("state directory {}: {e}", args.state_dir.display())))?;
     let group = args.socket_group.as_deref().map(socket::lookup_group).transpose().map_err(input)?;
