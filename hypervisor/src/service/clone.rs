@@ -51,7 +51,7 @@ impl Daemon {
         // prefix (or a create or restore of one of the names) fails here, not both requests.
         let _names = self.claim_names(&names).map_err(|t| {
             let taken = t.name();
-            ApiError::Conflict(format!("clone '{taken}' of snapshot '{snapshot}': {}; nothing was cloned", t.message()))
+            t.api_error(format!("clone '{taken}' of snapshot '{snapshot}': {}; nothing was cloned", t.message()))
         })?;
         self.check_clone_macs(&names, &network_overrides)?;
         super::net_api::check_clone_taps(&names, &network_overrides)?;

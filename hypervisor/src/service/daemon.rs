@@ -407,7 +407,7 @@ impl Daemon {
             return Err(ApiError::BadRequest(format!("{} vCPUs requested: 1 to 255 allowed", def.vcpus)));
         }
         def.check_images(&self.images)?;
-        let _name = self.claim_names(std::slice::from_ref(&def.name)).map_err(|t| ApiError::Conflict(t.message()))?;
+        let _name = self.claim_names(std::slice::from_ref(&def.name)).map_err(|t| t.api_error(t.message()))?;
         // Its NICs keep the MACs they get now, across stops and daemon restarts.
         self.assign_macs(&mut def, &[]);
         {

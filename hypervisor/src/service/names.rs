@@ -4,12 +4,18 @@
 //! one failed only when it tried to insert it; two clones of one prefix each took some of the
 //! names and both failed, rolling back everything they made.
 //!
+//! While the daemon stops no name is claimed (503), and the shutdown waits for the claims
+//! already held (every VM they make is then in `vms`) before it lists the VMs to snapshot and
+//! stop: a VM a request finished making during the shutdown was never snapshotted with
+//! `--on-shutdown snapshot`, and came back stopped, its guest's state lost.
+//!
 //! Lock order: `Daemon::vms` before `Daemon::making`; neither is held across blocking work.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError};
 
 use super::daemon::Daemon;
+use super::error::ApiError;
 
 /// Names claimed by one request; released when it drops (by then the VMs are in `vms`, or
 /// were never made).
@@ -24,6 +30,8 @@ pub(super) enum NameTaken {
     Exists(String),
     /// Another request is making a VM of that name.
     Making(String),
+    /// The daemon is stopping: it makes no more VMs.
+    Stopping(String),
 }
 
 impl NameTaken {
@@ -32,12 +40,21 @@ impl NameTaken {
         match self {
             NameTaken::Exists(n) => format!("a VM named '{n}' already exists"),
             NameTaken::Making(n) => format!("a VM named '{n}' is being made by another request"),
+            NameTaken::Stopping(n) => format!("the daemon is stopping: VM '{n}' is not made"),
         }
     }
 
     pub(super) fn name(&self) -> &str {
         match self {
-            NameTaken::Exists(n) | NameTaken::Making(n) => n,
+            NameTaken::Exists(n) | NameTaken::Making(n) | NameTaken::Stopping(n) => n,
+        }
+    }
+
+    /// The API error carrying `message`: 503 while the daemon stops, else 409.
+    pub(super) fn api_error(&self, message: String) -> ApiError {
+        match self {
+            NameTaken::Stopping(_) => ApiError::Busy(message),
+            NameTaken::Exists(_) | NameTaken::Making(_) => ApiError::Conflict(message),
         }
     }
 }
@@ -48,6 +65,11 @@ impl Daemon {
     pub(super) fn claim_names(self: &Arc<Self>, names: &[String]) -> Result<NameClaim, NameTaken> {
         let vms = self.lock();
         let mut making = self.making();
+        // Read under `making`: a claim that saw the daemon running is in the set before
+        // `wait_for_claims` can look at it.
+        if *self.stopping.borrow() {
+            return Err(NameTaken::Stopping(names.first().cloned().unwrap_or_default()));
+        }
         for n in names {
             if vms.contains_key(n) {
                 return Err(NameTaken::Exists(n.clone()));
@@ -58,6 +80,22 @@ impl Daemon {
         }
         making.extend(names.iter().cloned());
         Ok(NameClaim { daemon: self.clone(), names: names.to_vec() })
+    }
+
+    /// Waits (at most until `deadline`) for every claim to be released; the caller has set
+    /// `stopping`, so no new one is made. True if none is left.
+    pub(super) async fn wait_for_claims(&self, deadline: std::time::Instant) -> bool {
+        loop {
+            let left = self.making().len();
+            if left == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!("{left} VM names still being made at the shutdown deadline");
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     fn making(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {

@@ -34,7 +34,7 @@ impl Daemon {
         how: RestoreAs,
     ) -> Result<VmInfo, ApiError> {
         validate_name("VM", name)?;
-        let _name = self.claim_names(&[name.to_string()]).map_err(|t| ApiError::Conflict(t.message()))?;
+        let _name = self.claim_names(&[name.to_string()]).map_err(|t| t.api_error(t.message()))?;
         self.restore_claimed(snapshot_name, name, how).await
     }
 

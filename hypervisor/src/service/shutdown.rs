@@ -97,6 +97,10 @@ impl Daemon {
     /// Stops every VM, snapshotting running and paused ones first when `snapshot` is set, and
     /// returns by `deadline` whatever is still going on.
     pub async fn shutdown(self: &Arc<Self>, snapshot: bool, deadline: Instant) {
+        // No request makes a VM from here on; those making one finish first (names.rs), so
+        // their VMs are snapshotted and stopped with the rest.
+        self.stopping.send_replace(true);
+        self.wait_for_claims(deadline).await;
         let names: Vec<String> = self.lock().keys().cloned().collect();
         let mut tasks = tokio::task::JoinSet::new();
         for name in names {
