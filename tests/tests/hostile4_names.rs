@@ -29,7 +29,11 @@ fn sigterm_during_a_clone_leaves_no_clone_stopped_with_its_state_lost() {
         let dir = tempfile::tempdir().expect("tempdir");
         let args = ["--on-shutdown", "snapshot", "--shutdown-timeout", "60"];
         let mut d = Daemon::start(dir.path(), &args);
-        d.ok("POST", "/vms", Some(json!({"name": "src", "guest": "memfill", "mem_mib": 128, "seed": 5, "start": true})));
+        d.ok(
+            "POST",
+            "/vms",
+            Some(json!({"name": "src", "guest": "memfill", "mem_mib": 128, "seed": 5, "start": true})),
+        );
         let out = d.wait_serial("src", "memfill pass 0 ", Duration::from_secs(120));
         assert!(out.contains("memfill pass 0 "), "{out}");
         d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
@@ -67,6 +71,131 @@ fn sigterm_during_a_clone_leaves_no_clone_stopped_with_its_state_lost() {
                 let clones = now.iter().filter(|(n, _)| n.starts_with("c-")).count();
                 assert_eq!(clones, 6, "round {round}: the clone was answered {st}, yet {now:?}");
             }
+        }
+    }
+}
+
+fn threads(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", d.child.id())).map(|t| t.count()).unwrap_or(0)
+}
+
+/// Many concurrent restores (eager, lazy, lazy-prefetch; some of a missing snapshot) and
+/// their VMs deleted again, round after round: the daemon's threads and fds come back to
+/// where they were, the names are usable again, and the snapshot is pinned by no one (its
+/// delete succeeds).
+#[test]
+fn concurrent_restores_leave_no_threads_fds_claims_or_pins_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "src", "guest": "memfill", "mem_mib": 32, "seed": 9, "start": true})));
+    let out = d.wait_serial("src", "memfill pass 0 ", Duration::from_secs(120));
+    assert!(out.contains("memfill pass 0 "), "{out}");
+    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+    d.ok("DELETE", "/vms/src", None);
+    let modes = ["eager", "lazy", "lazy-prefetch"];
+    let round = |r: usize| {
+        let results: Vec<(String, u16, Value)> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..9)
+                .map(|i| {
+                    let d = &d;
+                    s.spawn(move || {
+                        let (snap, vm) =
+                            if i == 8 { ("missing", "x".to_string()) } else { ("s", format!("v{}", i % 4)) };
+                        let body = json!({"vm": vm, "mode": modes[(i + r) % 3]});
+                        let (st, v) = d.call("POST", &format!("/snapshots/{snap}/restore"), Some(body));
+                        (vm, st, v)
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().expect("a request thread")).collect()
+        });
+        for v in 0..4 {
+            let name = format!("v{v}");
+            let wins: Vec<_> = results.iter().filter(|(n, st, _)| *n == name && *st == 201).collect();
+            assert_eq!(wins.len(), 1, "round {r}: exactly one restore of {name} wins: {results:?}");
+            for (_, st, e) in results.iter().filter(|(n, st, _)| *n == name && *st != 201) {
+                assert_eq!(*st, 409, "round {r}: {e}");
+            }
+        }
+        assert!(results.iter().any(|(n, st, _)| n == "x" && *st == 404), "{results:?}");
+        for v in 0..4 {
+            d.ok("DELETE", &format!("/vms/v{v}"), None);
+        }
+    };
+    round(0);
+    std::thread::sleep(Duration::from_millis(300));
+    let (t0, f0) = (threads(&d), d.open_fds());
+    for r in 1..13 {
+        round(r);
+    }
+    // Helper threads end on their own (not joined): give them a moment.
+    let mut t1 = threads(&d);
+    let mut f1 = d.open_fds();
+    for _ in 0..100 {
+        if t1 <= t0 && f1 <= f0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        (t1, f1) = (threads(&d), d.open_fds());
+    }
+    assert!(t1 <= t0 + 2, "threads {t0} after one round, {t1} after 13");
+    assert!(f1 <= f0, "fds {f0} after one round, {f1} after 13");
+    let (st, v) = d.call("DELETE", "/snapshots/s", None);
+    assert_eq!(st, 204, "no VM is left, yet the snapshot cannot be deleted: {v}");
+    d.ok("POST", "/vms", Some(json!({"name": "v0", "guest": "idle", "mem_mib": 16, "start": true})));
+}
+
+/// A clone that fails part-way (the memory budget holds only some of its VMs), in the
+/// foreground and in the background, with a restore of one of its names racing it: exactly
+/// what one request made stays, the failed clone leaves nothing, and every name is usable
+/// again afterwards.
+#[test]
+fn a_clone_failing_part_way_rolls_back_and_frees_its_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &["--max-guest-memory", "80M"]);
+    d.ok("POST", "/vms", Some(json!({"name": "src", "guest": "idle", "mem_mib": 16, "start": true})));
+    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+    d.ok("DELETE", "/vms/src", None);
+    for round in 0..6 {
+        let background = round % 2 == 1;
+        let body = json!({"prefix": "c-", "count": 8, "mode": if round % 3 == 0 { "eager" } else { "lazy" }, "async": background});
+        let (clone, restore) = std::thread::scope(|s| {
+            let c = s.spawn(|| d.call("POST", "/snapshots/s/clone", Some(body.clone())));
+            let r = s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(round * 3));
+                d.call("POST", "/snapshots/s/restore", Some(json!({"vm": "c-2", "mode": "lazy"})))
+            });
+            (c.join().expect("clone"), r.join().expect("restore"))
+        });
+        let clone = if background && clone.0 == 202 {
+            let id = clone.1["operation"].clone();
+            loop {
+                let op = d.ok("GET", &format!("/operations/{id}"), None);
+                if op["state"] != "running" {
+                    break (if op["state"] == "done" { 201 } else { 409 }, op);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            clone
+        };
+        assert_eq!(clone.0, 409, "round {round}: 8 clones of 16 MiB cannot fit 80 MiB: {clone:?}");
+        assert!(clone.1.to_string().contains("made and removed again"), "round {round}: it failed part-way: {clone:?}");
+        let now = states(&d);
+        let want: Vec<(String, String)> =
+            if restore.0 == 201 { vec![("c-2".into(), "running".into())] } else { vec![] };
+        assert_eq!(now, want, "round {round}: clone {clone:?}, restore {restore:?}");
+        if restore.0 != 201 {
+            assert_eq!(restore.0, 409, "round {round}: {restore:?}");
+        }
+        for (n, _) in &now {
+            d.ok("DELETE", &format!("/vms/{n}"), None);
+        }
+        // Every name is free again.
+        let made = d.ok("POST", "/snapshots/s/clone", Some(json!({"prefix": "c-", "count": 4, "mode": "lazy"})));
+        assert_eq!(made.as_array().map(Vec::len), Some(4), "round {round}: {made}");
+        for i in 0..4 {
+            d.ok("DELETE", &format!("/vms/c-{i}"), None);
         }
     }
 }
