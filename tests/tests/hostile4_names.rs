@@ -203,3 +203,53 @@ fn a_clone_failing_part_way_rolls_back_and_frees_its_names() {
         }
     }
 }
+
+/// A VM deleted while the request making it is still saving its definition: the delete
+/// answered 204, so the VM must not come back at the next daemon start (its definition
+/// written after the delete removed it).
+#[test]
+fn a_vm_deleted_while_being_made_does_not_come_back_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "src", "guest": "idle", "mem_mib": 16, "start": true})));
+    d.ok("POST", "/vms/src/snapshot", Some(json!({"name": "s"})));
+    d.ok("DELETE", "/vms/src", None);
+    let mut deleted = Vec::new();
+    for round in 0..40 {
+        let vm = format!("z{round}");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (made, del) = std::thread::scope(|s| {
+            let m = s.spawn(|| {
+                let r = if round % 2 == 0 {
+                    d.call("POST", "/snapshots/s/restore", Some(json!({"vm": vm, "mode": "lazy"})))
+                } else {
+                    d.call("POST", "/vms", Some(json!({"name": vm, "guest": "idle", "mem_mib": 16, "start": false})))
+                };
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                r
+            });
+            let x = s.spawn(|| loop {
+                let (st, _) = d.call("DELETE", &format!("/vms/{vm}"), None);
+                if st == 204 || stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break st;
+                }
+            });
+            (m.join().expect("make"), x.join().expect("delete"))
+        });
+        if del == 204 {
+            deleted.push((vm.clone(), made.0));
+        } else {
+            // The make won outright: delete it now, after its request answered.
+            assert!((200..300).contains(&made.0), "{vm}: {made:?}");
+            d.ok("DELETE", &format!("/vms/{vm}"), None);
+            deleted.push((vm.clone(), made.0));
+        }
+        let listed = states(&d);
+        assert!(!listed.iter().any(|(n, _)| *n == vm), "{vm} deleted (204) yet listed: {listed:?}");
+    }
+    drop(d);
+    let d = Daemon::start(dir.path(), &[]);
+    let back = states(&d);
+    let early: Vec<_> = deleted.iter().filter(|(n, _)| back.iter().any(|(b, _)| b == n)).collect();
+    assert!(early.is_empty(), "VMs deleted with 204 came back at the next start: {early:?} (all: {back:?})");
+}
