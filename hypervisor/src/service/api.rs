@@ -203,7 +203,11 @@ async fn create_vm(State(d): Api, b: Result<Json<CreateVm>, JsonRejection>) -> R
         netping: c.netping,
         net: c.net,
     };
-    let info = d.create(def, c.start).await?;
+    let start = c.start;
+    let info = {
+        let d = d.clone();
+        to_completion(async move { d.create(def, start).await }).await?
+    };
     d.event(&info.def.name, "created", serde_json::json!({ "state": info.state }));
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }

@@ -410,15 +410,17 @@ impl Daemon {
         let _name = self.claim_names(std::slice::from_ref(&def.name)).map_err(|t| t.api_error(t.message()))?;
         // Its NICs keep the MACs they get now, across stops and daemon restarts.
         self.assign_macs(&mut def, &[]);
+        self.budget.reserve(&def.name, def.mem_mib)?;
+        // On disk before the VM can be found, so that a delete removes it (restore.rs). The
+        // API runs this to completion (`to_completion`): the reservation is never left behind.
+        if let Err(e) = self.save_def(def.clone()).await {
+            self.budget.release(&def.name);
+            return Err(e);
+        }
         {
             let mut vms = self.lock();
-            self.budget.reserve(&def.name, def.mem_mib)?;
             let h = self.spawn_actor(def.clone(), None, None);
             vms.insert(def.name.clone(), h);
-        }
-        if let Err(e) = self.save_def(def.clone()).await {
-            self.remove(&def.name);
-            return Err(e);
         }
         if start {
             if let Err(e) = self.call(&def.name, Cmd::Start).await {
@@ -444,6 +446,12 @@ impl Daemon {
     /// Waits up to [`DELETE_WAIT`] for the actor thread to end; one stuck in a call that never
     /// returns is left behind (and logged).
     pub(super) async fn forget(&self, name: &str, why: &str) -> bool {
+        if !self.lock().contains_key(name) {
+            return false;
+        }
+        // The definition goes first, while the VM is still listed: no request can claim the
+        // name meanwhile and save a new definition that this removal would then delete.
+        self.remove_def(name).await;
         let Some(h) = self.remove(name) else { return false };
         h.cancel.store(true, Ordering::Release);
         if let Some(control) = h.published.borrow().control.clone() {
@@ -451,7 +459,6 @@ impl Daemon {
         }
         // Dropping the sender ends the actor, which stops the VM and frees it.
         drop(h.tx);
-        self.remove_def(name).await;
         let t0 = Instant::now();
         while !h.thread.is_finished() {
             if t0.elapsed() > DELETE_WAIT {

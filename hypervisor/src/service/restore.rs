@@ -81,19 +81,20 @@ impl Daemon {
         let t_restored = t0.elapsed();
         self.metrics.restore_done(t_restored);
         let def = VmDef::restored(&vm_name, snapshot_name, &spec);
+        // The definition is on disk before the VM can be found: a delete that finds it also
+        // finds its definition to remove (saved after the insert, a definition could land
+        // after a delete had removed it, and the deleted VM came back at the next start).
+        let t_actor = t0.elapsed();
+        self.save_def(def.clone()).await?;
         {
             let mut vms = self.lock();
             if vms.contains_key(&vm_name) {
+                // Not reached: the name is claimed (names.rs), so nothing else made it.
                 return Err(ApiError::Conflict(format!("a VM named '{vm_name}' already exists")));
             }
             held.keep();
             let h = self.spawn_actor(def.clone(), Some((vm, logs, claim)), None);
             vms.insert(vm_name.clone(), h);
-        }
-        let t_actor = t0.elapsed();
-        if let Err(e) = self.save_def(def.clone()).await {
-            self.forget(&vm_name, "its definition could not be saved").await;
-            return Err(e);
         }
         // Where a request's time goes, per VM (the fleet profile; the restore's own phases are
         // logged by snapshot::restore).
@@ -103,8 +104,8 @@ impl Daemon {
             reserve_ms = (t0 - t_req).as_secs_f64() * 1e3,
             queued_ms = t_blocking.as_secs_f64() * 1e3,
             restore_start_ms = (t_restored - t_blocking).as_secs_f64() * 1e3,
-            actor_ms = (t_actor - t_restored).as_secs_f64() * 1e3,
-            save_def_ms = (t0.elapsed() - t_actor).as_secs_f64() * 1e3,
+            save_def_ms = (t_actor - t_restored).as_secs_f64() * 1e3,
+            actor_ms = (t0.elapsed() - t_actor).as_secs_f64() * 1e3,
             "restore request phases"
         );
         self.event(&vm_name, "restored", serde_json::json!({ "snapshot": snapshot_name, "mode": mode }));
