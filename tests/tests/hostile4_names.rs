@@ -253,3 +253,37 @@ fn a_vm_deleted_while_being_made_does_not_come_back_at_the_next_start() {
     let early: Vec<_> = deleted.iter().filter(|(n, _)| back.iter().any(|(b, _)| b == n)).collect();
     assert!(early.is_empty(), "VMs deleted with 204 came back at the next start: {early:?} (all: {back:?})");
 }
+
+/// A VM deleted while a create of the same name retries: once the create wins (201), the
+/// new VM's definition survives the delete that ran before it (the delete removed the old
+/// definition only), so the VM is there at the next start.
+#[test]
+fn a_vm_made_again_right_after_a_delete_keeps_its_definition() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    let mut made = Vec::new();
+    for round in 0..30 {
+        let vm = format!("y{round}");
+        let body = json!({"name": vm, "guest": "idle", "mem_mib": 16, "start": false});
+        d.ok("POST", "/vms", Some(body.clone()));
+        let st = std::thread::scope(|s| {
+            let del = s.spawn(|| d.call("DELETE", &format!("/vms/{vm}"), None));
+            let again = s.spawn(|| loop {
+                let (st, v) = d.call("POST", "/vms", Some(body.clone()));
+                if st == 201 {
+                    break st;
+                }
+                assert_eq!(st, 409, "{vm}: {v}");
+            });
+            assert_eq!(del.join().expect("delete").0, 204);
+            again.join().expect("create")
+        });
+        assert_eq!(st, 201);
+        made.push(vm);
+    }
+    drop(d);
+    let d = Daemon::start(dir.path(), &[]);
+    let back: Vec<String> = states(&d).into_iter().map(|(n, _)| n).collect();
+    let lost: Vec<&String> = made.iter().filter(|n| !back.contains(n)).collect();
+    assert!(lost.is_empty(), "VMs made (201) after their name's delete are gone at the next start: {lost:?}");
+}

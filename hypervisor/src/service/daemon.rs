@@ -72,7 +72,7 @@ pub(super) struct VmHandle {
 pub struct Daemon {
     vms: Mutex<BTreeMap<String, VmHandle>>,
     /// Names of VMs requests are making (names.rs); taken after `vms`.
-    pub(super) making: Mutex<std::collections::BTreeSet<String>>,
+    pub(super) making: Mutex<BTreeMap<String, usize>>,
     pub store: storage::Store,
     state_dir: PathBuf,
     pub metrics: Arc<Metrics>,
@@ -409,18 +409,25 @@ impl Daemon {
         def.check_images(&self.images)?;
         let _name = self.claim_names(std::slice::from_ref(&def.name)).map_err(|t| t.api_error(t.message()))?;
         // Its NICs keep the MACs they get now, across stops and daemon restarts.
+        // Its MACs are picked and the VM listed in one step: a concurrent create sees them
+        // (`defined_macs`) and picks others.
         self.assign_macs(&mut def, &[]);
-        self.budget.reserve(&def.name, def.mem_mib)?;
-        // On disk before the VM can be found, so that a delete removes it (restore.rs). The
-        // API runs this to completion (`to_completion`): the reservation is never left behind.
-        if let Err(e) = self.save_def(def.clone()).await {
-            self.budget.release(&def.name);
-            return Err(e);
-        }
         {
             let mut vms = self.lock();
+            self.budget.reserve(&def.name, def.mem_mib)?;
             let h = self.spawn_actor(def.clone(), None, None);
             vms.insert(def.name.clone(), h);
+        }
+        if let Err(e) = self.save_def(def.clone()).await {
+            self.remove(&def.name);
+            return Err(e);
+        }
+        // A delete while the definition was being saved may have removed the file before it
+        // was written: the VM is gone, so is its definition (else it came back at the next
+        // start). The name is still claimed, so the file is no other VM's.
+        if !self.lock().contains_key(&def.name) {
+            self.remove_def(&def.name).await;
+            return Err(ApiError::NotFound(format!("VM '{}' was deleted while it was being created", def.name)));
         }
         if start {
             if let Err(e) = self.call(&def.name, Cmd::Start).await {
@@ -446,19 +453,18 @@ impl Daemon {
     /// Waits up to [`DELETE_WAIT`] for the actor thread to end; one stuck in a call that never
     /// returns is left behind (and logged).
     pub(super) async fn forget(&self, name: &str, why: &str) -> bool {
-        if !self.lock().contains_key(name) {
-            return false;
-        }
-        // The definition goes first, while the VM is still listed: no request can claim the
-        // name meanwhile and save a new definition that this removal would then delete.
-        self.remove_def(name).await;
-        let Some(h) = self.remove(name) else { return false };
+        // The name stays claimed until the definition is gone (names.rs): a new VM of the
+        // name cannot save its definition meanwhile only for this removal to delete it.
+        let Some((h, unlisted)) = self.unlist(name) else { return false };
+        self.budget.release(name);
         h.cancel.store(true, Ordering::Release);
         if let Some(control) = h.published.borrow().control.clone() {
             control.stop(ExitReason::Stopped { detail: format!("VM removed: {why}") });
         }
         // Dropping the sender ends the actor, which stops the VM and frees it.
         drop(h.tx);
+        self.remove_def(name).await;
+        drop(unlisted);
         let t0 = Instant::now();
         while !h.thread.is_finished() {
             if t0.elapsed() > DELETE_WAIT {

@@ -9,9 +9,14 @@
 //! stop: a VM a request finished making during the shutdown was never snapshotted with
 //! `--on-shutdown snapshot`, and came back stopped, its guest's state lost.
 //!
+//! A delete claims the name too, from the moment it unlists the VM until its definition file
+//! is gone: a create or restore of that name waits for nothing but fails (409) until then, so
+//! the delete never removes the new VM's definition. A name may be claimed by the request
+//! making its VM and by a delete at once (the count in `making`).
+//!
 //! Lock order: `Daemon::vms` before `Daemon::making`; neither is held across blocking work.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError};
 
 use super::daemon::Daemon;
@@ -74,11 +79,13 @@ impl Daemon {
             if vms.contains_key(n) {
                 return Err(NameTaken::Exists(n.clone()));
             }
-            if making.contains(n) {
+            if making.contains_key(n) {
                 return Err(NameTaken::Making(n.clone()));
             }
         }
-        making.extend(names.iter().cloned());
+        for n in names {
+            *making.entry(n.clone()).or_default() += 1;
+        }
         Ok(NameClaim { daemon: self.clone(), names: names.to_vec() })
     }
 
@@ -98,16 +105,46 @@ impl Daemon {
         }
     }
 
-    fn making(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    /// Unlists VM `name` and claims its name until the returned guard drops (see the module
+    /// doc); None if there is no such VM.
+    pub(super) fn unlist(&self, name: &str) -> Option<(super::daemon::VmHandle, Unlisted<'_>)> {
+        let mut vms = self.lock();
+        let h = vms.remove(name)?;
+        *self.making().entry(name.to_string()).or_default() += 1;
+        Some((h, Unlisted { daemon: self, name: name.to_string() }))
+    }
+
+    fn release(&self, names: &[String]) {
+        let mut making = self.making();
+        for n in names {
+            if let Some(c) = making.get_mut(n) {
+                *c -= 1;
+                if *c == 0 {
+                    making.remove(n);
+                }
+            }
+        }
+    }
+
+    fn making(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
         self.making.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Drop for NameClaim {
     fn drop(&mut self) {
-        let mut making = self.daemon.making();
-        for n in &self.names {
-            making.remove(n);
-        }
+        self.daemon.release(&self.names);
+    }
+}
+
+/// The name of a VM being deleted, claimed until its definition is gone ([`Daemon::unlist`]).
+pub(super) struct Unlisted<'a> {
+    daemon: &'a Daemon,
+    name: String,
+}
+
+impl Drop for Unlisted<'_> {
+    fn drop(&mut self) {
+        self.daemon.release(std::slice::from_ref(&self.name));
     }
 }
