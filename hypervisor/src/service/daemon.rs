@@ -408,9 +408,8 @@ impl Daemon {
         }
         def.check_images(&self.images)?;
         let _name = self.claim_names(std::slice::from_ref(&def.name)).map_err(|t| t.api_error(t.message()))?;
-        // Its NICs keep the MACs they get now, across stops and daemon restarts.
-        // Its MACs are picked and the VM listed in one step: a concurrent create sees them
-        // (`defined_macs`) and picks others.
+        // Its NICs keep the MACs they get now, across stops and daemon restarts. They are
+        // picked and the VM listed in one step: a concurrent create sees them and picks others.
         self.assign_macs(&mut def, &[]);
         {
             let mut vms = self.lock();

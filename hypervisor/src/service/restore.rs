@@ -84,8 +84,8 @@ impl Daemon {
         // The definition is on disk before the VM can be found: a delete that finds it also
         // finds its definition to remove (saved after the insert, a definition could land
         // after a delete had removed it, and the deleted VM came back at the next start).
-        let t_actor = t0.elapsed();
         self.save_def(def.clone()).await?;
+        let t_saved = t0.elapsed();
         {
             let mut vms = self.lock();
             if vms.contains_key(&vm_name) {
@@ -104,8 +104,8 @@ impl Daemon {
             reserve_ms = (t0 - t_req).as_secs_f64() * 1e3,
             queued_ms = t_blocking.as_secs_f64() * 1e3,
             restore_start_ms = (t_restored - t_blocking).as_secs_f64() * 1e3,
-            save_def_ms = (t_actor - t_restored).as_secs_f64() * 1e3,
-            actor_ms = (t0.elapsed() - t_actor).as_secs_f64() * 1e3,
+            save_def_ms = (t_saved - t_restored).as_secs_f64() * 1e3,
+            actor_ms = (t0.elapsed() - t_saved).as_secs_f64() * 1e3,
             "restore request phases"
         );
         self.event(&vm_name, "restored", serde_json::json!({ "snapshot": snapshot_name, "mode": mode }));
