@@ -86,6 +86,11 @@ pub struct RestoreBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Compress the snapshot's chunks with LZ4 (chunk codec 3, `--store-codec lz4`) instead
+    /// of zstd: decompression is most of a cold chunk's cost, so this shows what the codec
+    /// does to the working set (compare with a run without it).
+    #[arg(long)]
+    pub lz4: bool,
     /// Also draw the results as an SVG bar chart into this file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -408,8 +413,9 @@ pub fn measure_all(args: &RestoreBenchArgs) -> Result<RestoreBenchReport, CliErr
             tmp.path().to_path_buf()
         }
     };
-    let store =
-        storage::Store::open(&dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
+    let opts = storage::StoreOptions { lz4: args.lz4, ..Default::default() };
+    let store = storage::Store::open_with(&dir, opts)
+        .map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
     let threads = args.fill_threads.unwrap_or_else(migrate::lazy::default_fill_threads).max(1);
     let mut report = RestoreBenchReport {
         snapshots: Vec::new(),
