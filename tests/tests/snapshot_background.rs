@@ -1,9 +1,9 @@
 //! Background snapshots (userfaultfd write protection) on real KVM: the snapshot holds memory
 //! exactly as it was at the pause although the guest (and devices) kept writing it, full and
 //! incremental, restored eagerly and lazily; a resize cancels one with the VM running on; a
-//! process killed in the middle leaves the store as it was; a lazily restored VM falls back
-//! to stop-and-copy and says so while its page server still fills it, and snapshots in the
-//! background once it is resident.
+//! process killed in the middle leaves the store as it was; a lazily restored VM still being
+//! filled gets its fill finished first (a cancel ends that wait), falls back to stop-and-copy
+//! and says so when nothing fills it, and snapshots in the background once it is resident.
 //!
 //! "At the pause" is seen through the `after_protect` hook, which runs with the vCPUs still
 //! paused right after RAM was write-protected: every RAM block is copied there and compared
@@ -331,6 +331,91 @@ fn a_lazily_restored_vm_once_resident_snapshots_in_the_background_to_the_pause()
 }
 
 #[test]
+fn a_lazily_restored_vm_still_filling_gets_its_fill_finished_and_snapshots_in_the_background_to_the_pause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let (mem, seed) = (256, 14);
+    let (mut vm, out) = start_builtin(
+        Builtin::Memfill,
+        mem,
+        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
+    );
+    wait_lines(&out, 1, Duration::from_secs(120));
+    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
+    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
+    let before_a = out.text();
+    vm.stop("snapshot taken");
+    drop(vm);
+
+    // Restored lazily with one fill thread, and snapshotted at once: 256 MiB are far from
+    // resident. Before, this fell back to stop-and-copy (the guest paused for all of it).
+    let out2 = SharedOutput::default();
+    let opts = RestoreOptions { fill_threads: 1, ..RestoreOptions::new(RestoreMode::Lazy, Box::new(out2.clone())) };
+    let (mut vm2, _) = snapshot::restore(&store, "a", opts).expect("lazy restore");
+    vm2.start().expect("start");
+    let server = vm2.page_server().expect("a page server");
+    assert!(!server.is_resident(), "resident at once: nothing to wait for");
+    let (opts, seen) = capturing(&out2);
+    let report = snapshot::save(&vm2, &store, "b", &opts, &|_| {}).expect("snapshot b");
+    assert_eq!(report.mode, SaveMode::Background, "{:?}", report.mode_reason);
+    let waited = report.fill_wait.expect("it waited for the fill");
+    assert!(waited.resident && waited.chunks > 0, "{waited:?}");
+    assert!(vm2.page_server().expect("a page server").is_resident());
+    let wp = report.wp.expect("write-protect stats");
+    assert!(wp.faults > 0, "no write met a protected chunk: {wp:?}");
+    assert!(vm2.control().exit_reason().is_none(), "the restored VM runs on");
+    vm2.stop("snapshot taken");
+    drop(vm2);
+
+    let (ram, after_restore) = seen.lock().expect("lock").take().expect("the hook ran");
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let out3 = SharedOutput::default();
+        let (mut vm3, _) =
+            snapshot::restore(&store, "b", RestoreOptions::new(mode, Box::new(out3.clone()))).expect("restore b");
+        assert_same_ram(&ram_of(&vm3), &ram, &format!("b restored {mode:?}"));
+        vm3.start().expect("start");
+        let after = wait_lines(&out3, 2, Duration::from_secs(120));
+        vm3.stop("test done");
+        check_continues(&format!("{before_a}{after_restore}"), &after, seed, mem);
+    }
+}
+
+#[test]
+fn a_cancelled_wait_for_a_lazy_fill_commits_nothing_and_the_vm_runs_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let (mut vm, _) = start_builtin(Builtin::Touch, 256, BuiltinParams { seed: 9, ..Default::default() });
+    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(120)).expect("touch filled its memory");
+    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
+    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
+    vm.stop("snapshot taken");
+    drop(vm);
+    // One fill thread loads 4,096 stored chunks (~65 µs each here, more on a loaded host):
+    // the cancel, 20 ms into the wait, comes long before the fill ends.
+    let opts =
+        RestoreOptions { fill_threads: 1, ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default())) };
+    let (mut vm2, _) = snapshot::restore(&store, "a", opts).expect("lazy restore");
+    vm2.start().expect("start");
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c = cancel.clone();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        c.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let opts = SaveOptions { cancel: Some(cancel), ..Default::default() };
+    let err = snapshot::save(&vm2, &store, "b", &opts, &|_| {}).expect_err("cancelled");
+    let server = vm2.page_server().expect("a page server");
+    let left = server.chunks_left();
+    canceller.join().expect("canceller");
+    assert!(matches!(err, SnapshotError::Cancelled), "{err}");
+    assert!(left > 0, "the snapshot waited for the whole fill: the cancel did not end its wait");
+    assert!(store.manifest("b").is_err(), "a cancelled snapshot was committed");
+    assert!(vm2.control().exit_reason().is_none(), "the VM runs on");
+    assert!(server.wait_resident(Duration::from_secs(120)), "the fill went on: {:?}", server.error());
+    vm2.stop("test done");
+}
+
+#[test]
 fn the_daemon_snapshots_in_the_background_by_default_and_in_the_mode_asked_for() {
     use serde_json::json;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -349,4 +434,41 @@ fn the_daemon_snapshots_in_the_background_by_default_and_in_the_mode_asked_for()
     assert_eq!(code, 400, "{body}");
     let (code, body) = d.call("POST", "/vms/m/snapshot", Some(json!({"name": "s4", "mode": "fast"})));
     assert_eq!(code, 400, "{body}");
+}
+
+#[test]
+fn bench_snapshot_reports_every_mode_and_a_snapshot_right_after_a_lazy_restore() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let o = snapvisor(&["bench", "snapshot", "--mem-mib", "32", "--json", "--dir", store.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let rows = rows.as_array().expect("rows");
+    let find = |mode: &str, guest: &str| {
+        rows.iter()
+            .find(|r| r["mode"] == mode && r["guest"] == guest)
+            .unwrap_or_else(|| panic!("no {mode} row for {guest}: {rows:?}"))
+    };
+    for (mode, guest, save_mode) in [
+        ("baseline", "touch", "stop"),
+        ("full", "touch", "stop"),
+        ("incremental-1pct", "touch", "stop"),
+        ("background", "touch", "background"),
+        ("background-inc-1pct", "touch", "background"),
+        ("after-lazy-stop", "touch", "stop"),
+        ("after-lazy-bg", "touch", "background"),
+        ("live", "memfill", "live"),
+        ("background", "memfill", "background"),
+    ] {
+        let r = find(mode, guest);
+        assert_eq!(r["save_mode"], save_mode, "{r}");
+        assert_eq!(r["mem_mib"], 32, "{r}");
+        for key in ["pause_ms", "total_ms", "bytes_written", "fill_wait_ms"] {
+            assert!(r[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {r}");
+        }
+        assert!(r["total_ms"].as_f64() >= r["pause_ms"].as_f64(), "{r}");
+    }
+    // Both snapshots after the lazy restore stored the whole guest.
+    let written = |mode: &str| find(mode, "touch")["bytes_written"].as_u64().expect("bytes");
+    assert!(written("after-lazy-stop") > 0 && written("after-lazy-stop") == written("after-lazy-bg"));
 }

@@ -13,7 +13,11 @@
 //!   pause, the path before it, as the baseline for the pause) and
 //!   `background-inc-1pct` (the same 1% rewritten again, then a background incremental);
 //!   then eager and lazy restores of the full snapshot to the first guest instruction
-//!   (`restore-eager`, `restore-lazy`: `total_ms` is that time).
+//!   (`restore-eager`, `restore-lazy`: `total_ms` is that time); then a snapshot taken at
+//!   once after a lazy restore of it, while its background fill runs: `after-lazy-stop`
+//!   (no wait for the fill: stop-and-copy, what such a snapshot did before December 2026)
+//!   and `after-lazy-bg` (the default: the fill finishes with the guest running, then a
+//!   background snapshot; `fill_wait_ms` is that wait, part of `total_ms`).
 //! - `memfill`, rewriting all of its memory with incompressible words the whole time:
 //!   `baseline`, `full`, `live` (dirty-log pre-copy; the worst case for it), `background-in-pause`
 //!   and `background` (the guest's writes fault and copy their chunk first; the worst case
@@ -112,6 +116,9 @@ pub struct SnapshotRow {
     pub armed_chunks: u64,
     /// Background: write faults while RAM was pre-protected (the guest's writes then).
     pub track_faults: u64,
+    /// Waiting for a lazy restore's fill to finish before a background snapshot (guest
+    /// running; part of `total_ms`).
+    pub fill_wait_ms: f64,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -152,6 +159,7 @@ fn row(mode: &str, guest: &'static str, mem_mib: u64, r: &SaveReport) -> Snapsho
         track_rounds: r.wp.map_or(0, |w| w.track_rounds),
         armed_chunks: r.wp.map_or(0, |w| w.armed_chunks),
         track_faults: r.wp.map_or(0, |w| w.track_faults),
+        fill_wait_ms: r.fill_wait.map_or(0.0, |w| w.ms),
     }
 }
 
@@ -186,6 +194,7 @@ fn restore_row(mode: &str, mem_mib: u64, first_ms: f64) -> SnapshotRow {
         track_rounds: 0,
         armed_chunks: 0,
         track_faults: 0,
+        fill_wait_ms: 0.0,
     }
 }
 
@@ -199,6 +208,22 @@ fn first_instruction(store: &storage::Store, name: &str, mode: RestoreMode) -> R
     let first = vm.control().first_exit().ok_or_else(|| internal("no first exit".into()))?;
     vm.stop("measured");
     Ok(first.saturating_duration_since(t0).as_secs_f64() * 1e3)
+}
+
+/// Restores `name` lazily (the default way: background fill, the fill threads starting at
+/// the guest's first exit), starts it and snapshots it at once with `opts` into an empty
+/// store beside `store`.
+fn after_lazy(store: &storage::Store, name: &str, opts: SaveOptions) -> Result<SaveReport, CliError> {
+    let (mut vm, _) =
+        snapshot::restore(store, name, RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default())))
+            .map_err(snapshot_error)?;
+    vm.start().map_err(vm_error)?;
+    let to = fresh_store(store, "after-lazy")?;
+    let report = save(&vm, &to, "after-lazy", opts);
+    vm.stop("measured");
+    drop(to);
+    std::fs::remove_dir_all(beside(store, "after-lazy")).map_err(|e| internal(format!("removing the store: {e}")))?;
+    report
 }
 
 /// An empty store in the directory beside `store`'s, named with `-{sub}` appended.
@@ -238,6 +263,7 @@ const BASELINE: SaveOptions = SaveOptions {
     wp_buffer_bytes: snapshot::save::DEFAULT_WP_BUFFER,
     pre_protect: true,
     cancel: None,
+    fill_wait: snapshot::save::DEFAULT_FILL_WAIT,
     hooks: SaveHooks::NONE,
 };
 const FULL: SaveOptions = SaveOptions { pipeline: true, ..BASELINE };
@@ -327,6 +353,11 @@ fn touch_rows(store: &storage::Store, mem_mib: u64, thp: bool, rows: &mut Vec<Sn
     let lazy = first_instruction(store, &full_name, RestoreMode::Lazy)?;
     rows.push(restore_row("restore-eager", mem_mib, eager));
     rows.push(restore_row("restore-lazy", mem_mib, lazy));
+    // A snapshot at once after a lazy restore, while its fill runs: stop-and-copy, as it
+    // was before, against background after waiting for the fill.
+    let now = SaveOptions { fill_wait: Duration::ZERO, ..BACKGROUND };
+    rows.push(row("after-lazy-stop", "touch", mem_mib, &after_lazy(store, &full_name, now)?));
+    rows.push(row("after-lazy-bg", "touch", mem_mib, &after_lazy(store, &full_name, BACKGROUND)?));
     drop(bg_store);
     std::fs::remove_dir_all(beside(store, "background")).map_err(|e| internal(format!("removing the store: {e}")))?;
     discard(store, &inc_name)?;
@@ -452,7 +483,7 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         );
     }
     println!(
-        "\n{:<19} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>7} {:>7} {:>12}",
+        "\n{:<19} {:<8} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>7} {:>7} {:>12} {:>12}",
         "background pause",
         "guest",
         "MiB",
@@ -464,11 +495,12 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         "pre-prot ms",
         "rounds",
         "armed",
-        "track faults"
+        "track faults",
+        "fill wait ms"
     );
     for r in rows.iter().filter(|r| r.save_mode == "background") {
         println!(
-            "{:<19} {:<8} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>12.1} {:>7} {:>7} {:>12}",
+            "{:<19} {:<8} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>12.1} {:>7} {:>7} {:>12} {:>12.1}",
             r.mode,
             r.guest,
             r.mem_mib,
@@ -480,7 +512,8 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
             r.pre_protect_ms,
             r.track_rounds,
             r.armed_chunks,
-            r.track_faults
+            r.track_faults,
+            r.fill_wait_ms
         );
     }
     Ok(())

@@ -26,7 +26,7 @@ pub mod xsave;
 
 use thiserror::Error;
 
-pub use mode::{PreProtectFault, SaveHooks, SaveMode};
+pub use mode::{FillWait, PreProtectFault, SaveHooks, SaveMode};
 pub use restore::{restore, RestoreMode, RestoreOptions, RestorePhases, RestoreReport};
 pub use save::{save, SaveOptions, SaveProgress, SaveReport};
 

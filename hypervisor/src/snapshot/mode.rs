@@ -3,7 +3,7 @@
 //! | mode | guest pause | use it when |
 //! |---|---|---|
 //! | `background` (default) | vCPU and device state plus write-protecting RAM | the VM runs on after the snapshot: the shortest pause, whatever the guest writes |
-//! | `stop` | all of the copy and the commit | the VM stops or stays paused afterwards anyway, or memory is still served by a lazy restore |
+//! | `stop` | all of the copy and the commit | the VM stops or stays paused afterwards anyway, or memory is still served by a lazy restore that does not fill it in the background |
 //! | `live` | the last dirty round and the commit | the host cannot write-protect (userfaultfd without write protection); a guest that writes little |
 //!
 //! Background falls back to stop-and-copy, and says why in the report and the log, when it
@@ -12,8 +12,16 @@
 //! userfaultfd only; once the VM is fully resident the server unregisters its ranges at the
 //! next snapshot, [`migrate::lazy::PageServer::release_ranges`]), or write protection fails to
 //! start.
+//!
+//! A VM still being filled by its lazy restore's background fill first gets the time to
+//! finish ([`wait_for_fill`]): the guest runs meanwhile, and the snapshot then runs in the
+//! background with its short pause, where falling back would pause the guest for the copy of
+//! all its memory. The wait is bounded ([`super::SaveOptions::fill_wait`]); it ends early if
+//! the snapshot is cancelled or the VM stops, and a server that fills nothing by itself (no
+//! background fill) is not waited for.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::vm::Vm;
 
@@ -139,4 +147,44 @@ pub(super) fn resolve(
             Some(Err(e)) => (SaveMode::Stop, Some(format!("{e}: stop-and-copy"))),
         },
     }
+}
+
+/// A background snapshot's wait for a lazy restore's fill to finish, the guest running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct FillWait {
+    /// Chunks not yet resident when the wait began.
+    pub chunks: u64,
+    /// How long it waited.
+    pub ms: f64,
+    /// The VM became resident (otherwise the wait ended at its bound, a cancel, the VM's
+    /// stop or the server's failure, and the snapshot falls back to stop-and-copy).
+    pub resident: bool,
+}
+
+/// Waits, up to `limit` and with the guest running, for a lazily restored VM to become
+/// resident when a background snapshot is asked for (see the module doc); `None` when there
+/// is nothing to wait for or waiting cannot help.
+pub(super) fn wait_for_fill(
+    vm: &Vm,
+    asked: SaveMode,
+    live_flag: bool,
+    running: bool,
+    stay_paused: bool,
+    limit: Duration,
+    cancelled: &dyn Fn() -> bool,
+) -> Option<FillWait> {
+    if live_flag || asked != SaveMode::Background || !running || stay_paused || limit.is_zero() {
+        return None;
+    }
+    let server = vm.page_server()?;
+    if server.is_resident() || !server.fills_in_background() || server.error().is_some() {
+        return None;
+    }
+    let (t0, chunks) = (Instant::now(), server.chunks_left());
+    tracing::info!(
+        chunks_left = chunks,
+        "background snapshot: waiting for the lazy restore to fill the rest of memory"
+    );
+    let resident = server.wait_resident_while(limit, &|| !cancelled() && vm.control().exit_reason().is_none());
+    Some(FillWait { chunks, ms: t0.elapsed().as_secs_f64() * 1e3, resident })
 }

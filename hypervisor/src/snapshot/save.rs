@@ -40,7 +40,7 @@ use storage::{ChunkJob, PipelineStats, SnapshotWriter, Store, StoreError, WriteS
 
 use super::background::{self, PreProtect};
 use super::devices::{check_all_saved, persistables};
-use super::mode::{resolve, SaveHooks, SaveMode};
+use super::mode::{resolve, wait_for_fill, FillWait, SaveHooks, SaveMode};
 use super::vcpu_state::{save_vcpu, save_vm, HostVcpuCaps};
 use super::SnapshotError;
 use crate::control::RunState;
@@ -81,6 +81,11 @@ pub struct SaveOptions {
     /// rounds, after every chunk of a background copy and before the commit, and nothing is
     /// committed. A stop-and-copy round under way finishes its copy first.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Background, the VM lazily restored and still being filled: how long to wait, the
+    /// guest running, for the fill to finish so that the snapshot can run in the background
+    /// (a page server's ranges cannot be write-protected); stop-and-copy after that, or at
+    /// once with zero. See [`super::mode`].
+    pub fill_wait: Duration,
     /// Test hooks.
     pub hooks: SaveHooks,
 }
@@ -99,10 +104,15 @@ impl Default for SaveOptions {
             wp_buffer_bytes: DEFAULT_WP_BUFFER,
             pre_protect: true,
             cancel: None,
+            fill_wait: DEFAULT_FILL_WAIT,
             hooks: SaveHooks::NONE,
         }
     }
 }
+
+/// Background snapshots' default bound on waiting for a lazy restore's fill
+/// ([`SaveOptions::fill_wait`]): a 4 GiB guest fills in 4-8 s on the test machine.
+pub const DEFAULT_FILL_WAIT: Duration = Duration::from_secs(60);
 
 /// Background snapshots' default bound of chunks copied on write faults ahead of the saver.
 pub const DEFAULT_WP_BUFFER: u64 = 64 << 20;
@@ -174,6 +184,9 @@ pub struct SaveReport {
     /// Background: ending the write protection after the copy, the guest running (stopping
     /// the fault thread; the registration is kept for the next snapshot). Part of `total_ms`.
     pub wp_end_ms: f64,
+    /// Background: the wait for a lazy restore's fill before anything else, the guest
+    /// running ([`SaveOptions::fill_wait`]). Part of `total_ms`.
+    pub fill_wait: Option<FillWait>,
 }
 
 /// Notes resizes while a snapshot runs.
@@ -337,10 +350,17 @@ pub fn save(
         // cancelled: say that.
         return Err(if cancelled() { SnapshotError::Cancelled } else { SnapshotError::NotRunning });
     }
+    let fill_wait = wait_for_fill(vm, opts.mode, opts.live, was_running, opts.stay_paused, opts.fill_wait, &cancelled);
+    if cancelled() {
+        return Err(SnapshotError::Cancelled);
+    }
     // Taken out for good: this snapshot consumes the dirty records, so unless it commits (and
     // becomes the new parent) the next one must be full. See lineage.rs.
     let parent = vm.lineage().take();
     let (mut mode, mut mode_reason) = resolve(vm, opts.mode, opts.live, was_running, opts.stay_paused);
+    if let (Some(w), Some(r)) = (fill_wait.filter(|w| !w.resident), &mut mode_reason) {
+        *r = format!("{r} (waited {:.0} ms for its fill, {} chunks left then)", w.ms, w.chunks);
+    }
     if let Some(r) = &mode_reason {
         tracing::info!(snapshot = name, mode = mode.as_str(), "{r}");
     }
@@ -644,6 +664,7 @@ pub fn save(
         stop_vcpus_ms: ms(stop_vcpus),
         wp: wp_stats,
         wp_end_ms: ms(finish_time),
+        fill_wait,
     })
 }
 

@@ -135,6 +135,8 @@ struct Inner {
 pub struct Base {
     inner: Arc<Inner>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Fill threads load every chunk, touched or not ([`BaseOptions::background_fill`]).
+    fills: bool,
 }
 
 fn memfd(n: usize, len: u64) -> Result<OwnedFd, String> {
@@ -209,7 +211,7 @@ impl Base {
         if total == 0 {
             inner.settle_all();
         }
-        let base = Arc::new(Base { inner, threads: Mutex::new(Vec::new()) });
+        let base = Arc::new(Base { inner, threads: Mutex::new(Vec::new()), fills: opts.background_fill });
         if opts.background_fill || !prefetch.is_empty() {
             let prefetch = Arc::new(prefetch);
             let n = opts.fill_threads.max(1);
@@ -244,6 +246,12 @@ impl Base {
     /// `buf` holds at least a chunk. An error names why the chunk could not be read.
     pub fn ensure(&self, bi: usize, ci: u64, buf: &mut [u8]) -> Result<(), String> {
         self.inner.ensure(bi, ci, buf)
+    }
+
+    /// True if fill threads load every chunk whatever the clones touch, so that the base
+    /// completes unless a chunk fails.
+    pub fn fills_in_background(&self) -> bool {
+        self.fills
     }
 
     /// Every chunk is filled.

@@ -41,6 +41,7 @@ impl PageServer {
         on_error: Box<dyn Fn(&LazyError) + Send + Sync>,
     ) -> Result<PageServer, LazyError> {
         let chunk = base.chunk_size();
+        let fills = base.fills_in_background();
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -122,7 +123,7 @@ impl PageServer {
             Ok(t) => threads.push(t),
             Err(e) => tracing::warn!("shared base: no copy thread for a clone, it shares whatever it writes: {e}"),
         }
-        Ok(PageServer::from_parts(shared, threads))
+        Ok(PageServer::from_parts(shared, threads, fills))
     }
 
     /// The shared base this clone maps, if any.

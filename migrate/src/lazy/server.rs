@@ -168,6 +168,9 @@ pub struct PageServer {
     threads: Vec<JoinHandle<()>>,
     /// The blocks' ranges were unregistered ([`PageServer::release_ranges`]).
     released: Mutex<bool>,
+    /// Threads of its own (or of its shared base) fill every chunk, whatever the guest
+    /// touches: it becomes resident unless it fails.
+    fills: bool,
 }
 
 impl PageServer {
@@ -293,7 +296,7 @@ impl PageServer {
                 );
             }
         }
-        Ok(PageServer { shared, threads, released: Mutex::new(false) })
+        Ok(PageServer::from_parts(shared, threads, opts.background_fill))
     }
 
     /// Chunks in the checked prefetch list (see [`ServerOptions::prefetch`]): the entries
@@ -316,8 +319,20 @@ impl PageServer {
         self.shared.gate.clone()
     }
 
-    pub(super) fn from_parts(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>) -> PageServer {
-        PageServer { shared, threads, released: Mutex::new(false) }
+    pub(super) fn from_parts(shared: Arc<Shared>, threads: Vec<JoinHandle<()>>, fills: bool) -> PageServer {
+        PageServer { shared, threads, released: Mutex::new(false), fills }
+    }
+
+    /// True if the server becomes resident without the guest's help (a background fill, its
+    /// own or its shared base's), unless it fails; false if only the guest's touches and the
+    /// prefetch list load chunks.
+    pub fn fills_in_background(&self) -> bool {
+        self.fills
+    }
+
+    /// Chunks not yet resident.
+    pub fn chunks_left(&self) -> u64 {
+        self.shared.remaining.load(Ordering::Acquire)
     }
 
     pub(super) fn shared(&self) -> &Shared {
@@ -339,9 +354,15 @@ impl PageServer {
 
     /// Waits until every chunk is resident (true), the server failed or `timeout` passed.
     pub fn wait_resident(&self, timeout: Duration) -> bool {
+        self.wait_resident_while(timeout, &|| true)
+    }
+
+    /// [`PageServer::wait_resident`] that also gives up (false) as soon as `keep_waiting`
+    /// says no; it is asked every millisecond.
+    pub fn wait_resident_while(&self, timeout: Duration, keep_waiting: &dyn Fn() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         while !self.is_resident() {
-            if self.shared.failed.get().is_some() || Instant::now() >= deadline {
+            if self.shared.failed.get().is_some() || Instant::now() >= deadline || !keep_waiting() {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(1));
