@@ -452,9 +452,19 @@ impl Daemon {
     /// Waits up to [`DELETE_WAIT`] for the actor thread to end; one stuck in a call that never
     /// returns is left behind (and logged).
     pub(super) async fn forget(&self, name: &str, why: &str) -> bool {
+        match self.unlist(name, false) {
+            Ok(Some((h, unlisted))) => {
+                self.forget_unlisted(name, h, unlisted, why).await;
+                true
+            }
+            Ok(None) | Err(_) => false,
+        }
+    }
+
+    /// [`Daemon::forget`] of a VM already unlisted, its name claimed by `unlisted`.
+    async fn forget_unlisted(&self, name: &str, h: VmHandle, unlisted: super::names::Unlisted<'_>, why: &str) {
         // The name stays claimed until the definition is gone (names.rs): a new VM of the
         // name cannot save its definition meanwhile only for this removal to delete it.
-        let Some((h, unlisted)) = self.unlist(name) else { return false };
         self.budget.release(name);
         h.cancel.store(true, Ordering::Release);
         if let Some(control) = h.published.borrow().control.clone() {
@@ -472,20 +482,25 @@ impl Daemon {
                     "its thread has not ended {} s after removal; left behind",
                     DELETE_WAIT.as_secs()
                 );
-                return true;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let _ = h.thread.join();
-        true
     }
 
-    /// Stops and forgets a VM.
+    /// Stops and forgets a VM at a client's request; refused (503) while the daemon stops
+    /// (names.rs).
     pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
-        if self.forget(name, "deleted").await {
-            Ok(())
-        } else {
-            Err(ApiError::NotFound(format!("no VM '{name}'")))
+        match self.unlist(name, true) {
+            Ok(Some((h, unlisted))) => {
+                self.forget_unlisted(name, h, unlisted, "deleted").await;
+                Ok(())
+            }
+            Ok(None) => Err(ApiError::NotFound(format!("no VM '{name}'"))),
+            Err(_) => Err(ApiError::Busy(format!(
+                "the daemon is stopping: VM '{name}' is stopped with the others (and snapshotted, with                  --on-shutdown snapshot); delete it once the daemon runs again"
+            ))),
         }
     }
 }

@@ -12,7 +12,10 @@
 //! A delete claims the name too, from the moment it unlists the VM until its definition file
 //! is gone: a create or restore of that name waits for nothing but fails (409) until then, so
 //! the delete never removes the new VM's definition. A name may be claimed by the request
-//! making its VM and by a delete at once (the count in `making`).
+//! making its VM and by a delete at once (the count in `making`). A client's delete is refused
+//! (503) once the daemon stops, as a create is: the shutdown may have snapshotted the VM and be
+//! about to save its definition for the next start, which would bring a deleted VM back. A
+//! delete begun before holds its claim, so the shutdown waits for it and never sees the VM.
 //!
 //! Lock order: `Daemon::vms` before `Daemon::making`; neither is held across blocking work.
 
@@ -106,12 +109,24 @@ impl Daemon {
     }
 
     /// Unlists VM `name` and claims its name until the returned guard drops (see the module
-    /// doc); None if there is no such VM.
-    pub(super) fn unlist(&self, name: &str) -> Option<(super::daemon::VmHandle, Unlisted<'_>)> {
+    /// doc); `Ok(None)` if there is no such VM. With `refuse_while_stopping` (a client's
+    /// delete) it fails while the daemon stops: the shutdown snapshots and stops the VM and
+    /// may save its definition for the next start after a delete had removed it.
+    pub(super) fn unlist(
+        &self,
+        name: &str,
+        refuse_while_stopping: bool,
+    ) -> Result<Option<(super::daemon::VmHandle, Unlisted<'_>)>, NameTaken> {
         let mut vms = self.lock();
-        let h = vms.remove(name)?;
-        *self.making().entry(name.to_string()).or_default() += 1;
-        Some((h, Unlisted { daemon: self, name: name.to_string() }))
+        let mut making = self.making();
+        // Read under `making`, as in `claim_names`: a delete that saw the daemon running has
+        // its claim in the set before `wait_for_claims` can look at it.
+        if refuse_while_stopping && *self.stopping.borrow() {
+            return Err(NameTaken::Stopping(name.to_string()));
+        }
+        let Some(h) = vms.remove(name) else { return Ok(None) };
+        *making.entry(name.to_string()).or_default() += 1;
+        Ok(Some((h, Unlisted { daemon: self, name: name.to_string() })))
     }
 
     fn release(&self, names: &[String]) {
@@ -146,5 +161,55 @@ pub(super) struct Unlisted<'a> {
 impl Drop for Unlisted<'_> {
     fn drop(&mut self) {
         self.daemon.release(std::slice::from_ref(&self.name));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::daemon::{Daemon, DaemonConfig};
+    use super::super::error::ApiError;
+    use super::super::images::ImageDir;
+
+    fn daemon(dir: &std::path::Path) -> std::sync::Arc<Daemon> {
+        let images = ImageDir::open(&dir.join("images"), 1 << 20).expect("image directory");
+        let config = DaemonConfig {
+            images,
+            max_guest_mib: 1024,
+            store: storage::StoreOptions::default(),
+            hold_snapshot_copy: false,
+        };
+        Daemon::open(dir, config).expect("daemon")
+    }
+
+    /// Defined, not started: no KVM needed.
+    async fn define(d: &std::sync::Arc<Daemon>, name: &str) {
+        let def = serde_json::from_value(serde_json::json!({"name": name, "guest": "idle", "mem_mib": 16}))
+            .expect("a definition");
+        d.create(def, false).await.expect("created");
+    }
+
+    /// A client's delete while the daemon stops is refused (503) and leaves the VM and its
+    /// definition (the shutdown snapshots and stops it with the rest, and may save its
+    /// definition after a delete had removed it); an internal removal still works then.
+    #[tokio::test]
+    async fn a_delete_while_the_daemon_stops_is_refused_and_keeps_the_vm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        define(&d, "a").await;
+        define(&d, "b").await;
+        define(&d, "c").await;
+        d.delete("a").await.expect("a delete while running");
+        assert!(!dir.path().join("vms/a.json").exists());
+        d.stopping.send_replace(true);
+        match d.delete("b").await {
+            Err(ApiError::Busy(m)) => assert!(m.contains("stopping") && m.contains("'b'"), "{m}"),
+            other => panic!("a delete while stopping: {other:?}"),
+        }
+        assert!(dir.path().join("vms/b.json").exists(), "the refused delete removed the definition");
+        assert!(d.lock().contains_key("b"), "the refused delete unlisted the VM");
+        assert!(d.making().is_empty(), "the refused delete left a claim: shutdown would wait for it");
+        assert!(matches!(d.delete("nope").await, Err(ApiError::Busy(_))));
+        assert!(d.forget("c", "its start failed").await, "an internal removal while stopping");
+        assert!(!dir.path().join("vms/c.json").exists());
     }
 }
