@@ -302,7 +302,7 @@ async fn list_snapshots(State(d): Api) -> Result<Response, ApiError> {
     let store = d.store.clone();
     let names =
         tokio::task::spawn_blocking(move || store.list()).await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(names.map_err(|e| ApiError::Internal(e.to_string()))?).into_response())
+    Ok(Json(names.map_err(|e| ApiError::from_store(&e))?).into_response())
 }
 
 async fn delete_snapshot(State(d): Api, Path(name): Path<String>) -> Result<Response, ApiError> {
@@ -311,12 +311,8 @@ async fn delete_snapshot(State(d): Api, Path(name): Path<String>) -> Result<Resp
     tokio::task::spawn_blocking(move || store.delete(&name))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| match e {
-            storage::StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            // A restored VM still reads from it: the error names the VMs.
-            storage::StoreError::Pinned { .. } => ApiError::Conflict(e.to_string()),
-            other => ApiError::Internal(other.to_string()),
-        })?;
+        // Pinned (a restored VM still reads from it) is 409, naming the VMs.
+        .map_err(|e| ApiError::from_store(&e))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -388,7 +384,7 @@ async fn store_call<T: serde::Serialize + Send + 'static>(
     let v = tokio::task::spawn_blocking(move || f(store))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::from_store(&e))?;
     Ok(Json(v).into_response())
 }
 

@@ -109,6 +109,7 @@ impl Daemon {
             ApiError::TooLarge(_) => ApiError::TooLarge(msg),
             ApiError::Busy(_) => ApiError::Busy(msg),
             ApiError::Timeout(_) => ApiError::Timeout(msg),
+            ApiError::StoreFull(_) => ApiError::StoreFull(msg),
             ApiError::Internal(_) | ApiError::SlowClient(_) => ApiError::Internal(msg),
         })
     }

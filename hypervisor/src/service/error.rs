@@ -33,6 +33,9 @@ pub enum ApiError {
     /// The client did not send its request in time.
     #[error("{0}")]
     SlowClient(String),
+    /// The store's file system has no room for what the request writes (507).
+    #[error("{0}")]
+    StoreFull(String),
 }
 
 impl ApiError {
@@ -47,6 +50,23 @@ impl ApiError {
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::SlowClient(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::StoreFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+        }
+    }
+
+    /// A store error: 404 for a missing snapshot, 409 for one that exists, is being written
+    /// or is in use, 400 for a bad name, 507 when the store's file system is full (the
+    /// store's own reserve check, or ENOSPC from a write), 500 for the rest (damage included:
+    /// the message names the snapshot and the chunk).
+    pub fn from_store(e: &storage::StoreError) -> ApiError {
+        use storage::StoreError as S;
+        match e {
+            S::NotFound(_) => ApiError::NotFound(e.to_string()),
+            S::Exists(_) | S::Busy(_) | S::Pinned { .. } => ApiError::Conflict(e.to_string()),
+            S::Name(_) => ApiError::BadRequest(e.to_string()),
+            S::Full { .. } => ApiError::StoreFull(e.to_string()),
+            S::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ApiError::StoreFull(e.to_string()),
+            _ => ApiError::Internal(e.to_string()),
         }
     }
 
@@ -74,12 +94,13 @@ impl ApiError {
     }
 
     pub fn from_snapshot(e: &SnapshotError) -> ApiError {
-        use storage::StoreError as S;
         match e {
-            SnapshotError::Store(S::NotFound(_)) => ApiError::NotFound(e.to_string()),
-            SnapshotError::Store(S::Exists(_) | S::Busy(_) | S::Pinned { .. }) => ApiError::Conflict(e.to_string()),
-            SnapshotError::Store(S::Name(_))
-            | SnapshotError::Check(_)
+            SnapshotError::Store(s) => match ApiError::from_store(s) {
+                // The snapshot's own words (they may say more than the store's).
+                ApiError::Internal(_) => ApiError::Internal(e.to_string()),
+                mapped => mapped,
+            },
+            SnapshotError::Check(_)
             | SnapshotError::Format(_)
             | SnapshotError::NetCount { .. }
             | SnapshotError::NetSpec { .. }
