@@ -259,6 +259,16 @@ fn a_corrupt_chunk_in_the_base_stops_only_the_clones_that_touch_it() {
     assert_eq!(b.control().exit_reason(), None, "clone b keeps running");
     assert_blocks_match_except(&b, &store, "c", &[("pc.ram", offset)], "clone b");
     assert_eq!(b.control().exit_reason(), None, "clone b still runs after its memory was read");
+    // A background snapshot of b would wait for its base to complete, which it never will:
+    // the wait ends at once, the snapshot falls back to stop-and-copy, whose copy meets the
+    // bad chunk, and nothing is committed.
+    let wait = Duration::from_secs(600);
+    let t0 = std::time::Instant::now();
+    let opts = SaveOptions { fill_wait: wait, ..Default::default() };
+    let err = snapshot::save(&b, &store, "cb", &opts, &|_| {}).expect_err("a snapshot over a bad chunk");
+    assert!(t0.elapsed() < wait / 2, "the snapshot waited for a base that cannot complete: {err}");
+    assert!(err.to_string().contains("0x200000"), "{err}");
+    assert!(store.manifest("cb").is_err(), "a snapshot with a bad chunk was committed");
     b.stop("test done");
 }
 

@@ -358,11 +358,16 @@ impl PageServer {
     }
 
     /// [`PageServer::wait_resident`] that also gives up (false) as soon as `keep_waiting`
-    /// says no; it is asked every millisecond.
+    /// says no; it is asked every millisecond. A clone whose shared base failed a chunk is
+    /// never resident (the base never completes): the wait ends once the base says so.
     pub fn wait_resident_while(&self, timeout: Duration, keep_waiting: &dyn Fn() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         while !self.is_resident() {
-            if self.shared.failed.get().is_some() || Instant::now() >= deadline || !keep_waiting() {
+            if self.shared.failed.get().is_some()
+                || self.base().is_some_and(|b| b.stats().chunks_failed > 0)
+                || Instant::now() >= deadline
+                || !keep_waiting()
+            {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(1));
