@@ -3,78 +3,29 @@
 
 mod common;
 
+use common::daemon::Daemon;
+
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hypervisor::service::client::request;
 use serde_json::{json, Value};
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    state: PathBuf,
+/// A daemon with a 20 s shutdown timeout (common/daemon.rs).
+fn start(dir: &Path) -> Daemon {
+    Daemon::start(dir, &["--shutdown-timeout", "20"])
 }
 
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        Self::start_with(dir, &[])
-    }
-
-    fn start_with(dir: &Path, env: &[(&str, &str)]) -> Daemon {
-        let socket = dir.join("api.sock");
-        let state = dir.join("state");
-        let mut cmd = Command::new(common::snapvisor_bin());
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--shutdown-timeout")
-            .arg("20");
-        cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::null());
-        let child = cmd.spawn().expect("spawn daemon");
-        // Ready when it accepts connections (a socket file alone could be a stale one).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok(), "the daemon never accepted connections");
-        Daemon { child, socket, state }
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let (status, text) = request(&self.socket, method, path, body.as_ref()).expect("request");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
-    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let (status, v) = self.call(method, path, body);
-        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
-        v
-    }
-
-    /// SIGTERM, then wait for the exit.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not stop within 30 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+fn start_with(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+    Daemon::start_env(dir, &["--shutdown-timeout", "20"], env)
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// SIGTERM, then wait (at most 30 s) for the exit.
+fn terminate(mut d: Daemon) -> std::process::ExitStatus {
+    let (status, took) = d.terminate_within(Duration::from_secs(30));
+    status.unwrap_or_else(|| panic!("the daemon did not stop within {took:?} of SIGTERM"))
 }
 
 fn wait_serial(d: &Daemon, vm: &str, needle: &str) -> String {
@@ -82,15 +33,7 @@ fn wait_serial(d: &Daemon, vm: &str, needle: &str) -> String {
 }
 
 fn wait_serial_for(d: &Daemon, vm: &str, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (_, v) = d.call("GET", &format!("/vms/{vm}/serial"), None);
-        let text = v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
-        if text.contains(needle) || Instant::now() > deadline {
-            return text;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_serial(vm, needle, timeout)
 }
 
 /// The serial output of `vm` once it holds a whole memfill pass line. A guest restored from a
@@ -111,7 +54,7 @@ fn wait_pass_line(d: &Daemon, vm: &str) -> String {
 #[test]
 fn vms_snapshots_restores_and_clones() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     let v = d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "start": true})));
     assert_eq!(v["state"], "running");
     assert!(wait_serial(&d, "m", "memfill pass 1 ").contains("mismatches 0"));
@@ -162,13 +105,13 @@ fn vms_snapshots_restores_and_clones() {
         metrics = d.call("GET", "/metrics", None).1.as_str().expect("text").to_string();
     }
     assert!(faults(&metrics), "{metrics}");
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
 }
 
 #[test]
 fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     d.ok("POST", "/vms", Some(json!({"name": "a", "guest": "idle", "mem_mib": 16, "start": true})));
     let cases: Vec<(&str, &str, Option<Value>, u16, &str)> = vec![
         ("POST", "/vms", Some(Value::String("{not json".into())), 400, "request body"),
@@ -233,23 +176,23 @@ fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
     // Unharmed: the VM runs and the daemon answers.
     assert_eq!(d.ok("GET", "/vms/a", None)["state"], "running");
     assert!(!dir.path().join("etc.json").exists());
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
 }
 
 #[test]
 fn a_restarted_daemon_knows_its_vms_and_snapshots() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     d.ok("POST", "/vms", Some(json!({"name": "keep", "guest": "idle", "mem_mib": 16, "start": true})));
     d.ok("POST", "/vms", Some(json!({"name": "defined", "guest": "hello", "mem_mib": 16})));
     d.ok("POST", "/vms/keep/snapshot", Some(json!({"name": "snap"})));
     let socket = d.socket.clone();
     let t0 = Instant::now();
-    assert!(d.terminate().success(), "clean exit on SIGTERM");
+    assert!(terminate(d).success(), "clean exit on SIGTERM");
     assert!(t0.elapsed() < Duration::from_secs(20));
     assert!(!socket.exists(), "the socket is removed");
 
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     let vms = d.ok("GET", "/vms", None);
     let names: Vec<&str> = vms.as_array().expect("list").iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(names, vec!["defined", "keep"]);
@@ -267,7 +210,7 @@ fn a_restarted_daemon_knows_its_vms_and_snapshots() {
     assert_eq!(back["state"], "running");
     assert_eq!(back["restored_from"], "snap");
     assert!(d.state.join("vms").join("back.json").exists());
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
 }
 
 #[test]
@@ -292,7 +235,7 @@ fn the_openapi_document_matches_the_routes() {
     assert_eq!(documented, routed);
     // And the daemon serves it.
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     assert_eq!(d.ok("GET", "/openapi.json", None), doc);
     // Every route answers (the endless event stream is tested on its own).
     for (m, p) in routed.iter().filter(|(_, p)| p != "/events") {
@@ -332,7 +275,7 @@ fn ready_reaches_the_notify_socket() {
     let notify = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&notify).expect("bind notify socket");
     sock.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    let d = Daemon::start_with(dir.path(), &[("NOTIFY_SOCKET", notify.to_str().expect("utf-8"))]);
+    let d = start_with(dir.path(), &[("NOTIFY_SOCKET", notify.to_str().expect("utf-8"))]);
     let mut buf = [0u8; 512];
     let mut got = String::new();
     while !got.contains("READY=1") {
@@ -340,7 +283,7 @@ fn ready_reaches_the_notify_socket() {
         got.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     assert!(got.contains("STATUS="), "{got}");
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
     let n = sock.recv(&mut buf).expect("STOPPING");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
 }
@@ -352,7 +295,7 @@ fn count_dir(p: &str) -> usize {
 #[test]
 fn concurrent_clients_leak_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     let pid = d.child.id();
     let (fd_dir, task_dir) = (format!("/proc/{pid}/fd"), format!("/proc/{pid}/task"));
     d.ok("GET", "/vms", None);
@@ -399,13 +342,13 @@ fn concurrent_clients_leak_nothing() {
     // Twelve 16 MiB VMs and their restores came and went; their memory went with them.
     let rss1 = rss();
     assert!(rss1 < rss0 + 64 * 1024, "resident memory grew from {rss0} KiB to {rss1} KiB");
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
 }
 
 #[test]
 fn the_cli_talks_to_the_daemon() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     let sock = d.socket.to_str().expect("utf-8").to_string();
     let o =
         common::snapvisor(&["vm", "create", "x", "--builtin", "idle", "--mem-mib", "16", "--start", "--socket", &sock]);
@@ -420,7 +363,7 @@ fn the_cli_talks_to_the_daemon() {
     let o = common::snapvisor(&["vm", "list", "--socket", "/nonexistent.sock"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the daemon"));
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
 }
 
 #[test]
@@ -454,7 +397,7 @@ fn running_vms_are_snapshotted_at_shutdown_and_resumed_at_start() {
     let d = spawn(dir.path());
     d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "seed": 5, "start": true})));
     let before = wait_serial(&d, "m", "memfill pass 1 ");
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
     let d = spawn(dir.path());
     let info = d.ok("GET", "/vms/m", None);
     assert_eq!(info["state"], "running", "{info}");
@@ -468,7 +411,7 @@ fn running_vms_are_snapshotted_at_shutdown_and_resumed_at_start() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(d.ok("GET", "/snapshots", None), json!([]));
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
 }
 
 #[test]
@@ -504,7 +447,7 @@ fn bench_fleet_runs_small() {
 #[test]
 fn long_operations_run_in_the_background_with_progress() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 64, "start": true})));
     wait_serial(&d, "m", "memfill pass 1 ");
     let (status, accepted) =
@@ -531,14 +474,14 @@ fn long_operations_run_in_the_background_with_progress() {
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(err.contains("2 of 2 clones running"), "{err}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("k1"));
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
 }
 
 #[test]
 fn events_stream_what_happens() {
     use std::io::{BufRead, BufReader, Write};
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
     s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
@@ -566,7 +509,7 @@ fn events_stream_what_happens() {
     }
     assert_eq!(seen, vec!["created", "snapshot", "stop"]);
     // An open event stream does not hold up a shutdown.
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
     drop(r);
 }
 
@@ -631,7 +574,7 @@ fn a_kernel_vm_boots_through_the_daemon() {
     let images = dir.path().join("state").join("images");
     std::fs::create_dir_all(&images).expect("image directory");
     std::fs::copy(&kernel, images.join("vmlinux")).expect("copy the kernel into the image directory");
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     let v = d.ok("POST", "/vms", Some(json!({"name": "linux", "kernel": "vmlinux", "mem_mib": 256, "start": true})));
     assert_eq!(v["state"], "running");
     // An emulated kernel takes about a minute to its first line on hosts without hardware
@@ -639,5 +582,5 @@ fn a_kernel_vm_boots_through_the_daemon() {
     let out = wait_serial_for(&d, "linux", "Linux version ", Duration::from_secs(300));
     assert!(out.contains("Linux version "), "{out}");
     assert_eq!(d.call("DELETE", "/vms/linux", None).0, 204);
-    assert!(d.terminate().success());
+    assert!(terminate(d).success());
 }

@@ -23,6 +23,15 @@ impl Daemon {
     /// Like [`Daemon::start`], with the daemon run by `wrapper` (a command and its arguments
     /// that execs the rest, like `ip netns exec NAME`).
     pub fn start_under(dir: &Path, args: &[&str], wrapper: &[&str]) -> Daemon {
+        Daemon::spawn(dir, args, wrapper, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables for the daemon.
+    pub fn start_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(dir, args, &[], env)
+    }
+
+    fn spawn(dir: &Path, args: &[&str], wrapper: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.join("api.sock");
         let state = dir.join("state");
         let mut cmd = match wrapper.split_first() {
@@ -40,6 +49,7 @@ impl Daemon {
             .arg("--state-dir")
             .arg(&state)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
