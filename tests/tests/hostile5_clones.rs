@@ -281,3 +281,53 @@ fn a_chunk_that_failed_in_a_base_is_read_again_for_a_clone_made_after_the_store_
     c.stop("test done");
     drop(a);
 }
+
+/// `lazy-prefetch-before` on a shared clone: the recorded working set is in the base before the
+/// restore returns (even on a base made by an earlier clone without the list), and a chunk of
+/// it that cannot be read fails the restore, naming it, as for a private restore.
+#[test]
+fn a_shared_clone_restored_prefetch_before_has_its_working_set_in_the_base_first_or_fails_naming_the_chunk() {
+    const MEM: u64 = 32;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    running_memfill(&store, "p", MEM, 9);
+    let offsets = [0x20_0000u64, 0x50_0000, 0x60_0000, 0x90_0000];
+    let list: Vec<(String, u64)> = offsets.iter().map(|&o| ("pc.ram".to_string(), o)).collect();
+    let attach = |name: &str| {
+        store
+            .put_attachment(name, snapshot::restore::PREFETCH_ATTACHMENT, &snapshot::restore::encode_prefetch(&list))
+            .expect("attachment")
+    };
+    attach("p");
+    let bases = BaseRegistry::new();
+    // A plain lazy clone makes the base: no list, no background fill, nothing filled.
+    let (first, _) =
+        snapshot::restore(&store, "p", clone_opts(&bases, &SharedOutput::default(), false)).expect("first");
+    let base = base_of(&first);
+    assert_eq!(base.stats().chunks_filled, 0);
+    let before =
+        RestoreOptions { mode: RestoreMode::LazyPrefetchBefore, ..clone_opts(&bases, &SharedOutput::default(), false) };
+    let (second, report) = snapshot::restore(&store, "p", before).expect("prefetch-before clone");
+    assert!(Arc::ptr_eq(&base, &base_of(&second)), "the second clone shares the first one's base");
+    let filled = base.stats().chunks_filled;
+    assert!(
+        filled >= offsets.len() as u64,
+        "the working set ({} chunks, {} listed) is in the base before the restore returns: {filled} chunks filled",
+        offsets.len(),
+        report.prefetch_chunks
+    );
+    assert_blocks_match(&second, &store, "p", "the prefetch-before clone");
+    drop((first, second));
+
+    // A damaged chunk in the list: the restore fails and names it.
+    running_memfill(&store, "q", MEM, 10);
+    attach("q");
+    let _repair = damage(&store, "q", 0x60_0000);
+    let before =
+        RestoreOptions { mode: RestoreMode::LazyPrefetchBefore, ..clone_opts(&bases, &SharedOutput::default(), false) };
+    let err = match snapshot::restore(&store, "q", before) {
+        Ok(_) => panic!("a prefetch-before clone of a snapshot whose working set has a corrupt chunk was restored"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("pc.ram") && err.contains("0x600000"), "{err}");
+}
