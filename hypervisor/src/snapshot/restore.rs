@@ -359,13 +359,15 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
                 Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() }));
             let server = match &opts.shared_base {
                 Some(bases) => {
+                    // The clone keeps its list too: a base made by an earlier clone may have
+                    // none, and prefetch-before loads it into the base on this thread.
                     let base_opts = migrate::lazy::BaseOptions {
-                        prefetch,
+                        prefetch: prefetch.clone(),
                         background_fill: opts.background_fill,
                         ..Default::default()
                     };
                     let base = super::shared_base::base_for(bases, store, name, &reader, base_opts)?;
-                    super::shared_base::start_on_base(&blocks, base, on_error)?
+                    super::shared_base::start_on_base(&blocks, base, &prefetch, on_error)?
                 }
                 None => PageServer::start(
                     lazy,

@@ -20,7 +20,7 @@ use std::time::Instant;
 use userfaultfd::{Event, IoctlFlags, UffdBuilder};
 
 use super::base::Base;
-use super::server::{run_guarded, LazyBlock, PageServer};
+use super::server::{check_prefetch, run_guarded, LazyBlock, PageServer};
 use super::serving::{Block, Shared, PAGE};
 use super::stats::LazyStats;
 use super::LazyError;
@@ -34,10 +34,12 @@ pub(super) struct BaseLink {
 impl PageServer {
     /// Serves `blocks`, which the caller has mapped over `base` ([`crate::ram::RamBlock::map_base`]),
     /// from the base. `on_error` is called once, from the fault thread, if a chunk the clone
-    /// touches cannot be read.
+    /// touches cannot be read. `prefetch` is the clone's own working-set list (untrusted,
+    /// checked as for [`PageServer::start`]): [`PageServer::load_prefetch`] puts it in the base.
     pub fn start_on_base(
         blocks: Vec<LazyBlock>,
         base: Arc<Base>,
+        prefetch: &[(Arc<str>, u64)],
         on_error: Box<dyn Fn(&LazyError) + Send + Sync>,
     ) -> Result<PageServer, LazyError> {
         let chunk = base.chunk_size();
@@ -77,6 +79,10 @@ impl PageServer {
                 claimed: (0..words).map(|_| AtomicU64::new(0)).collect(),
             });
         }
+        let (prefetch, dropped) = check_prefetch(prefetch, &state, chunk);
+        if dropped > 0 {
+            tracing::info!("shared base: {dropped} of the clone's prefetch list entries ignored (unknown block, offset past its end, or repeated)");
+        }
         let stop_fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| LazyError::Create(format!("stop eventfd: {e}")))?;
         let shared = Arc::new(Shared {
@@ -93,8 +99,9 @@ impl PageServer {
             fault_order: Mutex::new(Vec::new()),
             record: true,
             hold: Mutex::new(None),
-            // The base's fill threads load the prefetch list; a clone has none of its own.
-            prefetch: Vec::new(),
+            // The base's fill threads load the list of the clone that made the base; this
+            // clone's own is loaded only by `load_prefetch` (prefetch-before), on its caller.
+            prefetch,
             cursor: AtomicUsize::new(0),
             base: Some(BaseLink { base, index }),
             gate: Arc::new(super::gate::FillGate::new_open()),
@@ -215,6 +222,28 @@ impl Shared {
             }
         }
         self.stats.record_fault(t0.elapsed());
+        Ok(())
+    }
+
+    /// A clone's [`PageServer::load_prefetch`]: every chunk of its list into the base (or
+    /// waited for, if another thread fills it), on the calling thread, before the clone's first
+    /// instruction. A chunk that cannot be read is an error naming it (the base marks it
+    /// failed, as for a fault); the clone is not started.
+    pub(super) fn load_prefetch_into_base(&self, link: &BaseLink) -> Result<(), LazyError> {
+        let mut buf = vec![0u8; self.chunk as usize];
+        for &(bi, ci) in &self.prefetch {
+            if let Some(e) = self.failed.get() {
+                return Err(e.clone());
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return Err(LazyError::Stopped);
+            }
+            link.base.ensure(link.index[bi], ci, &mut buf).map_err(|reason| LazyError::Source {
+                idstr: self.blocks[bi].desc.idstr.clone(),
+                offset: ci * self.chunk,
+                reason,
+            })?;
+        }
         Ok(())
     }
 

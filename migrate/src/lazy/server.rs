@@ -72,7 +72,7 @@ impl Default for ServerOptions {
 /// entries naming a block not served, or an offset past the block's served length, are
 /// dropped, and so is every repeat of a chunk; the order of the rest is kept. Returns the
 /// list and the number of entries dropped.
-fn check_prefetch(list: &[(Arc<str>, u64)], blocks: &[Block], chunk: u64) -> (Vec<(usize, u64)>, usize) {
+pub(super) fn check_prefetch(list: &[(Arc<str>, u64)], blocks: &[Block], chunk: u64) -> (Vec<(usize, u64)>, usize) {
     let mut seen: Vec<Vec<u64>> = blocks.iter().map(|b| vec![0u64; b.chunks.div_ceil(64) as usize]).collect();
     let mut out = Vec::with_capacity(list.len().min(blocks.iter().map(|b| b.chunks as usize).sum()));
     for (idstr, off) in list {
