@@ -331,3 +331,84 @@ fn a_shared_clone_restored_prefetch_before_has_its_working_set_in_the_base_first
     };
     assert!(err.contains("pc.ram") && err.contains("0x600000"), "{err}");
 }
+
+/// A clone that only reads (never started; its memory read by the host, as a snapshot or a
+/// migration would) sees the snapshot's bytes throughout, while two clones of the same base
+/// rewrite every page, with and without a background fill.
+#[test]
+fn a_reading_clone_sees_the_snapshot_while_its_siblings_rewrite_every_shared_page() {
+    const MEM: u64 = 32;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    running_memfill(&store, "r", MEM, 21);
+    for fill in [false, true] {
+        let bases = BaseRegistry::new();
+        let mut writers = Vec::new();
+        for _ in 0..2 {
+            let out = SharedOutput::default();
+            let (mut w, _) = snapshot::restore(&store, "r", clone_opts(&bases, &out, fill)).expect("writer");
+            w.start().expect("start writer");
+            writers.push((w, out));
+        }
+        let (reader, _) =
+            snapshot::restore(&store, "r", clone_opts(&bases, &SharedOutput::default(), fill)).expect("reader");
+        for round in 0..5 {
+            assert_blocks_match(&reader, &store, "r", &format!("fill {fill}, round {round}: the reading clone"));
+        }
+        for (w, out) in &mut writers {
+            let n = passes(&out.text()).len();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while passes(&out.text()).len() < n + 2 && w.control().exit_reason().is_none() && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let p = passes(&out.text());
+            assert!(p.len() >= n + 2 && p.iter().all(|&(_, _, m)| m == 0), "fill {fill}: a writer: {}", out.text());
+            w.stop("test done");
+        }
+        assert_blocks_match(&reader, &store, "r", &format!("fill {fill}: the reading clone at the end"));
+    }
+}
+
+/// A clone whose base failed a chunk the clone never touched: an incremental snapshot of it
+/// (which reads only what it wrote) succeeds and restores to its memory; a full one, which
+/// must read the bad chunk, fails naming it and commits nothing, and never a snapshot with
+/// zeros where the chunk was.
+#[test]
+fn snapshots_of_a_clone_whose_base_failed_a_chunk_it_never_touched_commit_nothing_wrong() {
+    const MEM: u64 = 32;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    common::touch::touch_snapshot(&store, "t", MEM, 5);
+    let offset = 0x20_0000;
+    let _repair = damage(&store, "t", offset);
+    let bases = BaseRegistry::new();
+    let (mut vm, _) =
+        snapshot::restore(&store, "t", clone_opts(&bases, &SharedOutput::default(), true)).expect("clone");
+    vm.start().expect("start");
+    let base = base_of(&vm);
+    assert!(base.wait_settled(Duration::from_secs(120)), "the base settles");
+    assert_eq!(base.stats().chunks_failed, 1);
+    let ram = vm.registry().get("pc.ram").expect("pc.ram");
+    ram.write(0x40_0000, &[0x5a; 4096]).expect("host write");
+    let inc = snapshot::save(&vm, &store, "inc", &SaveOptions { stay_paused: true, ..Default::default() }, &|_| {})
+        .expect("incremental snapshot");
+    assert!(inc.incremental, "{inc:?}");
+    vm.resume();
+    assert_eq!(vm.control().exit_reason(), None, "the incremental snapshot read nothing bad");
+    let full = SaveOptions { incremental: false, ..Default::default() };
+    let err = snapshot::save(&vm, &store, "full", &full, &|_| {}).expect_err("a full snapshot reads the bad chunk");
+    assert!(err.to_string().contains("0x200000"), "{err}");
+    assert!(store.manifest("full").is_err(), "nothing committed");
+    // The incremental one holds the clone's write and refers to the (still damaged) chunk.
+    let m = store.manifest("inc").expect("inc");
+    let t = store.manifest("t").expect("t");
+    let ci = (offset / u64::from(m.chunk_size)) as usize;
+    assert_eq!(m.block("pc.ram").expect("pc.ram").chunks[ci], t.block("pc.ram").expect("pc.ram").chunks[ci]);
+    let (r, _) =
+        snapshot::restore(&store, "inc", RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default())))
+            .expect("restore inc");
+    let mut word = [0u8; 8];
+    r.registry().get("pc.ram").expect("pc.ram").read(0x40_0000, &mut word).expect("read");
+    assert_eq!(word, [0x5a; 8]);
+}
