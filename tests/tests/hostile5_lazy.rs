@@ -246,3 +246,57 @@ fn every_snapshot_mode_of_a_lazily_restored_writer_taken_as_it_starts_restores_t
         }
     }
 }
+
+/// Chunks of the working-set list stored with `name`, as a set.
+fn recorded(store: &storage::Store, name: &str) -> std::collections::BTreeSet<(String, u64)> {
+    let bytes = store.attachment(name, PREFETCH_ATTACHMENT).expect("attachment").expect("a list");
+    snapshot::restore::decode_prefetch(&bytes).into_iter().map(|(n, o)| (n.to_string(), o)).collect()
+}
+
+/// A working set recorded again from a restore that prefetched the last recording (the CLI's
+/// `restore --lazy --prefetch --record-working-set-ms`) still holds the whole working set:
+/// chunks the prefetch loaded never fault, and must not drop out of the list.
+#[test]
+fn a_working_set_recorded_again_from_a_prefetching_restore_keeps_the_whole_working_set() {
+    use std::sync::atomic::Ordering;
+    const MEM: u64 = 64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let expect = common::touch::touch_snapshot(&store, "t", MEM, 33);
+    let run = |mode: RestoreMode| {
+        let out = SharedOutput::default();
+        let (mut vm, _) = snapshot::restore(&store, "t", restore_opts(mode, false, &out)).expect("restore");
+        vm.start().expect("start");
+        if mode == RestoreMode::LazyPrefetch {
+            // Let the list load before the go (chunks the waiting guest touches itself fault).
+            let want = vm.page_server().map_or(0, |s| s.prefetch_len()) as u64;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let s = snapshot::restore::lazy_stats(&vm).expect("lazy");
+                if s.chunks_prefetched + s.chunks_on_fault >= want || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        vm.devices().go.store(true, Ordering::Release);
+        let reason = vm.wait(Some(Duration::from_secs(60)));
+        assert_eq!(reason, hypervisor::control::ExitReason::GuestExit { status: 0 }, "{mode:?}");
+        assert_eq!(out.text(), expect, "{mode:?}");
+        snapshot::restore::record_working_set(&vm, &store, "t").expect("record")
+    };
+    let first = run(RestoreMode::Lazy);
+    let ws = recorded(&store, "t");
+    assert!(first > 4 && ws.len() == first, "a working set of {first} chunks recorded");
+    for round in 0..2 {
+        run(RestoreMode::LazyPrefetch);
+        let again = recorded(&store, "t");
+        let lost: Vec<_> = ws.difference(&again).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} of the {} working-set chunks dropped out of the list",
+            lost.len(),
+            ws.len()
+        );
+    }
+}
