@@ -587,12 +587,14 @@ pub fn restore_nics(
 }
 
 /// After a lazy restore has run for a while: stores the order in which the guest faulted
-/// chunks in, as the snapshot's prefetch list. Returns the number of chunks recorded.
+/// chunks in, as the snapshot's prefetch list, after the list this restore prefetched, if
+/// any (its chunks did not fault: [`PageServer::working_set`]). Returns the number of chunks
+/// recorded.
 pub fn record_working_set(vm: &Vm, store: &Store, name: &str) -> Result<usize, SnapshotError> {
     let Some(server) = vm.page_server() else {
         return Ok(0);
     };
-    let order = server.fault_order();
+    let order = server.working_set();
     store.put_attachment(name, PREFETCH_ATTACHMENT, &encode_prefetch(&order))?;
     Ok(order.len())
 }

@@ -375,6 +375,25 @@ impl PageServer {
             .collect()
     }
 
+    /// The working set to record: the prefetch list this server was given (as checked, in its
+    /// order), then the chunks served on faults that are not in it, in fault order. A chunk
+    /// the list loaded never faults, so the faults alone would drop the listed chunks from a
+    /// list recorded again after a prefetching restore. A listed chunk the guest no longer
+    /// touches stays in the list: it costs a load, never a byte (every chunk is verified as
+    /// it is served).
+    pub fn working_set(&self) -> Vec<(String, u64)> {
+        let sh = &self.shared;
+        let faults = sh.fault_order.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut seen = std::collections::HashSet::with_capacity(sh.prefetch.len() + faults.len());
+        sh.prefetch
+            .iter()
+            .copied()
+            .chain(faults.iter().map(|&(bi, ci)| (bi as usize, ci)))
+            .filter(|k| seen.insert(*k))
+            .map(|(bi, ci)| (sh.blocks[bi].desc.idstr.clone(), ci * sh.chunk))
+            .collect()
+    }
+
     /// Once every chunk is resident, unregisters the blocks' ranges from the userfaultfd, so
     /// that another userfaultfd (a background snapshot's write protection) may register them;
     /// true if they are free (now or since an earlier call). False while chunks are still to
