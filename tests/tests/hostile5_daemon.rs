@@ -128,3 +128,33 @@ fn clones_outlive_their_collected_snapshot_and_a_clone_of_a_clones_snapshot_race
     // Nothing pins cs any more.
     assert_eq!(delete(&d, "/snapshots/cs"), 204);
 }
+
+/// Clones of a large snapshot deleted while their base is still far from filled: the deletes
+/// answer, the base's memfds and shared memory go, and nothing pins the snapshot any more.
+#[test]
+fn clones_deleted_while_their_base_fills_leave_no_memfd_shared_memory_or_pin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 768, "start": true})));
+    runs_intact(&d, "m", 1);
+    d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "big", "mode": "stop"})));
+    assert_eq!(delete(&d, "/vms/m"), 204);
+    let shmem_before = d.proc_status("RssShmem:");
+    for round in 0..3 {
+        let made = d.ok("POST", "/snapshots/big/clone", Some(json!({"prefix": format!("b{round}-"), "count": 3})));
+        assert_eq!(made.as_array().map(Vec::len), Some(3), "{made}");
+        let filling = base_memfds(&d);
+        assert!(filling.0 >= 1, "round {round}: the clones' base is open: {filling:?}");
+        for i in 0..3 {
+            assert_eq!(delete(&d, &format!("/vms/b{round}-{i}")), 204, "round {round}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while base_memfds(&d) != (0, 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(base_memfds(&d), (0, 0), "round {round}: the base went with its clones");
+    }
+    let shmem = d.proc_status("RssShmem:");
+    assert!(shmem < shmem_before + 16 * 1024, "RssShmem {shmem_before} -> {shmem} KiB after every clone went");
+    assert_eq!(delete(&d, "/snapshots/big"), 204, "no pin is left on the snapshot");
+}
