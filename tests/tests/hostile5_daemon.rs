@@ -158,3 +158,42 @@ fn clones_deleted_while_their_base_fills_leave_no_memfd_shared_memory_or_pin() {
     assert!(shmem < shmem_before + 16 * 1024, "RssShmem {shmem_before} -> {shmem} KiB after every clone went");
     assert_eq!(delete(&d, "/snapshots/big"), 204, "no pin is left on the snapshot");
 }
+
+/// Through the daemon: a lazily restored memfill VM snapshotted four times (the first full,
+/// then incremental), the middle two deleted and collected; the last restores every way and
+/// carries on intact, as does a shared clone of it.
+#[test]
+fn an_incremental_chain_of_a_lazily_restored_vm_survives_its_middle_parents_through_the_daemon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(dir.path(), &[]);
+    d.ok("POST", "/vms", Some(json!({"name": "m", "guest": "memfill", "mem_mib": 256, "start": true})));
+    runs_intact(&d, "m", 1);
+    d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "src", "mode": "stop"})));
+    assert_eq!(delete(&d, "/vms/m"), 204);
+    d.ok("POST", "/snapshots/src/restore", Some(json!({"vm": "r", "mode": "lazy"})));
+    let mut reports = Vec::new();
+    for (i, mode) in ["background", "stop", "background", "live", "background"].iter().enumerate() {
+        runs_intact(&d, "r", 1);
+        let r = d.ok("POST", "/vms/r/snapshot", Some(json!({"name": format!("s{i}"), "mode": mode})));
+        reports.push(r);
+    }
+    let incremental: Vec<bool> = reports.iter().map(|r| r["incremental"].as_bool().unwrap_or(false)).collect();
+    assert!(incremental.iter().skip(1).filter(|&&x| x).count() >= 2, "incremental snapshots: {reports:?}");
+    for gone in ["s1", "s2", "s3", "src"] {
+        assert_eq!(delete(&d, &format!("/snapshots/{gone}")), 204, "{gone}");
+    }
+    d.ok("POST", "/store/gc", None);
+    for s in ["s0", "s4"] {
+        for (vm, mode) in [("e", "eager"), ("l", "lazy"), ("p", "lazy-prefetch")] {
+            let name = format!("{s}{vm}");
+            d.ok("POST", &format!("/snapshots/{s}/restore"), Some(json!({"vm": name, "mode": mode})));
+            runs_intact(&d, &name, 2);
+            assert_eq!(delete(&d, &format!("/vms/{name}")), 204);
+        }
+        d.ok("POST", &format!("/snapshots/{s}/clone"), Some(json!({"prefix": format!("{s}c"), "count": 2})));
+        for i in 0..2 {
+            runs_intact(&d, &format!("{s}c{i}"), 2);
+        }
+    }
+    runs_intact(&d, "r", 2);
+}
