@@ -221,6 +221,17 @@ pub fn decode_prefetch(bytes: &[u8]) -> Vec<(Arc<str>, u64)> {
     out
 }
 
+/// The entries of `list` that name a chunk of one of `blocks` (offset inside its length),
+/// each chunk once, in order.
+fn served_once(list: Vec<(Arc<str>, u64)>, blocks: &[LazyBlock], chunk: u64) -> Vec<(Arc<str>, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    list.into_iter()
+        .filter(|(idstr, off)| {
+            blocks.iter().any(|b| *b.idstr == **idstr && *off < b.len) && seen.insert((idstr.clone(), off / chunk))
+        })
+        .collect()
+}
+
 /// Encodes a prefetch list for the store.
 pub fn encode_prefetch(list: &[(String, u64)]) -> Vec<u8> {
     list.iter().map(|(idstr, off)| format!("{off:x} {idstr}\n")).collect::<String>().into_bytes()
@@ -360,7 +371,10 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
             let server = match &opts.shared_base {
                 Some(bases) => {
                     // The clone keeps its list too: a base made by an earlier clone may have
-                    // none, and prefetch-before loads it into the base on this thread.
+                    // none, and prefetch-before loads it into the base on this thread. Only
+                    // the entries naming a chunk of a block, each once, are copied: the list
+                    // is untrusted and may be long.
+                    let prefetch = served_once(prefetch, &lazy, u64::from(reader.chunk_size()));
                     let base_opts = migrate::lazy::BaseOptions {
                         prefetch: prefetch.clone(),
                         background_fill: opts.background_fill,
