@@ -412,3 +412,79 @@ fn snapshots_of_a_clone_whose_base_failed_a_chunk_it_never_touched_commit_nothin
     r.registry().get("pc.ram").expect("pc.ram").read(0x40_0000, &mut word).expect("read");
     assert_eq!(word, [0x5a; 8]);
 }
+
+/// A clone whose base is complete but which has not run yet is started and snapshotted in the
+/// background at once: as it rewrites its memory, its copy thread (privatize.rs) makes every
+/// page its own during the snapshot, through the write protection. The snapshot holds the
+/// memory of the pause, and the clone runs on intact.
+#[test]
+fn a_clone_made_private_while_a_background_snapshot_protects_it_snapshots_the_pause() {
+    const MEM: u64 = 64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    running_memfill(&store, "v", MEM, 50);
+    let bases = BaseRegistry::new();
+    for round in 0..3 {
+        let out = SharedOutput::default();
+        let (mut vm, _) = snapshot::restore(&store, "v", clone_opts(&bases, &out, true)).expect("clone");
+        assert!(snapshot::restore::wait_resident(&vm, Duration::from_secs(120)), "the base completes");
+        vm.start().expect("start");
+        let seen: AtPause = Arc::default();
+        let opts = SaveOptions {
+            // Full but once: an incremental one of a clone that has written nothing yet protects
+            // nothing (no first fault to wait for).
+            hooks: SaveHooks { copy_after_first_fault: round < 2, ..capture_hook(&seen) },
+            incremental: round == 2,
+            ..Default::default()
+        };
+        let name = format!("v{round}");
+        let before = passes(&out.text()).len();
+        let report = snapshot::save(&vm, &store, &name, &opts, &|_| {}).expect("background snapshot");
+        assert_eq!(report.mode, SaveMode::Background, "{:?}", report.mode_reason);
+        eprintln!(
+            "round {round}: {:?} passes {before} -> {} total_ms {}",
+            report.wp,
+            passes(&out.text()).len(),
+            report.total_ms
+        );
+        let ram = seen.lock().expect("lock").take().expect("the hook ran");
+        // What the guest wrote is what the host reads: paused, every word is the pattern of
+        // the last complete pass or the one in progress.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while passes(&out.text()).is_empty() && vm.control().exit_reason().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(vm.pause(), "pause");
+        let last = passes(&out.text()).last().map(|p| p.0);
+        let ranges = hypervisor::guests::BootInfo::fill_ranges(&hypervisor::memory::e820_map(MEM << 20));
+        let block = vm.registry().get("pc.ram").expect("pc.ram");
+        let mut word = [0u8; 8];
+        let mut stale = 0u64;
+        let mut first = None;
+        for &(s, e) in &ranges {
+            for a in (s..e).step_by(4096) {
+                block.read(a, &mut word).expect("read");
+                let w = u64::from_le_bytes(word);
+                let ok = last
+                    .is_some_and(|p| [p, p + 1].iter().any(|&q| w == hypervisor::guests::memfill::pattern(a, 50 + q)));
+                if !ok {
+                    stale += 1;
+                    first.get_or_insert(a);
+                }
+            }
+        }
+        vm.resume();
+        assert_eq!(
+            stale, 0,
+            "round {round}: pages whose host view is not the guest's last pass {last:?} (first at {first:x?})"
+        );
+        restore_every_way(&store, &name, &ram, &format!("round {round}"));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while passes(&out.text()).len() < 3 && vm.control().exit_reason().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let p = passes(&out.text());
+        assert!(p.len() >= 3 && p.iter().all(|&(_, _, m)| m == 0), "round {round}: {}", out.text());
+        vm.stop("test done");
+    }
+}
