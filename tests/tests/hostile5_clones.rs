@@ -317,7 +317,7 @@ fn a_shared_clone_restored_prefetch_before_has_its_working_set_in_the_base_first
         report.prefetch_chunks
     );
     assert_blocks_match(&second, &store, "p", "the prefetch-before clone");
-    drop((first, second));
+    drop((first, second, base));
 
     // A damaged chunk in the list: the restore fails and names it.
     running_memfill(&store, "q", MEM, 10);
@@ -330,6 +330,10 @@ fn a_shared_clone_restored_prefetch_before_has_its_working_set_in_the_base_first
         Err(e) => e.to_string(),
     };
     assert!(err.contains("pc.ram") && err.contains("0x600000"), "{err}");
+    // The failed restore left no base, mapping or pin behind.
+    assert_eq!(memfds(), (0, 0), "no base of a failed restore is left");
+    assert!(bases.live().is_empty());
+    store.delete("q").expect("nothing pins q");
 }
 
 /// A clone that only reads (never started; its memory read by the host, as a snapshot or a
