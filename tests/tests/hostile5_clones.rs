@@ -492,3 +492,33 @@ fn a_clone_made_private_while_a_background_snapshot_protects_it_snapshots_the_pa
         vm.stop("test done");
     }
 }
+
+/// `lazy-prefetch` on a shared clone whose base an earlier clone made without a list (and
+/// without a background fill): the clone's own working set is loaded into the base all the
+/// same, alongside its first instructions.
+#[test]
+fn a_shared_clone_restored_lazy_prefetch_loads_its_working_set_into_a_base_made_without_one() {
+    const MEM: u64 = 32;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    running_memfill(&store, "a", MEM, 11);
+    let offsets = [0x30_0000u64, 0x70_0000, 0xa0_0000];
+    let list: Vec<(String, u64)> = offsets.iter().map(|&o| ("pc.ram".to_string(), o)).collect();
+    store
+        .put_attachment("a", snapshot::restore::PREFETCH_ATTACHMENT, &snapshot::restore::encode_prefetch(&list))
+        .expect("attachment");
+    let bases = BaseRegistry::new();
+    let (first, _) =
+        snapshot::restore(&store, "a", clone_opts(&bases, &SharedOutput::default(), false)).expect("first");
+    let base = base_of(&first);
+    let opts =
+        RestoreOptions { mode: RestoreMode::LazyPrefetch, ..clone_opts(&bases, &SharedOutput::default(), false) };
+    let (second, _) = snapshot::restore(&store, "a", opts).expect("prefetching clone");
+    assert!(Arc::ptr_eq(&base, &base_of(&second)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while base.stats().chunks_filled < offsets.len() as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(base.stats().chunks_filled, offsets.len() as u64, "the second clone's working set is in the base");
+    assert_blocks_match(&second, &store, "a", "the prefetching clone");
+}
