@@ -249,6 +249,16 @@ impl Base {
         self.inner.ensure(bi, ci, buf)
     }
 
+    /// Fills chunk `ci` of block `bi` unless it is filled, has failed, or another thread is
+    /// filling it: for loaders that must not wait on each other. A failure is recorded in the
+    /// base (the clones touching the chunk get it), not returned.
+    pub fn fill_if_free(&self, bi: usize, ci: u64, buf: &mut [u8]) {
+        let Some(b) = self.inner.blocks.get(bi) else { return };
+        if ci < b.chunks && !bit(&b.filled, ci) && !bit(&b.failed, ci) && !bit(&b.claimed, ci) {
+            let _ = self.inner.ensure(bi, ci, buf);
+        }
+    }
+
     /// Every chunk is filled.
     pub fn is_complete(&self) -> bool {
         self.inner.unfilled.load(Ordering::Acquire) == 0

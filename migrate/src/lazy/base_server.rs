@@ -100,7 +100,8 @@ impl PageServer {
             record: true,
             hold: Mutex::new(None),
             // The base's fill threads load the list of the clone that made the base; this
-            // clone's own is loaded only by `load_prefetch` (prefetch-before), on its caller.
+            // clone's own is loaded by its prefetch thread, and by `load_prefetch`
+            // (prefetch-before) on its caller.
             prefetch,
             cursor: AtomicUsize::new(0),
             base: Some(BaseLink { base, index }),
@@ -121,10 +122,22 @@ impl PageServer {
                 }
             })
             .map_err(|e| LazyError::Thread { thread: "fault", reason: e.to_string() })?;
+        let mut threads = vec![thread];
+        // The clone's own working set, into the base beside its first instructions: the base
+        // may have been made by a clone without a list. Chunks filled, failed or being filled
+        // are passed over, so a hundred clones of one base never wait on each other here.
+        if !shared.prefetch.is_empty() {
+            let s = shared.clone();
+            match std::thread::Builder::new().name("uffd-prefetch".into()).spawn(move || s.prefetch_into_base()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    tracing::warn!("shared base: no prefetch thread for a clone, its faults load its working set: {e}")
+                }
+            }
+        }
         // Gives a clone that writes what it reads its own copy at once (privatize.rs). Not
         // vital: without the thread the clone shares as before.
         let s = shared.clone();
-        let mut threads = vec![thread];
         match std::thread::Builder::new().name("uffd-cow".into()).spawn(move || s.privatize_loop()) {
             Ok(t) => threads.push(t),
             Err(e) => tracing::warn!("shared base: no copy thread for a clone, it shares whatever it writes: {e}"),
@@ -245,6 +258,19 @@ impl Shared {
             })?;
         }
         Ok(())
+    }
+
+    /// The clone's prefetch thread: its list into the base, each chunk unless someone else
+    /// has it (see [`Base::fill_if_free`]), until done or the server stops or fails.
+    fn prefetch_into_base(&self) {
+        let Some(link) = &self.base else { return };
+        let mut buf = vec![0u8; self.chunk as usize];
+        for &(bi, ci) in &self.prefetch {
+            if self.stop.load(Ordering::Acquire) || self.failed.get().is_some() || link.base.is_settled() {
+                return;
+            }
+            link.base.fill_if_free(link.index[bi], ci, &mut buf);
+        }
     }
 
     /// The base is complete: every chunk of the clone is there. Unregistering wakes any fault
