@@ -404,6 +404,10 @@ fn snapshots_of_a_clone_whose_base_failed_a_chunk_it_never_touched_commit_nothin
     let err = snapshot::save(&vm, &store, "full", &full, &|_| {}).expect_err("a full snapshot reads the bad chunk");
     assert!(err.to_string().contains("0x200000"), "{err}");
     assert!(store.manifest("full").is_err(), "nothing committed");
+    // Reading the chunk stopped the clone, as any touch of it does (and as for a private lazy
+    // restore): its memory there cannot be had.
+    let reason = vm.control().exit_reason();
+    assert!(matches!(&reason, Some(ExitReason::Crash { detail }) if detail.contains("0x200000")), "{reason:?}");
     // The incremental one holds the clone's write and refers to the (still damaged) chunk.
     let m = store.manifest("inc").expect("inc");
     let t = store.manifest("t").expect("t");
