@@ -221,6 +221,17 @@ pub fn decode_prefetch(bytes: &[u8]) -> Vec<(Arc<str>, u64)> {
     out
 }
 
+/// The entries of `list` that name a chunk of one of `blocks` (offset inside its length),
+/// each chunk once, in order.
+fn served_once(list: Vec<(Arc<str>, u64)>, blocks: &[LazyBlock], chunk: u64) -> Vec<(Arc<str>, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    list.into_iter()
+        .filter(|(idstr, off)| {
+            blocks.iter().any(|b| *b.idstr == **idstr && *off < b.len) && seen.insert((idstr.clone(), off / chunk))
+        })
+        .collect()
+}
+
 /// Encodes a prefetch list for the store.
 pub fn encode_prefetch(list: &[(String, u64)]) -> Vec<u8> {
     list.iter().map(|(idstr, off)| format!("{off:x} {idstr}\n")).collect::<String>().into_bytes()
@@ -359,13 +370,18 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
                 Box::new(move |e| control.stop(ExitReason::Crash { detail: e.to_string() }));
             let server = match &opts.shared_base {
                 Some(bases) => {
+                    // The clone keeps its list too: a base made by an earlier clone may have
+                    // none, and prefetch-before loads it into the base on this thread. Only
+                    // the entries naming a chunk of a block, each once, are copied: the list
+                    // is untrusted and may be long.
+                    let prefetch = served_once(prefetch, &lazy, u64::from(reader.chunk_size()));
                     let base_opts = migrate::lazy::BaseOptions {
-                        prefetch,
+                        prefetch: prefetch.clone(),
                         background_fill: opts.background_fill,
                         ..Default::default()
                     };
                     let base = super::shared_base::base_for(bases, store, name, &reader, base_opts)?;
-                    super::shared_base::start_on_base(&blocks, base, on_error)?
+                    super::shared_base::start_on_base(&blocks, base, &prefetch, on_error)?
                 }
                 None => PageServer::start(
                     lazy,
@@ -585,12 +601,14 @@ pub fn restore_nics(
 }
 
 /// After a lazy restore has run for a while: stores the order in which the guest faulted
-/// chunks in, as the snapshot's prefetch list. Returns the number of chunks recorded.
+/// chunks in, as the snapshot's prefetch list, after the list this restore prefetched, if
+/// any (its chunks did not fault: [`PageServer::working_set`]). Returns the number of chunks
+/// recorded.
 pub fn record_working_set(vm: &Vm, store: &Store, name: &str) -> Result<usize, SnapshotError> {
     let Some(server) = vm.page_server() else {
         return Ok(0);
     };
-    let order = server.fault_order();
+    let order = server.working_set();
     store.put_attachment(name, PREFETCH_ATTACHMENT, &encode_prefetch(&order))?;
     Ok(order.len())
 }

@@ -47,10 +47,11 @@ pub fn base_for(
 }
 
 /// Maps `base` over `blocks` (already discarded and of the snapshot's used lengths) and
-/// starts the clone's page server on it.
+/// starts the clone's page server on it, with the clone's working-set list `prefetch`.
 pub fn start_on_base(
     blocks: &[Arc<RamBlock>],
     base: Arc<Base>,
+    prefetch: &[(Arc<str>, u64)],
     on_error: Box<dyn Fn(&LazyError) + Send + Sync>,
 ) -> Result<PageServer, SnapshotError> {
     let mut lazy = Vec::with_capacity(blocks.len());
@@ -68,5 +69,5 @@ pub fn start_on_base(
         b.map_base(fd, len).map_err(migrate::snapshot::ram_io::RamIoError::from)?;
         lazy.push(LazyBlock { idstr: b.idstr().to_string(), host: b.host_addr() as usize, len });
     }
-    Ok(PageServer::start_on_base(lazy, base, on_error)?)
+    Ok(PageServer::start_on_base(lazy, base, prefetch, on_error)?)
 }

@@ -42,7 +42,10 @@
 //!
 //! The [`BaseRegistry`] finds a live base by the snapshot's manifest, compared whole: a
 //! snapshot deleted and created again under the same name has another manifest (another
-//! commit time, other chunks) and gets a base of its own.
+//! commit time, other chunks) and gets a base of its own. A base in which a chunk has failed
+//! is not handed to new clones: it would fail that chunk for them too, without reading it
+//! again, for as long as any clone keeps the base alive, though the failure may have passed
+//! (an I/O error, a pack put right). A new clone gets a new base, which reads it again.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -252,6 +255,16 @@ impl Base {
     /// completes unless a chunk fails.
     pub fn fills_in_background(&self) -> bool {
         self.fills
+    }
+
+    /// Fills chunk `ci` of block `bi` unless it is filled, has failed, or another thread is
+    /// filling it: for loaders that must not wait on each other. A failure is recorded in the
+    /// base (the clones touching the chunk get it), not returned.
+    pub fn fill_if_free(&self, bi: usize, ci: u64, buf: &mut [u8]) {
+        let Some(b) = self.inner.blocks.get(bi) else { return };
+        if ci < b.chunks && !bit(&b.filled, ci) && !bit(&b.failed, ci) && !bit(&b.claimed, ci) {
+            let _ = self.inner.ensure(bi, ci, buf);
+        }
     }
 
     /// Every chunk is filled.
@@ -488,7 +501,14 @@ impl BaseRegistry {
     ) -> Result<Arc<Base>, E> {
         let mut g = self.bases.lock().unwrap_or_else(PoisonError::into_inner);
         g.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(b) = g.iter().find(|(m, _)| **m == *manifest).and_then(|(_, w)| w.upgrade()) {
+        // A base in which a chunk failed keeps failing it (for the clones already on it): a
+        // new clone gets a base of its own, which reads that chunk again.
+        let sound = g
+            .iter()
+            .filter(|(m, _)| **m == *manifest)
+            .filter_map(|(_, w)| w.upgrade())
+            .find(|b| b.inner.failed_count.load(Ordering::Acquire) == 0);
+        if let Some(b) = sound {
             return Ok(b);
         }
         let base = create()?;

@@ -20,7 +20,7 @@ use std::time::Instant;
 use userfaultfd::{Event, IoctlFlags, UffdBuilder};
 
 use super::base::Base;
-use super::server::{run_guarded, LazyBlock, PageServer};
+use super::server::{check_prefetch, run_guarded, LazyBlock, PageServer};
 use super::serving::{Block, Shared, PAGE};
 use super::stats::LazyStats;
 use super::LazyError;
@@ -34,10 +34,12 @@ pub(super) struct BaseLink {
 impl PageServer {
     /// Serves `blocks`, which the caller has mapped over `base` ([`crate::ram::RamBlock::map_base`]),
     /// from the base. `on_error` is called once, from the fault thread, if a chunk the clone
-    /// touches cannot be read.
+    /// touches cannot be read. `prefetch` is the clone's own working-set list (untrusted,
+    /// checked as for [`PageServer::start`]): [`PageServer::load_prefetch`] puts it in the base.
     pub fn start_on_base(
         blocks: Vec<LazyBlock>,
         base: Arc<Base>,
+        prefetch: &[(Arc<str>, u64)],
         on_error: Box<dyn Fn(&LazyError) + Send + Sync>,
     ) -> Result<PageServer, LazyError> {
         let chunk = base.chunk_size();
@@ -78,6 +80,10 @@ impl PageServer {
                 claimed: (0..words).map(|_| AtomicU64::new(0)).collect(),
             });
         }
+        let (prefetch, dropped) = check_prefetch(prefetch, &state, chunk);
+        if dropped > 0 {
+            tracing::info!("shared base: {dropped} of the clone's prefetch list entries ignored (unknown block, offset past its end, or repeated)");
+        }
         let stop_fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| LazyError::Create(format!("stop eventfd: {e}")))?;
         let shared = Arc::new(Shared {
@@ -94,8 +100,10 @@ impl PageServer {
             fault_order: Mutex::new(Vec::new()),
             record: true,
             hold: Mutex::new(None),
-            // The base's fill threads load the prefetch list; a clone has none of its own.
-            prefetch: Vec::new(),
+            // The base's fill threads load the list of the clone that made the base; this
+            // clone's own is loaded by its prefetch thread, and by `load_prefetch`
+            // (prefetch-before) on its caller.
+            prefetch,
             cursor: AtomicUsize::new(0),
             base: Some(BaseLink { base, index }),
             gate: Arc::new(super::gate::FillGate::new_open()),
@@ -115,10 +123,22 @@ impl PageServer {
                 }
             })
             .map_err(|e| LazyError::Thread { thread: "fault", reason: e.to_string() })?;
+        let mut threads = vec![thread];
+        // The clone's own working set, into the base beside its first instructions: the base
+        // may have been made by a clone without a list. Chunks filled, failed or being filled
+        // are passed over, so a hundred clones of one base never wait on each other here.
+        if !shared.prefetch.is_empty() {
+            let s = shared.clone();
+            match std::thread::Builder::new().name("uffd-prefetch".into()).spawn(move || s.prefetch_into_base()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    tracing::warn!("shared base: no prefetch thread for a clone, its faults load its working set: {e}")
+                }
+            }
+        }
         // Gives a clone that writes what it reads its own copy at once (privatize.rs). Not
         // vital: without the thread the clone shares as before.
         let s = shared.clone();
-        let mut threads = vec![thread];
         match std::thread::Builder::new().name("uffd-cow".into()).spawn(move || s.privatize_loop()) {
             Ok(t) => threads.push(t),
             Err(e) => tracing::warn!("shared base: no copy thread for a clone, it shares whatever it writes: {e}"),
@@ -217,6 +237,41 @@ impl Shared {
         }
         self.stats.record_fault(t0.elapsed());
         Ok(())
+    }
+
+    /// A clone's [`PageServer::load_prefetch`]: every chunk of its list into the base (or
+    /// waited for, if another thread fills it), on the calling thread, before the clone's first
+    /// instruction. A chunk that cannot be read is an error naming it (the base marks it
+    /// failed, as for a fault); the clone is not started.
+    pub(super) fn load_prefetch_into_base(&self, link: &BaseLink) -> Result<(), LazyError> {
+        let mut buf = vec![0u8; self.chunk as usize];
+        for &(bi, ci) in &self.prefetch {
+            if let Some(e) = self.failed.get() {
+                return Err(e.clone());
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return Err(LazyError::Stopped);
+            }
+            link.base.ensure(link.index[bi], ci, &mut buf).map_err(|reason| LazyError::Source {
+                idstr: self.blocks[bi].desc.idstr.clone(),
+                offset: ci * self.chunk,
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The clone's prefetch thread: its list into the base, each chunk unless someone else
+    /// has it (see [`Base::fill_if_free`]), until done or the server stops or fails.
+    fn prefetch_into_base(&self) {
+        let Some(link) = &self.base else { return };
+        let mut buf = vec![0u8; self.chunk as usize];
+        for &(bi, ci) in &self.prefetch {
+            if self.stop.load(Ordering::Acquire) || self.failed.get().is_some() || link.base.is_settled() {
+                return;
+            }
+            link.base.fill_if_free(link.index[bi], ci, &mut buf);
+        }
     }
 
     /// The base is complete: every chunk of the clone is there. Unregistering wakes any fault

@@ -72,7 +72,7 @@ impl Default for ServerOptions {
 /// entries naming a block not served, or an offset past the block's served length, are
 /// dropped, and so is every repeat of a chunk; the order of the rest is kept. Returns the
 /// list and the number of entries dropped.
-fn check_prefetch(list: &[(Arc<str>, u64)], blocks: &[Block], chunk: u64) -> (Vec<(usize, u64)>, usize) {
+pub(super) fn check_prefetch(list: &[(Arc<str>, u64)], blocks: &[Block], chunk: u64) -> (Vec<(usize, u64)>, usize) {
     let mut seen: Vec<Vec<u64>> = blocks.iter().map(|b| vec![0u64; b.chunks.div_ceil(64) as usize]).collect();
     let mut out = Vec::with_capacity(list.len().min(blocks.iter().map(|b| b.chunks as usize).sum()));
     for (idstr, off) in list {
@@ -398,6 +398,25 @@ impl PageServer {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .map(|&(bi, ci)| (self.shared.blocks[bi as usize].desc.idstr.clone(), ci * self.shared.chunk))
+            .collect()
+    }
+
+    /// The working set to record: the prefetch list this server was given (as checked, in its
+    /// order), then the chunks served on faults that are not in it, in fault order. A chunk
+    /// the list loaded never faults, so the faults alone would drop the listed chunks from a
+    /// list recorded again after a prefetching restore. A listed chunk the guest no longer
+    /// touches stays in the list: it costs a load, never a byte (every chunk is verified as
+    /// it is served).
+    pub fn working_set(&self) -> Vec<(String, u64)> {
+        let sh = &self.shared;
+        let faults = sh.fault_order.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut seen = std::collections::HashSet::with_capacity(sh.prefetch.len() + faults.len());
+        sh.prefetch
+            .iter()
+            .copied()
+            .chain(faults.iter().map(|&(bi, ci)| (bi as usize, ci)))
+            .filter(|k| seen.insert(*k))
+            .map(|(bi, ci)| (sh.blocks[bi].desc.idstr.clone(), ci * sh.chunk))
             .collect()
     }
 

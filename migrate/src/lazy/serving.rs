@@ -340,6 +340,9 @@ impl Shared {
     /// chunk another thread claimed may still be arriving). The first error of any thread is
     /// returned; a failure of this thread's own load is reported like any other.
     pub(super) fn load_prefetch(&self) -> Result<(), LazyError> {
+        if let Some(link) = &self.base {
+            return self.load_prefetch_into_base(link);
+        }
         let failed = || self.failed.get().cloned();
         // Every core on the list now: the first instruction waits for it anyway.
         self.gate.open();
