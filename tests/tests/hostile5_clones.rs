@@ -5,16 +5,16 @@
 //! dropped while their base fills; a chunk that failed once in a base.
 
 mod common;
-use common::memfill::{passes, wait_lines};
-use common::ram::{assert_blocks_match, assert_same_ram, ram_of, Ram};
+use common::at_pause::{self, capture_hook, memfds, restore_every_way, running_memfill, AtPause};
+use common::memfill::passes;
+use common::ram::{assert_blocks_match, Ram};
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypervisor::control::ExitReason;
-use hypervisor::guests::{Builtin, MemfillMode};
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveHooks, SaveMode, SaveOptions};
-use hypervisor::vm::{BuiltinParams, SharedOutput, Vm};
+use hypervisor::vm::{SharedOutput, Vm};
 use migrate::lazy::{Base, BaseRegistry};
 use storage::ChunkRef;
 
@@ -32,82 +32,16 @@ fn base_of(vm: &Vm) -> Arc<Base> {
     vm.page_server().and_then(|s| s.base()).expect("the clone maps a shared base").clone()
 }
 
-/// A memfill guest of `mem` MiB rewriting its memory for ever, snapshotted (stop-and-copy)
-/// once it printed a pass line.
-fn running_memfill(store: &storage::Store, name: &str, mem: u64, seed: u64) {
-    let (mut vm, out) = common::start_builtin(
-        Builtin::Memfill,
-        mem,
-        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
-    );
-    wait_lines(&out, 1, Duration::from_secs(60));
-    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
-    snapshot::save(&vm, store, name, &stop, &|_| {}).expect("snapshot of the memfill guest");
-    vm.stop("snapshot taken");
-}
-
-/// Every restore mode of snapshot `name` (and a shared clone of it, on a registry of its
-/// own) holds exactly `want`.
-fn restore_every_way(store: &storage::Store, name: &str, want: &Ram, what: &str) {
-    let modes = [
-        ("eager", RestoreMode::Eager, false),
-        ("lazy", RestoreMode::Lazy, false),
-        ("lazy-prefetch", RestoreMode::LazyPrefetch, false),
-        ("lazy-prefetch-before", RestoreMode::LazyPrefetchBefore, false),
-        ("shared clone", RestoreMode::Lazy, true),
-    ];
-    for (label, mode, shared) in modes {
-        let mut opts = RestoreOptions::new(mode, Box::new(SharedOutput::default()));
-        opts.background_fill = false;
-        opts.cache = None;
-        if shared {
-            opts.shared_base = Some(BaseRegistry::new());
-        }
-        let (vm, _) = snapshot::restore(store, name, opts).unwrap_or_else(|e| panic!("{what}: restore {label}: {e}"));
-        assert_same_ram(&ram_of(&vm), want, &format!("{what}, restored {label}"));
-        if let Some(s) = vm.page_server() {
-            assert_eq!(s.error(), None, "{what}, restored {label}");
-        }
-    }
-}
-
-/// What `after_protect` saw: every block at the pause.
-type AtPause = Arc<Mutex<Option<Ram>>>;
-
-fn capture_hook(seen: &AtPause) -> SaveHooks {
-    let s = seen.clone();
-    SaveHooks {
-        after_protect: Some(Arc::new(move |vm: &Vm| *s.lock().expect("lock") = Some(ram_of(vm)))),
-        ..SaveHooks::NONE
-    }
-}
-
 /// Snapshots clone `vm` in `mode` as `name`, returning its memory at the pause: with the VM
 /// kept paused (and resumed after reading it) unless the snapshot runs in the background,
 /// where the `after_protect` hook reads it.
 fn snapshot_at_pause(vm: &Vm, store: &storage::Store, name: &str, mode: SaveMode, incremental: bool) -> (Ram, String) {
-    let seen: AtPause = Arc::default();
-    // A background snapshot of a clone whose base still fills falls back to stop-and-copy:
-    // keep it paused to read it then. Once the base is complete it runs in the background,
-    // and the hook reads it at the pause.
+    // A background snapshot of a clone whose base still fills would wait for the fill:
+    // keep it paused (stop-and-copy) to read it then. Once the base is complete it runs in
+    // the background, and the hook reads it at the pause.
     let filling = !base_of(vm).is_complete();
     let background = mode == SaveMode::Background && !filling;
-    let opts = SaveOptions {
-        mode,
-        incremental,
-        stay_paused: !background,
-        hooks: if background { capture_hook(&seen) } else { SaveHooks::NONE },
-        ..Default::default()
-    };
-    let report = snapshot::save(vm, store, name, &opts, &|_| {}).unwrap_or_else(|e| panic!("snapshot {name}: {e}"));
-    let ram = if background {
-        assert_eq!(report.mode, SaveMode::Background, "{name}: {:?}", report.mode_reason);
-        seen.lock().expect("lock").take().expect("the hook ran")
-    } else {
-        let ram = ram_of(vm);
-        vm.resume();
-        ram
-    };
+    let (ram, report) = at_pause::snapshot_at_pause(vm, store, name, mode, incremental, background);
     let how = format!(
         "{name}: asked {mode:?}, ran {:?}, incremental {}, base {}",
         report.mode,
@@ -178,17 +112,6 @@ fn snapshots_of_writing_clones_in_every_mode_while_the_base_fills_restore_to_the
         assert!(p.iter().all(|&(_, _, mis)| mis == 0), "clone {who} found its memory intact: {text}");
         vm.stop("test done");
     }
-}
-
-/// Pages a `memfd:snapvisor-base` descriptor or mapping of this process holds.
-fn memfds() -> (usize, usize) {
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .expect("fd dir")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|l| l.to_string_lossy().starts_with("/memfd:snapvisor-base"))
-        .count();
-    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
-    (fds, maps.lines().filter(|l| l.contains("/memfd:snapvisor-base")).count())
 }
 
 #[test]

@@ -6,88 +6,22 @@
 //! everywhere) changes no byte.
 
 mod common;
-use common::memfill::{passes, wait_lines};
-use common::ram::{assert_blocks_match, assert_same_ram, ram_of, Ram};
+use common::at_pause::{self, restore_every_way, restore_opts, running_memfill, MODES};
+use common::memfill::passes;
+use common::ram::{assert_blocks_match, Ram};
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hypervisor::guests::{Builtin, MemfillMode};
 use hypervisor::snapshot::restore::{encode_prefetch, PREFETCH_ATTACHMENT};
-use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveHooks, SaveMode, SaveOptions};
-use hypervisor::vm::{BuiltinParams, SharedOutput, Vm};
-use migrate::lazy::BaseRegistry;
-
-fn running_memfill(store: &storage::Store, name: &str, mem: u64, seed: u64) {
-    let (mut vm, out) = common::start_builtin(
-        Builtin::Memfill,
-        mem,
-        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
-    );
-    wait_lines(&out, 1, Duration::from_secs(60));
-    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
-    snapshot::save(&vm, store, name, &stop, &|_| {}).expect("snapshot of the memfill guest");
-    vm.stop("snapshot taken");
-}
-
-const MODES: [(&str, RestoreMode, bool); 5] = [
-    ("eager", RestoreMode::Eager, false),
-    ("lazy", RestoreMode::Lazy, false),
-    ("lazy-prefetch", RestoreMode::LazyPrefetch, false),
-    ("lazy-prefetch-before", RestoreMode::LazyPrefetchBefore, false),
-    ("shared clone", RestoreMode::Lazy, true),
-];
-
-fn restore_opts(mode: RestoreMode, shared: bool, out: &SharedOutput) -> RestoreOptions {
-    let mut opts = RestoreOptions::new(mode, Box::new(out.clone()));
-    opts.background_fill = false;
-    opts.cache = None;
-    if shared {
-        opts.shared_base = Some(BaseRegistry::new());
-    }
-    opts
-}
-
-fn restore_every_way(store: &storage::Store, name: &str, want: &Ram, what: &str) {
-    for (label, mode, shared) in MODES {
-        let (vm, _) = snapshot::restore(store, name, restore_opts(mode, shared, &SharedOutput::default()))
-            .unwrap_or_else(|e| panic!("{what}: restore {label}: {e}"));
-        assert_same_ram(&ram_of(&vm), want, &format!("{what}, restored {label}"));
-        if let Some(s) = vm.page_server() {
-            assert_eq!(s.error(), None, "{what}, restored {label}");
-        }
-    }
-}
-
-type AtPause = Arc<Mutex<Option<Ram>>>;
+use hypervisor::snapshot::{self, RestoreMode, SaveMode};
+use hypervisor::vm::{SharedOutput, Vm};
 
 /// Snapshots `vm` as `name`; its memory at the pause (read by the `after_protect` hook in the
 /// background, else with the VM kept paused and resumed after).
 fn snapshot_at_pause(vm: &Vm, store: &storage::Store, name: &str, mode: SaveMode, incremental: bool) -> (Ram, String) {
-    let seen: AtPause = Arc::default();
     let resident = vm.page_server().is_none_or(|s| s.is_resident());
     let background = mode == SaveMode::Background && resident;
-    let s = seen.clone();
-    let hooks = SaveHooks {
-        after_protect: Some(Arc::new(move |vm: &Vm| *s.lock().expect("lock") = Some(ram_of(vm)))),
-        ..SaveHooks::NONE
-    };
-    let opts = SaveOptions {
-        mode,
-        incremental,
-        stay_paused: !background,
-        hooks: if background { hooks } else { SaveHooks::NONE },
-        ..Default::default()
-    };
-    let report = snapshot::save(vm, store, name, &opts, &|_| {}).unwrap_or_else(|e| panic!("snapshot {name}: {e}"));
-    let ram = if background {
-        assert_eq!(report.mode, SaveMode::Background, "{name}: {:?}", report.mode_reason);
-        seen.lock().expect("lock").take().expect("the hook ran")
-    } else {
-        let ram = ram_of(vm);
-        vm.resume();
-        ram
-    };
+    let (ram, report) = at_pause::snapshot_at_pause(vm, store, name, mode, incremental, background);
     let how = format!(
         "{name}: asked {mode:?}, ran {:?}, incremental {} (parent {:?}), {}",
         report.mode,

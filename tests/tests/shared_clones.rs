@@ -4,6 +4,7 @@
 //! guest's memory between them, not N.
 
 mod common;
+use common::at_pause::memfds;
 use common::ram::assert_blocks_match_except;
 use common::touch::touch_snapshot;
 
@@ -270,16 +271,6 @@ fn a_corrupt_chunk_in_the_base_stops_only_the_clones_that_touch_it() {
     assert!(err.to_string().contains("0x200000"), "{err}");
     assert!(store.manifest("cb").is_err(), "a snapshot with a bad chunk was committed");
     b.stop("test done");
-}
-
-fn memfds() -> (usize, usize) {
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .expect("fd dir")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|l| l.to_string_lossy().starts_with("/memfd:snapvisor-base"))
-        .count();
-    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
-    (fds, maps.lines().filter(|l| l.contains("/memfd:snapvisor-base")).count())
 }
 
 fn rss_shmem_kib() -> u64 {

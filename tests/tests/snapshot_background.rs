@@ -45,6 +45,21 @@ fn capturing(out: &SharedOutput) -> (SaveOptions, AtPause) {
     (SaveOptions { hooks, ..Default::default() }, seen)
 }
 
+/// Snapshot `name` of a memfill guest restores, eagerly and lazily, to `ram` (its memory at
+/// the pause), and the guest goes on from `before` (its output up to the pause).
+fn restores_to_the_pause(store: &storage::Store, name: &str, ram: &Ram, before: &str, seed: u64, mem: u64) {
+    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+        let out = SharedOutput::default();
+        let (mut vm, _) =
+            snapshot::restore(store, name, RestoreOptions::new(mode, Box::new(out.clone()))).expect("restore");
+        assert_same_ram(&ram_of(&vm), ram, &format!("{name} restored {mode:?}"));
+        vm.start().expect("start");
+        let after = wait_lines(&out, 2, Duration::from_secs(120));
+        vm.stop("test done");
+        check_continues(before, &after, seed, mem);
+    }
+}
+
 #[test]
 fn a_background_snapshot_of_a_guest_rewriting_all_memory_restores_to_the_pause_full_and_incremental() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -318,16 +333,7 @@ fn a_lazily_restored_vm_once_resident_snapshots_in_the_background_to_the_pause()
     drop(vm2);
 
     let (ram, after_restore) = seen.lock().expect("lock").take().expect("the hook ran");
-    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
-        let out3 = SharedOutput::default();
-        let (mut vm3, _) =
-            snapshot::restore(&store, "b", RestoreOptions::new(mode, Box::new(out3.clone()))).expect("restore b");
-        assert_same_ram(&ram_of(&vm3), &ram, &format!("b restored {mode:?}"));
-        vm3.start().expect("start");
-        let after = wait_lines(&out3, 2, Duration::from_secs(60));
-        vm3.stop("test done");
-        check_continues(&format!("{before_a}{after_restore}"), &after, seed, mem);
-    }
+    restores_to_the_pause(&store, "b", &ram, &format!("{before_a}{after_restore}"), seed, mem);
 }
 
 #[test]
@@ -368,16 +374,7 @@ fn a_lazily_restored_vm_still_filling_gets_its_fill_finished_and_snapshots_in_th
     drop(vm2);
 
     let (ram, after_restore) = seen.lock().expect("lock").take().expect("the hook ran");
-    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
-        let out3 = SharedOutput::default();
-        let (mut vm3, _) =
-            snapshot::restore(&store, "b", RestoreOptions::new(mode, Box::new(out3.clone()))).expect("restore b");
-        assert_same_ram(&ram_of(&vm3), &ram, &format!("b restored {mode:?}"));
-        vm3.start().expect("start");
-        let after = wait_lines(&out3, 2, Duration::from_secs(120));
-        vm3.stop("test done");
-        check_continues(&format!("{before_a}{after_restore}"), &after, seed, mem);
-    }
+    restores_to_the_pause(&store, "b", &ram, &format!("{before_a}{after_restore}"), seed, mem);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod at_pause;
 pub mod daemon;
 pub mod iasl;
 pub mod memfill;
