@@ -244,9 +244,11 @@ impl Daemon {
         let path = self.def_path(&def.name);
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(def).map_err(|e| ApiError::Internal(e.to_string()))?;
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| ApiError::Internal(format!("saving VM definition {}: {e}", path.display())))
+        std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| {
+            // A half-written file is not left beside the definitions.
+            let _ = std::fs::remove_file(&tmp);
+            ApiError::from_write(&format!("saving VM definition {}", path.display()), &e)
+        })
     }
 
     /// Saves a VM definition from a blocking-pool thread.
