@@ -355,7 +355,8 @@ pub fn save(
         // cancelled: say that.
         return Err(if cancelled() { SnapshotError::Cancelled } else { SnapshotError::NotRunning });
     }
-    let fill_wait = wait_for_fill(vm, opts.mode, opts.live, was_running, opts.stay_paused, opts.fill_wait, &cancelled);
+    let wait_ended = || cancelled() || opts.end_fill_wait.as_ref().is_some_and(|e| e.load(Ordering::Acquire));
+    let fill_wait = wait_for_fill(vm, opts.mode, opts.live, was_running, opts.stay_paused, opts.fill_wait, &wait_ended);
     if cancelled() {
         return Err(SnapshotError::Cancelled);
     }
