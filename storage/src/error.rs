@@ -108,5 +108,22 @@ pub enum StoreError {
     Io { path: PathBuf, op: &'static str, source: std::io::Error },
 }
 
+impl StoreError {
+    /// The store's file system has no room for the write: the store's own reserve check
+    /// ([`StoreError::Full`]), or a write of a pack, manifest or the index that failed with
+    /// ENOSPC (full) or EDQUOT (over quota).
+    pub fn is_no_room(&self) -> bool {
+        let io = match self {
+            StoreError::Full { .. } => return true,
+            StoreError::Io { source, .. } => source,
+            StoreError::Db { source: sled::Error::Io(source), .. } => source,
+            _ => return false,
+        };
+        // The kind too: sled hands out copies of its errors that keep the kind, not the code.
+        matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            || matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+    }
+}
+
 /// Result type of this crate.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

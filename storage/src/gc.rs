@@ -61,6 +61,7 @@ impl Store {
     /// manifests or packs.
     pub fn gc(&self) -> Result<GcReport> {
         self.writable()?;
+        self.ensure_index_room()?;
         self.collect(Scope::All)
     }
 

@@ -17,6 +17,10 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
 /// Default zstd level (see the crate docs).
 pub const DEFAULT_ZSTD_LEVEL: i32 = -1;
 
+/// Free bytes an index-only write (a delete, a GC) needs ([`Store::delete`], [`Store::gc`]):
+/// four of sled's 512 KiB log segments, half the reserve of writes that add chunks.
+pub const INDEX_HEADROOM: u64 = 2 << 20;
+
 /// Options for [`Store::open_with`].
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -160,11 +164,23 @@ impl Store {
 
     /// Fails with [`StoreError::Full`] unless `needed` bytes plus the reserve are free.
     pub(crate) fn ensure_space(&self, needed: u64) -> Result<()> {
+        self.ensure_free(needed + self.inner.opts.min_free_bytes)
+    }
+
+    /// Fails with [`StoreError::Full`] unless [`INDEX_HEADROOM`] is free: for writes that
+    /// only change the index (a delete, a GC), which must work below the reserve (they are
+    /// how room is made) but must never meet a full disk: sled fails every later call once
+    /// one of its writes has failed, until the store is opened again, so one delete on a full
+    /// disk broke the store for good although room was made afterwards.
+    pub(crate) fn ensure_index_room(&self) -> Result<()> {
+        self.ensure_free(INDEX_HEADROOM)
+    }
+
+    fn ensure_free(&self, needed: u64) -> Result<()> {
         let st = nix::sys::statvfs::statvfs(&self.inner.path)
             .map_err(|e| StoreError::Statvfs { path: self.inner.path.clone(), source: std::io::Error::from(e) })?;
         #[allow(clippy::useless_conversion)]
         let available = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
-        let needed = needed + self.inner.opts.min_free_bytes;
         if available < needed {
             tracing::warn!(path = %self.inner.path.display(), available, needed, "store full");
             return Err(StoreError::Full { path: self.inner.path.clone(), available, needed });
@@ -271,6 +287,7 @@ impl Store {
             batch.remove(k);
         }
         self.writable()?;
+        self.ensure_index_room()?;
         self.tombstone_and_unlink(name)?;
         // Manifest first: once it is gone the snapshot is invisible; leftover attachments
         // (crash in between) are swept by gc.

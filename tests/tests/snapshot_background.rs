@@ -469,3 +469,41 @@ fn bench_snapshot_reports_every_mode_and_a_snapshot_right_after_a_lazy_restore()
     let written = |mode: &str| find(mode, "touch")["bytes_written"].as_u64().expect("bytes");
     assert!(written("after-lazy-stop") > 0 && written("after-lazy-stop") == written("after-lazy-bg"));
 }
+
+#[test]
+fn a_wait_for_a_lazy_fill_ended_from_outside_falls_back_to_stop_and_copy_and_commits() {
+    // The daemon ends the wait when it stops (SIGTERM): its shutdown snapshot queues behind
+    // this one, and a wait of up to a minute outlasted the shutdown's 30 s.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = storage::Store::open(dir.path().join("store")).expect("store");
+    let (mut vm, _) = start_builtin(Builtin::Touch, 256, BuiltinParams { seed: 9, ..Default::default() });
+    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(120)).expect("touch filled its memory");
+    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
+    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
+    vm.stop("snapshot taken");
+    drop(vm);
+    let opts =
+        RestoreOptions { fill_threads: 1, ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default())) };
+    let (mut vm2, _) = snapshot::restore(&store, "a", opts).expect("lazy restore");
+    vm2.start().expect("start");
+    let end = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let e = end.clone();
+    let ender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        e.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let opts = SaveOptions { end_fill_wait: Some(end), ..Default::default() };
+    let report = snapshot::save(&vm2, &store, "b", &opts, &|_| {}).expect("snapshot b");
+    ender.join().expect("ender");
+    let waited = report.fill_wait.expect("it began to wait for the fill");
+    assert!(!waited.resident, "the wait ran to the end of the fill: ending it from outside did nothing");
+    assert_eq!(report.mode, SaveMode::Stop, "{:?}", report.mode_reason);
+    assert!(store.manifest("b").is_ok(), "the snapshot was not committed");
+    assert!(vm2.control().exit_reason().is_none(), "the VM runs on");
+    vm2.stop("test done");
+    drop(vm2);
+    let (vm3, _) =
+        snapshot::restore(&store, "b", RestoreOptions::new(RestoreMode::Eager, Box::new(SharedOutput::default())))
+            .expect("restore b");
+    drop(vm3);
+}

@@ -264,6 +264,7 @@ const BASELINE: SaveOptions = SaveOptions {
     pre_protect: true,
     cancel: None,
     fill_wait: snapshot::save::DEFAULT_FILL_WAIT,
+    end_fill_wait: None,
     hooks: SaveHooks::NONE,
 };
 const FULL: SaveOptions = SaveOptions { pipeline: true, ..BASELINE };

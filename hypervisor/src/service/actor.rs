@@ -170,6 +170,8 @@ pub struct Actor {
     pub def: VmDef,
     /// Set by the daemon when the VM is removed: a snapshot under way is cancelled.
     pub cancel: Arc<AtomicBool>,
+    /// Set by the daemon when it stops: a snapshot's wait for a lazy fill ends.
+    pub end_fill_wait: Arc<AtomicBool>,
     /// Tests only: background snapshots hold their copy until cancelled.
     pub hold_snapshot_copy: bool,
     pub vm: Option<Vm>,
@@ -330,7 +332,13 @@ impl Actor {
             Cmd::Snapshot { name, live, mode, progress } => {
                 let t0 = Instant::now();
                 let store = self.store.clone();
-                let mut opts = SaveOptions { live, mode, cancel: Some(self.cancel.clone()), ..Default::default() };
+                let mut opts = SaveOptions {
+                    live,
+                    mode,
+                    cancel: Some(self.cancel.clone()),
+                    end_fill_wait: Some(self.end_fill_wait.clone()),
+                    ..Default::default()
+                };
                 opts.hooks.hold_copy = self.hold_snapshot_copy;
                 let vm = self.vm()?;
                 // GET on the operation shows the chunks copied so far while the copy runs.

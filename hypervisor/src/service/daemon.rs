@@ -81,6 +81,10 @@ pub struct Daemon {
     pub events: Events,
     /// Set when the daemon is stopping: event streams end so connections can close.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Set once the daemon stops: a snapshot waiting for a lazy restore's fill stops waiting
+    /// and copies at once (`SaveOptions::end_fill_wait`), so that the VM's shutdown snapshot,
+    /// queued behind it, runs within the shutdown's deadline.
+    pub(super) end_fill_waits: Arc<AtomicBool>,
     /// Kernels and initrds VMs may boot.
     pub images: Arc<ImageDir>,
     /// The guest memory every VM together may hold.
@@ -134,6 +138,7 @@ impl Daemon {
             ops: Arc::new(super::ops::Ops::default()),
             events: Events::default(),
             stopping: tokio::sync::watch::channel(false).0,
+            end_fill_waits: Arc::new(AtomicBool::new(false)),
             images: Arc::new(config.images),
             budget: Arc::new(MemoryBudget::new(config.max_guest_mib)),
             macs: Arc::new(MacClaims::default()),
@@ -244,9 +249,11 @@ impl Daemon {
         let path = self.def_path(&def.name);
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(def).map_err(|e| ApiError::Internal(e.to_string()))?;
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| ApiError::Internal(format!("saving VM definition {}: {e}", path.display())))
+        std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| {
+            // A half-written file is not left beside the definitions.
+            let _ = std::fs::remove_file(&tmp);
+            ApiError::from_write(&format!("saving VM definition {}", path.display()), &e)
+        })
     }
 
     /// Saves a VM definition from a blocking-pool thread.
@@ -295,6 +302,7 @@ impl Daemon {
         let cancel = Arc::new(AtomicBool::new(false));
         let actor = Actor {
             cancel: cancel.clone(),
+            end_fill_wait: self.end_fill_waits.clone(),
             hold_snapshot_copy: self.hold_snapshot_copy,
             def: def.clone(),
             vm,

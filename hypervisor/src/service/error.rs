@@ -56,7 +56,8 @@ impl ApiError {
 
     /// A store error: 404 for a missing snapshot, 409 for one that exists, is being written
     /// or is in use, 400 for a bad name, 507 when the store's file system is full (the
-    /// store's own reserve check, or ENOSPC from a write), 500 for the rest (damage included:
+    /// store's own reserve check, or ENOSPC from a write of a pack, manifest or the index,
+    /// [`storage::StoreError::is_no_room`]), 500 for the rest (damage included:
     /// the message names the snapshot and the chunk).
     pub fn from_store(e: &storage::StoreError) -> ApiError {
         use storage::StoreError as S;
@@ -64,9 +65,19 @@ impl ApiError {
             S::NotFound(_) => ApiError::NotFound(e.to_string()),
             S::Exists(_) | S::Busy(_) | S::Pinned { .. } => ApiError::Conflict(e.to_string()),
             S::Name(_) => ApiError::BadRequest(e.to_string()),
-            S::Full { .. } => ApiError::StoreFull(e.to_string()),
-            S::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ApiError::StoreFull(e.to_string()),
+            _ if e.is_no_room() => ApiError::StoreFull(e.to_string()),
             _ => ApiError::Internal(e.to_string()),
+        }
+    }
+
+    /// A write to the state directory that failed (a VM definition): 507 when its file
+    /// system has no room, 500 otherwise; `what` names what was written.
+    pub fn from_write(what: &str, e: &std::io::Error) -> ApiError {
+        let msg = format!("{what}: {e}");
+        if no_room(e) {
+            ApiError::StoreFull(msg)
+        } else {
+            ApiError::Internal(msg)
         }
     }
 
@@ -88,6 +99,7 @@ impl ApiError {
         match e {
             I::NotFound { .. } => ApiError::NotFound(e.to_string()),
             I::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+            I::Io { ref source, .. } if no_room(source) => ApiError::StoreFull(e.to_string()),
             e if e.is_input() => ApiError::BadRequest(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }
@@ -116,4 +128,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
     }
+}
+
+/// The file system has no room left for the write: full (ENOSPC), or the daemon's user is
+/// over its quota (EDQUOT).
+fn no_room(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }

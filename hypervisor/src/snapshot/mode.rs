@@ -17,7 +17,8 @@
 //! finish ([`wait_for_fill`]): the guest runs meanwhile, and the snapshot then runs in the
 //! background with its short pause, where falling back would pause the guest for the copy of
 //! all its memory. The wait is bounded ([`super::SaveOptions::fill_wait`]); it ends early if
-//! the snapshot is cancelled or the VM stops, and a server that fills nothing by itself (no
+//! the snapshot is cancelled, the VM stops or the caller ends it
+//! ([`super::SaveOptions::end_fill_wait`]: the daemon stopping), and a server that fills nothing by itself (no
 //! background fill) is not waited for.
 
 use std::sync::Arc;

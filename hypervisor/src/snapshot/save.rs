@@ -86,6 +86,10 @@ pub struct SaveOptions {
     /// (a page server's ranges cannot be write-protected); stop-and-copy after that, or at
     /// once with zero. See [`super::mode`].
     pub fill_wait: Duration,
+    /// Set from outside, ends the wait for a lazy fill ([`SaveOptions::fill_wait`]) without
+    /// cancelling the snapshot: it goes on stop-and-copy. The daemon sets it when it stops,
+    /// so that the shutdown's own snapshot, queued behind this one, is not kept waiting.
+    pub end_fill_wait: Option<Arc<AtomicBool>>,
     /// Test hooks.
     pub hooks: SaveHooks,
 }
@@ -105,6 +109,7 @@ impl Default for SaveOptions {
             pre_protect: true,
             cancel: None,
             fill_wait: DEFAULT_FILL_WAIT,
+            end_fill_wait: None,
             hooks: SaveHooks::NONE,
         }
     }
@@ -350,7 +355,8 @@ pub fn save(
         // cancelled: say that.
         return Err(if cancelled() { SnapshotError::Cancelled } else { SnapshotError::NotRunning });
     }
-    let fill_wait = wait_for_fill(vm, opts.mode, opts.live, was_running, opts.stay_paused, opts.fill_wait, &cancelled);
+    let wait_ended = || cancelled() || opts.end_fill_wait.as_ref().is_some_and(|e| e.load(Ordering::Acquire));
+    let fill_wait = wait_for_fill(vm, opts.mode, opts.live, was_running, opts.stay_paused, opts.fill_wait, &wait_ended);
     if cancelled() {
         return Err(SnapshotError::Cancelled);
     }
