@@ -86,7 +86,7 @@ pub enum StoreError {
     Attachment { snapshot: String, name: String, reason: String },
     #[error(
         "store '{path}' is full: {available} bytes free, a write needs at least {needed}; \
-         delete snapshots and run gc"
+         free space on its file system, or delete snapshots and run gc (a delete or gc itself needs 2 MiB free)"
     )]
     Full { path: PathBuf, available: u64, needed: u64 },
     #[error("snapshot '{snapshot}' cannot take chunks from parent '{parent}': {reason}")]

@@ -19,6 +19,7 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = -1;
 
 /// Free bytes an index-only write (a delete, a GC) needs ([`Store::delete`], [`Store::gc`]):
 /// four of sled's 512 KiB log segments, half the reserve of writes that add chunks.
+/// (`StoreError::Full`'s message says "2 MiB": keep them together.)
 pub const INDEX_HEADROOM: u64 = 2 << 20;
 
 /// Options for [`Store::open_with`].
