@@ -9,41 +9,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::Daemon;
+use common::tmpfs::{free_bytes, Mount};
 use serde_json::{json, Value};
-
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, size: &str) -> Mount {
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount(8)");
-        assert!(out.status.success(), "needs root to mount a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-fn free_bytes(dir: &Path) -> u64 {
-    let c = std::ffi::CString::new(dir.to_str().expect("utf-8")).expect("path");
-    // SAFETY: statvfs is plain old data; all zeros is a valid value.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs into a struct we own, on a NUL-terminated path.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0, "statvfs");
-    s.f_bavail * s.f_frsize
-}
 
 fn state_of(d: &Daemon, vm: &str) -> String {
     d.ok("GET", &format!("/vms/{vm}"), None).get("state").and_then(Value::as_str).unwrap_or_default().to_string()

@@ -9,32 +9,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
+use common::tmpfs::Mount;
 use serde_json::{json, Value};
-
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, size: &str) -> Mount {
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("run mount(8)");
-        assert!(out.status.success(), "needs root to mount a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 /// Writes `path` until the file system has no room left.
 fn fill(path: &Path) {

@@ -60,6 +60,35 @@ fn restores_to_the_pause(store: &storage::Store, name: &str, ram: &Ram, before: 
     }
 }
 
+/// A 256 MiB touch guest, filled and snapshotted as "a" into `store`, then restored lazily
+/// with one fill thread and started: one fill thread loads its 4,096 stored chunks (~65 µs
+/// each here, more on a loaded host), so a flag set 20 ms into a snapshot's wait for the
+/// fill comes long before the fill ends.
+fn filling_touch(store: &storage::Store) -> Vm {
+    let (mut vm, _) = start_builtin(Builtin::Touch, 256, BuiltinParams { seed: 9, ..Default::default() });
+    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(120)).expect("touch filled its memory");
+    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
+    snapshot::save(&vm, store, "a", &stop, &|_| {}).expect("snapshot a");
+    vm.stop("snapshot taken");
+    drop(vm);
+    let opts =
+        RestoreOptions { fill_threads: 1, ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default())) };
+    let (mut vm, _) = snapshot::restore(store, "a", opts).expect("lazy restore");
+    vm.start().expect("start");
+    vm
+}
+
+/// A flag, and the thread that sets it 20 ms from now.
+fn set_in_20_ms() -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = flag.clone();
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        f.store(true, std::sync::atomic::Ordering::Release);
+    });
+    (flag, setter)
+}
+
 #[test]
 fn a_background_snapshot_of_a_guest_rewriting_all_memory_restores_to_the_pause_full_and_incremental() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -381,24 +410,9 @@ fn a_lazily_restored_vm_still_filling_gets_its_fill_finished_and_snapshots_in_th
 fn a_cancelled_wait_for_a_lazy_fill_commits_nothing_and_the_vm_runs_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path().join("store")).expect("store");
-    let (mut vm, _) = start_builtin(Builtin::Touch, 256, BuiltinParams { seed: 9, ..Default::default() });
-    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(120)).expect("touch filled its memory");
-    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
-    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
-    vm.stop("snapshot taken");
-    drop(vm);
-    // One fill thread loads 4,096 stored chunks (~65 µs each here, more on a loaded host):
-    // the cancel, 20 ms into the wait, comes long before the fill ends.
-    let opts =
-        RestoreOptions { fill_threads: 1, ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default())) };
-    let (mut vm2, _) = snapshot::restore(&store, "a", opts).expect("lazy restore");
-    vm2.start().expect("start");
-    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let c = cancel.clone();
-    let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(20));
-        c.store(true, std::sync::atomic::Ordering::Release);
-    });
+    // The cancel, 20 ms into the wait, comes long before the fill ends.
+    let mut vm2 = filling_touch(&store);
+    let (cancel, canceller) = set_in_20_ms();
     let opts = SaveOptions { cancel: Some(cancel), ..Default::default() };
     let err = snapshot::save(&vm2, &store, "b", &opts, &|_| {}).expect_err("cancelled");
     let server = vm2.page_server().expect("a page server");
@@ -476,22 +490,8 @@ fn a_wait_for_a_lazy_fill_ended_from_outside_falls_back_to_stop_and_copy_and_com
     // this one, and a wait of up to a minute outlasted the shutdown's 30 s.
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path().join("store")).expect("store");
-    let (mut vm, _) = start_builtin(Builtin::Touch, 256, BuiltinParams { seed: 9, ..Default::default() });
-    vm.control().wait_mark(touch::MARK_FILLED, Duration::from_secs(120)).expect("touch filled its memory");
-    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
-    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
-    vm.stop("snapshot taken");
-    drop(vm);
-    let opts =
-        RestoreOptions { fill_threads: 1, ..RestoreOptions::new(RestoreMode::Lazy, Box::new(SharedOutput::default())) };
-    let (mut vm2, _) = snapshot::restore(&store, "a", opts).expect("lazy restore");
-    vm2.start().expect("start");
-    let end = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let e = end.clone();
-    let ender = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(20));
-        e.store(true, std::sync::atomic::Ordering::Release);
-    });
+    let mut vm2 = filling_touch(&store);
+    let (end, ender) = set_in_20_ms();
     let opts = SaveOptions { end_fill_wait: Some(end), ..Default::default() };
     let report = snapshot::save(&vm2, &store, "b", &opts, &|_| {}).expect("snapshot b");
     ender.join().expect("ender");

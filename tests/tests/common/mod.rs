@@ -7,6 +7,7 @@ pub mod iasl;
 pub mod memfill;
 pub mod mock_net;
 pub mod ram;
+pub mod tmpfs;
 pub mod touch;
 
 use std::path::PathBuf;
