@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -33,21 +33,6 @@ fn fill(path: &Path) {
         }
     }
     let _ = f.sync_all();
-}
-
-/// A request with a raw body (an image upload).
-fn raw(d: &Daemon, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write head");
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap_or_else(|e| panic!("{method} {path}: no answer within 30 s: {e}"));
-    hypervisor::service::client::parse_response(&out).expect("response")
 }
 
 /// A minimal x86-64 ELF kernel (hlt; jmp back).
@@ -102,7 +87,7 @@ fn every_request_that_writes_on_a_full_disk_is_refused_with_507_and_harms_nothin
     );
     assert_full("restore", text(d.call("POST", "/snapshots/s1/restore", Some(json!({"vm": "r", "mode": "lazy"})))));
     assert_full("clone", text(d.call("POST", "/snapshots/s1/clone", Some(json!({"prefix": "c", "count": 2})))));
-    assert_full("image upload", raw(&d, "PUT", "/images/k", &tiny_elf()));
+    assert_full("image upload", d.raw("PUT", "/images/k", "application/octet-stream", &tiny_elf()));
     assert_full("snapshot", text(d.call("POST", "/vms/m/snapshot", Some(json!({"name": "s2", "mode": "background"})))));
     let (code, body) = d.call("POST", "/store/gc", None);
     assert!(code < 300 || code == 507, "gc on a full disk: {code} {body}");
@@ -138,7 +123,7 @@ fn every_request_that_writes_on_a_full_disk_is_refused_with_507_and_harms_nothin
     assert_eq!(code, 204, "deleting once there is room: {body}");
     d.ok("POST", "/vms", Some(json!({"name": "x", "guest": "idle", "mem_mib": 16, "start": true})));
     d.ok("POST", "/snapshots/s1/restore", Some(json!({"vm": "r", "mode": "lazy"})));
-    let (code, body) = raw(&d, "PUT", "/images/k", &tiny_elf());
+    let (code, body) = d.raw("PUT", "/images/k", "application/octet-stream", &tiny_elf());
     assert!((200..300).contains(&code), "upload once there is room: {code} {body}");
     d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s2", "mode": "background"})));
     d.wait_serial("r", "memfill pass", Duration::from_secs(60));

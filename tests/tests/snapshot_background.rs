@@ -60,6 +60,22 @@ fn restores_to_the_pause(store: &storage::Store, name: &str, ram: &Ram, before: 
     }
 }
 
+/// A memfill guest of `mem` MiB rewriting its memory, snapshotted (stop-and-copy) as "a"
+/// into `store` once it printed a pass line; returns its output up to the snapshot.
+fn memfill_snapshot(store: &storage::Store, mem: u64, seed: u64) -> String {
+    let (mut vm, out) = start_builtin(
+        Builtin::Memfill,
+        mem,
+        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
+    );
+    wait_lines(&out, 1, Duration::from_secs(120));
+    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
+    snapshot::save(&vm, store, "a", &stop, &|_| {}).expect("snapshot a");
+    let before = out.text();
+    vm.stop("snapshot taken");
+    before
+}
+
 /// A 256 MiB touch guest, filled and snapshotted as "a" into `store`, then restored lazily
 /// with one fill thread and started: one fill thread loads its 4,096 stored chunks (~65 µs
 /// each here, more on a loaded host), so a flag set 20 ms into a snapshot's wait for the
@@ -328,17 +344,7 @@ fn a_lazily_restored_vm_once_resident_snapshots_in_the_background_to_the_pause()
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path().join("store")).expect("store");
     let (mem, seed) = (64, 12);
-    let (mut vm, out) = start_builtin(
-        Builtin::Memfill,
-        mem,
-        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
-    );
-    wait_lines(&out, 1, Duration::from_secs(60));
-    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
-    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
-    let before_a = out.text();
-    vm.stop("snapshot taken");
-    drop(vm);
+    let before_a = memfill_snapshot(&store, mem, seed);
 
     // Restored lazily with the background fill: it becomes resident while it runs.
     let out2 = SharedOutput::default();
@@ -370,17 +376,7 @@ fn a_lazily_restored_vm_still_filling_gets_its_fill_finished_and_snapshots_in_th
     let dir = tempfile::tempdir().expect("tempdir");
     let store = storage::Store::open(dir.path().join("store")).expect("store");
     let (mem, seed) = (256, 14);
-    let (mut vm, out) = start_builtin(
-        Builtin::Memfill,
-        mem,
-        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
-    );
-    wait_lines(&out, 1, Duration::from_secs(120));
-    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
-    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
-    let before_a = out.text();
-    vm.stop("snapshot taken");
-    drop(vm);
+    let before_a = memfill_snapshot(&store, mem, seed);
 
     // Restored lazily with one fill thread, and snapshotted at once: 256 MiB are far from
     // resident. Before, this fell back to stop-and-copy (the guest paused for all of it).

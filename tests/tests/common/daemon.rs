@@ -95,6 +95,23 @@ impl Daemon {
         v
     }
 
+    /// One request with a raw body of `content_type` (an image upload), answered within 30 s
+    /// (a hung request fails the test); the status and the body as text.
+    pub fn raw(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+        let mut s = UnixStream::connect(&self.socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("write head");
+        // The daemon may answer (413, 507) and close before reading everything.
+        let _ = s.write_all(body);
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap_or_else(|e| panic!("{method} {path}: no answer within 30 s: {e}"));
+        hypervisor::service::client::parse_response(&out).expect("response")
+    }
+
     /// Polls VM `vm`'s serial output until it contains `needle` (at most `timeout`).
     pub fn wait_serial(&self, vm: &str, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
