@@ -456,19 +456,22 @@ fn bench_snapshot_reports_every_mode_and_a_snapshot_right_after_a_lazy_restore()
             .find(|r| r["mode"] == mode && r["guest"] == guest)
             .unwrap_or_else(|| panic!("no {mode} row for {guest}: {rows:?}"))
     };
-    for (mode, guest, save_mode) in [
-        ("baseline", "touch", "stop"),
-        ("full", "touch", "stop"),
-        ("incremental-1pct", "touch", "stop"),
-        ("background", "touch", "background"),
-        ("background-inc-1pct", "touch", "background"),
-        ("after-lazy-stop", "touch", "stop"),
-        ("after-lazy-bg", "touch", "background"),
-        ("live", "memfill", "live"),
-        ("background", "memfill", "background"),
+    // `after-lazy-stop` falls back to stop-and-copy only while the fill still runs: 32 MiB
+    // may be resident by the time the snapshot starts (a CI run saw it), and then it runs in
+    // the background. `after-lazy-bg` waits for the fill, so it always does.
+    for (mode, guest, save_modes) in [
+        ("baseline", "touch", &["stop"][..]),
+        ("full", "touch", &["stop"]),
+        ("incremental-1pct", "touch", &["stop"]),
+        ("background", "touch", &["background"]),
+        ("background-inc-1pct", "touch", &["background"]),
+        ("after-lazy-stop", "touch", &["stop", "background"]),
+        ("after-lazy-bg", "touch", &["background"]),
+        ("live", "memfill", &["live"]),
+        ("background", "memfill", &["background"]),
     ] {
         let r = find(mode, guest);
-        assert_eq!(r["save_mode"], save_mode, "{r}");
+        assert!(save_modes.iter().any(|m| r["save_mode"] == *m), "{save_modes:?}: {r}");
         assert_eq!(r["mem_mib"], 32, "{r}");
         for key in ["pause_ms", "total_ms", "bytes_written", "fill_wait_ms"] {
             assert!(r[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {r}");
