@@ -119,10 +119,16 @@ impl StoreError {
             StoreError::Db { source: sled::Error::Io(source), .. } => source,
             _ => return false,
         };
-        // The kind too: sled hands out copies of its errors that keep the kind, not the code.
-        matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-            || matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+        is_no_room(io)
     }
+}
+
+/// An I/O error that says the file system has no room for the write: full (ENOSPC) or over
+/// quota (EDQUOT). The kind counts too: sled hands out copies of its errors that keep the
+/// kind, not the code.
+pub fn is_no_room(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 
 /// Result type of this crate.

@@ -439,7 +439,7 @@ pub use chunk::{
     decode_into as decode_chunk_into, encode as encode_chunk, encode_with as encode_chunk_with,
     is_zero as chunk_is_zero, ChunkError, ChunkRef, Codec, Hash,
 };
-pub use error::{Result, StoreError};
+pub use error::{is_no_room, Result, StoreError};
 pub use gc::GcReport;
 pub use manifest::{BlockManifest, Manifest, ManifestError};
 pub use name::{validate_attachment_name, validate_snapshot_name, NameError};

@@ -74,7 +74,7 @@ impl ApiError {
     /// system has no room, 500 otherwise; `what` names what was written.
     pub fn from_write(what: &str, e: &std::io::Error) -> ApiError {
         let msg = format!("{what}: {e}");
-        if no_room(e) {
+        if storage::is_no_room(e) {
             ApiError::StoreFull(msg)
         } else {
             ApiError::Internal(msg)
@@ -99,7 +99,7 @@ impl ApiError {
         match e {
             I::NotFound { .. } => ApiError::NotFound(e.to_string()),
             I::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
-            I::Io { ref source, .. } if no_room(source) => ApiError::StoreFull(e.to_string()),
+            I::Io { ref source, .. } if storage::is_no_room(source) => ApiError::StoreFull(e.to_string()),
             e if e.is_input() => ApiError::BadRequest(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }
@@ -128,11 +128,4 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
     }
-}
-
-/// The file system has no room left for the write: full (ENOSPC), or the daemon's user is
-/// over its quota (EDQUOT).
-fn no_room(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-        || matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
