@@ -491,7 +491,7 @@ fn a_wait_for_a_lazy_fill_ended_from_outside_falls_back_to_stop_and_copy_and_com
     let store = storage::Store::open(dir.path().join("store")).expect("store");
     let mut vm2 = filling_touch(&store);
     let (end, ender) = set_in_20_ms();
-    let opts = SaveOptions { end_fill_wait: Some(end), ..Default::default() };
+    let opts = SaveOptions { end_fill_wait: Some(snapshot::EndFillWait::when_set(end)), ..Default::default() };
     let report = snapshot::save(&vm2, &store, "b", &opts, &|_| {}).expect("snapshot b");
     ender.join().expect("ender");
     let waited = report.fill_wait.expect("it began to wait for the fill");

@@ -14,7 +14,7 @@
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -85,6 +85,14 @@ pub enum Cmd {
 }
 
 impl Cmd {
+    /// Requests that must not wait behind a snapshot's wait for a lazy fill (up to
+    /// [`crate::snapshot::save::DEFAULT_FILL_WAIT`]): while one is queued the wait ends and the
+    /// snapshot copies at once (stop-and-copy), so a client's pause or stop waits only for
+    /// the copy, as behind any stop-and-copy snapshot.
+    pub fn ends_fill_wait(&self) -> bool {
+        matches!(self, Cmd::Pause | Cmd::Resume | Cmd::Stop | Cmd::ShutdownSnapshot { .. })
+    }
+
     /// The request's name, for errors.
     pub fn what(&self) -> &'static str {
         match self {
@@ -170,8 +178,12 @@ pub struct Actor {
     pub def: VmDef,
     /// Set by the daemon when the VM is removed: a snapshot under way is cancelled.
     pub cancel: Arc<AtomicBool>,
-    /// Set by the daemon when it stops: a snapshot's wait for a lazy fill ends.
-    pub end_fill_wait: Arc<AtomicBool>,
+    /// Pause, resume, stop and shutdown-snapshot requests the daemon queued for this actor
+    /// and the actor has not taken yet; while there are any, or once the daemon stops, a
+    /// snapshot's wait for a lazy fill ends ([`Cmd::ends_fill_wait`]).
+    pub controls_queued: Arc<AtomicUsize>,
+    /// The daemon's stopping flag.
+    pub daemon_stopping: watch::Receiver<bool>,
     /// Tests only: background snapshots hold their copy until cancelled.
     pub hold_snapshot_copy: bool,
     pub vm: Option<Vm>,
@@ -289,7 +301,18 @@ impl Actor {
         Ok(())
     }
 
+    /// What ends this VM's snapshots' waits for a lazy fill: the daemon stopping, or a
+    /// control request queued behind the snapshot.
+    fn end_fill_wait(&self) -> snapshot::EndFillWait {
+        let (stopping, queued) = (self.daemon_stopping.clone(), self.controls_queued.clone());
+        snapshot::EndFillWait::new(move || *stopping.borrow() || queued.load(Ordering::Acquire) > 0)
+    }
+
     fn handle(&mut self, cmd: Cmd) -> Result<Reply, ApiError> {
+        if cmd.ends_fill_wait() {
+            // Taken: counted by the daemon when it was sent (daemon.rs `call_within`).
+            self.controls_queued.fetch_sub(1, Ordering::AcqRel);
+        }
         match cmd {
             Cmd::Start => match self.state() {
                 VmState::Running | VmState::Paused => {
@@ -336,7 +359,7 @@ impl Actor {
                     live,
                     mode,
                     cancel: Some(self.cancel.clone()),
-                    end_fill_wait: Some(self.end_fill_wait.clone()),
+                    end_fill_wait: Some(self.end_fill_wait()),
                     ..Default::default()
                 };
                 opts.hooks.hold_copy = self.hold_snapshot_copy;

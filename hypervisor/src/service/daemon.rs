@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -67,6 +67,10 @@ pub(super) struct VmHandle {
     logs: Logs,
     /// Set when the VM is removed: cancels a snapshot its actor is taking.
     cancel: Arc<AtomicBool>,
+    /// Pause, resume, stop and shutdown-snapshot requests queued for the actor and not yet
+    /// taken: while there are any, a snapshot waiting for a lazy fill stops waiting
+    /// ([`Cmd::ends_fill_wait`]).
+    controls_queued: Arc<AtomicUsize>,
 }
 
 pub struct Daemon {
@@ -81,10 +85,6 @@ pub struct Daemon {
     pub events: Events,
     /// Set when the daemon is stopping: event streams end so connections can close.
     pub stopping: tokio::sync::watch::Sender<bool>,
-    /// Set once the daemon stops: a snapshot waiting for a lazy restore's fill stops waiting
-    /// and copies at once (`SaveOptions::end_fill_wait`), so that the VM's shutdown snapshot,
-    /// queued behind it, runs within the shutdown's deadline.
-    pub(super) end_fill_waits: Arc<AtomicBool>,
     /// Kernels and initrds VMs may boot.
     pub images: Arc<ImageDir>,
     /// The guest memory every VM together may hold.
@@ -138,7 +138,6 @@ impl Daemon {
             ops: Arc::new(super::ops::Ops::default()),
             events: Events::default(),
             stopping: tokio::sync::watch::channel(false).0,
-            end_fill_waits: Arc::new(AtomicBool::new(false)),
             images: Arc::new(config.images),
             budget: Arc::new(MemoryBudget::new(config.max_guest_mib)),
             macs: Arc::new(MacClaims::default()),
@@ -300,9 +299,11 @@ impl Daemon {
         };
         let (published_tx, published) = watch::channel(first);
         let cancel = Arc::new(AtomicBool::new(false));
+        let controls_queued = Arc::new(AtomicUsize::new(0));
         let actor = Actor {
             cancel: cancel.clone(),
-            end_fill_wait: self.end_fill_waits.clone(),
+            controls_queued: controls_queued.clone(),
+            daemon_stopping: self.stopping.subscribe(),
             hold_snapshot_copy: self.hold_snapshot_copy,
             def: def.clone(),
             vm,
@@ -327,7 +328,7 @@ impl Daemon {
                 tracing::error!("cannot start the actor thread of VM '{}': {e}", def.name);
                 std::thread::spawn(|| {})
             });
-        VmHandle { tx, thread, published, logs, cancel }
+        VmHandle { tx, thread, published, logs, cancel, controls_queued }
     }
 
     /// Sends `cmd` to VM `name` and waits for the answer, at most the command's deadline.
@@ -339,15 +340,28 @@ impl Daemon {
     /// Sends `cmd` to VM `name` and waits at most `deadline` for the answer. A VM whose queue
     /// is full is busy (503); one that does not answer in time is reported stuck (504).
     pub async fn call_within(&self, name: &str, cmd: Cmd, deadline: Duration) -> Result<Reply, ApiError> {
-        let tx =
-            self.lock().get(name).map(|h| h.tx.clone()).ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))?;
+        let (tx, queued) = self
+            .lock()
+            .get(name)
+            .map(|h| (h.tx.clone(), h.controls_queued.clone()))
+            .ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))?;
         let what = cmd.what();
+        // Counted before it is sent, so the actor never takes it uncounted (actor.rs).
+        let control = cmd.ends_fill_wait();
+        if control {
+            queued.fetch_add(1, Ordering::AcqRel);
+        }
         let (reply, rx) = oneshot::channel();
-        tx.try_send((cmd, reply)).map_err(|e| match e {
-            TrySendError::Full(_) => ApiError::Busy(format!(
-                "VM '{name}' is busy: {QUEUE} requests are already waiting for it; try again later"
-            )),
-            TrySendError::Disconnected(_) => ApiError::Internal(format!("VM '{name}' is gone")),
+        tx.try_send((cmd, reply)).map_err(|e| {
+            if control {
+                queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            match e {
+                TrySendError::Full(_) => ApiError::Busy(format!(
+                    "VM '{name}' is busy: {QUEUE} requests are already waiting for it; try again later"
+                )),
+                TrySendError::Disconnected(_) => ApiError::Internal(format!("VM '{name}' is gone")),
+            }
         })?;
         match tokio::time::timeout(deadline, rx).await {
             Ok(Ok(r)) => r,
@@ -507,7 +521,8 @@ impl Daemon {
             }
             Ok(None) => Err(ApiError::NotFound(format!("no VM '{name}'"))),
             Err(_) => Err(ApiError::Busy(format!(
-                "the daemon is stopping: VM '{name}' is stopped with the others (and snapshotted, with                  --on-shutdown snapshot); delete it once the daemon runs again"
+                "the daemon is stopping: VM '{name}' is stopped with the others (and snapshotted, with \
+                 --on-shutdown snapshot); delete it once the daemon runs again"
             ))),
         }
     }
@@ -529,4 +544,25 @@ pub fn count_states(vms: &[VmInfo]) -> Vec<(&'static str, usize)> {
         *c.entry(k).or_default() += 1;
     }
     c.into_iter().collect()
+}
+
+#[cfg(test)]
+impl Daemon {
+    /// Control requests queued for VM `name` and not yet taken by its actor.
+    pub(super) fn controls_queued(&self, name: &str) -> usize {
+        self.lock().get(name).map_or(0, |h| h.controls_queued.load(Ordering::Acquire))
+    }
+}
+
+/// A daemon for unit tests, its state and store in `dir`, 1 GiB of guest memory.
+#[cfg(test)]
+pub(super) fn test_daemon(dir: &Path) -> Arc<Daemon> {
+    let images = super::images::ImageDir::open(&dir.join("images"), 1 << 20).expect("image directory");
+    let config = DaemonConfig {
+        images,
+        max_guest_mib: 1024,
+        store: storage::StoreOptions::default(),
+        hold_snapshot_copy: false,
+    };
+    Daemon::open(dir, config).expect("daemon")
 }

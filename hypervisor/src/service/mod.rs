@@ -18,6 +18,8 @@ pub mod clone;
 pub mod daemon;
 pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fill_wait_tests;
 pub mod housekeeping;
 pub mod images;
 pub mod images_api;

@@ -166,20 +166,8 @@ impl Drop for Unlisted<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::daemon::{Daemon, DaemonConfig};
+    use super::super::daemon::{test_daemon as daemon, Daemon};
     use super::super::error::ApiError;
-    use super::super::images::ImageDir;
-
-    fn daemon(dir: &std::path::Path) -> std::sync::Arc<Daemon> {
-        let images = ImageDir::open(&dir.join("images"), 1 << 20).expect("image directory");
-        let config = DaemonConfig {
-            images,
-            max_guest_mib: 1024,
-            store: storage::StoreOptions::default(),
-            hold_snapshot_copy: false,
-        };
-        Daemon::open(dir, config).expect("daemon")
-    }
 
     /// Defined, not started: no KVM needed.
     async fn define(d: &std::sync::Arc<Daemon>, name: &str) {

@@ -100,9 +100,8 @@ impl Daemon {
         // No request makes a VM from here on; those making one finish first (names.rs), so
         // their VMs are snapshotted and stopped with the rest.
         self.stopping.send_replace(true);
-        // A snapshot waiting for a lazy fill (up to a minute) copies at once: the VM's
-        // shutdown snapshot queues behind it.
-        self.end_fill_waits.store(true, std::sync::atomic::Ordering::Release);
+        // From here a snapshot waiting for a lazy fill (up to a minute) copies at once: the
+        // VM's shutdown snapshot queues behind it (actor.rs).
         self.wait_for_claims(deadline).await;
         let names: Vec<String> = self.lock().keys().cloned().collect();
         let mut tasks = tokio::task::JoinSet::new();

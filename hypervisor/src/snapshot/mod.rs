@@ -28,7 +28,7 @@ use thiserror::Error;
 
 pub use mode::{FillWait, PreProtectFault, SaveHooks, SaveMode};
 pub use restore::{restore, RestoreMode, RestoreOptions, RestorePhases, RestoreReport};
-pub use save::{save, SaveOptions, SaveProgress, SaveReport};
+pub use save::{save, EndFillWait, SaveOptions, SaveProgress, SaveReport};
 
 /// Errors taking or restoring a snapshot.
 #[derive(Debug, Error)]

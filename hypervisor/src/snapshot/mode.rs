@@ -18,8 +18,9 @@
 //! background with its short pause, where falling back would pause the guest for the copy of
 //! all its memory. The wait is bounded ([`super::SaveOptions::fill_wait`]); it ends early if
 //! the snapshot is cancelled, the VM stops or the caller ends it
-//! ([`super::SaveOptions::end_fill_wait`]: the daemon stopping), and a server that fills nothing by itself (no
-//! background fill) is not waited for.
+//! ([`super::SaveOptions::end_fill_wait`]: the daemon stopping, or a client's pause, resume
+//! or stop of the VM queued behind the snapshot), and a server that fills nothing by itself
+//! (no background fill) is not waited for.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -86,10 +86,11 @@ pub struct SaveOptions {
     /// (a page server's ranges cannot be write-protected); stop-and-copy after that, or at
     /// once with zero. See [`super::mode`].
     pub fill_wait: Duration,
-    /// Set from outside, ends the wait for a lazy fill ([`SaveOptions::fill_wait`]) without
-    /// cancelling the snapshot: it goes on stop-and-copy. The daemon sets it when it stops,
-    /// so that the shutdown's own snapshot, queued behind this one, is not kept waiting.
-    pub end_fill_wait: Option<Arc<AtomicBool>>,
+    /// Asked from the wait for a lazy fill ([`SaveOptions::fill_wait`]): once it says so, the
+    /// wait ends without cancelling the snapshot, which goes on stop-and-copy. The daemon
+    /// ends it when it stops, so that the shutdown's own snapshot, queued behind this one, is
+    /// not kept waiting, and while a client's pause, resume or stop of the VM is queued.
+    pub end_fill_wait: Option<EndFillWait>,
     /// Test hooks.
     pub hooks: SaveHooks,
 }
@@ -112,6 +113,33 @@ impl Default for SaveOptions {
             end_fill_wait: None,
             hooks: SaveHooks::NONE,
         }
+    }
+}
+
+/// Whether a wait for a lazy fill should end now ([`SaveOptions::end_fill_wait`]); asked
+/// every few milliseconds while the snapshot waits.
+#[derive(Clone)]
+pub struct EndFillWait(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl EndFillWait {
+    /// Ends the wait once `ended` returns true.
+    pub fn new(ended: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        EndFillWait(Arc::new(ended))
+    }
+
+    /// Ends the wait once `flag` is set.
+    pub fn when_set(flag: Arc<AtomicBool>) -> Self {
+        EndFillWait::new(move || flag.load(Ordering::Acquire))
+    }
+
+    pub fn ended(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for EndFillWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("EndFillWait").field(&self.ended()).finish()
     }
 }
 
@@ -355,7 +383,7 @@ pub fn save(
         // cancelled: say that.
         return Err(if cancelled() { SnapshotError::Cancelled } else { SnapshotError::NotRunning });
     }
-    let wait_ended = || cancelled() || opts.end_fill_wait.as_ref().is_some_and(|e| e.load(Ordering::Acquire));
+    let wait_ended = || cancelled() || opts.end_fill_wait.as_ref().is_some_and(EndFillWait::ended);
     let fill_wait = wait_for_fill(vm, opts.mode, opts.live, was_running, opts.stay_paused, opts.fill_wait, &wait_ended);
     if cancelled() {
         return Err(SnapshotError::Cancelled);
