@@ -221,15 +221,13 @@ pub fn decode_prefetch(bytes: &[u8]) -> Vec<(Arc<str>, u64)> {
     out
 }
 
-/// The entries of `list` that name a chunk of one of `blocks` (offset inside its length),
-/// each chunk once, in order.
-fn served_once(list: Vec<(Arc<str>, u64)>, blocks: &[LazyBlock], chunk: u64) -> Vec<(Arc<str>, u64)> {
-    let mut seen = std::collections::HashSet::new();
-    list.into_iter()
-        .filter(|(idstr, off)| {
-            blocks.iter().any(|b| *b.idstr == **idstr && *off < b.len) && seen.insert((idstr.clone(), off / chunk))
-        })
-        .collect()
+/// The entries of `list` that count for `blocks` (migrate's `prefetch_list`), as the first
+/// offset of each chunk they name, in order.
+fn served_once(list: &[(Arc<str>, u64)], blocks: &[LazyBlock], chunk: u64) -> Vec<(Arc<str>, u64)> {
+    let (chunks, _) =
+        migrate::lazy::prefetch_list::chunks_of(list, blocks.iter().map(|b| (b.idstr.as_str(), b.len)), chunk);
+    let names: Vec<Arc<str>> = blocks.iter().map(|b| Arc::from(b.idstr.as_str())).collect();
+    chunks.into_iter().map(|(bi, ci)| (names[bi].clone(), ci * chunk)).collect()
 }
 
 /// Encodes a prefetch list for the store.
@@ -374,7 +372,7 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
                     // none, and prefetch-before loads it into the base on this thread. Only
                     // the entries naming a chunk of a block, each once, are copied: the list
                     // is untrusted and may be long.
-                    let prefetch = served_once(prefetch, &lazy, u64::from(reader.chunk_size()));
+                    let prefetch = served_once(&prefetch, &lazy, u64::from(reader.chunk_size()));
                     let base_opts = migrate::lazy::BaseOptions {
                         prefetch: prefetch.clone(),
                         background_fill: opts.background_fill,

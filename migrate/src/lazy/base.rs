@@ -187,14 +187,8 @@ impl Base {
             total += chunks;
             state.push(BaseBlock { idstr, len, chunks, fd, filled: zeros(), claimed: zeros(), failed: zeros() });
         }
-        let prefetch: Vec<(usize, u64)> = opts
-            .prefetch
-            .iter()
-            .filter_map(|(idstr, off)| {
-                let bi = state.iter().position(|b| *b.idstr == **idstr)?;
-                (*off < state[bi].len).then_some((bi, off / chunk))
-            })
-            .collect();
+        let (prefetch, _) =
+            super::prefetch_list::chunks_of(&opts.prefetch, state.iter().map(|b| (b.idstr.as_str(), b.len)), chunk);
         let inner = Arc::new(Inner {
             blocks: state,
             source,

@@ -63,6 +63,7 @@ mod base_server;
 mod cache;
 mod gate;
 mod place;
+pub mod prefetch_list;
 mod privatize;
 mod server;
 mod serving;

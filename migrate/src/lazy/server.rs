@@ -68,29 +68,10 @@ impl Default for ServerOptions {
     }
 }
 
-/// The prefetch list (untrusted: it is read from the store) as (block index, chunk index):
-/// entries naming a block not served, or an offset past the block's served length, are
-/// dropped, and so is every repeat of a chunk; the order of the rest is kept. Returns the
-/// list and the number of entries dropped.
+/// The prefetch list as (block index, chunk index) of `blocks`, and the number of entries
+/// dropped ([`super::prefetch_list`]).
 pub(super) fn check_prefetch(list: &[(Arc<str>, u64)], blocks: &[Block], chunk: u64) -> (Vec<(usize, u64)>, usize) {
-    let mut seen: Vec<Vec<u64>> = blocks.iter().map(|b| vec![0u64; b.chunks.div_ceil(64) as usize]).collect();
-    let mut out = Vec::with_capacity(list.len().min(blocks.iter().map(|b| b.chunks as usize).sum()));
-    for (idstr, off) in list {
-        let Some(bi) = blocks.iter().position(|b| *b.desc.idstr == **idstr) else {
-            continue;
-        };
-        if *off >= blocks[bi].desc.len {
-            continue;
-        }
-        let ci = off / chunk;
-        let (word, bit) = ((ci / 64) as usize, 1u64 << (ci % 64));
-        if seen[bi][word] & bit == 0 {
-            seen[bi][word] |= bit;
-            out.push((bi, ci));
-        }
-    }
-    let dropped = list.len() - out.len();
-    (out, dropped)
+    super::prefetch_list::chunks_of(list, blocks.iter().map(|b| (&*b.desc.idstr, b.desc.len)), chunk)
 }
 
 /// The offset of the first page of `host..host+len` that is present (mapped), if any. Asks
