@@ -40,8 +40,13 @@ fn touch_snapshot_in(dir: &Path, damage_far: bool) {
 /// it (async): the snapshot is waiting for the fill when this returns. The throttle and the
 /// operation id.
 fn snapshot_waiting_for_fill(d: &Daemon) -> (Throttle, u64) {
-    d.ok("POST", "/snapshots/a/restore", Some(json!({"vm": "v", "mode": "lazy"})));
-    let throttle = Throttle::threads(d.child.id(), "uffd-fill");
+    // Its fill threads are slowed as they appear, during the restore request.
+    let throttle = std::thread::scope(|s| {
+        let restore = s.spawn(|| d.ok("POST", "/snapshots/a/restore", Some(json!({"vm": "v", "mode": "lazy"}))));
+        let throttle = Throttle::threads(d.child.id(), "uffd-fill");
+        restore.join().expect("restore");
+        throttle
+    });
     let info = d.ok("GET", "/vms/v", None);
     assert!(info.get("lazy_resident_ms").is_none(), "v was resident before its fill was slowed: {info}");
     let r = d.ok("POST", "/vms/v/snapshot", Some(json!({"name": "b", "mode": "background", "async": true})));
@@ -75,12 +80,21 @@ fn other_vms_are_served_while_a_snapshot_waits_for_a_fill_and_it_then_holds_the_
     let dir = tempfile::tempdir().expect("tempdir");
     touch_snapshot_in(dir.path(), false);
     let mut d = Daemon::start(dir.path(), &[]);
-    d.ok("POST", "/vms", Some(json!({"name": "o1", "guest": "memfill", "mem_mib": 16, "seed": 4, "passes": 0, "start": true})));
+    d.ok(
+        "POST",
+        "/vms",
+        Some(json!({"name": "o1", "guest": "memfill", "mem_mib": 16, "seed": 4, "passes": 0, "start": true})),
+    );
     d.wait_serial("o1", "memfill pass 1 ", Duration::from_secs(60));
     let (throttle, id) = snapshot_waiting_for_fill(&d);
 
     // Other VMs, while v's snapshot waits.
-    answered(&d, "POST", "/vms", Some(json!({"name": "o2", "guest": "memfill", "mem_mib": 16, "seed": 5, "passes": 0, "start": true})));
+    answered(
+        &d,
+        "POST",
+        "/vms",
+        Some(json!({"name": "o2", "guest": "memfill", "mem_mib": 16, "seed": 5, "passes": 0, "start": true})),
+    );
     answered(&d, "POST", "/vms/o1/snapshot", Some(json!({"name": "o1s", "mode": "background"})));
     answered(&d, "POST", "/vms/o2/snapshot", Some(json!({"name": "o2s", "mode": "stop"})));
     answered(&d, "POST", "/vms/o1/pause", None);
@@ -123,7 +137,11 @@ fn a_corrupt_chunk_met_by_the_fill_during_the_wait_fails_the_snapshot_naming_it_
     let dir = tempfile::tempdir().expect("tempdir");
     touch_snapshot_in(dir.path(), true);
     let mut d = Daemon::start(dir.path(), &[]);
-    d.ok("POST", "/vms", Some(json!({"name": "o1", "guest": "memfill", "mem_mib": 16, "seed": 4, "passes": 0, "start": true})));
+    d.ok(
+        "POST",
+        "/vms",
+        Some(json!({"name": "o1", "guest": "memfill", "mem_mib": 16, "seed": 4, "passes": 0, "start": true})),
+    );
     let (throttle, id) = snapshot_waiting_for_fill(&d);
     // The fill goes on at full speed and meets the bad chunk while the snapshot waits.
     drop(throttle);

@@ -30,8 +30,9 @@ pub fn threads(pid: u32, prefix: &str) -> Vec<u32> {
 }
 
 impl Throttle {
-    /// Moves every thread of `pid` named `prefix*` into a cgroup allowed 1% of one CPU. Panics
-    /// if there is none.
+    /// Waits (at most 30 s, polling every 50 µs) for threads of `pid` named `prefix*` to
+    /// appear, and moves them (and those that appear within the next 2 ms) into a cgroup
+    /// allowed 1% of one CPU. Panics if none appeared.
     pub fn threads(pid: u32, prefix: &str) -> Throttle {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -39,13 +40,27 @@ impl Throttle {
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e} (needs root)", dir.display()));
         std::fs::write(dir.join("cpu.cfs_period_us"), "100000").expect("period");
         std::fs::write(dir.join("cpu.cfs_quota_us"), "1000").expect("quota");
-        let tids = threads(pid, prefix);
-        assert!(!tids.is_empty(), "process {pid} has no thread named {prefix}*");
-        for t in &tids {
-            // A thread that ended meanwhile cannot be moved: nothing to slow down.
-            let _ = std::fs::write(dir.join("tasks"), t.to_string());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut tids = Vec::new();
+        let mut first_seen = None;
+        loop {
+            for t in threads(pid, prefix) {
+                if !tids.contains(&t) {
+                    // A thread that ended meanwhile cannot be moved: nothing to slow down.
+                    let _ = std::fs::write(dir.join("tasks"), t.to_string());
+                    tids.push(t);
+                    first_seen.get_or_insert_with(std::time::Instant::now);
+                }
+            }
+            let now = std::time::Instant::now();
+            if first_seen.is_some_and(|f| now - f > std::time::Duration::from_millis(2)) || now > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
-        Throttle { dir, tids }
+        let t = Throttle { dir, tids };
+        assert!(!t.tids.is_empty(), "process {pid} started no thread named {prefix}*");
+        t
     }
 }
 
