@@ -159,3 +159,124 @@ fn a_corrupt_chunk_met_by_the_fill_during_the_wait_fails_the_snapshot_naming_it_
     d.ok("DELETE", "/vms/v", None);
     assert!(d.terminate_within(Duration::from_secs(30)).0.is_some_and(|s| s.success()));
 }
+
+/// A RAM block resized while a background snapshot waits for the lazy fill (library level,
+/// as hostile3_resize_wp resizes: a fw_cfg file block shrunk and grown back with other bytes,
+/// and shrunk again). The snapshot commits what the VM holds at its pause, sized as then, or
+/// is cancelled naming the block; the fill completes; nothing stays write-protected; the guest
+/// finds all its memory intact; every committed snapshot restores byte for byte.
+#[test]
+fn a_block_resized_while_a_snapshot_waits_for_the_fill_commits_the_pause_or_cancels() {
+    use common::at_pause::{capture_hook, AtPause};
+    use hypervisor::guests::Builtin;
+    use hypervisor::snapshot::{SaveMode, SaveOptions};
+    use hypervisor::vm::{BootSource, BuiltinParams, FwCfgFile, Vm, VmConfig};
+    const BLOCK: &str = "/rom@opt/h7/blob";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path().join("store")).expect("store");
+    let guest = BootSource::Builtin {
+        guest: Builtin::Memfill,
+        params: BuiltinParams { seed: 8, passes: 0, ..Default::default() },
+    };
+    let mut cfg = VmConfig::new(64, 1, guest, Box::new(SharedOutput::default()));
+    cfg.fw_cfg_files = vec![FwCfgFile { name: "opt/h7/blob".into(), data: common::noise(100_000, 1) }];
+    let mut vm = Vm::new(cfg).expect("vm");
+    vm.start().expect("start");
+    let stop = SaveOptions { mode: SaveMode::Stop, stay_paused: true, ..Default::default() };
+    std::thread::sleep(Duration::from_millis(200));
+    snapshot::save(&vm, &store, "a", &stop, &|_| {}).expect("snapshot a");
+    vm.stop("snapshot taken");
+    drop(vm);
+
+    let mut committed = 0;
+    for (round, sizes) in
+        [&[5_000usize, 128 * 1024][..], &[128 * 1024, 20_000][..], &[4096][..]].into_iter().enumerate()
+    {
+        let out = SharedOutput::default();
+        // No chunk cache: each round's fill reads the store, as slowly as the first.
+        let opts = RestoreOptions {
+            fill_threads: 1,
+            cache: None,
+            ..RestoreOptions::new(RestoreMode::Lazy, Box::new(out.clone()))
+        };
+        let (vm, throttle) = std::thread::scope(|s| {
+            let throttle = s.spawn(|| Throttle::threads(std::process::id(), "uffd-fill"));
+            let (mut vm, _) = snapshot::restore(&store, "a", opts).expect("lazy restore");
+            vm.start().expect("start");
+            (vm, throttle.join().expect("throttle"))
+        });
+        let max = vm.registry().get(BLOCK).expect("block").max_length() as usize;
+        let name = format!("b{round}");
+        let seen: AtPause = Default::default();
+        let (report, resized) = std::thread::scope(|s| {
+            let saver = s.spawn(|| {
+                let so = SaveOptions { mode: SaveMode::Background, hooks: capture_hook(&seen), ..Default::default() };
+                snapshot::save(&vm, &store, &name, &so, &|_| {})
+            });
+            // Into the wait (the fill, throttled, needs seconds), then the resizes.
+            std::thread::sleep(Duration::from_millis(100));
+            let server = vm.page_server().expect("page server");
+            assert!(!server.is_resident(), "round {round}: resident before the resize");
+            let mut resized = Vec::new();
+            for (k, &len) in sizes.iter().enumerate() {
+                let len = len.min(max);
+                vm.registry().resize(BLOCK, len as u64).expect("resize");
+                vm.registry().get(BLOCK).expect("block").write(0, &common::noise(len, 100 + k as u64)).expect("write");
+                resized.push(len);
+            }
+            drop(throttle);
+            (saver.join().expect("saver"), resized)
+        });
+        let server = vm.page_server().expect("page server");
+        assert!(
+            server.wait_resident(Duration::from_secs(120)),
+            "round {round}: the fill never ended: {:?}",
+            server.error()
+        );
+        assert_eq!(common::ram::protected_pages(&vm), 0, "round {round}: pages left write-protected");
+        match report {
+            Ok(r) => {
+                let ram = seen.lock().expect("lock").take();
+                eprintln!(
+                    "round {round} (resized {resized:?}): committed, mode {:?}, fill wait {:?}",
+                    r.mode, r.fill_wait
+                );
+                let want = ram
+                    .unwrap_or_else(|| panic!("round {round}: committed in mode {:?}, not at a pause we saw", r.mode));
+                let (k, last) = (resized.len() - 1, resized[resized.len() - 1]);
+                let block = &want.iter().find(|(n, _)| n == BLOCK).expect("the block at the pause").1;
+                assert_eq!(block.len(), last.next_multiple_of(4096), "round {round}: the block's size at the pause");
+                // What was written after the last resize, not the snapshot's older bytes
+                // placed over it by the fill.
+                assert!(
+                    block[..last] == common::noise(last, 100 + k as u64)[..],
+                    "round {round}: the block lost its new bytes"
+                );
+                for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
+                    let (vm2, _) =
+                        snapshot::restore(&store, &name, RestoreOptions::new(mode, Box::new(SharedOutput::default())))
+                            .unwrap_or_else(|e| panic!("round {round}: restore: {e}"));
+                    assert_same_ram(&ram_of(&vm2), &want, &format!("round {round}: {mode:?} restore of {name}"));
+                }
+                committed += 1;
+            }
+            Err(e) => {
+                eprintln!("round {round} (resized {resized:?}): {e}");
+                assert!(e.to_string().contains(BLOCK), "round {round}: {e}");
+                assert!(store.manifest(&name).is_err(), "round {round}: a failed snapshot was committed");
+            }
+        }
+        // The guest runs on over intact memory.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            vm.control().exit_reason().is_none(),
+            "round {round}: the VM stopped: {:?}",
+            vm.control().exit_reason()
+        );
+        let text = out.text();
+        assert!(common::memfill::passes(&text).iter().all(|(_, _, m)| *m == 0), "round {round}: {text}");
+        let mut vm = vm;
+        vm.stop("round done");
+    }
+    eprintln!("{committed} of 3 committed");
+}
