@@ -175,19 +175,19 @@ fn send_async(
     })
 }
 
-/// Kills in the daemon's restores (eager, lazy), clones, snapshot deletes and GCs, each
-/// followed by a restart and the checks of [`check_after_kill`].
+/// Kills in the daemon's restores (eager, lazy), clones, creates, snapshot deletes and GCs,
+/// each followed by a restart and the checks of [`check_after_kill`].
 #[test]
 fn kills_in_restores_clones_deletes_and_gc_leave_a_daemon_that_starts_and_snapshots_that_restore_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kept = two_snapshots(dir.path());
     let vms = dir.path().join("state/vms");
     let manifests = dir.path().join("state/store/manifests");
-    for round in 0..10u32 {
+    for round in 0..12u32 {
         let d = Daemon::start(dir.path(), &[]);
         let pid = d.child.id();
         let what;
-        let sender = match round % 5 {
+        let sender = match round % 6 {
             step @ (0 | 1) => {
                 // A restore, killed as its VM's definition appears (the VM runs by then; the
                 // daemon has not listed it yet).
@@ -220,6 +220,17 @@ fn kills_in_restores_clones_deletes_and_gc_leave_a_daemon_that_starts_and_snapsh
                 let s = send_async(&d, "DELETE", format!("/snapshots/{snap}"), None);
                 let file = manifests.join(&snap);
                 assert!(kill_when(pid, &|| !file.exists()), "{what}: the manifest file stayed");
+                s
+            }
+            5 => {
+                // A create with start, killed as its definition appears (before the start).
+                what = format!("round {round}: create killed at its definition write");
+                let vm = format!("n{round}");
+                let def =
+                    json!({"name": vm, "guest": "memfill", "mem_mib": 16, "seed": round, "passes": 0, "start": true});
+                let s = send_async(&d, "POST", "/vms".into(), Some(def));
+                let seen = || entries(&vms).iter().any(|n| n.starts_with(&format!("{vm}.json")));
+                assert!(kill_when(pid, &seen), "{what}: no definition was written");
                 s
             }
             _ => {
