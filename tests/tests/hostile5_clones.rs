@@ -6,6 +6,7 @@
 
 mod common;
 use common::at_pause::{self, capture_hook, memfds, restore_every_way, running_memfill, AtPause};
+use common::damage::damage;
 use common::memfill::passes;
 use common::ram::{assert_blocks_match, Ram};
 
@@ -16,7 +17,6 @@ use hypervisor::control::ExitReason;
 use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveHooks, SaveMode, SaveOptions};
 use hypervisor::vm::{SharedOutput, Vm};
 use migrate::lazy::{Base, BaseRegistry};
-use storage::ChunkRef;
 
 fn clone_opts(bases: &Arc<BaseRegistry>, out: &SharedOutput, background_fill: bool) -> RestoreOptions {
     RestoreOptions {
@@ -146,26 +146,6 @@ fn clones_dropped_while_their_base_fills_and_new_clones_racing_the_last_one_out_
     }
     // Nothing holds the snapshot any more.
     store.delete("s").expect("delete: no pin left behind");
-}
-
-/// Corrupts the stored chunk of `name`'s pc.ram at `offset` (flips a byte in its pack);
-/// returns a closure that puts the byte back.
-fn damage(store: &storage::Store, name: &str, offset: u64) -> impl Fn() {
-    let m = store.manifest(name).expect("manifest");
-    let ChunkRef::Stored(hash) = m.block("pc.ram").expect("pc.ram").chunks[(offset / u64::from(m.chunk_size)) as usize]
-    else {
-        panic!("the chunk at {offset:#x} holds data");
-    };
-    let loc = store.debug_chunk_location(&hash).expect("location").expect("indexed");
-    let path = store.debug_pack_path(loc.pack);
-    let at = (loc.offset + u64::from(loc.len) / 2) as usize;
-    let flip = move || {
-        let mut pack = std::fs::read(&path).expect("pack");
-        pack[at] ^= 0xff;
-        std::fs::write(&path, &pack).expect("write pack");
-    };
-    flip();
-    flip
 }
 
 /// A chunk that could not be read once (a damaged pack put right since, an I/O error that

@@ -148,6 +148,14 @@ impl Daemon {
         let mut resumed = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
+            if path.extension().and_then(|x| x.to_str()) == Some("tmp") {
+                // A definition a killed daemon was writing ([`Daemon::persist`]); the store's
+                // lock, taken above, keeps any other daemon off this directory.
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!("removing {}: {e}", path.display());
+                }
+                continue;
+            }
             if path.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
             }

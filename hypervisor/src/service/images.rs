@@ -95,6 +95,7 @@ impl ImageDir {
             .mode(0o700)
             .create(root)
             .map_err(|e| ImageError::Dir(format!("creating {}: {e}", root.display())))?;
+        remove_dead_uploads(root);
         Ok(ImageDir { root: root.to_path_buf(), max_bytes })
     }
 
@@ -168,7 +169,7 @@ impl ImageDir {
         validate_name(name)?;
         let io = |what| move |source| ImageError::Io { name: name.to_string(), what, source };
         for n in 0u32.. {
-            let tmp = self.root.join(format!(".upload-{}-{n}-{name}", std::process::id()));
+            let tmp = self.root.join(format!("{UPLOAD_PREFIX}{}-{n}-{name}", std::process::id()));
             match std::fs::File::options()
                 .write(true)
                 .create_new(true)
@@ -191,6 +192,38 @@ impl ImageDir {
             }
         }
         Err(ImageError::Dir("no free upload file name".into()))
+    }
+}
+
+/// The prefix of an upload's temporary file; `.upload-<pid>-<n>-<name>` names the process
+/// writing it.
+const UPLOAD_PREFIX: &str = ".upload-";
+
+/// Removes the temporary files of uploads whose daemon is gone (killed mid-upload: its
+/// `Drop` never ran). Each would otherwise stay for good, up to `--max-image-size` bytes,
+/// unseen by `GET /images`. A file of a live process is left alone: the image directory may
+/// be shared with another daemon that is uploading now. (A recycled pid only keeps a file
+/// until a later start.)
+fn remove_dead_uploads(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(UPLOAD_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|p| *p > 0)
+        else {
+            continue;
+        };
+        let dead = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
+        if dead && entry.file_type().is_ok_and(|t| t.is_file()) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(file = ?name, "removed the file of an upload its daemon never finished"),
+                Err(e) => tracing::warn!(file = ?name, "removing an unfinished upload's file: {e}"),
+            }
+        }
     }
 }
 

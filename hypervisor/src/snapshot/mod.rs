@@ -68,7 +68,7 @@ pub enum SnapshotError {
     NewGeneration(#[from] ::devices::acpi::vmgenid::VmGenIdError),
     #[error("the VM has stopped; there is nothing to snapshot")]
     NotRunning,
-    #[error("the VM's lazy restore failed during the snapshot ({0}); nothing was committed")]
+    #[error("the VM's lazy restore failed ({0}); nothing was committed")]
     LazyFailed(String),
     #[error("reading KVM's dirty log of slot {slot}: {source}")]
     DirtyLog { slot: u32, source: kvm_ioctls::Error },

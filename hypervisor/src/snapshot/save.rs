@@ -366,6 +366,16 @@ pub(super) fn start_tracking(vm: &Vm, chunk: u64) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// Why a VM that has stopped cannot be snapshotted: the failure of its lazy restore, naming
+/// the chunk, when that is what stopped it (its fill met a chunk it could not read, perhaps
+/// while the snapshot waited for the fill); else just that it has stopped.
+fn not_running(vm: &Vm) -> SnapshotError {
+    match vm.page_server().and_then(|s| s.error()) {
+        Some(e) => SnapshotError::LazyFailed(e.to_string()),
+        None => SnapshotError::NotRunning,
+    }
+}
+
 /// Snapshots `vm` into `store` as `name`. `progress` is called after each round, once an
 /// incremental snapshot has taken its parent's chunks, and at the end ([`SaveProgress`]).
 pub fn save(
@@ -381,7 +391,7 @@ pub fn save(
     if vm.control().exit_reason().is_some() {
         // A VM deleted before its snapshot got here is stopped after the snapshot is
         // cancelled: say that.
-        return Err(if cancelled() { SnapshotError::Cancelled } else { SnapshotError::NotRunning });
+        return Err(if cancelled() { SnapshotError::Cancelled } else { not_running(vm) });
     }
     let wait_ended = || cancelled() || opts.end_fill_wait.as_ref().is_some_and(EndFillWait::ended);
     let fill_wait = wait_for_fill(vm, opts.mode, opts.live, was_running, opts.stay_paused, opts.fill_wait, &wait_ended);
@@ -499,7 +509,7 @@ pub fn save(
     if !vm.pause() {
         // Likewise for a VM deleted meanwhile.
         check()?;
-        return Err(SnapshotError::NotRunning);
+        return Err(not_running(vm));
     }
     let stop_vcpus = paused_at.elapsed();
     cleanup.resume = was_running && !opts.stay_paused;

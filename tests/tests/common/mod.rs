@@ -3,10 +3,12 @@
 
 pub mod at_pause;
 pub mod daemon;
+pub mod damage;
 pub mod iasl;
 pub mod memfill;
 pub mod mock_net;
 pub mod ram;
+pub mod throttle;
 pub mod tmpfs;
 pub mod touch;
 
