@@ -166,7 +166,20 @@ impl Daemon {
                 Ok(def) if validate_name("VM", &def.name).is_ok() => {
                     tracing::info!(vm = %def.name, "VM definition loaded");
                     d.budget.force(&def.name, def.mem_mib);
-                    let resume_from = def.resume_from.clone();
+                    let mut resume_from = def.resume_from.clone();
+                    if let Some(snap) = resume_from.as_deref() {
+                        // Named before it was taken (shutdown.rs): a daemon killed before
+                        // the commit leaves a name with no snapshot, and the VM stopped.
+                        if let Err(storage::StoreError::NotFound(_)) = d.store.manifest(snap) {
+                            tracing::warn!(
+                                vm = %def.name,
+                                snapshot = snap,
+                                "its shutdown snapshot was never committed (the daemon was killed while taking \
+                                 it): the VM stays stopped"
+                            );
+                            resume_from = None;
+                        }
+                    }
                     let vm = resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap, def.resume_paused));
                     // Definitions from before MACs were kept get theirs now (a resumed VM's
                     // own), saved below with the rest.

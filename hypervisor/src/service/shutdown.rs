@@ -4,11 +4,14 @@
 //! is snapshotted (stop-and-copy) under a fresh name in the daemon's reserved namespace
 //! (`__shutdown-<unix ms>-<n>-<vm>`: the API refuses user snapshot names starting with `__`,
 //! so no user snapshot is ever overwritten, and the name fits the store's 64 characters for
-//! any VM name). Only once the new snapshot is committed does the VM's definition name it
-//! (`resume_from`, and `resume_paused` for a paused VM, which then comes back paused), and
-//! only then is the previous shutdown snapshot of that VM deleted. A resumed VM deletes the
-//! snapshot it came from as soon as all its memory is resident (or it ends). Shutdown
-//! snapshots no definition names (left by a crash) are deleted when the daemon starts.
+//! any VM name). The VM's definition names the snapshot before it is taken (`resume_from`,
+//! and `resume_paused` for a paused VM, which then comes back paused), so a daemon killed at
+//! any moment leaves a definition naming either a committed snapshot, which the next start
+//! resumes from, or one that never committed, and the VM comes back stopped (a snapshot that
+//! fails names none again). Only once the new snapshot is committed is the previous shutdown
+//! snapshot of that VM deleted. A resumed VM deletes the snapshot it came from as soon as all
+//! its memory is resident (or it ends). Shutdown snapshots no definition names (left by a
+//! crash) are deleted when the daemon starts.
 //!
 //! Then every actor is ended (which stops its VM). Whatever is not done by the deadline is
 //! left behind: the daemon exits anyway, and a snapshot cut short was never committed.
@@ -24,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::actor::{Cmd, Reply};
+use super::actor::{Cmd, Reply, VmState};
 use super::daemon::Daemon;
 use super::error::ApiError;
 use super::vm_def::VmDef;
@@ -118,25 +121,7 @@ impl Daemon {
 
     async fn shut_down_vm(self: &Arc<Self>, name: &str, snapshot: bool, deadline: Instant) {
         if snapshot {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let snap = shutdown_name(name);
-            match self.call_within(name, Cmd::ShutdownSnapshot { name: snap.clone() }, left).await {
-                Ok(Reply::ShutdownSnapshot { taken: true, paused, def }) => {
-                    let def = VmDef { resume_from: Some(snap.clone()), resume_paused: paused, ..*def };
-                    match self.save_def(def).await {
-                        Ok(()) => {
-                            tracing::info!(vm = name, snapshot = %snap, paused, "resumes from it at the next start")
-                        }
-                        Err(e) => {
-                            tracing::error!(vm = name, "{e}");
-                            let store = self.store.clone();
-                            let _ = tokio::task::spawn_blocking(move || store.delete(&snap)).await;
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(vm = name, "snapshot at shutdown failed: {e}"),
-            }
+            self.shutdown_snapshot(name, deadline).await;
         }
         let Some(h) = self.lock().remove(name) else { return };
         drop(h.tx);
@@ -145,6 +130,52 @@ impl Daemon {
         }
         if h.thread.is_finished() {
             let _ = h.thread.join();
+        }
+    }
+}
+
+impl Daemon {
+    /// Snapshots VM `name` for the restart if it runs or is paused. Its definition names the
+    /// snapshot *before* it is taken, so a daemon killed at any moment leaves either a
+    /// definition naming a committed snapshot (the VM resumes from it) or one naming a
+    /// snapshot that never committed (the VM comes back stopped, [`Daemon::open`]); saving
+    /// the definition after the commit lost a committed snapshot to a kill in between.
+    async fn shutdown_snapshot(self: &Arc<Self>, name: &str, deadline: Instant) {
+        let Some(info) = self.lock().get(name).map(|h| h.published.borrow().info.clone()) else { return };
+        let was_paused = match info.state {
+            VmState::Running => false,
+            VmState::Paused => true,
+            _ => return,
+        };
+        let snap = shutdown_name(name);
+        let planned = VmDef { resume_from: Some(snap.clone()), resume_paused: was_paused, ..info.def.clone() };
+        if let Err(e) = self.save_def(planned).await {
+            tracing::error!(vm = name, "no shutdown snapshot: its definition cannot name one: {e}");
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.call_within(name, Cmd::ShutdownSnapshot { name: snap.clone() }, left).await {
+            Ok(Reply::ShutdownSnapshot { taken: true, paused, def }) => {
+                if paused != was_paused {
+                    // Paused or resumed meanwhile (a request already under way).
+                    let def = VmDef { resume_from: Some(snap.clone()), resume_paused: paused, ..*def };
+                    if let Err(e) = self.save_def(def).await {
+                        tracing::warn!(vm = name, "it resumes {}paused: {e}", if was_paused { "" } else { "un" });
+                    }
+                }
+                tracing::info!(vm = name, snapshot = %snap, paused, "resumes from it at the next start");
+            }
+            other => {
+                match other {
+                    Err(e) => tracing::error!(vm = name, "snapshot at shutdown failed: {e}"),
+                    _ => tracing::info!(vm = name, "not running at its shutdown snapshot: none taken"),
+                }
+                // Nothing committed (a snapshot answered too late is deleted by its actor):
+                // the definition names none again.
+                if let Err(e) = self.save_def(VmDef { resume_from: None, resume_paused: false, ..info.def }).await {
+                    tracing::warn!(vm = name, "its definition still names shutdown snapshot {snap}: {e}");
+                }
+            }
         }
     }
 }
