@@ -57,7 +57,7 @@ fn restored_ram(store: &Store, name: &str) -> Ram {
 /// files being written, image uploads.
 fn temporaries(state: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for (dir, temp) in [("vms", ".tmp"), ("store/manifests", ".tmp-"), ("images", ".upload-")] {
+    for (dir, temp) in [("vms", ".tmp"), ("store/manifests", ".tmp-"), ("images", ".upload-"), ("pending", "clone-")] {
         let dir = state.join(dir);
         for n in entries(&dir) {
             if n.ends_with(temp) || n.starts_with(temp) {
@@ -71,11 +71,14 @@ fn temporaries(state: &Path) -> Vec<PathBuf> {
 /// After a kill: the daemon (with `args`) starts on the state directory; every VM it lists
 /// starts (and is deleted), or is refused with a clear 4xx naming it; it stops cleanly. Then the store verifies clean,
 /// `kept` restore byte for byte, and no temporary file is left.
-fn check_after_kill(dir: &Path, args: &[&str], kept: &[(&str, Ram)], what: &str) {
+fn check_after_kill(dir: &Path, args: &[&str], kept: &[(&str, Ram)], what: &str, not_listed: Option<&str>) {
     let mut d = Daemon::start(dir, args);
     let vms = d.ok("GET", "/vms", None);
     for v in vms.as_array().expect("VM list") {
         let name = v["name"].as_str().or_else(|| v["def"]["name"].as_str()).expect("VM name").to_string();
+        if let Some(prefix) = not_listed {
+            assert!(!name.starts_with(prefix), "{what}: clone {name} of the killed request is still defined: {vms}");
+        }
         let (status, body) = d.call("POST", &format!("/vms/{name}/start"), None);
         let ok = (200..300).contains(&status)
             || ((400..500).contains(&status) && body.to_string().contains(&format!("'{name}'")));
@@ -129,7 +132,7 @@ fn a_daemon_killed_during_image_uploads_leaves_no_upload_file_behind() {
         assert!(kill_when(d.child.id(), &upload_written), "round {round}: the upload never reached the disk");
         drop(d);
         let _ = sender.join();
-        check_after_kill(dir.path(), &[], &[], &format!("round {round}: upload killed"));
+        check_after_kill(dir.path(), &[], &[], &format!("round {round}: upload killed"), None);
     }
 }
 
@@ -187,6 +190,8 @@ fn kills_in_restores_clones_deletes_and_gc_leave_a_daemon_that_starts_and_snapsh
         let d = Daemon::start(dir.path(), &[]);
         let pid = d.child.id();
         let what;
+        // A clone request is all or nothing across a kill too (service/pending.rs).
+        let mut not_listed = None;
         let sender = match round % 6 {
             step @ (0 | 1) => {
                 // A restore, killed as its VM's definition appears (the VM runs by then; the
@@ -207,6 +212,7 @@ fn kills_in_restores_clones_deletes_and_gc_leave_a_daemon_that_starts_and_snapsh
                     send_async(&d, "POST", "/snapshots/s1/clone".into(), Some(json!({"prefix": prefix, "count": 3})));
                 let seen = || entries(&vms).iter().any(|n| n.starts_with(&prefix));
                 assert!(kill_when(pid, &seen), "{what}: no definition was written");
+                not_listed = Some(prefix);
                 s
             }
             3 => {
@@ -251,7 +257,7 @@ fn kills_in_restores_clones_deletes_and_gc_leave_a_daemon_that_starts_and_snapsh
         };
         drop(d);
         let _ = sender.join();
-        check_after_kill(dir.path(), &[], &kept, &what);
+        check_after_kill(dir.path(), &[], &kept, &what, not_listed.as_deref());
         eprintln!("{what}: ok");
     }
 }
@@ -362,7 +368,7 @@ fn kills_during_shutdown_snapshots_leave_every_vm_resumed_intact_or_startable() 
         }
         assert!(d.terminate_within(Duration::from_secs(60)).0.is_some_and(|s| s.success()), "{what}: stop");
         drop(d);
-        check_after_kill(dir.path(), &args, &kept, &what);
+        check_after_kill(dir.path(), &args, &kept, &what, None);
         eprintln!("{what}: ok ({resumed} resumed so far)");
     }
 }

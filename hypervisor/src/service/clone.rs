@@ -4,6 +4,7 @@
 //! name fails the request with nothing made. The restores then run concurrently; if any
 //! fails (a name taken meanwhile, the store, KVM), the clones already made are deleted again
 //! and the error names the clone that failed, why, and the clones that were made and removed.
+//! A daemon killed in the middle removes the clones made at its next start (pending.rs).
 //!
 //! Lazy clones share the snapshot's memory by default ([`CloneMemory::Shared`]): one base
 //! per snapshot, mapped copy-on-write by every clone; `"memory": "private"` gives each clone
@@ -55,6 +56,13 @@ impl Daemon {
         })?;
         self.check_clone_macs(&names, &network_overrides)?;
         super::net_api::check_clone_taps(&names, &network_overrides)?;
+        // Until this request ends, a daemon killed in it removes its clones at the next start.
+        let _record = {
+            let (dir, names) = (self.state_dir().to_path_buf(), names.clone());
+            tokio::task::spawn_blocking(move || super::pending::PendingClone::record(&dir, &names))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??
+        };
         let done = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         let mut overrides = network_overrides.into_iter();

@@ -144,6 +144,8 @@ impl Daemon {
             owed: watch::channel(0).0,
             hold_snapshot_copy: config.hold_snapshot_copy,
         });
+        // Clones of a request a killed daemon was making go first (all or nothing).
+        super::pending::sweep(state_dir, &vms_dir);
         let entries = std::fs::read_dir(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
         let mut resumed = Vec::new();
         for entry in entries.flatten() {
@@ -259,6 +261,10 @@ impl Daemon {
 
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VmHandle>> {
         self.vms.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     fn def_path(&self, name: &str) -> PathBuf {

@@ -30,6 +30,7 @@ pub mod metrics;
 mod names;
 pub mod net_api;
 pub mod ops;
+mod pending;
 pub mod progress;
 pub mod restore;
 pub mod server;
