@@ -145,6 +145,18 @@ fn a_manifest_whose_block_lengths_disagree_with_the_state_is_refused_by_every_re
         put_manifest(&store, "s", &m);
         refused_every_way(&store, "s", &[BLOB, &format!("{now:#x}")], "state short");
     }
+    // The state's unaligned length of the blob in an earlier page than its used length: the
+    // resize to it would leave the block shorter than what is loaded into it.
+    {
+        let mut m = good.clone();
+        let mut state = VmSnapshot::decode(&m.state).expect("state");
+        let d = state.ram.iter_mut().find(|d| d.idstr == BLOB).expect("blob in the state");
+        d.unaligned_length = 1;
+        let used = d.used_length;
+        m.state = state.encode().expect("encode state");
+        put_manifest(&store, "s", &m);
+        refused_every_way(&store, "s", &[BLOB, "0x1 ", &format!("{used:#x}")], "state unaligned length");
+    }
 
     // Whole again, it restores byte for byte in every mode.
     put_manifest(&store, "s", &good);
