@@ -160,3 +160,48 @@ fn snapshots_of_a_resized_restore_and_a_chain_across_a_resize_restore_exactly_af
     let (vm, _) = snapshot::restore(&store, "last", opts("lazy", Some(200_000))).expect("restore");
     assert_restored(&vm, &store, "last", 5_000, "last into a 200 000-byte file");
 }
+
+/// A restore refused before memory (a block that does not fit) or after it (a device's state
+/// that does not decode, the blocks already resized and the page server or shared base
+/// started) leaves nothing behind: no pin, no live base, no base memfd, mapped or open.
+#[test]
+fn a_restore_refused_before_or_after_its_memory_leaves_no_pin_base_or_memfd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(storage::Store::open(dir.path()).expect("store"));
+    snapshot_with_file(&store, "s", SNAP_LEN);
+    let good = store.manifest("s").expect("manifest");
+    let mut bad = good.clone();
+    bad.name = "bad".into();
+    let mut state = migrate::snapshot::format::VmSnapshot::decode(&bad.state).expect("state");
+    let fragment = state.fragments.keys().find(|k| k.starts_with("dev/")).expect("a device fragment").clone();
+    state.fragments.insert(fragment.clone(), migrate::snapshot::format::serde_bytes_compat::Bytes(vec![0xff; 7]));
+    bad.state = state.encode().expect("encode state");
+    store.debug_put_raw_manifest("bad", &bad.encode().expect("encode")).expect("put");
+
+    for mode in MODES {
+        let bases = BaseRegistry::new();
+        let with_bases = |mut o: RestoreOptions| {
+            if o.shared_base.is_some() {
+                o.shared_base = Some(bases.clone());
+            }
+            o
+        };
+        // Before memory: a pc.ram of another size.
+        let mut o = with_bases(opts(mode, Some(300_000)));
+        o.mem_mib = Some(16);
+        let e = snapshot::restore(&store, "s", o).err().expect("refused").to_string();
+        assert!(e.contains("pc.ram"), "{mode}: {e}");
+        // After memory: the device state.
+        let e = snapshot::restore(&store, "bad", with_bases(opts(mode, Some(300_000))))
+            .err()
+            .unwrap_or_else(|| panic!("{mode}: the restore of a damaged device state succeeded"))
+            .to_string();
+        assert!(e.contains(&fragment), "{mode}: the error names {fragment}: {e}");
+        assert!(store.pin_holders("s").is_empty() && store.pin_holders("bad").is_empty(), "{mode}: a pin is left");
+        assert!(bases.live().is_empty(), "{mode}: a base is left");
+        assert_eq!(common::at_pause::memfds(), (0, 0), "{mode}: base memfds are left");
+        // And the same snapshot, whole, restores into the same registry.
+        let (vm, _) = snapshot::restore(&store, "s", with_bases(opts(mode, Some(300_000)))).expect("restore");
+        assert_restored(&vm, &store, "s", SNAP_LEN, mode);
+    }
+}
