@@ -205,3 +205,52 @@ fn a_restore_refused_before_or_after_its_memory_leaves_no_pin_base_or_memfd() {
         assert_restored(&vm, &store, "s", SNAP_LEN, mode);
     }
 }
+
+/// Clones of one snapshot into destinations of other file sizes share one base; once
+/// resident, one clone's file grows and shrinks at run time and is snapshotted (full and
+/// incremental over the clone's snapshot): each snapshot restores exactly, and the base (and a
+/// later clone on it) still holds the snapshot's bytes.
+#[test]
+fn clones_on_one_base_resized_at_run_time_snapshot_exactly_and_leave_the_base_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(storage::Store::open(dir.path()).expect("store"));
+    snapshot_with_file(&store, "s", SNAP_LEN);
+    let bases = BaseRegistry::new();
+    let clone = |dest: usize| {
+        let mut o = opts("shared clone", Some(dest));
+        o.shared_base = Some(bases.clone());
+        o.track_dirty = true;
+        let (vm, _) = snapshot::restore(&store, "s", o).expect("clone");
+        assert!(
+            vm.page_server().expect("lazy").wait_resident(std::time::Duration::from_secs(60)),
+            "the clone becomes resident"
+        );
+        vm
+    };
+    let a = clone(3_000);
+    let b = clone(300_000);
+    assert_eq!(bases.live().len(), 1, "one base for both clones");
+    assert_restored(&b, &store, "s", SNAP_LEN, "clone b");
+
+    let stop = SaveOptions { mode: SaveMode::Stop, incremental: false, ..SaveOptions::default() };
+    let inc = SaveOptions { mode: SaveMode::Stop, incremental: true, ..SaveOptions::default() };
+    b.registry().resize(BLOCK, 200_000).expect("grow");
+    b.registry().get(BLOCK).expect("block").write(0, &noise(200_000, 7)).expect("write");
+    snapshot::save(&b, &store, "b1", &stop, &|_| {}).expect("snapshot");
+    b.registry().resize(BLOCK, 9_000).expect("shrink");
+    b.registry().get(BLOCK).expect("block").write(100, &noise(50, 8)).expect("write");
+    let r = snapshot::save(&b, &store, "b2", &inc, &|_| {}).expect("incremental");
+    assert_eq!(r.parent.as_deref(), Some("b1"), "{r:?}");
+    drop(b);
+    assert_restored(&a, &store, "s", SNAP_LEN, "clone a after b resized");
+    let c = clone(40_000);
+    assert_restored(&c, &store, "s", SNAP_LEN, "clone c on the same base");
+    drop((a, c));
+    for (name, len) in [("b1", 200_000), ("b2", 9_000)] {
+        for mode in MODES {
+            let (vm, _) =
+                snapshot::restore(&store, name, opts(mode, None)).unwrap_or_else(|e| panic!("{name} {mode}: {e}"));
+            assert_restored(&vm, &store, name, len, &format!("{name} {mode}"));
+        }
+    }
+}
