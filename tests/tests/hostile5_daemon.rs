@@ -41,20 +41,6 @@ fn runs_intact(d: &Daemon, vm: &str, more: usize) {
     assert_eq!(info["state"], "running", "{vm}: {info}");
 }
 
-/// The daemon's descriptors and mappings of a shared base's memfd.
-fn base_memfds(d: &Daemon) -> (usize, usize) {
-    let pid = d.child.id();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|r| {
-            r.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|l| l.to_string_lossy().starts_with("/memfd:snapvisor-base"))
-                .count()
-        })
-        .unwrap_or(0);
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    (fds, maps.lines().filter(|l| l.contains("/memfd:snapvisor-base")).count())
-}
-
 fn delete(d: &Daemon, path: &str) -> u16 {
     d.call("DELETE", path, None).0
 }
@@ -121,10 +107,10 @@ fn clones_outlive_their_collected_snapshot_and_a_clone_of_a_clones_snapshot_race
         assert_eq!(delete(&d, &format!("/vms/{name}")), 204, "{name}");
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while base_memfds(&d) != (0, 0) && Instant::now() < deadline {
+    while d.base_memfds() != (0, 0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(base_memfds(&d), (0, 0), "the bases went with their last clones");
+    assert_eq!(d.base_memfds(), (0, 0), "the bases went with their last clones");
     // Nothing pins cs any more.
     assert_eq!(delete(&d, "/snapshots/cs"), 204);
 }
@@ -143,16 +129,16 @@ fn clones_deleted_while_their_base_fills_leave_no_memfd_shared_memory_or_pin() {
     for round in 0..3 {
         let made = d.ok("POST", "/snapshots/big/clone", Some(json!({"prefix": format!("b{round}-"), "count": 3})));
         assert_eq!(made.as_array().map(Vec::len), Some(3), "{made}");
-        let filling = base_memfds(&d);
+        let filling = d.base_memfds();
         assert!(filling.0 >= 1, "round {round}: the clones' base is open: {filling:?}");
         for i in 0..3 {
             assert_eq!(delete(&d, &format!("/vms/b{round}-{i}")), 204, "round {round}");
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while base_memfds(&d) != (0, 0) && Instant::now() < deadline {
+        while d.base_memfds() != (0, 0) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(base_memfds(&d), (0, 0), "round {round}: the base went with its clones");
+        assert_eq!(d.base_memfds(), (0, 0), "round {round}: the base went with its clones");
     }
     let shmem = d.proc_status("RssShmem:");
     assert!(shmem < shmem_before + 16 * 1024, "RssShmem {shmem_before} -> {shmem} KiB after every clone went");

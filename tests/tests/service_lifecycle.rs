@@ -11,17 +11,6 @@ use std::time::{Duration, Instant};
 use common::daemon::Daemon;
 use serde_json::{json, Value};
 
-/// The daemon's open memfds of shared bases.
-fn base_memfds(d: &Daemon) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
-        .map(|dir| {
-            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|l| l.to_string_lossy().starts_with("/memfd:snapvisor-base"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 fn rss_mib(d: &Daemon) -> u64 {
     d.proc_status("VmRSS:") / 1024
 }
@@ -47,7 +36,7 @@ fn a_stopped_vm_releases_its_memory_and_its_shared_base_and_starts_again() {
     wait_for("the clone resident", Duration::from_secs(120), || {
         !d.ok("GET", "/vms/c0", None)["lazy_resident_ms"].is_null()
     });
-    let (rss_running, fds_running) = (rss_mib(&d), base_memfds(&d));
+    let (rss_running, fds_running) = (rss_mib(&d), d.base_memfds().0);
     assert!(fds_running >= 1, "the clone maps a shared base: {fds_running} memfds");
     assert!(rss_running > MEM, "a {MEM} MiB memfill and its clone: daemon RSS {rss_running} MiB");
 
@@ -58,7 +47,7 @@ fn a_stopped_vm_releases_its_memory_and_its_shared_base_and_starts_again() {
     let released = Instant::now() + Duration::from_secs(30);
     while Instant::now() < released {
         rss_stopped = rss_mib(&d);
-        if rss_stopped + MEM <= rss_running && base_memfds(&d) == 0 {
+        if rss_stopped + MEM <= rss_running && d.base_memfds().0 == 0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -70,7 +59,7 @@ fn a_stopped_vm_releases_its_memory_and_its_shared_base_and_starts_again() {
         rss_stopped + MEM <= rss_running,
         "stopped VMs keep their memory: daemon RSS {rss_running} MiB running, {rss_stopped} MiB stopped"
     );
-    assert_eq!(base_memfds(&d), 0, "a stopped clone still holds its shared base");
+    assert_eq!(d.base_memfds().0, 0, "a stopped clone still holds its shared base");
     let info = d.ok("GET", "/vms/c0", None);
     assert_eq!(info["state"], "stopped", "{info}");
     assert!(!info["exit"].is_null(), "a stopped VM still shows how it ended: {info}");

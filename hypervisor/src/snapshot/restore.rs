@@ -19,7 +19,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use migrate::lazy::{ChunkCache, LazyBlock, PageServer, ServerOptions, StatsSnapshot};
-use migrate::snapshot::check::{apply_resizes, check_ram};
+use migrate::snapshot::check::{apply_resizes, check_manifest, check_ram};
 use migrate::snapshot::format::VmSnapshot;
 use migrate::snapshot::ram_io::{load_block, StorePageSource};
 use storage::Store;
@@ -328,7 +328,9 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
         nic.pause();
     }
 
-    // Nothing is written before every block is known to fit.
+    // Nothing is written before every block is known to fit, and before the state's table,
+    // which the check follows, is known to describe the chunk tables that will be loaded.
+    check_manifest(&snap.ram, &reader.manifest().blocks)?;
     let plan = check_ram(&snap.ram, vm.registry())?;
     apply_resizes(&plan, vm.registry())?;
     mark(|p| &mut p.check_ms, &mut phases, &mut phases_cpu);

@@ -139,6 +139,77 @@ pub enum CheckError {
     Mismatch(Vec<RamProblem>),
     #[error("resizing RAM block to the snapshot's size: {0}")]
     Resize(#[from] RamError),
+    #[error("the snapshot's VM state and its manifest describe its RAM differently, so one of them is damaged or forged ({} problem{}):\n  {}", .0.len(), if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Inconsistent(Vec<Disagreement>),
+}
+
+/// One way a snapshot's RAM-block table (in its VM state) and its manifest's blocks (whose
+/// chunk tables are what a restore loads) disagree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Disagreement {
+    /// The block is listed by one of the two only.
+    OneSided { idstr: String, listed_in: &'static str },
+    /// A length or page size differs.
+    Field { idstr: String, field: &'static str, state: u64, manifest: u64 },
+    /// One says resizeable, the other fixed.
+    Resizeable { idstr: String, state: bool },
+}
+
+impl fmt::Display for Disagreement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Disagreement::OneSided { idstr, listed_in } => {
+                write!(f, "RAM block \"{idstr}\" is listed only in the snapshot's {listed_in}")
+            }
+            Disagreement::Field { idstr, field, state, manifest } => {
+                write!(f, "RAM block \"{idstr}\": {field} {state:#x} in the VM state != {manifest:#x} in the manifest")
+            }
+            Disagreement::Resizeable { idstr, state } => write!(
+                f,
+                "RAM block \"{idstr}\" is {} in the VM state and {} in the manifest",
+                if *state { "resizeable" } else { "fixed" },
+                if *state { "fixed" } else { "resizeable" }
+            ),
+        }
+    }
+}
+
+/// Checks that a snapshot's two descriptions of its RAM blocks agree: the VM state's table
+/// (what [`check_ram`] and the resizes follow) and the manifest's blocks (whose chunk tables
+/// are loaded or served). A snapshot writes both from the same blocks; each passes its own
+/// checks alone, so a damaged or forged one is found only here, before anything is loaded
+/// (a manifest block shorter than the state's left the tail of an eagerly loaded block as
+/// the destination built it).
+pub fn check_manifest(state: &[RamBlockDesc], manifest: &[storage::BlockManifest]) -> Result<(), CheckError> {
+    let mut problems = Vec::new();
+    for s in state {
+        let Some(m) = manifest.iter().find(|m| m.idstr == s.idstr) else {
+            problems.push(Disagreement::OneSided { idstr: s.idstr.clone(), listed_in: "VM state" });
+            continue;
+        };
+        for (field, state, manifest) in [
+            ("used length", s.used_length, m.used_length),
+            ("max length", s.max_length, m.max_length),
+            ("page size", s.page_size, m.page_size),
+        ] {
+            if state != manifest {
+                problems.push(Disagreement::Field { idstr: s.idstr.clone(), field, state, manifest });
+            }
+        }
+        if s.resizeable != m.resizeable {
+            problems.push(Disagreement::Resizeable { idstr: s.idstr.clone(), state: s.resizeable });
+        }
+    }
+    for m in manifest {
+        if !state.iter().any(|s| s.idstr == m.idstr) {
+            problems.push(Disagreement::OneSided { idstr: m.idstr.clone(), listed_in: "manifest" });
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CheckError::Inconsistent(problems))
+    }
 }
 
 /// The resizes a load will make: (idstr, new unaligned size).

@@ -172,9 +172,12 @@ impl VmSnapshot {
             if b.used_length == 0 || b.used_length > b.max_length {
                 return bad(format!("used length {:#x} outside 1..=max length {:#x}", b.used_length, b.max_length));
             }
-            if b.unaligned_length > b.used_length {
+            // The unaligned length is what a resizeable block is resized to on restore: it
+            // must lie in the last page of the used length, or the block would end up shorter
+            // (or longer) than what is loaded into it.
+            if b.unaligned_length > 0 && b.unaligned_length.div_ceil(b.page_size) != b.used_length / b.page_size {
                 return bad(format!(
-                    "unaligned length {:#x} beyond used length {:#x}",
+                    "unaligned length {:#x} is not in the last page of used length {:#x}",
                     b.unaligned_length, b.used_length
                 ));
             }
@@ -289,6 +292,8 @@ mod tests {
             |b| b.used_length = b.max_length * 2,
             |b| b.idstr = String::new(),
             |b| b.unaligned_length = u64::MAX,
+            |b| b.unaligned_length = 1,
+            |b| b.unaligned_length = b.used_length - b.page_size,
         ] {
             let mut s = sample();
             mutate(&mut s.ram[0]);

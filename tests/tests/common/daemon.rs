@@ -150,6 +150,20 @@ impl Daemon {
             .unwrap_or(0)
     }
 
+    /// The daemon's descriptors and mappings of shared bases' memfds.
+    pub fn base_memfds(&self) -> (usize, usize) {
+        let pid = self.child.id();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|r| {
+                r.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter(|l| l.to_string_lossy().starts_with("/memfd:snapvisor-base"))
+                    .count()
+            })
+            .unwrap_or(0);
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        (fds, maps.lines().filter(|l| l.contains("/memfd:snapvisor-base")).count())
+    }
+
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map(|d| d.count()).unwrap_or(0)
     }
