@@ -36,10 +36,10 @@ fn touch_snapshot_in(dir: &Path, damage_far: bool) {
     }
 }
 
-/// Restores "a" lazily as "v", slows its fill down and asks for a background snapshot "b" of
-/// it (async): the snapshot is waiting for the fill when this returns. The throttle and the
-/// operation id.
-fn snapshot_waiting_for_fill(d: &Daemon) -> (Throttle, u64) {
+/// Restores "a" lazily as "v", slows its fill down and asks for a background snapshot `snap`
+/// of it (async): the snapshot is waiting for the fill when this returns. The throttle and
+/// the operation id.
+fn snapshot_waiting_for_fill(d: &Daemon, snap: &str) -> (Throttle, u64) {
     // Its fill threads are slowed as they appear, during the restore request.
     let throttle = std::thread::scope(|s| {
         let restore = s.spawn(|| d.ok("POST", "/snapshots/a/restore", Some(json!({"vm": "v", "mode": "lazy"}))));
@@ -49,7 +49,7 @@ fn snapshot_waiting_for_fill(d: &Daemon) -> (Throttle, u64) {
     });
     let info = d.ok("GET", "/vms/v", None);
     assert!(info.get("lazy_resident_ms").is_none(), "v was resident before its fill was slowed: {info}");
-    let r = d.ok("POST", "/vms/v/snapshot", Some(json!({"name": "b", "mode": "background", "async": true})));
+    let r = d.ok("POST", "/vms/v/snapshot", Some(json!({"name": snap, "mode": "background", "async": true})));
     let id = r["id"].as_u64().or_else(|| r["operation"].as_u64()).unwrap_or_else(|| panic!("no operation id: {r}"));
     (throttle, id)
 }
@@ -86,7 +86,7 @@ fn other_vms_are_served_while_a_snapshot_waits_for_a_fill_and_it_then_holds_the_
         Some(json!({"name": "o1", "guest": "memfill", "mem_mib": 16, "seed": 4, "passes": 0, "start": true})),
     );
     d.wait_serial("o1", "memfill pass 1 ", Duration::from_secs(60));
-    let (throttle, id) = snapshot_waiting_for_fill(&d);
+    let (throttle, id) = snapshot_waiting_for_fill(&d, "b");
 
     // Other VMs, while v's snapshot waits.
     answered(
@@ -142,7 +142,7 @@ fn a_corrupt_chunk_met_by_the_fill_during_the_wait_fails_the_snapshot_naming_it_
         "/vms",
         Some(json!({"name": "o1", "guest": "memfill", "mem_mib": 16, "seed": 4, "passes": 0, "start": true})),
     );
-    let (throttle, id) = snapshot_waiting_for_fill(&d);
+    let (throttle, id) = snapshot_waiting_for_fill(&d, "b");
     // The fill goes on at full speed and meets the bad chunk while the snapshot waits.
     drop(throttle);
     let op = finished(&d, id);
@@ -289,7 +289,7 @@ fn a_pause_or_stop_of_the_vm_whose_snapshot_waits_ends_the_wait_and_is_answered(
     let dir = tempfile::tempdir().expect("tempdir");
     touch_snapshot_in(dir.path(), false);
     let mut d = Daemon::start(dir.path(), &[]);
-    let (throttle, id) = snapshot_waiting_for_fill(&d);
+    let (throttle, id) = snapshot_waiting_for_fill(&d, "b");
     let paused = answered(&d, "POST", "/vms/v/pause", None);
     assert_eq!(paused["state"], "paused", "{paused}");
     let op = finished(&d, id);
@@ -300,18 +300,7 @@ fn a_pause_or_stop_of_the_vm_whose_snapshot_waits_ends_the_wait_and_is_answered(
     d.ok("DELETE", "/vms/v", None);
 
     // Again with a stop, on a fresh restore.
-    let (throttle, id) = {
-        // The first round's snapshot is named b: this one is c.
-        let restore = || d.ok("POST", "/snapshots/a/restore", Some(json!({"vm": "v", "mode": "lazy"})));
-        let throttle = std::thread::scope(|s| {
-            let r = s.spawn(restore);
-            let t = Throttle::threads(d.child.id(), "uffd-fill");
-            r.join().expect("restore");
-            t
-        });
-        let r = d.ok("POST", "/vms/v/snapshot", Some(json!({"name": "c", "mode": "background", "async": true})));
-        (throttle, r["id"].as_u64().or_else(|| r["operation"].as_u64()).expect("operation id"))
-    };
+    let (throttle, id) = snapshot_waiting_for_fill(&d, "c");
     let stopped = answered(&d, "POST", "/vms/v/stop", None);
     assert_eq!(stopped["state"], "stopped", "{stopped}");
     let op = finished(&d, id);
