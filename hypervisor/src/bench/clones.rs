@@ -116,7 +116,13 @@ fn one_round(
 }
 
 pub fn run(args: ClonesBenchArgs) -> Result<(), CliError> {
-    let dir = std::env::temp_dir().join(format!("snapvisor-bench-clones-{}", std::process::id()));
+    // A fresh directory, removed however the run ends (a pid-named one could hold the store of
+    // an earlier run with the same pid, whose snapshot "base" then already existed).
+    let tmp = tempfile::Builder::new()
+        .prefix("snapvisor-bench-clones-")
+        .tempdir()
+        .map_err(|e| CliError::Input(format!("creating a temporary directory: {e}")))?;
+    let dir = tmp.path().join("store");
     let store =
         storage::Store::open(&dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
     let result = (|| {
@@ -139,7 +145,6 @@ pub fn run(args: ClonesBenchArgs) -> Result<(), CliError> {
         Ok::<_, CliError>(vec![without, with])
     })();
     drop(store);
-    let _ = std::fs::remove_dir_all(&dir);
     let runs = result?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&runs).map_err(|e| internal(e.to_string()))?);

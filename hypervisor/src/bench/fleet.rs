@@ -257,7 +257,14 @@ fn daemon_log() -> Result<Stdio, CliError> {
 }
 
 pub fn measure(args: &FleetBenchArgs) -> Result<FleetReport, CliError> {
-    let dir = std::env::temp_dir().join(format!("snapvisor-bench-fleet-{}", std::process::id()));
+    // A fresh directory, removed however the run ends (after the daemon, which drops first):
+    // one named after the pid could hold a stale socket of an earlier run with the same pid
+    // (in a pid namespace), which the wait below took for the new daemon's.
+    let tmp = tempfile::Builder::new()
+        .prefix("snapvisor-bench-fleet-")
+        .tempdir()
+        .map_err(|e| fail(format!("creating a temporary directory: {e}")))?;
+    let dir = tmp.path();
     let sock = dir.join("api.sock");
     let exe = std::env::current_exe().map_err(|e| fail(e.to_string()))?;
     let child = Command::new(exe)
@@ -272,7 +279,8 @@ pub fn measure(args: &FleetBenchArgs) -> Result<FleetReport, CliError> {
         .map_err(|e| fail(format!("starting the daemon: {e}")))?;
     let daemon = Daemon(child);
     let pid = daemon.0.id();
-    wait_until("the daemon's socket", || Ok(sock.exists()))?;
+    // Ready once it accepts connections (the file appears a moment before).
+    wait_until("the daemon's socket", || Ok(std::os::unix::net::UnixStream::connect(&sock).is_ok()))?;
 
     let mut rounds = Vec::new();
     for &guest in &args.guest {
@@ -302,7 +310,6 @@ pub fn measure(args: &FleetBenchArgs) -> Result<FleetReport, CliError> {
     std::thread::sleep(Duration::from_millis(300));
     let after = rss_kib(pid);
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(FleetReport {
         mem_mib: args.mem_mib,
         rounds,
