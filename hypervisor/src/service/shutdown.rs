@@ -170,8 +170,9 @@ impl Daemon {
                     Err(e) => tracing::error!(vm = name, "snapshot at shutdown failed: {e}"),
                     _ => tracing::info!(vm = name, "not running at its shutdown snapshot: none taken"),
                 }
-                // Nothing committed (a snapshot answered too late is deleted by its actor):
-                // the definition names none again.
+                // Nothing committed, or committed after the deadline gave up on it: the
+                // definition names none again (such a late snapshot is swept at the next
+                // start, as one no definition names).
                 if let Err(e) = self.save_def(VmDef { resume_from: None, resume_paused: false, ..info.def }).await {
                     tracing::warn!(vm = name, "its definition still names shutdown snapshot {snap}: {e}");
                 }
