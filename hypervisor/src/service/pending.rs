@@ -6,8 +6,9 @@
 //! names, one per line. It is written and synced before the first clone is restored and
 //! removed once the request has ended: all made, or what was made removed again. At start
 //! ([`sweep`], before the VM definitions are read) every VM a record names loses its
-//! definition, and the record goes. Record contents are checked as untrusted: only valid
-//! VM names are acted on.
+//! definition, and the record goes. Records are checked as untrusted: only valid VM names
+//! in a regular file of at most [`MAX_RECORD`] bytes (not followed through a symlink) are
+//! acted on; any other record is removed with a warning, its names left alone.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -68,8 +69,10 @@ pub(super) fn sweep(state_dir: &Path, vms_dir: &Path) -> Vec<String> {
         let text = match read_record(&path) {
             Ok(t) => t,
             Err(e) => {
+                // Not one this daemon wrote: nothing in it is acted on, and it goes (else
+                // every start would warn of it again).
                 tracing::warn!("unfinished clone request record {}: {e}; its clones are kept", path.display());
-                continue;
+                Vec::new()
             }
         };
         for name in String::from_utf8_lossy(&text).lines().filter(|n| validate_name("VM", n).is_ok()) {
@@ -101,4 +104,50 @@ fn read_record(path: &Path) -> std::io::Result<Vec<u8>> {
         return Err(std::io::Error::other(format!("larger than {MAX_RECORD} bytes")));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records are untrusted: names that are not VM names (a path out of `vms/`), a record
+    /// that is a symlink, a FIFO or too large act on nothing; a good record removes its
+    /// clones' definitions and only those, and every record goes.
+    #[test]
+    fn only_valid_names_in_regular_records_are_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (state, vms) = (dir.path(), dir.path().join("vms"));
+        std::fs::create_dir_all(&vms).expect("vms");
+        for n in ["c0", "c1", "keep", "outside"] {
+            std::fs::write(vms.join(format!("{n}.json")), "{}").expect("def");
+        }
+        std::fs::write(state.join("outside.json"), "{}").expect("a file outside vms/");
+        let pending = dir_of(state);
+        std::fs::create_dir_all(&pending).expect("pending");
+        std::fs::write(pending.join("clone-1-0"), "c0\n../outside\n.hidden\n\nc1\nnope").expect("record");
+        std::fs::write(state.join("target"), "keep").expect("symlink target");
+        std::os::unix::fs::symlink(state.join("target"), pending.join("clone-1-1")).expect("symlink");
+        nix::unistd::mkfifo(&pending.join("clone-1-2"), nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        let mut big = b"keep\n".to_vec();
+        big.resize(MAX_RECORD as usize + 1, b'\n');
+        std::fs::write(pending.join("clone-1-3"), big).expect("big record");
+
+        let mut removed = sweep(state, &vms);
+        removed.sort();
+        assert_eq!(removed, ["c0", "c1"]);
+        assert!(vms.join("keep.json").exists(), "a name in a symlinked, FIFO or oversized record was acted on");
+        assert!(vms.join("outside.json").exists() && state.join("outside.json").exists(), "a path name was acted on");
+        assert!(std::fs::read_dir(&pending).expect("pending").next().is_none(), "a record stayed");
+    }
+
+    #[test]
+    fn a_record_goes_when_its_request_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let names = vec!["a0".to_string(), "a1".to_string()];
+        let record = PendingClone::record(dir.path(), &names).expect("record");
+        assert_eq!(std::fs::read_to_string(&record.path).expect("read"), "a0\na1");
+        let path = record.path.clone();
+        drop(record);
+        assert!(!path.exists());
+    }
 }

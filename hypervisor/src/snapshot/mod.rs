@@ -26,9 +26,9 @@ pub mod xsave;
 
 use thiserror::Error;
 
-pub use mode::{FillWait, PreProtectFault, SaveHooks, SaveMode};
+pub use mode::{EndFillWait, FillWait, PreProtectFault, SaveHooks, SaveMode};
 pub use restore::{restore, RestoreMode, RestoreOptions, RestorePhases, RestoreReport};
-pub use save::{save, EndFillWait, SaveOptions, SaveProgress, SaveReport};
+pub use save::{save, SaveOptions, SaveProgress, SaveReport};
 
 /// Errors taking or restoring a snapshot.
 #[derive(Debug, Error)]

@@ -22,6 +22,7 @@
 //! or stop of the VM queued behind the snapshot), and a server that fills nothing by itself
 //! (no background fill) is not waited for.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -189,4 +190,31 @@ pub(super) fn wait_for_fill(
     );
     let resident = server.wait_resident_while(limit, &|| !cancelled() && vm.control().exit_reason().is_none());
     Some(FillWait { chunks, ms: t0.elapsed().as_secs_f64() * 1e3, resident })
+}
+
+/// Whether a wait for a lazy fill should end now ([`SaveOptions::end_fill_wait`]); asked
+/// every few milliseconds while the snapshot waits.
+#[derive(Clone)]
+pub struct EndFillWait(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl EndFillWait {
+    /// Ends the wait once `ended` returns true.
+    pub fn new(ended: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        EndFillWait(Arc::new(ended))
+    }
+
+    /// Ends the wait once `flag` is set.
+    pub fn when_set(flag: Arc<AtomicBool>) -> Self {
+        EndFillWait::new(move || flag.load(Ordering::Acquire))
+    }
+
+    pub fn ended(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for EndFillWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EndFillWait(..)")
+    }
 }

@@ -40,7 +40,7 @@ use storage::{ChunkJob, PipelineStats, SnapshotWriter, Store, StoreError, WriteS
 
 use super::background::{self, PreProtect};
 use super::devices::{check_all_saved, persistables};
-use super::mode::{resolve, wait_for_fill, FillWait, SaveHooks, SaveMode};
+use super::mode::{resolve, wait_for_fill, EndFillWait, FillWait, SaveHooks, SaveMode};
 use super::vcpu_state::{save_vcpu, save_vm, HostVcpuCaps};
 use super::SnapshotError;
 use crate::control::RunState;
@@ -113,33 +113,6 @@ impl Default for SaveOptions {
             end_fill_wait: None,
             hooks: SaveHooks::NONE,
         }
-    }
-}
-
-/// Whether a wait for a lazy fill should end now ([`SaveOptions::end_fill_wait`]); asked
-/// every few milliseconds while the snapshot waits.
-#[derive(Clone)]
-pub struct EndFillWait(Arc<dyn Fn() -> bool + Send + Sync>);
-
-impl EndFillWait {
-    /// Ends the wait once `ended` returns true.
-    pub fn new(ended: impl Fn() -> bool + Send + Sync + 'static) -> Self {
-        EndFillWait(Arc::new(ended))
-    }
-
-    /// Ends the wait once `flag` is set.
-    pub fn when_set(flag: Arc<AtomicBool>) -> Self {
-        EndFillWait::new(move || flag.load(Ordering::Acquire))
-    }
-
-    pub fn ended(&self) -> bool {
-        (self.0)()
-    }
-}
-
-impl std::fmt::Debug for EndFillWait {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("EndFillWait").field(&self.ended()).finish()
     }
 }
 
