@@ -17,6 +17,7 @@ pub mod net;
 pub mod platform;
 pub mod reset;
 pub mod service;
+pub mod shell;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

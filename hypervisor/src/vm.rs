@@ -10,7 +10,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusDevice};
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migrate::lazy::PageServer;
 use migrate::ram::RamRegistry;
@@ -26,6 +25,7 @@ use crate::layout;
 use crate::machine::{self, BusKind, Devices};
 use crate::memory::{self, GuestRam, MemoryError, SlotMap};
 use crate::reset;
+use crate::shell::{self, Shape, Shell};
 use crate::snapshot::vcpu_state::HostVcpuCaps;
 use crate::vcpu::Vcpu;
 
@@ -200,6 +200,9 @@ pub struct VmConfig {
     pub uuid: Option<[u8; 16]>,
     /// NICs (virtio-net on a tap each); a NIC without a MAC gets a unique one.
     pub net: Vec<crate::net::NetSpec>,
+    /// A restore: take a pre-built shell of this shape when the pool has one (shell.rs).
+    /// Ignored for a VM that boots.
+    pub prebuilt_shell: bool,
 }
 
 impl VmConfig {
@@ -216,6 +219,7 @@ impl VmConfig {
             acpi_tables: Vec::new(),
             uuid: None,
             net: Vec::new(),
+            prebuilt_shell: false,
         }
     }
 }
@@ -255,10 +259,6 @@ pub struct Vm {
     started: Option<Instant>,
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm { what, source }
-}
-
 impl Vm {
     /// Creates the VM, loads its guest and sets up its vCPUs; nothing runs yet.
     pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
@@ -272,18 +272,15 @@ impl Vm {
         let nr_vcpus = cfg.vcpus as u8;
         control::install_kick_handler().map_err(VmError::Signal)?;
 
-        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        // Guest RAM first: on some hosts (nested, paravirtual KVM) the first memory slot added
-        // after the TSS and irqchip costs ~10 ms, before them ~50 µs.
-        let registry = RamRegistry::new();
-        let slots = SlotMap::new(fd.clone());
-        registry.add_listener(slots.clone());
-        let ram = GuestRam::new(&registry, &slots, size)?;
-        fd.set_tss_address(layout::KVM_TSS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        // The VM up to its devices: pre-built for a restore when the pool has one of this
+        // shape (shell.rs), else built now.
+        let shape = Shape { mem_bytes: size, vcpus: nr_vcpus };
+        let pooled =
+            if cfg.prebuilt_shell && matches!(cfg.boot, BootSource::Restore) { shell::take(shape) } else { None };
+        let Shell { kvm, fd, registry, slots, ram, vcpus: vcpu_fds, .. } = match pooled {
+            Some(shell) => shell,
+            None => Shell::build(kvm, shape)?,
+        };
 
         let control = Arc::new(VmControl::new(usize::from(nr_vcpus)));
         let pio = Arc::new(Bus::new());
@@ -374,15 +371,9 @@ impl Vm {
             cpu::regs::write_boot_tables(ram.memory(), top, user)?;
         }
 
-        let supported_cpuid = cpu::cpuid::supported(&kvm)?;
-        let msrs = cpu::msr::index_list(&kvm)?;
         let run_size = fd.run_size();
         let mut vcpus = Vec::with_capacity(usize::from(nr_vcpus));
-        for id in 0..nr_vcpus {
-            let vfd = fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vfd.set_cpuid2(&cpu::cpuid::for_vcpu(&supported_cpuid, id, nr_vcpus))
-                .map_err(|source| CpuError::SetCpuid { vcpu: id, source })?;
-            cpu::msr::set_boot_msrs(&vfd, id, &msrs)?;
+        for (id, vfd) in (0..nr_vcpus).zip(vcpu_fds) {
             if id == 0 && boots {
                 cpu::regs::set_long_mode(&vfd, id, entry, layout::BUILTIN_STACK, rsi, user)?;
             }

@@ -169,6 +169,7 @@ fn bench_restore_reports_every_mode() {
             "resident",
             "eager",
             "lazy",
+            "lazy no-shell",
             "lazy+prefetch",
             "lazy+prefetch-before",
             "lazy+prefetch warm",
@@ -181,13 +182,15 @@ fn bench_restore_reports_every_mode() {
         assert!(first <= ws, "{r}");
     }
     assert!(runs[2]["faults"].as_u64().expect("faults") > 0);
-    assert!(runs[3]["prefetch_chunks"].as_u64().expect("prefetch") > 0);
-    for r in &runs[3..] {
+    // The baseline for pre-built VM shells builds its VM afresh.
+    assert_eq!(runs[3]["prebuilt_shell"], false, "{}", runs[3]);
+    assert!(runs[4]["prefetch_chunks"].as_u64().expect("prefetch") > 0);
+    for r in &runs[4..] {
         assert!(r["prefetch_chunks"].as_u64().expect("prefetch") > 0, "{r}");
         assert!(r["ws_floor"].as_f64().expect("ratio") > 0.0, "{r}");
     }
     // Warm: the working set came from the cache, not the store.
-    assert!(runs[6]["bytes_read"].as_u64().expect("bytes") < runs[4]["bytes_read"].as_u64().expect("bytes"));
+    assert!(runs[7]["bytes_read"].as_u64().expect("bytes") < runs[5]["bytes_read"].as_u64().expect("bytes"));
 }
 
 /// `--only` measures the rows named (and the floor), with and without the fill gate, and

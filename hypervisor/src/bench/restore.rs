@@ -94,6 +94,11 @@ pub struct RestoreBenchArgs {
     /// Also draw the results as an SVG bar chart into this file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Build every restored VM afresh instead of taking a pre-built VM shell (shell.rs),
+    /// which the bench otherwise keeps ready as the daemon does; `lazy no-shell` is that
+    /// row's side-by-side baseline either way.
+    #[arg(long)]
+    pub no_shell_pool: bool,
 }
 
 /// One restore.
@@ -130,6 +135,8 @@ pub struct Run {
     /// CPU time (the loaders' own threads) per chunk the prefetch list's loaders loaded, µs:
     /// reading, decompressing, checking and placing it, whatever else the host runs.
     pub list_cpu_us: f64,
+    /// The VM was built from a pre-built shell (shell.rs).
+    pub prebuilt_shell: bool,
 }
 
 /// One size's snapshot.
@@ -180,17 +187,20 @@ struct Case {
     /// restored the snapshot before (clones); `None`: cold, every chunk read from the store
     /// into a fresh, empty cache of the default size, which is what a default restore fills.
     warm: Option<Arc<ChunkCache>>,
+    /// Build the VM afresh even when a pre-built shell is ready (the baseline for shells).
+    no_shell: bool,
 }
 
 impl Case {
     fn cold(mode: RestoreMode) -> Case {
-        Case { mode, resident: false, warm: None }
+        Case { mode, resident: false, warm: None, no_shell: false }
     }
 
     fn label(&self) -> &'static str {
         match (self.mode, self.resident, self.warm.is_some()) {
             (_, true, _) => "resident",
             (RestoreMode::Eager, _, _) => "eager",
+            (RestoreMode::Lazy, _, _) if self.no_shell => "lazy no-shell",
             (RestoreMode::Lazy, _, _) => "lazy",
             (RestoreMode::LazyPrefetch, _, false) => "lazy+prefetch",
             (RestoreMode::LazyPrefetchBefore, _, false) => "lazy+prefetch-before",
@@ -238,8 +248,13 @@ fn measure(
     // Each mode is measured cold unless `case` says: a chunk cache of its own, empty, as a
     // default restore has (it keeps every chunk it reads for later restores, and that costs).
     let cache = case.warm.clone().unwrap_or_else(|| ChunkCache::new(SHARED_CACHE_BYTES));
-    let mut opts =
-        RestoreOptions { cache: Some(cache), fill_threads, ..RestoreOptions::new(mode, Box::new(out.clone())) };
+    let mut opts = RestoreOptions {
+        cache: Some(cache),
+        fill_threads,
+        prebuilt_shell: !case.no_shell,
+        ..RestoreOptions::new(mode, Box::new(out.clone()))
+    };
+    let shells_taken = crate::shell::counts().0;
     if !gate {
         opts.fill_hold_off = None;
     }
@@ -247,6 +262,7 @@ fn measure(
         opts.fill_ungated = n;
     }
     let (mut vm, report) = snapshot::restore(store, name, opts).map_err(snapshot_error)?;
+    let prebuilt_shell = crate::shell::counts().0 > shells_taken;
     let t0 = if resident { Instant::now() } else { t0 };
     let cpu0 = if resident { crate::control::process_cpu_ms() } else { cpu0 };
     let loaded_at = Instant::now();
@@ -308,6 +324,7 @@ fn measure(
             .as_ref()
             .filter(|s| s.chunks_prefetched > 0)
             .map_or(0.0, |s| s.list_cpu_ms * 1e3 / s.chunks_prefetched as f64),
+        prebuilt_shell,
     })
 }
 
@@ -350,11 +367,12 @@ fn bench_size(
     let rep = args.repeat;
     let fill = FillSetup { threads, gate: !args.no_fill_gate, ungated: args.ungated_fill_threads };
     let wanted = |c: &Case| c.resident || args.only.is_empty() || args.only.iter().any(|l| l == c.label());
-    let floor = || Case { mode: RestoreMode::Eager, resident: true, warm: None };
+    let floor = || Case { mode: RestoreMode::Eager, resident: true, warm: None, no_shell: false };
     let mut runs = vec![best(rep, || measure(store, &name, mem_mib, floor(), &expect, &fill))?];
-    for mode in [RestoreMode::Eager, RestoreMode::Lazy] {
-        if wanted(&Case::cold(mode)) {
-            runs.push(best(rep, || measure(store, &name, mem_mib, Case::cold(mode), &expect, &fill))?);
+    let no_shell = || Case { no_shell: true, ..Case::cold(RestoreMode::Lazy) };
+    for case in [|| Case::cold(RestoreMode::Eager), || Case::cold(RestoreMode::Lazy), no_shell] {
+        if wanted(&case()) {
+            runs.push(best(rep, || measure(store, &name, mem_mib, case(), &expect, &fill))?);
         }
     }
     // Record the working set with a lazy run, then measure with it.
@@ -383,13 +401,13 @@ fn bench_size(
     // The same with the working set already decompressed in memory (a daemon's chunk cache
     // after an earlier restore of the snapshot), each with a cache of its own.
     for mode in [RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
-        let shape = Case { mode, resident: false, warm: Some(ChunkCache::new(0)) };
+        let shape = Case { mode, resident: false, warm: Some(ChunkCache::new(0)), no_shell: false };
         if !wanted(&shape) {
             continue;
         }
         runs.push(best(rep, || {
             let warm = Some(warm_cache(store, &name)?);
-            measure(store, &name, mem_mib, Case { mode, resident: false, warm }, &expect, &fill)
+            measure(store, &name, mem_mib, Case { mode, resident: false, warm, no_shell: false }, &expect, &fill)
         })?);
     }
     let floor = runs[0].working_set_ms.max(1e-3);
@@ -417,6 +435,8 @@ pub fn measure_all(args: &RestoreBenchArgs) -> Result<RestoreBenchReport, CliErr
     let store = storage::Store::open_with(&dir, opts)
         .map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
     let threads = args.fill_threads.unwrap_or_else(migrate::lazy::default_fill_threads).max(1);
+    // The pool as the daemon keeps it, for this measurement only.
+    let _pool = ShellPoolFor::measurement(!args.no_shell_pool);
     let mut report = RestoreBenchReport {
         snapshots: Vec::new(),
         runs: Vec::new(),
@@ -434,6 +454,21 @@ pub fn measure_all(args: &RestoreBenchArgs) -> Result<RestoreBenchReport, CliErr
     }
     report.load_average.1 = load_average();
     Ok(report)
+}
+
+/// The shell pool on or off for a measurement, and as it was again afterwards.
+struct ShellPoolFor(bool);
+impl ShellPoolFor {
+    fn measurement(on: bool) -> ShellPoolFor {
+        let was = crate::shell::enabled();
+        crate::shell::enable(on);
+        ShellPoolFor(was)
+    }
+}
+impl Drop for ShellPoolFor {
+    fn drop(&mut self) {
+        crate::shell::enable(self.0);
+    }
 }
 
 /// A temporary directory removed on drop.
@@ -479,9 +514,10 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
         r.fill_threads, r.repeat, r.load_average.0, r.load_average.1
     );
     println!(
-        "{:>8} {:<21} {:>12} {:>9} {:>12} {:>12} {:>8} {:>9} {:>9} {:>7} {:>9} {:>10} {:>10} {:>9} {:>11}",
+        "{:>8} {:<21} {:>5} {:>12} {:>9} {:>12} {:>12} {:>8} {:>9} {:>9} {:>7} {:>9} {:>10} {:>10} {:>9} {:>11}",
         "mem MiB",
         "mode",
+        "shell",
         "first ins ms",
         "1st cpu",
         "ws done ms",
@@ -498,9 +534,10 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
     );
     for run in &r.runs {
         println!(
-            "{:>8} {:<21} {:>12.2} {:>9.2} {:>12.2} {:>12.2} {:>7.2}x {:>9.2} {:>8.2}x {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1} {:>11.1}",
+            "{:>8} {:<21} {:>5} {:>12.2} {:>9.2} {:>12.2} {:>12.2} {:>7.2}x {:>9.2} {:>8.2}x {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1} {:>11.1}",
             run.mem_mib,
             run.mode,
+            if run.prebuilt_shell { "yes" } else { "no" },
             run.first_instruction_ms,
             run.first_cpu_ms,
             run.working_set_ms,

@@ -130,6 +130,21 @@ pub fn render_process(out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
     drop(bases);
+    // Pre-built VM shells (shell.rs): one kept ready at most.
+    let (taken, built) = crate::shell::counts();
+    let ready = u64::from(crate::shell::ready_shape().is_some());
+    let _ = writeln!(
+        out,
+        "# HELP snapvisor_vm_shells_ready Pre-built VM shells kept for the next restore (0 or 1).\n# TYPE snapvisor_vm_shells_ready gauge\nsnapvisor_vm_shells_ready {ready}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP snapvisor_vm_shells_taken_total Restores that took a pre-built VM shell.\n# TYPE snapvisor_vm_shells_taken_total counter\nsnapvisor_vm_shells_taken_total {taken}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP snapvisor_vm_shells_built_total VM shells built ahead of time.\n# TYPE snapvisor_vm_shells_built_total counter\nsnapvisor_vm_shells_built_total {built}"
+    );
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |key: &str| -> Option<u64> {
         status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())

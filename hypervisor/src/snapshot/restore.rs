@@ -106,6 +106,9 @@ pub struct RestoreOptions {
     /// Lazy: map the snapshot's memory from a base shared with the other clones of it in this
     /// process (shared_base.rs) instead of giving this VM a private copy of every page.
     pub shared_base: Option<Arc<migrate::lazy::BaseRegistry>>,
+    /// Build the VM from a pre-built shell when the process's pool has one of its shape
+    /// (crate::shell; the pool is off unless enabled). Default true.
+    pub prebuilt_shell: bool,
 }
 
 impl RestoreOptions {
@@ -129,6 +132,7 @@ impl RestoreOptions {
             shared_base: None,
             fill_hold_off: Some(FILL_HOLD_OFF),
             fill_ungated: 0,
+            prebuilt_shell: true,
         }
     }
 }
@@ -531,6 +535,7 @@ fn build_vm(
     cfg.debugcon_out = opts.debugcon_out.take();
     cfg.acpi_tables = opts.acpi_tables.take().unwrap_or_else(|| spec.acpi_tables.clone());
     cfg.uuid = spec.uuid;
+    cfg.prebuilt_shell = opts.prebuilt_shell;
     // The firmware's contents come from the snapshot's pc.bios; the block is built blank, of a
     // size checked before anything is allocated (the spec is snapshot bytes, untrusted).
     if let Some(f) = &spec.firmware {

@@ -167,6 +167,49 @@ impl Daemon {
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map(|d| d.count()).unwrap_or(0)
     }
+
+    /// The daemon's open descriptors that are not KVM's, and its KVM VMs' (`kvm-vm`) and
+    /// KVM descriptors (`/dev/kvm`, VMs, vCPUs): what a leak check compares, and what it
+    /// bounds apart. With no VM left the daemon keeps one pre-built VM shell at most
+    /// (hypervisor's shell.rs), whose descriptors are [`SHELL_FDS_1_VCPU`] for 1 vCPU.
+    pub fn fds_beside_kvm(&self) -> FdCount {
+        let links: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|r| {
+                r.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let is_kvm = |l: &str| l == "/dev/kvm" || l.starts_with("anon_inode:kvm-");
+        FdCount {
+            other: links.iter().filter(|l| !is_kvm(l)).count(),
+            kvm_vms: links.iter().filter(|l| l.as_str() == "anon_inode:kvm-vm").count(),
+            kvm: links.iter().filter(|l| is_kvm(l)).count(),
+        }
+    }
+}
+
+/// [`Daemon::fds_beside_kvm`]'s answer.
+#[derive(Clone, Copy, Debug)]
+pub struct FdCount {
+    pub other: usize,
+    pub kvm_vms: usize,
+    pub kvm: usize,
+}
+
+/// A pre-built shell of a 1-vCPU VM: /dev/kvm, the VM and the vCPU.
+pub const SHELL_FDS_1_VCPU: usize = 3;
+
+impl FdCount {
+    /// With no VM left: at most one KVM VM open (a pre-built shell of a 1-vCPU VM).
+    pub fn assert_at_most_a_shell(&self, what: &str) {
+        assert!(
+            self.kvm_vms <= 1 && self.kvm <= SHELL_FDS_1_VCPU,
+            "{what}: no VM is left, yet the daemon holds {} KVM VMs and {} KVM descriptors",
+            self.kvm_vms,
+            self.kvm
+        );
+    }
 }
 
 impl Drop for Daemon {

@@ -1,0 +1,200 @@
+//! Pre-built VM shells: the part of a restored VM that is the same for every snapshot of one
+//! shape, built ahead of time so that a restore does not wait for it.
+//!
+//! What a shell is: the KVM VM (`KVM_CREATE_VM`), `pc.ram` mapped (unpopulated, no guest
+//! memory yet) and added as memory slots, the TSS and identity-map addresses, the in-kernel
+//! irqchip and PIT, and the vCPUs with their CPUID and boot MSRs: [`Vm::new`] up to its
+//! devices. Building it took 2.6-5.3 ms of a 4 GiB VM's 3-9.5 ms build on the development
+//! machines (nested paravirtual KVM; the memory slots alone ~2.2 ms at 4 GiB, growing with
+//! the size), and a restore paid all of it before the guest's first instruction.
+//!
+//! The pool holds at most one shell: for the shape (memory size, vCPU count) of the VM a
+//! restore built last. A restore of that shape takes it; every restore then asks for a new
+//! one, which one background thread builds at the lowest CPU priority (`SCHED_IDLE`: it runs
+//! only on a core nothing else wants), replacing a shell of another shape. A restore never
+//! waits for a shell: without one ready it builds its own, as before. So a daemon restoring
+//! or cloning VMs of one shape one after another finds one ready each time.
+//!
+//! Only restores use shells. A shell's VM and vCPUs were created earlier than the restore,
+//! and what counts from their creation is set from the snapshot by every restore, as for a
+//! fresh VM: the vCPUs' TSC (`IA32_TSC` with the other MSRs) and the VM's kvmclock
+//! (`KVM_SET_CLOCK`, snapshot/vcpu_state.rs). A VM that boots (a kernel, firmware, a
+//! built-in guest) would see both counting from the shell's creation, so it is always built
+//! afresh.
+//!
+//! What an idle shell costs: a KVM VM with its irqchip, PIT (one kernel thread) and vCPUs,
+//! their file descriptors, and an address-space reservation of the memory size with nothing
+//! in it. The pool is off unless enabled ([`enable`]): `snapvisor serve` (unless
+//! `--no-shell-pool`) and `snapvisor bench restore` (unless `--no-shell-pool`) enable it.
+//! A shell is used at most once: [`take`] moves it out of the pool.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use migrate::ram::RamRegistry;
+
+use crate::cpu;
+use crate::layout;
+use crate::memory::{GuestRam, SlotMap};
+use crate::vm::VmError;
+
+/// What a shell fits: guest memory bytes and vCPU count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub mem_bytes: u64,
+    pub vcpus: u8,
+}
+
+/// A VM up to its devices (module doc).
+pub struct Shell {
+    pub shape: Shape,
+    pub kvm: Kvm,
+    pub fd: Arc<VmFd>,
+    pub registry: Arc<RamRegistry>,
+    pub slots: Arc<SlotMap>,
+    pub ram: GuestRam,
+    /// In vCPU order, with CPUID and the boot MSRs set.
+    pub vcpus: Vec<VcpuFd>,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+impl Shell {
+    /// Builds a shell of `shape` on `kvm` (the count of vCPUs was checked by the caller).
+    pub fn build(kvm: Kvm, shape: Shape) -> Result<Shell, VmError> {
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        // Guest RAM first: on some hosts (nested, paravirtual KVM) the first memory slot added
+        // after the TSS and irqchip costs ~10 ms, before them ~50 µs.
+        let registry = RamRegistry::new();
+        let slots = SlotMap::new(fd.clone());
+        registry.add_listener(slots.clone());
+        let ram = GuestRam::new(&registry, &slots, shape.mem_bytes)?;
+        fd.set_tss_address(layout::KVM_TSS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let supported_cpuid = cpu::cpuid::supported(&kvm)?;
+        let msrs = cpu::msr::index_list(&kvm)?;
+        let mut vcpus = Vec::with_capacity(usize::from(shape.vcpus));
+        for id in 0..shape.vcpus {
+            let vfd = fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vfd.set_cpuid2(&cpu::cpuid::for_vcpu(&supported_cpuid, id, shape.vcpus))
+                .map_err(|source| cpu::CpuError::SetCpuid { vcpu: id, source })?;
+            cpu::msr::set_boot_msrs(&vfd, id, &msrs)?;
+            vcpus.push(vfd);
+        }
+        Ok(Shell { shape, kvm, fd, registry, slots, ram, vcpus })
+    }
+}
+
+/// The pool: at most one shell, and whether a builder thread runs.
+struct Pool {
+    ready: Option<Shell>,
+    /// The shape the builder thread is building, if one runs.
+    building: Option<Shape>,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { ready: None, building: None });
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static TAKEN: AtomicU64 = AtomicU64::new(0);
+static BUILT: AtomicU64 = AtomicU64::new(0);
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Turns the pool on or off for this process; off also drops a shell kept.
+pub fn enable(on: bool) {
+    ENABLED.store(on, Ordering::Release);
+    if !on {
+        let shell = pool().ready.take();
+        drop(shell);
+    }
+}
+
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Acquire)
+}
+
+/// How many restores took a pre-built shell, and how many shells the builder built, in this
+/// process.
+pub fn counts() -> (u64, u64) {
+    (TAKEN.load(Ordering::Relaxed), BUILT.load(Ordering::Relaxed))
+}
+
+/// The shape of the shell ready now, if any.
+pub fn ready_shape() -> Option<Shape> {
+    pool().ready.as_ref().map(|s| s.shape)
+}
+
+/// For a restore of `shape`: the pre-built shell if one of that shape is ready; `None`
+/// otherwise (or with the pool off). Either way (pool on) a new shell of `shape` is asked
+/// for.
+pub fn take(shape: Shape) -> Option<Shell> {
+    if !enabled() {
+        return None;
+    }
+    let shell = {
+        let mut p = pool();
+        match p.ready.take() {
+            Some(s) if s.shape == shape => Some(s),
+            other => {
+                p.ready = other;
+                None
+            }
+        }
+    };
+    refill(shape);
+    let shell = shell?;
+    TAKEN.fetch_add(1, Ordering::Relaxed);
+    Some(shell)
+}
+
+/// Starts the builder thread for `shape` unless a shell of that shape is ready or being built.
+fn refill(shape: Shape) {
+    {
+        let mut p = pool();
+        if p.ready.as_ref().is_some_and(|s| s.shape == shape) || p.building.is_some() {
+            return;
+        }
+        p.building = Some(shape);
+    }
+    let spawned = std::thread::Builder::new().name("vm-shell".into()).spawn(move || {
+        idle_priority();
+        let built = Kvm::new().map_err(VmError::OpenKvm).and_then(|kvm| Shell::build(kvm, shape));
+        let mut p = pool();
+        p.building = None;
+        match built {
+            Ok(shell) if enabled() => {
+                BUILT.fetch_add(1, Ordering::Relaxed);
+                // The old shell (another shape) is dropped outside the lock.
+                let old = p.ready.replace(shell);
+                drop(p);
+                drop(old);
+            }
+            Ok(shell) => {
+                drop(p);
+                drop(shell);
+            }
+            Err(e) => tracing::warn!(?shape, "building a VM shell ahead of time: {e}"),
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("starting the VM shell builder: {e}");
+        pool().building = None;
+    }
+}
+
+/// `SCHED_IDLE` for the calling thread: it runs only when a core has nothing else to do.
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads one sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        tracing::debug!("SCHED_IDLE for the VM shell builder: {}", std::io::Error::last_os_error());
+    }
+}
