@@ -220,7 +220,19 @@ fn a_block_resized_while_a_snapshot_waits_for_the_fill_commits_the_pause_or_canc
             let mut resized = Vec::new();
             for (k, &len) in sizes.iter().enumerate() {
                 let len = len.min(max);
-                vm.registry().resize(BLOCK, len as u64).expect("resize");
+                // A block the fill has not placed yet refuses a resize; the throttled fill
+                // places this small one early, but on a loaded host maybe not within the
+                // sleep above: wait for it (pc.ram takes the fill seconds more).
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match vm.registry().resize(BLOCK, len as u64) {
+                        Ok(()) => break,
+                        Err(e) if e.to_string().contains("still filling") && Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("round {round}: resize to {len}: {e}"),
+                    }
+                }
                 vm.registry().get(BLOCK).expect("block").write(0, &common::noise(len, 100 + k as u64)).expect("write");
                 resized.push(len);
             }
