@@ -9,11 +9,14 @@
 //! the size), and a restore paid all of it before the guest's first instruction.
 //!
 //! The pool holds at most one shell: for the shape (memory size, vCPU count) of the VM a
-//! restore built last. A restore of that shape takes it; every restore then asks for a new
-//! one, which one background thread builds at the lowest CPU priority (`SCHED_IDLE`: it runs
-//! only on a core nothing else wants), replacing a shell of another shape. A restore never
-//! waits for a shell: without one ready it builds its own, as before. So a daemon restoring
-//! or cloning VMs of one shape one after another finds one ready each time.
+//! restore completed last. A restore of that shape takes it; every restore that completes
+//! then asks for a new one ([`request`]), which one background thread builds at the lowest
+//! CPU priority (`SCHED_IDLE`: it runs only on a core nothing else wants), replacing a shell
+//! of another shape. A restore never waits for a shell: without one ready it builds its own,
+//! as before. So a daemon restoring or cloning VMs of one shape one after another finds one
+//! ready each time. A restore that is refused (its VM is built from the snapshot's state
+//! before the manifest is checked) asks for nothing: a bad snapshot or request neither
+//! evicts the shell kept nor leaves one of the shape it chose.
 //!
 //! Only restores use shells. A shell's VM and vCPUs were created earlier than the restore,
 //! and what counts from their creation is set from the snapshot by every restore, as for a
@@ -133,8 +136,8 @@ pub fn ready_shape() -> Option<Shape> {
 }
 
 /// For a restore of `shape`: the pre-built shell if one of that shape is ready; `None`
-/// otherwise (or with the pool off). Either way (pool on) a new shell of `shape` is asked
-/// for.
+/// otherwise (or with the pool off). The restore asks for the next one once it completes
+/// ([`request`]).
 pub fn take(shape: Shape) -> Option<Shell> {
     if !enabled() {
         return None;
@@ -148,15 +151,17 @@ pub fn take(shape: Shape) -> Option<Shell> {
                 None
             }
         }
-    };
-    refill(shape);
-    let shell = shell?;
+    }?;
     TAKEN.fetch_add(1, Ordering::Relaxed);
     Some(shell)
 }
 
-/// Starts the builder thread for `shape` unless a shell of that shape is ready or being built.
-fn refill(shape: Shape) {
+/// After a restore of `shape` completed (pool on): starts the builder thread for `shape`
+/// unless a shell of that shape is ready or being built.
+pub fn request(shape: Shape) {
+    if !enabled() {
+        return;
+    }
     {
         let mut p = pool();
         if p.ready.as_ref().is_some_and(|s| s.shape == shape) || p.building.is_some() {
