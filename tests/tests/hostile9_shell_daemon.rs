@@ -42,7 +42,7 @@ fn shells_taken_at_most_built(d: &Daemon, what: &str) -> u64 {
 #[test]
 fn concurrent_restores_and_clones_share_no_shell_and_the_daemon_survives_kills_with_one_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut d = Daemon::start(dir.path(), &[]);
+    let d = Daemon::start(dir.path(), &[]);
     memfill_snapshot(&d, "m", "s", 16, 3);
     memfill_snapshot(&d, "n", "t", 32, 5);
     d.ok("POST", "/snapshots/s/restore", Some(json!({"vm": "first", "mode": "eager"})));
