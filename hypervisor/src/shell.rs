@@ -9,11 +9,14 @@
 //! the size), and a restore paid all of it before the guest's first instruction.
 //!
 //! The pool holds at most one shell: for the shape (memory size, vCPU count) of the VM a
-//! restore built last. A restore of that shape takes it; every restore then asks for a new
-//! one, which one background thread builds at the lowest CPU priority (`SCHED_IDLE`: it runs
-//! only on a core nothing else wants), replacing a shell of another shape. A restore never
-//! waits for a shell: without one ready it builds its own, as before. So a daemon restoring
-//! or cloning VMs of one shape one after another finds one ready each time.
+//! restore completed last. A restore of that shape takes it; every restore that completes
+//! then asks for a new one ([`request`]), which one background thread builds at the lowest
+//! CPU priority (`SCHED_IDLE`: it runs only on a core nothing else wants), replacing a shell
+//! of another shape. A restore never waits for a shell: without one ready it builds its own,
+//! as before. So a daemon restoring or cloning VMs of one shape one after another finds one
+//! ready each time. A restore that is refused (its VM is built from the snapshot's state
+//! before the manifest is checked) asks for nothing: a bad snapshot or request neither
+//! evicts the shell kept nor leaves one of the shape it chose.
 //!
 //! Only restores use shells. A shell's VM and vCPUs were created earlier than the restore,
 //! and what counts from their creation is set from the snapshot by every restore, as for a
@@ -97,9 +100,12 @@ struct Pool {
     ready: Option<Shell>,
     /// The shape the builder thread is building, if one runs.
     building: Option<Shape>,
+    /// The shape asked for last: the builder builds it next when it differs from the one it
+    /// just built.
+    wanted: Option<Shape>,
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool { ready: None, building: None });
+static POOL: Mutex<Pool> = Mutex::new(Pool { ready: None, building: None, wanted: None });
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static TAKEN: AtomicU64 = AtomicU64::new(0);
 static BUILT: AtomicU64 = AtomicU64::new(0);
@@ -112,7 +118,11 @@ fn pool() -> std::sync::MutexGuard<'static, Pool> {
 pub fn enable(on: bool) {
     ENABLED.store(on, Ordering::Release);
     if !on {
-        let shell = pool().ready.take();
+        let shell = {
+            let mut p = pool();
+            p.wanted = None;
+            p.ready.take()
+        };
         drop(shell);
     }
 }
@@ -133,8 +143,8 @@ pub fn ready_shape() -> Option<Shape> {
 }
 
 /// For a restore of `shape`: the pre-built shell if one of that shape is ready; `None`
-/// otherwise (or with the pool off). Either way (pool on) a new shell of `shape` is asked
-/// for.
+/// otherwise (or with the pool off). The restore asks for the next one once it completes
+/// ([`request`]).
 pub fn take(shape: Shape) -> Option<Shell> {
     if !enabled() {
         return None;
@@ -148,17 +158,21 @@ pub fn take(shape: Shape) -> Option<Shell> {
                 None
             }
         }
-    };
-    refill(shape);
-    let shell = shell?;
+    }?;
     TAKEN.fetch_add(1, Ordering::Relaxed);
     Some(shell)
 }
 
-/// Starts the builder thread for `shape` unless a shell of that shape is ready or being built.
-fn refill(shape: Shape) {
+/// After a restore of `shape` completed (pool on): the shell kept is to be of `shape`. Starts
+/// the builder thread unless a shell of that shape is ready or the builder runs (it then
+/// builds `shape` when done with the shell it is building).
+pub fn request(shape: Shape) {
+    if !enabled() {
+        return;
+    }
     {
         let mut p = pool();
+        p.wanted = Some(shape);
         if p.ready.as_ref().is_some_and(|s| s.shape == shape) || p.building.is_some() {
             return;
         }
@@ -166,28 +180,44 @@ fn refill(shape: Shape) {
     }
     let spawned = std::thread::Builder::new().name("vm-shell".into()).spawn(move || {
         idle_priority();
-        let built = Kvm::new().map_err(VmError::OpenKvm).and_then(|kvm| Shell::build(kvm, shape));
-        let mut p = pool();
-        p.building = None;
-        match built {
-            Ok(shell) if enabled() => {
-                BUILT.fetch_add(1, Ordering::Relaxed);
-                // The old shell (another shape) is dropped outside the lock.
-                let old = p.ready.replace(shell);
-                drop(p);
-                drop(old);
-            }
-            Ok(shell) => {
-                drop(p);
-                drop(shell);
-            }
-            Err(e) => tracing::warn!(?shape, "building a VM shell ahead of time: {e}"),
+        let mut shape = shape;
+        while let Some(next) = build_one(shape) {
+            shape = next;
         }
     });
     if let Err(e) = spawned {
         tracing::warn!("starting the VM shell builder: {e}");
         pool().building = None;
     }
+}
+
+/// The builder's work for one shell of `shape`: builds it and puts it in the pool (the pool
+/// on). Returns the shape to build next (recorded as being built): the one asked for last,
+/// if another than `shape` and none of it is ready.
+fn build_one(shape: Shape) -> Option<Shape> {
+    let built = Kvm::new().map_err(VmError::OpenKvm).and_then(|kvm| Shell::build(kvm, shape));
+    let mut p = pool();
+    // The shell replaced or not kept is dropped outside the lock.
+    let dropped = match built {
+        Ok(shell) if enabled() => {
+            BUILT.fetch_add(1, Ordering::Relaxed);
+            p.ready.replace(shell)
+        }
+        Ok(shell) => Some(shell),
+        Err(e) => {
+            tracing::warn!(?shape, "building a VM shell ahead of time: {e}");
+            None
+        }
+    };
+    let ready = p.ready.as_ref().map(|s| s.shape);
+    p.building = match p.wanted {
+        Some(w) if enabled() && w != shape && ready != Some(w) => Some(w),
+        _ => None,
+    };
+    let next = p.building;
+    drop(p);
+    drop(dropped);
+    next
 }
 
 /// `SCHED_IDLE` for the calling thread: it runs only when a core has nothing else to do.

@@ -147,15 +147,6 @@ fn restores_take_a_prebuilt_shell_of_their_shape_and_run_as_on_a_fresh_vm() {
     assert_eq!(shell::ready_shape(), None, "a shell was built with the pool off");
 }
 
-/// A metric of the daemon's `/metrics`.
-fn metric(d: &common::daemon::Daemon, name: &str) -> u64 {
-    let text = d.ok("GET", "/metrics", None);
-    let text = text.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
-}
-
 /// Through the daemon: its second restore of a shape takes the shell its first asked for,
 /// and the VM runs on with its memory intact; `--no-shell-pool` keeps none.
 #[test]
@@ -174,28 +165,20 @@ fn the_daemon_restores_on_a_prebuilt_shell_unless_told_not_to() {
         d.ok("POST", "/vms/m/snapshot", Some(json!({"name": "s", "mode": "stop"})));
         d.ok("POST", "/snapshots/s/restore", Some(json!({"vm": "r0", "mode": "lazy"})));
         let deadline = Instant::now() + Duration::from_secs(60);
-        while pool && metric(&d, "snapvisor_vm_shells_ready") == 0 {
+        while pool && d.metric("snapvisor_vm_shells_ready") == 0 {
             assert!(Instant::now() < deadline, "no shell was built after a restore");
             std::thread::sleep(Duration::from_millis(10));
         }
         d.ok("POST", "/snapshots/s/restore", Some(json!({"vm": "r1", "mode": "lazy"})));
-        assert_eq!(metric(&d, "snapvisor_vm_shells_taken_total"), u64::from(pool), "pool {pool}");
+        assert_eq!(d.metric("snapvisor_vm_shells_taken_total"), u64::from(pool), "pool {pool}");
         if !pool {
             std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(metric(&d, "snapvisor_vm_shells_ready"), 0, "--no-shell-pool built a shell");
-            assert_eq!(metric(&d, "snapvisor_vm_shells_built_total"), 0, "--no-shell-pool built a shell");
+            assert_eq!(d.metric("snapvisor_vm_shells_ready"), 0, "--no-shell-pool built a shell");
+            assert_eq!(d.metric("snapvisor_vm_shells_built_total"), 0, "--no-shell-pool built a shell");
         }
         for vm in ["r0", "r1"] {
             // Two complete passes after the restore, each finding the previous one intact.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut text = String::new();
-            while common::memfill::passes(&text).len() < 2 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-                text = d.wait_serial(vm, "\n", Duration::from_secs(1));
-            }
-            let p = common::memfill::passes(&text);
-            assert!(p.len() >= 2, "pool {pool}: {vm} completed no pass: {text}");
-            assert!(p.iter().all(|(_, _, mis)| *mis == 0), "pool {pool}: {vm} found its memory damaged: {text}");
+            d.wait_intact_passes(vm, 2, &format!("pool {pool}"));
         }
     }
 }

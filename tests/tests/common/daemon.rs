@@ -125,6 +125,29 @@ impl Daemon {
         }
     }
 
+    /// A value of the daemon's `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.ok("GET", "/metrics", None);
+        let text = text.as_str().unwrap_or_default().to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+    }
+
+    /// Waits until memfill VM `vm`'s serial shows `n` complete passes, each finding the
+    /// previous pattern intact; panics (saying `what`) otherwise.
+    pub fn wait_intact_passes(&self, vm: &str, n: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut text = String::new();
+        while super::memfill::passes(&text).len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            text = self.wait_serial(vm, "\n", Duration::from_secs(1));
+        }
+        let p = super::memfill::passes(&text);
+        assert!(p.len() >= n, "{what}: {vm} completed {} passes of {n}: {text}", p.len());
+        assert!(p.iter().all(|(_, _, mis)| *mis == 0), "{what}: {vm} found its memory damaged: {text}");
+    }
+
     /// Sends SIGTERM and waits at most `timeout` for the exit: its status and how long it took
     /// (None: still running at the deadline).
     pub fn terminate_within(&mut self, timeout: Duration) -> (Option<ExitStatus>, Duration) {

@@ -8,6 +8,7 @@ pub mod iasl;
 pub mod memfill;
 pub mod mock_net;
 pub mod ram;
+pub mod seabios_vm;
 pub mod throttle;
 pub mod tmpfs;
 pub mod touch;
