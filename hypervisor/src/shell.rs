@@ -12,8 +12,10 @@
 //! restore completed last. A restore of that shape takes it; every restore that completes
 //! then asks for a new one ([`request`]), which one background thread builds at the lowest
 //! CPU priority (`SCHED_IDLE`: it runs only on a core nothing else wants), replacing a shell
-//! of another shape. A restore never waits for a shell: without one ready it builds its own,
-//! as before. So a daemon restoring or cloning VMs of one shape one after another finds one
+//! of another shape. The thread first waits for the restored VM's first exit to the VMM (at
+//! most [`REQUEST_HOLD_OFF`]): started with the restore, it took CPU and the process's
+//! memory-map lock from the restore's own way to its first instruction. A restore never
+//! waits for a shell: without one ready it builds its own, as before. So a daemon restoring or cloning VMs of one shape one after another finds one
 //! ready each time. A restore that is refused (its VM is built from the snapshot's state
 //! before the manifest is checked) asks for nothing: a bad snapshot or request neither
 //! evicts the shell kept nor leaves one of the shape it chose.
@@ -33,6 +35,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -163,10 +166,16 @@ pub fn take(shape: Shape) -> Option<Shell> {
     Some(shell)
 }
 
+/// How long the builder waits for the restored VM's first exit before building anyway (a
+/// guest that never exits, or a VM never started).
+pub const REQUEST_HOLD_OFF: Duration = Duration::from_millis(100);
+
 /// After a restore of `shape` completed (pool on): the shell kept is to be of `shape`. Starts
 /// the builder thread unless a shell of that shape is ready or the builder runs (it then
-/// builds `shape` when done with the shell it is building).
-pub fn request(shape: Shape) {
+/// builds `shape` when done with the shell it is building). A new builder thread first waits
+/// until `ran()` holds (the restored VM has exited to the VMM once, or ended), at most
+/// [`REQUEST_HOLD_OFF`].
+pub fn request(shape: Shape, ran: impl Fn() -> bool + Send + 'static) {
     if !enabled() {
         return;
     }
@@ -180,6 +189,10 @@ pub fn request(shape: Shape) {
     }
     let spawned = std::thread::Builder::new().name("vm-shell".into()).spawn(move || {
         idle_priority();
+        let deadline = Instant::now() + REQUEST_HOLD_OFF;
+        while !ran() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut shape = shape;
         while let Some(next) = build_one(shape) {
             shape = next;

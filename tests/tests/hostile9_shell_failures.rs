@@ -73,7 +73,7 @@ fn shells_that_cannot_be_built_leave_restores_working_and_nothing_behind() {
     let impossible = Shape { mem_bytes: 1 << 50, vcpus: 1 };
     let built = shell::counts().1;
     for _ in 0..3 {
-        shell::request(impossible);
+        shell::request(impossible, || true);
         assert_eq!(settle_threads(base_threads), base_threads, "the failing builder did not end");
     }
     assert_eq!(shell::counts().1, built, "a shell of 1 PiB was built");

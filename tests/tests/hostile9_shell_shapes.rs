@@ -42,8 +42,8 @@ fn the_shell_kept_is_for_the_shape_restored_last_even_while_another_was_being_bu
     // completing together do: a large one (its build takes a while), then the snapshot's.
     for (round, first) in [(0, 2048u64), (1, 1024)].into_iter() {
         let big = Shape { mem_bytes: first << 20, vcpus: 2 };
-        shell::request(big);
-        shell::request(small);
+        shell::request(big, || true);
+        shell::request(small, || true);
         wait_ready(small, &format!("round {round}"));
         let taken = shell::counts().0;
         let opts = RestoreOptions::new(RestoreMode::Lazy, Box::new(std::io::sink()));

@@ -25,6 +25,11 @@
 //! does (since December 2026; before, they ran without a cache and so did not pay for
 //! keeping each chunk read).
 //!
+//! Restored VMs are built on pre-built VM shells as the daemon builds them (crate::shell,
+//! `shell` column; `--no-shell-pool` builds every one afresh), and `lazy no-shell` is the
+//! lazy row built afresh, side by side. With `--repeat N` a row is the run with the earliest
+//! working set done, and `best 1st` the earliest first instruction of its N runs.
+//!
 //! Each restored guest is told *go* and touches its working set (`span` bytes every `stride`
 //! bytes: 10% of memory by default). Reported per run: request to first guest instruction
 //! (its first exit, the go poll), request to working set done, request to fully resident,
@@ -107,6 +112,9 @@ pub struct Run {
     pub mem_mib: u64,
     pub mode: &'static str,
     pub first_instruction_ms: f64,
+    /// The earliest first instruction of the row's runs (`--repeat`); the row's other figures
+    /// are those of the run with the earliest working set done.
+    pub best_first_instruction_ms: f64,
     pub working_set_ms: f64,
     pub resident_ms: f64,
     /// Working set done against the resident floor of the same size in the same run.
@@ -308,6 +316,7 @@ fn measure(
         mem_mib,
         mode: case.label(),
         first_instruction_ms: ms(first.saturating_duration_since(t0)),
+        best_first_instruction_ms: ms(first.saturating_duration_since(t0)),
         working_set_ms: ms(touched.saturating_duration_since(t0)),
         resident_ms: ms(resident_at.saturating_duration_since(t0)),
         ws_floor: 0.0,
@@ -329,14 +338,18 @@ fn measure(
 }
 
 /// The run with the earliest working set done of `repeat` (at least one).
+/// Also keeps the earliest first instruction of the `repeat` runs in it.
 fn best(repeat: usize, mut run: impl FnMut() -> Result<Run, CliError>) -> Result<Run, CliError> {
     let mut best = run()?;
+    let mut first = best.first_instruction_ms;
     for _ in 1..repeat {
         let r = run()?;
+        first = first.min(r.first_instruction_ms);
         if r.working_set_ms < best.working_set_ms {
             best = r;
         }
     }
+    best.best_first_instruction_ms = first;
     Ok(best)
 }
 
@@ -514,11 +527,12 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
         r.fill_threads, r.repeat, r.load_average.0, r.load_average.1
     );
     println!(
-        "{:>8} {:<21} {:>5} {:>12} {:>9} {:>12} {:>12} {:>8} {:>9} {:>9} {:>7} {:>9} {:>10} {:>10} {:>9} {:>11}",
+        "{:>8} {:<21} {:>5} {:>12} {:>8} {:>9} {:>12} {:>12} {:>8} {:>9} {:>9} {:>7} {:>9} {:>10} {:>10} {:>9} {:>11}",
         "mem MiB",
         "mode",
         "shell",
         "first ins ms",
+        "best 1st",
         "1st cpu",
         "ws done ms",
         "resident ms",
@@ -534,11 +548,12 @@ pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {
     );
     for run in &r.runs {
         println!(
-            "{:>8} {:<21} {:>5} {:>12.2} {:>9.2} {:>12.2} {:>12.2} {:>7.2}x {:>9.2} {:>8.2}x {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1} {:>11.1}",
+            "{:>8} {:<21} {:>5} {:>12.2} {:>8.2} {:>9.2} {:>12.2} {:>12.2} {:>7.2}x {:>9.2} {:>8.2}x {:>7} {:>9} {:>10.1} {:>10.1} {:>9.1} {:>11.1}",
             run.mem_mib,
             run.mode,
             if run.prebuilt_shell { "yes" } else { "no" },
             run.first_instruction_ms,
+            run.best_first_instruction_ms,
             run.first_cpu_ms,
             run.working_set_ms,
             run.resident_ms,

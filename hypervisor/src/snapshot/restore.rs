@@ -471,11 +471,14 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
     } else {
         None
     };
-    // The next restore of this shape finds a shell ready (shell.rs); a refused one asks for
-    // none.
+    // The next restore of this shape finds a shell ready (shell.rs), built once this VM has
+    // reached its first instruction; a refused restore asks for none.
     if opts.prebuilt_shell {
         let vcpus = u8::try_from(vm.vcpu_fds().len()).unwrap_or(u8::MAX);
-        crate::shell::request(crate::shell::Shape { mem_bytes: vm.ram().size(), vcpus });
+        let control = vm.control().clone();
+        crate::shell::request(crate::shell::Shape { mem_bytes: vm.ram().size(), vcpus }, move || {
+            control.first_exit().is_some() || control.exit_reason().is_some()
+        });
     }
     Ok((
         vm,
