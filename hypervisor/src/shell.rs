@@ -208,7 +208,9 @@ pub fn request(shape: Shape, ran: impl Fn() -> bool + Send + 'static) {
 /// on). Returns the shape to build next (recorded as being built): the one asked for last,
 /// if another than `shape` and none of it is ready.
 fn build_one(shape: Shape) -> Option<Shape> {
+    let start = Instant::now();
     let built = Kvm::new().map_err(VmError::OpenKvm).and_then(|kvm| Shell::build(kvm, shape));
+    tracing::debug!(?shape, ms = start.elapsed().as_secs_f64() * 1e3, ok = built.is_ok(), "built a VM shell");
     let mut p = pool();
     // The shell replaced or not kept is dropped outside the lock.
     let dropped = match built {
