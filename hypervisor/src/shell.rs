@@ -15,10 +15,12 @@
 //! of another shape. The thread first waits for the restored VM's first exit to the VMM (at
 //! most [`REQUEST_HOLD_OFF`]): started with the restore, it took CPU and the process's
 //! memory-map lock from the restore's own way to its first instruction. A restore never
-//! waits for a shell: without one ready it builds its own, as before. So a daemon restoring or cloning VMs of one shape one after another finds one
-//! ready each time. A restore that is refused (its VM is built from the snapshot's state
-//! before the manifest is checked) asks for nothing: a bad snapshot or request neither
-//! evicts the shell kept nor leaves one of the shape it chose.
+//! waits for a shell: without one ready it builds its own, as before. So a daemon restoring
+//! or cloning VMs of one shape one after another finds one ready each time. A restore that
+//! is refused (its VM is built from the snapshot's state before the manifest is checked)
+//! asks for nothing: a bad snapshot or request neither evicts the shell kept nor leaves one
+//! of the shape it chose (it may still have taken the shell kept: the next restore of that
+//! shape then builds its own once).
 //!
 //! Only restores use shells. A shell's VM and vCPUs were created earlier than the restore,
 //! and what counts from their creation is set from the snapshot by every restore, as for a
@@ -28,8 +30,10 @@
 //! afresh.
 //!
 //! What an idle shell costs: a KVM VM with its irqchip, PIT (one kernel thread) and vCPUs,
-//! their file descriptors, and an address-space reservation of the memory size with nothing
-//! in it. The pool is off unless enabled ([`enable`]): `snapvisor serve` (unless
+//! their file descriptors, an address-space reservation of the memory size with nothing in
+//! it (no guest memory), and the kernel's per-page metadata of its memory slots, which grows
+//! with the size: about 0.25% of it in kernel memory on the development machines (~40 MiB
+//! for 16 GiB), outside the daemon's guest-memory budget. The pool is off unless enabled ([`enable`]): `snapvisor serve` (unless
 //! `--no-shell-pool`) and `snapvisor bench restore` (unless `--no-shell-pool`) enable it.
 //! A shell is used at most once: [`take`] moves it out of the pool.
 
@@ -188,6 +192,8 @@ pub fn request(shape: Shape, ran: impl Fn() -> bool + Send + 'static) {
         p.building = Some(shape);
     }
     let spawned = std::thread::Builder::new().name("vm-shell".into()).spawn(move || {
+        // A panic ends the pool's record of a builder too, or none would be started again.
+        let _ending = BuilderPanics;
         idle_priority();
         let deadline = Instant::now() + REQUEST_HOLD_OFF;
         while !ran() && Instant::now() < deadline {
@@ -201,6 +207,18 @@ pub fn request(shape: Shape, ran: impl Fn() -> bool + Send + 'static) {
     if let Err(e) = spawned {
         tracing::warn!("starting the VM shell builder: {e}");
         pool().building = None;
+    }
+}
+
+/// Clears [`Pool::building`] when the builder thread unwinds. (A builder that returns has
+/// cleared it itself, under the lock, and a new builder may have set it since.)
+struct BuilderPanics;
+
+impl Drop for BuilderPanics {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            pool().building = None;
+        }
     }
 }
 

@@ -11,11 +11,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::ram::assert_blocks_match;
-use common::start_builtin;
-use hypervisor::guests::{Builtin, MemfillMode};
 use hypervisor::shell::{self, Shape};
-use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
-use hypervisor::vm::BuiltinParams;
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions};
 use storage::Store;
 
 fn threads() -> usize {
@@ -36,25 +33,11 @@ fn settle_threads(n: usize) -> usize {
     threads()
 }
 
-fn wait_ready(shape: Shape) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while shell::ready_shape() != Some(shape) {
-        assert!(Instant::now() < deadline, "no shell of {shape:?} was built: {:?}", shell::ready_shape());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn shells_that_cannot_be_built_leave_restores_working_and_nothing_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path().join("store")).expect("store");
-    let params = BuiltinParams { seed: 6, passes: 0, mode: MemfillMode::Fill, ..Default::default() };
-    let (mut vm, out) = start_builtin(Builtin::Memfill, 16, params);
-    common::memfill::wait_lines(&out, 1, Duration::from_secs(60));
-    snapshot::save(&vm, &store, "s", &SaveOptions { stay_paused: true, ..Default::default() }, &|_| {})
-        .expect("snapshot");
-    vm.stop("snapshot taken");
-    drop(vm);
+    common::shell::snapshot_memfill(&store, "s", 16, 6);
     let good = Shape { mem_bytes: 16 << 20, vcpus: 1 };
     let base_threads = threads();
 
@@ -65,7 +48,7 @@ fn shells_that_cannot_be_built_leave_restores_working_and_nothing_behind() {
         assert_blocks_match(&vm, &store, "s", what);
     };
     restore("first restore");
-    wait_ready(good);
+    common::shell::wait_ready(good, "");
     assert_eq!(settle_threads(base_threads), base_threads, "threads after the first restore");
     let base_fds = fds();
 
@@ -85,10 +68,10 @@ fn shells_that_cannot_be_built_leave_restores_working_and_nothing_behind() {
 
     // Rounds: each restore takes a shell, the next is built; nothing accumulates.
     for round in 0..20 {
-        wait_ready(good);
+        common::shell::wait_ready(good, "");
         restore(&format!("round {round}"));
     }
-    wait_ready(good);
+    common::shell::wait_ready(good, "");
     assert_eq!(settle_threads(base_threads), base_threads, "threads after 20 rounds");
     assert!(fds() <= base_fds, "descriptors after 20 rounds: {} (were {base_fds})", fds());
 }

@@ -9,41 +9,25 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::ram::assert_blocks_match;
-use common::start_builtin;
-use hypervisor::guests::{Builtin, MemfillMode};
 use hypervisor::shell::{self, Shape};
-use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
-use hypervisor::vm::BuiltinParams;
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions};
 use storage::Store;
 
 const MEM: u64 = 16;
-
-fn wait_ready(shape: Shape) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while shell::ready_shape() != Some(shape) {
-        assert!(Instant::now() < deadline, "no shell of {shape:?} was built: {:?}", shell::ready_shape());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 #[test]
 fn a_refused_restore_neither_evicts_the_ready_shell_nor_builds_one_of_its_shape() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path().join("store")).expect("store");
-    let params = BuiltinParams { seed: 4, passes: 0, mode: MemfillMode::Fill, ..Default::default() };
-    let (mut vm, out) = start_builtin(Builtin::Memfill, MEM, params);
-    common::memfill::wait_lines(&out, 1, Duration::from_secs(60));
-    snapshot::save(&vm, &store, "s", &SaveOptions { stay_paused: true, ..Default::default() }, &|_| {})
-        .expect("snapshot");
-    vm.stop("snapshot taken");
+    common::shell::snapshot_memfill(&store, "s", MEM, 4);
 
     shell::enable(true);
     let good = Shape { mem_bytes: MEM << 20, vcpus: 1 };
     drop(snapshot::restore(&store, "s", RestoreOptions::new(RestoreMode::Eager, Box::new(std::io::sink()))));
-    wait_ready(good);
+    common::shell::wait_ready(good, "");
     let (taken, built) = shell::counts();
     for mib in [64, 16 << 10] {
         for mode in [RestoreMode::Eager, RestoreMode::Lazy] {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::memfill::{check_continues, wait_lines};
 use common::ram::assert_blocks_match;
@@ -22,15 +22,6 @@ const MEM: u64 = 16;
 
 fn taken() -> u64 {
     shell::counts().0
-}
-
-/// Waits until the pool holds a shell of `shape` (the builder runs at idle priority).
-fn wait_ready(shape: Shape) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while shell::ready_shape() != Some(shape) {
-        assert!(Instant::now() < deadline, "no shell of {shape:?} was built: {:?}", shell::ready_shape());
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn paused(mode: SaveMode) -> SaveOptions {
@@ -60,7 +51,7 @@ fn snapshot_memfill(store: &Store, name: &str, vcpus: u64, seed: u64) -> String 
 /// checks its bytes and returns it with its output, not started.
 fn restore(store: &Store, name: &str, mode: RestoreMode, shell_of: Option<Shape>, what: &str) -> (Vm, SharedOutput) {
     if let Some(s) = shell_of {
-        wait_ready(s);
+        common::shell::wait_ready(s, "");
     }
     let t = taken();
     let out = SharedOutput::default();
@@ -132,7 +123,7 @@ fn multi_vcpu_vms_restored_on_shells_run_on_and_their_snapshots_restore_exactly(
 
     // A shell taken straight from the pool holds no VM's bytes: every page reads zero.
     let last = Shape { mem_bytes: MEM << 20, vcpus: 4 };
-    wait_ready(last);
+    common::shell::wait_ready(last, "");
     let sh = shell::take(last).expect("the ready shell");
     let block = sh.ram.block();
     // SAFETY: the block's mapping is `size` bytes and lives as long as `block`.

@@ -8,33 +8,15 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::start_builtin;
-use hypervisor::guests::{Builtin, MemfillMode};
 use hypervisor::shell::{self, Shape};
-use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
-use hypervisor::vm::BuiltinParams;
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions};
 use storage::Store;
-
-fn wait_ready(shape: Shape, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while shell::ready_shape() != Some(shape) {
-        assert!(Instant::now() < deadline, "{what}: no shell of {shape:?} was built: {:?}", shell::ready_shape());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 #[test]
 fn the_shell_kept_is_for_the_shape_restored_last_even_while_another_was_being_built() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path().join("store")).expect("store");
-    let params = BuiltinParams { seed: 2, passes: 0, mode: MemfillMode::Fill, ..Default::default() };
-    let (mut vm, out) = start_builtin(Builtin::Memfill, 16, params);
-    common::memfill::wait_lines(&out, 1, Duration::from_secs(60));
-    snapshot::save(&vm, &store, "s", &SaveOptions { stay_paused: true, ..Default::default() }, &|_| {})
-        .expect("snapshot");
-    vm.stop("snapshot taken");
+    common::shell::snapshot_memfill(&store, "s", 16, 2);
 
     shell::enable(true);
     let small = Shape { mem_bytes: 16 << 20, vcpus: 1 };
@@ -44,7 +26,7 @@ fn the_shell_kept_is_for_the_shape_restored_last_even_while_another_was_being_bu
         let big = Shape { mem_bytes: first << 20, vcpus: 2 };
         shell::request(big, || true);
         shell::request(small, || true);
-        wait_ready(small, &format!("round {round}"));
+        common::shell::wait_ready(small, &format!("round {round}"));
         let taken = shell::counts().0;
         let opts = RestoreOptions::new(RestoreMode::Lazy, Box::new(std::io::sink()));
         let (vm, _) = snapshot::restore(&store, "s", opts).expect("restore");

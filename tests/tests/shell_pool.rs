@@ -12,28 +12,12 @@ use std::time::{Duration, Instant};
 
 use common::memfill::{check_continues, wait_lines};
 use common::ram::assert_blocks_match;
-use common::start_builtin;
-use hypervisor::guests::{Builtin, MemfillMode};
+use hypervisor::guests::Builtin;
 use hypervisor::shell::{self, Shape};
 use hypervisor::snapshot::restore::{encode_prefetch, PREFETCH_ATTACHMENT};
-use hypervisor::snapshot::{self, RestoreMode, RestoreOptions, SaveOptions};
+use hypervisor::snapshot::{self, RestoreMode, RestoreOptions};
 use hypervisor::vm::{BootSource, BuiltinParams, SharedOutput, Vm, VmConfig};
 use storage::Store;
-
-/// Snapshots a memfill guest of `mem` MiB after its first pass line; returns its output then.
-fn snapshot_memfill(store: &Store, name: &str, mem: u64, seed: u64) -> String {
-    let (mut vm, out) = start_builtin(
-        Builtin::Memfill,
-        mem,
-        BuiltinParams { seed, passes: 0, mode: MemfillMode::Fill, ..Default::default() },
-    );
-    wait_lines(&out, 1, Duration::from_secs(60));
-    let opts = SaveOptions { stay_paused: true, ..Default::default() };
-    snapshot::save(&vm, store, name, &opts, &|_| {}).expect("snapshot");
-    let before = out.text();
-    vm.stop("snapshot taken");
-    before
-}
 
 /// The kvmclock a restore of `name` starts from (the VM state's), read through a restore
 /// built afresh.
@@ -46,16 +30,6 @@ fn store_clock(store: &Store, name: &str) -> u64 {
 
 fn shape(mem: u64) -> Shape {
     Shape { mem_bytes: mem << 20, vcpus: 1 }
-}
-
-/// Waits until the pool holds a shell of `mem` MiB (the builder runs at idle priority: on a
-/// loaded host it waits for a core nothing else wants).
-fn wait_ready(mem: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while shell::ready_shape() != Some(shape(mem)) {
-        assert!(Instant::now() < deadline, "no shell of {mem} MiB was built: {:?}", shell::ready_shape());
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn taken() -> u64 {
@@ -79,8 +53,8 @@ fn restores_take_a_prebuilt_shell_of_their_shape_and_run_as_on_a_fresh_vm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path().join("store")).expect("store");
     let (a_mem, a_seed, b_mem, b_seed) = (32, 7, 16, 9);
-    let a_before = snapshot_memfill(&store, "a", a_mem, a_seed);
-    let b_before = snapshot_memfill(&store, "b", b_mem, b_seed);
+    let a_before = common::shell::snapshot_memfill(&store, "a", a_mem, a_seed);
+    let b_before = common::shell::snapshot_memfill(&store, "b", b_mem, b_seed);
     // All of pc.ram as the working set, for the prefetching modes.
     let list: Vec<(String, u64)> = (0..a_mem << 20).step_by(0x10000).map(|o| ("pc.ram".to_string(), o)).collect();
     store.put_attachment("a", PREFETCH_ATTACHMENT, &encode_prefetch(&list)).expect("attachment");
@@ -96,12 +70,12 @@ fn restores_take_a_prebuilt_shell_of_their_shape_and_run_as_on_a_fresh_vm() {
     std::thread::sleep(Duration::from_millis(40));
     assert_eq!(shell::ready_shape(), None, "a shell was built before the restored VM ran");
     drop(vm);
-    wait_ready(a_mem);
+    common::shell::wait_ready(shape(a_mem), "");
     restore_and_check(&store, "a", RestoreMode::Eager, &a_before, a_seed, a_mem, "restore on a shell");
     assert_eq!(taken(), t + 1, "the ready shell was not taken");
 
     for mode in [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::LazyPrefetch, RestoreMode::LazyPrefetchBefore] {
-        wait_ready(a_mem);
+        common::shell::wait_ready(shape(a_mem), "");
         // The shell is older than a VM created by the restore would be: what counts from its
         // creation (kvmclock) reads the snapshot's value all the same.
         std::thread::sleep(Duration::from_millis(400));
@@ -120,11 +94,11 @@ fn restores_take_a_prebuilt_shell_of_their_shape_and_run_as_on_a_fresh_vm() {
     }
 
     // Another shape: the ready shell stays unused, and the pool turns to the new shape.
-    wait_ready(a_mem);
+    common::shell::wait_ready(shape(a_mem), "");
     let t = taken();
     restore_and_check(&store, "b", RestoreMode::Lazy, &b_before, b_seed, b_mem, "restore of another shape");
     assert_eq!(taken(), t, "a shell of another shape was taken");
-    wait_ready(b_mem);
+    common::shell::wait_ready(shape(b_mem), "");
 
     // A VM that boots, of the ready shape, never takes it.
     let t = taken();

@@ -9,6 +9,7 @@ pub mod memfill;
 pub mod mock_net;
 pub mod ram;
 pub mod seabios_vm;
+pub mod shell;
 pub mod throttle;
 pub mod tmpfs;
 pub mod touch;
