@@ -334,18 +334,7 @@ fn kills_during_shutdown_snapshots_leave_every_vm_resumed_intact_or_startable() 
                 // Two complete passes after the resume, each finding the previous intact.
                 let text = d.wait_serial(&name, "\n", Duration::from_secs(60));
                 let n = common::memfill::passes(&text).len();
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let mut text = text;
-                while common::memfill::passes(&text).len() < n + 2 && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                    text = d.wait_serial(&name, "\n", Duration::from_secs(1));
-                }
-                let p = common::memfill::passes(&text);
-                assert!(p.len() >= n + 2, "{what}: resumed VM {name} completed no pass: {text}");
-                assert!(
-                    p.iter().all(|(_, _, mis)| *mis == 0),
-                    "{what}: resumed VM {name} found its memory damaged: {text}"
-                );
+                d.wait_intact_passes(&name, n + 2, &format!("{what}: resumed VM"));
             } else {
                 assert!(
                     info["resume_from"].is_null(),
