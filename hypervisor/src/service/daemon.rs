@@ -77,6 +77,9 @@ pub struct Daemon {
     vms: Mutex<BTreeMap<String, VmHandle>>,
     /// Names of VMs requests are making (names.rs); taken after `vms`.
     pub(super) making: Mutex<BTreeMap<String, usize>>,
+    /// Names whose definition file is damaged (defs.rs), with what is wrong; taken after
+    /// `making`.
+    damaged: Mutex<BTreeMap<String, String>>,
     pub store: storage::Store,
     state_dir: PathBuf,
     pub metrics: Arc<Metrics>,
@@ -132,6 +135,7 @@ impl Daemon {
         let d = Arc::new(Daemon {
             vms: Mutex::new(BTreeMap::new()),
             making: Mutex::default(),
+            damaged: Mutex::default(),
             store,
             state_dir: state_dir.to_path_buf(),
             metrics: Arc::new(Metrics::default()),
@@ -146,74 +150,58 @@ impl Daemon {
         });
         // Clones of a request a killed daemon was making go first (all or nothing).
         super::pending::sweep(state_dir, &vms_dir);
-        let entries = std::fs::read_dir(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
+        let scan = super::defs::scan(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
+        d.metrics.set_damaged_definitions(scan.damaged.len());
+        *d.damaged() = scan.damaged;
         let mut resumed = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().and_then(|x| x.to_str()) == Some("tmp") {
-                // A definition a killed daemon was writing ([`Daemon::persist`]); the store's
-                // lock, taken above, keeps any other daemon off this directory.
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!("removing {}: {e}", path.display());
+        for def in scan.defs {
+            tracing::info!(vm = %def.name, "VM definition loaded");
+            d.budget.force(&def.name, def.mem_mib);
+            let loaded = def.clone();
+            let mut resume_from = def.resume_from.clone();
+            if let Some(snap) = resume_from.as_deref() {
+                // Named before it was taken (shutdown.rs): a daemon killed before
+                // the commit leaves a name with no snapshot, and the VM stopped.
+                if let Err(storage::StoreError::NotFound(_)) = d.store.manifest(snap) {
+                    tracing::warn!(
+                        vm = %def.name,
+                        snapshot = snap,
+                        "its shutdown snapshot was never committed (the daemon was killed while taking \
+                         it): the VM stays stopped"
+                    );
+                    resume_from = None;
                 }
-                continue;
             }
-            if path.extension().and_then(|x| x.to_str()) != Some("json") {
-                continue;
-            }
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<VmDef>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(def) if validate_name("VM", &def.name).is_ok() => {
-                    tracing::info!(vm = %def.name, "VM definition loaded");
-                    d.budget.force(&def.name, def.mem_mib);
-                    let mut resume_from = def.resume_from.clone();
-                    if let Some(snap) = resume_from.as_deref() {
-                        // Named before it was taken (shutdown.rs): a daemon killed before
-                        // the commit leaves a name with no snapshot, and the VM stopped.
-                        if let Err(storage::StoreError::NotFound(_)) = d.store.manifest(snap) {
-                            tracing::warn!(
-                                vm = %def.name,
-                                snapshot = snap,
-                                "its shutdown snapshot was never committed (the daemon was killed while taking \
-                                 it): the VM stays stopped"
-                            );
-                            resume_from = None;
-                        }
-                    }
-                    let vm = resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap, def.resume_paused));
-                    // Definitions from before MACs were kept get theirs now (a resumed VM's
-                    // own), saved below with the rest.
-                    let mut def = def;
-                    let keep: Vec<_> =
-                        vm.as_ref().map(|(v, _, _)| v.spec().net.iter().map(|n| n.mac).collect()).unwrap_or_default();
-                    d.assign_macs(&mut def, &keep);
-                    let def = match (&vm, &resume_from) {
-                        // Resumed once: a later start must not go back to that snapshot.
-                        (Some(_), _) | (None, None) => VmDef { resume_from: None, resume_paused: false, ..def },
-                        // Not resumed (a tap busy, say): the definition keeps pointing at the
-                        // snapshot and the snapshot is kept, so the next daemon start tries
-                        // again; nothing of the guest's state is thrown away.
-                        (None, Some(snap)) => {
-                            resumed.push(snap.clone());
-                            def
-                        }
-                    };
-                    if let Err(e) = d.persist(&def) {
-                        tracing::error!(vm = %def.name, "{e}");
-                    }
-                    // The snapshot is deleted once the VM no longer needs it (resident, or ended).
-                    let cleanup = if vm.is_some() { resume_from } else { None };
-                    if let Some(snap) = &cleanup {
-                        resumed.push(snap.clone());
-                    }
-                    let h = d.spawn_actor(def.clone(), vm, cleanup);
-                    d.lock().insert(def.name, h);
+            let vm = resume_from.as_deref().and_then(|snap| d.resume(&def.name, snap, def.resume_paused));
+            // Definitions from before MACs were kept get theirs now (a resumed VM's
+            // own), saved below with the rest.
+            let mut def = def;
+            let keep: Vec<_> =
+                vm.as_ref().map(|(v, _, _)| v.spec().net.iter().map(|n| n.mac).collect()).unwrap_or_default();
+            d.assign_macs(&mut def, &keep);
+            let def = match (&vm, &resume_from) {
+                // Resumed once: a later start must not go back to that snapshot.
+                (Some(_), _) | (None, None) => VmDef { resume_from: None, resume_paused: false, ..def },
+                // Not resumed (a tap busy, say): the definition keeps pointing at the
+                // snapshot and the snapshot is kept, so the next daemon start tries
+                // again; nothing of the guest's state is thrown away.
+                (None, Some(snap)) => {
+                    resumed.push(snap.clone());
+                    def
                 }
-                Ok(def) => tracing::warn!("ignoring {}: bad VM name {:?}", path.display(), def.name),
-                Err(e) => tracing::warn!("ignoring {}: {e}", path.display()),
+            };
+            if def != loaded {
+                if let Err(e) = d.persist(&def) {
+                    tracing::error!(vm = %def.name, "{e}");
+                }
             }
+            // The snapshot is deleted once the VM no longer needs it (resident, or ended).
+            let cleanup = if vm.is_some() { resume_from } else { None };
+            if let Some(snap) = &cleanup {
+                resumed.push(snap.clone());
+            }
+            let h = d.spawn_actor(def.clone(), vm, cleanup);
+            d.lock().insert(def.name, h);
         }
         super::shutdown::sweep_shutdown_snapshots(&d.store, &resumed);
         Ok(d)
@@ -263,21 +251,19 @@ impl Daemon {
         self.vms.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Damaged definitions by VM name (defs.rs).
+    pub(super) fn damaged(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.damaged.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(super) fn state_dir(&self) -> &Path {
         &self.state_dir
     }
 
-    fn def_path(&self, name: &str) -> PathBuf {
-        self.state_dir.join("vms").join(format!("{name}.json"))
-    }
-
     fn persist(&self, def: &VmDef) -> Result<(), ApiError> {
-        let path = self.def_path(&def.name);
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(def).map_err(|e| ApiError::Internal(e.to_string()))?;
-        std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| {
-            // A half-written file is not left beside the definitions.
-            let _ = std::fs::remove_file(&tmp);
+        let dir = self.state_dir.join("vms");
+        super::defs::write(&dir, def).map_err(|e| {
+            let path = super::defs::path(&dir, &def.name);
             ApiError::from_write(&format!("saving VM definition {}", path.display()), &e)
         })
     }
@@ -290,8 +276,12 @@ impl Daemon {
 
     /// Removes a VM definition from a blocking-pool thread.
     async fn remove_def(&self, name: &str) {
-        let path = self.def_path(name);
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        let (dir, owned) = (self.state_dir.join("vms"), name.to_string());
+        match tokio::task::spawn_blocking(move || super::defs::remove(&dir, &owned)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(vm = name, "removing its definition: {e}"),
+            Err(e) => tracing::error!(vm = name, "removing its definition: {e}"),
+        }
     }
 
     /// A VM's actor; a running `vm` comes with its logs and the claim on its MACs.
@@ -546,12 +536,32 @@ impl Daemon {
                 self.forget_unlisted(name, h, unlisted, "deleted").await;
                 Ok(())
             }
-            Ok(None) => Err(ApiError::NotFound(format!("no VM '{name}'"))),
+            Ok(None) => self.remove_damaged(name).await,
             Err(_) => Err(ApiError::Busy(format!(
                 "the daemon is stopping: VM '{name}' is stopped with the others (and snapshotted, with \
                  --on-shutdown snapshot); delete it once the daemon runs again"
             ))),
         }
+    }
+}
+
+impl Daemon {
+    /// The end of a client's delete of a name with no VM: a damaged definition of that name
+    /// goes (defs.rs), else there is nothing to delete.
+    async fn remove_damaged(&self, name: &str) -> Result<(), ApiError> {
+        if !self.damaged().contains_key(name) {
+            return Err(ApiError::NotFound(format!("no VM '{name}'")));
+        }
+        let (dir, owned) = (self.state_dir.join("vms"), name.to_string());
+        tokio::task::spawn_blocking(move || super::defs::remove(&dir, &owned))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::from_write(&format!("removing the damaged definition of VM '{name}'"), &e))?;
+        let mut damaged = self.damaged();
+        damaged.remove(name);
+        self.metrics.set_damaged_definitions(damaged.len());
+        tracing::warn!(vm = name, "its damaged definition was deleted by a client");
+        Ok(())
     }
 }
 

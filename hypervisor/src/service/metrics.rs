@@ -48,6 +48,8 @@ pub struct Metrics {
     pub request_errors: AtomicU64,
     /// The store's size when last asked.
     pub last_stored_bytes: AtomicU64,
+    /// VM definition files found damaged at the start and not deleted since (defs.rs).
+    damaged_definitions: AtomicU64,
 }
 
 impl Metrics {
@@ -57,6 +59,10 @@ impl Metrics {
 
     pub fn restore_done(&self, d: Duration) {
         self.restores.observe(d);
+    }
+
+    pub fn set_damaged_definitions(&self, n: usize) {
+        self.damaged_definitions.store(n as u64, Relaxed);
     }
 
     /// The exposition text; `vms` counts VMs by state, `per_vm` is (name, exits, lazy faults)
@@ -93,6 +99,8 @@ impl Metrics {
         let _ = writeln!(out, "snapvisor_api_requests_total {}", self.requests.load(Relaxed));
         let _ = writeln!(out, "# HELP snapvisor_api_errors_total API requests answered with an error.\n# TYPE snapvisor_api_errors_total counter");
         let _ = writeln!(out, "snapvisor_api_errors_total {}", self.request_errors.load(Relaxed));
+        let _ = writeln!(out, "# HELP snapvisor_vm_definitions_damaged VM definition files the daemon could not load (the log names each).\n# TYPE snapvisor_vm_definitions_damaged gauge");
+        let _ = writeln!(out, "snapvisor_vm_definitions_damaged {}", self.damaged_definitions.load(Relaxed));
         out
     }
 }

@@ -16,6 +16,7 @@ pub mod api;
 pub mod client;
 pub mod clone;
 pub mod daemon;
+mod defs;
 pub mod error;
 pub mod events;
 #[cfg(test)]

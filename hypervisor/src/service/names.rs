@@ -17,7 +17,11 @@
 //! about to save its definition for the next start, which would bring a deleted VM back. A
 //! delete begun before holds its claim, so the shutdown waits for it and never sees the VM.
 //!
-//! Lock order: `Daemon::vms` before `Daemon::making`; neither is held across blocking work.
+//! A name whose definition file is damaged (defs.rs) is taken too (409) until a delete
+//! removes that file.
+//!
+//! Lock order: `Daemon::vms` before `Daemon::making` before `Daemon::damaged`; none is held
+//! across blocking work.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError};
@@ -40,6 +44,8 @@ pub(super) enum NameTaken {
     Making(String),
     /// The daemon is stopping: it makes no more VMs.
     Stopping(String),
+    /// The name's definition file is damaged (defs.rs): name, what is wrong.
+    Damaged(String, String),
 }
 
 impl NameTaken {
@@ -49,12 +55,16 @@ impl NameTaken {
             NameTaken::Exists(n) => format!("a VM named '{n}' already exists"),
             NameTaken::Making(n) => format!("a VM named '{n}' is being made by another request"),
             NameTaken::Stopping(n) => format!("the daemon is stopping: VM '{n}' is not made"),
+            NameTaken::Damaged(n, why) => format!(
+                "VM name '{n}' is held by a damaged definition ({why}); repair it and restart the daemon, or \
+                 DELETE /vms/{n} to remove it"
+            ),
         }
     }
 
     pub(super) fn name(&self) -> &str {
         match self {
-            NameTaken::Exists(n) | NameTaken::Making(n) | NameTaken::Stopping(n) => n,
+            NameTaken::Exists(n) | NameTaken::Making(n) | NameTaken::Stopping(n) | NameTaken::Damaged(n, _) => n,
         }
     }
 
@@ -62,7 +72,7 @@ impl NameTaken {
     pub(super) fn api_error(&self, message: String) -> ApiError {
         match self {
             NameTaken::Stopping(_) => ApiError::Busy(message),
-            NameTaken::Exists(_) | NameTaken::Making(_) => ApiError::Conflict(message),
+            NameTaken::Exists(_) | NameTaken::Making(_) | NameTaken::Damaged(..) => ApiError::Conflict(message),
         }
     }
 }
@@ -84,6 +94,9 @@ impl Daemon {
             }
             if making.contains_key(n) {
                 return Err(NameTaken::Making(n.clone()));
+            }
+            if let Some(why) = self.damaged().get(n) {
+                return Err(NameTaken::Damaged(n.clone(), why.clone()));
             }
         }
         for n in names {
@@ -199,5 +212,41 @@ mod tests {
         assert!(matches!(d.delete("nope").await, Err(ApiError::Busy(_))));
         assert!(d.forget("c", "its start failed").await, "an internal removal while stopping");
         assert!(!dir.path().join("vms/c.json").exists());
+    }
+
+    /// A damaged definition keeps its VM out and its name taken (409 naming the file, never
+    /// overwritten) until a client deletes it; the metric counts it; other VMs load.
+    #[tokio::test]
+    async fn a_damaged_definition_holds_its_name_until_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let d = daemon(dir.path());
+            define(&d, "good").await;
+        }
+        let bad = dir.path().join("vms/bad.json");
+        std::fs::write(&bad, "{\"name\": \"bad\", \"mem_").expect("a damaged definition");
+        let d = daemon(dir.path());
+        assert!(d.lock().contains_key("good"), "a good definition beside a damaged one was not loaded");
+        assert!(!d.lock().contains_key("bad"));
+        let text = d.metrics.render(&[], &[], 0);
+        assert!(text.contains("snapvisor_vm_definitions_damaged 1"), "{text}");
+
+        let def = serde_json::from_value(serde_json::json!({"name": "bad", "guest": "idle", "mem_mib": 16}))
+            .expect("a definition");
+        match d.create(def, false).await {
+            Err(ApiError::Conflict(m)) => {
+                assert!(m.contains("damaged") && m.contains(&bad.display().to_string()), "{m}")
+            }
+            other => panic!("a create over a damaged definition: {other:?}"),
+        }
+        assert_eq!(std::fs::read(&bad).expect("kept"), b"{\"name\": \"bad\", \"mem_", "the damaged file was changed");
+        assert!(d.making().is_empty(), "the refused create left a claim");
+
+        d.delete("bad").await.expect("deleting the damaged definition");
+        assert!(!bad.exists());
+        assert!(d.metrics.render(&[], &[], 0).contains("snapvisor_vm_definitions_damaged 0"));
+        assert!(matches!(d.delete("bad").await, Err(ApiError::NotFound(_))));
+        define(&d, "bad").await;
+        assert!(bad.exists());
     }
 }
