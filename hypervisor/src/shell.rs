@@ -261,3 +261,37 @@ fn idle_priority() {
         tracing::debug!("SCHED_IDLE for the VM shell builder: {}", std::io::Error::last_os_error());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits up to `secs` for `cond`.
+    fn wait(secs: u64, cond: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// A builder thread that unwinds (here in the restore's `ran`, which it calls) clears the
+    /// pool's record of a running builder: the next request starts one and gets its shell.
+    /// Without the guard the record stays and no shell is ever built again.
+    #[test]
+    fn a_panicking_builder_does_not_stop_later_ones() {
+        enable(true);
+        let shape = Shape { mem_bytes: 32 << 20, vcpus: 1 };
+        request(shape, || panic!("a restore's first-exit check panics (on purpose)"));
+        assert!(wait(10, || pool().building.is_none()), "the panicked builder is still recorded as running");
+        assert_eq!(ready_shape(), None);
+        request(shape, || true);
+        assert!(wait(60, || ready_shape() == Some(shape)), "no shell was built after a builder panicked");
+        assert_eq!(counts().1, 1);
+        assert!(take(shape).is_some());
+        enable(false);
+    }
+}

@@ -257,6 +257,8 @@ pub struct Vm {
     kvm: Kvm,
     timings: Timings,
     started: Option<Instant>,
+    /// Its memory size and vCPU count: the shell a restore of it asks to be kept (shell.rs).
+    shape: Shape,
 }
 
 impl Vm {
@@ -421,6 +423,7 @@ impl Vm {
             kvm,
             timings: Timings { create: t0.elapsed() },
             started: None,
+            shape,
         })
     }
 
@@ -566,6 +569,11 @@ impl Vm {
 
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Its memory size and vCPU count, as the shell pool knows VMs (shell.rs).
+    pub fn shape(&self) -> Shape {
+        self.shape
     }
 
     /// Puts another device on one of the machine's buses. Its state must be saved by a fragment

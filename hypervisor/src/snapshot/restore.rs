@@ -474,11 +474,8 @@ pub fn restore(store: &Store, name: &str, mut opts: RestoreOptions) -> Result<(V
     // The next restore of this shape finds a shell ready (shell.rs), built once this VM has
     // reached its first instruction; a refused restore asks for none.
     if opts.prebuilt_shell {
-        let vcpus = u8::try_from(vm.vcpu_fds().len()).unwrap_or(u8::MAX);
         let control = vm.control().clone();
-        crate::shell::request(crate::shell::Shape { mem_bytes: vm.ram().size(), vcpus }, move || {
-            control.first_exit().is_some() || control.exit_reason().is_some()
-        });
+        crate::shell::request(vm.shape(), move || control.first_exit().is_some() || control.exit_reason().is_some());
     }
     Ok((
         vm,
