@@ -149,6 +149,29 @@ pub fn ready_shape() -> Option<Shape> {
     pool().ready.as_ref().map(|s| s.shape)
 }
 
+/// Waits at most `timeout` for a shell of `shape` to be ready while one is asked for (being
+/// built, or to be built next); true if one is ready. With none of `shape` ready or asked for
+/// it returns false at once. Used by `bench restore` to measure with a shell ready, as a
+/// daemon restoring one shape after another has it; a restore itself never waits.
+pub fn wait_ready(shape: Shape, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        {
+            let p = pool();
+            if p.ready.as_ref().is_some_and(|s| s.shape == shape) {
+                return true;
+            }
+            if p.building != Some(shape) && p.wanted != Some(shape) {
+                return false;
+            }
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// For a restore of `shape`: the pre-built shell if one of that shape is ready; `None`
 /// otherwise (or with the pool off). The restore asks for the next one once it completes
 /// ([`request`]).
