@@ -118,10 +118,7 @@ fn one_round(
 pub fn run(args: ClonesBenchArgs) -> Result<(), CliError> {
     // A fresh directory, removed however the run ends (a pid-named one could hold the store of
     // an earlier run with the same pid, whose snapshot "base" then already existed).
-    let tmp = tempfile::Builder::new()
-        .prefix("snapvisor-bench-clones-")
-        .tempdir()
-        .map_err(|e| CliError::Input(format!("creating a temporary directory: {e}")))?;
+    let tmp = super::scratch_dir("clones")?;
     let dir = tmp.path().join("store");
     let store =
         storage::Store::open(&dir).map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;

@@ -48,3 +48,13 @@ pub fn run(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Store(args) => store::run(args).map_err(|e| CliError::Internal(e.to_string())),
     }
 }
+
+/// A fresh temporary directory (a random name, mode 0700, never an existing one: a pid-named
+/// one in the shared temporary directory could be made beforehand by another user, as a
+/// symlink to a directory of theirs), removed on drop.
+pub(crate) fn scratch_dir(what: &str) -> Result<tempfile::TempDir, CliError> {
+    tempfile::Builder::new()
+        .prefix(&format!("snapvisor-bench-{what}-"))
+        .tempdir()
+        .map_err(|e| CliError::Input(format!("creating a temporary directory: {e}")))
+}

@@ -454,8 +454,8 @@ pub fn measure_all(args: &RestoreBenchArgs) -> Result<RestoreBenchReport, CliErr
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => {
-            tmp = tempfile_dir()?;
-            tmp.path().to_path_buf()
+            tmp = super::scratch_dir("restore")?;
+            tmp.path().join("store")
         }
     };
     let opts = storage::StoreOptions { lz4: args.lz4, ..Default::default() };
@@ -496,24 +496,6 @@ impl Drop for ShellPoolFor {
     fn drop(&mut self) {
         crate::shell::enable(self.0);
     }
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn tempfile_dir() -> Result<TempDir, CliError> {
-    let p = std::env::temp_dir().join(format!("snapvisor-bench-restore-{}", std::process::id()));
-    std::fs::create_dir_all(&p).map_err(|e| internal(&format!("creating {}: {e}", p.display())))?;
-    Ok(TempDir(p))
 }
 
 pub fn run(args: RestoreBenchArgs) -> Result<(), CliError> {

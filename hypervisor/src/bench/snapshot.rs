@@ -404,10 +404,14 @@ fn memfill_rows(store: &storage::Store, mem_mib: u64, thp: bool, rows: &mut Vec<
 }
 
 pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
-    let dir = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("snapvisor-bench-snapshot-{}", std::process::id())));
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = super::scratch_dir("snapshot")?;
+            tmp.path().join("store")
+        }
+    };
     let opts = storage::StoreOptions { lz4: args.lz4, ..Default::default() };
     let store = storage::Store::open_with(&dir, opts)
         .map_err(|e| CliError::Input(format!("opening store {}: {e}", dir.display())))?;
@@ -420,9 +424,6 @@ pub fn run(args: SnapshotBenchArgs) -> Result<(), CliError> {
         }
     }
     drop(store);
-    if args.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
     result?;
     let baselines: Vec<(&'static str, u64, f64)> =
         rows.iter().filter(|r| r.mode == "baseline").map(|r| (r.guest, r.mem_mib, r.total_ms)).collect();
