@@ -33,7 +33,10 @@
 //! - a chunk that fails (read error, hash mismatch) is marked failed: the fill threads go on
 //!   with the other chunks, and only a clone that touches the chunk is stopped (its fault
 //!   thread gets the error); later touches of it fail the same way without reading it again;
-//! - a chunk one thread is filling is waited for by the others, not read twice;
+//! - a chunk a fault is filling is waited for by other faults and skipped by the loaders; a
+//!   fault waits for a loader only while the loader writes the chunk (loaders read before
+//!   they claim, see `Inner::preload`), and a loader's read is dropped when a fault claimed
+//!   the chunk meanwhile;
 //! - the snapshot's pin (given to [`Base::start`]) is held until every chunk is filled or has
 //!   failed: nothing is read from the store after that;
 //! - the base's memory goes when the last clone using it has gone: clones hold an
@@ -132,6 +135,8 @@ struct Inner {
     reasons: Mutex<BTreeMap<(usize, u64), String>>,
     bytes_stored_read: AtomicU64,
     bytes_filled: AtomicU64,
+    /// Threads waiting for a chunk another one is filling (waiters.rs).
+    waiters: super::waiters::Waiters,
 }
 
 /// One snapshot's memory in shared memory, filled lazily; see the module doc.
@@ -204,6 +209,7 @@ impl Base {
             reasons: Mutex::new(BTreeMap::new()),
             bytes_stored_read: AtomicU64::new(0),
             bytes_filled: AtomicU64::new(0),
+            waiters: Default::default(),
         });
         if total == 0 {
             inner.settle_all();
@@ -255,10 +261,7 @@ impl Base {
     /// filling it: for loaders that must not wait on each other. A failure is recorded in the
     /// base (the clones touching the chunk get it), not returned.
     pub fn fill_if_free(&self, bi: usize, ci: u64, buf: &mut [u8]) {
-        let Some(b) = self.inner.blocks.get(bi) else { return };
-        if ci < b.chunks && !bit(&b.filled, ci) && !bit(&b.failed, ci) && !bit(&b.claimed, ci) {
-            let _ = self.inner.ensure(bi, ci, buf);
-        }
+        self.inner.preload(bi, ci, buf);
     }
 
     /// Every chunk is filled.
@@ -334,12 +337,11 @@ impl Inner {
             if set_bit(&b.claimed, ci) {
                 let r = self.fill(bi, ci, buf);
                 clear_bit(&b.claimed, ci);
+                self.waiters.wake();
                 return r;
             }
             // Another thread is filling it: wait for that, then look again.
-            while bit(&b.claimed, ci) && !bit(&b.filled, ci) && !bit(&b.failed, ci) {
-                std::thread::yield_now();
-            }
+            self.waiters.wait_while(|| bit(&b.claimed, ci) && !bit(&b.filled, ci) && !bit(&b.failed, ci));
         }
     }
 
@@ -358,21 +360,62 @@ impl Inner {
         if bit(&b.filled, ci) || bit(&b.failed, ci) {
             return if bit(&b.filled, ci) { Ok(()) } else { Err(self.reason(bi, ci)) };
         }
+        let read = self.read(bi, ci, buf);
+        self.write(bi, ci, read, buf)
+    }
+
+    /// For loaders (fill threads, a clone's prefetch): fills chunk `ci` of block `bi` unless it
+    /// is filled, has failed or is claimed, reading it *before* claiming it. The claim is held
+    /// only to write it, so a clone's fault on the chunk waits for a loader only while it
+    /// writes, never while it reads: loaders run at a low priority past the prefetch list, and
+    /// a fault that waited for their reads went at their pace. A fault that claimed the chunk
+    /// meanwhile writes its own copy and this one is dropped. A chunk that cannot be read is
+    /// read again under a claim ([`Inner::ensure`]), which records the failure once.
+    fn preload(&self, bi: usize, ci: u64, buf: &mut [u8]) {
+        let Some(b) = self.blocks.get(bi) else { return };
+        if ci >= b.chunks || bit(&b.filled, ci) || bit(&b.failed, ci) || bit(&b.claimed, ci) {
+            return;
+        }
+        let read = self.read(bi, ci, buf);
+        if read.is_err() {
+            let _ = self.ensure(bi, ci, buf);
+            return;
+        }
+        if !set_bit(&b.claimed, ci) {
+            return;
+        }
+        if !bit(&b.filled, ci) && !bit(&b.failed, ci) {
+            let _ = self.write(bi, ci, read, buf);
+        }
+        clear_bit(&b.claimed, ci);
+        self.waiters.wake();
+    }
+
+    /// Reads chunk `ci` of block `bi` from the source (which checks it).
+    fn read(&self, bi: usize, ci: u64, buf: &mut [u8]) -> Result<Fill, String> {
+        let b = &self.blocks[bi];
         let off = ci * self.chunk;
         let len = self.chunk.min(b.len - off) as usize;
-        let r = match self.source.read_chunk(&b.idstr, off, &mut buf[..len]) {
-            Ok(Fill::Data { stored }) => {
-                self.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
-                pwrite_all(b.fd.as_fd(), &buf[..len], off).map(|()| {
-                    self.bytes_filled.fetch_add(len as u64, Ordering::Relaxed);
-                })
-            }
-            Ok(Fill::Shared { data, stored }) if data.len() == len => {
-                self.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
-                pwrite_all(b.fd.as_fd(), &data, off).map(|()| {
-                    self.bytes_filled.fetch_add(len as u64, Ordering::Relaxed);
-                })
-            }
+        let fill = self.source.read_chunk(&b.idstr, off, &mut buf[..len])?;
+        if let Fill::Data { stored } | Fill::Shared { stored, .. } = &fill {
+            self.bytes_stored_read.fetch_add(*stored, Ordering::Relaxed);
+        }
+        Ok(fill)
+    }
+
+    /// Writes chunk `ci` of block `bi`, as [`Inner::read`] gave it, into the base and marks it
+    /// filled, or marks it failed; the caller holds its claim and found it neither.
+    fn write(&self, bi: usize, ci: u64, read: Result<Fill, String>, buf: &[u8]) -> Result<(), String> {
+        let b = &self.blocks[bi];
+        let off = ci * self.chunk;
+        let len = self.chunk.min(b.len - off) as usize;
+        let r = match read {
+            Ok(Fill::Data { .. }) => pwrite_all(b.fd.as_fd(), &buf[..len], off).map(|()| {
+                self.bytes_filled.fetch_add(len as u64, Ordering::Relaxed);
+            }),
+            Ok(Fill::Shared { data, .. }) if data.len() == len => pwrite_all(b.fd.as_fd(), &data, off).map(|()| {
+                self.bytes_filled.fetch_add(len as u64, Ordering::Relaxed);
+            }),
             Ok(Fill::Shared { data, .. }) => Err(format!("the cached chunk has {} bytes, expected {len}", data.len())),
             Ok(Fill::Zero) => fallocate(b.fd.as_fd(), off, len as u64),
             Err(reason) => Err(reason),
@@ -421,7 +464,7 @@ impl Inner {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            let _ = self.ensure(bi, ci, &mut buf);
+            self.preload(bi, ci, &mut buf);
         }
         if !background {
             return;
@@ -434,9 +477,7 @@ impl Inner {
                 if self.stop.load(Ordering::Acquire) {
                     return;
                 }
-                if !bit(&b.filled, ci) && !bit(&b.failed, ci) && !bit(&b.claimed, ci) {
-                    let _ = self.ensure(bi, ci, &mut buf);
-                }
+                self.preload(bi, ci, &mut buf);
             }
         }
     }

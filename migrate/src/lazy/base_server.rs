@@ -109,6 +109,7 @@ impl PageServer {
             gate: Arc::new(super::gate::FillGate::new_open()),
             fill_deadline: std::time::Instant::now(),
             fill_ungated: 0,
+            waiters: Default::default(),
         });
         if total == 0 {
             shared.stats.mark_resident();

@@ -69,6 +69,7 @@ mod server;
 mod serving;
 mod slab;
 mod stats;
+mod waiters;
 
 pub use base::{Base, BaseOptions, BaseRegistry, BaseStats};
 pub use cache::ChunkCache;
@@ -132,6 +133,8 @@ pub enum LazyError {
     Thread { thread: &'static str, reason: String },
 }
 
+#[cfg(test)]
+mod loader_tests;
 #[cfg(test)]
 mod prefetch_tests;
 #[cfg(test)]

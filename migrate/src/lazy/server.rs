@@ -247,6 +247,7 @@ impl PageServer {
             }),
             fill_deadline: Instant::now() + opts.fill_hold_off.unwrap_or_default(),
             fill_ungated: opts.fill_ungated,
+            waiters: Default::default(),
         });
         if total == 0 {
             shared.stats.mark_resident();

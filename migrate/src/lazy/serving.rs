@@ -85,6 +85,8 @@ pub(super) struct Shared {
     pub(super) fill_deadline: Instant,
     /// Fill threads `0..fill_ungated` do not wait at the gate.
     pub(super) fill_ungated: usize,
+    /// Threads waiting for a chunk another one is loading (waiters.rs).
+    pub(super) waiters: super::waiters::Waiters,
 }
 
 #[derive(Clone, Copy)]
@@ -157,35 +159,67 @@ impl Shared {
     }
 
     /// Makes chunk `ci` of block `bi` resident.
+    ///
+    /// Claims. A chunk's claim is held by the one thread placing it, so no page is placed
+    /// twice (`EEXIST` is an error, see [`Shared::place`]). A fault holds it from before its
+    /// read. A loader (fill thread, or the restore's thread loading the prefetch list) reads
+    /// and checks the chunk first and claims it only to place it; if a fault has claimed or
+    /// placed it meanwhile, the loader drops its copy. So a fault waits for a loader only
+    /// while that loader places a chunk, never while it reads one: loaders run at a low
+    /// priority once past the prefetch list, and a fault that waited for their reads went at
+    /// their pace (a copy of a VM's memory that kept meeting the chunk a loader had claimed
+    /// just ahead of it crawled behind the loaders, one wait per chunk).
     fn serve(&self, bi: usize, ci: u64, why: Why, buf: &mut [u8]) -> Result<(), LazyError> {
         let b = &self.blocks[bi];
         if b.is_resident(ci) {
             return Ok(());
         }
+        if !matches!(why, Why::Fault) {
+            if b.claimed_now(ci) {
+                // A fault is loading it.
+                self.stats.races.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            let (fill, t0, t1) = self.read(b, ci, buf)?;
+            if !b.claim(ci) {
+                // A fault is loading it: it places its own copy.
+                self.stats.races.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            let result = if b.is_resident(ci) {
+                // A fault placed it meanwhile: this copy is dropped.
+                self.stats.races.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            } else {
+                self.put(b, ci, why, fill, buf, t0, t1)
+            };
+            b.release(ci);
+            self.waiters.wake();
+            return result;
+        }
         if !b.claim(ci) {
-            // Another thread is loading it: a fault waits for that (the copy wakes the guest
-            // anyway); a fill thread moves on.
+            // Another thread is placing it (a loader) or loading it: wait for that (the copy
+            // wakes the guest anyway).
             self.stats.races.fetch_add(1, Ordering::Relaxed);
-            if matches!(why, Why::Fault) {
-                while !b.is_resident(ci) && self.failed.get().is_none() && b.claimed_now(ci) {
-                    std::thread::yield_now();
-                }
-                if !b.is_resident(ci) && self.failed.get().is_none() {
-                    return self.serve(bi, ci, why, buf);
-                }
+            self.waiters.wait_while(|| !b.is_resident(ci) && self.failed.get().is_none() && b.claimed_now(ci));
+            if !b.is_resident(ci) && self.failed.get().is_none() {
+                return self.serve(bi, ci, why, buf);
             }
             return Ok(());
         }
-        let result = self.load(b, ci, why, buf);
+        let result = if b.is_resident(ci) {
+            Ok(())
+        } else {
+            self.read(b, ci, buf).and_then(|(fill, t0, t1)| self.put(b, ci, why, fill, buf, t0, t1))
+        };
         b.release(ci);
+        self.waiters.wake();
         result
     }
 
-    /// Reads chunk `ci` and copies it in; the caller holds its claim.
-    fn load(&self, b: &Block, ci: u64, why: Why, buf: &mut [u8]) -> Result<(), LazyError> {
-        if b.is_resident(ci) {
-            return Ok(());
-        }
+    /// Reads chunk `ci` (checked by the source) into `buf` or the cache's copy; with the times
+    /// the read started and ended.
+    fn read(&self, b: &Block, ci: u64, buf: &mut [u8]) -> Result<(Fill, Instant, Instant), LazyError> {
         let off = ci * self.chunk;
         let len = self.chunk_len(b, ci);
         let t0 = Instant::now();
@@ -193,16 +227,31 @@ impl Shared {
             .source
             .read_chunk(&b.desc.idstr, off, &mut buf[..len as usize])
             .map_err(|reason| LazyError::Source { idstr: b.desc.idstr.clone(), offset: off, reason })?;
-        let t1 = Instant::now();
+        if let Fill::Data { stored } | Fill::Shared { stored, .. } = &fill {
+            self.stats.bytes_stored_read.fetch_add(*stored, Ordering::Relaxed);
+        }
+        Ok((fill, t0, Instant::now()))
+    }
+
+    /// Places chunk `ci`, read by [`Shared::read`] (`fill`, in `buf` for data), and marks it
+    /// resident; the caller holds its claim and found it not resident.
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        b: &Block,
+        ci: u64,
+        why: Why,
+        fill: Fill,
+        buf: &[u8],
+        t0: Instant,
+        t1: Instant,
+    ) -> Result<(), LazyError> {
+        let off = ci * self.chunk;
+        let len = self.chunk_len(b, ci);
+        let t2 = Instant::now();
         match fill {
-            Fill::Data { stored } => {
-                self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
-                self.place(b, off, len, Some(&buf[..len as usize]))?
-            }
-            Fill::Shared { data, stored } if data.len() as u64 == len => {
-                self.stats.bytes_stored_read.fetch_add(stored, Ordering::Relaxed);
-                self.place(b, off, len, Some(&data))?
-            }
+            Fill::Data { .. } => self.place(b, off, len, Some(&buf[..len as usize]))?,
+            Fill::Shared { data, .. } if data.len() as u64 == len => self.place(b, off, len, Some(&data))?,
             Fill::Shared { data, .. } => {
                 return Err(LazyError::Source {
                     idstr: b.desc.idstr.clone(),
@@ -216,7 +265,7 @@ impl Shared {
             }
         }
         if !matches!(why, Why::Background) {
-            self.stats.record_load(t1.duration_since(t0), t1.elapsed());
+            self.stats.record_load(t1.duration_since(t0), t2.elapsed());
         }
         if b.set_resident(ci) {
             self.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
@@ -352,14 +401,11 @@ impl Shared {
             return Err(failed().unwrap_or(e));
         }
         for &(bi, ci) in &self.prefetch {
-            while !self.blocks[bi].is_resident(ci) {
-                if let Some(e) = failed() {
-                    return Err(e);
-                }
-                if self.stop.load(Ordering::Acquire) {
-                    return Err(LazyError::Stopped);
-                }
-                std::thread::yield_now();
+            let b = &self.blocks[bi];
+            self.waiters
+                .wait_while(|| !b.is_resident(ci) && self.failed.get().is_none() && !self.stop.load(Ordering::Acquire));
+            if !b.is_resident(ci) {
+                return Err(failed().unwrap_or(LazyError::Stopped));
             }
         }
         failed().map_or(Ok(()), Err)

@@ -51,7 +51,7 @@ impl Daemon {
             .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(daemon_log())
             .spawn()
             .expect("spawn daemon");
         // Ready when it accepts connections (a socket file alone could be a stale one).
@@ -240,4 +240,12 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where a daemon's log goes: nowhere, or with `SNAPVISOR_TEST_DAEMON_LOG=FILE` appended to
+/// FILE (set `SNAPVISOR_LOG` for its level), to see what a failing test's daemon did.
+fn daemon_log() -> Stdio {
+    std::env::var_os("SNAPVISOR_TEST_DAEMON_LOG")
+        .and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok())
+        .map_or_else(Stdio::null, Stdio::from)
 }
