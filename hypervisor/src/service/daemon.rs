@@ -152,6 +152,7 @@ impl Daemon {
         super::pending::sweep(state_dir, &vms_dir);
         let scan = super::defs::scan(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
         d.metrics.set_damaged_definitions(scan.damaged.len());
+        let damaged: Vec<String> = scan.damaged.keys().cloned().collect();
         *d.damaged() = scan.damaged;
         let mut resumed = Vec::new();
         for def in scan.defs {
@@ -203,7 +204,7 @@ impl Daemon {
             let h = d.spawn_actor(def.clone(), vm, cleanup);
             d.lock().insert(def.name, h);
         }
-        super::shutdown::sweep_shutdown_snapshots(&d.store, &resumed);
+        super::shutdown::sweep_shutdown_snapshots(&d.store, &resumed, &damaged);
         Ok(d)
     }
 
