@@ -550,9 +550,10 @@ impl Daemon {
     /// The end of a client's delete of a name with no VM: a damaged definition of that name
     /// goes (defs.rs), else there is nothing to delete.
     async fn remove_damaged(&self, name: &str) -> Result<(), ApiError> {
-        if !self.damaged().contains_key(name) {
+        // Claimed until the file is gone and the name free (names.rs).
+        let Some(_claim) = self.claim_damaged(name) else {
             return Err(ApiError::NotFound(format!("no VM '{name}'")));
-        }
+        };
         let (dir, owned) = (self.state_dir.join("vms"), name.to_string());
         tokio::task::spawn_blocking(move || super::defs::remove(&dir, &owned))
             .await
