@@ -152,6 +152,7 @@ impl Daemon {
         super::pending::sweep(state_dir, &vms_dir);
         let scan = super::defs::scan(&vms_dir).map_err(|e| format!("reading {}: {e}", vms_dir.display()))?;
         d.metrics.set_damaged_definitions(scan.damaged.len());
+        let damaged: Vec<String> = scan.damaged.keys().cloned().collect();
         *d.damaged() = scan.damaged;
         let mut resumed = Vec::new();
         for def in scan.defs {
@@ -203,7 +204,7 @@ impl Daemon {
             let h = d.spawn_actor(def.clone(), vm, cleanup);
             d.lock().insert(def.name, h);
         }
-        super::shutdown::sweep_shutdown_snapshots(&d.store, &resumed);
+        super::shutdown::sweep_shutdown_snapshots(&d.store, &resumed, &damaged);
         Ok(d)
     }
 
@@ -549,9 +550,10 @@ impl Daemon {
     /// The end of a client's delete of a name with no VM: a damaged definition of that name
     /// goes (defs.rs), else there is nothing to delete.
     async fn remove_damaged(&self, name: &str) -> Result<(), ApiError> {
-        if !self.damaged().contains_key(name) {
+        // Claimed until the file is gone and the name free (names.rs).
+        let Some(_claim) = self.claim_damaged(name) else {
             return Err(ApiError::NotFound(format!("no VM '{name}'")));
-        }
+        };
         let (dir, owned) = (self.state_dir.join("vms"), name.to_string());
         tokio::task::spawn_blocking(move || super::defs::remove(&dir, &owned))
             .await

@@ -93,13 +93,13 @@ impl MemoryBudget {
 
     /// MiB held by every VM together.
     pub fn held_mib(&self) -> u64 {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner).values().sum()
+        saturating_sum(self.held.lock().unwrap_or_else(PoisonError::into_inner).values())
     }
 
     /// Reserves `mib` for VM `vm` if the budget has room (replacing what `vm` held).
     pub fn reserve(&self, vm: &str, mib: u64) -> Result<(), OverBudget> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let others: u64 = held.iter().filter(|(n, _)| n.as_str() != vm).map(|(_, m)| m).sum();
+        let others = saturating_sum(held.iter().filter(|(n, _)| n.as_str() != vm).map(|(_, m)| m));
         if others.saturating_add(mib) > self.limit_mib {
             return Err(OverBudget {
                 vm: vm.to_string(),
@@ -117,7 +117,7 @@ impl MemoryBudget {
     pub fn force(&self, vm: &str, mib: u64) {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         held.insert(vm.to_string(), mib);
-        let total: u64 = held.values().sum();
+        let total = saturating_sum(held.values());
         if total > self.limit_mib {
             tracing::warn!(
                 vm,
@@ -141,6 +141,11 @@ impl MemoryBudget {
         self.reserve(&key, mib).map_err(|e| OverBudget { vm: vm.to_string(), ..e })?;
         Ok(Pending { budget: self.clone(), key, vm: vm.to_string(), mib })
     }
+}
+
+/// The sum of `mib`, at most `u64::MAX`: a definition found at start may hold any amount.
+fn saturating_sum<'a>(mib: impl Iterator<Item = &'a u64>) -> u64 {
+    mib.fold(0, |sum, m| sum.saturating_add(*m))
 }
 
 /// Memory reserved for a restore in progress: given back unless [`Pending::keep`] is called.
@@ -200,6 +205,19 @@ mod tests {
         for bad in ["", "0", "x", "101%", "0%", "-1", "99999999999999999999T"] {
             assert!(parse_budget(bad, 8192).is_err(), "{bad:?}");
         }
+    }
+
+    /// A definition found at start is untrusted: one of `u64::MAX` MiB (valid JSON; its start
+    /// fails, "more than this host can give") is counted as held, not wrapped around with the
+    /// others to a small sum that let every later request pass the budget.
+    #[test]
+    fn a_huge_vm_found_at_start_holds_the_budget() {
+        let b = MemoryBudget::new(1024);
+        b.force("huge", u64::MAX);
+        b.force("small", 16);
+        assert_eq!(b.held_mib(), u64::MAX);
+        let e = b.reserve("new", 16).expect_err("a reservation past a VM that holds more than the budget");
+        assert_eq!((e.held, e.count), (u64::MAX, 2));
     }
 
     #[test]

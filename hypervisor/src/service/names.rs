@@ -18,7 +18,9 @@
 //! delete begun before holds its claim, so the shutdown waits for it and never sees the VM.
 //!
 //! A name whose definition file is damaged (defs.rs) is taken too (409) until a delete
-//! removes that file.
+//! removes that file. That delete claims the name as well, until the file is gone: two deletes
+//! of it at once and a create in between could otherwise see the later delete remove the new
+//! VM's definition.
 //!
 //! Lock order: `Daemon::vms` before `Daemon::making` before `Daemon::damaged`; none is held
 //! across blocking work.
@@ -142,6 +144,17 @@ impl Daemon {
         Ok(Some((h, Unlisted { daemon: self, name: name.to_string() })))
     }
 
+    /// Claims the name of a damaged definition a client deletes until the returned guard
+    /// drops, the file gone (see the module doc); `None` if no definition of `name` is damaged.
+    pub(super) fn claim_damaged(&self, name: &str) -> Option<Unlisted<'_>> {
+        let mut making = self.making();
+        if !self.damaged().contains_key(name) {
+            return None;
+        }
+        *making.entry(name.to_string()).or_default() += 1;
+        Some(Unlisted { daemon: self, name: name.to_string() })
+    }
+
     fn release(&self, names: &[String]) {
         let mut making = self.making();
         for n in names {
@@ -212,6 +225,53 @@ mod tests {
         assert!(matches!(d.delete("nope").await, Err(ApiError::Busy(_))));
         assert!(d.forget("c", "its start failed").await, "an internal removal while stopping");
         assert!(!dir.path().join("vms/c.json").exists());
+    }
+
+    /// Two deletes of one damaged definition under way at once, then a create of its name:
+    /// the create is refused (409) until both deletes have ended. Else the later delete's
+    /// removal, begun before, could remove the new VM's definition once saved (with more than
+    /// one blocking thread it may run at any time), and the VM was gone at the next start.
+    /// One blocking thread, held at first, keeps both deletes under way here.
+    #[test]
+    fn a_create_waits_for_every_delete_of_a_damaged_definition() {
+        use std::future::Future;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::create_dir_all(dir.path().join("vms")).expect("vms");
+            std::fs::write(dir.path().join("vms/bad.json"), "{").expect("a damaged definition");
+            let d = daemon(dir.path());
+            let (free, held) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::task::spawn_blocking(move || held.recv());
+            async fn poll_once(f: &mut (impl Future + Unpin)) {
+                std::future::poll_fn(|cx| {
+                    assert!(std::pin::Pin::new(&mut *f).poll(cx).is_pending(), "the delete ended at once");
+                    std::task::Poll::Ready(())
+                })
+                .await
+            }
+            let mut first = Box::pin(d.delete("bad"));
+            let mut second = Box::pin(d.delete("bad"));
+            poll_once(&mut first).await;
+            poll_once(&mut second).await;
+            free.send(()).expect("free the blocking thread");
+            blocker.await.expect("blocker").expect("freed");
+            first.await.expect("the first delete");
+            let def = serde_json::from_value(serde_json::json!({"name": "bad", "guest": "idle", "mem_mib": 16}))
+                .expect("a definition");
+            match d.create(def, false).await {
+                Err(ApiError::Conflict(m)) => assert!(m.contains("'bad'"), "{m}"),
+                other => panic!("a create while a delete of the damaged definition is under way: {other:?}"),
+            }
+            second.await.expect("the second delete");
+            assert!(d.making().is_empty(), "a delete left its claim");
+            define(&d, "bad").await;
+            assert!(dir.path().join("vms/bad.json").exists());
+        });
     }
 
     /// A damaged definition keeps its VM out and its name taken (409 naming the file, never

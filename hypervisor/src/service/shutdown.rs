@@ -11,7 +11,8 @@
 //! fails names none again). Only once the new snapshot is committed is the previous shutdown
 //! snapshot of that VM deleted. A resumed VM deletes the snapshot it came from as soon as all
 //! its memory is resident (or it ends). Shutdown snapshots no definition names (left by a
-//! crash) are deleted when the daemon starts.
+//! crash) are deleted when the daemon starts, except one that may be the snapshot of a VM
+//! whose definition is damaged (defs.rs): repairing the definition resumes the VM from it.
 //!
 //! Then every actor is ended (which stops its VM). Whatever is not done by the deadline is
 //! left behind: the daemon exits anyway, and a snapshot cut short was never committed.
@@ -58,13 +59,34 @@ fn shutdown_name(vm: &str) -> String {
     name
 }
 
-/// Deletes shutdown snapshots nothing will resume from (`keep` are in use).
-pub fn sweep_shutdown_snapshots(store: &storage::Store, keep: &[String]) {
+/// Whether shutdown snapshot `snap` may be VM `vm`'s: [`shutdown_name`] ends in the VM's
+/// name, cut short to fit 64 characters.
+fn may_be_of(snap: &str, vm: &str) -> bool {
+    let Some(rest) = snap.strip_prefix(SHUTDOWN_PREFIX) else { return false };
+    let mut parts = rest.splitn(3, '-');
+    let (Some(_unix_ms), Some(_n), Some(named)) = (parts.next(), parts.next(), parts.next()) else { return false };
+    named == vm || (snap.len() == 64 && vm.starts_with(named))
+}
+
+/// Deletes shutdown snapshots nothing will resume from (`keep` are in use). One that may be
+/// the snapshot of a VM in `damaged` (its definition unreadable, defs.rs) is kept: it may be
+/// all that is left of that guest, and a repaired definition resumes from it; it is swept at
+/// a start that finds no damaged definition it may belong to.
+pub fn sweep_shutdown_snapshots(store: &storage::Store, keep: &[String], damaged: &[String]) {
     let names = match store.list() {
         Ok(n) => n,
         Err(e) => return tracing::warn!("listing snapshots to sweep old shutdown snapshots: {e}"),
     };
     for name in names.iter().filter(|n| n.starts_with(SHUTDOWN_PREFIX) && !keep.contains(n)) {
+        if let Some(vm) = damaged.iter().find(|vm| may_be_of(name, vm)) {
+            tracing::warn!(
+                snapshot = %name,
+                vm = %vm,
+                "kept a shutdown snapshot no loaded VM resumes from: it may be that of VM '{vm}', whose \
+                 definition is damaged"
+            );
+            continue;
+        }
         match store.delete(name) {
             Ok(()) => tracing::info!(snapshot = %name, "deleted a shutdown snapshot no VM resumes from"),
             Err(e) => tracing::warn!(snapshot = %name, "deleting an old shutdown snapshot: {e}"),
@@ -178,5 +200,47 @@ impl Daemon {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::daemon::test_daemon;
+
+    /// A definition found damaged at start may name a shutdown snapshot: all that is left of
+    /// its guest's state (a definition cut short by a power loss while the shutdown wrote it,
+    /// a hand edit with a typo). The start keeps that snapshot, so repairing the definition
+    /// as the error says brings the VM back; shutdown snapshots no definition can name still
+    /// go. A long VM name is cut short in its snapshot's name (`shutdown_name`).
+    #[tokio::test]
+    async fn a_damaged_definitions_shutdown_snapshot_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let long = "l".repeat(64);
+        let (ours, long_ours, stray) = (
+            "__shutdown-1700000000000-0-bad".to_string(),
+            format!("__shutdown-1700000000000-1-{long}")[..64].to_string(),
+            "__shutdown-1700000000000-2-gone".to_string(),
+        );
+        {
+            let store =
+                storage::Store::open_with(dir.path().join("store"), storage::StoreOptions::default()).expect("store");
+            for n in [&ours, &long_ours, &stray] {
+                store.begin(n, Vec::new()).expect("begin").commit(Vec::new()).expect("commit");
+            }
+        }
+        let vms = dir.path().join("vms");
+        std::fs::create_dir_all(&vms).expect("vms");
+        for (vm, snap) in [("bad", &ours), (long.as_str(), &long_ours)] {
+            let cut = format!(
+                "{{\"name\": \"{vm}\", \"guest\": \"idle\", \"mem_mib\": 32, \"resume_from\": \"{snap}\", \"res"
+            );
+            std::fs::write(vms.join(format!("{vm}.json")), cut).expect("a damaged definition");
+        }
+        let d = test_daemon(dir.path());
+        assert_eq!(d.damaged().len(), 2);
+        let names = d.store.list().expect("list");
+        assert!(names.contains(&ours), "the damaged definition's shutdown snapshot was swept: {names:?}");
+        assert!(names.contains(&long_ours), "the long-named damaged definition's snapshot was swept: {names:?}");
+        assert!(!names.contains(&stray), "a shutdown snapshot no definition names was kept: {names:?}");
     }
 }
