@@ -252,6 +252,18 @@ impl Daemon {
         self.vms.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The error for a request naming VM `name`, which is not listed: 404, or 409 naming the
+    /// damage when its definition is damaged (defs.rs).
+    pub(super) fn no_vm(&self, name: &str) -> ApiError {
+        match self.damaged().get(name) {
+            Some(why) => ApiError::Conflict(format!(
+                "VM '{name}' was not loaded: {why}; repair it and restart the daemon, or DELETE /vms/{name} to \
+                 remove it"
+            )),
+            None => ApiError::NotFound(format!("no VM '{name}'")),
+        }
+    }
+
     /// Damaged definitions by VM name (defs.rs).
     pub(super) fn damaged(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
         self.damaged.lock().unwrap_or_else(PoisonError::into_inner)
@@ -358,11 +370,8 @@ impl Daemon {
     /// Sends `cmd` to VM `name` and waits at most `deadline` for the answer. A VM whose queue
     /// is full is busy (503); one that does not answer in time is reported stuck (504).
     pub async fn call_within(&self, name: &str, cmd: Cmd, deadline: Duration) -> Result<Reply, ApiError> {
-        let (tx, queued) = self
-            .lock()
-            .get(name)
-            .map(|h| (h.tx.clone(), h.controls_queued.clone()))
-            .ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))?;
+        let (tx, queued) =
+            self.lock().get(name).map(|h| (h.tx.clone(), h.controls_queued.clone())).ok_or_else(|| self.no_vm(name))?;
         let what = cmd.what();
         // Counted before it is sent, so the actor never takes it uncounted (actor.rs).
         let control = cmd.ends_fill_wait();
@@ -409,10 +418,7 @@ impl Daemon {
 
     /// A VM's status as its actor last published it: never waits for the actor.
     pub async fn info(&self, name: &str) -> Result<VmInfo, ApiError> {
-        self.lock()
-            .get(name)
-            .map(|h| h.published.borrow().info.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))
+        self.lock().get(name).map(|h| h.published.borrow().info.clone()).ok_or_else(|| self.no_vm(name))
     }
 
     /// How many VMs the daemon has.
@@ -427,15 +433,12 @@ impl Daemon {
 
     /// The last `SERIAL_LOG` bytes VM `name` printed; never waits for the actor.
     pub fn serial(&self, name: &str) -> Result<String, ApiError> {
-        self.lock().get(name).map(|h| h.logs.serial.text()).ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))
+        self.lock().get(name).map(|h| h.logs.serial.text()).ok_or_else(|| self.no_vm(name))
     }
 
     /// The last `DEBUGCON_LOG` bytes VM `name` wrote to its debug console; never waits.
     pub fn debugcon(&self, name: &str) -> Result<String, ApiError> {
-        self.lock()
-            .get(name)
-            .map(|h| h.logs.debugcon.text())
-            .ok_or_else(|| ApiError::NotFound(format!("no VM '{name}'")))
+        self.lock().get(name).map(|h| h.logs.debugcon.text()).ok_or_else(|| self.no_vm(name))
     }
 
     /// Defines a VM (and starts it if asked).
@@ -555,6 +558,14 @@ impl Daemon {
             return Err(ApiError::NotFound(format!("no VM '{name}'")));
         };
         let (dir, owned) = (self.state_dir.join("vms"), name.to_string());
+        let path = super::defs::path(&dir, name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            return Err(ApiError::Conflict(format!(
+                "the damaged definition of VM '{name}' is a directory ({}): the daemon does not remove \
+                 directories; remove it by hand",
+                path.display()
+            )));
+        }
         tokio::task::spawn_blocking(move || super::defs::remove(&dir, &owned))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?

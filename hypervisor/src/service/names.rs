@@ -301,6 +301,12 @@ mod tests {
         }
         assert_eq!(std::fs::read(&bad).expect("kept"), b"{\"name\": \"bad\", \"mem_", "the damaged file was changed");
         assert!(d.making().is_empty(), "the refused create left a claim");
+        // Asked about, it is named as damaged, not "no VM".
+        match d.info("bad").await {
+            Err(ApiError::Conflict(m)) => assert!(m.contains("damaged") && m.contains("DELETE /vms/bad"), "{m}"),
+            other => panic!("GET of a damaged definition: {other:?}"),
+        }
+        assert!(matches!(d.info("nope").await, Err(ApiError::NotFound(_))));
 
         d.delete("bad").await.expect("deleting the damaged definition");
         assert!(!bad.exists());
@@ -308,5 +314,24 @@ mod tests {
         assert!(matches!(d.delete("bad").await, Err(ApiError::NotFound(_))));
         define(&d, "bad").await;
         assert!(bad.exists());
+    }
+
+    /// A damaged definition that is a directory is not removed by a delete: 409 saying so,
+    /// the directory and the name's hold kept.
+    #[tokio::test]
+    async fn a_damaged_definition_that_is_a_directory_is_left_for_the_operator() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(daemon(dir.path()));
+        let bad = dir.path().join("vms/dir.json");
+        std::fs::create_dir(&bad).expect("a directory where a definition goes");
+        std::fs::write(bad.join("inside"), "x").expect("a file in it");
+        let d = daemon(dir.path());
+        match d.delete("dir").await {
+            Err(ApiError::Conflict(m)) => assert!(m.contains("directory") && m.contains("by hand"), "{m}"),
+            other => panic!("a delete of a damaged directory: {other:?}"),
+        }
+        assert!(bad.join("inside").exists());
+        assert!(d.making().is_empty(), "the refused delete left a claim");
+        assert!(matches!(d.info("dir").await, Err(ApiError::Conflict(_))), "the name was freed");
     }
 }
