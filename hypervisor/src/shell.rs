@@ -149,9 +149,9 @@ pub fn ready_shape() -> Option<Shape> {
     pool().ready.as_ref().map(|s| s.shape)
 }
 
-/// Waits at most `timeout` for a shell of `shape` to be ready while one is asked for (being
-/// built, or to be built next); true if one is ready. With none of `shape` ready or asked for
-/// it returns false at once. Used by `bench restore` to measure with a shell ready, as a
+/// Waits at most `timeout` for a shell of `shape` to be ready while one is coming (being built,
+/// or to be built next by the running builder); true if one is ready. With none of `shape`
+/// ready or coming it returns false at once. Used by `bench restore` to measure with a shell ready, as a
 /// daemon restoring one shape after another has it; a restore itself never waits.
 pub fn wait_ready(shape: Shape, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -161,7 +161,10 @@ pub fn wait_ready(shape: Shape, timeout: Duration) -> bool {
             if p.ready.as_ref().is_some_and(|s| s.shape == shape) {
                 return true;
             }
-            if p.building != Some(shape) && p.wanted != Some(shape) {
+            // Coming: being built, or asked for next while the builder builds another. With
+            // no builder running none is coming (a build that failed leaves `wanted` set).
+            let coming = p.building == Some(shape) || (p.building.is_some() && p.wanted == Some(shape));
+            if !coming {
                 return false;
             }
         }
@@ -315,6 +318,24 @@ mod tests {
         assert!(wait(60, || ready_shape() == Some(shape)), "no shell was built after a builder panicked");
         assert_eq!(counts().1, 1);
         assert!(take(shape).is_some());
+        enable(false);
+    }
+
+    /// After a build that failed nothing of that shape is coming: `wait_ready` says so at once
+    /// instead of waiting out its timeout (the failed shape stays `wanted`).
+    #[test]
+    fn wait_ready_does_not_wait_for_a_shell_whose_build_failed() {
+        enable(true);
+        // Guest memory no address space holds: the build fails.
+        let shape = Shape { mem_bytes: 1 << 50, vcpus: 1 };
+        request(shape, || true);
+        assert!(wait(30, || pool().building.is_none()), "the failed build never ended");
+        assert_eq!(pool().wanted, Some(shape));
+        let timeout = Duration::from_secs(30);
+        let start = Instant::now();
+        assert!(!wait_ready(shape, timeout));
+        assert!(start.elapsed() < timeout, "wait_ready waited its whole timeout for a build that had failed");
+        assert_eq!(counts().1, 0);
         enable(false);
     }
 }
