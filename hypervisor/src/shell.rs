@@ -33,8 +33,9 @@
 //! their file descriptors, an address-space reservation of the memory size with nothing in
 //! it (no guest memory), and the kernel's per-page metadata of its memory slots, which grows
 //! with the size: about 0.25% of it in kernel memory on the development machines (~40 MiB
-//! for 16 GiB), outside the daemon's guest-memory budget. The pool is off unless enabled ([`enable`]): `snapvisor serve` (unless
-//! `--no-shell-pool`) and `snapvisor bench restore` (unless `--no-shell-pool`) enable it.
+//! for 16 GiB), outside the daemon's guest-memory budget. The pool is off unless enabled
+//! ([`enable`]): `snapvisor serve` and `snapvisor bench restore` enable it, unless given
+//! `--no-shell-pool`.
 //! A shell is used at most once: [`take`] moves it out of the pool.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -151,8 +152,8 @@ pub fn ready_shape() -> Option<Shape> {
 
 /// Waits at most `timeout` for a shell of `shape` to be ready while one is coming (being built,
 /// or to be built next by the running builder); true if one is ready. With none of `shape`
-/// ready or coming it returns false at once. Used by `bench restore` to measure with a shell ready, as a
-/// daemon restoring one shape after another has it; a restore itself never waits.
+/// ready or coming it returns false at once. Used by `bench restore` to measure with a shell
+/// ready, as a daemon restoring one shape after another has it; a restore itself never waits.
 pub fn wait_ready(shape: Shape, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
